@@ -1,0 +1,193 @@
+"""What the TRTLLM NVFP4 MoE kernel computes, in plain torch (CPU or GPU).
+
+This is the correctness oracle of the project and the CPU implementation of the lowered op.  Steps:
+
+1. routing (``default`` softmax->top-k, ``renormalize`` top-k->softmax, ``deepseek_v3`` sigmoid with
+   correction bias, group selection and routed scaling, ``llama4`` top-1 sigmoid);
+2. the input quantized to NVFP4 with its per-tensor global scale (or kept in bf16, the Hopper mode);
+3. GEMM1 against dequantized NVFP4 ``w13`` in fp32;
+4. the activation: ``silu`` = SwiGLU, ``gelu`` / ``gelu_tanh`` = GeGLU (erf / tanh GELU), with
+   ``w13 = [gate; up]`` and ``out = act(gate) * up``; ``relu2`` = ReLU squared, not gated;
+5. the intermediate quantized to NVFP4 with its global scale (or rounded to bf16);
+6. GEMM2 against dequantized ``w2``; the routing-weighted sum in fp32; bf16 out.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, TRTLLM_ALIGNMENT, is_gated
+from moe_passes.errors import MoEConfigError
+from moe_passes.kernels import registry
+from moe_passes.kernels.nvfp4 import dequantize_nvfp4, default_global_scale, quantize_nvfp4
+
+__all__ = ["route", "apply_activation", "fused_moe_reference", "qdq_nvfp4"]
+
+
+def route(router_logits: torch.Tensor, top_k: int, routing: str = "renormalize", *,
+          routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
+          topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None):
+    """Expert choice per token: ``(topk_weights float32 [T, k], topk_ids int64 [T, k])``."""
+    if routing not in ROUTING_METHODS:
+        raise MoEConfigError(f"unknown routing {routing!r}; supported: {', '.join(ROUTING_METHODS)}")
+    if router_logits.ndim != 2:
+        raise MoEConfigError(f"router_logits must be [tokens, experts], got shape {tuple(router_logits.shape)}")
+    num_experts = router_logits.shape[1]
+    if not 0 < top_k <= num_experts:
+        raise MoEConfigError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
+    logits = router_logits.float()
+    if routing == "default":
+        weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+    elif routing == "renormalize":
+        top, ids = torch.topk(logits, top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1)
+    elif routing == "llama4":
+        if top_k != 1:
+            raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={top_k}")
+        top, ids = torch.topk(logits, 1, dim=-1)
+        weights = torch.sigmoid(top)
+    else:  # deepseek_v3
+        scores = torch.sigmoid(logits)
+        biased = scores + (routing_bias.float() if routing_bias is not None else 0.0)
+        groups = n_group or 1
+        if num_experts % groups:
+            raise MoEConfigError(f"n_group={groups} must divide the number of experts ({num_experts})")
+        keep = topk_group or groups
+        if not 0 < keep <= groups:
+            raise MoEConfigError(f"topk_group={keep} must be between 1 and n_group={groups}")
+        if groups > 1:
+            per_group = biased.view(-1, groups, num_experts // groups)
+            group_score = per_group.topk(min(2, num_experts // groups), dim=-1).values.sum(-1)
+            chosen = group_score.topk(keep, dim=-1).indices
+            mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, chosen, True)
+            biased = biased.masked_fill(~mask.repeat_interleave(num_experts // groups, dim=1), float("-inf"))
+        ids = biased.topk(top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+        weights = weights * (routed_scaling_factor if routed_scaling_factor is not None else 1.0)
+    return weights, ids
+
+
+def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """GEMM1 output ``[.., N1]`` to the intermediate ``[.., I]`` (``[gate; up]`` for gated)."""
+    if activation == "relu2":
+        return torch.relu(h).square()
+    if activation not in ACTIVATIONS:
+        raise MoEConfigError(f"unknown activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    gate, up = h.chunk(2, dim=-1)
+    if activation == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
+
+
+def qdq_nvfp4(x: torch.Tensor, global_scale) -> torch.Tensor:
+    """Round ``x`` through NVFP4 with a per-tensor global scale (fp32 result)."""
+    packed, scales, gs = quantize_nvfp4(x, global_scale)
+    return dequantize_nvfp4(packed, scales, gs)
+
+
+def fused_moe_reference(
+    hidden_states: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w13_global_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    w2_global_scale: torch.Tensor,
+    *,
+    top_k: int,
+    activation: str = "silu",
+    routing: str = "renormalize",
+    input_global_scale=None,
+    intermediate_global_scale=None,
+    routing_bias: Optional[torch.Tensor] = None,
+    n_group: Optional[int] = None,
+    topk_group: Optional[int] = None,
+    routed_scaling_factor: Optional[float] = None,
+    quantize_activations: bool = True,
+) -> torch.Tensor:
+    """The NVFP4 MoE layer on ``hidden_states [T, H]``; returns bf16 ``[T, H]``.
+
+    Weights are canonical NVFP4 (see ``registry.MoEWeights``) and may be padded along hidden to
+    ``Hp >= H``: the activations are then zero-padded the same way and the output sliced back.
+    Global scales of ``None`` are computed from this call's data (dynamic quantization); the kernel
+    needs static ones.  ``quantize_activations=False`` keeps activations in bf16 (the Hopper path).
+    """
+    if hidden_states.ndim != 2:
+        raise MoEConfigError(f"hidden_states must be [tokens, hidden], got shape {tuple(hidden_states.shape)}")
+    tokens, hidden = hidden_states.shape
+    num_experts, n1, hidden_padded = w13.shape[0], w13.shape[1], w13.shape[2] * 2
+    if hidden > hidden_padded:
+        raise MoEConfigError(f"hidden states are {hidden} wide but the weights only {hidden_padded}")
+    if router_logits.shape != (tokens, num_experts):
+        raise MoEConfigError(f"router_logits shape {tuple(router_logits.shape)} != (tokens={tokens}, experts={num_experts})")
+    inter = w2.shape[-1] * 2
+    if n1 != (2 * inter if is_gated(activation) else inter):
+        raise MoEConfigError(f"w13 has {n1} rows, inconsistent with intermediate {inter} and activation {activation!r}")
+
+    weights, ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
+                         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+    x = F.pad(hidden_states.float(), (0, hidden_padded - hidden))
+    if quantize_activations:
+        if input_global_scale is None:
+            input_global_scale = default_global_scale(x.abs().amax())
+        x = qdq_nvfp4(x, input_global_scale)
+    else:
+        x = x.to(torch.bfloat16).float()
+
+    flat_ids = ids.reshape(-1)
+    token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+
+    # GEMM1 + activation for every (token, expert) pair, grouped by expert.
+    inters, groups, start = [], [], 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = order[start:start + count]
+        start += count
+        w = dequantize_nvfp4(w13[e], w13_scale[e], w13_global_scale[e])
+        inters.append(apply_activation(x[token_of[rows]] @ w.t(), activation))
+        groups.append((e, rows))
+    out = torch.zeros(tokens, hidden_padded, dtype=torch.float32, device=x.device)
+    if not groups:
+        return out[:, :hidden].to(torch.bfloat16)
+    if quantize_activations and intermediate_global_scale is None:
+        intermediate_global_scale = default_global_scale(torch.stack([t.abs().amax() for t in inters]).amax())
+
+    for (e, rows), h in zip(groups, inters):
+        h = qdq_nvfp4(h, intermediate_global_scale) if quantize_activations else h.to(torch.bfloat16).float()
+        w = dequantize_nvfp4(w2[e], w2_scale[e], w2_global_scale[e])
+        contribution = (h @ w.t()) * weights.reshape(-1)[rows].unsqueeze(1)
+        out.index_add_(0, token_of[rows], contribution)
+    return out[:, :hidden].to(torch.bfloat16)
+
+
+def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_global_scale, intermediate_global_scale,
+         routing_bias, args: registry.RunArgs) -> torch.Tensor:
+    return fused_moe_reference(
+        hidden_states, router_logits, *weights,
+        top_k=args.top_k, activation=args.activation, routing=args.routing,
+        input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
+        routing_bias=routing_bias, n_group=args.n_group, topk_group=args.topk_group,
+        routed_scaling_factor=args.routed_scaling_factor, quantize_activations=True,
+    )
+
+
+REFERENCE = registry.register(registry.KernelSpec(
+    name="reference",
+    description="plain-torch emulation of the TRTLLM NVFP4 MoE kernel (same alignment and numerics); any device",
+    alignment=TRTLLM_ALIGNMENT,
+    activations=frozenset(ACTIVATIONS),
+    routings=frozenset(ROUTING_METHODS),
+    available=lambda device: True,
+    prepare=lambda weights, shape: weights,
+    run=_run,
+    quantizes_activations=True,
+    priority=0,
+))

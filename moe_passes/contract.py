@@ -1,0 +1,265 @@
+"""The one shape contract of an NVFP4 MoE layer.
+
+Every layer above this one (fake functions, verifier, weight preparation, the CLI's ``plan``) derives
+padded sizes from :class:`MoEShape`, so they cannot drift apart.  Nothing here touches a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from moe_passes.errors import MoEConfigError
+
+__all__ = [
+    "ACTIVATIONS",
+    "GATED_ACTIVATIONS",
+    "ROUTING_METHODS",
+    "Alignment",
+    "MoEShape",
+    "round_up",
+    "is_gated",
+    "align_hidden_dim",
+    "intermediate_alignment",
+    "trtllm_chunk_size",
+    "TRTLLM_ALIGNMENT",
+    "NVFP4_BLOCK",
+]
+
+NVFP4_BLOCK = 16
+# silu = SwiGLU, gelu / gelu_tanh = GeGLU with erf / tanh GELU, relu2 = squared ReLU (not gated).
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+ROUTING_METHODS = ("default", "renormalize", "deepseek_v3", "llama4")
+
+# CUDA's grid.Y limit and the token cap beyond which the TRTLLM kernel was seen to fault (FACTS.md).
+_GRID_Y_LIMIT = 65535
+_TRTLLM_TOKEN_CAP = 300_000
+_TRTLLM_TILE = 128
+
+
+def round_up(x: int, multiple: int) -> int:
+    if multiple <= 0:
+        raise MoEConfigError(f"alignment must be positive, got {multiple}")
+    return (x + multiple - 1) // multiple * multiple
+
+
+def is_gated(activation: str) -> bool:
+    if activation not in ACTIVATIONS:
+        raise MoEConfigError(f"unknown activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    return activation in GATED_ACTIVATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+    """What a kernel requires of the sizes it is handed.
+
+    ``hidden``: multiple for the hidden size H (activations and both weights are padded to it).
+    ``intermediate_gated`` / ``intermediate_plain``: multiple for the expert intermediate size I.
+    All are multiples of the NVFP4 block (16) since both GEMMs reduce over these dimensions.
+    """
+
+    hidden: int
+    intermediate_gated: int
+    intermediate_plain: int
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value <= 0 or value % NVFP4_BLOCK:
+                raise MoEConfigError(f"Alignment.{field.name}={value} must be a positive multiple of {NVFP4_BLOCK}")
+
+    def intermediate(self, activation: str) -> int:
+        return self.intermediate_gated if is_gated(activation) else self.intermediate_plain
+
+
+# TRTLLM-gen NVFP4 MoE: shuffled rows must be multiples of 128 (H, 2I gated, I plain); vLLM pads H to 256.
+TRTLLM_ALIGNMENT = Alignment(hidden=256, intermediate_gated=64, intermediate_plain=128)
+
+
+def intermediate_alignment(activation: str, alignment: Alignment = TRTLLM_ALIGNMENT) -> int:
+    """The intermediate-size multiple for ``activation`` (64 gated / 128 not gated for TRTLLM)."""
+    return alignment.intermediate(activation)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+    """Sizes of one MoE layer and the padded sizes a kernel sees."""
+
+    hidden: int
+    intermediate: int
+    experts: int
+    top_k: int
+    activation: str = "silu"
+    alignment: Alignment = TRTLLM_ALIGNMENT
+
+    def __post_init__(self):
+        for name in ("hidden", "intermediate", "experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise MoEConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.top_k > self.experts:
+            raise MoEConfigError(f"top_k={self.top_k} exceeds the number of experts ({self.experts})")
+        is_gated(self.activation)
+
+    @property
+    def gated(self) -> bool:
+        return is_gated(self.activation)
+
+    @property
+    def hidden_padded(self) -> int:
+        return round_up(self.hidden, self.alignment.hidden)
+
+    @property
+    def intermediate_padded(self) -> int:
+        return round_up(self.intermediate, self.alignment.intermediate(self.activation))
+
+    @property
+    def needs_hidden_pad(self) -> bool:
+        return self.hidden_padded != self.hidden
+
+    @property
+    def w13_rows(self) -> int:
+        return (2 if self.gated else 1) * self.intermediate_padded
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the kernel-ready (padded) NVFP4 weights, by the name the ops use."""
+        e, hp, ip = self.experts, self.hidden_padded, self.intermediate_padded
+        return {
+            "w13": (e, self.w13_rows, hp // 2),
+            "w13_scale": (e, self.w13_rows, hp // NVFP4_BLOCK),
+            "w13_global_scale": (e,),
+            "w2": (e, hp, ip // 2),
+            "w2_scale": (e, hp, ip // NVFP4_BLOCK),
+            "w2_global_scale": (e,),
+        }
+
+    def weight_bytes(self) -> int:
+        """Bytes of packed weights plus block scales plus global scales."""
+        total = 0
+        for name, shape in self.weight_shapes().items():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * (4 if name.endswith("global_scale") else 1)
+        return total
+
+    @classmethod
+    def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, *, hidden: int, top_k: int, activation: str,
+                     alignment: Alignment = TRTLLM_ALIGNMENT) -> "MoEShape":
+        """The contract of packed, padded weights ``w13 [E, N1, Hp/2]`` and ``w2 [E, Hp, Ip/2]``."""
+        e, n1, hp2 = w13.shape
+        ip = w2.shape[-1] * 2
+        gated = is_gated(activation)
+        expected_rows = 2 * ip if gated else ip
+        if n1 != expected_rows:
+            raise MoEConfigError(
+                f"w13 has {n1} rows but w2 implies intermediate {ip}: expected {expected_rows} rows for "
+                f"{'gated' if gated else 'non-gated'} activation {activation!r}"
+            )
+        if w2.shape[0] != e or w2.shape[1] != hp2 * 2:
+            raise MoEConfigError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} disagree on experts or hidden size")
+        return cls(hidden=hidden, intermediate=ip, experts=e, top_k=top_k, activation=activation, alignment=alignment)
+
+
+def trtllm_chunk_size(num_experts: int, top_k: int) -> int:
+    """Most tokens one TRTLLM NVFP4 MoE launch may take.
+
+    The kernel launches ``min(E, T*K) + max(0, T*K - E) // 128`` CTAs along grid.Y (limit 65535); the
+    largest T within the limit is about ``(E + (65535 - E + 1) * 128 - 1) // K``, and illegal memory
+    accesses were seen from about 305k tokens, hence the 300k cap.
+    """
+    if num_experts <= 0 or top_k <= 0 or top_k > num_experts:
+        raise MoEConfigError(f"need 0 < top_k <= num_experts, got num_experts={num_experts}, top_k={top_k}")
+    grid_bound = (num_experts + (_GRID_Y_LIMIT - num_experts + 1) * _TRTLLM_TILE - 1) // top_k
+    return min(_TRTLLM_TOKEN_CAP, grid_bound)
+
+
+_warned_pads: set[tuple[int, int]] = set()
+
+
+def _pad_last(t: torch.Tensor, amount: int) -> torch.Tensor:
+    # float8 has no pad kernel on every backend: pad the raw bytes (zero bytes are +0.0 in e4m3).
+    if amount == 0:
+        return t
+    raw = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    out = torch.nn.functional.pad(raw, (0, amount))
+    return out.view(t.dtype) if t.dtype == torch.float8_e4m3fn else out
+
+
+def _pad_dim(t: torch.Tensor, dim: int, amount: int) -> torch.Tensor:
+    if amount == 0:
+        return t
+    return _pad_last(t.transpose(dim, -1), amount).transpose(dim, -1).contiguous()
+
+
+def align_hidden_dim(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                     alignment: int = 256):
+    """Zero-pad packed NVFP4 weights and their block scales along the hidden dimension.
+
+    ``w13 [E, N1, H/2]``, ``w13_scale [E, N1, H/16]``, ``w2 [E, H, I/2]``, ``w2_scale [E, H, I/16]``.
+    Returns ``(w13, w13_scale, w2, w2_scale, hidden_padded)``; the very same tensors when ``H`` is
+    already a multiple of ``alignment``.  Zero bytes are +0 in both E2M1 and E4M3, so padded columns
+    contribute nothing to GEMM1 and padded rows of w2 produce zero outputs that are sliced away.
+    Warns once per (H, padded H): padding costs bandwidth on every call.
+    """
+    if alignment <= 0 or alignment % NVFP4_BLOCK:
+        raise MoEConfigError(f"hidden alignment must be a positive multiple of {NVFP4_BLOCK}, got {alignment}")
+    for name, t, dt in (("w13", w13, torch.uint8), ("w13_scale", w13_scale, torch.float8_e4m3fn),
+                        ("w2", w2, torch.uint8), ("w2_scale", w2_scale, torch.float8_e4m3fn)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dt or t.ndim != 3:
+            raise MoEConfigError(f"{name} must be a 3-D {dt} tensor, got {getattr(t, 'dtype', type(t))} "
+                                 f"with shape {tuple(getattr(t, 'shape', ()))}")
+    hidden = w13.shape[-1] * 2
+    if w13_scale.shape[-1] * NVFP4_BLOCK != hidden or w2.shape[1] != hidden or w2_scale.shape[1] != hidden:
+        raise MoEConfigError(
+            f"weights disagree on the hidden size: w13 {tuple(w13.shape)}, w13_scale {tuple(w13_scale.shape)}, "
+            f"w2 {tuple(w2.shape)}, w2_scale {tuple(w2_scale.shape)}"
+        )
+    hidden_padded = round_up(hidden, alignment)
+    if hidden_padded == hidden:
+        return w13, w13_scale, w2, w2_scale, hidden
+    if (hidden, hidden_padded) not in _warned_pads:
+        _warned_pads.add((hidden, hidden_padded))
+        warnings.warn(
+            f"moe_nvfp4: padding hidden size {hidden} -> {hidden_padded} for a kernel that needs multiples of "
+            f"{alignment}; every call moves {hidden_padded / hidden - 1:.1%} more activation bytes",
+            category=PerformanceWarning,
+            stacklevel=2,
+        )
+    extra = hidden_padded - hidden
+    return (
+        _pad_last(w13, extra // 2),
+        _pad_last(w13_scale, extra // NVFP4_BLOCK),
+        _pad_dim(w2, 1, extra),
+        _pad_dim(w2_scale, 1, extra),
+        hidden_padded,
+    )
+
+
+def align_intermediate_dim(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
+                           *, gated: bool, alignment: int):
+    """Zero-pad the intermediate dimension I of packed weights to a multiple of ``alignment``.
+
+    For gated layers the gate and up halves of w13 are padded separately, so the layout stays
+    ``[gate (Ip rows); up (Ip rows)]``.  Padded gate/up rows are zero, the activation of zero times
+    zero is zero for every supported activation, and padded w2 columns are zero: the result is exact.
+    """
+    inter = w2.shape[-1] * 2
+    padded = round_up(inter, alignment)
+    if padded == inter:
+        return w13, w13_scale, w2, w2_scale
+    extra = padded - inter
+    if gated:
+        halves = [(w13[:, :inter], w13_scale[:, :inter]), (w13[:, inter:], w13_scale[:, inter:])]
+        w13 = torch.cat([_pad_dim(w, 1, extra) for w, _ in halves], dim=1)
+        w13_scale = torch.cat([_pad_dim(s, 1, extra) for _, s in halves], dim=1)
+    else:
+        w13, w13_scale = _pad_dim(w13, 1, extra), _pad_dim(w13_scale, 1, extra)
+    return w13, w13_scale, _pad_last(w2, extra // 2), _pad_last(w2_scale, extra // NVFP4_BLOCK)
+
+
+class PerformanceWarning(UserWarning):
+    """A choice that is correct but costs speed (e.g. padding the hidden size)."""
