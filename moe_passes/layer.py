@@ -1,0 +1,194 @@
+"""FusedMoE: the layer users write.  Float (or NVFP4) weights in, one FusedMoE graph node out.
+
+The layer keeps the canonical NVFP4 weights (linear scales, ``[gate; up]`` rows, hidden padded only to
+the NVFP4 block) as its state and prepares a kernel-ready copy once, when it is built or moved to
+another device: padding to the kernel's alignment (the shape contract), then the kernel's own layout.
+When neither padding nor a new layout is needed the prepared tensors *are* the canonical ones.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moe_passes.contract import (ACTIVATIONS, NVFP4_BLOCK, ROUTING_METHODS, MoEShape, align_hidden_dim,
+                                 align_intermediate_dim, is_gated, round_up)
+from moe_passes.errors import MoEConfigError
+from moe_passes.kernels import registry
+from moe_passes.kernels.nvfp4 import default_global_scale, quantize_nvfp4_experts
+from moe_passes.kernels.reference import apply_activation
+from moe_passes import ops  # noqa: F401  (registers the custom ops)
+
+__all__ = ["FusedMoE", "DEFAULT_ACTIVATION_AMAX"]
+
+# Static activation scales an uncalibrated layer assumes: block maxima from 128/28672 = 0.0045 up to 128
+# keep a normal (full-precision) e4m3 block scale; larger values saturate.  Calibrate for real models.
+DEFAULT_ACTIVATION_AMAX = 128.0
+
+_warned_uncalibrated = False
+_KERNEL_BUFFERS = tuple("_kernel_" + n for n in registry.MoEWeights._fields)
+
+
+def _pad_to_block(w: torch.Tensor, dim: int) -> torch.Tensor:
+    extra = round_up(w.shape[dim], NVFP4_BLOCK) - w.shape[dim]
+    if extra == 0:
+        return w
+    pad = [0, 0] * (w.ndim - 1 - dim % w.ndim) + [0, extra]
+    return torch.nn.functional.pad(w, pad)
+
+
+class FusedMoE(nn.Module):
+    """An NVFP4 Mixture-of-Experts layer: ``forward(hidden_states [T, H], router_logits [T, E]) -> [T, H]``.
+
+    Build it with :meth:`from_float` (or :meth:`from_nvfp4` for already quantized weights).  The routed
+    experts run as one ``moe_nvfp4::fused_moe`` op; ``shared_expert`` (any module) is added after it.
+    """
+
+    def __init__(self, weights: registry.MoEWeights, *, hidden_size: int, intermediate_size: int, top_k: int,
+                 activation: str = "silu", routing: str = "renormalize", shared_expert: Optional[nn.Module] = None,
+                 routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
+                 topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
+                 input_global_scale: Optional[torch.Tensor] = None,
+                 intermediate_global_scale: Optional[torch.Tensor] = None,
+                 kernel: Optional[str] = None, name: str = ""):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise MoEConfigError(f"unknown activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        if routing not in ROUTING_METHODS:
+            raise MoEConfigError(f"unknown routing {routing!r}; supported: {', '.join(ROUTING_METHODS)}")
+        self.shape = MoEShape(hidden=hidden_size, intermediate=intermediate_size, experts=weights.w13.shape[0],
+                              top_k=top_k, activation=activation)
+        if routing == "llama4" and top_k != 1:
+            raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={top_k}")
+        self.hidden_size, self.intermediate_size, self.top_k = hidden_size, intermediate_size, top_k
+        self.activation, self.routing, self.name = activation, routing, name
+        self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
+        self.requested_kernel = kernel
+        for field, tensor in zip(registry.MoEWeights._fields, weights):
+            self.register_buffer(field, tensor)
+        if routing_bias is not None and tuple(routing_bias.shape) != (self.shape.experts,):
+            raise MoEConfigError(f"routing_bias must have shape ({self.shape.experts},), got {tuple(routing_bias.shape)}")
+        self.register_buffer("routing_bias", None if routing_bias is None else routing_bias.float())
+        global _warned_uncalibrated
+        if input_global_scale is None or intermediate_global_scale is None:
+            if not _warned_uncalibrated:
+                _warned_uncalibrated = True
+                warnings.warn(
+                    "moe_nvfp4: FusedMoE built without calibration; static activation scales assume "
+                    f"amax={DEFAULT_ACTIVATION_AMAX} (pass calibration= to from_float for accurate NVFP4 scales)",
+                    stacklevel=3)
+        default = default_global_scale(torch.tensor(DEFAULT_ACTIVATION_AMAX))
+        self.register_buffer("input_global_scale", torch.as_tensor(
+            default if input_global_scale is None else input_global_scale, dtype=torch.float32).reshape(()).clone())
+        self.register_buffer("intermediate_global_scale", torch.as_tensor(
+            default if intermediate_global_scale is None else intermediate_global_scale,
+            dtype=torch.float32).reshape(()).clone())
+        self.shared_expert = shared_expert
+        self.kernel = ""
+        self._prepare(self.w13.device)
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_float(cls, w13: torch.Tensor, w2: torch.Tensor, *, top_k: int, activation: str = "silu",
+                   routing: str = "renormalize", shared_expert: Optional[nn.Module] = None,
+                   routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
+                   topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
+                   calibration: Optional[torch.Tensor] = None, kernel: Optional[str] = None,
+                   name: str = "") -> "FusedMoE":
+        """Quantize float expert weights to NVFP4 (one global scale per expert) and prepare them.
+
+        ``w13 [E, 2I, H]`` is gate rows then up rows for gated activations (``[E, I, H]`` for relu2);
+        ``w2 [E, H, I]``.  ``calibration`` hidden states ``[N, H]`` set the static input and intermediate
+        activation scales (the intermediate over every expert, an upper bound of the routed one).
+        """
+        for name_, t in (("w13", w13), ("w2", w2)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.dtype.is_floating_point:
+                raise MoEConfigError(f"{name_} must be a 3-D float tensor, got "
+                                     f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        experts, rows, hidden = w13.shape
+        gated = is_gated(activation)
+        inter = rows // 2 if gated else rows
+        if (gated and rows % 2) or tuple(w2.shape) != (experts, hidden, inter):
+            raise MoEConfigError(
+                f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not form an MoE layer with activation "
+                f"{activation!r}: expected w13 [E, {'2I' if gated else 'I'}, H] and w2 [E, H, I]")
+        w13 = w13.detach().float()
+        w2 = w2.detach().float()
+        # NVFP4 blocks run along the reduction dims (H for w13, I for w2): pad those to the block first.
+        if gated:
+            w13 = torch.cat([_pad_to_block(half, 1) for half in w13.chunk(2, dim=1)], dim=1)
+        else:
+            w13 = _pad_to_block(w13, 1)
+        w13 = _pad_to_block(w13, 2)
+        w2 = _pad_to_block(_pad_to_block(w2, 1), 2)
+        q13, s13, g13 = quantize_nvfp4_experts(w13)
+        q2, s2, g2 = quantize_nvfp4_experts(w2)
+        gs_in = gs_mid = None
+        if calibration is not None:
+            gs_in, gs_mid = cls._calibrate(calibration, w13, activation, hidden)
+        return cls(registry.MoEWeights(q13, s13, g13, q2, s2, g2), hidden_size=hidden, intermediate_size=inter,
+                   top_k=top_k, activation=activation, routing=routing, shared_expert=shared_expert,
+                   routing_bias=routing_bias, n_group=n_group, topk_group=topk_group,
+                   routed_scaling_factor=routed_scaling_factor, input_global_scale=gs_in,
+                   intermediate_global_scale=gs_mid, kernel=kernel, name=name)
+
+    @staticmethod
+    def _calibrate(calibration: torch.Tensor, w13: torch.Tensor, activation: str, hidden: int):
+        if calibration.ndim != 2 or calibration.shape[1] != hidden:
+            raise MoEConfigError(f"calibration must be hidden states [N, {hidden}], got {tuple(calibration.shape)}")
+        x = _pad_to_block(calibration.detach().float().to(w13.device), 1)
+        amax_mid = torch.zeros((), device=w13.device)
+        for e in range(w13.shape[0]):
+            amax_mid = torch.maximum(amax_mid, apply_activation(x @ w13[e].t(), activation).abs().amax())
+        return default_global_scale(x.abs().amax()), default_global_scale(amax_mid)
+
+    # -- kernel preparation ---------------------------------------------------------------------------
+    def _prepare(self, device: torch.device) -> None:
+        spec = registry.select(device, activation=self.activation, routing=self.routing, name=self.requested_kernel)
+        canonical = registry.MoEWeights(*(getattr(self, f) for f in registry.MoEWeights._fields))
+        w13, s13, w2, s2, hidden_padded = align_hidden_dim(canonical.w13, canonical.w13_scale, canonical.w2,
+                                                          canonical.w2_scale, alignment=spec.alignment.hidden)
+        if hidden_padded != round_up(self.hidden_size, spec.alignment.hidden):
+            raise MoEConfigError(f"weights are {hidden_padded} wide after padding, the layer's hidden size "
+                                 f"{self.hidden_size} pads to {round_up(self.hidden_size, spec.alignment.hidden)}")
+        w13, s13, w2, s2 = align_intermediate_dim(w13, s13, w2, s2, gated=is_gated(self.activation),
+                                                  alignment=spec.alignment.intermediate(self.activation))
+        shape = MoEShape(hidden=self.hidden_size, intermediate=self.intermediate_size, experts=self.shape.experts,
+                         top_k=self.top_k, activation=self.activation, alignment=spec.alignment)
+        prepared = spec.prepare(registry.MoEWeights(w13, s13, canonical.w13_global_scale, w2, s2,
+                                                    canonical.w2_global_scale), shape)
+        for buffer, tensor in zip(_KERNEL_BUFFERS, prepared):
+            self.register_buffer(buffer, tensor, persistent=False)
+        self.kernel = spec.name
+        self.kernel_shape = shape
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving the layer moves every buffer; re-prepare when the device calls for a different kernel
+        # (or the moved prepared copy would alias nothing), never per forward call.
+        before = self.w13.device
+        result = super()._apply(fn, *args, **kwargs)
+        if self.w13.device != before:
+            self._prepare(self.w13.device)
+        return result
+
+    def kernel_weights(self) -> registry.MoEWeights:
+        return registry.MoEWeights(*(getattr(self, b) for b in _KERNEL_BUFFERS))
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        routed = torch.ops.moe_nvfp4.fused_moe(
+            hidden_states, router_logits, *self.kernel_weights(), self.input_global_scale,
+            self.intermediate_global_scale, self.routing_bias, self.hidden_size, self.top_k, self.activation,
+            self.routing, self.n_group, self.topk_group, self.routed_scaling_factor, self.kernel, self.name)
+        if self.shared_expert is not None:
+            return routed + self.shared_expert(hidden_states)
+        return routed
+
+    def extra_repr(self) -> str:
+        s = self.kernel_shape
+        return (f"experts={s.experts}, hidden={s.hidden} (padded {s.hidden_padded}), intermediate={s.intermediate} "
+                f"(padded {s.intermediate_padded}), top_k={self.top_k}, activation={self.activation!r}, "
+                f"routing={self.routing!r}, kernel={self.kernel!r}")

@@ -1,0 +1,105 @@
+"""Lower each FusedMoE node into explicit, kernel-ready graph nodes.
+
+Before (``H = 2688``, a TRTLLM-aligned kernel pads to ``Hp = 2816``)::
+
+    routed = moe_nvfp4.fused_moe(x, logits, w13, ..., hidden_size=2688, ...)      # [T, 2688]
+    out = aten.add.Tensor(routed, shared)                                        # [T, 2688]
+
+After::
+
+    x_p = aten.constant_pad_nd.default(x, [0, 128], 0.0)                         # [T, 2816]
+    y_p = moe_nvfp4.trtllm_nvfp4_moe(x_p, logits, w13, ..., kernel, layer)        # [T, 2816]
+    routed = aten.slice.Tensor(y_p, 1, 0, 2688)                                  # [T, 2688]
+    out = aten.add.Tensor(routed, shared)                                        # [T, 2688]
+
+When ``H`` is already aligned (``H == Hp``, e.g. 2048) there is no pad and no slice::
+
+    routed = moe_nvfp4.trtllm_nvfp4_moe(x, logits, w13, ..., kernel, layer)      # [T, 2048]
+
+The shared-expert add is untouched and so stays in the unpadded domain.  Each new node inherits the
+FusedMoE node's metadata (source line, module stack), and the kernel node records the layer's sizes in
+``meta["moe_nvfp4"]`` for the verifier.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx
+
+from moe_passes.ops import FUSED_MOE, KERNEL_OP
+from moe_passes.passes.manager import GraphPass, PassResult
+
+__all__ = ["LowerFusedMoE", "layer_name", "MOE_META"]
+
+aten = torch.ops.aten
+MOE_META = "moe_nvfp4"
+_DYNAMO_PREFIX = re.compile(r"^L\['[^']*'\]\.?|^L__self___?")
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return _DYNAMO_PREFIX.sub("", str(path)) or "<root>"
+
+
+def layer_name(node: torch.fx.Node) -> str:
+    """The user-facing name of the MoE layer behind ``node``: its given name, else its module path."""
+    named = node.kwargs.get("layer")
+    if named is None and node.target in (FUSED_MOE, KERNEL_OP):
+        schema_names = [a.name for a in node.target._schema.arguments]
+        if "layer" in schema_names and len(node.args) > schema_names.index("layer"):
+            named = node.args[schema_names.index("layer")]
+    return named or _module_path(node) or node.name
+
+
+def _bind(node: torch.fx.Node) -> dict:
+    names = [a.name for a in node.target._schema.arguments]
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    for a in node.target._schema.arguments:
+        if a.name not in bound and a.has_default_value():
+            bound[a.name] = a.default_value
+    return bound
+
+
+class LowerFusedMoE(GraphPass):
+    name = "lower_fused_moe"
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:
+        graph, count = gm.graph, 0
+        kernel_args = [a.name for a in KERNEL_OP._schema.arguments]
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target is not FUSED_MOE:
+                continue
+            bound = _bind(node)
+            x, hidden = bound["hidden_states"], bound["hidden_size"]
+            w2 = bound["w2"]
+            hidden_padded = w2.meta["val"].shape[1] if isinstance(w2, torch.fx.Node) and "val" in w2.meta else None
+            if hidden_padded is None:
+                raise RuntimeError(f"{node.format_node()}: w2 carries no fake value; run on an AOT/ATen graph")
+            layer = layer_name(node)
+            bound["layer"] = layer
+            with graph.inserting_before(node):
+                if hidden_padded != hidden:
+                    x = graph.call_function(aten.constant_pad_nd.default, (x, [0, hidden_padded - hidden], 0.0))
+                    x.meta.update(_inherited(node))
+                bound["hidden_states"] = x
+                kernel = graph.call_function(KERNEL_OP, tuple(bound[a] for a in kernel_args))
+                kernel.meta.update(_inherited(node))
+                kernel.meta[MOE_META] = {"layer": layer, "hidden": hidden, "hidden_padded": hidden_padded}
+                out = kernel
+                if hidden_padded != hidden:
+                    out = graph.call_function(aten.slice.Tensor, (kernel, 1, 0, hidden))
+                    out.meta.update(_inherited(node))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            count += 1
+        return PassResult(changed=count > 0, matches=count)
+
+
+def _inherited(node: torch.fx.Node) -> dict:
+    return {k: node.meta[k] for k in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr") if k in node.meta}

@@ -1,0 +1,145 @@
+"""A small pass manager: declared order, timing, before/after graph logging, a cache key.
+
+A pass is any callable ``pass_(gm: torch.fx.GraphModule) -> PassResult | None``; a :class:`GraphPass`
+subclass adds a name and a ``uuid()``.  The manager does the bookkeeping so passes stay small:
+dead-code elimination, lint and recompile after a change, timing, and logging of every graph before and
+after each pass through torch's own graph logging (``TORCH_LOGS=graph_code``, ``tlparse`` artifacts
+and depyf's dump directory all see them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import logging
+import time
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.fx
+
+__all__ = ["PassResult", "GraphPass", "PassManager", "PassRecord", "pass_name", "pass_uuid"]
+
+log = logging.getLogger(__name__)
+_graph_code_log = torch._logging.getArtifactLogger(__name__, "graph_code")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """What a pass did: ``changed`` says whether the graph was modified, ``matches`` how many sites."""
+
+    changed: bool
+    matches: int = 0
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    name: str
+    result: PassResult
+    seconds: float
+
+
+class GraphPass:
+    """Base class for passes: subclasses implement :meth:`run`; ``name`` defaults to the class name."""
+
+    name: str = ""
+
+    def __init__(self):
+        if not self.name:
+            self.name = type(self).__name__
+
+    def run(self, gm: torch.fx.GraphModule) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        return self.run(gm)
+
+    def uuid(self) -> str:
+        """Changes when the pass's code changes (part of the compile cache key)."""
+        return hashlib.sha256(inspect.getsource(type(self)).encode()).hexdigest()
+
+
+PassLike = Union[GraphPass, Callable[[torch.fx.GraphModule], Optional[PassResult]]]
+
+
+def pass_name(p: PassLike) -> str:
+    return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
+
+
+def pass_uuid(p: PassLike) -> str:
+    if hasattr(p, "uuid"):
+        return p.uuid()
+    try:
+        source = inspect.getsource(p)
+    except (OSError, TypeError):
+        source = repr(p)
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def _log_graph(label: str, gm: torch.fx.GraphModule) -> None:
+    # Look the formatter up at call time: depyf replaces it to dump graphs to its directory.
+    from torch._dynamo import utils as dynamo_utils
+
+    if _graph_code_log.isEnabledFor(logging.DEBUG):
+        _graph_code_log.debug("%s", dynamo_utils.lazy_format_graph_code(label, gm, colored=False))
+    torch._logging.trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": label, "encoding": "string"},
+        payload_fn=lambda: gm.print_readable(print_output=False),
+    )
+
+
+class PassManager:
+    """Runs passes in the declared order over one graph module.
+
+    ``records`` keeps, per run, what each pass did and how long it took.  ``observers`` are called as
+    ``observer(stage, pass_name, gm)`` with stage ``"before"`` / ``"after"`` (the testing kit uses it to
+    snapshot graphs).
+    """
+
+    def __init__(self, passes: Sequence[PassLike], *, dump_fn: Optional[Callable[[str, torch.fx.GraphModule], None]] = None):
+        self.passes = list(passes)
+        self.records: list[PassRecord] = []
+        self.observers: list[Callable[[str, str, torch.fx.GraphModule], None]] = []
+        self.dump_fn = dump_fn
+
+    def uuid(self) -> str:
+        return hashlib.sha256("|".join(pass_uuid(p) for p in self.passes).encode()).hexdigest()
+
+    def _emit(self, stage: str, name: str, gm: torch.fx.GraphModule) -> None:
+        label = f"moe_nvfp4 {stage} {name}"
+        _log_graph(label, gm)
+        if self.dump_fn is not None:
+            self.dump_fn(f"{stage}_{name}", gm)
+        for observer in self.observers:
+            observer(stage, name, gm)
+
+    def __call__(self, gm: torch.fx.GraphModule) -> list[PassRecord]:
+        return self.run(gm)
+
+    def run(self, gm: torch.fx.GraphModule) -> list[PassRecord]:
+        records = []
+        for p in self.passes:
+            name = pass_name(p)
+            self._emit("before", name, gm)
+            start = time.perf_counter()
+            result = p(gm)
+            if result is None:
+                result = PassResult(changed=True, detail="pass returned no PassResult; assumed changed")
+            if not isinstance(result, PassResult):
+                raise TypeError(f"pass {name} returned {type(result).__name__}, expected PassResult or None")
+            if result.changed:
+                gm.graph.eliminate_dead_code()
+                gm.graph.lint()
+                gm.recompile()
+            elapsed = time.perf_counter() - start
+            records.append(PassRecord(name, result, elapsed))
+            log.debug("moe_nvfp4 pass %s: %s in %.2f ms", name, result, elapsed * 1e3)
+            self._emit("after", name, gm)
+        self.records.extend(records)
+        return records
+
+    def extend(self, passes: Iterable[PassLike]) -> None:
+        self.passes.extend(passes)
