@@ -19,6 +19,7 @@ Example of a caught bug (an extra pass dropped the slice)::
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional
 
@@ -34,20 +35,35 @@ from moe_passes.passes.manager import GraphPass, PassResult
 __all__ = ["VerifyMoEShapes", "verify_graph", "user_source_line"]
 
 aten = torch.ops.aten
+_KERNELS_DIR = os.path.dirname(os.path.abspath(__import__("moe_passes.kernels", fromlist=["_"]).__file__))
 _FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)')
 
 
 def user_source_line(node: torch.fx.Node) -> Optional[str]:
-    """The innermost user frame of the node's recorded stack: ``File "...", line N, in f`` and its code."""
+    """The user's line behind ``node``: the innermost recorded frame outside this package and torch.
+
+    Returned as ``File "...", line N, in f`` plus its code line; when the innermost frame is inside this
+    package (e.g. FusedMoE.forward's shared-expert add) it follows as ``via ...``.
+    """
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
     lines = trace.rstrip().splitlines()
-    for i in range(len(lines) - 1, -1, -1):
-        if _FRAME.match(lines[i]):
+    frames = []
+    for i, line in enumerate(lines):
+        match = _FRAME.match(line)
+        if match:
             code = lines[i + 1].strip() if i + 1 < len(lines) and not _FRAME.match(lines[i + 1]) else ""
-            return lines[i].strip() + ("\n" + code if code else "")
-    return None
+            frames.append((match.group(1), line.strip() + ("\n" + code if code else "")))
+    if not frames:
+        return None
+    ours = (os.path.dirname(os.path.abspath(__file__ + "/..")), os.path.dirname(os.path.abspath(torch.__file__)),
+            _KERNELS_DIR)
+    user = [text for path, text in frames if not os.path.abspath(path).startswith(ours)]
+    innermost = frames[-1][1]
+    if not user:
+        return innermost
+    return user[-1] if user[-1] == innermost else f"{user[-1]}\nvia {innermost}"
 
 
 def _shape(v) -> Optional[tuple]:
