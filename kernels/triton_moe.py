@@ -1,0 +1,420 @@
+"""Hopper fast path: a Triton fused MoE for NVFP4 weights and bf16 activations.
+
+What one call does (all on the GPU, no host synchronisation, CUDA-graph capturable):
+
+1. routing: :func:`moe_passes.kernels.reference.route` (torch ops) gives ``topk_weights / topk_ids [T, k]``;
+2. grouping: the ``T*k`` (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows
+   (each expert's bucket padded to a multiple of ``BM``; padding rows hold a sentinel).  Small calls
+   use one single-program Triton kernel; large ones a few torch ops (a stable sort);
+3. GEMM1 + activation: one program per (row block, tile of ``BN`` intermediate columns) loads the
+   block's bf16 activations, dequantizes the NVFP4 ``w13`` tile in registers (E2M1 nibbles and E4M3
+   block scales turned into exact bf16 ``e2m1 * block_scale`` values by bit manipulation), multiplies
+   on the tensor cores with fp32 accumulation, applies ``1 / global_scale`` and the activation
+   (gate and up tiles live in the same program) and stores the bf16 intermediate;
+4. GEMM2: the same against ``w2``, optionally split along the intermediate dimension for decode; the
+   routing weight is applied in the epilogue and each (pair, split) row is written in fp32;
+5. combine: one small kernel sums the ``k`` (times splits) rows of each token in fp32 and writes bf16.
+
+Numerics match ``fused_moe_reference(..., quantize_activations=False)``: bf16 activations, weights
+dequantized exactly, fp32 accumulation, the intermediate rounded to bf16, fp32 combine, bf16 out.
+
+Weights are used in the canonical layout of :class:`registry.MoEWeights` (``prepare`` only makes
+them contiguous), so nothing proportional to the weights is allocated or copied per call; the
+per-call workspace is proportional to the tokens.  Hidden and intermediate sizes need only be
+multiples of 16 (the NVFP4 block): the kernels mask the K and N edges.
+
+Triton is imported lazily/guarded: this module imports (and registers an unavailable kernel) on a
+CPU-only machine without Triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+
+from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape, is_gated
+from moe_passes.errors import MoEConfigError
+from moe_passes.kernels import registry
+from moe_passes.kernels.reference import route
+
+try:  # Triton is optional: CPU-only installs do not have it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU CI
+    triton = None
+    tl = None
+
+__all__ = ["TRITON_ALIGNMENT", "TileConfig", "fused_moe_triton", "select_config", "triton_available"]
+
+TRITON_ALIGNMENT = Alignment(hidden=16, intermediate_gated=16, intermediate_plain=16)
+
+_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
+# The Triton interpreter (TRITON_INTERPRET=1, CPU) mishandles bf16 dots: upcast the operands there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Above this many (token, expert) pairs the grouping uses torch's sort instead of the one-program kernel.
+_SMALL_ALIGN_PAIRS = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile shapes of one call.  ``bm`` is shared by both GEMMs (the row blocks come from one grouping)."""
+
+    bm: int
+    bn1: int
+    bk1: int
+    warps1: int
+    stages1: int
+    bn2: int
+    bk2: int
+    warps2: int
+    stages2: int
+    split2: int = 1
+
+
+def triton_available(device=None) -> bool:
+    """CUDA device of compute capability >= 8.0 (bf16 tensor cores) and Triton importable."""
+    if triton is None or not torch.cuda.is_available():
+        return False
+    device = torch.device(device if device is not None else "cuda")
+    if device.type != "cuda":
+        return False
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def _sm_count(device) -> int:
+    device = torch.device(device)
+    if device.type != "cuda":  # the Triton interpreter runs on CPU tensors
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, gated: bool,
+                  sm_count: int = 132) -> TileConfig:
+    """Tile shapes by regime: decode (few rows per expert) is weight-bandwidth bound, prefill compute bound."""
+    pairs = tokens * top_k
+    rows_per_expert = pairs / max(1, min(experts, pairs))
+    if rows_per_expert <= 16:
+        bm = 16
+        # GEMM2 has few output tiles when hidden is small: split the reduction to fill the machine.
+        touched = min(experts, pairs)
+        tiles2 = touched * triton.cdiv(hidden, 64) if triton is not None else touched * ((hidden + 63) // 64)
+        split2 = 1
+        while split2 < 4 and tiles2 * split2 < 2 * sm_count and inter // (split2 * 2) >= 256:
+            split2 *= 2
+        return TileConfig(bm=bm, bn1=32 if gated else 64, bk1=256, warps1=4, stages1=4,
+                          bn2=64, bk2=256, warps2=4, stages2=4, split2=split2)
+    if rows_per_expert <= 64:
+        return TileConfig(bm=32 if rows_per_expert <= 32 else 64, bn1=64, bk1=128, warps1=4, stages1=4,
+                          bn2=64, bk2=128, warps2=4, stages2=4)
+    return TileConfig(bm=128, bn1=64 if gated else 128, bk1=64, warps1=8, stages1=3,
+                      bn2=128, bk2=64, warps2=8, stages2=3)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant_tile(w_ptrs, s_ptrs, mask_b, mask_s, BN: tl.constexpr, BK: tl.constexpr):
+        """Packed NVFP4 tile ``[BN, BK/2]`` bytes + ``[BN, BK/16]`` E4M3 scales -> bf16 ``[BN, BK]``.
+
+        Both formats are turned into fp16 bit patterns: an E2M1 code ``s ee m`` placed at fp16 bits
+        15 / 11..10 / 9 reads as ``e2m1 * 2^-14`` (subnormal 0.5 included); an E4M3 byte ``s eeee mmm``
+        placed at bits 15 / 13..7 reads as ``e4m3 * 2^-8``.  The product times ``2^22`` is exact in bf16.
+        """
+        b = tl.load(w_ptrs, mask=mask_b, other=0).to(tl.int32)
+        lo = ((b & 0x7) << 9) | ((b & 0x8) << 12)
+        hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
+        lo = lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        s = tl.load(s_ptrs, mask=mask_s, other=0).to(tl.int32)
+        s = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        s = s * 4194304.0  # 2^22
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BN, BK // 16, 8)), (BN, BK // 2))
+        w = tl.interleave(lo * s, hi * s)
+        return w.to(tl.bfloat16)
+
+    @triton.jit
+    def _mma(a, b_t, acc, F32: tl.constexpr):
+        """``acc + a @ b_t^T`` on the tensor cores (bf16 in, fp32 accumulate); fp32 under the interpreter."""
+        if F32:
+            return tl.dot(a.to(tl.float32), tl.trans(b_t.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, tl.trans(b_t), acc)
+
+    @triton.jit
+    def _activation(g, u, ACT: tl.constexpr):
+        if ACT == 0:  # SwiGLU
+            return g * tl.sigmoid(g) * u
+        elif ACT == 1:  # GeGLU, erf GELU
+            return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
+        elif ACT == 2:  # GeGLU, tanh GELU; tanh(z) = 2 sigmoid(2z) - 1
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            return 0.5 * g * (2.0 * tl.sigmoid(2.0 * z)) * u
+        else:  # ReLU^2 (not gated; u unused)
+            r = tl.maximum(g, 0.0)
+            return r * r
+
+    @triton.jit
+    def _align_kernel(ids_ptr, rank_ptr, sorted_ptr, bexp_ptr, num_pairs, max_rows, max_blocks,
+                      E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, CF: tl.constexpr):
+        """One program: bucket ``num_pairs`` expert ids into BM-row blocks (rank by counting, no sort)."""
+        e_idx = tl.arange(0, EP)
+        running = tl.zeros([EP], dtype=tl.int32)
+        for c0 in range(0, num_pairs, C):
+            offs = c0 + tl.arange(0, C)
+            ok = offs < num_pairs
+            ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
+            onehot = (ids[:, None] == e_idx[None, :]).to(tl.int32)
+            cs = tl.cumsum(onehot, axis=0)
+            rank = tl.sum(onehot * (cs - 1 + running[None, :]), axis=1)
+            tl.store(rank_ptr + offs, rank, mask=ok)
+            running += tl.sum(onehot, axis=0)
+        padded = (running + BM - 1) // BM * BM
+        ends = tl.cumsum(padded, axis=0)
+        starts = ends - padded
+        for r0 in range(0, max_rows, CF):
+            r = r0 + tl.arange(0, CF)
+            tl.store(sorted_ptr + r, tl.zeros([CF], dtype=tl.int32) + num_pairs, mask=r < max_rows)
+        for b0 in range(0, max_blocks, CF):
+            blk = b0 + tl.arange(0, CF)
+            ex = tl.sum((ends[None, :] <= (blk * BM)[:, None]).to(tl.int32), axis=1)
+            ex = tl.where(ex >= E, -1, ex)
+            tl.store(bexp_ptr + blk, ex, mask=blk < max_blocks)
+        tl.debug_barrier()
+        for c0 in range(0, num_pairs, C):
+            offs = c0 + tl.arange(0, C)
+            ok = offs < num_pairs
+            ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
+            onehot = (ids[:, None] == e_idx[None, :]).to(tl.int32)
+            start = tl.sum(onehot * starts[None, :], axis=1)
+            rank = tl.load(rank_ptr + offs, mask=ok, other=0)
+            tl.store(sorted_ptr + start + rank, offs, mask=ok)
+
+    @triton.jit
+    def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr,
+                      num_pairs, H, I, stride_x,
+                      TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(bexp_ptr + pid_m)
+        if e < 0:
+            return
+        e64 = e.to(tl.int64)
+        rows = pid_m * BM + tl.arange(0, BM)
+        pair = tl.load(sorted_ptr + rows)
+        valid = pair < num_pairs
+        tok = (pair // TOP_K).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < I
+        KB = H // 2
+        KS = H // 16
+        N1 = 2 * I if GATED else I
+        row_g = e64 * N1 + offs_n
+        wg_ptrs = w_ptr + row_g[:, None] * KB + tl.arange(0, BK // 2)[None, :]
+        sg_ptrs = s_ptr + row_g[:, None] * KS + tl.arange(0, BK // 16)[None, :]
+        wu_ptrs = wg_ptrs + I * KB
+        su_ptrs = sg_ptrs + I * KS
+        x_ptrs = x_ptr + tok[:, None] * stride_x + tl.arange(0, BK)[None, :]
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, H, BK):
+            k_ok = (k0 + tl.arange(0, BK)) < H
+            b_ok = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BK // 2)) < KB)[None, :]
+            s_ok = n_ok[:, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < KS)[None, :]
+            x = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            wg = _dequant_tile(wg_ptrs, sg_ptrs, b_ok, s_ok, BN, BK)
+            acc_g = _mma(x, wg, acc_g, F32)
+            if GATED:
+                wu = _dequant_tile(wu_ptrs, su_ptrs, b_ok, s_ok, BN, BK)
+                acc_u = _mma(x, wu, acc_u, F32)
+            x_ptrs += BK
+            wg_ptrs += BK // 2
+            sg_ptrs += BK // 16
+            wu_ptrs += BK // 2
+            su_ptrs += BK // 16
+        inv = 1.0 / tl.load(gs_ptr + e)
+        h = _activation(acc_g * inv, acc_u * inv, ACT)
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * I + offs_n[None, :]
+        tl.store(out_ptrs, h.to(tl.bfloat16), mask=n_ok[None, :])
+
+    @triton.jit
+    def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
+                      num_pairs, H, I, k_per_split,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        e = tl.load(bexp_ptr + pid_m)
+        if e < 0:
+            return
+        e64 = e.to(tl.int64)
+        rows = pid_m * BM + tl.arange(0, BM)
+        pair = tl.load(sorted_ptr + rows)
+        valid = pair < num_pairs
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < H
+        KB = I // 2
+        KS = I // 16
+        k_begin = pid_s * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, I)
+        row_w = e64 * H + offs_n
+        w_ptrs = w_ptr + row_w[:, None] * KB + (k_begin // 2 + tl.arange(0, BK // 2))[None, :]
+        s_ptrs = s_ptr + row_w[:, None] * KS + (k_begin // 16 + tl.arange(0, BK // 16))[None, :]
+        a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * I + (k_begin + tl.arange(0, BK))[None, :]
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BK):
+            k_ok = (k0 + tl.arange(0, BK)) < k_end
+            b_ok = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BK // 2)) < k_end // 2)[None, :]
+            s_ok = n_ok[:, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < k_end // 16)[None, :]
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            w = _dequant_tile(w_ptrs, s_ptrs, b_ok, s_ok, BN, BK)
+            acc = _mma(a, w, acc, F32)
+            a_ptrs += BK
+            w_ptrs += BK // 2
+            s_ptrs += BK // 16
+        scale = tl.load(tw_ptr + pair, mask=valid, other=0.0) / tl.load(gs_ptr + e)
+        y = acc * scale[:, None]
+        y_ptrs = y_ptr + (pid_s * num_pairs + pair).to(tl.int64)[:, None] * H + offs_n[None, :]
+        tl.store(y_ptrs, y, mask=valid[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _combine_kernel(y_ptr, out_ptr, num_pairs, H, stride_out,
+                        TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            for j in tl.static_range(TOP_K):
+                acc += tl.load(y_ptr + (s * num_pairs + t * TOP_K + j) * H + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + t * stride_out + offs, acc.to(tl.bfloat16), mask=ok)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _align_torch(flat_ids: torch.Tensor, experts: int, bm: int, max_rows: int, max_blocks: int):
+    """The grouping with torch ops (stable sort); static shapes, so it can be graph-captured."""
+    n = flat_ids.numel()
+    device = flat_ids.device
+    counts = torch.bincount(flat_ids, minlength=experts)[:experts]
+    padded = (counts + bm - 1) // bm * bm
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat_ids, stable=True)
+    ids_sorted = flat_ids[order]
+    pos = starts[ids_sorted] + torch.arange(n, device=device) - first[ids_sorted]
+    sorted_ids = torch.full((max_rows,), n, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, pos, order.to(torch.int32))
+    block_start = torch.arange(max_blocks, device=device) * bm
+    bexp = torch.searchsorted(ends, block_start, right=True)
+    bexp = torch.where(bexp >= experts, -1, bexp).to(torch.int32)
+    return sorted_ids, bexp
+
+
+def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, weights: registry.MoEWeights, *,
+                     top_k: int, activation: str = "silu", routing: str = "renormalize",
+                     routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
+                     topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
+                     out: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None) -> torch.Tensor:
+    """The NVFP4 MoE layer on bf16 ``hidden_states [T, Hp]`` (``Hp`` = the weights' hidden size)."""
+    if triton is None:
+        raise MoEConfigError("the triton MoE kernel needs the 'triton' package")
+    w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
+    if hidden_states.ndim != 2 or hidden_states.dtype != torch.bfloat16:
+        raise MoEConfigError(f"hidden_states must be bf16 [tokens, hidden], got {hidden_states.dtype} "
+                             f"{tuple(hidden_states.shape)}")
+    tokens, hidden = hidden_states.shape
+    experts, n1, hidden_w = w13.shape[0], w13.shape[1], w13.shape[2] * 2
+    inter = w2.shape[2] * 2
+    gated = is_gated(activation)
+    if hidden != hidden_w or w2.shape[1] != hidden:
+        raise MoEConfigError(f"hidden_states are {hidden} wide but the weights are {hidden_w} / {w2.shape[1]}")
+    if n1 != (2 * inter if gated else inter):
+        raise MoEConfigError(f"w13 has {n1} rows, inconsistent with intermediate {inter} and activation {activation!r}")
+    if hidden % 16 or inter % 16:
+        raise MoEConfigError(f"hidden ({hidden}) and intermediate ({inter}) must be multiples of 16")
+    if hidden_states.stride(1) != 1:
+        hidden_states = hidden_states.contiguous()
+    device = hidden_states.device
+    if out is None:
+        out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
+    if tokens == 0:
+        return out
+
+    topk_w, topk_ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
+                             topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+    topk_w = topk_w.float().contiguous()
+    flat_ids = topk_ids.reshape(-1)
+    pairs = flat_ids.numel()
+    cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
+    bm = cfg.bm
+    max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
+    max_rows = max_blocks * bm
+
+    if pairs <= _SMALL_ALIGN_PAIRS:
+        sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
+        bexp = torch.empty(max_blocks, dtype=torch.int32, device=device)
+        rank = torch.empty(pairs, dtype=torch.int32, device=device)
+        _align_kernel[(1,)](flat_ids, rank, sorted_ids, bexp, pairs, max_rows, max_blocks,
+                            E=experts, EP=_next_pow2(experts), BM=bm, C=32, CF=256, num_warps=4)
+    else:
+        sorted_ids, bexp = _align_torch(flat_ids, experts, bm, max_rows, max_blocks)
+
+    inter_buf = torch.empty(max_rows, inter, dtype=torch.bfloat16, device=device)
+    grid1 = (max_blocks, triton.cdiv(inter, cfg.bn1))
+    _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf,
+                         pairs, hidden, inter, hidden_states.stride(0),
+                         TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
+                         BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, num_warps=cfg.warps1, num_stages=cfg.stages1)
+
+    split = cfg.split2
+    k_per_split = triton.cdiv(triton.cdiv(inter, split), cfg.bk2) * cfg.bk2
+    split = triton.cdiv(inter, k_per_split)
+    y = torch.empty(split, pairs, hidden, dtype=torch.float32, device=device)
+    grid2 = (max_blocks, triton.cdiv(hidden, cfg.bn2), split)
+    _gemm2_kernel[grid2](inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y,
+                         pairs, hidden, inter, k_per_split,
+                         BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, num_warps=cfg.warps2, num_stages=cfg.stages2)
+
+    block = 1024
+    _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),
+                                                          TOP_K=top_k, SPLIT=split, BLOCK=block, num_warps=4)
+    return out
+
+
+def _prepare(weights: registry.MoEWeights, shape: MoEShape) -> registry.MoEWeights:
+    """The kernel reads the canonical layout directly: only make every tensor contiguous (once)."""
+    if shape.hidden_padded % 16 or shape.intermediate_padded % 16:
+        raise MoEConfigError(f"triton MoE needs hidden and intermediate sizes that are multiples of 16, got "
+                             f"{shape.hidden_padded} and {shape.intermediate_padded}")
+    return registry.MoEWeights(*(t.contiguous() for t in weights))
+
+
+def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_global_scale, intermediate_global_scale,
+         routing_bias, args: registry.RunArgs) -> torch.Tensor:
+    # Activations stay bf16 on this path: the activation global scales are not used.
+    return fused_moe_triton(hidden_states, router_logits, weights, top_k=args.top_k, activation=args.activation,
+                            routing=args.routing, routing_bias=routing_bias, n_group=args.n_group,
+                            topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor)
+
+
+TRITON = registry.register(registry.KernelSpec(
+    name="triton",
+    description="Triton NVFP4-weight / bf16-activation fused MoE (CUDA, compute capability >= 8.0, tuned on "
+                "SM90 Hopper); needs the triton package",
+    alignment=TRITON_ALIGNMENT,
+    activations=frozenset(ACTIVATIONS),
+    routings=frozenset(ROUTING_METHODS),
+    available=triton_available,
+    prepare=_prepare,
+    run=_run,
+    quantizes_activations=False,
+    priority=10,
+))
