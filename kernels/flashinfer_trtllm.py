@@ -1,0 +1,540 @@
+"""Blackwell (SM100/SM103): FlashInfer's TRTLLM-gen NVFP4 fused MoE.
+
+Three parts, all behind :func:`available`:
+
+* :func:`prepare` lays canonical NVFP4 weights out for the kernel, once per layer, in plain torch
+  (FlashInfer's own ``shuffle_matrix_sf_a`` / ``block_scale_interleave`` need a GPU):
+
+  - ``w13`` rows ``[gate; up]`` become ``[up; gate]`` (the kernel computes ``act(second half) * first
+    half``), then the gated-activation interleave ``(r0, r_{N/2}, r1, r_{N/2+1}, ...)``, then the
+    ``shuffle_matrix_a`` row permutation for epilogue tile 128 (within every 32-row block, new row
+    ``j`` takes old row ``4 * (j % 8) + j // 8``);
+  - the block scales get the same row permutation, then the 128x4 swizzle
+    (:func:`moe_passes.kernels.nvfp4.swizzle_scales`);
+  - ``w2`` and its scales get the shuffle (no reorder, no interleave);
+  - global scales are kept: :func:`output_scales` derives the kernel's three per-expert vectors
+    from them and the activation global scales at call time.
+
+* :func:`fused_moe` / :func:`run` / :func:`run_routed` quantize the input to NVFP4 (linear scale
+  layout), call ``flashinfer.fused_moe.trtllm_fp4_block_scale_moe`` (or the ``_routed_moe`` variant)
+  by keyword, matching the installed signature, in chunks of at most :func:`chunk_size` tokens.
+
+* the registry entry ``"trtllm"``.
+
+FlashInfer is imported lazily, on first use, never at import of this module.  Tests substitute the
+FlashInfer entry points with :func:`use_api` (which also makes :func:`available` true on any device,
+since the double stands in for the GPU as well).
+
+Everything that needs an SM100 GPU is unverified on the machines this was written on; what is checked
+on the CPU is listed in ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import inspect
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from moe_passes.contract import ROUTING_METHODS, TRTLLM_ALIGNMENT, MoEShape, is_gated, trtllm_chunk_size
+from moe_passes.errors import KernelUnavailableError, MoEConfigError
+from moe_passes.kernels import registry
+from moe_passes.kernels.nvfp4 import BLOCK_SIZE, quantize_nvfp4, swizzle_scales
+
+__all__ = [
+    "EPILOGUE_TILE_M",
+    "SUPPORTED_CAPABILITIES",
+    "ACTIVATION_NAMES",
+    "ROUTING_NAMES",
+    "FlashInferAPI",
+    "available",
+    "use_api",
+    "torch_quantize_input",
+    "shuffle_row_indices",
+    "gated_interleave_row_indices",
+    "w13_row_indices",
+    "w2_row_indices",
+    "prepare",
+    "output_scales",
+    "chunk_size",
+    "fused_moe",
+    "run",
+    "run_routed",
+    "TRTLLM",
+]
+
+EPILOGUE_TILE_M = 128
+SUPPORTED_CAPABILITIES = frozenset({(10, 0), (10, 3)})
+
+# Our activation / routing names -> FlashInfer enum member names (looked up by name: values moved
+# between releases).  Older releases name the gated activation ``gated_act_type`` with GatedActType.
+ACTIVATION_NAMES = {"silu": "Swiglu", "gelu": "Geglu", "relu2": "Relu2"}
+_GATED_ACT_NAMES = {"silu": "SwiGlu", "gelu": "GeGlu"}
+ROUTING_NAMES = {"default": "Default", "renormalize": "Renormalize", "deepseek_v3": "DeepSeekV3", "llama4": "Llama4"}
+
+GELU_TANH_REASON = (
+    "the TRTLLM-gen NVFP4 MoE kernel has no tanh-approximated GeGLU (FlashInfer's GegluTanh exists "
+    "only for other backends), and whether its Geglu is erf- or tanh-GELU is undocumented; use the "
+    "'reference' kernel or a kernel that lists gelu_tanh"
+)
+
+# Tests lower this to exercise chunking; None means the kernel's limit (trtllm_chunk_size).
+CHUNK_SIZE_OVERRIDE: Optional[int] = None
+
+
+# --------------------------------------------------------------------------------------------------
+# The FlashInfer entry points, loaded lazily (or substituted by tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashInferAPI:
+    """What this module calls in FlashInfer.
+
+    ``fused_moe`` / ``routed_moe``: ``trtllm_fp4_block_scale_moe`` / ``..._routed_moe`` (called by
+    keyword, after matching their signatures).  ``quantize(x bf16 [T, H], gs fp32 0-dim) ->
+    (uint8 [T, H/2], float8_e4m3fn [T, H/16] linear)``.  ``enums``: an object with the attributes
+    ``RoutingMethodType`` and some of ``ActivationType``, ``GatedActType``, ``SfLayout``.
+    """
+
+    fused_moe: Callable[..., Any]
+    routed_moe: Optional[Callable[..., Any]]
+    quantize: Callable[[torch.Tensor, torch.Tensor], tuple]
+    enums: Any
+
+
+_api_override: Optional[FlashInferAPI] = None
+
+
+@contextlib.contextmanager
+def use_api(api: FlashInferAPI) -> Iterator[FlashInferAPI]:
+    """Route every FlashInfer call of this module to ``api`` (a test double) inside the block.
+
+    While active, :func:`available` is true on every device: the double stands in for the hardware.
+    """
+    global _api_override
+    if not isinstance(api, FlashInferAPI):
+        raise TypeError(f"use_api expects a FlashInferAPI, got {type(api).__name__}")
+    previous, _api_override = _api_override, api
+    try:
+        yield api
+    finally:
+        _api_override = previous
+
+
+class _Enums:
+    def __init__(self, *modules):
+        for name in ("RoutingMethodType", "ActivationType", "GatedActType", "SfLayout"):
+            setattr(self, name, next((getattr(m, name) for m in modules if hasattr(m, name)), None))
+
+
+def _flashinfer_quantize(x: torch.Tensor, gs: torch.Tensor):
+    import flashinfer
+
+    packed, sf = flashinfer.fp4_quantize(
+        x, gs.reshape(1).float(), sf_vec_size=BLOCK_SIZE, sf_use_ue8m0=False, is_sf_swizzled_layout=False
+    )
+    return packed, sf.view(torch.float8_e4m3fn).reshape(x.shape[0], x.shape[1] // BLOCK_SIZE)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_flashinfer() -> FlashInferAPI:
+    try:
+        import flashinfer.fused_moe as fused_moe_mod
+    except Exception as exc:  # noqa: BLE001 - any import failure means the kernel is unavailable
+        raise KernelUnavailableError(
+            f"the 'trtllm' MoE kernel needs flashinfer-python (pip install 'moe-nvfp4[blackwell]'): {exc}"
+        ) from exc
+    try:
+        import flashinfer.tllm_enums as enums_mod
+    except ImportError:
+        enums_mod = None
+    fused = getattr(fused_moe_mod, "trtllm_fp4_block_scale_moe", None)
+    if fused is None:
+        raise KernelUnavailableError("the installed flashinfer has no fused_moe.trtllm_fp4_block_scale_moe")
+    return FlashInferAPI(
+        fused_moe=fused,
+        routed_moe=getattr(fused_moe_mod, "trtllm_fp4_block_scale_routed_moe", None),
+        quantize=_flashinfer_quantize,
+        enums=_Enums(*(m for m in (enums_mod, fused_moe_mod) if m is not None)),
+    )
+
+
+def _api() -> FlashInferAPI:
+    return _api_override if _api_override is not None else _load_flashinfer()
+
+
+@functools.lru_cache(maxsize=1)
+def _flashinfer_importable() -> bool:
+    if importlib.util.find_spec("flashinfer") is None:
+        return False
+    try:
+        _load_flashinfer()
+    except KernelUnavailableError:
+        return False
+    return True
+
+
+def available(device) -> bool:
+    """SM100/SM103 CUDA device and flashinfer importable (or a test double installed by :func:`use_api`)."""
+    if _api_override is not None:
+        return True
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if tuple(torch.cuda.get_device_capability(index)) not in SUPPORTED_CAPABILITIES:
+        return False
+    return _flashinfer_importable()
+
+
+def torch_quantize_input(x: torch.Tensor, gs: torch.Tensor):
+    """Plain-torch twin of the input quantization (``FlashInferAPI.quantize``), for doubles and CPU."""
+    packed, scales, _ = quantize_nvfp4(x, gs)
+    return packed, scales
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight preparation
+
+
+def shuffle_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> torch.Tensor:
+    """``shuffle_matrix_a``'s row order: ``out[j] = in[idx[j]]``.
+
+    Rows move within blocks of 32 (epilogue tile a multiple of 128; else 16): in a block of ``b``
+    rows, new row ``j`` takes old row ``(b // 8) * (j % 8) + j // 8``.
+    """
+    block = 32 if epilogue_tile_m % 128 == 0 else 16
+    if rows % block:
+        raise MoEConfigError(f"the TRTLLM weight shuffle needs a row count that is a multiple of {block}, got {rows}")
+    j = torch.arange(rows, dtype=torch.long)
+    within = j % block
+    return j - within + (block // 8) * (within % 8) + within // 8
+
+
+def gated_interleave_row_indices(rows: int) -> torch.Tensor:
+    """Gated-activation GEMM row order ``(r0, r_{N/2}, r1, r_{N/2+1}, ...)``: ``out[j] = in[idx[j]]``."""
+    if rows % 2:
+        raise MoEConfigError(f"gated weights need an even number of rows, got {rows}")
+    j = torch.arange(rows, dtype=torch.long)
+    return j // 2 + (j % 2) * (rows // 2)
+
+
+def w13_row_indices(rows: int, gated: bool, epilogue_tile_m: int = EPILOGUE_TILE_M) -> torch.Tensor:
+    """Row order taking canonical ``w13`` (``[gate; up]`` when gated) to the kernel's layout.
+
+    ``[gate; up] -> [up; gate]``, then the gated interleave, then the shuffle; non-gated: the shuffle.
+    """
+    order = torch.arange(rows, dtype=torch.long)
+    if gated:
+        order = (order + rows // 2) % rows  # [up; gate]
+        order = order[gated_interleave_row_indices(rows)]
+    return order[shuffle_row_indices(rows, epilogue_tile_m)]
+
+
+def w2_row_indices(rows: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> torch.Tensor:
+    return shuffle_row_indices(rows, epilogue_tile_m)
+
+
+def _check_tensor(t, name: str, dtype: torch.dtype, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise MoEConfigError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise MoEConfigError(
+            f"{name} must be {dtype} with shape {tuple(shape)} for the 'trtllm' kernel, "
+            f"got {t.dtype} with shape {tuple(t.shape)}"
+        )
+
+
+def _permute_scales(scales: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    raw = scales.view(torch.uint8).index_select(1, order.to(scales.device))
+    return swizzle_scales(raw).view(torch.float8_e4m3fn)
+
+
+def prepare(weights: registry.MoEWeights, shape: MoEShape) -> registry.MoEWeights:
+    """Canonical NVFP4 weights (already padded to the TRTLLM alignment) to the kernel's layout.
+
+    Returns new tensors with the same shapes and dtypes; global scales are passed through.
+    """
+    if not isinstance(weights, registry.MoEWeights):
+        weights = registry.MoEWeights(*weights)
+    if shape.activation not in ACTIVATION_NAMES:
+        raise MoEConfigError(
+            f"kernel 'trtllm' does not support activation {shape.activation!r}"
+            + (f" ({GELU_TANH_REASON})" if shape.activation == "gelu_tanh" else "")
+        )
+    e, hp, ip, n1 = shape.experts, shape.hidden_padded, shape.intermediate_padded, shape.w13_rows
+    w13, s13, g13, w2, s2, g2 = weights
+    _check_tensor(w13, "w13", torch.uint8, (e, n1, hp // 2))
+    _check_tensor(s13, "w13_scale", torch.float8_e4m3fn, (e, n1, hp // BLOCK_SIZE))
+    _check_tensor(w2, "w2", torch.uint8, (e, hp, ip // 2))
+    _check_tensor(s2, "w2_scale", torch.float8_e4m3fn, (e, hp, ip // BLOCK_SIZE))
+    for name, gs in (("w13_global_scale", g13), ("w2_global_scale", g2)):
+        if not isinstance(gs, torch.Tensor) or gs.shape != (e,) or not gs.dtype.is_floating_point:
+            raise MoEConfigError(f"{name} must be a float tensor of shape ({e},), got {getattr(gs, 'shape', gs)}")
+    # Swizzled scales keep their linear shape only when rows % 128 == 0 and columns % 4 == 0; the
+    # shuffle itself needs rows % 32.  TRTLLM_ALIGNMENT guarantees both.
+    for name, rows, cols in (("w13 (2I or I)", n1, hp // BLOCK_SIZE), ("w2 (H)", hp, ip // BLOCK_SIZE)):
+        if rows % 128 or cols % 4:
+            raise MoEConfigError(
+                f"kernel 'trtllm' needs {name} rows to be a multiple of 128 and scale columns a multiple of 4, "
+                f"got {rows} rows and {cols} scale columns (pad with the kernel's alignment {TRTLLM_ALIGNMENT})"
+            )
+    order13 = w13_row_indices(n1, shape.gated).to(w13.device)
+    order2 = w2_row_indices(hp).to(w2.device)
+    return registry.MoEWeights(
+        w13.index_select(1, order13).contiguous(),
+        _permute_scales(s13, order13),
+        g13,
+        w2.index_select(1, order2).contiguous(),
+        _permute_scales(s2, order2),
+        g2,
+    )
+
+
+def output_scales(w13_global_scale: torch.Tensor, w2_global_scale: torch.Tensor, input_global_scale,
+                  intermediate_global_scale, gated: bool):
+    """The kernel's per-expert ``(output1_scale_scalar, output1_scale_gate_scalar, output2_scale_scalar)``.
+
+    With multipliers gs: gate = 1 / (gs_w13 * gs_a); out1 = gs_c * gate when gated, gs_c otherwise;
+    out2 = 1 / (gs_c * gs_w2).  All float32 ``[E]``.
+    """
+    g13 = w13_global_scale.float()
+    g2 = w2_global_scale.float()
+    gs_a = torch.as_tensor(input_global_scale, dtype=torch.float32, device=g13.device).reshape(())
+    gs_c = torch.as_tensor(intermediate_global_scale, dtype=torch.float32, device=g13.device).reshape(())
+    gate = 1.0 / (g13 * gs_a)
+    out1 = gs_c * gate if gated else gs_c.expand_as(g13)
+    out2 = 1.0 / (gs_c * g2)
+    return out1.contiguous(), gate.contiguous(), out2.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# The call
+
+
+def chunk_size(num_experts: int, top_k: int) -> int:
+    """Most tokens per launch: ``CHUNK_SIZE_OVERRIDE`` when set (tests), else ``trtllm_chunk_size``."""
+    if CHUNK_SIZE_OVERRIDE is not None:
+        if CHUNK_SIZE_OVERRIDE <= 0:
+            raise MoEConfigError(f"CHUNK_SIZE_OVERRIDE must be positive, got {CHUNK_SIZE_OVERRIDE}")
+        return CHUNK_SIZE_OVERRIDE
+    return trtllm_chunk_size(num_experts, top_k)
+
+
+def _check_args(args: registry.RunArgs, num_experts: int) -> None:
+    if args.activation not in ACTIVATION_NAMES:
+        registry.check_supported(TRTLLM, activation=args.activation, routing=args.routing)
+    if args.routing not in ROUTING_NAMES:
+        raise MoEConfigError(f"kernel 'trtllm' does not support routing {args.routing!r}; it supports {sorted(ROUTING_NAMES)}")
+    if not 0 < args.top_k <= num_experts:
+        raise MoEConfigError(f"top_k={args.top_k} must be between 1 and the number of experts ({num_experts})")
+    if args.routing == "llama4" and args.top_k != 1:
+        raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={args.top_k}")
+
+
+def _enum_member(enum_cls, name: str, what: str):
+    if enum_cls is None or not hasattr(enum_cls, name):
+        raise KernelUnavailableError(f"the installed flashinfer has no {what} named {name!r}")
+    return getattr(enum_cls, name)
+
+
+@functools.lru_cache(maxsize=32)
+def _parameters(fn) -> tuple[dict, bool]:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError) as exc:
+        raise KernelUnavailableError(f"cannot read the signature of {getattr(fn, '__name__', fn)}: {exc}") from exc
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return dict(params), var_kw
+
+
+def _tile_tokens_dim(tokens: int, num_experts: int, top_k: int) -> int:
+    # Only for old releases that still require it: the per-expert token count rounded up to a power
+    # of two, within the kernel's tiles 8..64.
+    per_expert = max(1, tokens * top_k // num_experts)
+    return min(max(1 << (per_expert - 1).bit_length(), 8), 64)
+
+
+def _call(fn, kwargs: dict, *, essential: frozenset, tokens: int, num_experts: int, top_k: int,
+          activation: str, enums) -> Any:
+    """Call ``fn`` by keyword with the arguments its signature has (FlashInfer 0.4 -> 0.7 and later)."""
+    params, var_kw = _parameters(fn)
+    name = getattr(fn, "__name__", "the FlashInfer MoE function")
+    kwargs = dict(kwargs)
+    if "activation_type" in params:
+        kwargs["activation_type"] = int(_enum_member(enums.ActivationType, ACTIVATION_NAMES[activation], "ActivationType"))
+    elif "gated_act_type" in params:
+        if activation not in _GATED_ACT_NAMES:
+            raise KernelUnavailableError(
+                f"the installed flashinfer's {name} only takes gated activations (gated_act_type); "
+                f"activation {activation!r} needs a release with activation_type"
+            )
+        kwargs["gated_act_type"] = int(_enum_member(enums.GatedActType, _GATED_ACT_NAMES[activation], "GatedActType"))
+    elif activation != "silu":
+        raise KernelUnavailableError(f"the installed flashinfer's {name} has no activation argument (SwiGLU only)")
+    if "tile_tokens_dim" in params and params["tile_tokens_dim"].default is inspect.Parameter.empty:
+        kwargs["tile_tokens_dim"] = _tile_tokens_dim(tokens, num_experts, top_k)
+    if "hidden_states_scale_layout" in params and enums.SfLayout is not None:
+        kwargs["hidden_states_scale_layout"] = enums.SfLayout.layout_linear
+    if not var_kw:
+        lacking = sorted(k for k in essential if k in kwargs and k not in params)
+        if lacking:
+            raise KernelUnavailableError(f"the installed flashinfer's {name} has no parameter(s) {lacking}; "
+                                         "this release is not supported by the 'trtllm' kernel")
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    missing = [p.name for p in params.values()
+               if p.default is inspect.Parameter.empty and p.name not in kwargs
+               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if missing:
+        raise KernelUnavailableError(f"the installed flashinfer's {name} requires {missing}, which the 'trtllm' kernel does not know")
+    result = fn(**kwargs)
+    return result[0] if isinstance(result, (list, tuple)) else result
+
+
+_ESSENTIAL = frozenset({
+    "routing_bias", "hidden_states", "hidden_states_scale", "gemm1_weights", "gemm1_weights_scale",
+    "gemm2_weights", "gemm2_weights_scale", "output1_scale_scalar", "output1_scale_gate_scalar",
+    "output2_scale_scalar", "num_experts", "top_k", "n_group", "topk_group", "intermediate_size",
+    "local_expert_offset", "local_num_experts", "routed_scaling_factor", "routing_method_type",
+    "routing_logits", "topk_ids",
+})
+
+
+def _pack_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    # (expert_id << 16) | bf16 bits of the weight: the precomputed-routing format every release takes.
+    bits = topk_weights.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    return ((topk_ids.to(torch.int32) << 16) | bits).contiguous()
+
+
+def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_global_scale,
+              intermediate_global_scale, args: registry.RunArgs, *, router_logits: Optional[torch.Tensor] = None,
+              routing_bias: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+              topk_ids: Optional[torch.Tensor] = None, output: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The TRTLLM NVFP4 MoE on ``hidden_states [T, Hp]`` with prepared ``weights``; bf16 ``[T, W]``.
+
+    Routing comes from ``router_logits [T, E]`` (computed by the kernel, ``routing_bias`` used by
+    ``deepseek_v3`` only, as in the reference) or precomputed ``topk_weights`` / ``topk_ids [T, k]``
+    (the ``_routed_moe`` entry point).  ``output``, if given, is a bf16 ``[T, W]`` buffer with
+    ``W <= Hp`` that receives the first ``W`` columns (the kernel writes it directly where the
+    installed FlashInfer takes ``output``); it is returned.  Tokens are processed in chunks of at
+    most :func:`chunk_size`.
+    """
+    if not isinstance(weights, registry.MoEWeights):
+        weights = registry.MoEWeights(*weights)
+    w13, s13, g13, w2, s2, g2 = weights
+    num_experts, n1, hp = w13.shape[0], w13.shape[1], w13.shape[2] * 2
+    ip = w2.shape[-1] * 2
+    _check_args(args, num_experts)
+    gated = is_gated(args.activation)
+    if n1 != (2 * ip if gated else ip):
+        raise MoEConfigError(f"w13 has {n1} rows, inconsistent with intermediate {ip} and activation {args.activation!r}")
+    if hidden_states.ndim != 2 or hidden_states.shape[1] != hp:
+        raise MoEConfigError(f"hidden_states must be [tokens, {hp}] (the padded hidden size), got {tuple(hidden_states.shape)}")
+    tokens = hidden_states.shape[0]
+    if input_global_scale is None or intermediate_global_scale is None:
+        raise MoEConfigError("kernel 'trtllm' needs static input and intermediate global scales, got None")
+    routed = router_logits is None
+    if routed:
+        if topk_ids is None or topk_weights is None:
+            raise MoEConfigError("pass either router_logits or both topk_weights and topk_ids")
+        if topk_ids.shape != (tokens, args.top_k) or topk_weights.shape != (tokens, args.top_k):
+            raise MoEConfigError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                                 f"must be [tokens={tokens}, top_k={args.top_k}]")
+    elif router_logits.shape != (tokens, num_experts):
+        raise MoEConfigError(f"router_logits shape {tuple(router_logits.shape)} != (tokens={tokens}, experts={num_experts})")
+    if output is not None:
+        if output.dtype != torch.bfloat16 or output.ndim != 2 or output.shape[0] != tokens or not 0 < output.shape[1] <= hp:
+            raise MoEConfigError(f"output must be bf16 [tokens={tokens}, width <= {hp}], got {output.dtype} {tuple(output.shape)}")
+        if not output.is_contiguous():
+            raise MoEConfigError("output must be contiguous")
+
+    api = _api()
+    enums = api.enums
+    fn = api.routed_moe if routed else api.fused_moe
+    if fn is None:
+        raise KernelUnavailableError("the installed flashinfer has no trtllm_fp4_block_scale_routed_moe")
+    width = output.shape[1] if output is not None else hp
+    out = output if output is not None else torch.empty(tokens, hp, dtype=torch.bfloat16, device=hidden_states.device)
+    if tokens == 0:
+        return out
+
+    device = hidden_states.device
+    gs_a = torch.as_tensor(input_global_scale, dtype=torch.float32, device=device).reshape(())
+    out1, gate1, out2 = output_scales(g13, g2, gs_a, intermediate_global_scale, gated)
+    x_q, x_sf = api.quantize(hidden_states.to(torch.bfloat16).contiguous(), gs_a)
+    routing_type = int(_enum_member(enums.RoutingMethodType, ROUTING_NAMES[args.routing], "RoutingMethodType"))
+    deepseek = args.routing == "deepseek_v3"
+    if routed:
+        packed_topk = _pack_topk(topk_ids, topk_weights)
+    else:
+        # DeepSeekV3 routing takes float32 logits; every release takes bfloat16 for the others.
+        logits = router_logits.to(torch.float32 if deepseek else torch.bfloat16).contiguous()
+    bias = routing_bias.to(torch.bfloat16).contiguous() if (deepseek and routing_bias is not None) else None
+    params, var_kw = _parameters(fn)
+    writes_output = var_kw or "output" in params
+
+    common = dict(
+        routing_bias=bias,
+        gemm1_weights=w13, gemm1_weights_scale=s13,
+        gemm1_bias=None, gemm1_alpha=None, gemm1_beta=None, gemm1_clamp_limit=None,
+        gemm2_weights=w2, gemm2_weights_scale=s2, gemm2_bias=None,
+        output1_scale_scalar=out1, output1_scale_gate_scalar=gate1, output2_scale_scalar=out2,
+        num_experts=num_experts, top_k=args.top_k,
+        n_group=(args.n_group or 1) if deepseek else args.n_group,
+        topk_group=(args.topk_group or args.n_group or 1) if deepseek else args.topk_group,
+        intermediate_size=ip, local_expert_offset=0, local_num_experts=num_experts,
+        routed_scaling_factor=(args.routed_scaling_factor if args.routed_scaling_factor is not None else 1.0)
+        if deepseek else args.routed_scaling_factor,
+        routing_method_type=routing_type, do_finalize=True,
+    )
+    step = chunk_size(num_experts, args.top_k)
+    for start in range(0, tokens, step):
+        stop = min(tokens, start + step)
+        kwargs = dict(common, hidden_states=x_q[start:stop], hidden_states_scale=x_sf[start:stop])
+        if routed:
+            kwargs["topk_ids"] = packed_topk[start:stop]
+        else:
+            kwargs["routing_logits"] = logits[start:stop]
+        if writes_output:
+            kwargs["output"] = out[start:stop]
+        result = _call(fn, kwargs, essential=_ESSENTIAL, tokens=stop - start, num_experts=num_experts,
+                       top_k=args.top_k, activation=args.activation, enums=enums)
+        if not writes_output:
+            out[start:stop].copy_(result[:, :width])
+        elif result is not None and result.data_ptr() != out[start:stop].data_ptr():
+            out[start:stop].copy_(result[:, :width])
+    return out
+
+
+def run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
+        args: registry.RunArgs) -> torch.Tensor:
+    """The registry's ``run``: ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out, routing done by the kernel."""
+    return fused_moe(hidden_states, weights, input_global_scale, intermediate_global_scale, args,
+                     router_logits=router_logits, routing_bias=routing_bias)
+
+
+def run_routed(hidden_states, topk_weights, topk_ids, weights, input_global_scale, intermediate_global_scale,
+               args: registry.RunArgs, *, output: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Precomputed routing (``topk_weights``, ``topk_ids`` ``[T, k]``): ``trtllm_fp4_block_scale_routed_moe``."""
+    return fused_moe(hidden_states, weights, input_global_scale, intermediate_global_scale, args,
+                     topk_weights=topk_weights, topk_ids=topk_ids, output=output)
+
+
+TRTLLM = registry.register(registry.KernelSpec(
+    name="trtllm",
+    description="FlashInfer TRTLLM-gen NVFP4 fused MoE; needs an SM100/SM103 (Blackwell) GPU and flashinfer-python",
+    alignment=TRTLLM_ALIGNMENT,
+    activations=frozenset(ACTIVATION_NAMES),
+    routings=frozenset(ROUTING_METHODS),
+    available=available,
+    prepare=prepare,
+    run=run,
+    max_tokens=trtllm_chunk_size,
+    quantizes_activations=True,
+    priority=20,
+    unsupported_reasons={"gelu_tanh": GELU_TANH_REASON},
+))
