@@ -302,7 +302,9 @@ def _align_torch(flat_ids: torch.Tensor, experts: int, bm: int, max_rows: int, m
     """The grouping with torch ops (stable sort); static shapes, so it can be graph-captured."""
     n = flat_ids.numel()
     device = flat_ids.device
-    counts = torch.bincount(flat_ids, minlength=experts)[:experts]
+    # scatter_add, not bincount: bincount reads the maximum back to the host, which breaks graph capture.
+    counts = torch.zeros(experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat_ids, torch.ones_like(flat_ids))
     padded = (counts + bm - 1) // bm * bm
     ends = torch.cumsum(padded, 0)
     starts = ends - padded

@@ -1,0 +1,158 @@
+"""The Triton NVFP4 fused MoE (Hopper path) against the bf16-activation reference.
+
+GPU tests are marked ``gpu`` and skip cleanly without CUDA or Triton; the CPU test checks that the
+module imports and registers an unavailable kernel on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, MoEShape, is_gated
+from moe_passes.kernels import registry
+from moe_passes.kernels.nvfp4 import quantize_nvfp4_experts
+from moe_passes.kernels.reference import fused_moe_reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
+
+
+def test_module_imports_and_registers_on_cpu():
+    from moe_passes.kernels import triton_moe
+
+    spec = registry.get("triton")
+    assert spec is triton_moe.TRITON
+    assert spec.activations == frozenset(ACTIVATIONS)
+    assert spec.routings == frozenset(ROUTING_METHODS)
+    assert spec.quantizes_activations is False
+    assert spec.alignment.hidden == 16
+    assert spec.available(torch.device("cpu")) is False
+    assert registry.select(torch.device("cpu"), activation="silu", routing="default").name != "triton"
+
+
+def _make_layer(hidden, inter, experts, activation, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n1 = (2 if is_gated(activation) else 1) * inter
+    w13 = torch.randn(experts, n1, hidden, generator=g) / 10
+    w2 = torch.randn(experts, hidden, inter, generator=g) / 10
+    q13 = quantize_nvfp4_experts(w13.to(device))
+    q2 = quantize_nvfp4_experts(w2.to(device))
+    return registry.MoEWeights(*q13, *q2)
+
+
+def _routing_kwargs(routing, experts, device, g):
+    if routing == "llama4":
+        return dict(top_k=1), None
+    if routing == "deepseek_v3":
+        bias = (torch.randn(experts, generator=g) / 10).to(device)
+        return dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5), bias
+    return dict(top_k=4), None
+
+
+def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec=False):
+    from moe_passes.kernels.triton_moe import fused_moe_triton
+
+    device = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    weights = _make_layer(hidden, inter, experts, activation, device, seed)
+    kw, bias = _routing_kwargs(routing, experts, device, g)
+    x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
+    logits = torch.randn(tokens, experts, generator=g).to(device)
+    ref = fused_moe_reference(x, logits, *weights, activation=activation, routing=routing, routing_bias=bias,
+                              quantize_activations=False, **kw)
+    if use_spec:
+        spec = registry.get("triton")
+        shape = MoEShape(hidden=hidden, intermediate=inter, experts=experts, top_k=kw["top_k"],
+                         activation=activation, alignment=spec.alignment)
+        prepared = spec.prepare(weights, shape)
+        for a, b in zip(prepared, weights):
+            assert a.shape == b.shape and a.dtype == b.dtype
+        args = registry.RunArgs(top_k=kw["top_k"], activation=activation, routing=routing,
+                                n_group=kw.get("n_group"), topk_group=kw.get("topk_group"),
+                                routed_scaling_factor=kw.get("routed_scaling_factor"))
+        out = spec.run(x, logits, prepared, None, None, bias, args)
+    else:
+        out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned
+        res = fused_moe_triton(x, logits, weights, activation=activation, routing=routing, routing_bias=bias,
+                               out=out, **kw)
+        assert res.data_ptr() == out.data_ptr()
+    torch.cuda.synchronize()
+    assert out.shape == (tokens, hidden) and out.dtype == torch.bfloat16
+    assert not out.isnan().any(), "unwritten (poisoned) or NaN output elements"
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, f"relative error {rel:.2e}"
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("routing", ROUTING_METHODS)
+def test_activations_and_routings(activation, routing):
+    _check(hidden=720, inter=208, experts=16, tokens=37, activation=activation, routing=routing,
+           seed=ACTIVATIONS.index(activation) * 10 + ROUTING_METHODS.index(routing))
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("hidden", [2688, 2880, 720, 2048])
+@pytest.mark.parametrize("tokens", [1, 2, 7, 16, 64, 300, 1024, 4096])
+def test_hidden_sizes_and_token_counts(hidden, tokens):
+    activation = "relu2" if hidden == 2688 else "silu"
+    _check(hidden=hidden, inter=384 if hidden != 2688 else 464, experts=32, tokens=tokens,
+           activation=activation, routing="renormalize", seed=hidden + tokens)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 200])
+def test_through_registry_spec(tokens):
+    _check(hidden=2880, inter=144, experts=8, tokens=tokens, activation="gelu_tanh", routing="default",
+           seed=7, use_spec=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 16, 2500])
+def test_cuda_graph_capture_and_workspace(tokens):
+    from moe_passes.kernels.triton_moe import fused_moe_triton
+
+    device = torch.device("cuda")
+    hidden, inter, experts, top_k = 1024, 512, 32, 4
+    weights = _make_layer(hidden, inter, experts, "silu", device, seed=3)
+    x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
+    logits = torch.randn(tokens, experts, device=device)
+
+    def layer():
+        return fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize")
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer()
+    workspace = torch.cuda.max_memory_allocated() - before
+    # Workspace scales with tokens: far below one copy of the weights for decode.
+    if tokens <= 16:
+        assert workspace < weight_bytes / 4, (workspace, weight_bytes)
+    # Fresh inputs into the captured buffers: the replay must follow them.
+    x.copy_((torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16))
+    logits.copy_(torch.randn(tokens, experts, device=device))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation="silu", routing="renormalize",
+                              quantize_activations=False)
+    assert not out.isnan().any()
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, rel
