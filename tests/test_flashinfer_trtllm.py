@@ -616,3 +616,61 @@ def test_real_kernel_matches_reference(hidden, inter, activation, routing, top_k
                  None if bias is None else bias.to(dev), layer.args(routing, **extra))
     ref = layer.reference(routing, routing_bias=bias, **extra)
     torch.testing.assert_close(out[:, :hidden].float().cpu(), ref.float(), atol=0.1, rtol=0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the real lowering: torch.compile(FusedMoE, backend="moe_nvfp4") dispatching to "trtllm"
+
+
+def test_compiled_fused_moe_dispatches_to_trtllm(monkeypatch):
+    from moe_passes import FusedMoE
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    hidden, inter, experts, top_k = 2688, 192, 4, 2
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) / 10
+    w2 = torch.randn(experts, hidden, inter, generator=g) / 10
+    calib = torch.randn(32, hidden, generator=g) / 2
+    shared = torch.nn.Linear(hidden, hidden, bias=False).to(torch.bfloat16)
+    api, fused, _ = make_api("emulate", max_tokens=3)
+    monkeypatch.setattr(ft, "CHUNK_SIZE_OVERRIDE", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PerformanceWarning)
+        reference = FusedMoE.from_float(w13, w2, top_k=top_k, activation="silu", calibration=calib,
+                                        shared_expert=shared, kernel="reference")
+        with ft.use_api(api):
+            layer = FusedMoE.from_float(w13, w2, top_k=top_k, activation="silu", calibration=calib,
+                                        shared_expert=shared, kernel="trtllm")
+    assert layer.kernel == "trtllm"
+    with pytest.raises(KernelUnavailableError):  # without the double, a CPU cannot host the kernel
+        FusedMoE.from_float(w13[:, :, :256], w2[:, :256], top_k=top_k, activation="silu", calibration=calib[:, :256],
+                            kernel="trtllm")
+
+    from moe_passes.ops import KERNEL_OP
+
+    kernel_nodes = []
+
+    def observer(stage, name, gm):
+        if stage == "after":
+            kernel_nodes.extend(n for n in gm.graph.nodes if n.target is KERNEL_OP)
+
+    compiled = torch.compile(layer, backend="moe_nvfp4", options={"inner": "eager", "observers": [observer]})
+    for tokens in (7, 5):
+        x = (torch.randn(tokens, hidden, generator=g) / 2).to(torch.bfloat16)
+        logits = torch.randn(tokens, experts, generator=g).to(torch.bfloat16)
+        before = len(fused.calls)
+        with ft.use_api(api), torch.no_grad():
+            out = compiled(x, logits)
+            eager = layer(x, logits)
+        with torch.no_grad():
+            ref = reference(x, logits)
+        assert out.shape == (tokens, hidden) and out.dtype == torch.bfloat16
+        calls = fused.calls[before:]
+        # Compiled and eager each chunked the padded (2816-wide) activations into calls of <= 3 tokens.
+        assert [c["hidden_states"].shape for c in calls] == 2 * [torch.Size((min(3, tokens - s), 2816 // 2))
+                                                                  for s in range(0, tokens, 3)]
+        torch.testing.assert_close(out, eager, atol=0, rtol=0)
+        assert_close_moe(out, ref)
+    # The lowering produced the kernel op, naming this kernel, with padded hidden states.
+    assert kernel_nodes and all("trtllm" in n.args for n in kernel_nodes)
+    assert all(n.args[0].meta["val"].shape[1] == 2816 for n in kernel_nodes)
