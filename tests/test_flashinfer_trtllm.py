@@ -23,7 +23,7 @@ fi_core = pytest.importorskip("flashinfer.fused_moe.core")
 fi_enums = pytest.importorskip("flashinfer.tllm_enums")
 
 from moe_passes.contract import (  # noqa: E402
-    TRTLLM_ALIGNMENT, MoEShape, PerformanceWarning, align_hidden_dim, align_intermediate_dim, is_gated,
+    TRTLLM_ALIGNMENT, Alignment, MoEShape, PerformanceWarning, align_hidden_dim, align_intermediate_dim, is_gated,
     trtllm_chunk_size,
 )
 from moe_passes.errors import KernelUnavailableError, MoEConfigError  # noqa: E402
@@ -162,7 +162,7 @@ def test_gated_reorder_index_helpers_agree():
 def test_prepare_rejects_misaligned_and_wrong_shapes():
     w13, s13, g13, w2, s2, g2 = random_canonical(2, 256, 64, gated=False, seed=0)  # I=64 plain: 64 rows
     shape = MoEShape(hidden=256, intermediate=64, experts=2, top_k=1, activation="relu2",
-                     alignment=registry.get("reference").alignment.__class__(256, 64, 64))
+                     alignment=Alignment(256, 64, 64))
     with pytest.raises(MoEConfigError, match="multiple of 128"):
         ft.prepare(registry.MoEWeights(w13, s13, g13, w2, s2, g2), shape)
     good = MoEShape(hidden=256, intermediate=128, experts=2, top_k=1, activation="relu2")
@@ -601,12 +601,12 @@ def _blackwell() -> bool:
 @pytest.mark.parametrize("hidden,inter,activation,routing,top_k", [
     (2688, 1856, "relu2", "renormalize", 6),
     (2048, 768, "silu", "renormalize", 8),
-    (1024, 1024, "silu", "deepseek_v3", 8),
+    (1024, 1024, "silu", "deepseek_v3", 4),
     (2048, 704, "gelu", "default", 8),
 ])
 def test_real_kernel_matches_reference(hidden, inter, activation, routing, top_k):
     torch.manual_seed(0)
-    layer = Layer(hidden, inter, experts=32, top_k=top_k, activation=activation, tokens=64, seed=7)
+    layer = Layer(hidden, inter, experts=16, top_k=top_k, activation=activation, tokens=64, seed=7)
     dev = torch.device("cuda")
     assert ft.available(dev)
     prepared = registry.MoEWeights(*(t.to(dev) for t in layer.prepared))
