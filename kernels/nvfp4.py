@@ -105,9 +105,10 @@ def unpack_e2m1(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     """``uint8 [..., K/2]`` to the element values ``[..., K]`` (no scaling)."""
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed NVFP4 data must be uint8, got {packed.dtype}")
-    lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=packed.device)
-    codes = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-    return lut[codes.long()]
+    # One lookup per byte: row b of the table holds (value of low nibble, value of high nibble).
+    values = torch.tensor(E2M1_VALUES, dtype=dtype, device=packed.device)
+    byte_table = torch.stack((values.repeat(16), values.repeat_interleave(16)), dim=-1)
+    return byte_table[packed.int()].reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
 def dequantize_nvfp4(packed: torch.Tensor, scales: torch.Tensor, global_scale, dtype: torch.dtype = torch.float32):
