@@ -72,6 +72,7 @@ class TileConfig:
     warps2: int
     stages2: int
     split2: int = 1
+    swap: bool = False  # tensor-core path: weights as the (register) A operand, tokens as N
 
 
 def triton_available(device=None) -> bool:
@@ -97,16 +98,24 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     """Tile shapes by regime: decode (few rows per expert) is weight-bandwidth bound, prefill compute bound."""
     pairs = tokens * top_k
     rows_per_expert = pairs / max(1, min(experts, pairs))
+    if rows_per_expert <= 2:
+        # Decode: one program per (token, expert) pair, CUDA-core dot products, weight-bandwidth bound.
+        n_pairs = max(1, pairs)
+        tiles2 = n_pairs * ((hidden + 31) // 32)
+        split2 = 1
+        while split2 < 8 and tiles2 * split2 < 4 * sm_count and inter // (split2 * 2) >= 256:
+            split2 *= 2
+        return TileConfig(bm=1, bn1=32, bk1=256, warps1=4, stages1=3,
+                          bn2=32, bk2=256, warps2=4, stages2=3, split2=split2)
     if rows_per_expert <= 16:
         bm = 16
-        # GEMM2 has few output tiles when hidden is small: split the reduction to fill the machine.
         touched = min(experts, pairs)
-        tiles2 = touched * triton.cdiv(hidden, 64) if triton is not None else touched * ((hidden + 63) // 64)
+        tiles2 = touched * ((hidden + 63) // 64)
         split2 = 1
         while split2 < 4 and tiles2 * split2 < 2 * sm_count and inter // (split2 * 2) >= 256:
             split2 *= 2
-        return TileConfig(bm=bm, bn1=32 if gated else 64, bk1=256, warps1=4, stages1=4,
-                          bn2=64, bk2=256, warps2=4, stages2=4, split2=split2)
+        return TileConfig(bm=bm, bn1=64, bk1=128, warps1=4, stages1=5,
+                          bn2=64, bk2=128, warps2=4, stages2=4, split2=split2)
     if rows_per_expert <= 64:
         return TileConfig(bm=32 if rows_per_expert <= 32 else 64, bn1=64, bk1=128, warps1=4, stages1=4,
                           bn2=64, bk2=128, warps2=4, stages2=4)
@@ -197,7 +206,9 @@ if triton is not None:
     def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr,
                       num_pairs, H, I, stride_x,
                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
+                      SWAP: tl.constexpr):
+        # SWAP computes (W X^T): the dequantized weights are then the register operand of the MMA.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(bexp_ptr + pid_m)
@@ -219,32 +230,46 @@ if triton is not None:
         wu_ptrs = wg_ptrs + I * KB
         su_ptrs = sg_ptrs + I * KS
         x_ptrs = x_ptr + tok[:, None] * stride_x + tl.arange(0, BK)[None, :]
-        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+        if SWAP:
+            acc_g = tl.zeros([BN, BM], dtype=tl.float32)
+            acc_u = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+            acc_u = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, H, BK):
             k_ok = (k0 + tl.arange(0, BK)) < H
             b_ok = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BK // 2)) < KB)[None, :]
             s_ok = n_ok[:, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < KS)[None, :]
             x = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
             wg = _dequant_tile(wg_ptrs, sg_ptrs, b_ok, s_ok, BN, BK)
-            acc_g = _mma(x, wg, acc_g, F32)
+            if SWAP:
+                acc_g = _mma(wg, x, acc_g, F32)
+            else:
+                acc_g = _mma(x, wg, acc_g, F32)
             if GATED:
                 wu = _dequant_tile(wu_ptrs, su_ptrs, b_ok, s_ok, BN, BK)
-                acc_u = _mma(x, wu, acc_u, F32)
+                if SWAP:
+                    acc_u = _mma(wu, x, acc_u, F32)
+                else:
+                    acc_u = _mma(x, wu, acc_u, F32)
             x_ptrs += BK
             wg_ptrs += BK // 2
             sg_ptrs += BK // 16
             wu_ptrs += BK // 2
             su_ptrs += BK // 16
         inv = 1.0 / tl.load(gs_ptr + e)
-        h = _activation(acc_g * inv, acc_u * inv, ACT)
+        if SWAP:
+            h = tl.trans(_activation(acc_g * inv, acc_u * inv, ACT))
+        else:
+            h = _activation(acc_g * inv, acc_u * inv, ACT)
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * I + offs_n[None, :]
         tl.store(out_ptrs, h.to(tl.bfloat16), mask=n_ok[None, :])
 
     @triton.jit
     def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
                       num_pairs, H, I, k_per_split,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
+                      SWAP: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -265,21 +290,111 @@ if triton is not None:
         w_ptrs = w_ptr + row_w[:, None] * KB + (k_begin // 2 + tl.arange(0, BK // 2))[None, :]
         s_ptrs = s_ptr + row_w[:, None] * KS + (k_begin // 16 + tl.arange(0, BK // 16))[None, :]
         a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * I + (k_begin + tl.arange(0, BK))[None, :]
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        if SWAP:
+            acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(k_begin, k_end, BK):
             k_ok = (k0 + tl.arange(0, BK)) < k_end
             b_ok = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BK // 2)) < k_end // 2)[None, :]
             s_ok = n_ok[:, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < k_end // 16)[None, :]
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             w = _dequant_tile(w_ptrs, s_ptrs, b_ok, s_ok, BN, BK)
-            acc = _mma(a, w, acc, F32)
+            if SWAP:
+                acc_t = _mma(w, a, acc_t, F32)
+            else:
+                acc = _mma(a, w, acc, F32)
             a_ptrs += BK
             w_ptrs += BK // 2
             s_ptrs += BK // 16
+        if SWAP:
+            acc = tl.trans(acc_t)
         scale = tl.load(tw_ptr + pair, mask=valid, other=0.0) / tl.load(gs_ptr + e)
         y = acc * scale[:, None]
         y_ptrs = y_ptr + (pid_s * num_pairs + pair).to(tl.int64)[:, None] * H + offs_n[None, :]
         tl.store(y_ptrs, y, mask=valid[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _gemv_rows(acc, w_ptrs, s_ptrs, xv, b_ok, s_ok):
+        """``acc [BN, G] += per-16-group partial dot`` of an NVFP4 tile ``[BN, G, 8]`` bytes with ``xv [1, G, 8, 2]``.
+
+        The block scale multiplies the in-thread partial sum of its 16 products, once per group.
+        """
+        b = tl.load(w_ptrs, mask=b_ok, other=0).to(tl.int32)
+        lo = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        part = tl.sum(tl.sum(tl.join(lo, hi) * xv, axis=3), axis=2)
+        s = tl.load(s_ptrs, mask=s_ok, other=0).to(tl.int32)
+        s = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return acc + part * s
+
+    @triton.jit
+    def _gemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, out_ptr, H, I, stride_x,
+                      TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                      BN: tl.constexpr, G: tl.constexpr):
+        """Decode GEMM1: one program per ((token, expert) pair, BN intermediate columns); no tensor cores."""
+        pair = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e64 = tl.load(ids_ptr + pair).to(tl.int64)
+        tok = (pair // TOP_K).to(tl.int64)
+        KB = H // 2
+        KS = H // 16
+        N1 = 2 * I if GATED else I
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < I
+        gi = tl.arange(0, G)
+        ji = tl.arange(0, 8)
+        hi2 = tl.arange(0, 2)
+        row_g = e64 * N1 + offs_n
+        wg_ptrs = w_ptr + row_g[:, None, None] * KB + (gi * 8)[None, :, None] + ji[None, None, :]
+        sg_ptrs = s_ptr + row_g[:, None] * KS + gi[None, :]
+        x_off = (gi * 16)[:, None, None] + (ji * 2)[None, :, None] + hi2[None, None, :]
+        x_ptrs = x_ptr + tok * stride_x + x_off
+        acc_g = tl.zeros([BN, G], dtype=tl.float32)
+        acc_u = tl.zeros([BN, G], dtype=tl.float32)
+        for k0 in range(0, H, G * 16):
+            g_ok = (k0 // 16 + gi) < KS
+            xv = tl.load(x_ptrs + k0, mask=g_ok[:, None, None], other=0.0).to(tl.float32)[None, :, :, :]
+            b_ok = n_ok[:, None, None] & g_ok[None, :, None]
+            s_ok = n_ok[:, None] & g_ok[None, :]
+            acc_g = _gemv_rows(acc_g, wg_ptrs + k0 // 2, sg_ptrs + k0 // 16, xv, b_ok, s_ok)
+            if GATED:
+                acc_u = _gemv_rows(acc_u, wg_ptrs + (I * KB + k0 // 2), sg_ptrs + (I * KS + k0 // 16), xv, b_ok, s_ok)
+        inv = 256.0 * 16384.0 / tl.load(gs_ptr + e64)  # undo the fp16 bit-trick exponent offsets
+        h = _activation(tl.sum(acc_g, axis=1) * inv, tl.sum(acc_u, axis=1) * inv, ACT)
+        tl.store(out_ptr + pair.to(tl.int64) * I + offs_n, h.to(tl.bfloat16), mask=n_ok)
+
+    @triton.jit
+    def _gemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, tw_ptr, y_ptr, num_pairs, H, I, k_per_split,
+                      BN: tl.constexpr, G: tl.constexpr):
+        """Decode GEMM2: one program per (pair, BN hidden columns, K split); routing weight in the epilogue."""
+        pair = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        e64 = tl.load(ids_ptr + pair).to(tl.int64)
+        KB = I // 2
+        KS = I // 16
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < H
+        gi = tl.arange(0, G)
+        ji = tl.arange(0, 8)
+        hi2 = tl.arange(0, 2)
+        k_begin = pid_s * k_per_split
+        k_end = tl.minimum(k_begin + k_per_split, I)
+        row = e64 * H + offs_n
+        w_ptrs = w_ptr + row[:, None, None] * KB + (gi * 8)[None, :, None] + ji[None, None, :]
+        s_ptrs = s_ptr + row[:, None] * KS + gi[None, :]
+        x_off = (gi * 16)[:, None, None] + (ji * 2)[None, :, None] + hi2[None, None, :]
+        a_ptrs = a_ptr + pair.to(tl.int64) * I + x_off
+        acc = tl.zeros([BN, G], dtype=tl.float32)
+        for k0 in range(k_begin, k_end, G * 16):
+            g_ok = (k0 // 16 + gi) < k_end // 16
+            av = tl.load(a_ptrs + k0, mask=g_ok[:, None, None], other=0.0).to(tl.float32)[None, :, :, :]
+            acc = _gemv_rows(acc, w_ptrs + k0 // 2, s_ptrs + k0 // 16, av,
+                             n_ok[:, None, None] & g_ok[None, :, None], n_ok[:, None] & g_ok[None, :])
+        scale = tl.load(tw_ptr + pair) * (256.0 * 16384.0) / tl.load(gs_ptr + e64)
+        y = tl.sum(acc, axis=1) * scale
+        tl.store(y_ptr + (pid_s * num_pairs + pair).to(tl.int64) * H + offs_n, y, mask=n_ok)
 
     @triton.jit
     def _combine_kernel(y_ptr, out_ptr, num_pairs, H, stride_out,
@@ -356,34 +471,47 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     flat_ids = topk_ids.reshape(-1)
     pairs = flat_ids.numel()
     cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
-    bm = cfg.bm
-    max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
-    max_rows = max_blocks * bm
-
-    if pairs <= _SMALL_ALIGN_PAIRS:
-        sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
-        bexp = torch.empty(max_blocks, dtype=torch.int32, device=device)
-        rank = torch.empty(pairs, dtype=torch.int32, device=device)
-        _align_kernel[(1,)](flat_ids, rank, sorted_ids, bexp, pairs, max_rows, max_blocks,
-                            E=experts, EP=_next_pow2(experts), BM=bm, C=32, CF=256, num_warps=4)
-    else:
-        sorted_ids, bexp = _align_torch(flat_ids, experts, bm, max_rows, max_blocks)
-
-    inter_buf = torch.empty(max_rows, inter, dtype=torch.bfloat16, device=device)
-    grid1 = (max_blocks, triton.cdiv(inter, cfg.bn1))
-    _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf,
-                         pairs, hidden, inter, hidden_states.stride(0),
-                         TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
-                         BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, num_warps=cfg.warps1, num_stages=cfg.stages1)
-
     split = cfg.split2
     k_per_split = triton.cdiv(triton.cdiv(inter, split), cfg.bk2) * cfg.bk2
     split = triton.cdiv(inter, k_per_split)
     y = torch.empty(split, pairs, hidden, dtype=torch.float32, device=device)
-    grid2 = (max_blocks, triton.cdiv(hidden, cfg.bn2), split)
-    _gemm2_kernel[grid2](inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y,
-                         pairs, hidden, inter, k_per_split,
-                         BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, num_warps=cfg.warps2, num_stages=cfg.stages2)
+
+    if cfg.bm == 1:
+        # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
+        # run together, so pairs that share an expert read its weights from L2.
+        inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
+        _gemv1_kernel[(pairs, triton.cdiv(inter, cfg.bn1))](
+            hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, inter_buf,
+            hidden, inter, hidden_states.stride(0),
+            TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], BN=cfg.bn1, G=cfg.bk1 // 16,
+            num_warps=cfg.warps1, num_stages=cfg.stages1)
+        _gemv2_kernel[(pairs, triton.cdiv(hidden, cfg.bn2), split)](
+            inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, topk_w, y, pairs, hidden, inter, k_per_split,
+            BN=cfg.bn2, G=cfg.bk2 // 16, num_warps=cfg.warps2, num_stages=cfg.stages2)
+    else:
+        bm = cfg.bm
+        max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
+        max_rows = max_blocks * bm
+        if pairs <= _SMALL_ALIGN_PAIRS:
+            sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
+            bexp = torch.empty(max_blocks, dtype=torch.int32, device=device)
+            rank = torch.empty(pairs, dtype=torch.int32, device=device)
+            _align_kernel[(1,)](flat_ids, rank, sorted_ids, bexp, pairs, max_rows, max_blocks,
+                                E=experts, EP=_next_pow2(experts), BM=bm, C=32, CF=256, num_warps=4)
+        else:
+            sorted_ids, bexp = _align_torch(flat_ids, experts, bm, max_rows, max_blocks)
+        inter_buf = torch.empty(max_rows, inter, dtype=torch.bfloat16, device=device)
+        grid1 = (max_blocks, triton.cdiv(inter, cfg.bn1))
+        _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf,
+                             pairs, hidden, inter, hidden_states.stride(0),
+                             TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
+                             BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, SWAP=cfg.swap, num_warps=cfg.warps1,
+                             num_stages=cfg.stages1)
+        grid2 = (max_blocks, triton.cdiv(hidden, cfg.bn2), split)
+        _gemm2_kernel[grid2](inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y,
+                             pairs, hidden, inter, k_per_split,
+                             BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, SWAP=cfg.swap, num_warps=cfg.warps2,
+                             num_stages=cfg.stages2)
 
     block = 1024
     _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),
