@@ -1,0 +1,256 @@
+"""convert() on tiny random models of the real transformers MoE classes, compiled with moe_nvfp4.
+
+How the logits are judged (measured values in the module docstring of each check, see ``_check``):
+
+* **vs the unconverted model** (loose, the NVFP4 error itself).  One NVFP4 rounding (E2M1 with one e4m3
+  scale per 16 elements) has a relative RMS error of about 9% on Gaussian data; the kernel rounds the
+  MoE input and the intermediate (and the weights, which these tests keep on the NVFP4 grid), so one MoE
+  block is off by ~13% relative, and two layers (with routing flips near top-k ties in the second)
+  give 15-40% relative error on the logits (measured 0.17-0.39) when, as here, the MoE output dominates the residual stream.
+  Tolerance: ``LOOSE = 0.5``.  To make that check mean something each test first measures the MoE's
+  share of the logits (the relative change when every MoE block outputs zero, ~1.4 here) and requires
+  it to exceed ``2.5 * LOOSE``: dropping a block, a wrong gate/up order or a wrong routing scale change
+  the logits by about the MoE's share and fail.
+* **vs an NVFP4 emulation inside the unconverted model** (tight).  A copy of the unconverted model
+  keeps its own router, shared experts and expert weights, and only its experts' forward is replaced by
+  a loop that rounds the input and the intermediate through NVFP4 with the converted layer's static
+  scales.  Routing, gate/up order, shared-expert gating, bias and scaling then come from transformers,
+  not from our mapping.  What remains is fp32 summation order and the bf16 rounding of the routed
+  output (both sides round it), and rare flips of elements sitting on an NVFP4 rounding boundary.
+  Tolerance: ``TIGHT = 5e-3`` relative Frobenius norm (measured: at most 2e-4 over the five families;
+  a wrong routing method, scale, bias or gate/up order costs 10% or more).
+* **compiled vs eager converted model**: the lowered graph computes the same thing, to 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import types
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moe_passes.integrations.transformers import TransformersMoE, convert  # noqa: E402
+from moe_passes.kernels.nvfp4 import dequantize_nvfp4_experts, quantize_nvfp4_experts  # noqa: E402
+from moe_passes.kernels.reference import qdq_nvfp4  # noqa: E402
+from moe_passes.ops import KERNEL_OP  # noqa: E402
+
+LOOSE = 0.5
+TIGHT = 5e-3
+VOCAB = 128
+
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=64)
+FAMILIES = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                       num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=8,
+                     num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=False)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32,
+                         n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
+                         first_k_dense_replace=0, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=32,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, norm_topk_prob=True)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
+                 dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                      n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                      first_k_dense_replace=1, routed_scaling_factor=1.8, norm_topk_prob=True)),
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _tiny_model(family: str, seed: int, dtype=torch.float32, **overrides):
+    config_cls, model_cls, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**COMMON, **{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            # Expert weights large enough that the MoE dominates the residual stream, and on the NVFP4
+            # grid (like a QAT model), so that the loose check measures conversion, not weight rounding.
+            for pname in ("gate_up_proj", "down_proj"):
+                p = getattr(module, pname, None)
+                if isinstance(p, torch.nn.Parameter) and p.ndim == 3:
+                    w = torch.randn(p.shape, generator=gen) * 0.2
+                    p.copy_(dequantize_nvfp4_experts(*quantize_nvfp4_experts(w)))
+            if type(module).__name__.endswith(("TopKRouter", "TopkRouter")):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.15)
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:
+                bias.copy_(torch.randn(bias.shape, generator=gen) * 0.1)
+    return model.to(dtype)
+
+
+def _moe_blocks(model):
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "experts") and hasattr(m, "gate")]
+
+
+def _emulate_nvfp4(experts, gs_in, gs_mid):
+    """Replace an unconverted experts module's forward by the NVFP4 kernel's numerics, using its own
+    transformers weights (gate rows then up rows of ``gate_up_proj``) and the routing it is handed."""
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        x = qdq_nvfp4(hidden_states.to(torch.bfloat16).float(), gs_in)
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        for t in range(x.shape[0]):
+            for k in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, k])
+                gate, up = (x[t] @ self.gate_up_proj[e].float().t()).chunk(2)
+                h = qdq_nvfp4((self.act_fn(gate) * up)[None], gs_mid)[0]
+                out[t] += float(top_k_weights[t, k]) * (h @ self.down_proj[e].float().t())
+        return out.to(torch.bfloat16).to(hidden_states.dtype)
+    experts.forward = types.MethodType(forward, experts)
+
+
+def _check(family: str, *, inner: str = "eager", dtype=torch.float32, seed: int = 0, **overrides):
+    model = _tiny_model(family, seed, dtype, **overrides)
+    gen = torch.Generator().manual_seed(seed + 100)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=gen)
+    calibration = torch.randint(0, VOCAB, (4, 16), generator=gen)
+    blocks = _moe_blocks(model)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+        hooks = [m.register_forward_hook(lambda mod, args, out: out * 0) for _, m in blocks]
+        no_moe = model(ids, use_cache=False).logits
+        for h in hooks:
+            h.remove()
+    share = _rel(no_moe, ref)
+    assert share > 2.5 * LOOSE, f"the MoE barely matters in this model ({share:.3f}); the check would be blind"
+    emulated = copy.deepcopy(model)
+
+    report = convert(model, calibration=calibration)
+    assert [c.name for c in report.converted] == [n for n, _ in blocks] and not report.skipped
+    for name, _ in blocks:
+        adapter = model.get_submodule(name)
+        assert isinstance(adapter, TransformersMoE)
+        _emulate_nvfp4(emulated.get_submodule(name).experts, adapter.moe.input_global_scale,
+                       adapter.moe.intermediate_global_scale)
+
+    kernel_nodes: list[int] = []
+    def count(gm):
+        kernel_nodes.append(sum(1 for n in gm.graph.nodes if n.target is KERNEL_OP))
+
+    compiled = torch.compile(model, backend="moe_nvfp4", fullgraph=True,
+                             options={"inner": inner, "extra_passes": [count]})
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+        out = compiled(ids, use_cache=False).logits
+        emu = emulated(ids, use_cache=False).logits
+    assert kernel_nodes == [len(blocks)], f"expected one lowered MoE kernel per MoE layer, got {kernel_nodes}"
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    err_ref, err_emu = _rel(out, ref), _rel(out, emu)
+    print(f"{family}: logits rel err vs unconverted {err_ref:.4f} (tol {LOOSE}), vs NVFP4 emulation "
+          f"{err_emu:.4f} (tol {TIGHT}), MoE share {share:.3f}")
+    assert err_emu <= TIGHT, err_emu
+    assert err_ref <= LOOSE, err_ref
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch._dynamo.reset()
+
+
+def test_qwen3_moe_renormalize_inductor():
+    report = _check("qwen3_moe", inner="inductor")
+    assert {c.routing for c in report.converted} == {"renormalize"}
+
+
+def test_mixtral():
+    report = _check("mixtral")
+    assert {(c.routing, c.activation) for c in report.converted} == {("renormalize", "silu")}
+
+
+def test_qwen2_moe_sigmoid_gated_shared_expert_without_renormalization():
+    report = _check("qwen2_moe")
+    assert all(c.routing == "default" and c.shared_expert for c in report.converted)
+
+
+def test_deepseek_v3_grouped_sigmoid_routing_with_bias_and_shared_expert():
+    report = _check("deepseek_v3")
+    assert all(c.routing == "deepseek_v3" and c.shared_expert and c.top_k == 3 for c in report.converted)
+
+
+def test_glm4_moe_keeps_dense_first_layer():
+    report = _check("glm4_moe")
+    assert [c.name for c in report.converted] == ["model.layers.1.mlp"]
+
+
+def test_unsupported_blocks_are_left_alone_with_a_logged_reason(caplog):
+    model = _tiny_model("deepseek_v3", 3, norm_topk_prob=False)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with caplog.at_level(logging.WARNING, logger="moe_passes.integrations.transformers"):
+        report = convert(model)
+    assert not report.converted and len(report.skipped) == 2
+    assert all("norm_topk_prob=False" in s.reason for s in report.skipped)
+    assert {n: type(m) for n, m in model.named_modules()} == before  # nothing half-converted
+    assert sum("left model.layers." in r.getMessage() and "norm_topk_prob" in r.getMessage()
+               for r in caplog.records) == 2
+
+    # A block class with no mapping (here: an OLMoE block) is reported, not touched.
+    config = transformers.OlmoeConfig(**COMMON, num_key_value_heads=2, intermediate_size=32, num_experts=4,
+                                      num_experts_per_tok=2)
+    olmoe = transformers.OlmoeForCausalLM(config).eval()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="moe_passes.integrations.transformers"):
+        report = convert(olmoe)
+    assert not report.converted and len(report.skipped) == 2
+    assert "no FusedMoE mapping for block class OlmoeSparseMoeBlock" in report.skipped[0].reason
+    assert any("OlmoeSparseMoeBlock" in r.getMessage() for r in caplog.records)
+    assert not any(isinstance(m, TransformersMoE) for m in olmoe.modules())
+
+
+def test_a_misread_layout_is_refused_not_converted(monkeypatch):
+    """If the weights read from a block disagree with what its experts compute, the block stays."""
+    from moe_passes.integrations import transformers as integration
+
+    model = _tiny_model("qwen3_moe", 4)
+    real = integration.expert_weights
+
+    def swapped(experts):  # simulate a family storing [up; gate]
+        w13, w2, act = real(experts)
+        return torch.cat(w13.chunk(2, dim=1)[::-1], dim=1), w2, act
+
+    monkeypatch.setattr(integration, "expert_weights", swapped)
+    report = convert(model)
+    assert not report.converted and all("disagrees" in s.reason for s in report.skipped)
+    assert not any(isinstance(m, TransformersMoE) for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_level_shapes_dtype_and_router_logits_hook(dtype):
+    """The adapter takes [B, S, H] in the model's dtype and returns the same; transformers' router-logit
+    recording (hooks on the router) still sees the original gate's logits."""
+    model = _tiny_model("qwen2_moe", 5, dtype)
+    block = model.model.layers[0].mlp
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    with torch.no_grad():
+        want_logits = block.gate(x.reshape(-1, 64))[0]
+        want = block(x)
+    convert(model, calibration=torch.randint(0, VOCAB, (2, 8)))
+    adapter = model.model.layers[0].mlp
+    seen = []
+    adapter.gate.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+    with torch.no_grad():
+        got = adapter(x)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    torch.testing.assert_close(seen[0], want_logits)
+    assert _rel(got, want) < 0.3  # one block: ~13% NVFP4 activation rounding (module docstring)
