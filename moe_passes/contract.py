@@ -98,7 +98,8 @@ class MoEShape:
     def __post_init__(self):
         for name in ("hidden", "intermediate", "experts", "top_k"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            # SymInts appear when a fake function runs with dynamic weight shapes (opcheck does this).
+            if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value <= 0:
                 raise MoEConfigError(f"{name} must be a positive int, got {value!r}")
         if self.top_k > self.experts:
             raise MoEConfigError(f"top_k={self.top_k} exceeds the number of experts ({self.experts})")

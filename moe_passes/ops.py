@@ -63,7 +63,18 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
         if t.dtype != dtype or t.ndim != ndim:
             raise MoEConfigError(f"{where}: {name} must be a {ndim}-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
     experts = w.w13.shape[0]
-    hidden_padded = w.w2.shape[1]
+    hidden_padded, intermediate_padded = w.w2.shape[1], w.w2.shape[2] * 2
+    registry.check_supported(spec, activation=activation, routing=routing)
+    if hidden_padded % spec.alignment.hidden:
+        raise MoEShapeError(
+            f"{where}: padded hidden size {hidden_padded} breaks kernel {kernel!r}'s alignment of "
+            f"{spec.alignment.hidden} (expected {round_up(hidden_padded, spec.alignment.hidden)})",
+            layer=layer, sizes=(hidden_padded, spec.alignment.hidden))
+    inter_align = spec.alignment.intermediate(activation)
+    if intermediate_padded % inter_align:
+        raise MoEShapeError(
+            f"{where}: intermediate size {intermediate_padded} breaks kernel {kernel!r}'s alignment of {inter_align}",
+            layer=layer, sizes=(intermediate_padded, inter_align))
     shape = MoEShape.from_weights(w.w13, w.w2, hidden=hidden_size or hidden_padded, top_k=min(top_k, experts),
                                   activation=activation, alignment=spec.alignment)
     expected = shape.weight_shapes()
@@ -81,17 +92,6 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
                             f"{hidden_states.shape[0]}", layer=layer)
     torch._check(router_logits.shape[0] == hidden_states.shape[0],
                  lambda: f"{where}: router_logits and hidden_states disagree on the token count")
-    registry.check_supported(spec, activation=activation, routing=routing)
-    if hidden_padded % spec.alignment.hidden:
-        raise MoEShapeError(
-            f"{where}: padded hidden size {hidden_padded} breaks kernel {kernel!r}'s alignment of "
-            f"{spec.alignment.hidden} (expected {round_up(hidden_padded, spec.alignment.hidden)})",
-            layer=layer, sizes=(hidden_padded, spec.alignment.hidden))
-    inter_align = spec.alignment.intermediate(activation)
-    if shape.intermediate % inter_align:
-        raise MoEShapeError(
-            f"{where}: intermediate size {shape.intermediate} breaks kernel {kernel!r}'s alignment of {inter_align}",
-            layer=layer, sizes=(shape.intermediate, inter_align))
     width = hidden_states.shape[1]
     if padded_input and width != hidden_padded:
         raise MoEShapeError(

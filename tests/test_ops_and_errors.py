@@ -1,0 +1,174 @@
+"""The custom ops (opcheck) and the clear errors every bad input gets, eagerly and at compile time."""
+
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from moe_passes import FusedMoE, MoEConfigError, MoEShapeError
+from moe_passes.kernels import registry
+from moe_passes.kernels.reference import REFERENCE
+from moe_passes.errors import MoEError
+from moe_passes.testing import unwrap_compile_error
+
+# test_schema runs the op under a mode that multiplies inputs to detect mutation, which CPU float8
+# cannot do; the fake, autograd-registration and AOT-dispatch checks all run.
+OPCHECK_UTILS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+
+
+def unwrap_moe_error(exc):
+    """Errors raised in a fake function reach the user as Dynamo's TorchRuntimeError, ours in its chain."""
+    exc = unwrap_compile_error(exc)
+    while not isinstance(exc, MoEError) and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+E, H, I = 4, 272, 32  # 272 pads to 512 for the TRTLLM alignment
+
+
+def _layer(hidden=H, activation="silu", **kw):
+    g = torch.Generator().manual_seed(hidden)
+    rows = I if activation == "relu2" else 2 * I
+    return FusedMoE.from_float(torch.randn(E, rows, hidden, generator=g) / 10,
+                               torch.randn(E, hidden, I, generator=g) / 10, top_k=2, activation=activation, **kw)
+
+
+def _inputs(tokens=5, hidden=H, experts=E):
+    return torch.randn(tokens, hidden).bfloat16() / 10, torch.randn(tokens, experts)
+
+
+def _op_args(moe, x, logits):
+    return (x, logits, *moe.kernel_weights(), moe.input_global_scale, moe.intermediate_global_scale, moe.routing_bias)
+
+
+def _fused_args(moe, x, logits):
+    return _op_args(moe, x, logits) + (moe.hidden_size, moe.top_k, moe.activation, moe.routing, moe.n_group,
+                                        moe.topk_group, moe.routed_scaling_factor, moe.kernel, "layer0")
+
+
+def _kernel_args(moe, x_padded, logits):
+    return _op_args(moe, x_padded, logits) + (moe.top_k, moe.activation, moe.routing, moe.n_group, moe.topk_group,
+                                              moe.routed_scaling_factor, moe.kernel, "layer0")
+
+
+def test_opcheck_fused_moe():
+    moe = _layer()
+    x, logits = _inputs()
+    torch.library.opcheck(torch.ops.moe_nvfp4.fused_moe.default, _fused_args(moe, x, logits), test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_kernel_op():
+    moe = _layer(routing="deepseek_v3", routing_bias=torch.randn(E), n_group=2, topk_group=1,
+                 routed_scaling_factor=2.5)
+    x, logits = _inputs()
+    x_p = torch.nn.functional.pad(x, (0, 512 - H))
+    torch.library.opcheck(torch.ops.moe_nvfp4.trtllm_nvfp4_moe.default, _kernel_args(moe, x_p, logits),
+                          test_utils=OPCHECK_UTILS)
+    out = torch.ops.moe_nvfp4.trtllm_nvfp4_moe(*_kernel_args(moe, x_p, logits))
+    assert out.shape == (5, 512)
+    # the FusedMoE op is exactly pad -> kernel -> slice
+    assert torch.equal(torch.ops.moe_nvfp4.fused_moe(*_fused_args(moe, x, logits)), out[:, :H])
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+class Block(nn.Module):
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x, logits):
+        return self.moe(x, logits)
+
+
+def _both_ways(moe, x, logits, exc_type, match):
+    """The same clear error eagerly and through torch.compile (before anything runs)."""
+    with pytest.raises(exc_type, match=match):
+        moe(x, logits)
+    torch._dynamo.reset()
+    compiled = torch.compile(Block(moe), backend="moe_nvfp4", options={"inner": "eager"})
+    with pytest.raises(Exception) as info:
+        compiled(x, logits)
+    inner = unwrap_moe_error(info.value)
+    assert isinstance(inner, exc_type), repr(info.value)
+    assert re.search(match, str(inner)), str(inner)
+
+
+def test_router_logits_with_wrong_expert_count():
+    moe = _layer()
+    x, _ = _inputs()
+    _both_ways(moe, x, torch.randn(5, E + 1), MoEShapeError, r"score 5 experts but the weights hold 4")
+
+
+def test_hidden_states_wider_than_weights():
+    moe = _layer()
+    _both_ways(moe, *_inputs(hidden=600), MoEShapeError, r"600 wide, wider than the weights' 512")
+
+
+def test_hidden_states_narrower_than_layer():
+    moe = _layer()
+    _both_ways(moe, *_inputs(hidden=256), MoEShapeError, r"256 wide but the layer's hidden size is 272")
+
+
+def test_unsupported_dtype():
+    moe = _layer()
+    x, logits = _inputs()
+    _both_ways(moe, x.float(), logits, MoEConfigError, r"must be bfloat16")
+    _both_ways(moe, x, logits.to(torch.int32), MoEConfigError, r"router_logits must be a 2-D float32")
+
+
+def test_padded_size_breaking_kernel_alignment():
+    moe = _layer()
+    x, logits = _inputs()
+    w = moe.kernel_weights()
+    # weights padded to 400 (not a multiple of 256): what a wrong preparation would hand the kernel
+    bad = registry.MoEWeights(w.w13[..., :200], w.w13_scale[..., :25], w.w13_global_scale, w.w2[:, :400],
+                              w.w2_scale[:, :400], w.w2_global_scale)
+    args = (torch.nn.functional.pad(x, (0, 400 - H)), logits, *bad, moe.input_global_scale,
+            moe.intermediate_global_scale, None, 2, "silu", "renormalize", None, None, None, "reference", "layer0")
+    with pytest.raises(MoEShapeError, match=r"padded hidden size 400 breaks kernel 'reference'.s alignment of 256"):
+        torch.ops.moe_nvfp4.trtllm_nvfp4_moe(*args)
+
+
+def test_activation_the_kernel_does_not_support(monkeypatch):
+    limited = registry.KernelSpec(
+        name="test_no_gelu_tanh", description="test kernel without tanh GeGLU", alignment=REFERENCE.alignment,
+        activations=frozenset({"silu", "gelu", "relu2"}), routings=REFERENCE.routings, available=lambda d: True,
+        prepare=REFERENCE.prepare, run=REFERENCE.run, unsupported_reasons={"gelu_tanh": "only erf GELU"})
+    monkeypatch.setitem(registry._REGISTRY, limited.name, limited)
+    with pytest.raises(MoEConfigError, match=r"does not support activation 'gelu_tanh' \(only erf GELU\)"):
+        _layer(activation="gelu_tanh", kernel="test_no_gelu_tanh")
+    # a layer built for another kernel and then pointed at this one fails at compile time
+    moe = _layer(activation="gelu_tanh")
+    moe.kernel = "test_no_gelu_tanh"
+    _both_ways(moe, *_inputs(), MoEConfigError, r"does not support activation 'gelu_tanh'")
+
+
+def test_top_k_larger_than_experts_and_bad_configs():
+    g = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    with pytest.raises(MoEConfigError, match=r"top_k=5 exceeds the number of experts \(4\)"):
+        FusedMoE.from_float(*g, top_k=5)
+    with pytest.raises(MoEConfigError, match="unknown activation"):
+        FusedMoE.from_float(*g, top_k=2, activation="swish")
+    with pytest.raises(MoEConfigError, match="unknown routing"):
+        FusedMoE.from_float(*g, top_k=2, routing="sinkhorn")
+    with pytest.raises(MoEConfigError, match="do not form an MoE layer"):
+        FusedMoE.from_float(g[0], torch.randn(E, H, I + 1), top_k=2)
+    with pytest.raises(MoEConfigError, match="llama4 routing picks one expert"):
+        FusedMoE.from_float(*g, top_k=2, routing="llama4")
+    with pytest.raises(MoEConfigError, match="unknown kernel 'cutlass'"):
+        FusedMoE.from_float(*g, top_k=2, kernel="cutlass")
+    with pytest.raises(MoEConfigError, match=r"calibration must be hidden states \[N, 272\]"):
+        FusedMoE.from_float(*g, top_k=2, calibration=torch.randn(4, 100))
+
+
+def test_unknown_backend_option():
+    torch._dynamo.reset()
+    compiled = torch.compile(Block(_layer()), backend="moe_nvfp4", options={"inner": "tvm"})
+    with pytest.raises(Exception) as info:
+        compiled(*_inputs())
+    assert isinstance(unwrap_moe_error(info.value), MoEConfigError)
+    assert "inner='tvm'" in str(info.value)
