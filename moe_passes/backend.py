@@ -89,12 +89,28 @@ def compile_aten_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     return _inner_compile(gm, example_inputs, inner)
 
 
+def _check_inference(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    """The MoE ops have no backward: refuse, clearly, a graph that would need one."""
+    from moe_passes.ops import FUSED_MOE
+
+    moe_targets = (FUSED_MOE, FUSED_MOE.overloadpacket)
+    moe_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in moe_targets]
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+    if moe_nodes and needs_grad:
+        raise MoEConfigError(
+            "moe_nvfp4 compiles inference graphs: the FusedMoE op has no backward, but this graph has inputs "
+            "that require grad (e.g. router or shared-expert parameters). Run the model under torch.no_grad() or "
+            "torch.inference_mode(), or call model.requires_grad_(False).")
+
+
 def moe_nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None):
     """The torch.compile backend.  See the module docstring for ``options``."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from torch._inductor.decomposition import select_decomp_table
 
     opts = BackendOptions.from_dict(options)
+    _check_inference(gm, example_inputs)
     manager = default_pipeline(opts.extra_passes, dump_fn=_dumper(opts.dump_dir))
     manager.observers.extend(opts.observers)
 
