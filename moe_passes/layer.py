@@ -43,7 +43,8 @@ def _pad_to_block(w: torch.Tensor, dim: int) -> torch.Tensor:
 class FusedMoE(nn.Module):
     """An NVFP4 Mixture-of-Experts layer: ``forward(hidden_states [T, H], router_logits [T, E]) -> [T, H]``.
 
-    Build it with :meth:`from_float` (or :meth:`from_nvfp4` for already quantized weights).  The routed
+    Build it with :meth:`from_float`, or with the constructor from canonical NVFP4 weights (what the
+    ModelOpt checkpoint loader in ``moe_passes.integrations.checkpoint`` does).  The routed
     experts run as one ``moe_nvfp4::fused_moe`` op; ``shared_expert`` (any module) is added after it.
     """
 
