@@ -167,6 +167,80 @@ if triton is not None:
             return r * r
 
     @triton.jit
+    def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, E, scale,
+                      K: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr, EG: tl.constexpr,
+                      TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """One program per token: the routing of ``reference.route`` fused into one launch.
+
+        METHOD 0 default (softmax, top-k), 1 renormalize (top-k, softmax), 2 deepseek_v3 (sigmoid + bias,
+        best ``TOPK_GROUP`` of ``NG`` groups by their top-2 sum, top-k, renormalize, scale), 3 llama4.
+        Experts are held as ``[NG, EG]`` (``EG`` a power of two >= E / NG; padding is masked).
+        """
+        t = tl.program_id(0).to(tl.int64)
+        gi = tl.arange(0, NG)
+        ji = tl.arange(0, EG)
+        EPG = E // NG
+        ok = (ji < EPG)[None, :] & (gi < NG)[:, None]
+        e_idx = gi[:, None] * EPG + ji[None, :]
+        logits = tl.load(logits_ptr + t * stride_l + e_idx, mask=ok, other=float("-inf")).to(tl.float32)
+        neg = float("-inf")
+        if METHOD == 0:
+            mx = tl.max(tl.max(logits, axis=1), axis=0)
+            ex = tl.where(ok, tl.exp(logits - mx), 0.0)
+            prob = ex / tl.sum(tl.sum(ex, axis=1), axis=0)
+            sel = tl.where(ok, prob, neg)
+            val = prob
+        elif METHOD == 2:
+            sig = tl.sigmoid(logits)
+            sel = sig
+            if HAS_BIAS:
+                sel = sig + tl.load(bias_ptr + e_idx, mask=ok, other=0.0).to(tl.float32)
+            sel = tl.where(ok, sel, neg)
+            if NG > 1:
+                # group score: sum of the two best (or the one) biased scores of each group
+                m1 = tl.max(sel, axis=1)
+                first = tl.min(tl.where(sel == m1[:, None], ji[None, :], EG), axis=1)
+                if EPG > 1:
+                    m2 = tl.max(tl.where(ji[None, :] == first[:, None], neg, sel), axis=1)
+                    gscore = m1 + m2
+                else:
+                    gscore = m1
+                keep = tl.zeros([NG], dtype=tl.int1)
+                for _ in tl.static_range(TOPK_GROUP):
+                    gm = tl.max(tl.where(keep, neg, gscore), axis=0)
+                    gsel = tl.min(tl.where((gscore == gm) & (keep == 0), gi, NG), axis=0)
+                    keep = keep | (gi == gsel)
+                sel = tl.where(keep[:, None], sel, neg)
+            val = sig
+        else:
+            sel = tl.where(ok, logits, neg)
+            val = logits
+        # iterative top-k (ties: lowest expert index)
+        total = 0.0
+        mx_sel = 0.0
+        for j in tl.static_range(K):
+            m = tl.max(tl.max(sel, axis=1), axis=0)
+            idx = tl.min(tl.min(tl.where(sel == m, e_idx, E), axis=1), axis=0)
+            v = tl.sum(tl.sum(tl.where(e_idx == idx, val, 0.0), axis=1), axis=0)
+            sel = tl.where(e_idx == idx, neg, sel)
+            tl.store(ids_ptr + t * K + j, idx.to(tl.int64))
+            if METHOD == 1:
+                if j == 0:
+                    mx_sel = v
+                v = tl.exp(v - mx_sel)
+            elif METHOD == 3:
+                v = tl.sigmoid(v)
+            tl.store(w_ptr + t * K + j, v)
+            total += v
+        if METHOD == 1 or METHOD == 2:
+            if METHOD == 1:
+                norm = 1.0 / total
+            else:
+                norm = scale / tl.maximum(total, 1e-20)
+            for j in tl.static_range(K):
+                tl.store(w_ptr + t * K + j, tl.load(w_ptr + t * K + j) * norm)
+
+    @triton.jit
     def _align_kernel(ids_ptr, rank_ptr, sorted_ptr, bexp_ptr, num_pairs, max_rows, max_blocks,
                       E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, CF: tl.constexpr):
         """One program: bucket ``num_pairs`` expert ids into BM-row blocks (rank by counting, no sort)."""
@@ -315,24 +389,29 @@ if triton is not None:
         tl.store(y_ptrs, y, mask=valid[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _gemv_rows(acc, w_ptrs, s_ptrs, xv, b_ok, s_ok):
-        """``acc [BN, G] += per-16-group partial dot`` of an NVFP4 tile ``[BN, G, 8]`` bytes with ``xv [1, G, 8, 2]``.
+    def _gemv_part(b, s, xv):
+        """Per-16-group partial dots of NVFP4 bytes ``b [BN, G, 8]`` (scales ``s [BN, G]``) with ``xv [1, G, 8, 2]``.
 
-        The block scale multiplies the in-thread partial sum of its 16 products, once per group.
+        The block scale multiplies the in-thread partial sum of its 16 products, once per group.  The
+        result is ``2^-22`` times the true value (fp16 bit-trick offsets), undone by the caller.
         """
-        b = tl.load(w_ptrs, mask=b_ok, other=0).to(tl.int32)
+        b = b.to(tl.int32)
         lo = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         hi = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         part = tl.sum(tl.sum(tl.join(lo, hi) * xv, axis=3), axis=2)
-        s = tl.load(s_ptrs, mask=s_ok, other=0).to(tl.int32)
+        s = s.to(tl.int32)
         s = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return acc + part * s
+        return part * s
 
     @triton.jit
     def _gemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, out_ptr, H, I, stride_x,
                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                       BN: tl.constexpr, G: tl.constexpr):
-        """Decode GEMM1: one program per ((token, expert) pair, BN intermediate columns); no tensor cores."""
+        """Decode GEMM1: one program per ((token, expert) pair, BN intermediate columns); no tensor cores.
+
+        The next K step's weights, scales and activations are loaded before the current one is used
+        (register double buffering), so two tiles per program are in flight.
+        """
         pair = tl.program_id(0)
         pid_n = tl.program_id(1)
         e64 = tl.load(ids_ptr + pair).to(tl.int64)
@@ -348,18 +427,40 @@ if triton is not None:
         row_g = e64 * N1 + offs_n
         wg_ptrs = w_ptr + row_g[:, None, None] * KB + (gi * 8)[None, :, None] + ji[None, None, :]
         sg_ptrs = s_ptr + row_g[:, None] * KS + gi[None, :]
-        x_off = (gi * 16)[:, None, None] + (ji * 2)[None, :, None] + hi2[None, None, :]
-        x_ptrs = x_ptr + tok * stride_x + x_off
+        x_ptrs = x_ptr + tok * stride_x + (gi * 16)[:, None, None] + (ji * 2)[None, :, None] + hi2[None, None, :]
+        UB = I * KB
+        US = I * KS
+        g_ok = gi < KS
+        b_ok = n_ok[:, None, None] & g_ok[None, :, None]
+        s_ok = n_ok[:, None] & g_ok[None, :]
+        bg = tl.load(wg_ptrs, mask=b_ok, other=0)
+        sg = tl.load(sg_ptrs, mask=s_ok, other=0)
+        xv = tl.load(x_ptrs, mask=g_ok[:, None, None], other=0.0)
+        if GATED:
+            bu = tl.load(wg_ptrs + UB, mask=b_ok, other=0)
+            su = tl.load(sg_ptrs + US, mask=s_ok, other=0)
         acc_g = tl.zeros([BN, G], dtype=tl.float32)
         acc_u = tl.zeros([BN, G], dtype=tl.float32)
         for k0 in range(0, H, G * 16):
-            g_ok = (k0 // 16 + gi) < KS
-            xv = tl.load(x_ptrs + k0, mask=g_ok[:, None, None], other=0.0).to(tl.float32)[None, :, :, :]
+            k1 = k0 + G * 16
+            g_ok = (k1 // 16 + gi) < KS
             b_ok = n_ok[:, None, None] & g_ok[None, :, None]
             s_ok = n_ok[:, None] & g_ok[None, :]
-            acc_g = _gemv_rows(acc_g, wg_ptrs + k0 // 2, sg_ptrs + k0 // 16, xv, b_ok, s_ok)
+            bg_n = tl.load(wg_ptrs + k1 // 2, mask=b_ok, other=0)
+            sg_n = tl.load(sg_ptrs + k1 // 16, mask=s_ok, other=0)
+            xv_n = tl.load(x_ptrs + k1, mask=g_ok[:, None, None], other=0.0)
             if GATED:
-                acc_u = _gemv_rows(acc_u, wg_ptrs + (I * KB + k0 // 2), sg_ptrs + (I * KS + k0 // 16), xv, b_ok, s_ok)
+                bu_n = tl.load(wg_ptrs + (UB + k1 // 2), mask=b_ok, other=0)
+                su_n = tl.load(sg_ptrs + (US + k1 // 16), mask=s_ok, other=0)
+            xf = xv.to(tl.float32)[None, :, :, :]
+            acc_g += _gemv_part(bg, sg, xf)
+            if GATED:
+                acc_u += _gemv_part(bu, su, xf)
+                bu = bu_n
+                su = su_n
+            bg = bg_n
+            sg = sg_n
+            xv = xv_n
         inv = 256.0 * 16384.0 / tl.load(gs_ptr + e64)  # undo the fp16 bit-trick exponent offsets
         h = _activation(tl.sum(acc_g, axis=1) * inv, tl.sum(acc_u, axis=1) * inv, ACT)
         tl.store(out_ptr + pair.to(tl.int64) * I + offs_n, h.to(tl.bfloat16), mask=n_ok)
@@ -384,14 +485,22 @@ if triton is not None:
         row = e64 * H + offs_n
         w_ptrs = w_ptr + row[:, None, None] * KB + (gi * 8)[None, :, None] + ji[None, None, :]
         s_ptrs = s_ptr + row[:, None] * KS + gi[None, :]
-        x_off = (gi * 16)[:, None, None] + (ji * 2)[None, :, None] + hi2[None, None, :]
-        a_ptrs = a_ptr + pair.to(tl.int64) * I + x_off
+        a_ptrs = a_ptr + pair.to(tl.int64) * I + (gi * 16)[:, None, None] + (ji * 2)[None, :, None] + hi2[None, None, :]
+        g_ok = (k_begin // 16 + gi) < k_end // 16
+        b = tl.load(w_ptrs + k_begin // 2, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+        s = tl.load(s_ptrs + k_begin // 16, mask=n_ok[:, None] & g_ok[None, :], other=0)
+        av = tl.load(a_ptrs + k_begin, mask=g_ok[:, None, None], other=0.0)
         acc = tl.zeros([BN, G], dtype=tl.float32)
         for k0 in range(k_begin, k_end, G * 16):
-            g_ok = (k0 // 16 + gi) < k_end // 16
-            av = tl.load(a_ptrs + k0, mask=g_ok[:, None, None], other=0.0).to(tl.float32)[None, :, :, :]
-            acc = _gemv_rows(acc, w_ptrs + k0 // 2, s_ptrs + k0 // 16, av,
-                             n_ok[:, None, None] & g_ok[None, :, None], n_ok[:, None] & g_ok[None, :])
+            k1 = k0 + G * 16
+            g_ok = (k1 // 16 + gi) < k_end // 16
+            b_n = tl.load(w_ptrs + k1 // 2, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
+            s_n = tl.load(s_ptrs + k1 // 16, mask=n_ok[:, None] & g_ok[None, :], other=0)
+            av_n = tl.load(a_ptrs + k1, mask=g_ok[:, None, None], other=0.0)
+            acc += _gemv_part(b, s, av.to(tl.float32)[None, :, :, :])
+            b = b_n
+            s = s_n
+            av = av_n
         scale = tl.load(tw_ptr + pair) * (256.0 * 16384.0) / tl.load(gs_ptr + e64)
         y = tl.sum(acc, axis=1) * scale
         tl.store(y_ptr + (pid_s * num_pairs + pair).to(tl.int64) * H + offs_n, y, mask=n_ok)
@@ -411,6 +520,34 @@ if triton is not None:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+_METHOD_CODES = {"default": 0, "renormalize": 1, "deepseek_v3": 2, "llama4": 3}
+
+
+def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor):
+    """``(weights float32 [T, k], ids int64 [T, k])``: one Triton launch, same semantics as ``reference.route``."""
+    tokens, experts = router_logits.shape
+    groups = (n_group or 1) if routing == "deepseek_v3" else 1
+    keep = topk_group or groups
+    if (routing not in _METHOD_CODES or not 0 < top_k <= experts or experts % groups or not 0 < keep <= groups
+            or (routing == "llama4" and top_k != 1) or groups & (groups - 1) or top_k > 64):
+        # let the reference raise its error (or handle the rare shapes the fused kernel does not take)
+        w, ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
+                       topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+        return w.float().contiguous(), ids.contiguous()
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    has_bias = routing == "deepseek_v3" and routing_bias is not None
+    scale = routed_scaling_factor if (routing == "deepseek_v3" and routed_scaling_factor is not None) else 1.0
+    if tokens:
+        _route_kernel[(tokens,)](router_logits, routing_bias if has_bias else router_logits, weights, ids,
+                                 router_logits.stride(0), experts, float(scale),
+                                 K=top_k, METHOD=_METHOD_CODES[routing], NG=groups,
+                                 EG=_next_pow2(experts // groups), TOPK_GROUP=keep, HAS_BIAS=has_bias,
+                                 num_warps=4 if experts <= 256 else 8)
+    return weights, ids
 
 
 def _align_torch(flat_ids: torch.Tensor, experts: int, bm: int, max_rows: int, max_blocks: int):
@@ -465,9 +602,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     if tokens == 0:
         return out
 
-    topk_w, topk_ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
-                             topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
-    topk_w = topk_w.float().contiguous()
+    topk_w, topk_ids = _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor)
     flat_ids = topk_ids.reshape(-1)
     pairs = flat_ids.numel()
     cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
