@@ -8,7 +8,7 @@ on demand: hypothesis is a test dependency).  See docs/testing.md.
 """
 
 from moe_passes.testing.capture import (CompileRecord, GraphChecks, PassRun, RecordingBackend, Snapshot,
-                                        count_kernel_calls, expect_shape_error, no_silent_fallback,
+                                        count_kernel_calls, expect_shape_error, mark_token_dims, no_silent_fallback,
                                         raises_compile_error, run_passes, run_pipeline, trace, unwrap_compile_error,
                                         verify)
 from moe_passes.testing.graph import (ALIASES, OpMatcher, assert_no_ops, assert_pattern, find_nodes, format_graph,
@@ -25,7 +25,7 @@ __all__ = [
     "format_graph", "format_node",
     # verification and errors
     "verify", "expect_shape_error", "unwrap_compile_error", "raises_compile_error", "count_kernel_calls",
-    "no_silent_fallback",
+    "no_silent_fallback", "mark_token_dims",
     # numerics
     "check_numerics", "assert_close", "compare", "Tolerance", "BF16_ROUNDING", "REFERENCE_TOLERANCE", "NumericsReport",
     # problems

@@ -23,7 +23,7 @@ from moe_passes.testing.graph import OpLike, assert_pattern, op_count, resolve_o
 
 __all__ = ["Snapshot", "GraphChecks", "CompileRecord", "RecordingBackend", "PassRun", "trace", "run_passes",
            "run_pipeline", "verify", "expect_shape_error", "unwrap_compile_error", "raises_compile_error",
-           "count_kernel_calls", "no_silent_fallback"]
+           "count_kernel_calls", "no_silent_fallback", "mark_token_dims"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,12 +184,18 @@ def unwrap_compile_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _mark_token_dims(inputs: Sequence[Any], token_dim: Optional[int]) -> None:
-    if token_dim is None:
-        return
+def mark_token_dims(*inputs: Any, dim: int = 0):
+    """Mark dimension ``dim`` (the token count) of every tensor input dynamic; returns the inputs.
+
+    Prefer this to ``torch.compile(dynamic=True)``: with ``dynamic=True`` every dimension starts symbolic
+    and Dynamo's duck sizing gives equal sizes one symbol, so a first call whose token count equals the
+    number of experts (``[8, H]`` hidden states, ``[8, 8]`` logits) ties the token count to the expert
+    count, which is then specialized: every other token count recompiles.
+    """
     for t in inputs:
-        if isinstance(t, torch.Tensor) and t.ndim > token_dim:
-            torch._dynamo.mark_dynamic(t, token_dim)
+        if isinstance(t, torch.Tensor) and t.ndim > dim:
+            torch._dynamo.mark_dynamic(t, dim)
+    return inputs
 
 
 def trace(fn: Union[torch.nn.Module, Callable], *example_inputs: Any, token_dim: Optional[int] = 0,
@@ -204,9 +210,13 @@ def trace(fn: Union[torch.nn.Module, Callable], *example_inputs: Any, token_dim:
     """
     recorder = RecordingBackend(snapshot_every_pass=False, _stop_before_passes=True)
     compiled = torch.compile(fn, backend=recorder, fullgraph=True, dynamic=None if token_dim is not None else False)
-    _mark_token_dims(example_inputs, token_dim)
+    if token_dim is not None:
+        mark_token_dims(*example_inputs, dim=token_dim)
+    # The aborted compile caches nothing, but earlier compiles of the same code count against Dynamo's
+    # recompile limit: lift it so the backend is always reached (and fail loudly rather than fall back).
     with torch.fx.experimental._config.patch(backed_size_oblivious=token_dim is not None), \
-            torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            torch._dynamo.config.patch(recompile_limit=1 << 20, accumulated_recompile_limit=1 << 20,
+                                       fail_on_recompile_limit_hit=True):
         try:
             compiled(*example_inputs, **kwargs)
         except Exception as exc:

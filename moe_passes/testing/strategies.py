@@ -9,6 +9,8 @@ of the NVFP4 block (16), intermediates that need padding, one expert, ``top_k ==
 Scale knobs (environment variables, read when a strategy is built):
 
 ``MOE_NVFP4_FUZZ_EXAMPLES``  multiplies every suite's example count (default 1; e.g. 10 for a long run)
+``MOE_NVFP4_FUZZ_SHRINK``    ``1``: let hypothesis shrink failing examples (off by default: every shrink
+                             step is a compile, and a failure should be reported in seconds, not minutes)
 ``MOE_NVFP4_FUZZ_SIZES``     ``ci`` (default): the small pools below; ``full``: adds the real hidden sizes
                              of FACTS.md's models (2048, 2816, 2880, 7168, 1024), more experts, larger
                              intermediates and token counts up to 4096
@@ -29,7 +31,7 @@ import os
 from typing import Optional, Sequence
 
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, TRTLLM_ALIGNMENT
@@ -63,7 +65,10 @@ def full_sizes() -> bool:
 
 def fuzz_settings(base_examples: int, **overrides) -> settings:
     """Hypothesis settings for compile-heavy fuzzing: scaled example count, no deadline, no too_slow check."""
-    kwargs = dict(max_examples=fuzz_examples(base_examples), deadline=None,
+    phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
+    if os.environ.get("MOE_NVFP4_FUZZ_SHRINK", "0") not in ("", "0"):
+        phases.append(Phase.shrink)
+    kwargs = dict(max_examples=fuzz_examples(base_examples), deadline=None, phases=phases,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                          HealthCheck.function_scoped_fixture],
                   print_blob=True)
@@ -123,11 +128,12 @@ def logits_dtypes() -> st.SearchStrategy[torch.dtype]:
 @st.composite
 def moe_problems(draw, *, hidden: Optional[st.SearchStrategy[int]] = None, aligned: Optional[bool] = None,
                  shared: Optional[bool] = None, activation: Optional[Sequence[str]] = None,
-                 routing: Optional[Sequence[str]] = None, name: str = "") -> MoEProblem:
+                 routing: Optional[Sequence[str]] = None, experts: Optional[st.SearchStrategy[int]] = None,
+                 name: str = "") -> MoEProblem:
     """A valid MoE layer configuration.
 
     ``aligned`` restricts the hidden size (see :func:`hidden_sizes`), ``shared`` forces a shared expert on or
-    off, ``activation`` / ``routing`` restrict those choices.  Routing arguments are always consistent:
+    off, ``activation`` / ``routing`` restrict those choices, ``experts`` replaces :func:`expert_counts`.  Routing arguments are always consistent:
     ``llama4`` gets ``top_k=1``; ``deepseek_v3`` gets ``n_group`` dividing the experts, ``topk_group <=
     n_group`` with enough experts in the kept groups for ``top_k``, optionally a correction bias and a
     routed scaling factor.
@@ -135,7 +141,7 @@ def moe_problems(draw, *, hidden: Optional[st.SearchStrategy[int]] = None, align
     h = draw(hidden if hidden is not None else hidden_sizes(aligned))
     act = draw(st.sampled_from(list(activation or ACTIVATIONS)))
     method = draw(st.sampled_from(list(routing or ROUTING_METHODS)))
-    experts = draw(expert_counts())
+    experts = draw(experts if experts is not None else expert_counts())
     n_group = topk_group = scaling = None
     bias = False
     if method == "llama4":
