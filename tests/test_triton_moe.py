@@ -156,3 +156,41 @@ def test_cuda_graph_capture_and_workspace(tokens):
     assert not out.isnan().any()
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("variant", ["gemv", "gemv_split1", "mma16", "mma16_swap", "mma64", "mma128_torch_align"])
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+def test_tile_variants(variant, activation):
+    """Every code path (decode GEMV with and without split GEMM1, tensor-core tiles, both groupings)."""
+    from moe_passes.kernels import triton_moe
+    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton
+
+    configs = {
+        "gemv": TileConfig(bm=1, bn1=8, bk1=512, warps1=4, stages1=1, bn2=16, bk2=128, warps2=2, stages2=1, split2=2),
+        "gemv_split1": TileConfig(bm=1, bn1=16, bk1=128, warps1=2, stages1=1, bn2=16, bk2=128, warps2=2, stages2=1,
+                                  split2=4, split1=4),
+        "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4, split2=2),
+        "mma16_swap": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4,
+                                 split2=2, swap=True),
+        "mma64": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3),
+        "mma128_torch_align": TileConfig(bm=128, bn1=64, bk1=64, warps1=8, stages1=3, bn2=128, bk2=64, warps2=8,
+                                         stages2=3),
+    }
+    device = torch.device("cuda")
+    hidden, inter, experts, top_k = 2880, 1040, 16, 4
+    tokens = 700 if variant == "mma128_torch_align" else 9
+    weights = _make_layer(hidden, inter, experts, activation, device, seed=11)
+    x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
+    logits = torch.randn(tokens, experts, device=device)
+    ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation=activation, routing="default",
+                              quantize_activations=False)
+    out = torch.full_like(ref, float("nan"))
+    fused_moe_triton(x, logits, weights, top_k=top_k, activation=activation, routing="default", out=out,
+                     config=configs[variant])
+    assert tokens * top_k > triton_moe._SMALL_ALIGN_PAIRS or variant != "mma128_torch_align"
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, rel
