@@ -82,7 +82,7 @@ def _symbolic_fake(mode, t):
     return mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
 
 
-@mst.fuzz_settings(8)
+@mst.fuzz_settings(12)
 @given(problem=mst.moe_problems(), tokens=mst.token_counts(max_tokens=64))
 def test_fake_output_shapes_equal_real_output_shapes(problem, tokens):
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -110,7 +110,7 @@ def test_fake_output_shapes_equal_real_output_shapes(problem, tokens):
         assert static.shape == real.shape
 
 
-@mst.fuzz_settings(6)
+@mst.fuzz_settings(10)
 @given(problem=mst.moe_problems(), tokens=st.sampled_from([1, 3, 8]))
 def test_lowering_pads_exactly_to_the_contract(problem, tokens):
     block = problem.build()

@@ -37,7 +37,7 @@ def _check_compiled(problem: MoEProblem, tokens, inner: str):
     return report
 
 
-@mst.fuzz_settings(10)
+@mst.fuzz_settings(20)
 @given(problem=mst.moe_problems(), tokens=st.lists(mst.token_counts(), min_size=1, max_size=3))
 def test_compiled_eager_inner_matches_eager_and_reference(problem, tokens):
     # Token count 1 always comes first: the compile must not specialize on it.

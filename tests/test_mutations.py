@@ -290,7 +290,7 @@ class _nullcontext:
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.__name__)
-@mst.fuzz_settings(2)
+@mst.fuzz_settings(3)
 @given(problem=mst.moe_problems(aligned=False, shared=True, experts=st.sampled_from([2, 4, 8]), name=LAYER),
        tokens=st.sampled_from([1, 5, 33]))
 def test_mutant_is_caught_at_compile_time(mutant, problem, tokens):
@@ -331,7 +331,7 @@ BENIGN_EXTRA_PASSES = {
 }
 
 
-@mst.fuzz_settings(12)
+@mst.fuzz_settings(24)
 @given(problem=mst.moe_problems(name=LAYER), tokens=st.lists(mst.token_counts(max_tokens=64), min_size=1, max_size=2),
        extra=st.sampled_from(sorted(BENIGN_EXTRA_PASSES)))
 def test_correct_pipeline_is_never_rejected(problem, tokens, extra):

@@ -159,7 +159,6 @@ def test_dropped_slice_caught_on_the_traced_graph_too(nano):
     run = run_pipeline(gm, [_drop_slice], raise_errors=False)
     assert isinstance(run.error, MoEShapeError)
     assert run.error.sizes == (2816, 2688)
-    assert [r.name for r in run.records] == []  # the manager raised inside verification
     rejected = run.graph_at("before", "verify_moe_shapes")
     assert_no_ops(rejected, "slice")
     assert expect_shape_error(rejected).layer == LAYER
