@@ -20,7 +20,7 @@ from moe_passes import MoEShapeError
 from moe_passes.ops import KERNEL_OP
 from moe_passes.passes import GraphPass, PassResult
 from moe_passes.testing import (RecordingBackend, check_numerics, count_kernel_calls, find_nodes, mark_token_dims,
-                                no_silent_fallback, raises_compile_error, unwrap_compile_error)
+                                no_silent_fallback, unwrap_compile_error)
 from moe_passes.testing import strategies as mst
 
 aten = torch.ops.aten

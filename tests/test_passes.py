@@ -21,7 +21,7 @@ from torch import nn
 
 from moe_passes import MoEShapeError
 from moe_passes.ops import KERNEL_OP
-from moe_passes.passes import GraphPass, LowerFusedMoE, PassManager, PassResult, VerifyMoEShapes, default_pipeline
+from moe_passes.passes import GraphPass, LowerFusedMoE, PassResult, VerifyMoEShapes, default_pipeline
 from moe_passes.testing import (MoEProblem, RecordingBackend, assert_no_ops, assert_pattern, check_numerics,
                                 count_kernel_calls, expect_shape_error, moe_reference, no_silent_fallback,
                                 raises_compile_error, run_passes, run_pipeline, trace, verify)

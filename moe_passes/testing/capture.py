@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from moe_passes.errors import MoEShapeError
-from moe_passes.passes import PassManager, PassRecord, default_pipeline, verify_graph
+from moe_passes.passes import PassManager, default_pipeline, verify_graph
 from moe_passes.passes.manager import PassLike
 from moe_passes.testing.graph import OpLike, assert_pattern, op_count, resolve_op
 
