@@ -210,3 +210,26 @@ def test_weights_prepared_once_not_per_call(monkeypatch):
             assert torch.equal(compiled(x, logits), moe(x, logits))
     moe.to("cpu")  # same device: nothing to redo
     assert len(prepared) == 1
+
+
+def test_moe_passes_compile_one_graph_even_when_tokens_equal_experts():
+    """Plain dynamic=True recompiles here (duck sizing ties T to E); token_shape_config does not."""
+    import moe_passes
+
+    block = Block(272, activation="silu", routing="renormalize")
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="moe_nvfp4", dynamic=True,
+                             options={"inner": "eager", "observers": [counter]})
+    # recompile_limit=1 + fail_on_recompile_limit_hit: any second compile of the frame is an error
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        with moe_passes.token_shape_config():
+            for tokens in (E, 1, 5, 300):  # first call: as many tokens as experts
+                x = torch.randn(tokens, 272).bfloat16()
+                assert torch.equal(compiled(x), block(x))
+        assert len(counter.graphs) == 1
+        torch._dynamo.reset()
+        run = moe_passes.compile(block, inner="eager")
+        for tokens in (E, 1, 5):
+            x = torch.randn(tokens, 272).bfloat16()
+            assert torch.equal(run(x), block(x))

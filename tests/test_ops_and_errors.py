@@ -10,20 +10,12 @@ from torch import nn
 from moe_passes import FusedMoE, MoEConfigError, MoEShapeError
 from moe_passes.kernels import registry
 from moe_passes.kernels.reference import REFERENCE
-from moe_passes.errors import MoEError
-from moe_passes.testing import unwrap_compile_error
+from moe_passes.testing import unwrap_compile_error as unwrap_moe_error
 
 # test_schema runs the op under a mode that multiplies inputs to detect mutation, which CPU float8
 # cannot do; the fake, autograd-registration and AOT-dispatch checks all run.
 OPCHECK_UTILS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
 
-
-def unwrap_moe_error(exc):
-    """Errors raised in a fake function reach the user as Dynamo's TorchRuntimeError, ours in its chain."""
-    exc = unwrap_compile_error(exc)
-    while not isinstance(exc, MoEError) and (exc.__cause__ or exc.__context__) is not None:
-        exc = exc.__cause__ or exc.__context__
-    return exc
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

@@ -22,7 +22,8 @@ import torch.fx
 __all__ = ["PassResult", "GraphPass", "PassManager", "PassRecord", "pass_name", "pass_uuid"]
 
 log = logging.getLogger(__name__)
-_graph_code_log = torch._logging.getArtifactLogger(__name__, "graph_code")
+# Under the "torch" logger tree, where TORCH_LOGS attaches its handlers (TORCH_LOGS=graph_code shows passes).
+_graph_code_log = torch._logging.getArtifactLogger("torch.moe_nvfp4.passes", "graph_code")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,16 +172,25 @@ class RecordingBackend(GraphChecks):
 
 
 def unwrap_compile_error(exc: BaseException) -> BaseException:
-    """The error a backend raised, out of torch.compile's ``BackendCompilerFailed`` wrapper(s)."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "inner_exception", None)
+    """The error a backend or fake function raised, out of torch.compile's wrappers.
+
+    Backend errors come as ``BackendCompilerFailed`` (ours in ``inner_exception``); errors raised by a
+    fake function while Dynamo traces come as ``TorchRuntimeError`` with ours down its exception chain.
+    Returns the first :class:`~moe_passes.errors.MoEError` found, else the innermost backend error.
+    """
+    from moe_passes.errors import MoEError
+
+    seen, current, innermost = set(), exc, exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MoEError):
+            return current
+        inner = getattr(current, "inner_exception", None)
         if isinstance(inner, BaseException):
-            exc = inner
+            innermost = current = inner
             continue
-        break
-    return exc
+        current = current.__cause__ or current.__context__
+    return innermost
 
 
 def mark_token_dims(*inputs: Any, dim: int = 0):
