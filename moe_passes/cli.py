@@ -113,8 +113,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def demo(args) -> int:
-    import torch.fx.experimental._config as fx_config
-
+    from moe_passes.compile import token_shape_config
     from moe_passes.kernels.reference import fused_moe_reference
 
     warnings.simplefilter("ignore", category=UserWarning)
@@ -142,8 +141,8 @@ def demo(args) -> int:
     # Inputs from their own stream: the weights' generator also starts at args.seed.
     data = torch.Generator().manual_seed(args.seed + 1_000_003)
     x = torch.randn(args.tokens, s.hidden, generator=data).to(device=device, dtype=torch.bfloat16)
-    # Token count 1 would otherwise get its own specialized compile; one graph serves every count.
-    with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+    # Without these settings token count 1 would get its own compile; one graph serves every count.
+    with token_shape_config(), torch.no_grad():
         start = time.perf_counter()
         y_compiled = compiled(x)
         compile_s = time.perf_counter() - start
