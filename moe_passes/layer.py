@@ -30,6 +30,8 @@ DEFAULT_ACTIVATION_AMAX = 128.0
 
 _warned_uncalibrated = False
 _KERNEL_BUFFERS = tuple("_kernel_" + n for n in registry.MoEWeights._fields)
+_QUANTIZED_BUFFERS = registry.MoEWeights._fields + _KERNEL_BUFFERS + (
+    "routing_bias", "input_global_scale", "intermediate_global_scale")
 
 
 def _pad_to_block(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -167,10 +169,17 @@ class FusedMoE(nn.Module):
         self.kernel_shape = shape
 
     def _apply(self, fn, *args, **kwargs):
-        # Moving the layer moves every buffer; re-prepare when the device calls for a different kernel
-        # (or the moved prepared copy would alias nothing), never per forward call.
+        # model.to(device) moves every buffer; re-prepare when the device may call for another kernel,
+        # never per forward call.  model.to(torch.bfloat16) would also cast the NVFP4 state (float8
+        # block scales and fp32 global scales count as floating point): those keep their dtype, and are
+        # taken from the untouched originals so no precision is lost on the way.
+        originals = {name: self._buffers[name] for name in _QUANTIZED_BUFFERS if self._buffers.get(name) is not None}
         before = self.w13.device
         result = super()._apply(fn, *args, **kwargs)
+        for name, original in originals.items():
+            moved = self._buffers[name]
+            if moved.dtype != original.dtype:
+                self._buffers[name] = original.to(device=moved.device)
         if self.w13.device != before:
             self._prepare(self.w13.device)
         return result

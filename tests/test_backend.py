@@ -233,3 +233,20 @@ def test_moe_passes_compile_one_graph_even_when_tokens_equal_experts():
         for tokens in (E, 1, 5):
             x = torch.randn(tokens, 272).bfloat16()
             assert torch.equal(run(x), block(x))
+
+
+def test_model_to_bfloat16_keeps_the_nvfp4_state():
+    """model.to(torch.bfloat16) casts the router and shared expert, never the quantized state."""
+    block = Block(272)
+    x = torch.randn(6, 272).bfloat16()
+    logits = torch.randn(6, E)
+    with torch.no_grad():
+        before = block.moe(x, logits)
+        state = {k: v.clone() for k, v in block.moe.state_dict().items()}
+        block.to(torch.bfloat16)
+        assert block.gate.weight.dtype == torch.bfloat16
+        for name, value in block.moe.state_dict().items():
+            if not name.startswith("shared_expert"):
+                assert value.dtype == state[name].dtype, name
+                assert torch.equal(value.reshape(-1).view(torch.uint8), state[name].reshape(-1).view(torch.uint8)), name
+        assert torch.equal(block.moe(x, logits), before)
