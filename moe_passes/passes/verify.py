@@ -27,6 +27,8 @@ import torch
 import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+import moe_passes
+from moe_passes import kernels
 from moe_passes.errors import MoEError, MoEShapeError
 from moe_passes.ops import FUSED_MOE, KERNEL_OP
 from moe_passes.passes.lower_fused_moe import MOE_META, layer_name
@@ -35,7 +37,8 @@ from moe_passes.passes.manager import GraphPass, PassResult
 __all__ = ["VerifyMoEShapes", "verify_graph", "user_source_line"]
 
 aten = torch.ops.aten
-_KERNELS_DIR = os.path.dirname(os.path.abspath(__import__("moe_passes.kernels", fromlist=["_"]).__file__))
+# Frames in these trees are ours or torch's, never the user's line (kernels/ installs apart from moe_passes/).
+_NOT_USER_CODE = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (moe_passes, kernels, torch))
 _FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)')
 
 
@@ -57,9 +60,7 @@ def user_source_line(node: torch.fx.Node) -> Optional[str]:
             frames.append((match.group(1), line.strip() + ("\n" + code if code else "")))
     if not frames:
         return None
-    ours = (os.path.dirname(os.path.abspath(__file__ + "/..")), os.path.dirname(os.path.abspath(torch.__file__)),
-            _KERNELS_DIR)
-    user = [text for path, text in frames if not os.path.abspath(path).startswith(ours)]
+    user = [text for path, text in frames if not os.path.abspath(path).startswith(_NOT_USER_CODE)]
     innermost = frames[-1][1]
     if not user:
         return innermost
