@@ -28,6 +28,7 @@ import re
 import torch
 import torch.fx
 
+from moe_passes.errors import MoEConfigError
 from moe_passes.ops import FUSED_MOE, KERNEL_OP
 from moe_passes.passes.manager import GraphPass, PassResult
 
@@ -80,7 +81,8 @@ class LowerFusedMoE(GraphPass):
             w2 = bound["w2"]
             hidden_padded = w2.meta["val"].shape[1] if isinstance(w2, torch.fx.Node) and "val" in w2.meta else None
             if hidden_padded is None:
-                raise RuntimeError(f"{node.format_node()}: w2 carries no fake value; run on an AOT/ATen graph")
+                raise MoEConfigError(f"{node.format_node()}: w2 carries no fake value; lowering runs on the ATen "
+                                     "graph the backend traces (see moe_passes.testing.trace)")
             layer = layer_name(node)
             bound["layer"] = layer
             with graph.inserting_before(node):
@@ -95,10 +97,26 @@ class LowerFusedMoE(GraphPass):
                 if hidden_padded != hidden:
                     out = graph.call_function(aten.slice.Tensor, (kernel, 1, 0, hidden))
                     out.meta.update(_inherited(node))
+            for new in (x, kernel, out) if hidden_padded != hidden else (kernel,):
+                _set_fake_value(new)
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             count += 1
         return PassResult(changed=count > 0, matches=count)
+
+
+def _set_fake_value(node: torch.fx.Node) -> None:
+    """Give a new node its ``meta["val"]`` now, so later user passes can read its shape before verification."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._guards import detect_fake_mode
+
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: a.meta.get("val"))
+    fake_mode = detect_fake_mode([v for v in torch.utils._pytree.tree_leaves((args, kwargs))
+                                  if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return
+    with enable_python_dispatcher(), fake_mode:
+        node.meta["val"] = node.target(*args, **kwargs)
 
 
 def _inherited(node: torch.fx.Node) -> dict:

@@ -137,9 +137,9 @@ class PassManager:
                 gm.recompile()
             elapsed = time.perf_counter() - start
             records.append(PassRecord(name, result, elapsed))
+            self.records.append(records[-1])  # kept as each pass ends, so a failing later pass leaves them
             log.debug("moe_nvfp4 pass %s: %s in %.2f ms", name, result, elapsed * 1e3)
             self._emit("after", name, gm)
-        self.records.extend(records)
         return records
 
     def extend(self, passes: Iterable[PassLike]) -> None:
