@@ -15,6 +15,14 @@ What one call does (all on the GPU, no host synchronisation, CUDA-graph capturab
    routing weight is applied in the epilogue and each (pair, split) row is written in fp32;
 5. combine: one small kernel sums the ``k`` (times splits) rows of each token in fp32 and writes bf16.
 
+Decode (up to 16 tokens with ~1-2 pairs per touched expert) skips the grouping: one program per
+(pair, row tile) runs a CUDA-core GEMV (:func:`_qgemv1_kernel`, :func:`_qgemv2_kernel`).  Each thread
+owns 32-element columns of its rows, reads 8-byte weight words and 8-byte activation words, and turns
+each 32-bit word of 8 E2M1 nibbles into 8 fp32 values with a short PTX sequence (two nibbles per
+packed f16x2: magnitude bits straight into fp16 bits 9..11, sign to bit 15, then one convert per
+element); the products are exact, summed in fp32 per 16-element group, and the E4M3 block scale
+multiplies the group's partial sum once.
+
 Numerics match ``fused_moe_reference(..., quantize_activations=False)``: bf16 activations, weights
 dequantized exactly, fp32 accumulation, the intermediate rounded to bf16, fp32 combine, bf16 out.
 
@@ -74,6 +82,10 @@ class TileConfig:
     split2: int = 1
     swap: bool = False  # tensor-core path: weights as the (register) A operand, tokens as N
     split1: int = 1  # decode path: split of GEMM1's reduction (then a separate activation kernel)
+    # decode path (bm == 1): the packed-decode GEMV kernels (``bn1``/``bn2`` rows per program, ``warps``
+    # warps of 32 threads, each thread one 32-element column: ``bk`` and ``stages`` are unused)
+    qdec: bool = False
+    prefetch: bool = False  # packed-decode kernels: issue the next K step's loads before the current math
 
 
 def triton_available(device=None) -> bool:
@@ -101,14 +113,15 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # expected experts hit by `tokens` random top-k choices, and rows (pairs) per hit expert
     touched = experts * (1.0 - (1.0 - top_k / experts) ** tokens)
     rows_per_expert = pairs / max(1.0, touched)
-    if rows_per_expert <= 1.15:
-        # Decode: one program per (token, expert) pair, CUDA-core dot products, weight-bandwidth bound.
-        split2 = 2 if inter >= 512 else 1
-        # Measured on the H200 (Nemotron-Nano, Qwen3, Gemma-4, DeepSeek-V3 decode): 8-row x 512-element
-        # GEMM1 tiles, 16 x 128 GEMM2 tiles, Triton's pipelining off (the loops double-buffer by hand).
-        # Splitting GEMM1's reduction (split1) measured within 5% either way, so it stays off.
-        return TileConfig(bm=1, bn1=8, bk1=512, warps1=4, stages1=1,
-                          bn2=16, bk2=128, warps2=2, stages2=1, split2=split2)
+    if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= 2.0):
+        # Decode: one program per (token, expert) pair, CUDA-core dot products with the packed E2M1 decode.
+        # Measured on the H200 (Nemotron-Nano, Qwen3, Gemma-4, DeepSeek-V3 at 1, 4 and 16 tokens): one warp
+        # per program, 4 GEMM1 rows (x2 when gated) and 8 GEMM2 rows per program, no K split of GEMM2
+        # (split 2 and 4 were slower), no register prefetch (slower: fewer programs fit).  Up to 16 tokens
+        # this beats the 16-row tensor-core tiles even with ~1.5 pairs per expert (shared weights then
+        # come from L2); at 32 tokens it lost (2.3-2.6 pairs per expert).
+        return TileConfig(bm=1, bn1=4, bk1=0, warps1=1, stages1=1,
+                          bn2=8, bk2=0, warps2=1, stages2=1, split2=1, qdec=True)
     if rows_per_expert <= 16:
         bm = 16
         touched = min(experts, pairs)
@@ -535,6 +548,203 @@ if triton is not None:
         y = tl.sum(acc, axis=1) * scale
         tl.store(y_ptr + (pid_s * num_pairs + pair).to(tl.int64) * H + offs_n, y, mask=n_ok)
 
+    # One E2M1 word (8 nibbles, element i in nibble i) -> 8 fp32 values, each ``e2m1 * 2^-14`` exactly.
+    # Two nibbles (i, i+4) go to one packed f16x2 at a time: the 3 magnitude bits to fp16 bits 9..11 (an
+    # fp16 subnormal/normal that reads as e2m1 * 2^-14), the sign to bit 15; then one convert per element.
+    _E2M1X8_ASM = tl.constexpr("""{
+    .reg .b32 m0, m1, m2, m3, s0, s1, s2;
+    .reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
+    shl.b32 m0, $8, 9;
+    shl.b32 s0, $8, 12;
+    and.b32 m0, m0, 0x0E000E00;
+    and.b32 s0, s0, 0x80008000;
+    or.b32 m0, m0, s0;
+    shl.b32 m1, $8, 5;
+    shl.b32 s1, $8, 8;
+    and.b32 m1, m1, 0x0E000E00;
+    and.b32 s1, s1, 0x80008000;
+    or.b32 m1, m1, s1;
+    shl.b32 m2, $8, 1;
+    shl.b32 s2, $8, 4;
+    and.b32 m2, m2, 0x0E000E00;
+    and.b32 s2, s2, 0x80008000;
+    or.b32 m2, m2, s2;
+    shr.u32 m3, $8, 3;
+    and.b32 m3, m3, 0x0E000E00;
+    and.b32 s0, $8, 0x80008000;
+    or.b32 m3, m3, s0;
+    mov.b32 {h0, h4}, m0;
+    mov.b32 {h1, h5}, m1;
+    mov.b32 {h2, h6}, m2;
+    mov.b32 {h3, h7}, m3;
+    cvt.f32.f16 $0, h0;
+    cvt.f32.f16 $1, h1;
+    cvt.f32.f16 $2, h2;
+    cvt.f32.f16 $3, h3;
+    cvt.f32.f16 $4, h4;
+    cvt.f32.f16 $5, h5;
+    cvt.f32.f16 $6, h6;
+    cvt.f32.f16 $7, h7;
+    }""")
+
+    @triton.jit
+    def _dot8(w, xa, xb, acc):
+        """``acc + sum_i e2m1(w nibble i) * 2^-14 * x_i``: ``w`` int32 words, ``xa``/``xb`` int64 = 8 bf16 (broadcast)."""
+        e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+            _E2M1X8_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+        a0 = xa.to(tl.int32)
+        a1 = (xa >> 32).to(tl.int32)
+        b0 = xb.to(tl.int32)
+        b1 = (xb >> 32).to(tl.int32)
+        acc += e0 * (a0 << 16).to(tl.float32, bitcast=True)
+        acc += e1 * (a0 & -65536).to(tl.float32, bitcast=True)
+        acc += e2 * (a1 << 16).to(tl.float32, bitcast=True)
+        acc += e3 * (a1 & -65536).to(tl.float32, bitcast=True)
+        acc += e4 * (b0 << 16).to(tl.float32, bitcast=True)
+        acc += e5 * (b0 & -65536).to(tl.float32, bitcast=True)
+        acc += e6 * (b1 << 16).to(tl.float32, bitcast=True)
+        acc += e7 * (b1 & -65536).to(tl.float32, bitcast=True)
+        return acc
+
+    @triton.jit
+    def _dot16(wq, s, xa, xb, xc, xd, acc):
+        """``acc + scale * (16-element dot)``: ``wq`` int64 = one NVFP4 group, ``s`` its E4M3 byte (x 2^-22 overall)."""
+        part = _dot8(wq.to(tl.int32), xa, xb, tl.zeros_like(acc))
+        part = _dot8((wq >> 32).to(tl.int32), xc, xd, part)
+        s = s.to(tl.int32)
+        s = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return acc + part * s
+
+    @triton.jit
+    def _qload(w_ptrs, s_ptrs, x_ptrs, g0, g_end, c2, n_ok, UW, GATED: tl.constexpr):
+        """One K step of the packed-decode kernels: two groups per column of every row (and of the up rows)."""
+        ok0 = (g0 + c2 < g_end)[:, None]
+        ok1 = (g0 + c2 + 1 < g_end)[:, None]
+        m0 = n_ok & ok0
+        m1 = n_ok & ok1
+        wg0 = tl.load(w_ptrs + g0, mask=m0, other=0)
+        wg1 = tl.load(w_ptrs + (g0 + 1), mask=m1, other=0)
+        sg0 = tl.load(s_ptrs + g0, mask=m0, other=0)
+        sg1 = tl.load(s_ptrs + (g0 + 1), mask=m1, other=0)
+        if GATED:
+            wu0 = tl.load(w_ptrs + (UW + g0), mask=m0, other=0)
+            wu1 = tl.load(w_ptrs + (UW + g0 + 1), mask=m1, other=0)
+            su0 = tl.load(s_ptrs + (UW + g0), mask=m0, other=0)
+            su1 = tl.load(s_ptrs + (UW + g0 + 1), mask=m1, other=0)
+        else:
+            wu0 = wg0
+            wu1 = wg1
+            su0 = sg0
+            su1 = sg1
+        xp = x_ptrs + 4 * g0
+        x0 = tl.load(xp, mask=ok0, other=0)
+        x1 = tl.load(xp + 1, mask=ok0, other=0)
+        x2 = tl.load(xp + 2, mask=ok0, other=0)
+        x3 = tl.load(xp + 3, mask=ok0, other=0)
+        x4 = tl.load(xp + 4, mask=ok1, other=0)
+        x5 = tl.load(xp + 5, mask=ok1, other=0)
+        x6 = tl.load(xp + 6, mask=ok1, other=0)
+        x7 = tl.load(xp + 7, mask=ok1, other=0)
+        return wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _qsteps(w_ptrs, s_ptrs, x_ptrs, g_begin, g_end, c2, n_ok, UW, acc_g, acc_u,
+                GATED: tl.constexpr, NC: tl.constexpr, PREFETCH: tl.constexpr):
+        """The K loop of the packed-decode kernels; with PREFETCH the next step's loads are issued before
+        the current step is computed (register double buffering)."""
+        if PREFETCH:
+            (wg0, wg1, sg0, sg1, wu0, wu1, su0, su1,
+             x0, x1, x2, x3, x4, x5, x6, x7) = _qload(w_ptrs, s_ptrs, x_ptrs, g_begin, g_end, c2, n_ok, UW, GATED)
+            for g0 in range(g_begin, g_end, 2 * NC):
+                (nwg0, nwg1, nsg0, nsg1, nwu0, nwu1, nsu0, nsu1,
+                 nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7) = _qload(w_ptrs, s_ptrs, x_ptrs, g0 + 2 * NC, g_end, c2,
+                                                                  n_ok, UW, GATED)
+                acc_g = _dot16(wg0, sg0, x0, x1, x2, x3, acc_g)
+                acc_g = _dot16(wg1, sg1, x4, x5, x6, x7, acc_g)
+                if GATED:
+                    acc_u = _dot16(wu0, su0, x0, x1, x2, x3, acc_u)
+                    acc_u = _dot16(wu1, su1, x4, x5, x6, x7, acc_u)
+                wg0, wg1, sg0, sg1, wu0, wu1, su0, su1 = nwg0, nwg1, nsg0, nsg1, nwu0, nwu1, nsu0, nsu1
+                x0, x1, x2, x3, x4, x5, x6, x7 = nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7
+        else:
+            for g0 in range(g_begin, g_end, 2 * NC):
+                (wg0, wg1, sg0, sg1, wu0, wu1, su0, su1,
+                 x0, x1, x2, x3, x4, x5, x6, x7) = _qload(w_ptrs, s_ptrs, x_ptrs, g0, g_end, c2, n_ok, UW, GATED)
+                acc_g = _dot16(wg0, sg0, x0, x1, x2, x3, acc_g)
+                acc_g = _dot16(wg1, sg1, x4, x5, x6, x7, acc_g)
+                if GATED:
+                    acc_u = _dot16(wu0, su0, x0, x1, x2, x3, acc_u)
+                    acc_u = _dot16(wu1, su1, x4, x5, x6, x7, acc_u)
+        return acc_g, acc_u
+
+    @triton.jit
+    def _qgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, out_ptr, part_ptr, num_pairs, H, I, stride_x8,
+                       k_per_split, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                       BN: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr):
+        """Decode GEMM1, packed decode: one program per (pair, BN intermediate rows, K split).
+
+        Each thread owns one 32-element column (2 NVFP4 groups: 2 x 8 weight bytes and 2 scale bytes per
+        row, 64 activation bytes shared by all rows) of every row of the tile (tiles are ``[NC columns,
+        BN rows]``); no data leaves the thread until the final row sums.  ``stride_x8`` is the activation
+        row stride in 8-byte words.
+        """
+        pair = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        e64 = tl.load(ids_ptr + pair).to(tl.int64)
+        tok = (pair // TOP_K).to(tl.int64)
+        N1 = 2 * I if GATED else I
+        KG = H // 16
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = (offs_n < I)[None, :]
+        c2 = 2 * tl.arange(0, NC)
+        row_g = e64 * N1 + offs_n
+        w_ptrs = w_ptr.to(tl.pointer_type(tl.int64)) + row_g[None, :] * KG + c2[:, None]
+        s_ptrs = s_ptr + row_g[None, :] * KG + c2[:, None]
+        x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + tok * stride_x8 + (4 * c2)[:, None]
+        k_begin = pid_s * k_per_split
+        g_begin = k_begin // 16
+        g_end = tl.minimum(k_begin + k_per_split, H) // 16
+        acc_g = tl.zeros([NC, BN], dtype=tl.float32)
+        acc_u = tl.zeros([NC, BN], dtype=tl.float32)
+        acc_g, acc_u = _qsteps(w_ptrs, s_ptrs, x_ptrs, g_begin, g_end, c2, n_ok, I * KG, acc_g, acc_u,
+                               GATED, NC, PREFETCH)
+        inv = 256.0 * 16384.0 / tl.load(gs_ptr + e64)  # undo the fp16 bit-trick exponent offsets
+        ok = offs_n < I
+        if SPLIT == 1:
+            h = _activation(tl.sum(acc_g, axis=0) * inv, tl.sum(acc_u, axis=0) * inv, ACT)
+            tl.store(out_ptr + pair.to(tl.int64) * I + offs_n, h.to(tl.bfloat16), mask=ok)
+        else:
+            p_ptrs = part_ptr + (pid_s * num_pairs + pair).to(tl.int64) * N1 + offs_n
+            tl.store(p_ptrs, tl.sum(acc_g, axis=0) * inv, mask=ok)
+            if GATED:
+                tl.store(p_ptrs + I, tl.sum(acc_u, axis=0) * inv, mask=ok)
+
+    @triton.jit
+    def _qgemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, tw_ptr, y_ptr, num_pairs, H, I, k_per_split,
+                       BN: tl.constexpr, NC: tl.constexpr, PREFETCH: tl.constexpr):
+        """Decode GEMM2, packed decode: one program per (pair, BN hidden rows, K split); routing weight applied."""
+        pair = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        e64 = tl.load(ids_ptr + pair).to(tl.int64)
+        KG = I // 16
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = (offs_n < H)[None, :]
+        c2 = 2 * tl.arange(0, NC)
+        row = e64 * H + offs_n
+        w_ptrs = w_ptr.to(tl.pointer_type(tl.int64)) + row[None, :] * KG + c2[:, None]
+        s_ptrs = s_ptr + row[None, :] * KG + c2[:, None]
+        a_ptrs = a_ptr.to(tl.pointer_type(tl.int64)) + pair.to(tl.int64) * (I // 4) + (4 * c2)[:, None]
+        k_begin = pid_s * k_per_split
+        g_begin = k_begin // 16
+        g_end = tl.minimum(k_begin + k_per_split, I) // 16
+        acc = tl.zeros([NC, BN], dtype=tl.float32)
+        acc, _ = _qsteps(w_ptrs, s_ptrs, a_ptrs, g_begin, g_end, c2, n_ok, 0, acc, acc, False, NC, PREFETCH)
+        scale = tl.load(tw_ptr + pair) * (256.0 * 16384.0) / tl.load(gs_ptr + e64)
+        y = tl.sum(acc, axis=0) * scale
+        tl.store(y_ptr + (pid_s * num_pairs + pair).to(tl.int64) * H + offs_n, y, mask=offs_n < H)
+
     @triton.jit
     def _combine_kernel(y_ptr, out_ptr, num_pairs, H, stride_out,
                         TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
@@ -637,7 +847,9 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     pairs = flat_ids.numel()
     cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
     split = cfg.split2
-    k_per_split = triton.cdiv(triton.cdiv(inter, split), cfg.bk2) * cfg.bk2
+    # the packed-decode kernels split K at 32-element (2-group) granularity, the others at their tile's
+    k_step2 = 32 if (cfg.bm == 1 and cfg.qdec) else cfg.bk2
+    k_per_split = triton.cdiv(triton.cdiv(inter, split), k_step2) * k_step2
     split = triton.cdiv(inter, k_per_split)
     y = torch.empty(split, pairs, hidden, dtype=torch.float32, device=device)
 
@@ -645,22 +857,12 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
         # run together, so pairs that share an expert read its weights from L2.
         inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
-        split1 = cfg.split1
-        k_per_split1 = triton.cdiv(triton.cdiv(hidden, split1), cfg.bk1) * cfg.bk1
-        split1 = triton.cdiv(hidden, k_per_split1)
-        part = torch.empty(split1, pairs, n1, dtype=torch.float32, device=device) if split1 > 1 else inter_buf
-        _gemv1_kernel[(pairs, triton.cdiv(inter, cfg.bn1), split1)](
-            hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, inter_buf, part, pairs,
-            hidden, inter, hidden_states.stride(0), k_per_split1,
-            TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], BN=cfg.bn1, G=cfg.bk1 // 16, SPLIT=split1,
-            num_warps=cfg.warps1, num_stages=cfg.stages1)
-        if split1 > 1:
-            _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
-                                                          ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
-                                                          num_warps=4)
-        _gemv2_kernel[(pairs, triton.cdiv(hidden, cfg.bn2), split)](
-            inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, topk_w, y, pairs, hidden, inter, k_per_split,
-            BN=cfg.bn2, G=cfg.bk2 // 16, num_warps=cfg.warps2, num_stages=cfg.stages2)
+        if cfg.qdec:
+            _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
+                           pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split)
+        else:
+            _decode_gemv(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
+                         pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, n1)
     else:
         bm = cfg.bm
         max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
@@ -690,6 +892,58 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),
                                                           TOP_K=top_k, SPLIT=split, BLOCK=block, num_warps=4)
     return out
+
+
+def _decode_gemv(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
+                 pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, n1):
+    """Decode GEMMs, first-generation kernels (``TileConfig.qdec`` off)."""
+    device = hidden_states.device
+    split1 = cfg.split1
+    k_per_split1 = triton.cdiv(triton.cdiv(hidden, split1), cfg.bk1) * cfg.bk1
+    split1 = triton.cdiv(hidden, k_per_split1)
+    part = torch.empty(split1, pairs, n1, dtype=torch.float32, device=device) if split1 > 1 else inter_buf
+    _gemv1_kernel[(pairs, triton.cdiv(inter, cfg.bn1), split1)](
+        hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, inter_buf, part, pairs,
+        hidden, inter, hidden_states.stride(0), k_per_split1,
+        TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], BN=cfg.bn1, G=cfg.bk1 // 16, SPLIT=split1,
+        num_warps=cfg.warps1, num_stages=cfg.stages1)
+    if split1 > 1:
+        _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
+                                                      ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
+                                                      num_warps=4)
+    _gemv2_kernel[(pairs, triton.cdiv(hidden, cfg.bn2), split)](
+        inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, topk_w, y, pairs, hidden, inter, k_per_split,
+        BN=cfg.bn2, G=cfg.bk2 // 16, num_warps=cfg.warps2, num_stages=cfg.stages2)
+
+
+def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
+                   pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split):
+    """Decode GEMMs with the packed-decode kernels: weights and activations are read as 8-byte words."""
+    device = hidden_states.device
+    n1 = w13.shape[1]
+    if hidden_states.stride(0) % 4 or hidden_states.data_ptr() % 8:
+        hidden_states = hidden_states.contiguous()
+        if hidden_states.data_ptr() % 8:  # a view at an odd offset: one copy, proportional to the tokens
+            hidden_states = hidden_states.clone()
+    for t in (w13, w13_scale, w2, w2_scale):
+        if t.data_ptr() % 8:
+            raise MoEConfigError("the packed-decode kernels need 8-byte aligned weights")
+    split1 = cfg.split1
+    k_per_split1 = triton.cdiv(triton.cdiv(hidden, split1), 32) * 32
+    split1 = triton.cdiv(hidden, k_per_split1)
+    part = torch.empty(split1, pairs, n1, dtype=torch.float32, device=device) if split1 > 1 else inter_buf
+    _qgemv1_kernel[(pairs, triton.cdiv(inter, cfg.bn1), split1)](
+        hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, inter_buf, part, pairs,
+        hidden, inter, hidden_states.stride(0) // 4, k_per_split1,
+        TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], BN=cfg.bn1, NC=32 * cfg.warps1, SPLIT=split1,
+        PREFETCH=cfg.prefetch, num_warps=cfg.warps1, num_stages=1)
+    if split1 > 1:
+        _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
+                                                      ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
+                                                      num_warps=4)
+    _qgemv2_kernel[(pairs, triton.cdiv(hidden, cfg.bn2), split)](
+        inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, topk_w, y, pairs, hidden, inter, k_per_split,
+        BN=cfg.bn2, NC=32 * cfg.warps2, PREFETCH=cfg.prefetch, num_warps=cfg.warps2, num_stages=1)
 
 
 def _prepare(weights: registry.MoEWeights, shape: MoEShape) -> registry.MoEWeights:

@@ -160,7 +160,8 @@ def test_cuda_graph_capture_and_workspace(tokens):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", ["gemv", "gemv_split1", "mma16", "mma16_swap", "mma64", "mma128_torch_align"])
+@pytest.mark.parametrize("variant", ["gemv", "gemv_split1", "qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
+                                     "mma64", "mma128_torch_align"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path (decode GEMV with and without split GEMM1, tensor-core tiles, both groupings)."""
@@ -171,6 +172,14 @@ def test_tile_variants(variant, activation):
         "gemv": TileConfig(bm=1, bn1=8, bk1=512, warps1=4, stages1=1, bn2=16, bk2=128, warps2=2, stages2=1, split2=2),
         "gemv_split1": TileConfig(bm=1, bn1=16, bk1=128, warps1=2, stages1=1, bn2=16, bk2=128, warps2=2, stages2=1,
                                   split2=4, split1=4),
+        "qdec": TileConfig(bm=1, bn1=8, bk1=0, warps1=2, stages1=1, bn2=16, bk2=0, warps2=1, stages2=1, split2=2,
+                           qdec=True),
+        "qdec_split": TileConfig(bm=1, bn1=4, bk1=0, warps1=1, stages1=1, bn2=8, bk2=0, warps2=2, stages2=1, split2=3,
+                                 split1=3, qdec=True),
+        "qdec_wide": TileConfig(bm=1, bn1=16, bk1=0, warps1=4, stages1=1, bn2=32, bk2=0, warps2=4, stages2=1, split2=1,
+                                qdec=True),
+        "qdec_prefetch": TileConfig(bm=1, bn1=2, bk1=0, warps1=1, stages1=1, bn2=4, bk2=0, warps2=1, stages2=1,
+                                    split2=2, qdec=True, prefetch=True),
         "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4, split2=2),
         "mma16_swap": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4,
                                  split2=2, swap=True),
@@ -194,3 +203,58 @@ def test_tile_variants(variant, activation):
     assert not out.isnan().any()
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert rel < 1e-2, rel
+
+
+_QDEC = dict(bm=1, bk1=0, stages1=1, bk2=0, stages2=1, qdec=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("hidden,inter,split1,split2", [(720, 208, 1, 1), (2880, 464, 2, 3), (1040, 1040, 3, 2)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_packed_decode_edges(activation, hidden, inter, split1, split2, prefetch):
+    """The packed-decode GEMV kernels: odd group counts, K splits that end inside a 32-element column,
+    every activation, a strided (non-contiguous) activation input; fresh inputs, poisoned output."""
+    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton
+
+    device = torch.device("cuda")
+    experts, top_k, tokens = 16, 4, 3
+    seed = 100 + ACTIVATIONS.index(activation) * 7 + hidden
+    weights = _make_layer(hidden, inter, experts, activation, device, seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    wide = (torch.randn(tokens, hidden + 24, generator=g) / 10).to(device, torch.bfloat16)
+    x = wide[:, 8:8 + hidden]  # row stride hidden + 24, offset 16 bytes
+    logits = torch.randn(tokens, experts, generator=g).to(device)
+    ref = fused_moe_reference(x.contiguous(), logits, *weights, top_k=top_k, activation=activation,
+                              routing="renormalize", quantize_activations=False)
+    cfg = TileConfig(bn1=4, warps1=1, bn2=8, warps2=2, split1=split1, split2=split2, prefetch=prefetch, **_QDEC)
+    out = torch.full_like(ref, float("nan"))
+    fused_moe_triton(x, logits, weights, top_k=top_k, activation=activation, routing="renormalize", out=out,
+                     config=cfg)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, rel
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_packed_decode_matches_first_gemv():
+    """Both decode kernels compute the same exact products with fp32 sums: outputs agree closely."""
+    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton
+
+    device = torch.device("cuda")
+    hidden, inter, experts, top_k, tokens = 2048, 768, 32, 8, 2
+    weights = _make_layer(hidden, inter, experts, "silu", device, seed=21)
+    g = torch.Generator(device="cpu").manual_seed(22)
+    x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
+    logits = torch.randn(tokens, experts, generator=g).to(device)
+    old = TileConfig(bm=1, bn1=8, bk1=512, warps1=4, stages1=1, bn2=16, bk2=128, warps2=2, stages2=1, split2=2)
+    new = TileConfig(bn1=8, warps1=2, bn2=16, warps2=1, split2=2, **_QDEC)
+    a = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=old)
+    b = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=new)
+    torch.cuda.synchronize()
+    rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+    assert rel < 2e-3, rel
