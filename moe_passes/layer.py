@@ -1,9 +1,10 @@
 """FusedMoE: the layer users write.  Float (or NVFP4) weights in, one FusedMoE graph node out.
 
 The layer keeps the canonical NVFP4 weights (linear scales, ``[gate; up]`` rows, hidden padded only to
-the NVFP4 block) as its state and prepares a kernel-ready copy once, when it is built or moved to
-another device: padding to the kernel's alignment (the shape contract), then the kernel's own layout.
-When neither padding nor a new layout is needed the prepared tensors *are* the canonical ones.
+the NVFP4 block) as its state, in host memory, and prepares a kernel-ready copy on its device once, when
+it is built, moved to another device or loaded from a state dict: padding to the kernel's alignment (the
+shape contract), then the kernel's own layout.  On the CPU, when neither padding nor a new layout is
+needed, the prepared tensors *are* the canonical ones.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ DEFAULT_ACTIVATION_AMAX = 128.0
 
 _warned_uncalibrated = False
 _KERNEL_BUFFERS = tuple("_kernel_" + n for n in registry.MoEWeights._fields)
-_QUANTIZED_BUFFERS = registry.MoEWeights._fields + _KERNEL_BUFFERS + (
-    "routing_bias", "input_global_scale", "intermediate_global_scale")
+_SMALL_FP32_BUFFERS = ("routing_bias", "input_global_scale", "intermediate_global_scale")
+
+
+def _reprepare_after_load(module: "FusedMoE", incompatible_keys) -> None:
+    # load_state_dict writes the canonical buffers; the kernel's copy must follow.
+    module._prepare(module.device)
 
 
 def _pad_to_block(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -70,8 +75,10 @@ class FusedMoE(nn.Module):
         self.activation, self.routing, self.name = activation, routing, name
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
         self.requested_kernel = kernel
+        device = weights.w13.device
+        # The canonical copy lives in host memory: the device holds only the kernel's copy.
         for field, tensor in zip(registry.MoEWeights._fields, weights):
-            self.register_buffer(field, tensor)
+            self.register_buffer(field, tensor.cpu())
         if routing_bias is not None and tuple(routing_bias.shape) != (self.shape.experts,):
             raise MoEConfigError(f"routing_bias must have shape ({self.shape.experts},), got {tuple(routing_bias.shape)}")
         self.register_buffer("routing_bias", None if routing_bias is None else routing_bias.float())
@@ -91,7 +98,8 @@ class FusedMoE(nn.Module):
             dtype=torch.float32).reshape(()).clone())
         self.shared_expert = shared_expert
         self.kernel = ""
-        self._prepare(self.w13.device)
+        self._prepare(device)
+        self.register_load_state_dict_post_hook(_reprepare_after_load)
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -151,7 +159,7 @@ class FusedMoE(nn.Module):
     # -- kernel preparation ---------------------------------------------------------------------------
     def _prepare(self, device: torch.device) -> None:
         spec = registry.select(device, activation=self.activation, routing=self.routing, name=self.requested_kernel)
-        canonical = registry.MoEWeights(*(getattr(self, f) for f in registry.MoEWeights._fields))
+        canonical = registry.MoEWeights(*(getattr(self, f).to(device) for f in registry.MoEWeights._fields))
         w13, s13, w2, s2, hidden_padded = align_hidden_dim(canonical.w13, canonical.w13_scale, canonical.w2,
                                                           canonical.w2_scale, alignment=spec.alignment.hidden)
         if hidden_padded != round_up(self.hidden_size, spec.alignment.hidden):
@@ -168,20 +176,34 @@ class FusedMoE(nn.Module):
         self.kernel = spec.name
         self.kernel_shape = shape
 
+    @property
+    def device(self) -> torch.device:
+        """Where the kernel's weights are (the canonical copy stays in host memory)."""
+        return self._buffers["_kernel_w13"].device
+
     def _apply(self, fn, *args, **kwargs):
-        # model.to(device) moves every buffer; re-prepare when the device may call for another kernel,
-        # never per forward call.  model.to(torch.bfloat16) would also cast the NVFP4 state (float8
-        # block scales and fp32 global scales count as floating point): those keep their dtype, and are
-        # taken from the untouched originals so no precision is lost on the way.
-        originals = {name: self._buffers[name] for name in _QUANTIZED_BUFFERS if self._buffers.get(name) is not None}
-        before = self.w13.device
-        result = super()._apply(fn, *args, **kwargs)
-        for name, original in originals.items():
+        # Module.to / .cuda / .half convert every floating buffer, and float8 block scales and fp32
+        # global scales count as floating point.  The NVFP4 weights are kept out of the generic
+        # conversion: the canonical copy stays in host memory, and the kernel's copy is prepared anew
+        # from it when the device changes (never per forward call).  The small fp32 buffers follow the
+        # device but keep their dtype, taken from the untouched originals so no precision is lost.
+        order = list(self._buffers)
+        kept = {name: self._buffers.pop(name) for name in registry.MoEWeights._fields + _KERNEL_BUFFERS}
+        small = {name: self._buffers[name] for name in _SMALL_FP32_BUFFERS if self._buffers.get(name) is not None}
+        try:
+            result = super()._apply(fn, *args, **kwargs)
+        finally:
+            merged = {name: kept[name] if name in kept else self._buffers[name] for name in order}
+            self._buffers.clear()
+            self._buffers.update(merged)
+        for name, original in small.items():
             moved = self._buffers[name]
             if moved.dtype != original.dtype:
                 self._buffers[name] = original.to(device=moved.device)
-        if self.w13.device != before:
-            self._prepare(self.w13.device)
+        before = kept["_kernel_w13"].device
+        after = fn(torch.empty(0, dtype=torch.uint8, device=before)).device
+        if after != before:
+            self._prepare(after)
         return result
 
     def kernel_weights(self) -> registry.MoEWeights:

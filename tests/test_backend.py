@@ -250,3 +250,15 @@ def test_model_to_bfloat16_keeps_the_nvfp4_state():
                 assert value.dtype == state[name].dtype, name
                 assert torch.equal(value.reshape(-1).view(torch.uint8), state[name].reshape(-1).view(torch.uint8)), name
         assert torch.equal(block.moe(x, logits), before)
+
+
+def test_state_dict_round_trip_reprepares_the_kernel_copy():
+    """Loading new canonical weights must reach the kernel's (padded) copy, not leave it stale."""
+    a, b = Block(272, seed=1), Block(272, seed=2)
+    x, logits = torch.randn(5, 272).bfloat16(), torch.randn(5, E)
+    with torch.no_grad():
+        want = b.moe(x, logits)
+        assert not torch.equal(a.moe(x, logits), want)
+        a.moe.load_state_dict(b.moe.state_dict())
+        assert torch.equal(a.moe(x, logits), want)
+    assert a.moe.kernel_weights().w13.shape[-1] * 2 == 512  # the padded copy was rebuilt, not aliased

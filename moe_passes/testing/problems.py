@@ -120,9 +120,10 @@ def moe_reference(module: nn.Module, hidden_states: torch.Tensor, router_logits:
     kernel-prepared, padded copy) with its static activation scales, then adds the shared expert.
     """
     layer = module if isinstance(module, FusedMoE) else module.moe
+    canonical = [getattr(layer, n).to(hidden_states.device) for n in
+                 ("w13", "w13_scale", "w13_global_scale", "w2", "w2_scale", "w2_global_scale")]
     out = fused_moe_reference(
-        hidden_states, router_logits, layer.w13, layer.w13_scale, layer.w13_global_scale, layer.w2, layer.w2_scale,
-        layer.w2_global_scale, top_k=layer.top_k, activation=layer.activation, routing=layer.routing,
+        hidden_states, router_logits, *canonical, top_k=layer.top_k, activation=layer.activation, routing=layer.routing,
         input_global_scale=layer.input_global_scale, intermediate_global_scale=layer.intermediate_global_scale,
         routing_bias=layer.routing_bias, n_group=layer.n_group, topk_group=layer.topk_group,
         routed_scaling_factor=layer.routed_scaling_factor)
