@@ -94,14 +94,8 @@ def register(spec: KernelSpec) -> KernelSpec:
 
 def _ensure_builtin() -> None:
     # Importing the kernel modules registers them; done lazily to keep import light and cycle-free.
-    from moe_passes.kernels import reference  # noqa: F401
-
-    for module in ("triton_moe", "flashinfer_trtllm"):
-        try:
-            __import__(f"moe_passes.kernels.{module}")
-        except ImportError as exc:  # the module itself is optional (e.g. not yet built); say nothing
-            if f"moe_passes.kernels.{module}" not in str(exc):
-                raise
+    # Each guards its own optional dependency (triton, flashinfer), so these imports always succeed.
+    from moe_passes.kernels import flashinfer_trtllm, reference, triton_moe  # noqa: F401
 
 
 def names() -> list[str]:

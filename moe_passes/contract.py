@@ -20,6 +20,7 @@ __all__ = [
     "Alignment",
     "MoEShape",
     "round_up",
+    "pad_dim",
     "is_gated",
     "align_hidden_dim",
     "intermediate_alignment",
@@ -190,7 +191,8 @@ def _pad_last(t: torch.Tensor, amount: int) -> torch.Tensor:
     return out.view(t.dtype) if t.dtype == torch.float8_e4m3fn else out
 
 
-def _pad_dim(t: torch.Tensor, dim: int, amount: int) -> torch.Tensor:
+def pad_dim(t: torch.Tensor, dim: int, amount: int) -> torch.Tensor:
+    """Zero-pad ``t`` by ``amount`` at the end of ``dim`` (float8 padded through its bytes)."""
     if amount == 0:
         return t
     return _pad_last(t.transpose(dim, -1), amount).transpose(dim, -1).contiguous()
@@ -234,8 +236,8 @@ def align_hidden_dim(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tenso
     return (
         _pad_last(w13, extra // 2),
         _pad_last(w13_scale, extra // NVFP4_BLOCK),
-        _pad_dim(w2, 1, extra),
-        _pad_dim(w2_scale, 1, extra),
+        pad_dim(w2, 1, extra),
+        pad_dim(w2_scale, 1, extra),
         hidden_padded,
     )
 
@@ -255,10 +257,10 @@ def align_intermediate_dim(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch
     extra = padded - inter
     if gated:
         halves = [(w13[:, :inter], w13_scale[:, :inter]), (w13[:, inter:], w13_scale[:, inter:])]
-        w13 = torch.cat([_pad_dim(w, 1, extra) for w, _ in halves], dim=1)
-        w13_scale = torch.cat([_pad_dim(s, 1, extra) for _, s in halves], dim=1)
+        w13 = torch.cat([pad_dim(w, 1, extra) for w, _ in halves], dim=1)
+        w13_scale = torch.cat([pad_dim(s, 1, extra) for _, s in halves], dim=1)
     else:
-        w13, w13_scale = _pad_dim(w13, 1, extra), _pad_dim(w13_scale, 1, extra)
+        w13, w13_scale = pad_dim(w13, 1, extra), pad_dim(w13_scale, 1, extra)
     return w13, w13_scale, _pad_last(w2, extra // 2), _pad_last(w2_scale, extra // NVFP4_BLOCK)
 
 

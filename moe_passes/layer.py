@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moe_passes.contract import (ACTIVATIONS, NVFP4_BLOCK, ROUTING_METHODS, MoEShape, align_hidden_dim,
-                                 align_intermediate_dim, is_gated, round_up)
+                                 align_intermediate_dim, is_gated, pad_dim, round_up)
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import default_global_scale, quantize_nvfp4_experts
@@ -40,11 +40,7 @@ def _reprepare_after_load(module: "FusedMoE", incompatible_keys) -> None:
 
 
 def _pad_to_block(w: torch.Tensor, dim: int) -> torch.Tensor:
-    extra = round_up(w.shape[dim], NVFP4_BLOCK) - w.shape[dim]
-    if extra == 0:
-        return w
-    pad = [0, 0] * (w.ndim - 1 - dim % w.ndim) + [0, extra]
-    return torch.nn.functional.pad(w, pad)
+    return pad_dim(w, dim, round_up(w.shape[dim], NVFP4_BLOCK) - w.shape[dim])
 
 
 class FusedMoE(nn.Module):
