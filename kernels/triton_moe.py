@@ -47,6 +47,7 @@ from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShap
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.reference import route
+from moe_passes.kernels.triton_layout import to_triton_layout
 
 try:  # Triton is optional: CPU-only installs do not have it.
     import triton
@@ -55,7 +56,8 @@ except ImportError:  # pragma: no cover - exercised on CPU CI
     triton = None
     tl = None
 
-__all__ = ["TRITON_ALIGNMENT", "TileConfig", "fused_moe_triton", "select_config", "triton_available"]
+__all__ = ["TRITON_ALIGNMENT", "TileConfig", "fused_moe_triton", "prepare_weights", "select_config",
+           "triton_available"]
 
 TRITON_ALIGNMENT = Alignment(hidden=16, intermediate_gated=16, intermediate_plain=16)
 
@@ -84,7 +86,6 @@ class TileConfig:
     split1: int = 1  # decode path: split of GEMM1's reduction (then a separate activation kernel)
     # decode path (bm == 1): the packed-decode GEMV kernels (``bn1``/``bn2`` rows per program, ``warps``
     # warps of 32 threads, each thread one 32-element column: ``bk`` and ``stages`` are unused)
-    qdec: bool = False
     prefetch: bool = False  # packed-decode kernels: issue the next K step's loads before the current math
 
 
@@ -121,7 +122,7 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # this beats the 16-row tensor-core tiles even with ~1.5 pairs per expert (shared weights then
         # come from L2); at 32 tokens it lost (2.3-2.6 pairs per expert).
         return TileConfig(bm=1, bn1=4, bk1=0, warps1=1, stages1=1,
-                          bn2=8, bk2=0, warps2=1, stages2=1, split2=1, qdec=True)
+                          bn2=8, bk2=0, warps2=1, stages2=1, split2=1)
     if rows_per_expert <= 16:
         bm = 16
         touched = min(experts, pairs)
@@ -139,25 +140,77 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
 
 if triton is not None:
 
-    @triton.jit
-    def _dequant_tile(w_ptrs, s_ptrs, mask_b, mask_s, BN: tl.constexpr, BK: tl.constexpr):
-        """Packed NVFP4 tile ``[BN, BK/2]`` bytes + ``[BN, BK/16]`` E4M3 scales -> bf16 ``[BN, BK]``.
+    # One 32-bit word of the Triton layout (8 E2M1 codes, see ``triton_layout``) and a packed pair of
+    # ``bf16(block_scale * 2^119)`` -> 8 bf16 ``e2m1 * block_scale * 2^-7``, exact: the four pairs are cut
+    # out with shifts and masks (bf16 ``e2m1 * 2^-126`` patterns, zero and subnormal included) and each
+    # packed pair is multiplied by the scale with one bf16x2 FMA (adding -0 leaves the product alone).
+    _WORD_PAIRS_ASM = """
+    .reg .b32 p0, p1, p2, p3, t, z;
+    mov.b32 z, 0x80008000;
+    and.b32 p0, $W, 0x81C081C0;
+    shl.b32 p1, $W, 3;
+    and.b32 p1, p1, 0x81C081C0;
+    shl.b32 p2, $W, 6;
+    and.b32 p2, p2, 0x81C081C0;
+    shl.b32 t, $W, 1;
+    and.b32 t, t, 0x80008000;
+    shr.u32 p3, $W, 5;
+    and.b32 p3, p3, 0x01000100;
+    or.b32 t, t, p3;
+    shr.u32 p3, $W, 4;
+    and.b32 p3, p3, 0x00C000C0;
+    or.b32 p3, p3, t;
+    fma.rn.bf16x2 p0, p0, $S, z;
+    fma.rn.bf16x2 p1, p1, $S, z;
+    fma.rn.bf16x2 p2, p2, $S, z;
+    fma.rn.bf16x2 p3, p3, $S, z;
+    """
+    _WORD_TO_BF16_ASM = tl.constexpr("{" + _WORD_PAIRS_ASM.replace("$W", "$8").replace("$S", "$9") + """
+    mov.b32 {$0, $1}, p0;
+    mov.b32 {$2, $3}, p1;
+    mov.b32 {$4, $5}, p2;
+    mov.b32 {$6, $7}, p3;
+    }""")
+    # The same, widened to fp32 for the CUDA-core decode (a bf16 in the high half of a word is its fp32).
+    _WORD_TO_F32_ASM = tl.constexpr("{" + _WORD_PAIRS_ASM.replace("$W", "$8").replace("$S", "$9") + """
+    shl.b32 $0, p0, 16;
+    and.b32 $1, p0, 0xFFFF0000;
+    shl.b32 $2, p1, 16;
+    and.b32 $3, p1, 0xFFFF0000;
+    shl.b32 $4, p2, 16;
+    and.b32 $5, p2, 0xFFFF0000;
+    shl.b32 $6, p3, 16;
+    and.b32 $7, p3, 0xFFFF0000;
+    }""")
 
-        Both formats are turned into fp16 bit patterns: an E2M1 code ``s ee m`` placed at fp16 bits
-        15 / 11..10 / 9 reads as ``e2m1 * 2^-14`` (subnormal 0.5 included); an E4M3 byte ``s eeee mmm``
-        placed at bits 15 / 13..7 reads as ``e4m3 * 2^-8``.  The product times ``2^22`` is exact in bf16.
+    @triton.jit
+    def _scale_pair(s):
+        """E4M3 block-scale bytes -> int32 holding ``bf16(scale * 2^119)`` in both halves (exact).
+
+        The byte ``s eeee mmm`` placed at fp16 bits 15 / 13..7 reads as ``scale * 2^-8`` (subnormals
+        included); times 2^127 it is ``scale * 2^119`` (at most ~2^127.8, inside bf16's range), which
+        makes ``e2m1 * 2^-126 * scale * 2^119`` a normal bf16 for every nonzero product.
         """
-        b = tl.load(w_ptrs, mask=mask_b, other=0).to(tl.int32)
-        lo = ((b & 0x7) << 9) | ((b & 0x8) << 12)
-        hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
-        lo = lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        s = tl.load(s_ptrs, mask=mask_s, other=0).to(tl.int32)
-        s = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        s = s * 4194304.0  # 2^22
-        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BN, BK // 16, 8)), (BN, BK // 2))
-        w = tl.interleave(lo * s, hi * s)
-        return w.to(tl.bfloat16)
+        s = s.to(tl.int32)
+        f = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        b = (f * 1.7014118346046923e38).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return b | (b << 16)
+
+    @triton.jit
+    def _dequant_tile(w_ptrs, s_ptrs, mask_w, mask_s, BN: tl.constexpr, BK: tl.constexpr):
+        """A weight tile in the Triton layout, ``[BN, BK/8]`` words + ``[BN, BK/16]`` E4M3 scales -> bf16 ``[BN, BK]``.
+
+        Values are ``e2m1 * block_scale * 2^-7`` exactly (the caller folds ``2^7`` into its epilogue).
+        """
+        w = tl.load(w_ptrs, mask=mask_w, other=0)
+        sc = _scale_pair(tl.load(s_ptrs, mask=mask_s, other=0))
+        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, BK // 16, 2)), (BN, BK // 8))
+        e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+            _WORD_TO_BF16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, sc], dtype=(tl.bfloat16,) * 8, is_pure=True,
+            pack=1)
+        # nested joins put element n of each word at flat position n of the new [2, 2, 2] axes
+        t = tl.join(tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7)))
+        return tl.reshape(t, (BN, BK))
 
     @triton.jit
     def _mma(a, b_t, acc, F32: tl.constexpr):
@@ -309,13 +362,13 @@ if triton is not None:
         tok = (pair // TOP_K).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < I
-        KB = H // 2
+        KW = H // 8
         KS = H // 16
         N1 = 2 * I if GATED else I
         row_g = e64 * N1 + offs_n
-        wg_ptrs = w_ptr + row_g[:, None] * KB + tl.arange(0, BK // 2)[None, :]
+        wg_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + row_g[:, None] * KW + tl.arange(0, BK // 8)[None, :]
         sg_ptrs = s_ptr + row_g[:, None] * KS + tl.arange(0, BK // 16)[None, :]
-        wu_ptrs = wg_ptrs + I * KB
+        wu_ptrs = wg_ptrs + I * KW
         su_ptrs = sg_ptrs + I * KS
         x_ptrs = x_ptr + tok[:, None] * stride_x + tl.arange(0, BK)[None, :]
         if SWAP:
@@ -326,7 +379,7 @@ if triton is not None:
             acc_u = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, H, BK):
             k_ok = (k0 + tl.arange(0, BK)) < H
-            b_ok = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BK // 2)) < KB)[None, :]
+            b_ok = n_ok[:, None] & ((k0 // 8 + tl.arange(0, BK // 8)) < KW)[None, :]
             s_ok = n_ok[:, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < KS)[None, :]
             x = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
             wg = _dequant_tile(wg_ptrs, sg_ptrs, b_ok, s_ok, BN, BK)
@@ -341,11 +394,11 @@ if triton is not None:
                 else:
                     acc_u = _mma(x, wu, acc_u, F32)
             x_ptrs += BK
-            wg_ptrs += BK // 2
+            wg_ptrs += BK // 8
             sg_ptrs += BK // 16
-            wu_ptrs += BK // 2
+            wu_ptrs += BK // 8
             su_ptrs += BK // 16
-        inv = 1.0 / tl.load(gs_ptr + e)
+        inv = 128.0 / tl.load(gs_ptr + e)  # 2^7: the dequantized tiles carry 2^-7
         if SWAP:
             h = tl.trans(_activation(acc_g * inv, acc_u * inv, ACT))
         else:
@@ -370,12 +423,12 @@ if triton is not None:
         valid = pair < num_pairs
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < H
-        KB = I // 2
+        KW = I // 8
         KS = I // 16
         k_begin = pid_s * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, I)
         row_w = e64 * H + offs_n
-        w_ptrs = w_ptr + row_w[:, None] * KB + (k_begin // 2 + tl.arange(0, BK // 2))[None, :]
+        w_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + row_w[:, None] * KW + (k_begin // 8 + tl.arange(0, BK // 8))[None, :]
         s_ptrs = s_ptr + row_w[:, None] * KS + (k_begin // 16 + tl.arange(0, BK // 16))[None, :]
         a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * I + (k_begin + tl.arange(0, BK))[None, :]
         if SWAP:
@@ -384,7 +437,7 @@ if triton is not None:
             acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(k_begin, k_end, BK):
             k_ok = (k0 + tl.arange(0, BK)) < k_end
-            b_ok = n_ok[:, None] & ((k0 // 2 + tl.arange(0, BK // 2)) < k_end // 2)[None, :]
+            b_ok = n_ok[:, None] & ((k0 // 8 + tl.arange(0, BK // 8)) < k_end // 8)[None, :]
             s_ok = n_ok[:, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < k_end // 16)[None, :]
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             w = _dequant_tile(w_ptrs, s_ptrs, b_ok, s_ok, BN, BK)
@@ -393,103 +446,14 @@ if triton is not None:
             else:
                 acc = _mma(a, w, acc, F32)
             a_ptrs += BK
-            w_ptrs += BK // 2
+            w_ptrs += BK // 8
             s_ptrs += BK // 16
         if SWAP:
             acc = tl.trans(acc_t)
-        scale = tl.load(tw_ptr + pair, mask=valid, other=0.0) / tl.load(gs_ptr + e)
+        scale = tl.load(tw_ptr + pair, mask=valid, other=0.0) * 128.0 / tl.load(gs_ptr + e)
         y = acc * scale[:, None]
         y_ptrs = y_ptr + (pid_s * num_pairs + pair).to(tl.int64)[:, None] * H + offs_n[None, :]
         tl.store(y_ptrs, y, mask=valid[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _gemv_part(b, s, xv):
-        """Per-16-group partial dots of NVFP4 bytes ``b [BN, G, 8]`` (scales ``s [BN, G]``) with ``xv [1, G, 8, 2]``.
-
-        The block scale multiplies the in-thread partial sum of its 16 products, once per group.  The
-        result is ``2^-22`` times the true value (fp16 bit-trick offsets), undone by the caller.
-        """
-        b = b.to(tl.int32)
-        lo = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        hi = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        part = tl.sum(tl.sum(tl.join(lo, hi) * xv, axis=3), axis=2)
-        s = s.to(tl.int32)
-        s = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return part * s
-
-    @triton.jit
-    def _gemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, out_ptr, part_ptr, num_pairs, H, I, stride_x,
-                      k_per_split, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
-                      BN: tl.constexpr, G: tl.constexpr, SPLIT: tl.constexpr):
-        """Decode GEMM1: one program per ((token, expert) pair, BN intermediate columns); no tensor cores.
-
-        The next K step's weights, scales and activations are loaded before the current one is used
-        (register double buffering), so two tiles per program are in flight.  With ``SPLIT > 1`` the
-        reduction is split over a third grid axis and fp32 partial sums go to ``part [SPLIT, pairs, N1]``
-        (the activation then runs in :func:`_act_kernel`).
-        """
-        pair = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        e64 = tl.load(ids_ptr + pair).to(tl.int64)
-        tok = (pair // TOP_K).to(tl.int64)
-        KB = H // 2
-        KS = H // 16
-        N1 = 2 * I if GATED else I
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        n_ok = offs_n < I
-        gi = tl.arange(0, G)
-        ji = tl.arange(0, 8)
-        hi2 = tl.arange(0, 2)
-        row_g = e64 * N1 + offs_n
-        wg_ptrs = w_ptr + row_g[:, None, None] * KB + (gi * 8)[None, :, None] + ji[None, None, :]
-        sg_ptrs = s_ptr + row_g[:, None] * KS + gi[None, :]
-        x_ptrs = x_ptr + tok * stride_x + (gi * 16)[:, None, None] + (ji * 2)[None, :, None] + hi2[None, None, :]
-        UB = I * KB
-        US = I * KS
-        k_begin = pid_s * k_per_split
-        k_end = tl.minimum(k_begin + k_per_split, H)
-        KE = k_end // 16
-        g_ok = (k_begin // 16 + gi) < KE
-        b_ok = n_ok[:, None, None] & g_ok[None, :, None]
-        s_ok = n_ok[:, None] & g_ok[None, :]
-        bg = tl.load(wg_ptrs + k_begin // 2, mask=b_ok, other=0)
-        sg = tl.load(sg_ptrs + k_begin // 16, mask=s_ok, other=0)
-        xv = tl.load(x_ptrs + k_begin, mask=g_ok[:, None, None], other=0.0)
-        if GATED:
-            bu = tl.load(wg_ptrs + (UB + k_begin // 2), mask=b_ok, other=0)
-            su = tl.load(sg_ptrs + (US + k_begin // 16), mask=s_ok, other=0)
-        acc_g = tl.zeros([BN, G], dtype=tl.float32)
-        acc_u = tl.zeros([BN, G], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, G * 16):
-            k1 = k0 + G * 16
-            g_ok = (k1 // 16 + gi) < KE
-            b_ok = n_ok[:, None, None] & g_ok[None, :, None]
-            s_ok = n_ok[:, None] & g_ok[None, :]
-            bg_n = tl.load(wg_ptrs + k1 // 2, mask=b_ok, other=0)
-            sg_n = tl.load(sg_ptrs + k1 // 16, mask=s_ok, other=0)
-            xv_n = tl.load(x_ptrs + k1, mask=g_ok[:, None, None], other=0.0)
-            if GATED:
-                bu_n = tl.load(wg_ptrs + (UB + k1 // 2), mask=b_ok, other=0)
-                su_n = tl.load(sg_ptrs + (US + k1 // 16), mask=s_ok, other=0)
-            xf = xv.to(tl.float32)[None, :, :, :]
-            acc_g += _gemv_part(bg, sg, xf)
-            if GATED:
-                acc_u += _gemv_part(bu, su, xf)
-                bu = bu_n
-                su = su_n
-            bg = bg_n
-            sg = sg_n
-            xv = xv_n
-        inv = 256.0 * 16384.0 / tl.load(gs_ptr + e64)  # undo the fp16 bit-trick exponent offsets
-        if SPLIT == 1:
-            h = _activation(tl.sum(acc_g, axis=1) * inv, tl.sum(acc_u, axis=1) * inv, ACT)
-            tl.store(out_ptr + pair.to(tl.int64) * I + offs_n, h.to(tl.bfloat16), mask=n_ok)
-        else:
-            p_ptrs = part_ptr + (pid_s * num_pairs + pair).to(tl.int64) * N1 + offs_n
-            tl.store(p_ptrs, tl.sum(acc_g, axis=1) * inv, mask=n_ok)
-            if GATED:
-                tl.store(p_ptrs + I, tl.sum(acc_u, axis=1) * inv, mask=n_ok)
 
     @triton.jit
     def _act_kernel(part_ptr, out_ptr, num_pairs, I, GATED: tl.constexpr, ACT: tl.constexpr,
@@ -509,89 +473,12 @@ if triton is not None:
         tl.store(out_ptr + pair * I + offs, _activation(g, u, ACT).to(tl.bfloat16), mask=ok)
 
     @triton.jit
-    def _gemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, tw_ptr, y_ptr, num_pairs, H, I, k_per_split,
-                      BN: tl.constexpr, G: tl.constexpr):
-        """Decode GEMM2: one program per (pair, BN hidden columns, K split); routing weight in the epilogue."""
-        pair = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        e64 = tl.load(ids_ptr + pair).to(tl.int64)
-        KB = I // 2
-        KS = I // 16
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        n_ok = offs_n < H
-        gi = tl.arange(0, G)
-        ji = tl.arange(0, 8)
-        hi2 = tl.arange(0, 2)
-        k_begin = pid_s * k_per_split
-        k_end = tl.minimum(k_begin + k_per_split, I)
-        row = e64 * H + offs_n
-        w_ptrs = w_ptr + row[:, None, None] * KB + (gi * 8)[None, :, None] + ji[None, None, :]
-        s_ptrs = s_ptr + row[:, None] * KS + gi[None, :]
-        a_ptrs = a_ptr + pair.to(tl.int64) * I + (gi * 16)[:, None, None] + (ji * 2)[None, :, None] + hi2[None, None, :]
-        g_ok = (k_begin // 16 + gi) < k_end // 16
-        b = tl.load(w_ptrs + k_begin // 2, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-        s = tl.load(s_ptrs + k_begin // 16, mask=n_ok[:, None] & g_ok[None, :], other=0)
-        av = tl.load(a_ptrs + k_begin, mask=g_ok[:, None, None], other=0.0)
-        acc = tl.zeros([BN, G], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, G * 16):
-            k1 = k0 + G * 16
-            g_ok = (k1 // 16 + gi) < k_end // 16
-            b_n = tl.load(w_ptrs + k1 // 2, mask=n_ok[:, None, None] & g_ok[None, :, None], other=0)
-            s_n = tl.load(s_ptrs + k1 // 16, mask=n_ok[:, None] & g_ok[None, :], other=0)
-            av_n = tl.load(a_ptrs + k1, mask=g_ok[:, None, None], other=0.0)
-            acc += _gemv_part(b, s, av.to(tl.float32)[None, :, :, :])
-            b = b_n
-            s = s_n
-            av = av_n
-        scale = tl.load(tw_ptr + pair) * (256.0 * 16384.0) / tl.load(gs_ptr + e64)
-        y = tl.sum(acc, axis=1) * scale
-        tl.store(y_ptr + (pid_s * num_pairs + pair).to(tl.int64) * H + offs_n, y, mask=n_ok)
-
-    # One E2M1 word (8 nibbles, element i in nibble i) -> 8 fp32 values, each ``e2m1 * 2^-14`` exactly.
-    # Two nibbles (i, i+4) go to one packed f16x2 at a time: the 3 magnitude bits to fp16 bits 9..11 (an
-    # fp16 subnormal/normal that reads as e2m1 * 2^-14), the sign to bit 15; then one convert per element.
-    _E2M1X8_ASM = tl.constexpr("""{
-    .reg .b32 m0, m1, m2, m3, s0, s1, s2;
-    .reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;
-    shl.b32 m0, $8, 9;
-    shl.b32 s0, $8, 12;
-    and.b32 m0, m0, 0x0E000E00;
-    and.b32 s0, s0, 0x80008000;
-    or.b32 m0, m0, s0;
-    shl.b32 m1, $8, 5;
-    shl.b32 s1, $8, 8;
-    and.b32 m1, m1, 0x0E000E00;
-    and.b32 s1, s1, 0x80008000;
-    or.b32 m1, m1, s1;
-    shl.b32 m2, $8, 1;
-    shl.b32 s2, $8, 4;
-    and.b32 m2, m2, 0x0E000E00;
-    and.b32 s2, s2, 0x80008000;
-    or.b32 m2, m2, s2;
-    shr.u32 m3, $8, 3;
-    and.b32 m3, m3, 0x0E000E00;
-    and.b32 s0, $8, 0x80008000;
-    or.b32 m3, m3, s0;
-    mov.b32 {h0, h4}, m0;
-    mov.b32 {h1, h5}, m1;
-    mov.b32 {h2, h6}, m2;
-    mov.b32 {h3, h7}, m3;
-    cvt.f32.f16 $0, h0;
-    cvt.f32.f16 $1, h1;
-    cvt.f32.f16 $2, h2;
-    cvt.f32.f16 $3, h3;
-    cvt.f32.f16 $4, h4;
-    cvt.f32.f16 $5, h5;
-    cvt.f32.f16 $6, h6;
-    cvt.f32.f16 $7, h7;
-    }""")
-
-    @triton.jit
-    def _dot8(w, xa, xb, acc):
-        """``acc + sum_i e2m1(w nibble i) * 2^-14 * x_i``: ``w`` int32 words, ``xa``/``xb`` int64 = 8 bf16 (broadcast)."""
+    def _dot8(w, sc, xa, xb, acc):
+        """``acc + sum_i w_i * x_i`` over one word: ``w`` int32 (Triton layout), ``sc`` its scale pair
+        (:func:`_scale_pair`), ``xa``/``xb`` int64 = 8 bf16 activations.  The products carry ``2^-7``."""
         e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
-            _E2M1X8_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+            _WORD_TO_F32_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [w, sc], dtype=(tl.float32,) * 8, is_pure=True,
+            pack=1)
         a0 = xa.to(tl.int32)
         a1 = (xa >> 32).to(tl.int32)
         b0 = xb.to(tl.int32)
@@ -608,12 +495,10 @@ if triton is not None:
 
     @triton.jit
     def _dot16(wq, s, xa, xb, xc, xd, acc):
-        """``acc + scale * (16-element dot)``: ``wq`` int64 = one NVFP4 group, ``s`` its E4M3 byte (x 2^-22 overall)."""
-        part = _dot8(wq.to(tl.int32), xa, xb, tl.zeros_like(acc))
-        part = _dot8((wq >> 32).to(tl.int32), xc, xd, part)
-        s = s.to(tl.int32)
-        s = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return acc + part * s
+        """``acc + (16-element dot) * 2^-7``: ``wq`` int64 = one NVFP4 group (two words), ``s`` its E4M3 byte."""
+        sc = _scale_pair(s)
+        acc = _dot8(wq.to(tl.int32), sc, xa, xb, acc)
+        return _dot8((wq >> 32).to(tl.int32), sc, xc, xd, acc)
 
     @triton.jit
     def _qload(w_ptrs, s_ptrs, x_ptrs, g0, g_end, c2, n_ok, UW, GATED: tl.constexpr):
@@ -709,7 +594,7 @@ if triton is not None:
         acc_u = tl.zeros([NC, BN], dtype=tl.float32)
         acc_g, acc_u = _qsteps(w_ptrs, s_ptrs, x_ptrs, g_begin, g_end, c2, n_ok, I * KG, acc_g, acc_u,
                                GATED, NC, PREFETCH)
-        inv = 256.0 * 16384.0 / tl.load(gs_ptr + e64)  # undo the fp16 bit-trick exponent offsets
+        inv = 128.0 / tl.load(gs_ptr + e64)  # the products carry 2^-7
         ok = offs_n < I
         if SPLIT == 1:
             h = _activation(tl.sum(acc_g, axis=0) * inv, tl.sum(acc_u, axis=0) * inv, ACT)
@@ -741,7 +626,7 @@ if triton is not None:
         g_end = tl.minimum(k_begin + k_per_split, I) // 16
         acc = tl.zeros([NC, BN], dtype=tl.float32)
         acc, _ = _qsteps(w_ptrs, s_ptrs, a_ptrs, g_begin, g_end, c2, n_ok, 0, acc, acc, False, NC, PREFETCH)
-        scale = tl.load(tw_ptr + pair) * (256.0 * 16384.0) / tl.load(gs_ptr + e64)
+        scale = tl.load(tw_ptr + pair) * 128.0 / tl.load(gs_ptr + e64)
         y = tl.sum(acc, axis=0) * scale
         tl.store(y_ptr + (pid_s * num_pairs + pair).to(tl.int64) * H + offs_n, y, mask=offs_n < H)
 
@@ -817,7 +702,11 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                      routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
                      topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
                      out: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None) -> torch.Tensor:
-    """The NVFP4 MoE layer on bf16 ``hidden_states [T, Hp]`` (``Hp`` = the weights' hidden size)."""
+    """The NVFP4 MoE layer on bf16 ``hidden_states [T, Hp]`` (``Hp`` = the weights' hidden size).
+
+    ``weights`` must come from :func:`prepare_weights` (or the registry's ``prepare``): the E2M1 bytes
+    are read in the Triton layout, not the canonical one.
+    """
     if triton is None:
         raise MoEConfigError("the triton MoE kernel needs the 'triton' package")
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
@@ -848,7 +737,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
     split = cfg.split2
     # the packed-decode kernels split K at 32-element (2-group) granularity, the others at their tile's
-    k_step2 = 32 if (cfg.bm == 1 and cfg.qdec) else cfg.bk2
+    k_step2 = 32 if cfg.bm == 1 else cfg.bk2
     k_per_split = triton.cdiv(triton.cdiv(inter, split), k_step2) * k_step2
     split = triton.cdiv(inter, k_per_split)
     y = torch.empty(split, pairs, hidden, dtype=torch.float32, device=device)
@@ -857,12 +746,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
         # run together, so pairs that share an expert read its weights from L2.
         inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
-        if cfg.qdec:
-            _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
-                           pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split)
-        else:
-            _decode_gemv(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
-                         pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, n1)
+        _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
+                       pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split)
     else:
         bm = cfg.bm
         max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
@@ -892,28 +777,6 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),
                                                           TOP_K=top_k, SPLIT=split, BLOCK=block, num_warps=4)
     return out
-
-
-def _decode_gemv(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
-                 pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, n1):
-    """Decode GEMMs, first-generation kernels (``TileConfig.qdec`` off)."""
-    device = hidden_states.device
-    split1 = cfg.split1
-    k_per_split1 = triton.cdiv(triton.cdiv(hidden, split1), cfg.bk1) * cfg.bk1
-    split1 = triton.cdiv(hidden, k_per_split1)
-    part = torch.empty(split1, pairs, n1, dtype=torch.float32, device=device) if split1 > 1 else inter_buf
-    _gemv1_kernel[(pairs, triton.cdiv(inter, cfg.bn1), split1)](
-        hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, inter_buf, part, pairs,
-        hidden, inter, hidden_states.stride(0), k_per_split1,
-        TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], BN=cfg.bn1, G=cfg.bk1 // 16, SPLIT=split1,
-        num_warps=cfg.warps1, num_stages=cfg.stages1)
-    if split1 > 1:
-        _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
-                                                      ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
-                                                      num_warps=4)
-    _gemv2_kernel[(pairs, triton.cdiv(hidden, cfg.bn2), split)](
-        inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, topk_w, y, pairs, hidden, inter, k_per_split,
-        BN=cfg.bn2, G=cfg.bk2 // 16, num_warps=cfg.warps2, num_stages=cfg.stages2)
 
 
 def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
@@ -946,12 +809,22 @@ def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, f
         BN=cfg.bn2, NC=32 * cfg.warps2, PREFETCH=cfg.prefetch, num_warps=cfg.warps2, num_stages=1)
 
 
+def prepare_weights(weights: registry.MoEWeights) -> registry.MoEWeights:
+    """Canonical NVFP4 weights -> what :func:`fused_moe_triton` reads (done once, never per call).
+
+    The E2M1 bytes of ``w13`` and ``w2`` get the bit placement of :mod:`triton_layout` (same shapes and
+    dtypes: the registry's contract); scales and global scales are only made contiguous.
+    """
+    w13, s13, g13, w2, s2, g2 = weights
+    return registry.MoEWeights(to_triton_layout(w13), s13.contiguous(), g13.contiguous(),
+                               to_triton_layout(w2), s2.contiguous(), g2.contiguous())
+
+
 def _prepare(weights: registry.MoEWeights, shape: MoEShape) -> registry.MoEWeights:
-    """The kernel reads the canonical layout directly: only make every tensor contiguous (once)."""
     if shape.hidden_padded % 16 or shape.intermediate_padded % 16:
         raise MoEConfigError(f"triton MoE needs hidden and intermediate sizes that are multiples of 16, got "
                              f"{shape.hidden_padded} and {shape.intermediate_padded}")
-    return registry.MoEWeights(*(t.contiguous() for t in weights))
+    return prepare_weights(weights)
 
 
 def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_global_scale, intermediate_global_scale,

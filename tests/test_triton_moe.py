@@ -53,7 +53,7 @@ def _routing_kwargs(routing, experts, device, g):
 
 
 def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec=False):
-    from moe_passes.kernels.triton_moe import fused_moe_triton
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
@@ -69,15 +69,16 @@ def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec
                          activation=activation, alignment=spec.alignment)
         prepared = spec.prepare(weights, shape)
         for a, b in zip(prepared, weights):
-            assert a.shape == b.shape and a.dtype == b.dtype
+            assert a.shape == b.shape and a.dtype == b.dtype  # the registry's contract: only byte order moves
+        assert not torch.equal(prepared.w13, weights.w13)  # ... and here it does (the Triton layout)
         args = registry.RunArgs(top_k=kw["top_k"], activation=activation, routing=routing,
                                 n_group=kw.get("n_group"), topk_group=kw.get("topk_group"),
                                 routed_scaling_factor=kw.get("routed_scaling_factor"))
         out = spec.run(x, logits, prepared, None, None, bias, args)
     else:
         out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned
-        res = fused_moe_triton(x, logits, weights, activation=activation, routing=routing, routing_bias=bias,
-                               out=out, **kw)
+        res = fused_moe_triton(x, logits, prepare_weights(weights), activation=activation, routing=routing,
+                               routing_bias=bias, out=out, **kw)
         assert res.data_ptr() == out.data_ptr()
     torch.cuda.synchronize()
     assert out.shape == (tokens, hidden) and out.dtype == torch.bfloat16
@@ -118,16 +119,17 @@ def test_through_registry_spec(tokens):
 @needs_gpu
 @pytest.mark.parametrize("tokens", [1, 16, 2500])
 def test_cuda_graph_capture_and_workspace(tokens):
-    from moe_passes.kernels.triton_moe import fused_moe_triton
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
     hidden, inter, experts, top_k = 1024, 512, 32, 4
     weights = _make_layer(hidden, inter, experts, "silu", device, seed=3)
+    kernel_weights = prepare_weights(weights)
     x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
     logits = torch.randn(tokens, experts, device=device)
 
     def layer():
-        return fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize")
+        return fused_moe_triton(x, logits, kernel_weights, top_k=top_k, activation="silu", routing="renormalize")
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -160,26 +162,21 @@ def test_cuda_graph_capture_and_workspace(tokens):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", ["gemv", "gemv_split1", "qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
+@pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
                                      "mma64", "mma128_torch_align"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path (decode GEMV with and without split GEMM1, tensor-core tiles, both groupings)."""
     from moe_passes.kernels import triton_moe
-    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton
+    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
 
     configs = {
-        "gemv": TileConfig(bm=1, bn1=8, bk1=512, warps1=4, stages1=1, bn2=16, bk2=128, warps2=2, stages2=1, split2=2),
-        "gemv_split1": TileConfig(bm=1, bn1=16, bk1=128, warps1=2, stages1=1, bn2=16, bk2=128, warps2=2, stages2=1,
-                                  split2=4, split1=4),
-        "qdec": TileConfig(bm=1, bn1=8, bk1=0, warps1=2, stages1=1, bn2=16, bk2=0, warps2=1, stages2=1, split2=2,
-                           qdec=True),
+        "qdec": TileConfig(bm=1, bn1=8, bk1=0, warps1=2, stages1=1, bn2=16, bk2=0, warps2=1, stages2=1, split2=2),
         "qdec_split": TileConfig(bm=1, bn1=4, bk1=0, warps1=1, stages1=1, bn2=8, bk2=0, warps2=2, stages2=1, split2=3,
-                                 split1=3, qdec=True),
-        "qdec_wide": TileConfig(bm=1, bn1=16, bk1=0, warps1=4, stages1=1, bn2=32, bk2=0, warps2=4, stages2=1, split2=1,
-                                qdec=True),
+                                 split1=3),
+        "qdec_wide": TileConfig(bm=1, bn1=16, bk1=0, warps1=4, stages1=1, bn2=32, bk2=0, warps2=4, stages2=1, split2=1),
         "qdec_prefetch": TileConfig(bm=1, bn1=2, bk1=0, warps1=1, stages1=1, bn2=4, bk2=0, warps2=1, stages2=1,
-                                    split2=2, qdec=True, prefetch=True),
+                                    split2=2, prefetch=True),
         "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4, split2=2),
         "mma16_swap": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4,
                                  split2=2, swap=True),
@@ -196,8 +193,8 @@ def test_tile_variants(variant, activation):
     ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation=activation, routing="default",
                               quantize_activations=False)
     out = torch.full_like(ref, float("nan"))
-    fused_moe_triton(x, logits, weights, top_k=top_k, activation=activation, routing="default", out=out,
-                     config=configs[variant])
+    fused_moe_triton(x, logits, prepare_weights(weights), top_k=top_k, activation=activation, routing="default",
+                     out=out, config=configs[variant])
     assert tokens * top_k > triton_moe._SMALL_ALIGN_PAIRS or variant != "mma128_torch_align"
     torch.cuda.synchronize()
     assert not out.isnan().any()
@@ -205,7 +202,7 @@ def test_tile_variants(variant, activation):
     assert rel < 1e-2, rel
 
 
-_QDEC = dict(bm=1, bk1=0, stages1=1, bk2=0, stages2=1, qdec=True)
+_QDEC = dict(bm=1, bk1=0, stages1=1, bk2=0, stages2=1)
 
 
 @pytest.mark.gpu
@@ -216,7 +213,7 @@ _QDEC = dict(bm=1, bk1=0, stages1=1, bk2=0, stages2=1, qdec=True)
 def test_packed_decode_edges(activation, hidden, inter, split1, split2, prefetch):
     """The packed-decode GEMV kernels: odd group counts, K splits that end inside a 32-element column,
     every activation, a strided (non-contiguous) activation input; fresh inputs, poisoned output."""
-    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton
+    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
     experts, top_k, tokens = 16, 4, 3
@@ -230,8 +227,8 @@ def test_packed_decode_edges(activation, hidden, inter, split1, split2, prefetch
                               routing="renormalize", quantize_activations=False)
     cfg = TileConfig(bn1=4, warps1=1, bn2=8, warps2=2, split1=split1, split2=split2, prefetch=prefetch, **_QDEC)
     out = torch.full_like(ref, float("nan"))
-    fused_moe_triton(x, logits, weights, top_k=top_k, activation=activation, routing="renormalize", out=out,
-                     config=cfg)
+    fused_moe_triton(x, logits, prepare_weights(weights), top_k=top_k, activation=activation, routing="renormalize",
+                     out=out, config=cfg)
     torch.cuda.synchronize()
     assert not out.isnan().any()
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -241,20 +238,20 @@ def test_packed_decode_edges(activation, hidden, inter, split1, split2, prefetch
 
 @pytest.mark.gpu
 @needs_gpu
-def test_packed_decode_matches_first_gemv():
-    """Both decode kernels compute the same exact products with fp32 sums: outputs agree closely."""
-    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton
+def test_decode_gemv_matches_tensor_core_tiles():
+    """The CUDA-core decode and the tensor-core tiles both sum exact products in fp32: they agree closely."""
+    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
     hidden, inter, experts, top_k, tokens = 2048, 768, 32, 8, 2
-    weights = _make_layer(hidden, inter, experts, "silu", device, seed=21)
+    weights = prepare_weights(_make_layer(hidden, inter, experts, "silu", device, seed=21))
     g = torch.Generator(device="cpu").manual_seed(22)
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
-    old = TileConfig(bm=1, bn1=8, bk1=512, warps1=4, stages1=1, bn2=16, bk2=128, warps2=2, stages2=1, split2=2)
-    new = TileConfig(bn1=8, warps1=2, bn2=16, warps2=1, split2=2, **_QDEC)
-    a = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=old)
-    b = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=new)
+    mma = TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4, split2=2)
+    gemv = TileConfig(bn1=8, warps1=2, bn2=16, warps2=1, split2=2, **_QDEC)
+    a = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=mma)
+    b = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=gemv)
     torch.cuda.synchronize()
     rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
     assert rel < 2e-3, rel

@@ -1,0 +1,104 @@
+"""The Triton kernel's weight layout: E2M1 nibbles re-placed inside each 32-bit word, once, at preparation.
+
+The canonical layout keeps element ``i`` of a word (8 consecutive elements along K) in nibble ``i``
+(``sign | e1 e0 m``).  The kernels want bf16 bit patterns: a code placed with its magnitude bits at bf16
+bits 8..6 and its sign at bit 15 reads as ``e2m1 * 2^-126`` (codes 0 and 1 become the bf16 zero and
+subnormal), and two of them in one 32-bit register are a packed ``bf16x2``.  The layout here puts the
+bits so that every pair ``(2j, 2j+1)`` comes out with at most three shifts and masks::
+
+    pair 0 (e0, e1):  w        & 0x81C081C0
+    pair 1 (e2, e3): (w << 3)  & 0x81C081C0
+    pair 2 (e4, e5): (w << 6)  & 0x81C081C0
+    pair 3 (e6, e7): ((w >> 4) & 0x00C000C0) | ((w >> 5) & 0x01000100) | ((w << 1) & 0x80008000)
+
+which is 11 integer operations for 8 elements (the canonical layout needs 19 plus 8 conversions).
+``0x81C081C0`` is the sign and magnitude bits of both bf16 halves; the three translates ``0, -3, -6``
+of that pattern are the only ones that do not overlap, so the last pair takes the 8 bits left over.
+
+Block scales (E4M3, linear ``[..., K/16]``) and global scales are not touched.  Everything here is
+plain torch (it runs on the CPU), so the CPU tests can check the layout against the canonical decode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["to_triton_layout", "from_triton_layout", "emulate_word_decode", "PAIR_MASK"]
+
+PAIR_MASK = 0x81C081C0
+
+# element -> (bit of code bit 0, code bit 1, code bit 2, sign) inside the 32-bit word
+_PLACES = (
+    (6, 7, 8, 15), (22, 23, 24, 31),  # pair 0: where bf16 wants them
+    (3, 4, 5, 12), (19, 20, 21, 28),  # pair 1: three bits lower
+    (0, 1, 2, 9), (16, 17, 18, 25),   # pair 2: six bits lower
+    (10, 11, 13, 14), (26, 27, 29, 30),  # pair 3: the bits left over
+)
+_CHUNK_WORDS = 1 << 22  # bounds the int64 temporaries (32 MiB each) when preparing large experts
+
+
+def _check(packed: torch.Tensor, name: str) -> None:
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError(f"{name} must be a uint8 tensor of packed E2M1 pairs, got "
+                         f"{getattr(packed, 'dtype', type(packed).__name__)}")
+    if packed.ndim < 1 or packed.shape[-1] % 4:
+        raise ValueError(f"{name}: the last dimension ({tuple(packed.shape)}) must be a multiple of 4 bytes "
+                         "(8 elements per 32-bit word)")
+
+
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    """Little-endian 32-bit words as non-negative int64, flat."""
+    b = packed.contiguous().reshape(-1, 4).to(torch.int64)
+    return b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
+
+
+def _bytes(words: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(words >> s) & 0xFF for s in (0, 8, 16, 24)], dim=1).to(torch.uint8)
+
+
+def _permute(packed: torch.Tensor, forward: bool) -> torch.Tensor:
+    out = torch.empty_like(packed, memory_format=torch.contiguous_format)
+    src = packed.contiguous().view(-1)
+    dst = out.view(-1)
+    for start in range(0, src.numel(), 4 * _CHUNK_WORDS):
+        w = _words(src[start:start + 4 * _CHUNK_WORDS])
+        r = torch.zeros_like(w)
+        for i, places in enumerate(_PLACES):
+            for bit, place in enumerate(places):
+                if forward:  # canonical nibble bit (4i + bit) -> place
+                    r |= ((w >> (4 * i + bit)) & 1) << place
+                else:
+                    r |= ((w >> place) & 1) << (4 * i + bit)
+        dst[start:start + 4 * _CHUNK_WORDS] = _bytes(r).view(-1)
+    return out
+
+
+def to_triton_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Canonical packed E2M1 bytes ``[..., K/2]`` -> the Triton kernel's layout (same shape, dtype, device)."""
+    _check(packed, "packed")
+    return _permute(packed, forward=True)
+
+
+def from_triton_layout(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_triton_layout`."""
+    _check(packed, "packed")
+    return _permute(packed, forward=False)
+
+
+def emulate_word_decode(packed: torch.Tensor) -> torch.Tensor:
+    """What the kernels' PTX computes from the Triton layout, in torch: bf16 ``e2m1 * 2^-126`` values.
+
+    Returns float32 ``[..., K]`` (the bf16 patterns widened); multiplied by ``2^126`` this must equal the
+    canonical decode.  Used by the CPU tests to pin the bit contract the GPU code relies on.
+    """
+    _check(packed, "packed")
+    w = _words(packed)
+    pairs = [w & PAIR_MASK, (w << 3) & PAIR_MASK, (w << 6) & PAIR_MASK,
+             ((w >> 4) & 0x00C000C0) | ((w >> 5) & 0x01000100) | ((w << 1) & 0x80008000)]
+    halves = []
+    for p in pairs:
+        halves += [p & 0xFFFF, (p >> 16) & 0xFFFF]
+    bits = torch.stack(halves, dim=1)  # [words, 8] bf16 patterns in element order
+    bits = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16)
+    vals = bits.view(torch.bfloat16).to(torch.float32)
+    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
