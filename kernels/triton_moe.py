@@ -87,6 +87,7 @@ class TileConfig:
     # decode path (bm == 1): the packed-decode GEMV kernels (``bn1``/``bn2`` rows per program, ``warps``
     # warps of 32 threads, each thread one 32-element column: ``bk`` and ``stages`` are unused)
     prefetch: bool = False  # packed-decode kernels: issue the next K step's loads before the current math
+    wprefetch: int = 0  # tensor-core path: K steps (0-2) the weight words are loaded ahead of their use
 
 
 def triton_available(device=None) -> bool:
@@ -197,13 +198,12 @@ if triton is not None:
         return b | (b << 16)
 
     @triton.jit
-    def _dequant_tile(w_ptrs, s_ptrs, mask_w, mask_s, BN: tl.constexpr, BK: tl.constexpr):
-        """A weight tile in the Triton layout, ``[BN, BK/8]`` words + ``[BN, BK/16]`` E4M3 scales -> bf16 ``[BN, BK]``.
+    def _dequant_words(w, s, BN: tl.constexpr, BK: tl.constexpr):
+        """A weight tile in the Triton layout, ``[BN, BK/8]`` words + ``[BN, BK/16]`` E4M3 scale bytes -> bf16 ``[BN, BK]``.
 
         Values are ``e2m1 * block_scale * 2^-7`` exactly (the caller folds ``2^7`` into its epilogue).
         """
-        w = tl.load(w_ptrs, mask=mask_w, other=0)
-        sc = _scale_pair(tl.load(s_ptrs, mask=mask_s, other=0))
+        sc = _scale_pair(s)
         sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, BK // 16, 2)), (BN, BK // 8))
         e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
             _WORD_TO_BF16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, sc], dtype=(tl.bfloat16,) * 8, is_pure=True,
@@ -344,12 +344,26 @@ if triton is not None:
             tl.store(sorted_ptr + start + rank, offs, mask=ok)
 
     @triton.jit
+    def _wload(w_ptrs, s_ptrs, step, k_words, k_groups, n_ok, BK: tl.constexpr):
+        """Raw weight words ``[BN, BK/8]`` and scale bytes ``[BN, BK/16]`` of K step ``step`` (masked at the K end)."""
+        w_ok = n_ok[:, None] & ((step * (BK // 8) + tl.arange(0, BK // 8)) < k_words)[None, :]
+        s_ok = n_ok[:, None] & ((step * (BK // 16) + tl.arange(0, BK // 16)) < k_groups)[None, :]
+        w = tl.load(w_ptrs + step * (BK // 8), mask=w_ok, other=0)
+        s = tl.load(s_ptrs + step * (BK // 16), mask=s_ok, other=0)
+        return w, s
+
+    @triton.jit
     def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr,
                       num_pairs, H, I, stride_x,
                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
-                      SWAP: tl.constexpr):
-        # SWAP computes (W X^T): the dequantized weights are then the register operand of the MMA.
+                      SWAP: tl.constexpr, PF: tl.constexpr = 0):
+        """GEMM1 + activation on tensor cores: one program per (row block of one expert, BN columns).
+
+        SWAP computes (W X^T): the dequantized weights are then the register operand of the MMA.  PF (0-2)
+        is how many K steps ahead the weight words and scales are loaded into registers: Triton's
+        pipeliner only stages loads that feed a dot directly, and these feed the dequantization.
+        """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(bexp_ptr + pid_m)
@@ -377,27 +391,47 @@ if triton is not None:
         else:
             acc_g = tl.zeros([BM, BN], dtype=tl.float32)
             acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, H, BK):
-            k_ok = (k0 + tl.arange(0, BK)) < H
-            b_ok = n_ok[:, None] & ((k0 // 8 + tl.arange(0, BK // 8)) < KW)[None, :]
-            s_ok = n_ok[:, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < KS)[None, :]
-            x = tl.load(x_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            wg = _dequant_tile(wg_ptrs, sg_ptrs, b_ok, s_ok, BN, BK)
+        # register queue of raw weight tiles: a = next step to use, b = the one after
+        if PF >= 1:
+            wg_a, sg_a = _wload(wg_ptrs, sg_ptrs, 0, KW, KS, n_ok, BK)
+            if GATED:
+                wu_a, su_a = _wload(wu_ptrs, su_ptrs, 0, KW, KS, n_ok, BK)
+        if PF >= 2:
+            wg_b, sg_b = _wload(wg_ptrs, sg_ptrs, 1, KW, KS, n_ok, BK)
+            if GATED:
+                wu_b, su_b = _wload(wu_ptrs, su_ptrs, 1, KW, KS, n_ok, BK)
+        for step in range(0, tl.cdiv(H, BK)):
+            k_ok = (step * BK + tl.arange(0, BK)) < H
+            x = tl.load(x_ptrs + step * BK, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            if PF == 0:
+                wg_c, sg_c = _wload(wg_ptrs, sg_ptrs, step, KW, KS, n_ok, BK)
+                if GATED:
+                    wu_c, su_c = _wload(wu_ptrs, su_ptrs, step, KW, KS, n_ok, BK)
+            elif PF == 1:
+                wg_c, sg_c = wg_a, sg_a
+                wg_a, sg_a = _wload(wg_ptrs, sg_ptrs, step + 1, KW, KS, n_ok, BK)
+                if GATED:
+                    wu_c, su_c = wu_a, su_a
+                    wu_a, su_a = _wload(wu_ptrs, su_ptrs, step + 1, KW, KS, n_ok, BK)
+            else:
+                wg_c, sg_c = wg_a, sg_a
+                wg_a, sg_a = wg_b, sg_b
+                wg_b, sg_b = _wload(wg_ptrs, sg_ptrs, step + 2, KW, KS, n_ok, BK)
+                if GATED:
+                    wu_c, su_c = wu_a, su_a
+                    wu_a, su_a = wu_b, su_b
+                    wu_b, su_b = _wload(wu_ptrs, su_ptrs, step + 2, KW, KS, n_ok, BK)
+            wg = _dequant_words(wg_c, sg_c, BN, BK)
             if SWAP:
                 acc_g = _mma(wg, x, acc_g, F32)
             else:
                 acc_g = _mma(x, wg, acc_g, F32)
             if GATED:
-                wu = _dequant_tile(wu_ptrs, su_ptrs, b_ok, s_ok, BN, BK)
+                wu = _dequant_words(wu_c, su_c, BN, BK)
                 if SWAP:
                     acc_u = _mma(wu, x, acc_u, F32)
                 else:
                     acc_u = _mma(x, wu, acc_u, F32)
-            x_ptrs += BK
-            wg_ptrs += BK // 8
-            sg_ptrs += BK // 16
-            wu_ptrs += BK // 8
-            su_ptrs += BK // 16
         inv = 128.0 / tl.load(gs_ptr + e)  # 2^7: the dequantized tiles carry 2^-7
         if SWAP:
             h = tl.trans(_activation(acc_g * inv, acc_u * inv, ACT))
@@ -410,7 +444,8 @@ if triton is not None:
     def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
                       num_pairs, H, I, k_per_split,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
-                      SWAP: tl.constexpr):
+                      SWAP: tl.constexpr, PF: tl.constexpr = 0):
+        """GEMM2 on tensor cores, routing weight in the epilogue, fp32 rows per (pair, K split); PF as in GEMM1."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -423,31 +458,41 @@ if triton is not None:
         valid = pair < num_pairs
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < H
-        KW = I // 8
-        KS = I // 16
         k_begin = pid_s * k_per_split
         k_end = tl.minimum(k_begin + k_per_split, I)
         row_w = e64 * H + offs_n
-        w_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + row_w[:, None] * KW + (k_begin // 8 + tl.arange(0, BK // 8))[None, :]
-        s_ptrs = s_ptr + row_w[:, None] * KS + (k_begin // 16 + tl.arange(0, BK // 16))[None, :]
+        # pointers start at this split's first K element; the bounds below are relative to it
+        w_ptrs = (w_ptr.to(tl.pointer_type(tl.int32)) + row_w[:, None] * (I // 8) + k_begin // 8
+                  + tl.arange(0, BK // 8)[None, :])
+        s_ptrs = s_ptr + row_w[:, None] * (I // 16) + k_begin // 16 + tl.arange(0, BK // 16)[None, :]
         a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * I + (k_begin + tl.arange(0, BK))[None, :]
+        kw = (k_end - k_begin) // 8
+        ks = (k_end - k_begin) // 16
         if SWAP:
             acc_t = tl.zeros([BN, BM], dtype=tl.float32)
         else:
             acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BK):
-            k_ok = (k0 + tl.arange(0, BK)) < k_end
-            b_ok = n_ok[:, None] & ((k0 // 8 + tl.arange(0, BK // 8)) < k_end // 8)[None, :]
-            s_ok = n_ok[:, None] & ((k0 // 16 + tl.arange(0, BK // 16)) < k_end // 16)[None, :]
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            w = _dequant_tile(w_ptrs, s_ptrs, b_ok, s_ok, BN, BK)
+        if PF >= 1:
+            w_a, s_a = _wload(w_ptrs, s_ptrs, 0, kw, ks, n_ok, BK)
+        if PF >= 2:
+            w_b, s_b = _wload(w_ptrs, s_ptrs, 1, kw, ks, n_ok, BK)
+        for step in range(0, tl.cdiv(k_end - k_begin, BK)):
+            k_ok = (k_begin + step * BK + tl.arange(0, BK)) < k_end
+            a = tl.load(a_ptrs + step * BK, mask=k_ok[None, :], other=0.0)
+            if PF == 0:
+                w_c, s_c = _wload(w_ptrs, s_ptrs, step, kw, ks, n_ok, BK)
+            elif PF == 1:
+                w_c, s_c = w_a, s_a
+                w_a, s_a = _wload(w_ptrs, s_ptrs, step + 1, kw, ks, n_ok, BK)
+            else:
+                w_c, s_c = w_a, s_a
+                w_a, s_a = w_b, s_b
+                w_b, s_b = _wload(w_ptrs, s_ptrs, step + 2, kw, ks, n_ok, BK)
+            w = _dequant_words(w_c, s_c, BN, BK)
             if SWAP:
                 acc_t = _mma(w, a, acc_t, F32)
             else:
                 acc = _mma(a, w, acc, F32)
-            a_ptrs += BK
-            w_ptrs += BK // 8
-            s_ptrs += BK // 16
         if SWAP:
             acc = tl.trans(acc_t)
         scale = tl.load(tw_ptr + pair, mask=valid, other=0.0) * 128.0 / tl.load(gs_ptr + e)
@@ -731,10 +776,10 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     if tokens == 0:
         return out
 
+    cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
     topk_w, topk_ids = _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor)
     flat_ids = topk_ids.reshape(-1)
     pairs = flat_ids.numel()
-    cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
     split = cfg.split2
     # the packed-decode kernels split K at 32-element (2-group) granularity, the others at their tile's
     k_step2 = 32 if cfg.bm == 1 else cfg.bk2
@@ -765,12 +810,14 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf,
                              pairs, hidden, inter, hidden_states.stride(0),
                              TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
-                             BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, SWAP=cfg.swap, num_warps=cfg.warps1,
+                             BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
+                             num_warps=cfg.warps1,
                              num_stages=cfg.stages1)
         grid2 = (max_blocks, triton.cdiv(hidden, cfg.bn2), split)
         _gemm2_kernel[grid2](inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y,
                              pairs, hidden, inter, k_per_split,
-                             BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, SWAP=cfg.swap, num_warps=cfg.warps2,
+                             BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
+                             num_warps=cfg.warps2,
                              num_stages=cfg.stages2)
 
     block = 1024
@@ -806,7 +853,8 @@ def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, f
                                                       num_warps=4)
     _qgemv2_kernel[(pairs, triton.cdiv(hidden, cfg.bn2), split)](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, topk_w, y, pairs, hidden, inter, k_per_split,
-        BN=cfg.bn2, NC=32 * cfg.warps2, PREFETCH=cfg.prefetch, num_warps=cfg.warps2, num_stages=1)
+        BN=cfg.bn2, NC=32 * cfg.warps2, PREFETCH=cfg.prefetch, num_warps=cfg.warps2,
+        num_stages=1)
 
 
 def prepare_weights(weights: registry.MoEWeights) -> registry.MoEWeights:

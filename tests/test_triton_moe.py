@@ -163,7 +163,8 @@ def test_cuda_graph_capture_and_workspace(tokens):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
-                                     "mma64", "mma128_torch_align"])
+                                     "mma16_split_pf2", "mma64", "mma64_pf1_swap", "mma128_torch_align",
+                                     "mma128_pf2"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path (decode GEMV with and without split GEMM1, tensor-core tiles, both groupings)."""
@@ -183,10 +184,17 @@ def test_tile_variants(variant, activation):
         "mma64": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3),
         "mma128_torch_align": TileConfig(bm=128, bn1=64, bk1=64, warps1=8, stages1=3, bn2=128, bk2=64, warps2=8,
                                          stages2=3),
+        # weight words loaded 1 or 2 K steps ahead, also with a K split that starts mid-row (split2=3)
+        "mma16_split_pf2": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=64, warps2=4,
+                                      stages2=4, split2=3, wprefetch=2),
+        "mma64_pf1_swap": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                     stages2=3, swap=True, wprefetch=1),
+        "mma128_pf2": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                 stages2=3, wprefetch=2),
     }
     device = torch.device("cuda")
     hidden, inter, experts, top_k = 2880, 1040, 16, 4
-    tokens = 700 if variant == "mma128_torch_align" else 9
+    tokens = 700 if variant.startswith("mma128") else 9
     weights = _make_layer(hidden, inter, experts, activation, device, seed=11)
     x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
     logits = torch.randn(tokens, experts, device=device)
