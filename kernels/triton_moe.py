@@ -146,13 +146,11 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
 
 if triton is not None:
 
-    # One 32-bit word of the Triton layout (8 E2M1 codes, see ``triton_layout``) and a packed pair of
-    # ``bf16(block_scale * 2^119)`` -> 8 bf16 ``e2m1 * block_scale * 2^-7``, exact: the four pairs are cut
-    # out with shifts and masks (bf16 ``e2m1 * 2^-126`` patterns, zero and subnormal included) and each
-    # packed pair is multiplied by the scale with one bf16x2 FMA (adding -0 leaves the product alone).
-    _WORD_PAIRS_ASM = """
+    # One 32-bit word of the Triton layout (8 E2M1 codes, see ``triton_layout``) cut into four packed bf16
+    # pairs ``p0..p3`` (elements 2j, 2j+1) with shifts and masks: bf16 ``e2m1 * 2^-126`` patterns, zero
+    # and the subnormal 0.5 included.  The input word is ``$W``.
+    _WORD_CUT_ASM = """
     .reg .b32 p0, p1, p2, p3, t, z;
-    mov.b32 z, 0x80008000;
     and.b32 p0, $W, 0x81C081C0;
     shl.b32 p1, $W, 3;
     and.b32 p1, p1, 0x81C081C0;
@@ -166,19 +164,23 @@ if triton is not None:
     shr.u32 p3, $W, 4;
     and.b32 p3, p3, 0x00C000C0;
     or.b32 p3, p3, t;
-    fma.rn.bf16x2 p0, p0, $S, z;
-    fma.rn.bf16x2 p1, p1, $S, z;
-    fma.rn.bf16x2 p2, p2, $S, z;
-    fma.rn.bf16x2 p3, p3, $S, z;
     """
-    _WORD_TO_BF16_ASM = tl.constexpr("{" + _WORD_PAIRS_ASM.replace("$W", "$8").replace("$S", "$9") + """
+    # Tensor-core tiles: each pair times ``$9`` = ``bf16(block_scale * 2^119)`` in both halves with one bf16x2
+    # FMA (adding -0 leaves the product alone) -> 8 bf16 ``e2m1 * block_scale * 2^-7``, exact.
+    _WORD_TO_BF16_ASM = tl.constexpr("{" + _WORD_CUT_ASM.replace("$W", "$8") + """
+    mov.b32 z, 0x80008000;
+    fma.rn.bf16x2 p0, p0, $9, z;
+    fma.rn.bf16x2 p1, p1, $9, z;
+    fma.rn.bf16x2 p2, p2, $9, z;
+    fma.rn.bf16x2 p3, p3, $9, z;
     mov.b32 {$0, $1}, p0;
     mov.b32 {$2, $3}, p1;
     mov.b32 {$4, $5}, p2;
     mov.b32 {$6, $7}, p3;
     }""")
-    # The same, widened to fp32 for the CUDA-core decode (a bf16 in the high half of a word is its fp32).
-    _WORD_TO_F32_ASM = tl.constexpr("{" + _WORD_PAIRS_ASM.replace("$W", "$8").replace("$S", "$9") + """
+    # CUDA-core decode: the pairs widened to 8 fp32 ``e2m1 * 2^-126`` (a bf16 in the high half of a word is
+    # that fp32; 0.5 becomes an fp32 subnormal, which the FMAs keep: no flush-to-zero in this code).
+    _WORD_TO_F32_ASM = tl.constexpr("{" + _WORD_CUT_ASM.replace("$W", "$8") + """
     shl.b32 $0, p0, 16;
     and.b32 $1, p0, 0xFFFF0000;
     shl.b32 $2, p1, 16;
@@ -523,32 +525,38 @@ if triton is not None:
         tl.store(out_ptr + pair * I + offs, _activation(g, u, ACT).to(tl.bfloat16), mask=ok)
 
     @triton.jit
-    def _dot8(w, sc, xa, xb, acc):
-        """``acc + sum_i w_i * x_i`` over one word: ``w`` int32 (Triton layout), ``sc`` its scale pair
-        (:func:`_scale_pair`), ``xa``/``xb`` int64 = 8 bf16 activations.  The products carry ``2^-7``."""
+    def _dot8(w, xa, xb, acc):
+        """``acc + sum_i w_i * x_i * 2^-62``: unscaled codes (``e2m1 * 2^-126``) against activations
+        times 2^64, so that products of the fp32-subnormal 0.5 stay normal numbers."""
         e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
-            _WORD_TO_F32_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r,r", [w, sc], dtype=(tl.float32,) * 8, is_pure=True,
-            pack=1)
+            _WORD_TO_F32_ASM, "=f,=f,=f,=f,=f,=f,=f,=f,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         a0 = xa.to(tl.int32)
         a1 = (xa >> 32).to(tl.int32)
         b0 = xb.to(tl.int32)
         b1 = (xb >> 32).to(tl.int32)
-        acc += e0 * (a0 << 16).to(tl.float32, bitcast=True)
-        acc += e1 * (a0 & -65536).to(tl.float32, bitcast=True)
-        acc += e2 * (a1 << 16).to(tl.float32, bitcast=True)
-        acc += e3 * (a1 & -65536).to(tl.float32, bitcast=True)
-        acc += e4 * (b0 << 16).to(tl.float32, bitcast=True)
-        acc += e5 * (b0 & -65536).to(tl.float32, bitcast=True)
-        acc += e6 * (b1 << 16).to(tl.float32, bitcast=True)
-        acc += e7 * (b1 & -65536).to(tl.float32, bitcast=True)
+        up = 18446744073709551616.0  # 2^64
+        acc += e0 * ((a0 << 16).to(tl.float32, bitcast=True) * up)
+        acc += e1 * ((a0 & -65536).to(tl.float32, bitcast=True) * up)
+        acc += e2 * ((a1 << 16).to(tl.float32, bitcast=True) * up)
+        acc += e3 * ((a1 & -65536).to(tl.float32, bitcast=True) * up)
+        acc += e4 * ((b0 << 16).to(tl.float32, bitcast=True) * up)
+        acc += e5 * ((b0 & -65536).to(tl.float32, bitcast=True) * up)
+        acc += e6 * ((b1 << 16).to(tl.float32, bitcast=True) * up)
+        acc += e7 * ((b1 & -65536).to(tl.float32, bitcast=True) * up)
         return acc
 
     @triton.jit
     def _dot16(wq, s, xa, xb, xc, xd, acc):
-        """``acc + (16-element dot) * 2^-7``: ``wq`` int64 = one NVFP4 group (two words), ``s`` its E4M3 byte."""
-        sc = _scale_pair(s)
-        acc = _dot8(wq.to(tl.int32), sc, xa, xb, acc)
-        return _dot8((wq >> 32).to(tl.int32), sc, xc, xd, acc)
+        """``acc + (16-element dot) * 2^-70``: ``wq`` int64 = one NVFP4 group (two words), ``s`` its E4M3 byte.
+
+        The block scale (``e4m3 * 2^-8`` by the fp16 placement) multiplies the group's fp32 partial sum
+        once; measured 3-7% faster than scaling every bf16 pair as the tensor-core tiles do.
+        """
+        part = _dot8(wq.to(tl.int32), xa, xb, tl.zeros_like(acc))
+        part = _dot8((wq >> 32).to(tl.int32), xc, xd, part)
+        s = s.to(tl.int32)
+        s = (((s & 0x7F) << 7) | ((s & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return acc + part * s
 
     @triton.jit
     def _qload(w_ptrs, s_ptrs, x_ptrs, g0, g_end, c2, n_ok, UW, GATED: tl.constexpr):
@@ -644,7 +652,7 @@ if triton is not None:
         acc_u = tl.zeros([NC, BN], dtype=tl.float32)
         acc_g, acc_u = _qsteps(w_ptrs, s_ptrs, x_ptrs, g_begin, g_end, c2, n_ok, I * KG, acc_g, acc_u,
                                GATED, NC, PREFETCH)
-        inv = 128.0 / tl.load(gs_ptr + e64)  # the products carry 2^-7
+        inv = 1180591620717411303424.0 / tl.load(gs_ptr + e64)  # 2^70: see _dot16
         ok = offs_n < I
         if SPLIT == 1:
             h = _activation(tl.sum(acc_g, axis=0) * inv, tl.sum(acc_u, axis=0) * inv, ACT)
@@ -676,7 +684,7 @@ if triton is not None:
         g_end = tl.minimum(k_begin + k_per_split, I) // 16
         acc = tl.zeros([NC, BN], dtype=tl.float32)
         acc, _ = _qsteps(w_ptrs, s_ptrs, a_ptrs, g_begin, g_end, c2, n_ok, 0, acc, acc, False, NC, PREFETCH)
-        scale = tl.load(tw_ptr + pair) * 128.0 / tl.load(gs_ptr + e64)
+        scale = tl.load(tw_ptr + pair) * 1180591620717411303424.0 / tl.load(gs_ptr + e64)  # 2^70: see _dot16
         y = tl.sum(acc, axis=0) * scale
         tl.store(y_ptr + (pid_s * num_pairs + pair).to(tl.int64) * H + offs_n, y, mask=offs_n < H)
 
@@ -816,14 +824,12 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                              pairs, hidden, inter, hidden_states.stride(0),
                              TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
                              BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
-                             num_warps=cfg.warps1,
-                             num_stages=cfg.stages1)
+                             num_warps=cfg.warps1, num_stages=cfg.stages1)
         grid2 = (max_blocks, triton.cdiv(hidden, cfg.bn2), split)
         _gemm2_kernel[grid2](inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y,
                              pairs, hidden, inter, k_per_split,
                              BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
-                             num_warps=cfg.warps2,
-                             num_stages=cfg.stages2)
+                             num_warps=cfg.warps2, num_stages=cfg.stages2)
 
     block = 1024
     _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),

@@ -263,3 +263,42 @@ def test_decode_gemv_matches_tensor_core_tiles():
     torch.cuda.synchronize()
     rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
     assert rel < 2e-3, rel
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("variant", ["decode", "decode_split", "mma16", "mma128"])
+def test_subnormal_codes_are_not_flushed(variant):
+    """Weights made only of +-0.5 (E2M1 code 1, an fp32/bf16 subnormal in the kernels' bit tricks): a flush
+    to zero anywhere would zero the whole output."""
+    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
+
+    device = torch.device("cuda")
+    hidden, inter, experts, top_k = 512, 256, 8, 2
+    g = torch.Generator(device="cpu").manual_seed(31)
+
+    def half_codes(e, n, k):
+        nib = torch.where(torch.rand(e, n, k, generator=g) < 0.5, 1, 9).to(torch.uint8)  # +0.5 / -0.5
+        packed = (nib[..., 0::2] | (nib[..., 1::2] << 4)).to(device)
+        scales = (torch.rand(e, n, k // 16, generator=g) * 3 + 0.5).to(torch.float8_e4m3fn).to(device)
+        return packed, scales, torch.full((e,), 2.0, device=device)
+
+    weights = registry.MoEWeights(*half_codes(experts, 2 * inter, hidden), *half_codes(experts, hidden, inter))
+    tokens = 200 if variant == "mma128" else 3
+    x = torch.randn(tokens, hidden, generator=g).to(device, torch.bfloat16)
+    logits = torch.randn(tokens, experts, generator=g).to(device)
+    configs = {
+        "decode": TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, **_QDEC),
+        "decode_split": TileConfig(bn1=4, warps1=1, bn2=8, warps2=2, split1=2, split2=3, **_QDEC),
+        "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4),
+        "mma128": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
+                             wprefetch=1),
+    }
+    ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation="silu", routing="renormalize",
+                              quantize_activations=False)
+    out = fused_moe_triton(x, logits, prepare_weights(weights), top_k=top_k, activation="silu",
+                           routing="renormalize", config=configs[variant])
+    torch.cuda.synchronize()
+    assert ref.float().abs().mean() > 0.01
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, rel
