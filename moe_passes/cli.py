@@ -148,7 +148,7 @@ def demo(args) -> int:
         compile_s = time.perf_counter() - start
         y_eager = block(x)
         logits = block.gate(x.float())
-        w = moe.kernel_weights()
+        w = moe.canonical_weights()
         y_ref = fused_moe_reference(x, logits, *w, top_k=moe.top_k, activation=moe.activation, routing=moe.routing,
                                     input_global_scale=moe.input_global_scale,
                                     intermediate_global_scale=moe.intermediate_global_scale,

@@ -203,7 +203,15 @@ class FusedMoE(nn.Module):
         return result
 
     def kernel_weights(self) -> registry.MoEWeights:
+        """The weights as the selected kernel reads them (its op arguments): padded, and in the kernel's
+        own byte layout (the Triton kernel re-places E2M1 bits), so not for computing a reference."""
         return registry.MoEWeights(*(getattr(self, b) for b in _KERNEL_BUFFERS))
+
+    def canonical_weights(self, device=None) -> registry.MoEWeights:
+        """The canonical NVFP4 weights (unpadded, canonical layout: what the reference and checkpoints use)
+        on ``device`` (default: the kernel's device)."""
+        device = self.device if device is None else torch.device(device)
+        return registry.MoEWeights(*(getattr(self, f).to(device) for f in registry.MoEWeights._fields))
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:

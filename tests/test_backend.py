@@ -12,6 +12,7 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from moe_passes import FusedMoE
+from moe_passes.kernels import registry
 from moe_passes.kernels.reference import fused_moe_reference
 from moe_passes.ops import KERNEL_OP
 
@@ -53,7 +54,7 @@ class Block(nn.Module):
 
 def _reference_block(block, x):
     m = block.moe
-    routed = fused_moe_reference(x, block.gate(x.float()), *m.kernel_weights(), top_k=m.top_k,
+    routed = fused_moe_reference(x, block.gate(x.float()), *m.canonical_weights(), top_k=m.top_k,
                                  activation=m.activation, routing=m.routing, input_global_scale=m.input_global_scale,
                                  intermediate_global_scale=m.intermediate_global_scale, routing_bias=m.routing_bias,
                                  n_group=m.n_group, topk_group=m.topk_group,
@@ -262,3 +263,18 @@ def test_state_dict_round_trip_reprepares_the_kernel_copy():
         a.moe.load_state_dict(b.moe.state_dict())
         assert torch.equal(a.moe(x, logits), want)
     assert a.moe.kernel_weights().w13.shape[-1] * 2 == 512  # the padded copy was rebuilt, not aliased
+
+
+def test_canonical_weights_are_the_unpadded_state_not_the_kernel_copy():
+    """The reference must be fed canonical weights: the kernel copy is padded (and, on the Triton path,
+    re-laid out), so ``canonical_weights`` hands back the layer's NVFP4 state itself, on the kernel's device."""
+    block = Block(hidden=2688)
+    m = block.moe
+    canonical, kernel = m.canonical_weights(), m.kernel_weights()
+    assert canonical.w13.shape[-1] * 2 == 2688 and kernel.w13.shape[-1] * 2 == 2816  # reference kernel: 256
+    for name in registry.MoEWeights._fields:
+        a, b = getattr(canonical, name), getattr(m, name)
+        if a.dtype == torch.float8_e4m3fn:  # no CPU equality for float8: compare the bytes
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a, b), name
+        assert getattr(canonical, name).device == getattr(kernel, name).device

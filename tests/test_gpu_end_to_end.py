@@ -45,7 +45,7 @@ class Block(nn.Module):
 def _expected(block, x):
     m = block.moe
     routed = fused_moe_reference(
-        x, block.gate(x.float()), *m.kernel_weights(), top_k=m.top_k, activation=m.activation, routing=m.routing,
+        x, block.gate(x.float()), *m.canonical_weights(), top_k=m.top_k, activation=m.activation, routing=m.routing,
         input_global_scale=m.input_global_scale, intermediate_global_scale=m.intermediate_global_scale,
         routing_bias=m.routing_bias, n_group=m.n_group, topk_group=m.topk_group,
         routed_scaling_factor=m.routed_scaling_factor,
@@ -72,6 +72,9 @@ def test_layer_on_gpu_compiles_and_matches(inner):
     if major == 9:
         assert block.moe.kernel == "triton"
     assert block.moe.kernel_weights().w13.is_cuda
+    if block.moe.kernel == "triton":  # the Triton layout: same shapes, other byte order than the canonical copy
+        kernel, canonical = block.moe.kernel_weights(), block.moe.canonical_weights()
+        assert kernel.w13.shape == canonical.w13.shape and not torch.equal(kernel.w13, canonical.w13)
     compiled, graphs = _graphs(block, inner)
     with moe_passes.token_shape_config(), torch.no_grad():
         for tokens in (7, 1, 300):
