@@ -2,36 +2,35 @@
 
 What one call does (all on the GPU, no host synchronisation, CUDA-graph capturable):
 
-1. routing: :func:`moe_passes.kernels.reference.route` (torch ops) gives ``topk_weights / topk_ids [T, k]``;
-2. grouping: the ``T*k`` (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows
-   (each expert's bucket padded to a multiple of ``BM``; padding rows hold a sentinel).  Small calls
-   use one single-program Triton kernel; large ones a few torch ops (a stable sort);
-3. GEMM1 + activation: one program per (row block, tile of ``BN`` intermediate columns) loads the
-   block's bf16 activations, dequantizes the NVFP4 ``w13`` tile in registers (E2M1 nibbles and E4M3
-   block scales turned into exact bf16 ``e2m1 * block_scale`` values by bit manipulation), multiplies
-   on the tensor cores with fp32 accumulation, applies ``1 / global_scale`` and the activation
-   (gate and up tiles live in the same program) and stores the bf16 intermediate;
-4. GEMM2: the same against ``w2``, optionally split along the intermediate dimension for decode; the
-   routing weight is applied in the epilogue and each (pair, split) row is written in fp32;
-5. combine: one small kernel sums the ``k`` (times splits) rows of each token in fp32 and writes bf16.
+1. routing: one Triton launch (:func:`_route_kernel`, the semantics of ``reference.route``) gives
+   ``topk_weights / topk_ids [T, k]``;
+2. decode (up to 16 tokens with ~1-2 pairs per touched expert): one program per (pair, row tile) runs a
+   CUDA-core GEMV (:func:`_qgemv1_kernel` with the activation fused, :func:`_qgemv2_kernel` with the
+   routing weight).  Each thread owns 32-element columns of its rows and reads 8-byte weight and
+   activation words; the E2M1 codes become fp32 with a short PTX cut (see below), products are summed in
+   fp32 per 16-element group and the E4M3 block scale multiplies the group's partial sum once;
+3. otherwise the (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows (one Triton
+   program for small calls, a stable sort for large ones) and two tensor-core kernels run: GEMM1 with the
+   activation fused (gate and up tiles in the same program) and GEMM2 with the routing weight, optionally
+   split along K.  The weight tile is dequantized in registers to exact bf16 ``e2m1 * block_scale``
+   (times 2^-7) and fed to ``tl.dot`` with fp32 accumulation; the raw weight words are loaded one K step
+   ahead (Triton's pipeliner only stages loads that feed a dot directly);
+4. combine: one small kernel sums each token's ``k`` (times splits) fp32 rows and writes bf16.
 
-Decode (up to 16 tokens with ~1-2 pairs per touched expert) skips the grouping: one program per
-(pair, row tile) runs a CUDA-core GEMV (:func:`_qgemv1_kernel`, :func:`_qgemv2_kernel`).  Each thread
-owns 32-element columns of its rows, reads 8-byte weight words and 8-byte activation words, and turns
-each 32-bit word of 8 E2M1 nibbles into 8 fp32 values with a short PTX sequence (two nibbles per
-packed f16x2: magnitude bits straight into fp16 bits 9..11, sign to bit 15, then one convert per
-element); the products are exact, summed in fp32 per 16-element group, and the E4M3 block scale
-multiplies the group's partial sum once.
+Weights are laid out once, at preparation (:func:`prepare_weights`, the registry's ``prepare``): the E2M1
+bits of every 32-bit word are re-placed (:mod:`triton_layout`) so that 11 integer operations turn 8 codes
+into four packed bf16 pairs ``e2m1 * 2^-126``.  Tiles multiply each pair by ``bf16(block_scale * 2^119)``
+with one bf16x2 FMA; the decode widens the pairs to fp32 and multiplies activations by 2^64 so that the
+products of the fp32-subnormal 0.5 stay normal.  Shapes and dtypes are the canonical ones; nothing
+proportional to the weights is allocated or copied per call, and the per-call workspace grows with the
+tokens.  Hidden and intermediate sizes need only be multiples of 16 (the kernels mask K and N edges).
 
 Numerics match ``fused_moe_reference(..., quantize_activations=False)``: bf16 activations, weights
-dequantized exactly, fp32 accumulation, the intermediate rounded to bf16, fp32 combine, bf16 out.
+dequantized exactly, fp32 accumulation, the intermediate rounded to bf16, fp32 combine, bf16 out.  The
+decode's 2^64 activation scaling limits its range to |activation| < 2^64 (larger values overflow to inf,
+visibly) and loses precision for products under ~2^-62 (activations below ~1e-19).
 
-Weights are used in the canonical layout of :class:`registry.MoEWeights` (``prepare`` only makes
-them contiguous), so nothing proportional to the weights is allocated or copied per call; the
-per-call workspace is proportional to the tokens.  Hidden and intermediate sizes need only be
-multiples of 16 (the NVFP4 block): the kernels mask the K and N edges.
-
-Triton is imported lazily/guarded: this module imports (and registers an unavailable kernel) on a
+Triton is imported behind a guard: this module imports (and registers an unavailable kernel) on a
 CPU-only machine without Triton.
 """
 
