@@ -134,9 +134,9 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
                           bn2=64, bk2=128, warps2=4, stages2=4, split2=split2)
     # Prefill, measured on the H200 (Qwen3, DeepSeek-V3, Nemotron-Nano, Gemma-4 at 1024 and 4096 tokens):
     # one warpgroup per program beats two (5-25%), and loading the weight words one K step ahead (wprefetch)
-    # gains 15-40% (two steps ahead lost); 64-row blocks up to ~128 rows per expert (less padding: at
-    # DeepSeek-V3's 128 they beat 128-row blocks by 5%), 128-row blocks above.
-    if rows_per_expert <= 128:
+    # gains 15-40% (two steps ahead lost); 64-row blocks up to 192 rows per expert (less padding: at
+    # DeepSeek-V3's 128 and Nemotron-Nano's 192 they beat 128-row blocks by 5%), 128-row blocks above.
+    if rows_per_expert <= 192:
         return TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
                           wprefetch=1)
     return TileConfig(bm=128, bn1=64 if gated else 128, bk1=64, warps1=4, stages1=3,
@@ -241,8 +241,8 @@ if triton is not None:
 
     @triton.jit
     def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, stride_l, E, scale,
-                      K: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr, EG: tl.constexpr,
-                      TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
+                      K: tl.constexpr, KP: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr,
+                      EG: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
         """One program per token: the routing of ``reference.route`` fused into one launch.
 
         METHOD 0 default (softmax, top-k), 1 renormalize (top-k, softmax), 2 deepseek_v3 (sigmoid + bias,
@@ -262,7 +262,6 @@ if triton is not None:
             ex = tl.where(ok, tl.exp(logits - mx), 0.0)
             prob = ex / tl.sum(tl.sum(ex, axis=1), axis=0)
             sel = tl.where(ok, prob, neg)
-            val = prob
         elif METHOD == 2:
             sig = tl.sigmoid(logits)
             sel = sig
@@ -284,34 +283,34 @@ if triton is not None:
                     gsel = tl.min(tl.where((gscore == gm) & (keep == 0), gi, NG), axis=0)
                     keep = keep | (gi == gsel)
                 sel = tl.where(keep[:, None], sel, neg)
-            val = sig
         else:
             sel = tl.where(ok, logits, neg)
-            val = logits
-        # iterative top-k (ties: lowest expert index)
-        total = 0.0
-        mx_sel = 0.0
+        # Top-k with one reduction per pick: each score becomes an int64 key, its fp32 bits mapped to an
+        # order-preserving integer above the expert's inverted index, so the max is the best score and,
+        # among equal scores, the lowest expert (the reference's tie rule).  Weights are gathered after.
+        bits = sel.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        order = tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
+        key = tl.where(ok, (order << 16) | (65535 - e_idx), -1)
+        kr = tl.arange(0, KP)
+        ids = tl.zeros([KP], dtype=tl.int64)
         for j in tl.static_range(K):
-            m = tl.max(tl.max(sel, axis=1), axis=0)
-            idx = tl.min(tl.min(tl.where(sel == m, e_idx, E), axis=1), axis=0)
-            v = tl.sum(tl.sum(tl.where(e_idx == idx, val, 0.0), axis=1), axis=0)
-            sel = tl.where(e_idx == idx, neg, sel)
-            tl.store(ids_ptr + t * K + j, idx.to(tl.int64))
-            if METHOD == 1:
-                if j == 0:
-                    mx_sel = v
-                v = tl.exp(v - mx_sel)
-            elif METHOD == 3:
-                v = tl.sigmoid(v)
-            tl.store(w_ptr + t * K + j, v)
-            total += v
-        if METHOD == 1 or METHOD == 2:
-            if METHOD == 1:
-                norm = 1.0 / total
-            else:
-                norm = scale / tl.maximum(total, 1e-20)
-            for j in tl.static_range(K):
-                tl.store(w_ptr + t * K + j, tl.load(w_ptr + t * K + j) * norm)
+            best = tl.max(tl.max(key, axis=1), axis=0)
+            ids = tl.where(kr == j, 65535 - (best & 0xFFFF), ids)
+            key = tl.where(key == best, -1, key)
+        k_ok = kr < K
+        tl.store(ids_ptr + t * K + kr, ids, mask=k_ok)
+        lg = tl.load(logits_ptr + t * stride_l + ids, mask=k_ok, other=0.0).to(tl.float32)
+        if METHOD == 0:
+            v = tl.exp(lg - mx) / tl.sum(tl.sum(ex, axis=1), axis=0)
+        elif METHOD == 1:
+            v = tl.where(k_ok, tl.exp(lg - tl.max(tl.where(k_ok, lg, neg), axis=0)), 0.0)
+            v = v / tl.sum(v, axis=0)
+        elif METHOD == 2:
+            v = tl.where(k_ok, tl.sigmoid(lg), 0.0)
+            v = v * (scale / tl.maximum(tl.sum(v, axis=0), 1e-20))
+        else:
+            v = tl.sigmoid(lg)
+        tl.store(w_ptr + t * K + kr, v, mask=k_ok)
 
     @triton.jit
     def _align_kernel(ids_ptr, rank_ptr, sorted_ptr, bexp_ptr, num_pairs, max_rows, max_blocks,
@@ -712,7 +711,7 @@ def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, rou
     groups = (n_group or 1) if routing == "deepseek_v3" else 1
     keep = topk_group or groups
     if (routing not in _METHOD_CODES or not 0 < top_k <= experts or experts % groups or not 0 < keep <= groups
-            or (routing == "llama4" and top_k != 1) or groups & (groups - 1) or top_k > 64):
+            or (routing == "llama4" and top_k != 1) or groups & (groups - 1) or top_k > 64 or experts > 65535):
         # let the reference raise its error (or handle the rare shapes the fused kernel does not take)
         w, ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
                        topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
@@ -726,7 +725,7 @@ def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, rou
     if tokens:
         _route_kernel[(tokens,)](router_logits, routing_bias if has_bias else router_logits, weights, ids,
                                  router_logits.stride(0), experts, float(scale),
-                                 K=top_k, METHOD=_METHOD_CODES[routing], NG=groups,
+                                 K=top_k, KP=_next_pow2(top_k), METHOD=_METHOD_CODES[routing], NG=groups,
                                  EG=_next_pow2(experts // groups), TOPK_GROUP=keep, HAS_BIAS=has_bias,
                                  num_warps=1 if experts <= 256 else 4)
     return weights, ids
