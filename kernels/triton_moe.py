@@ -86,7 +86,7 @@ class TileConfig:
     # decode path (bm == 1): the packed-decode GEMV kernels (``bn1``/``bn2`` rows per program, ``warps``
     # warps of 32 threads, each thread one 32-element column: ``bk`` and ``stages`` are unused)
     prefetch: bool = False  # packed-decode kernels: issue the next K step's loads before the current math
-    wprefetch: int = 0  # tensor-core path: K steps (0-2) the weight words are loaded ahead of their use
+    wprefetch: bool = False  # tensor-core path: weight words loaded one K step ahead of their use
 
 
 def triton_available(device=None) -> bool:
@@ -134,13 +134,13 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
                           bn2=64, bk2=128, warps2=4, stages2=4, split2=split2)
     # Prefill, measured on the H200 (Qwen3, DeepSeek-V3, Nemotron-Nano, Gemma-4 at 1024 and 4096 tokens):
     # one warpgroup per program beats two (5-25%), and loading the weight words one K step ahead (wprefetch)
-    # gains 15-40% (two steps ahead lost); 64-row blocks up to 192 rows per expert (less padding: at
+    # gains 15-40% (two steps ahead was slower); 64-row blocks up to 192 rows per expert (less padding: at
     # DeepSeek-V3's 128 and Nemotron-Nano's 192 they beat 128-row blocks by 5%), 128-row blocks above.
     if rows_per_expert <= 192:
         return TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
-                          wprefetch=1)
+                          wprefetch=True)
     return TileConfig(bm=128, bn1=64 if gated else 128, bk1=64, warps1=4, stages1=3,
-                      bn2=128, bk2=64, warps2=4, stages2=3, wprefetch=1)
+                      bn2=128, bk2=64, warps2=4, stages2=3, wprefetch=True)
 
 
 if triton is not None:
@@ -362,11 +362,11 @@ if triton is not None:
                       num_pairs, H, I, stride_x,
                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
-                      SWAP: tl.constexpr, PF: tl.constexpr = 0):
+                      SWAP: tl.constexpr, PF: tl.constexpr = False):
         """GEMM1 + activation on tensor cores: one program per (row block of one expert, BN columns).
 
-        SWAP computes (W X^T): the dequantized weights are then the register operand of the MMA.  PF (0-2)
-        is how many K steps ahead the weight words and scales are loaded into registers: Triton's
+        SWAP computes (W X^T): the dequantized weights are then the register operand of the MMA.  PF loads
+        the next K step's weight words and scales into registers before this step's math: Triton's
         pipeliner only stages loads that feed a dot directly, and these feed the dequantization.
         """
         pid_m = tl.program_id(0)
@@ -396,36 +396,23 @@ if triton is not None:
         else:
             acc_g = tl.zeros([BM, BN], dtype=tl.float32)
             acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-        # register queue of raw weight tiles: a = next step to use, b = the one after
-        if PF >= 1:
-            wg_a, sg_a = _wload(wg_ptrs, sg_ptrs, 0, KW, KS, n_ok, BK)
+        if PF:  # the next K step's raw weight tiles, already in registers
+            wg_n, sg_n = _wload(wg_ptrs, sg_ptrs, 0, KW, KS, n_ok, BK)
             if GATED:
-                wu_a, su_a = _wload(wu_ptrs, su_ptrs, 0, KW, KS, n_ok, BK)
-        if PF >= 2:
-            wg_b, sg_b = _wload(wg_ptrs, sg_ptrs, 1, KW, KS, n_ok, BK)
-            if GATED:
-                wu_b, su_b = _wload(wu_ptrs, su_ptrs, 1, KW, KS, n_ok, BK)
+                wu_n, su_n = _wload(wu_ptrs, su_ptrs, 0, KW, KS, n_ok, BK)
         for step in range(0, tl.cdiv(H, BK)):
             k_ok = (step * BK + tl.arange(0, BK)) < H
             x = tl.load(x_ptrs + step * BK, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            if PF == 0:
+            if PF:
+                wg_c, sg_c = wg_n, sg_n
+                wg_n, sg_n = _wload(wg_ptrs, sg_ptrs, step + 1, KW, KS, n_ok, BK)
+                if GATED:
+                    wu_c, su_c = wu_n, su_n
+                    wu_n, su_n = _wload(wu_ptrs, su_ptrs, step + 1, KW, KS, n_ok, BK)
+            else:
                 wg_c, sg_c = _wload(wg_ptrs, sg_ptrs, step, KW, KS, n_ok, BK)
                 if GATED:
                     wu_c, su_c = _wload(wu_ptrs, su_ptrs, step, KW, KS, n_ok, BK)
-            elif PF == 1:
-                wg_c, sg_c = wg_a, sg_a
-                wg_a, sg_a = _wload(wg_ptrs, sg_ptrs, step + 1, KW, KS, n_ok, BK)
-                if GATED:
-                    wu_c, su_c = wu_a, su_a
-                    wu_a, su_a = _wload(wu_ptrs, su_ptrs, step + 1, KW, KS, n_ok, BK)
-            else:
-                wg_c, sg_c = wg_a, sg_a
-                wg_a, sg_a = wg_b, sg_b
-                wg_b, sg_b = _wload(wg_ptrs, sg_ptrs, step + 2, KW, KS, n_ok, BK)
-                if GATED:
-                    wu_c, su_c = wu_a, su_a
-                    wu_a, su_a = wu_b, su_b
-                    wu_b, su_b = _wload(wu_ptrs, su_ptrs, step + 2, KW, KS, n_ok, BK)
             wg = _dequant_words(wg_c, sg_c, BN, BK)
             if SWAP:
                 acc_g = _mma(wg, x, acc_g, F32)
@@ -449,7 +436,7 @@ if triton is not None:
     def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
                       num_pairs, H, I, k_per_split,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
-                      SWAP: tl.constexpr, PF: tl.constexpr = 0):
+                      SWAP: tl.constexpr, PF: tl.constexpr = False):
         """GEMM2 on tensor cores, routing weight in the epilogue, fp32 rows per (pair, K split); PF as in GEMM1."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -477,22 +464,16 @@ if triton is not None:
             acc_t = tl.zeros([BN, BM], dtype=tl.float32)
         else:
             acc = tl.zeros([BM, BN], dtype=tl.float32)
-        if PF >= 1:
-            w_a, s_a = _wload(w_ptrs, s_ptrs, 0, kw, ks, n_ok, BK)
-        if PF >= 2:
-            w_b, s_b = _wload(w_ptrs, s_ptrs, 1, kw, ks, n_ok, BK)
+        if PF:
+            w_n, s_n = _wload(w_ptrs, s_ptrs, 0, kw, ks, n_ok, BK)
         for step in range(0, tl.cdiv(k_end - k_begin, BK)):
             k_ok = (k_begin + step * BK + tl.arange(0, BK)) < k_end
             a = tl.load(a_ptrs + step * BK, mask=k_ok[None, :], other=0.0)
-            if PF == 0:
-                w_c, s_c = _wload(w_ptrs, s_ptrs, step, kw, ks, n_ok, BK)
-            elif PF == 1:
-                w_c, s_c = w_a, s_a
-                w_a, s_a = _wload(w_ptrs, s_ptrs, step + 1, kw, ks, n_ok, BK)
+            if PF:
+                w_c, s_c = w_n, s_n
+                w_n, s_n = _wload(w_ptrs, s_ptrs, step + 1, kw, ks, n_ok, BK)
             else:
-                w_c, s_c = w_a, s_a
-                w_a, s_a = w_b, s_b
-                w_b, s_b = _wload(w_ptrs, s_ptrs, step + 2, kw, ks, n_ok, BK)
+                w_c, s_c = _wload(w_ptrs, s_ptrs, step, kw, ks, n_ok, BK)
             w = _dequant_words(w_c, s_c, BN, BK)
             if SWAP:
                 acc_t = _mma(w, a, acc_t, F32)

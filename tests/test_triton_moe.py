@@ -163,8 +163,8 @@ def test_cuda_graph_capture_and_workspace(tokens):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
-                                     "mma16_split_pf2", "mma64", "mma64_pf1_swap", "mma128_torch_align",
-                                     "mma128_pf2"])
+                                     "mma16_split_pf", "mma64", "mma64_pf_swap", "mma128_torch_align",
+                                     "mma128_pf"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path (decode GEMV with and without split GEMM1, tensor-core tiles, both groupings)."""
@@ -184,13 +184,13 @@ def test_tile_variants(variant, activation):
         "mma64": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3),
         "mma128_torch_align": TileConfig(bm=128, bn1=64, bk1=64, warps1=8, stages1=3, bn2=128, bk2=64, warps2=8,
                                          stages2=3),
-        # weight words loaded 1 or 2 K steps ahead, also with a K split that starts mid-row (split2=3)
-        "mma16_split_pf2": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=64, warps2=4,
-                                      stages2=4, split2=3, wprefetch=2),
-        "mma64_pf1_swap": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
-                                     stages2=3, swap=True, wprefetch=1),
-        "mma128_pf2": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
-                                 stages2=3, wprefetch=2),
+        # weight words loaded one K step ahead, also with a K split that starts mid-row (split2=3)
+        "mma16_split_pf": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=64, warps2=4,
+                                     stages2=4, split2=3, wprefetch=True),
+        "mma64_pf_swap": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                    stages2=3, swap=True, wprefetch=True),
+        "mma128_pf": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                stages2=3, wprefetch=True),
     }
     device = torch.device("cuda")
     hidden, inter, experts, top_k = 2880, 1040, 16, 4
@@ -292,7 +292,7 @@ def test_subnormal_codes_are_not_flushed(variant):
         "decode_split": TileConfig(bn1=4, warps1=1, bn2=8, warps2=2, split1=2, split2=3, **_QDEC),
         "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4),
         "mma128": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
-                             wprefetch=1),
+                             wprefetch=True),
     }
     ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation="silu", routing="renormalize",
                               quantize_activations=False)
