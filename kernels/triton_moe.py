@@ -349,6 +349,16 @@ if triton is not None:
             tl.store(sorted_ptr + start + rank, offs, mask=ok)
 
     @triton.jit
+    def _block(bexp_ptr, sorted_ptr, num_pairs, BM: tl.constexpr):
+        """This program's row block (grid axis 0) of the expert-grouped pairs: ``(expert or -1, rows, pair per
+        row, row holds a pair)``."""
+        pid_m = tl.program_id(0)
+        e = tl.load(bexp_ptr + pid_m)
+        rows = pid_m * BM + tl.arange(0, BM)
+        pair = tl.load(sorted_ptr + rows)
+        return e, rows, pair, pair < num_pairs
+
+    @triton.jit
     def _wload(w_ptrs, s_ptrs, step, k_words, k_groups, n_ok, BK: tl.constexpr):
         """Raw weight words ``[BN, BK/8]`` and scale bytes ``[BN, BK/16]`` of K step ``step`` (masked at the K end)."""
         w_ok = n_ok[:, None] & ((step * (BK // 8) + tl.arange(0, BK // 8)) < k_words)[None, :]
@@ -369,15 +379,11 @@ if triton is not None:
         the next K step's weight words and scales into registers before this step's math: Triton's
         pipeliner only stages loads that feed a dot directly, and these feed the dequantization.
         """
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        e = tl.load(bexp_ptr + pid_m)
+        e, rows, pair, valid = _block(bexp_ptr, sorted_ptr, num_pairs, BM)
         if e < 0:
             return
+        pid_n = tl.program_id(1)
         e64 = e.to(tl.int64)
-        rows = pid_m * BM + tl.arange(0, BM)
-        pair = tl.load(sorted_ptr + rows)
-        valid = pair < num_pairs
         tok = (pair // TOP_K).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < I
@@ -438,16 +444,12 @@ if triton is not None:
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
                       SWAP: tl.constexpr, PF: tl.constexpr = False):
         """GEMM2 on tensor cores, routing weight in the epilogue, fp32 rows per (pair, K split); PF as in GEMM1."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        e = tl.load(bexp_ptr + pid_m)
+        e, rows, pair, valid = _block(bexp_ptr, sorted_ptr, num_pairs, BM)
         if e < 0:
             return
+        pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
         e64 = e.to(tl.int64)
-        rows = pid_m * BM + tl.arange(0, BM)
-        pair = tl.load(sorted_ptr + rows)
-        valid = pair < num_pairs
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = offs_n < H
         k_begin = pid_s * k_per_split
