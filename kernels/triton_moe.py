@@ -227,6 +227,16 @@ if triton is not None:
             return tl.dot(a, tl.trans(b_t), acc)
 
     @triton.jit
+    def _dequant_mma(w, s, x, acc, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, F32: tl.constexpr):
+        """Dequantize a raw weight tile and accumulate its product with the activations ``x [BM, BK]``:
+        ``acc [BM, BN] + x @ W^T``, or with SWAP (weights as the register operand) ``acc [BN, BM] + W @ x^T``."""
+        wt = _dequant_words(w, s, BN, BK)
+        if SWAP:
+            return _mma(wt, x, acc, F32)
+        else:
+            return _mma(x, wt, acc, F32)
+
+    @triton.jit
     def _activation(g, u, ACT: tl.constexpr):
         if ACT == 0:  # SwiGLU
             return g * tl.sigmoid(g) * u
@@ -419,17 +429,9 @@ if triton is not None:
                 wg_c, sg_c = _wload(wg_ptrs, sg_ptrs, step, KW, KS, n_ok, BK)
                 if GATED:
                     wu_c, su_c = _wload(wu_ptrs, su_ptrs, step, KW, KS, n_ok, BK)
-            wg = _dequant_words(wg_c, sg_c, BN, BK)
-            if SWAP:
-                acc_g = _mma(wg, x, acc_g, F32)
-            else:
-                acc_g = _mma(x, wg, acc_g, F32)
+            acc_g = _dequant_mma(wg_c, sg_c, x, acc_g, BN, BK, SWAP, F32)
             if GATED:
-                wu = _dequant_words(wu_c, su_c, BN, BK)
-                if SWAP:
-                    acc_u = _mma(wu, x, acc_u, F32)
-                else:
-                    acc_u = _mma(x, wu, acc_u, F32)
+                acc_u = _dequant_mma(wu_c, su_c, x, acc_u, BN, BK, SWAP, F32)
         inv = 128.0 / tl.load(gs_ptr + e)  # 2^7: the dequantized tiles carry 2^-7
         if SWAP:
             h = tl.trans(_activation(acc_g * inv, acc_u * inv, ACT))
@@ -463,7 +465,7 @@ if triton is not None:
         kw = (k_end - k_begin) // 8
         ks = (k_end - k_begin) // 16
         if SWAP:
-            acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+            acc = tl.zeros([BN, BM], dtype=tl.float32)
         else:
             acc = tl.zeros([BM, BN], dtype=tl.float32)
         if PF:
@@ -476,13 +478,9 @@ if triton is not None:
                 w_n, s_n = _wload(w_ptrs, s_ptrs, step + 1, kw, ks, n_ok, BK)
             else:
                 w_c, s_c = _wload(w_ptrs, s_ptrs, step, kw, ks, n_ok, BK)
-            w = _dequant_words(w_c, s_c, BN, BK)
-            if SWAP:
-                acc_t = _mma(w, a, acc_t, F32)
-            else:
-                acc = _mma(a, w, acc, F32)
+            acc = _dequant_mma(w_c, s_c, a, acc, BN, BK, SWAP, F32)
         if SWAP:
-            acc = tl.trans(acc_t)
+            acc = tl.trans(acc)
         scale = tl.load(tw_ptr + pair, mask=valid, other=0.0) * 128.0 / tl.load(gs_ptr + e)
         y = acc * scale[:, None]
         y_ptrs = y_ptr + (pid_s * num_pairs + pair).to(tl.int64)[:, None] * H + offs_n[None, :]
