@@ -49,22 +49,23 @@ def _problem(hidden: int) -> MoEProblem:
                       seed=hidden, name=LAYER)
 
 
-@pytest.fixture(scope="module")
-def nano():
-    """Nemotron-3-Nano's hidden size 2688 (pads to 2816), with a shared expert; traced once."""
-    problem = _problem(2688)
+def _traced(hidden: int):
+    problem = _problem(hidden)
     block = Block(problem.build().moe)
     x, logits = problem.inputs(tokens=7, seed=1)
     return problem, block, trace(block, x, logits)
+
+
+@pytest.fixture(scope="module")
+def nano():
+    """Nemotron-3-Nano's hidden size 2688 (pads to 2816), with a shared expert; traced once."""
+    return _traced(2688)
 
 
 @pytest.fixture(scope="module")
 def qwen():
     """An aligned hidden size (Qwen3-30B's 2048): no padding at all."""
-    problem = _problem(2048)
-    block = Block(problem.build().moe)
-    x, logits = problem.inputs(tokens=7, seed=1)
-    return problem, block, trace(block, x, logits)
+    return _traced(2048)
 
 
 def _drop_slice(gm: torch.fx.GraphModule) -> PassResult:
