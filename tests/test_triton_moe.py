@@ -163,8 +163,8 @@ def test_cuda_graph_capture_and_workspace(tokens):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
-                                     "mma16_split_pf", "mma64", "mma64_pf_swap", "mma128_torch_align",
-                                     "mma128_pf"])
+                                     "mma16_split_pf", "mma16_swap_pf_split", "mma64", "mma64_pf_swap",
+                                     "mma128_torch_align", "mma128_pf"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path (decode GEMV with and without split GEMM1, tensor-core tiles, both groupings)."""
@@ -187,6 +187,9 @@ def test_tile_variants(variant, activation):
         # weight words loaded one K step ahead, also with a K split that starts mid-row (split2=3)
         "mma16_split_pf": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=64, warps2=4,
                                      stages2=4, split2=3, wprefetch=True),
+        # the 16-row default: swap and prefetch (here with a K split of GEMM2 as well)
+        "mma16_swap_pf_split": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=3, bn2=64, bk2=128, warps2=4,
+                                          stages2=3, split2=3, swap=True, wprefetch=True),
         "mma64_pf_swap": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                     stages2=3, swap=True, wprefetch=True),
         "mma128_pf": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
