@@ -125,8 +125,8 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
                           bn2=8, bk2=0, warps2=1, stages2=1, split2=1)
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step
-        # ahead: measured on the H100 at 32-128 tokens on all four benchmark shapes, 6-10% faster than the
-        # same tiles without both (and 20-30% faster than 32-row blocks).
+        # ahead: measured on the H100 at 32-128 tokens on all four benchmark shapes, 6-12% faster than the
+        # same tiles without both (every 32-row variant was slower).
         bm = 16
         touched = min(experts, pairs)
         tiles2 = touched * ((hidden + 63) // 64)
