@@ -114,13 +114,17 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # expected experts hit by `tokens` random top-k choices, and rows (pairs) per hit expert
     touched = experts * (1.0 - (1.0 - top_k / experts) ** tokens)
     rows_per_expert = pairs / max(1.0, touched)
-    if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= 2.0):
+    # Ungated (ReLU^2) layers leave the decode earlier: Nemotron-Nano at 16 tokens (1.4 pairs per expert)
+    # took 174 us on the 16-row tiles against 220 us here, at 8 tokens (1.2) 128 against 118 us (H200).
+    shared_limit = 2.0 if gated else 1.3
+    if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
         # Decode: one program per (token, expert) pair, CUDA-core dot products with the packed E2M1 decode.
         # Measured on the H200 (Nemotron-Nano, Qwen3, Gemma-4, DeepSeek-V3 at 1, 4 and 16 tokens): one warp
         # per program, 4 GEMM1 rows (x2 when gated) and 8 GEMM2 rows per program, no K split of GEMM2
         # (split 2 and 4 were slower), no register prefetch (slower: fewer programs fit).  Up to 16 tokens
-        # this beats the 16-row tensor-core tiles even with ~1.5 pairs per expert (shared weights then
-        # come from L2); at 32 tokens it lost (2.3-2.6 pairs per expert).
+        # this beats or ties the 16-row tensor-core tiles on the gated layers even with ~1.5 pairs per
+        # expert (shared weights then come from L2; DeepSeek-V3 at 16 tokens is 4% slower here, Qwen3 3%
+        # faster); at 32 tokens it lost (2.3-2.6 pairs per expert).
         return TileConfig(bm=1, bn1=4, bk1=0, warps1=1, stages1=1,
                           bn2=8, bk2=0, warps2=1, stages2=1, split2=1)
     if rows_per_expert <= 16:

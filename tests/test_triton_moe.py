@@ -33,6 +33,25 @@ def test_module_imports_and_registers_on_cpu():
     assert registry.select(torch.device("cpu"), activation="silu", routing="default").name != "triton"
 
 
+def test_select_config_regimes():
+    """The measured regime boundaries (docs/benchmarks.md): decode GEMV, 16-row swapped tiles with weight
+    prefetch, then 64/128-row prefill tiles; ungated layers leave the decode earlier than gated ones."""
+    from moe_passes.kernels.triton_moe import select_config
+
+    qwen3 = dict(top_k=8, experts=128, hidden=2048, inter=768, gated=True)
+    nemotron = dict(top_k=6, experts=128, hidden=2688, inter=1856, gated=False)
+    for tokens in (1, 4, 16):
+        assert select_config(tokens, **qwen3).bm == 1
+    for tokens in (1, 4, 8):
+        assert select_config(tokens, **nemotron).bm == 1
+    for shape, tokens in ((nemotron, 16), (qwen3, 32), (qwen3, 128)):
+        cfg = select_config(tokens, **shape)
+        assert (cfg.bm, cfg.swap, cfg.wprefetch) == (16, True, True), (tokens, cfg)
+    assert select_config(1024, **qwen3).bm == 64
+    big = select_config(4096, **qwen3)
+    assert big.bm == 128 and big.wprefetch and not big.swap
+
+
 def _make_layer(hidden, inter, experts, activation, device, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
     n1 = (2 if is_gated(activation) else 1) * inter
