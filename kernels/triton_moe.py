@@ -9,10 +9,10 @@ What one call does (all on the GPU, no host synchronisation, CUDA-graph capturab
    routing weight).  Each thread owns 32-element columns of its rows and reads 8-byte weight and
    activation words; the E2M1 codes become fp32 with a short PTX cut (see below), products are summed in
    fp32 per 16-element group and the E4M3 block scale multiplies the group's partial sum once;
-3. otherwise the (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows (one Triton
-   program for small calls, three short launches with atomic ranks for large ones) and two tensor-core
-   kernels run: GEMM1 with the activation fused (gate and up tiles in the same program) and GEMM2 with the
-   routing weight, optionally split along K.  The weight tile is dequantized in registers to exact bf16
+3. otherwise the (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows (three short
+   launches: atomic ranks, block map, scatter) and two tensor-core kernels run: GEMM1 with the activation
+   fused (gate and up tiles in the same program) and GEMM2 with the routing weight, optionally split along
+   K.  The weight tile is dequantized in registers to exact bf16
    ``e2m1 * block_scale`` (times 2^-7) and fed to ``tl.dot`` with fp32 accumulation; the raw weight words
    are loaded one K step ahead (Triton's pipeliner only stages loads that feed a dot directly);
 4. combine: one small kernel sums each token's ``k`` (times splits) fp32 rows and writes bf16.
@@ -63,9 +63,6 @@ TRITON_ALIGNMENT = Alignment(hidden=16, intermediate_gated=16, intermediate_plai
 _ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
 # The Triton interpreter (TRITON_INTERPRET=1, CPU) mishandles bf16 dots: upcast the operands there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Above this many (token, expert) pairs the grouping uses three many-program launches (``_align_many``)
-# instead of the one-program kernel.
-_SMALL_ALIGN_PAIRS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,21 +328,8 @@ if triton is not None:
         tl.store(w_ptr + t * K + kr, v, mask=k_ok)
 
     @triton.jit
-    def _block_experts(counts, bexp_ptr, max_blocks, E: tl.constexpr, BM: tl.constexpr, CF: tl.constexpr):
-        """Pairs per expert ``[EP]`` -> each expert's first row (returned) and the expert of every BM-row
-        block (stored; -1 past the last used block), each expert's rows padded to whole blocks."""
-        padded = (counts + BM - 1) // BM * BM
-        ends = tl.cumsum(padded, axis=0)
-        for b0 in range(0, max_blocks, CF):
-            blk = b0 + tl.arange(0, CF)
-            ex = tl.sum((ends[None, :] <= (blk * BM)[:, None]).to(tl.int32), axis=1)
-            ex = tl.where(ex >= E, -1, ex)
-            tl.store(bexp_ptr + blk, ex, mask=blk < max_blocks)
-        return ends - padded
-
-    @triton.jit
     def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_pairs, max_rows, BLOCK: tl.constexpr):
-        """Many-program grouping, step 1: each pair's rank among its expert's pairs (an atomic count, so the
+        """Grouping, step 1: each pair's rank among its expert's pairs (an atomic count, so the
         order inside one expert is arbitrary; every row of a tile is computed alike, so results are not)
         and the padding sentinel in every grouped row."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -358,49 +342,27 @@ if triton is not None:
     @triton.jit
     def _starts_kernel(counts_ptr, starts_ptr, bexp_ptr, max_blocks, E: tl.constexpr, EP: tl.constexpr,
                        BM: tl.constexpr, CF: tl.constexpr):
-        """Many-program grouping, step 2 (one program): experts' first rows and the blocks' experts."""
+        """Grouping, step 2 (one program): each expert's first row (its rows padded to whole BM-row blocks)
+        and the expert of every block (-1 past the last used one)."""
         e_idx = tl.arange(0, EP)
         counts = tl.load(counts_ptr + e_idx, mask=e_idx < E, other=0)
-        starts = _block_experts(counts, bexp_ptr, max_blocks, E, BM, CF)
-        tl.store(starts_ptr + e_idx, starts, mask=e_idx < E)
+        padded = (counts + BM - 1) // BM * BM
+        ends = tl.cumsum(padded, axis=0)
+        tl.store(starts_ptr + e_idx, ends - padded, mask=e_idx < E)
+        for b0 in range(0, max_blocks, CF):
+            blk = b0 + tl.arange(0, CF)
+            ex = tl.sum((ends[None, :] <= (blk * BM)[:, None]).to(tl.int32), axis=1)
+            ex = tl.where(ex >= E, -1, ex)
+            tl.store(bexp_ptr + blk, ex, mask=blk < max_blocks)
 
     @triton.jit
     def _scatter_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, num_pairs, BLOCK: tl.constexpr):
-        """Many-program grouping, step 3: every pair into its row, ``start of its expert + rank``."""
+        """Grouping, step 3: every pair into its row, ``start of its expert + rank``."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < num_pairs
         ids = tl.load(ids_ptr + offs, mask=ok, other=0)
         row = tl.load(starts_ptr + ids, mask=ok, other=0) + tl.load(rank_ptr + offs, mask=ok, other=0)
         tl.store(sorted_ptr + row, offs, mask=ok)
-
-    @triton.jit
-    def _align_kernel(ids_ptr, rank_ptr, sorted_ptr, bexp_ptr, num_pairs, max_rows, max_blocks,
-                      E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, CF: tl.constexpr):
-        """One program: bucket ``num_pairs`` expert ids into BM-row blocks (rank by counting, no sort)."""
-        e_idx = tl.arange(0, EP)
-        running = tl.zeros([EP], dtype=tl.int32)
-        for c0 in range(0, num_pairs, C):
-            offs = c0 + tl.arange(0, C)
-            ok = offs < num_pairs
-            ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
-            onehot = (ids[:, None] == e_idx[None, :]).to(tl.int32)
-            cs = tl.cumsum(onehot, axis=0)
-            rank = tl.sum(onehot * (cs - 1 + running[None, :]), axis=1)
-            tl.store(rank_ptr + offs, rank, mask=ok)
-            running += tl.sum(onehot, axis=0)
-        starts = _block_experts(running, bexp_ptr, max_blocks, E, BM, CF)
-        for r0 in range(0, max_rows, CF):
-            r = r0 + tl.arange(0, CF)
-            tl.store(sorted_ptr + r, tl.zeros([CF], dtype=tl.int32) + num_pairs, mask=r < max_rows)
-        tl.debug_barrier()
-        for c0 in range(0, num_pairs, C):
-            offs = c0 + tl.arange(0, C)
-            ok = offs < num_pairs
-            ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
-            onehot = (ids[:, None] == e_idx[None, :]).to(tl.int32)
-            start = tl.sum(onehot * starts[None, :], axis=1)
-            rank = tl.load(rank_ptr + offs, mask=ok, other=0)
-            tl.store(sorted_ptr + start + rank, offs, mask=ok)
 
     @triton.jit
     def _block(bexp_ptr, sorted_ptr, num_pairs, BM: tl.constexpr):
@@ -756,8 +718,14 @@ def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, rou
     return weights, ids
 
 
-def _align_many(flat_ids: torch.Tensor, experts: int, bm: int, max_rows: int, max_blocks: int):
-    """The grouping for many pairs: three short launches (atomic ranks, block map, scatter), no sort."""
+def _align(flat_ids: torch.Tensor, experts: int, bm: int, max_rows: int, max_blocks: int):
+    """``(sorted_ids, bexp)``: the pairs grouped by expert into BM-row blocks, in three short launches (atomic
+    ranks, block map, scatter) and no sort.
+
+    Measured on the H200 (whole layer, captured): 120-130 us a call faster than torch's stable sort at
+    1024-4096 tokens, and never slower than the earlier one-program kernel, which cost up to 90 us at
+    128-256 tokens (Gemma-4 256 tokens 477 -> 381 us).
+    """
     n = flat_ids.numel()
     device = flat_ids.device
     counts = torch.zeros(experts, dtype=torch.int32, device=device)
@@ -829,14 +797,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         bm = cfg.bm
         max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
         max_rows = max_blocks * bm
-        if pairs <= _SMALL_ALIGN_PAIRS:
-            sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
-            bexp = torch.empty(max_blocks, dtype=torch.int32, device=device)
-            rank = torch.empty(pairs, dtype=torch.int32, device=device)
-            _align_kernel[(1,)](flat_ids, rank, sorted_ids, bexp, pairs, max_rows, max_blocks,
-                                E=experts, EP=_next_pow2(experts), BM=bm, C=32, CF=256, num_warps=4)
-        else:
-            sorted_ids, bexp = _align_many(flat_ids, experts, bm, max_rows, max_blocks)
+        sorted_ids, bexp = _align(flat_ids, experts, bm, max_rows, max_blocks)
         inter_buf = torch.empty(max_rows, inter, dtype=torch.bfloat16, device=device)
         grid1 = (max_blocks, triton.cdiv(inter, cfg.bn1))
         _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf,
