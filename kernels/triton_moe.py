@@ -12,9 +12,9 @@ What one call does (all on the GPU, no host synchronisation, CUDA-graph capturab
 3. otherwise the (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows (three short
    launches: atomic ranks, block map, scatter) and two tensor-core kernels run: GEMM1 with the activation
    fused (gate and up tiles in the same program) and GEMM2 with the routing weight, optionally split along
-   K.  The weight tile is dequantized in registers to exact bf16
-   ``e2m1 * block_scale`` (times 2^-7) and fed to ``tl.dot`` with fp32 accumulation; the raw weight words
-   are loaded one K step ahead (Triton's pipeliner only stages loads that feed a dot directly);
+   K.  The weight tile is dequantized in registers to exact bf16 ``e2m1 * block_scale`` (times 2^-7) and
+   fed to ``tl.dot`` with fp32 accumulation; the raw weight words are loaded one K step ahead (Triton's
+   pipeliner only stages loads that feed a dot directly);
 4. combine: one small kernel sums each token's ``k`` (times splits) fp32 rows and writes bf16.
 
 Weights are laid out once, at preparation (:func:`prepare_weights`, the registry's ``prepare``): the E2M1
@@ -329,9 +329,9 @@ if triton is not None:
 
     @triton.jit
     def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_pairs, max_rows, BLOCK: tl.constexpr):
-        """Grouping, step 1: each pair's rank among its expert's pairs (an atomic count, so the
-        order inside one expert is arbitrary; every row of a tile is computed alike, so results are not)
-        and the padding sentinel in every grouped row."""
+        """Grouping, step 1: each pair's rank among its expert's pairs (an atomic count, so the order inside
+        one expert is arbitrary; every row of a tile is computed alike, so no result depends on it) and the
+        padding sentinel in every grouped row."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(sorted_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32) + num_pairs, mask=offs < max_rows)
         ok = offs < num_pairs

@@ -202,7 +202,7 @@ def test_tile_variants(variant, activation):
                                  split2=2, swap=True),
         "mma64": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3),
         "mma128_w8": TileConfig(bm=128, bn1=64, bk1=64, warps1=8, stages1=3, bn2=128, bk2=64, warps2=8,
-                                         stages2=3),
+                                stages2=3),
         # weight words loaded one K step ahead, also with a K split that starts mid-row (split2=3)
         "mma16_split_pf": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=64, warps2=4,
                                      stages2=4, split2=3, wprefetch=True),
