@@ -210,7 +210,8 @@ if triton is not None:
 
     @triton.jit
     def _dequant_words(w, s, BN: tl.constexpr, BK: tl.constexpr):
-        """A weight tile in the Triton layout, ``[BN, BK/8]`` words + ``[BN, BK/16]`` E4M3 scale bytes -> bf16 ``[BN, BK]``.
+        """A weight tile in the Triton layout, ``[BN, BK/8]`` words + ``[BN, BK/16]`` E4M3 scale bytes -> bf16
+        ``[BN, BK]``.
 
         Values are ``e2m1 * block_scale * 2^-7`` exactly (the caller folds ``2^7`` into its epilogue).
         """

@@ -9,6 +9,6 @@ from moe_passes.errors import KernelUnavailableError, MoEConfigError, MoEError, 
 from moe_passes.layer import FusedMoE
 from moe_passes.compile import compile, token_shape_config
 
-__all__ = ["FusedMoE", "compile", "token_shape_config", "MoEShape", "MoEError", "MoEShapeError", "MoEConfigError", "KernelUnavailableError",
-           "align_hidden_dim", "trtllm_chunk_size"]
+__all__ = ["FusedMoE", "compile", "token_shape_config", "MoEShape", "MoEError", "MoEShapeError", "MoEConfigError",
+           "KernelUnavailableError", "align_hidden_dim", "trtllm_chunk_size"]
 __version__ = "0.1.0"
