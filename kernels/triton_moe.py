@@ -132,12 +132,13 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
         # Decode: one program per (token, expert) pair, CUDA-core dot products with the packed E2M1 decode.
         # Measured on the H200 (Nemotron-Nano, Qwen3, Gemma-4, DeepSeek-V3 at 1, 4 and 16 tokens): one warp
-        # per program, 4 GEMM1 rows (x2 when gated) and 8 GEMM2 rows per program, no K split of GEMM2
+        # per program, 8 GEMM1 rows per program (4 gate + 4 up when gated; 8 rows for ReLU^2: Nemotron-Nano
+        # at 4 tokens 64.7 -> 63.1 us over 4 rows, a tie at 1 token) and 8 GEMM2 rows, no K split of GEMM2
         # (split 2 and 4 were slower), no register prefetch (slower: fewer programs fit).  Up to 16 tokens
         # this beats or ties the 16-row tensor-core tiles on the gated layers even with ~1.5 pairs per
         # expert (shared weights then come from L2; DeepSeek-V3 at 16 tokens is 4% slower here, Qwen3 3%
         # faster); at 32 tokens it lost (2.3-2.6 pairs per expert).
-        return TileConfig(bm=1, bn1=4, bk1=0, warps1=1, stages1=1,
+        return TileConfig(bm=1, bn1=4 if gated else 8, bk1=0, warps1=1, stages1=1,
                           bn2=8, bk2=0, warps2=1, stages2=1, split2=1)
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step

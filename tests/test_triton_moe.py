@@ -44,6 +44,8 @@ def test_select_config_regimes():
         assert select_config(tokens, **qwen3).bm == 1
     for tokens in (1, 4, 8):
         assert select_config(tokens, **nemotron).bm == 1
+    # decode GEMM1 programs hold 8 weight rows: 4 gate + 4 up, or 8 rows of an ungated layer
+    assert (select_config(1, **qwen3).bn1, select_config(1, **nemotron).bn1) == (4, 8)
     for shape, tokens in ((nemotron, 16), (qwen3, 32), (qwen3, 128)):
         cfg = select_config(tokens, **shape)
         assert (cfg.bm, cfg.swap, cfg.wprefetch) == (16, True, True), (tokens, cfg)
