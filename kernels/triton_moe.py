@@ -844,7 +844,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
 
     cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
     # Serial launches for the prefill tiles: their calls take 0.5-12 ms, and chained launches measured no
-    # consistent gain there (DeepSeek-V3 2-3% slower at 1024 and 4096 tokens, Nemotron-Nano 4% faster at 1024).
+    # consistent gain there (H200, four rounds: DeepSeek-V3 2-4% slower at 1024 tokens and slower in three of
+    # four rounds at 4096, Nemotron-Nano 2-6% faster at 1024, Qwen3 and Gemma-4 within 1-2%).
     pdl = cfg.bm <= 16 and _use_pdl(device)
     counts = None if cfg.bm == 1 else torch.empty(experts, dtype=torch.int32, device=device)
     topk_w, topk_ids = _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor,

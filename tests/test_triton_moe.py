@@ -244,11 +244,11 @@ def test_tile_variants(variant, activation):
 @pytest.mark.parametrize("tokens", [1, 6, 64, 300])
 @pytest.mark.parametrize("routing", ["renormalize", "deepseek_v3"])
 def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
-    """Programmatic dependent launch: each kernel starts while the previous one drains, the GEMMs read the
-    routing / block map and hint their weights into L2 before they wait.  In a graph of back-to-back calls
-    (each on its own inputs, so one call's tail overlaps the next call's kernels) the outputs must be
-    bit-identical to serial launches and match the reference.  deepseek_v3 with 3 groups takes the torch
-    routing fallback, which zeroes the grouping counters itself."""
+    """Programmatic dependent launch: each kernel of a call is launched while the previous one drains and
+    waits for it in-kernel.  In a graph of back-to-back calls, each on its own inputs, the outputs must be
+    bit-identical to serial launches and match the reference.  1 and 6 tokens run the decode GEMVs, 64 the
+    16-row tiles (both chained), 300 the prefill tiles (always serial).  deepseek_v3 with 3 groups takes the
+    torch routing fallback, which must then zero the grouping counters itself."""
     from moe_passes.kernels import triton_moe
 
     if not triton_moe._use_pdl("cuda"):
