@@ -93,6 +93,9 @@ class TileConfig:
     # warps of 32 threads, each thread one 32-element column: ``bk`` and ``stages`` are unused)
     prefetch: bool = False  # packed-decode kernels: issue the next K step's loads before the current math
     wprefetch: bool = False  # tensor-core path: weight words loaded one K step ahead of their use
+    # decode on the tensor cores (:mod:`triton_tc_decode`): ``bm`` 1 = one program per pair, 8 = pairs grouped
+    # by expert into 8-token blocks; ``warps1``/``warps2`` warps of 16 rows each, ``split1``/``split2`` K splits
+    tc: bool = False
 
 
 def triton_available(device=None) -> bool:
@@ -119,6 +122,25 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _tc_split(blocks: int, rows: int, k: int, target: int) -> int:
+    """K split of a tensor-core decode GEMM: doubled until ``target`` warps (16-row tiles x splits) are
+    launched, at most 8 and keeping at least two 128-element chunks per split."""
+    tiles = blocks * -(-rows // 16)
+    split = 1
+    while split < 8 and tiles * split < target and k // (256 * split) >= 2:
+        split *= 2
+    return split
+
+
+def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int) -> TileConfig:
+    """The tensor-core decode (:mod:`triton_tc_decode`): one warp per 16-row tile.  The register prefetch
+    helps the grouped blocks (H200, 32 tokens: Qwen3 154 -> 143 us, the others 1-5%) and not the per-pair
+    programs (Nemotron-Nano 4 tokens 59 -> 67 us with it; Qwen3 and Gemma-4 within 1-4% either way)."""
+    return TileConfig(bm=8 if grouped else 1, bn1=16, bk1=0, warps1=1, stages1=1, bn2=16, bk2=0, warps2=1,
+                      stages2=1, split1=_tc_split(blocks, inter, hidden, target),
+                      split2=_tc_split(blocks, hidden, inter, target), tc=True, prefetch=grouped)
+
+
 def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, gated: bool,
                   sm_count: int = 132) -> TileConfig:
     """Tile shapes by regime: decode (few rows per expert) is weight-bandwidth bound, prefill compute bound."""
@@ -129,15 +151,24 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # Ungated (ReLU^2) layers leave the decode earlier: Nemotron-Nano at 16 tokens (1.4 pairs per expert)
     # took 174 us on the 16-row tiles against 220 us here, at 8 tokens (1.2) 128 against 118 us (H200).
     shared_limit = 2.0 if gated else 1.3
+    if 16 <= tokens <= 64 and rows_per_expert <= 8:
+        # Tensor-core decode, pairs grouped by expert into 8-token blocks (one weight pass per expert).
+        # Measured on the H200 against the packed decode / 16-row tiles it replaced (Nemotron-Nano, Qwen3,
+        # Gemma-4, DeepSeek-V3): 16 tokens 182 -> 150, 152 -> 117, 200 -> 148, 1088 -> 807 us; 32 tokens
+        # 18-27% faster, 64 tokens 10-21% faster.
+        return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count)
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
+        if 1 < tokens and hidden <= 4096:
+            # Tensor-core decode, one program per pair: 2-8 tokens on Nemotron-Nano, Qwen3 and Gemma-4
+            # 5-18% faster than the packed decode below (Qwen3 4 tokens 46.9 -> 41.0 us, 8 tokens 82.3 ->
+            # 67.8); DeepSeek-V3 (hidden 7168) was 5-10% slower at 4 tokens, and 1 token a tie or slower
+            # on three of the four layers, so those keep the packed decode.
+            return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count)
         # Decode: one program per (token, expert) pair, CUDA-core dot products with the packed E2M1 decode.
         # Measured on the H200 (Nemotron-Nano, Qwen3, Gemma-4, DeepSeek-V3 at 1, 4 and 16 tokens): one warp
         # per program, 8 GEMM1 rows per program (4 gate + 4 up when gated; 8 rows for ReLU^2: Nemotron-Nano
         # at 4 tokens 64.7 -> 63.1 us over 4 rows, a tie at 1 token) and 8 GEMM2 rows, no K split of GEMM2
-        # (split 2 and 4 were slower), no register prefetch (slower: fewer programs fit).  Up to 16 tokens
-        # this beats or ties the 16-row tensor-core tiles on the gated layers even with ~1.5 pairs per
-        # expert (shared weights then come from L2; DeepSeek-V3 at 16 tokens is 4% slower here, Qwen3 3%
-        # faster); at 32 tokens it lost (2.3-2.6 pairs per expert).
+        # (split 2 and 4 were slower), no register prefetch (slower: fewer programs fit).
         return TileConfig(bm=1, bn1=4 if gated else 8, bk1=0, warps1=1, stages1=1,
                           bn2=8, bk2=0, warps2=1, stages2=1, split2=1)
     if rows_per_expert <= 16:
@@ -165,28 +196,32 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
 
 if triton is not None:
 
-    # One 32-bit word of the Triton layout (8 E2M1 codes, see ``triton_layout``) cut into four packed bf16
-    # pairs ``p0..p3`` (elements 2j, 2j+1) with shifts and masks: bf16 ``e2m1 * 2^-126`` patterns, zero
-    # and the subnormal 0.5 included.  The input word is ``$W``.
-    _WORD_CUT_ASM = """
-    .reg .b32 p0, p1, p2, p3, t, z;
-    and.b32 p0, $W, 0x81C081C0;
-    shl.b32 p1, $W, 3;
-    and.b32 p1, p1, 0x81C081C0;
-    shl.b32 p2, $W, 6;
-    and.b32 p2, p2, 0x81C081C0;
-    shl.b32 t, $W, 1;
-    and.b32 t, t, 0x80008000;
-    shr.u32 p3, $W, 5;
-    and.b32 p3, p3, 0x01000100;
-    or.b32 t, t, p3;
-    shr.u32 p3, $W, 4;
-    and.b32 p3, p3, 0x00C000C0;
-    or.b32 p3, p3, t;
-    """
+    def word_cut_asm(word: str, p: str) -> str:
+        """PTX that cuts one 32-bit word of the Triton layout (8 E2M1 codes, see ``triton_layout``) into four
+        packed bf16 pairs ``{p}0..{p}3`` (elements 2j, 2j+1) with shifts and masks: bf16 ``e2m1 * 2^-126``
+        patterns, zero and the subnormal 0.5 included.  Declares its registers ``{p}0..{p}3, {p}t``, so
+        call it inside a ``{ }`` scope, once per prefix."""
+        return f"""
+        .reg .b32 {p}0, {p}1, {p}2, {p}3, {p}t;
+        and.b32 {p}0, {word}, 0x81C081C0;
+        shl.b32 {p}1, {word}, 3;
+        and.b32 {p}1, {p}1, 0x81C081C0;
+        shl.b32 {p}2, {word}, 6;
+        and.b32 {p}2, {p}2, 0x81C081C0;
+        shl.b32 {p}t, {word}, 1;
+        and.b32 {p}t, {p}t, 0x80008000;
+        shr.u32 {p}3, {word}, 5;
+        and.b32 {p}3, {p}3, 0x01000100;
+        or.b32 {p}t, {p}t, {p}3;
+        shr.u32 {p}3, {word}, 4;
+        and.b32 {p}3, {p}3, 0x00C000C0;
+        or.b32 {p}3, {p}3, {p}t;
+        """
+
     # Tensor-core tiles: each pair times ``$9`` = ``bf16(block_scale * 2^119)`` in both halves with one bf16x2
     # FMA (adding -0 leaves the product alone) -> 8 bf16 ``e2m1 * block_scale * 2^-7``, exact.
-    _WORD_TO_BF16_ASM = tl.constexpr("{" + _WORD_CUT_ASM.replace("$W", "$8") + """
+    _WORD_TO_BF16_ASM = tl.constexpr("{" + word_cut_asm("$8", "p") + """
+    .reg .b32 z;
     mov.b32 z, 0x80008000;
     fma.rn.bf16x2 p0, p0, $9, z;
     fma.rn.bf16x2 p1, p1, $9, z;
@@ -199,7 +234,7 @@ if triton is not None:
     }""")
     # CUDA-core decode: the pairs widened to 8 fp32 ``e2m1 * 2^-126`` (a bf16 in the high half of a word is
     # that fp32; 0.5 becomes an fp32 subnormal, which the FMAs keep: no flush-to-zero in this code).
-    _WORD_TO_F32_ASM = tl.constexpr("{" + _WORD_CUT_ASM.replace("$W", "$8") + """
+    _WORD_TO_F32_ASM = tl.constexpr("{" + word_cut_asm("$8", "p") + """
     shl.b32 $0, p0, 16;
     and.b32 $1, p0, 0xFFFF0000;
     shl.b32 $2, p1, 16;
@@ -853,13 +888,29 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     flat_ids = topk_ids.reshape(-1)
     pairs = flat_ids.numel()
     split = cfg.split2
-    # the packed-decode kernels split K at 32-element (2-group) granularity, the others at their tile's
-    k_step2 = 32 if cfg.bm == 1 else cfg.bk2
+    # the packed-decode kernels split K at 32-element (2-group) granularity, the tensor-core decode at
+    # 128 (a chunk), the others at their tile's
+    k_step2 = 128 if cfg.tc else (32 if cfg.bm == 1 else cfg.bk2)
     k_per_split = triton.cdiv(triton.cdiv(inter, split), k_step2) * k_step2
     split = triton.cdiv(inter, k_per_split)
     y = torch.empty(split, pairs, hidden, dtype=torch.float32, device=device)
 
-    if cfg.bm == 1:
+    if cfg.tc:
+        from moe_passes.kernels.triton_tc_decode import decode_tc
+        hidden_states = _word_aligned(hidden_states, (w13, w2))
+        inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
+        part = torch.empty(cfg.split1, pairs, n1, dtype=torch.float32, device=device) if cfg.split1 > 1 else None
+        if cfg.bm == 1:
+            sorted_ids = bexp = None
+            blocks = pairs
+        else:
+            blocks = triton.cdiv(pairs, cfg.bm) + min(pairs, experts)
+            sorted_ids, bexp = _align(flat_ids, counts, cfg.bm, blocks * cfg.bm, blocks, pdl)
+        decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, part, blocks=blocks, sorted_ids=sorted_ids,
+                  bexp=bexp, pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, activation=activation,
+                  warps1=cfg.warps1, warps2=cfg.warps2, split1=cfg.split1, split2=split, pf1=cfg.prefetch,
+                  pf2=cfg.prefetch, pdl=pdl)
+    elif cfg.bm == 1:
         # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
         # run together, so pairs that share an expert read its weights from L2.
         inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
@@ -890,18 +941,25 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     return out
 
 
+def _word_aligned(hidden_states: torch.Tensor, weights) -> torch.Tensor:
+    """The decode kernels read activations and weights as 8-byte words: rows of the activations start on
+    8-byte boundaries (at worst one copy, proportional to the tokens); unaligned weights are an error."""
+    if hidden_states.stride(0) % 4 or hidden_states.data_ptr() % 8:
+        hidden_states = hidden_states.contiguous()
+        if hidden_states.data_ptr() % 8:  # a view at an odd offset
+            hidden_states = hidden_states.clone()
+    for t in weights:
+        if t.data_ptr() % 8:
+            raise MoEConfigError("the decode kernels need 8-byte aligned weights")
+    return hidden_states
+
+
 def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
                    pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, pdl=False):
     """Decode GEMMs with the packed-decode kernels: weights and activations are read as 8-byte words."""
     device = hidden_states.device
     n1 = w13.shape[1]
-    if hidden_states.stride(0) % 4 or hidden_states.data_ptr() % 8:
-        hidden_states = hidden_states.contiguous()
-        if hidden_states.data_ptr() % 8:  # a view at an odd offset: one copy, proportional to the tokens
-            hidden_states = hidden_states.clone()
-    for t in (w13, w13_scale, w2, w2_scale):
-        if t.data_ptr() % 8:
-            raise MoEConfigError("the packed-decode kernels need 8-byte aligned weights")
+    hidden_states = _word_aligned(hidden_states, (w13, w13_scale, w2, w2_scale))
     split1 = cfg.split1
     k_per_split1 = triton.cdiv(triton.cdiv(hidden, split1), 32) * 32
     split1 = triton.cdiv(hidden, k_per_split1)

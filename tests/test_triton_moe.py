@@ -34,24 +34,46 @@ def test_module_imports_and_registers_on_cpu():
 
 
 def test_select_config_regimes():
-    """The measured regime boundaries (docs/benchmarks.md): decode GEMV, 16-row swapped tiles with weight
-    prefetch, then 64/128-row prefill tiles; ungated layers leave the decode earlier than gated ones."""
+    """The measured regime boundaries (docs/benchmarks.md): packed decode GEMV at 1 token, tensor-core decode
+    per pair at 2-15 tokens (hidden <= 4096), grouped by expert at 16-64 tokens, 16-row swapped tiles with
+    weight prefetch above, then 64/128-row prefill tiles; ungated layers leave the decode earlier."""
     from moe_passes.kernels.triton_moe import select_config
 
     qwen3 = dict(top_k=8, experts=128, hidden=2048, inter=768, gated=True)
     nemotron = dict(top_k=6, experts=128, hidden=2688, inter=1856, gated=False)
-    for tokens in (1, 4, 16):
-        assert select_config(tokens, **qwen3).bm == 1
-    for tokens in (1, 4, 8):
-        assert select_config(tokens, **nemotron).bm == 1
+    deepseek = dict(top_k=8, experts=256, hidden=7168, inter=2048, gated=True)
+    few_experts = dict(top_k=4, experts=8, hidden=2048, inter=768, gated=True)
+
+    def kind(cfg):
+        return ("tc" if cfg.tc else "packed" if cfg.bm == 1 else "tiles", cfg.bm)
+
+    for shape in (qwen3, nemotron, deepseek):
+        assert kind(select_config(1, **shape)) == ("packed", 1)
+        for tokens in (16, 32, 64):
+            assert kind(select_config(tokens, **shape)) == ("tc", 8), (shape, tokens)
+    for tokens in (2, 4, 8, 15):
+        assert kind(select_config(tokens, **qwen3)) == ("tc", 1)
+    for tokens in (4, 8):
+        assert kind(select_config(tokens, **nemotron)) == ("tc", 1)
+        assert kind(select_config(tokens, **deepseek)) == ("packed", 1)  # hidden 7168: measured slower
+    # 8 tokens on 8 experts: 4 pairs per expert, past the decode: 16-row tiles
+    assert kind(select_config(8, **few_experts)) == ("tiles", 16)
     # decode GEMM1 programs hold 8 weight rows: 4 gate + 4 up, or 8 rows of an ungated layer
     assert (select_config(1, **qwen3).bn1, select_config(1, **nemotron).bn1) == (4, 8)
-    for shape, tokens in ((nemotron, 16), (qwen3, 32), (qwen3, 128)):
+    # the tensor-core decode splits K until ~16 (per pair) / ~8 (grouped) warps per SM are launched
+    one = select_config(4, **qwen3)  # 32 pairs x 48 GEMM1 tiles = 1536 warps -> split 2 (3072 >= 2112)
+    assert (one.split1, one.split2, one.prefetch) == (2, 1, False)
+    grouped = select_config(16, **qwen3)  # 128 blocks x 48 tiles >= 1056: no split
+    assert (grouped.split1, grouped.split2, grouped.prefetch) == (1, 1, True)
+    for shape, tokens in ((qwen3, 128), (nemotron, 128)):
         cfg = select_config(tokens, **shape)
-        assert (cfg.bm, cfg.swap, cfg.wprefetch) == (16, True, True), (tokens, cfg)
+        assert (cfg.bm, cfg.swap, cfg.wprefetch, cfg.tc) == (16, True, True, False), (tokens, cfg)
     assert select_config(1024, **qwen3).bm == 64
     big = select_config(4096, **qwen3)
     assert big.bm == 128 and big.wprefetch and not big.swap
+
+
+_QDEC = dict(bm=1, bk1=0, stages1=1, bk2=0, stages2=1)
 
 
 def _make_layer(hidden, inter, experts, activation, device, seed):
@@ -185,11 +207,13 @@ def test_cuda_graph_capture_and_workspace(tokens):
 @needs_gpu
 @pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
                                      "mma16_split_pf", "mma16_swap_pf_split", "mma64", "mma64_pf_swap",
-                                     "mma128_w8", "mma128_pf"])
+                                     "mma128_w8", "mma128_pf", "tc_pair", "tc_pair_split_pf", "tc_group",
+                                     "tc_group_split_pf_w2"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path: decode GEMV with and without split GEMM1, tensor-core tiles of every size with and
-    without swap, prefetch and K split."""
+    without swap, prefetch and K split, the tensor-core decode per pair and grouped (two 8-token blocks per
+    expert), with K splits, prefetch and two warps per program."""
     from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
 
     configs = {
@@ -215,10 +239,18 @@ def test_tile_variants(variant, activation):
                                     stages2=3, swap=True, wprefetch=True),
         "mma128_pf": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                 stages2=3, wprefetch=True),
+        "tc_pair": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, **_QDEC),
+        "tc_pair_split_pf": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=3, split2=2,
+                                       prefetch=True, **_QDEC),
+        "tc_group": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, **dict(_QDEC, bm=8)),
+        "tc_group_split_pf_w2": TileConfig(tc=True, bn1=32, warps1=2, bn2=32, warps2=2, split1=2, split2=3,
+                                           prefetch=True, **dict(_QDEC, bm=8)),
     }
     device = torch.device("cuda")
+    # 2880 = 22.5 chunks of 128 and 1040 = 65 groups: K tails inside a chunk and inside a thread's group pair
     hidden, inter, experts, top_k = 2880, 1040, 16, 4
-    tokens = 700 if variant.startswith("mma128") else 9
+    # 60 tokens: ~15 pairs per expert, so the grouped decode runs two 8-token blocks of most experts
+    tokens = 700 if variant.startswith("mma128") else 60 if variant.startswith("tc_group") else 9
     weights = _make_layer(hidden, inter, experts, activation, device, seed=11)
     x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
     logits = torch.randn(tokens, experts, device=device)
@@ -231,7 +263,7 @@ def test_tile_variants(variant, activation):
     assert not out.isnan().any()
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert rel < 1e-2, rel
-    if variant.startswith("mma"):
+    if variant.startswith(("mma", "tc_group")):
         # the grouping's atomic ranks place an expert's pairs in an arbitrary order; each row is computed
         # alike, so the result must not depend on it
         again = fused_moe_triton(x, logits, prepare_weights(weights), top_k=top_k, activation=activation,
@@ -241,13 +273,14 @@ def test_tile_variants(variant, activation):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("tokens", [1, 6, 64, 300])
+@pytest.mark.parametrize("tokens", [1, 6, 64, 100, 300])
 @pytest.mark.parametrize("routing", ["renormalize", "deepseek_v3"])
 def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
     """Programmatic dependent launch: each kernel of a call is launched while the previous one drains and
     waits for it in-kernel.  In a graph of back-to-back calls, each on its own inputs, the outputs must be
-    bit-identical to serial launches and match the reference.  1 and 6 tokens run the decode GEMVs, 64 the
-    16-row tiles (both chained), 300 the prefill tiles (always serial).  deepseek_v3 with 3 groups takes the
+    bit-identical to serial launches and match the reference.  1 token runs the packed decode, 6 the
+    tensor-core decode per pair (split GEMM1), 64 the grouped tensor-core decode, 100 the 16-row tiles (all
+    chained), 300 the prefill tiles (always serial).  deepseek_v3 with 3 groups takes the
     torch routing fallback, which must then zero the grouping counters itself."""
     from moe_passes.kernels import triton_moe
 
@@ -298,7 +331,6 @@ def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
     assert rel < 1e-2, rel
 
 
-_QDEC = dict(bm=1, bk1=0, stages1=1, bk2=0, stages2=1)
 
 
 @pytest.mark.gpu
@@ -334,8 +366,43 @@ def test_packed_decode_edges(activation, hidden, inter, split1, split2, prefetch
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("hidden,inter,split1,split2", [(720, 208, 1, 1), (2896, 464, 2, 3), (1040, 1040, 3, 2)])
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_tensor_core_decode_edges(activation, hidden, inter, split1, split2, grouped, prefetch):
+    """The tensor-core decode GEMVs (inline ``mma.sync``): group counts that end inside a chunk and inside a
+    thread's pair of groups (2896 = 181 groups, 208 = 13), K splits, every activation, per-pair and grouped
+    programs, a strided activation input; fresh inputs, poisoned output."""
+    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
+
+    device = torch.device("cuda")
+    experts, top_k, tokens = 16, 4, 5
+    seed = 300 + ACTIVATIONS.index(activation) * 7 + hidden
+    weights = _make_layer(hidden, inter, experts, activation, device, seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    wide = (torch.randn(tokens, hidden + 24, generator=g) / 10).to(device, torch.bfloat16)
+    x = wide[:, 8:8 + hidden]  # row stride hidden + 24, offset 16 bytes
+    logits = torch.randn(tokens, experts, generator=g).to(device)
+    ref = fused_moe_reference(x.contiguous(), logits, *weights, top_k=top_k, activation=activation,
+                              routing="renormalize", quantize_activations=False)
+    cfg = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=split1, split2=split2, prefetch=prefetch,
+                     **dict(_QDEC, bm=8 if grouped else 1))
+    out = torch.full_like(ref, float("nan"))
+    fused_moe_triton(x, logits, prepare_weights(weights), top_k=top_k, activation=activation, routing="renormalize",
+                     out=out, config=cfg)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, rel
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_decode_gemv_matches_tensor_core_tiles():
-    """The CUDA-core decode and the tensor-core tiles both sum exact products in fp32: they agree closely."""
+    """The CUDA-core decode, the tensor-core decode and the tensor-core tiles all sum exact products in fp32:
+    they agree closely."""
     from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
@@ -346,16 +413,19 @@ def test_decode_gemv_matches_tensor_core_tiles():
     logits = torch.randn(tokens, experts, generator=g).to(device)
     mma = TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4, split2=2)
     gemv = TileConfig(bn1=8, warps1=2, bn2=16, warps2=1, split2=2, **_QDEC)
+    tc_pair = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=2, **_QDEC)
+    tc_group = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split2=2, **dict(_QDEC, bm=8))
     a = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=mma)
-    b = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=gemv)
-    torch.cuda.synchronize()
-    rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
-    assert rel < 2e-3, rel
+    for cfg in (gemv, tc_pair, tc_group):
+        b = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=cfg)
+        torch.cuda.synchronize()
+        rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+        assert rel < 2e-3, (cfg, rel)
 
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", ["decode", "decode_split", "mma16", "mma128"])
+@pytest.mark.parametrize("variant", ["decode", "decode_split", "tc_pair", "tc_group", "mma16", "mma128"])
 def test_subnormal_codes_are_not_flushed(variant):
     """Weights made only of +-0.5 (E2M1 code 1, an fp32/bf16 subnormal in the kernels' bit tricks): a flush
     to zero anywhere would zero the whole output."""
@@ -378,6 +448,8 @@ def test_subnormal_codes_are_not_flushed(variant):
     configs = {
         "decode": TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, **_QDEC),
         "decode_split": TileConfig(bn1=4, warps1=1, bn2=8, warps2=2, split1=2, split2=3, **_QDEC),
+        "tc_pair": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, **_QDEC),
+        "tc_group": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=2, **dict(_QDEC, bm=8)),
         "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4),
         "mma128": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
                              wprefetch=True),

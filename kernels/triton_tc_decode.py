@@ -1,0 +1,337 @@
+"""Tensor-core decode GEMVs: the dequantized weight registers are the A fragments of ``mma.sync``.
+
+The decode GEMMs (a handful of tokens per expert) read every weight once and do little arithmetic per
+byte, so what limits them after the memory system is the instruction issue of the E2M1 decode.  The
+CUDA-core GEMVs of :mod:`triton_moe` spend ~3.5 instructions per weight element (cut, widen to fp32,
+FMA).  Here one warp owns 16 weight rows and runs ``mma.sync.m16n8k16`` (bf16 in, fp32 accumulate) with
+the weights as A (M = 16 rows) and up to 8 tokens as B (N = 8): the cut and one bf16x2 FMA with the block
+scale per pair stay, the 8 FMAs per word become a quarter of an MMA.
+
+``tl.dot`` cannot be told to take its A operand from the registers where the decode left it (Triton
+converts the layout through shared memory, which is why its 16-row tiles lose at 1-4 tokens), so the
+MMA is inline PTX on one-element-per-thread tensors of ``32 * WARPS`` elements.  Each thread reads its
+``%tid.x`` and computes from it which rows and K elements it loads, so the fragment layout never depends
+on how Triton lays out those tensors.
+
+Fragment bookkeeping (PTX ISA, ``mma.m16n8k16`` with bf16): thread ``lane = 4 g + c`` holds
+
+- A: rows ``g`` and ``g + 8``, K slots ``2c, 2c+1`` (``a0 a1``, ``a2 a3``) and ``2c+8, 2c+9`` (``a4..a7``);
+- B: K slots as A, column (token) ``g``;
+- C/D: rows ``g`` and ``g + 8``, columns ``2c, 2c+1``.
+
+A dot product may visit K in any order as long as A and B agree, so each thread feeds its slots from its
+own 32 consecutive K elements of a 128-element chunk (NVFP4 groups ``2c`` and ``2c + 1``): one 8-byte load
+per row and group, and the activation words for the same K.  One 32-bit weight word (8 codes) covers
+two MMAs: its pairs 0/1 fill slots ``2c..`` / ``2c+8..`` of the first, pairs 2/3 of the second, and the
+activation word pair ``(4q .. 4q+3)`` of the same eight elements is ``b0 b1 / b2 b3``.
+
+Two ways to pick the tokens (B columns) of a program:
+
+- per pair (``GROUPED=False``): one program per (token, expert) pair, only column 0 is live (1-4 tokens:
+  no grouping pass needed, nearly every pair has its own expert);
+- grouped (``GROUPED=True``): the pairs bucketed by expert into blocks of 8 (``_align`` of
+  :mod:`triton_moe`), each expert's weights decoded once for all of its tokens.
+"""
+
+from __future__ import annotations
+
+from moe_passes.kernels import triton_moe as tm
+
+triton = tm.triton
+tl = tm.tl
+
+__all__ = ["decode_tc"]
+
+if triton is not None:
+    _gdc = tm._gdc
+    _scale_pair = tm._scale_pair
+    _activation = tm._activation
+
+    _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+    # Two MMAs for one weight word of rows g ($4) and g+8 ($5): scale pairs $6 / $7 (``_scale_pair``),
+    # activation words $8 (elements 0-3 of the word) and $9 (4-7), accumulators in $10-$13, out $0-$3.
+    _WORD_MMA_ASM = tl.constexpr("{" + tm.word_cut_asm("$4", "a") + tm.word_cut_asm("$5", "b") + f"""
+    .reg .b32 z, x0, x1, x2, x3;
+    .reg .f32 d0, d1, d2, d3;
+    mov.b32 z, 0x80008000;
+    fma.rn.bf16x2 a0, a0, $6, z;
+    fma.rn.bf16x2 a1, a1, $6, z;
+    fma.rn.bf16x2 a2, a2, $6, z;
+    fma.rn.bf16x2 a3, a3, $6, z;
+    fma.rn.bf16x2 b0, b0, $7, z;
+    fma.rn.bf16x2 b1, b1, $7, z;
+    fma.rn.bf16x2 b2, b2, $7, z;
+    fma.rn.bf16x2 b3, b3, $7, z;
+    mov.b64 {{x0, x1}}, $8;
+    mov.b64 {{x2, x3}}, $9;
+    {_MMA} {{d0, d1, d2, d3}}, {{a0, b0, a1, b1}}, {{x0, x1}}, {{$10, $11, $12, $13}};
+    {_MMA} {{$0, $1, $2, $3}}, {{a2, b2, a3, b3}}, {{x2, x3}}, {{d0, d1, d2, d3}};
+    }}""")
+
+    @triton.jit
+    def _thread_ids(like):
+        """``%tid.x`` of the thread holding each element of the one-element-per-thread tensor ``like``."""
+        return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [like], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def _word_mma(w0, w1, s0, s1, xa, xb, c0, c1, c2, c3):
+        return tl.inline_asm_elementwise(
+            _WORD_MMA_ASM, "=f,=f,=f,=f,r,r,r,r,l,l,f,f,f,f", [w0, w1, s0, s1, xa, xb, c0, c1, c2, c3],
+            dtype=(tl.float32,) * 4, is_pure=True, pack=1)
+
+    # Two E4M3 block scales (bits 0-7 and 16-23 of $2) -> ``bf16(scale * 2^119)`` twice in $0 (the first) and
+    # $1 (the second), as ``_scale_pair`` of :mod:`triton_moe` does for one, with packed conversions.
+    _SCALES_ASM = tl.constexpr("""{
+    .reg .b32 h, t, p;
+    .reg .f16 hl, hh;
+    .reg .f32 fl, fh;
+    and.b32 h, $2, 0x007F007F;
+    shl.b32 h, h, 7;
+    and.b32 t, $2, 0x00800080;
+    shl.b32 t, t, 8;
+    or.b32 h, h, t;
+    mov.b32 {hl, hh}, h;
+    cvt.f32.f16 fl, hl;
+    cvt.f32.f16 fh, hh;
+    mul.f32 fl, fl, 0f7F000000;
+    mul.f32 fh, fh, 0f7F000000;
+    cvt.rn.bf16x2.f32 p, fh, fl;
+    prmt.b32 $0, p, 0, 0x1010;
+    prmt.b32 $1, p, 0, 0x3232;
+    }""")
+
+    @triton.jit
+    def _scales(s0, s1):
+        """The block scales of groups ``2c`` (``s0``) and ``2c + 1`` (``s1``) as bf16x2 FMA operands."""
+        s = (s0.to(tl.int32) & 0xFF) | ((s1.to(tl.int32) & 0xFF) << 16)
+        return tl.inline_asm_elementwise(_SCALES_ASM, "=r,=r,r", [s], dtype=(tl.int32, tl.int32), is_pure=True,
+                                         pack=1)
+
+    @triton.jit
+    def _group_mma(w0, w1, s0, s1, x0, x1, x2, x3, c0, c1, c2, c3):
+        """One NVFP4 group (an int64 of two words) of rows g / g+8 against activation words x0..x3."""
+        c0, c1, c2, c3 = _word_mma(w0.to(tl.int32), w1.to(tl.int32), s0, s1, x0, x1, c0, c1, c2, c3)
+        return _word_mma((w0 >> 32).to(tl.int32), (w1 >> 32).to(tl.int32), s0, s1, x2, x3, c0, c1, c2, c3)
+
+    @triton.jit
+    def _wload(w0, w1, sb0, sb1, g, KG: tl.constexpr, live):
+        """Rows g and g+8 of this thread's two groups ``g, g+1`` (an int64 each) and their scale bytes.  A group
+        past the last re-reads the last one (its activations are masked to zero); ``live`` False (the
+        prefetch past a split's end) loads nothing."""
+        G0 = tl.minimum(g, KG - 1)
+        G1 = tl.minimum(g + 1, KG - 1)
+        return (tl.load(w0 + G0, mask=live), tl.load(w0 + G1, mask=live), tl.load(w1 + G0, mask=live),
+                tl.load(w1 + G1, mask=live), tl.load(sb0 + G0, mask=live), tl.load(sb0 + G1, mask=live),
+                tl.load(sb1 + G0, mask=live), tl.load(sb1 + G1, mask=live))
+
+    @triton.jit
+    def _xload(xp, G, g_end, okb):
+        """The activation words (4 bf16 each) of groups ``G, G+1`` for this thread's B column."""
+        m0 = okb & (G < g_end)
+        m1 = okb & (G + 1 < g_end)
+        return (tl.load(xp + 4 * G, mask=m0, other=0), tl.load(xp + 4 * G + 1, mask=m0, other=0),
+                tl.load(xp + 4 * G + 2, mask=m0, other=0), tl.load(xp + 4 * G + 3, mask=m0, other=0),
+                tl.load(xp + 4 * G + 4, mask=m1, other=0), tl.load(xp + 4 * G + 5, mask=m1, other=0),
+                tl.load(xp + 4 * G + 6, mask=m1, other=0), tl.load(xp + 4 * G + 7, mask=m1, other=0))
+
+    @triton.jit
+    def _chunk_mma(wa0, wa1, wb0, wb1, sa0, sa1, sb0, sb1, x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3):
+        """This thread's share of one 128-element chunk: groups 2c and 2c+1 of rows g and g+8."""
+        pa0, pa1 = _scales(sa0, sa1)
+        pb0, pb1 = _scales(sb0, sb1)
+        c0, c1, c2, c3 = _group_mma(wa0, wb0, pa0, pb0, x0, x1, x2, x3, c0, c1, c2, c3)
+        return _group_mma(wa1, wb1, pa1, pb1, x4, x5, x6, x7, c0, c1, c2, c3)
+
+    @triton.jit
+    def _columns(blk, g, c, ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED: tl.constexpr):
+        """``(expert, pair of B column g, pairs of D columns 2c and 2c+1)``; a pair >= num_pairs is no pair."""
+        if GROUPED:
+            e = tl.load(bexp_ptr + blk)
+            pb = tl.load(sorted_ptr + blk * 8 + g)
+            p0 = tl.load(sorted_ptr + blk * 8 + 2 * c)
+            p1 = tl.load(sorted_ptr + blk * 8 + 2 * c + 1)
+        else:
+            e = tl.load(ids_ptr + blk).to(tl.int32)
+            pb = tl.where(g == 0, blk, num_pairs)
+            p0 = tl.where(c == 0, blk, num_pairs)
+            p1 = tl.zeros_like(c) + num_pairs
+        return e, pb, p0, p1
+
+    @triton.jit
+    def _rows(e64, tid, N: tl.constexpr, KG: tl.constexpr, WARPS: tl.constexpr, ROWS: tl.constexpr):
+        """This thread's weight rows ``r0 = g`` and ``r1 = g + 8`` of the program's tile, as word offsets
+        (int64 units) of their first group.  Rows past the end read row ``N - 1`` (never stored)."""
+        r0 = (tl.program_id(1) * WARPS + (tid >> 5)) * 16 + ((tid & 31) >> 2)
+        o0 = (e64 * ROWS + tl.minimum(r0, N - 1)) * KG
+        o1 = (e64 * ROWS + tl.minimum(r0 + 8, N - 1)) * KG
+        return r0, o0, o1
+
+    @triton.jit
+    def _tgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, out_ptr, part_ptr,
+                       num_pairs, stride_x8, groups_per_split, H: tl.constexpr, I: tl.constexpr,
+                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
+                       WARPS: tl.constexpr, SPLIT: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr = False):
+        """Decode GEMM1 (+ activation when not split): program = (pair or block, 16 * WARPS rows, K split).
+
+        PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
+        """
+        _gdc(PDL)
+        blk = tl.program_id(0)
+        tid = _thread_ids(tl.arange(0, 32 * WARPS))
+        c = tid & 3
+        e, pb, p0, p1 = _columns(blk, (tid & 31) >> 2, c, ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED)
+        if e < 0:
+            return
+        e64 = e.to(tl.int64)
+        N1: tl.constexpr = 2 * I if GATED else I
+        KG: tl.constexpr = H // 16
+        UP: tl.constexpr = I * KG  # gate row r -> up row I + r
+        row, o0, o1 = _rows(e64, tid, I, KG, WARPS, N1)
+        w64 = w_ptr.to(tl.pointer_type(tl.int64))
+        okb = pb < num_pairs
+        xp = x_ptr.to(tl.pointer_type(tl.int64)) + tl.where(okb, pb // TOP_K, 0).to(tl.int64) * stride_x8
+        g_begin = tl.program_id(2) * groups_per_split
+        g_end = tl.minimum(g_begin + groups_per_split, KG)
+        zero = tl.zeros([32 * WARPS], dtype=tl.float32)
+        ag0, ag1, ag2, ag3 = zero, zero, zero, zero
+        au0, au1, au2, au3 = zero, zero, zero, zero
+        if PF:
+            G = g_begin + 2 * c
+            wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, True)
+            if GATED:
+                wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, True)
+            xs = _xload(xp, G, g_end, okb)
+        for g0 in range(g_begin, g_end, 8):
+            if PF:
+                cg, cx = wg, xs
+                G = g0 + 8 + 2 * c
+                more = g0 + 8 < g_end
+                wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, more)
+                xs = _xload(xp, G, g_end, okb)
+                if GATED:
+                    cu = wu
+                    wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, more)
+            else:
+                G = g0 + 2 * c
+                cg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, True)
+                if GATED:
+                    cu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, True)
+                cx = _xload(xp, G, g_end, okb)
+            ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
+            if GATED:
+                au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
+        inv = 128.0 / tl.load(gs_ptr + e64)  # 2^7: the dequantized A fragments carry 2^-7
+        ok0 = p0 < num_pairs
+        ok1 = p1 < num_pairs
+        q0 = tl.where(ok0, p0, 0).to(tl.int64)
+        q1 = tl.where(ok1, p1, 0).to(tl.int64)
+        ok_r0 = row < I
+        ok_r1 = row + 8 < I
+        if SPLIT == 1:
+            tl.store(out_ptr + q0 * I + row, _activation(ag0 * inv, au0 * inv, ACT).to(tl.bfloat16), mask=ok0 & ok_r0)
+            tl.store(out_ptr + q1 * I + row, _activation(ag1 * inv, au1 * inv, ACT).to(tl.bfloat16), mask=ok1 & ok_r0)
+            tl.store(out_ptr + q0 * I + row + 8, _activation(ag2 * inv, au2 * inv, ACT).to(tl.bfloat16),
+                     mask=ok0 & ok_r1)
+            tl.store(out_ptr + q1 * I + row + 8, _activation(ag3 * inv, au3 * inv, ACT).to(tl.bfloat16),
+                     mask=ok1 & ok_r1)
+        else:
+            base = tl.program_id(2).to(tl.int64) * num_pairs
+            pp0 = part_ptr + (base + q0) * N1 + row
+            pp1 = part_ptr + (base + q1) * N1 + row
+            tl.store(pp0, ag0 * inv, mask=ok0 & ok_r0)
+            tl.store(pp1, ag1 * inv, mask=ok1 & ok_r0)
+            tl.store(pp0 + 8, ag2 * inv, mask=ok0 & ok_r1)
+            tl.store(pp1 + 8, ag3 * inv, mask=ok1 & ok_r1)
+            if GATED:
+                tl.store(pp0 + I, au0 * inv, mask=ok0 & ok_r0)
+                tl.store(pp1 + I, au1 * inv, mask=ok1 & ok_r0)
+                tl.store(pp0 + I + 8, au2 * inv, mask=ok0 & ok_r1)
+                tl.store(pp1 + I + 8, au3 * inv, mask=ok1 & ok_r1)
+
+    @triton.jit
+    def _tgemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
+                       num_pairs, groups_per_split, H: tl.constexpr, I: tl.constexpr,
+                       GROUPED: tl.constexpr, WARPS: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr = False):
+        """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
+        fp32 rows ``y[split, pair]`` for the combine."""
+        _gdc(PDL)
+        blk = tl.program_id(0)
+        tid = _thread_ids(tl.arange(0, 32 * WARPS))
+        c = tid & 3
+        e, pb, p0, p1 = _columns(blk, (tid & 31) >> 2, c, ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED)
+        if e < 0:
+            return
+        e64 = e.to(tl.int64)
+        KG: tl.constexpr = I // 16
+        row, o0, o1 = _rows(e64, tid, H, KG, WARPS, H)
+        w64 = w_ptr.to(tl.pointer_type(tl.int64))
+        okb = pb < num_pairs
+        ap = a_ptr.to(tl.pointer_type(tl.int64)) + tl.where(okb, pb, 0).to(tl.int64) * (I // 4)
+        g_begin = tl.program_id(2) * groups_per_split
+        g_end = tl.minimum(g_begin + groups_per_split, KG)
+        zero = tl.zeros([32 * WARPS], dtype=tl.float32)
+        a0, a1, a2, a3 = zero, zero, zero, zero
+        if PF:
+            wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin + 2 * c, KG, True)
+            xs = _xload(ap, g_begin + 2 * c, g_end, okb)
+        for g0 in range(g_begin, g_end, 8):
+            if PF:
+                cw, cx = wc, xs
+                wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8 + 2 * c, KG, g0 + 8 < g_end)
+                xs = _xload(ap, g0 + 8 + 2 * c, g_end, okb)
+            else:
+                cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 2 * c, KG, True)
+                cx = _xload(ap, g0 + 2 * c, g_end, okb)
+            a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
+        inv = 128.0 / tl.load(gs_ptr + e64)
+        ok0 = p0 < num_pairs
+        ok1 = p1 < num_pairs
+        q0 = tl.where(ok0, p0, 0).to(tl.int64)
+        q1 = tl.where(ok1, p1, 0).to(tl.int64)
+        sc0 = tl.load(tw_ptr + q0, mask=ok0, other=0.0) * inv
+        sc1 = tl.load(tw_ptr + q1, mask=ok1, other=0.0) * inv
+        yp0 = y_ptr + (tl.program_id(2).to(tl.int64) * num_pairs + q0) * H + row
+        yp1 = y_ptr + (tl.program_id(2).to(tl.int64) * num_pairs + q1) * H + row
+        tl.store(yp0, a0 * sc0, mask=ok0 & (row < H))
+        tl.store(yp1, a1 * sc1, mask=ok1 & (row < H))
+        tl.store(yp0 + 8, a2 * sc0, mask=ok0 & (row + 8 < H))
+        tl.store(yp1 + 8, a3 * sc1, mask=ok1 & (row + 8 < H))
+
+
+def _groups_per_split(k: int, split: int):
+    """K split at 128-element (8-group) chunks: ``(groups per split, splits actually used)``."""
+    groups = k // 16
+    per = triton.cdiv(triton.cdiv(groups, split), 8) * 8
+    return per, triton.cdiv(groups, per)
+
+
+def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, part, *, blocks, sorted_ids, bexp, pairs,
+              hidden, inter, top_k, gated, activation, warps1, warps2, split1, split2, pf1=False, pf2=False, pdl=False):
+    """Both decode GEMMs on the tensor cores; ``y [split2, pairs, hidden]`` fp32 gets the weighted rows.
+
+    ``sorted_ids``/``bexp`` None: one program per pair (``blocks == pairs``); else the 8-row expert blocks.
+    ``part [split1, pairs, n1]`` fp32 is GEMM1's partial-sum workspace when ``split1 > 1``.
+    """
+    w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
+    grouped = sorted_ids is not None
+    ids_arg = flat_ids
+    srt = sorted_ids if grouped else flat_ids
+    bx = bexp if grouped else flat_ids
+    per1, split1 = _groups_per_split(hidden, split1)
+    direct = split1 == 1
+    _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 * warps1), split1)](
+        hidden_states, w13, w13_scale.view(tm.torch.uint8), w13_gs, ids_arg, srt, bx,
+        inter_buf, inter_buf if direct else part, pairs, hidden_states.stride(0) // 4, per1, H=hidden, I=inter,
+        TOP_K=top_k, GATED=gated, ACT=tm._ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
+        PF=pf1, PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
+    if not direct:
+        tm._act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
+                                                         ACT=tm._ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
+                                                         PDL=pdl, num_warps=4, launch_pdl=pdl)
+    per2, split2_used = _groups_per_split(inter, split2)
+    if split2_used != y.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} K splits, the GEMM2 launch makes {split2_used}")
+    _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), split2_used)](
+        inter_buf, w2, w2_scale.view(tm.torch.uint8), w2_gs, ids_arg, srt, bx, topk_w, y, pairs, per2,
+        H=hidden, I=inter, GROUPED=grouped, WARPS=warps2, PF=pf2, PDL=pdl, num_warps=warps2, num_stages=1, launch_pdl=pdl)
