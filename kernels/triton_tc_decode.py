@@ -5,7 +5,8 @@ byte, so what limits them after the memory system is the instruction issue of th
 CUDA-core GEMVs of :mod:`triton_moe` spend ~3.5 instructions per weight element (cut, widen to fp32,
 FMA).  Here one warp owns 16 weight rows and runs ``mma.sync.m16n8k16`` (bf16 in, fp32 accumulate) with
 the weights as A (M = 16 rows) and up to 8 tokens as B (N = 8): the cut and one bf16x2 FMA with the block
-scale per pair stay, the 8 FMAs per word become a quarter of an MMA.
+scale per pair stay, the 8 FMAs per word become a quarter of an MMA (the gated GEMM1 loop compiles to 374
+SASS instructions per thread for 128 weight elements, ~2.9 each, for up to 8 tokens at once).
 
 ``tl.dot`` cannot be told to take its A operand from the registers where the decode left it (Triton
 converts the layout through shared memory, which is why its 16-row tiles lose at 1-4 tokens), so the
@@ -19,16 +20,19 @@ Fragment bookkeeping (PTX ISA, ``mma.m16n8k16`` with bf16): thread ``lane = 4 g 
 - B: K slots as A, column (token) ``g``;
 - C/D: rows ``g`` and ``g + 8``, columns ``2c, 2c+1``.
 
-A dot product may visit K in any order as long as A and B agree, so each thread feeds its slots from its
-own 32 consecutive K elements of a 128-element chunk (NVFP4 groups ``2c`` and ``2c + 1``): one 8-byte load
-per row and group, and the activation words for the same K.  One 32-bit weight word (8 codes) covers
-two MMAs: its pairs 0/1 fill slots ``2c..`` / ``2c+8..`` of the first, pairs 2/3 of the second, and the
-activation word pair ``(4q .. 4q+3)`` of the same eight elements is ``b0 b1 / b2 b3``.
+A dot product may visit K in any order as long as A and B agree, so each thread feeds its slots from two
+whole NVFP4 groups of a 128-element (8-group) chunk: one 8-byte load per row and group, and the activation
+words of the same K.  Grouped programs take groups ``c`` and ``c + 4`` (a quad's load is 32 contiguous bytes
+of a row), per-pair programs ``2c`` and ``2c + 1``; measured on the H200 both ways: grouped 16 tokens 0.5-6%
+faster with the first (DeepSeek-V3 804 -> 757 us), per pair 4 tokens 3-5% faster with the second (Gemma-4
+50.8 against 53.3 us).  One 32-bit weight word (8 codes) covers two MMAs: its pairs 0/1 fill slots
+``2c..`` / ``2c+8..`` of the first, pairs 2/3 of the second, and the activation words holding the same
+elements ``(4q .. 4q+3)`` are ``b0 b1 / b2 b3``.
 
 Two ways to pick the tokens (B columns) of a program:
 
-- per pair (``GROUPED=False``): one program per (token, expert) pair, only column 0 is live (1-4 tokens:
-  no grouping pass needed, nearly every pair has its own expert);
+- per pair (``GROUPED=False``): one program per (token, expert) pair, only column 0 is live (2-15 tokens:
+  no grouping pass needed, most pairs have their own expert);
 - grouped (``GROUPED=True``): the pairs bucketed by expert into blocks of 8 (``_align`` of
   :mod:`triton_moe`), each expert's weights decoded once for all of its tokens.
 """
@@ -115,29 +119,29 @@ if triton is not None:
         return _word_mma((w0 >> 32).to(tl.int32), (w1 >> 32).to(tl.int32), s0, s1, x2, x3, c0, c1, c2, c3)
 
     @triton.jit
-    def _wload(w0, w1, sb0, sb1, g, KG: tl.constexpr, live):
-        """Rows g and g+8 of this thread's two groups ``g, g+1`` (an int64 each) and their scale bytes.  A group
+    def _wload(w0, w1, sb0, sb1, g, KG: tl.constexpr, live, D: tl.constexpr):
+        """Rows g and g+8 of this thread's two groups ``g, g + D`` (an int64 each) and their scale bytes.  A group
         past the last re-reads the last one (its activations are masked to zero); ``live`` False (the
         prefetch past a split's end) loads nothing."""
         G0 = tl.minimum(g, KG - 1)
-        G1 = tl.minimum(g + 1, KG - 1)
+        G1 = tl.minimum(g + D, KG - 1)
         return (tl.load(w0 + G0, mask=live), tl.load(w0 + G1, mask=live), tl.load(w1 + G0, mask=live),
                 tl.load(w1 + G1, mask=live), tl.load(sb0 + G0, mask=live), tl.load(sb0 + G1, mask=live),
                 tl.load(sb1 + G0, mask=live), tl.load(sb1 + G1, mask=live))
 
     @triton.jit
-    def _xload(xp, G, g_end, okb):
-        """The activation words (4 bf16 each) of groups ``G, G+1`` for this thread's B column."""
+    def _xload(xp, G, g_end, okb, D: tl.constexpr):
+        """The activation words (4 bf16 each) of groups ``G, G + D`` for this thread's B column."""
         m0 = okb & (G < g_end)
-        m1 = okb & (G + 1 < g_end)
+        m1 = okb & (G + D < g_end)
         return (tl.load(xp + 4 * G, mask=m0, other=0), tl.load(xp + 4 * G + 1, mask=m0, other=0),
                 tl.load(xp + 4 * G + 2, mask=m0, other=0), tl.load(xp + 4 * G + 3, mask=m0, other=0),
-                tl.load(xp + 4 * G + 4, mask=m1, other=0), tl.load(xp + 4 * G + 5, mask=m1, other=0),
-                tl.load(xp + 4 * G + 6, mask=m1, other=0), tl.load(xp + 4 * G + 7, mask=m1, other=0))
+                tl.load(xp + 4 * (G + D), mask=m1, other=0), tl.load(xp + 4 * (G + D) + 1, mask=m1, other=0),
+                tl.load(xp + 4 * (G + D) + 2, mask=m1, other=0), tl.load(xp + 4 * (G + D) + 3, mask=m1, other=0))
 
     @triton.jit
     def _chunk_mma(wa0, wa1, wb0, wb1, sa0, sa1, sb0, sb1, x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3):
-        """This thread's share of one 128-element chunk: groups 2c and 2c+1 of rows g and g+8."""
+        """This thread's share of one 128-element chunk: its two groups of rows g and g+8."""
         pa0, pa1 = _scales(sa0, sa1)
         pb0, pb1 = _scales(sb0, sb1)
         c0, c1, c2, c3 = _group_mma(wa0, wb0, pa0, pb0, x0, x1, x2, x3, c0, c1, c2, c3)
@@ -180,6 +184,8 @@ if triton is not None:
         blk = tl.program_id(0)
         tid = _thread_ids(tl.arange(0, 32 * WARPS))
         c = tid & 3
+        CS: tl.constexpr = 1 if GROUPED else 2  # this thread's groups: see the module docstring
+        D: tl.constexpr = 4 if GROUPED else 1
         e, pb, p0, p1 = _columns(blk, (tid & 31) >> 2, c, ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED)
         if e < 0:
             return
@@ -197,27 +203,27 @@ if triton is not None:
         ag0, ag1, ag2, ag3 = zero, zero, zero, zero
         au0, au1, au2, au3 = zero, zero, zero, zero
         if PF:
-            G = g_begin + 2 * c
-            wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, True)
+            G = g_begin + CS * c
+            wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, True, D)
             if GATED:
-                wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, True)
-            xs = _xload(xp, G, g_end, okb)
+                wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, True, D)
+            xs = _xload(xp, G, g_end, okb, D)
         for g0 in range(g_begin, g_end, 8):
             if PF:
                 cg, cx = wg, xs
-                G = g0 + 8 + 2 * c
+                G = g0 + 8 + CS * c
                 more = g0 + 8 < g_end
-                wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, more)
-                xs = _xload(xp, G, g_end, okb)
+                wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, more, D)
+                xs = _xload(xp, G, g_end, okb, D)
                 if GATED:
                     cu = wu
-                    wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, more)
+                    wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, more, D)
             else:
-                G = g0 + 2 * c
-                cg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, True)
+                G = g0 + CS * c
+                cg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, True, D)
                 if GATED:
-                    cu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, True)
-                cx = _xload(xp, G, g_end, okb)
+                    cu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, True, D)
+                cx = _xload(xp, G, g_end, okb, D)
             ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
             if GATED:
                 au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
@@ -259,6 +265,8 @@ if triton is not None:
         blk = tl.program_id(0)
         tid = _thread_ids(tl.arange(0, 32 * WARPS))
         c = tid & 3
+        CS: tl.constexpr = 1 if GROUPED else 2  # this thread's groups: see the module docstring
+        D: tl.constexpr = 4 if GROUPED else 1
         e, pb, p0, p1 = _columns(blk, (tid & 31) >> 2, c, ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED)
         if e < 0:
             return
@@ -273,16 +281,16 @@ if triton is not None:
         zero = tl.zeros([32 * WARPS], dtype=tl.float32)
         a0, a1, a2, a3 = zero, zero, zero, zero
         if PF:
-            wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin + 2 * c, KG, True)
-            xs = _xload(ap, g_begin + 2 * c, g_end, okb)
+            wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin + CS * c, KG, True, D)
+            xs = _xload(ap, g_begin + CS * c, g_end, okb, D)
         for g0 in range(g_begin, g_end, 8):
             if PF:
                 cw, cx = wc, xs
-                wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8 + 2 * c, KG, g0 + 8 < g_end)
-                xs = _xload(ap, g0 + 8 + 2 * c, g_end, okb)
+                wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8 + CS * c, KG, g0 + 8 < g_end, D)
+                xs = _xload(ap, g0 + 8 + CS * c, g_end, okb, D)
             else:
-                cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 2 * c, KG, True)
-                cx = _xload(ap, g0 + 2 * c, g_end, okb)
+                cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + CS * c, KG, True, D)
+                cx = _xload(ap, g0 + CS * c, g_end, okb, D)
             a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
         inv = 128.0 / tl.load(gs_ptr + e64)
         ok0 = p0 < num_pairs
