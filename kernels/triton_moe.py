@@ -4,11 +4,14 @@ What one call does (all on the GPU, no host synchronisation, CUDA-graph capturab
 
 1. routing: one Triton launch (:func:`_route_kernel`, the semantics of ``reference.route``) gives
    ``topk_weights / topk_ids [T, k]``;
-2. decode (up to 16 tokens with ~1-2 pairs per touched expert): one program per (pair, row tile) runs a
-   CUDA-core GEMV (:func:`_qgemv1_kernel` with the activation fused, :func:`_qgemv2_kernel` with the
-   routing weight).  Each thread owns 32-element columns of its rows and reads 8-byte weight and
-   activation words; the E2M1 codes become fp32 with a short PTX cut (see below), products are summed in
-   fp32 per 16-element group and the E4M3 block scale multiplies the group's partial sum once;
+2. decode (1 token, or up to 16 tokens with ~1-2 pairs per touched expert on layers with hidden > 4096):
+   one program per (pair, row tile) runs a CUDA-core GEMV (:func:`_qgemv1_kernel` with the activation
+   fused, :func:`_qgemv2_kernel` with the routing weight).  Each thread owns two 16-element groups of its
+   rows per K step and reads 8-byte weight and activation words; the E2M1 codes become fp32 with a short
+   PTX cut (see below), products are summed in fp32 per 16-element group and the E4M3 block scale
+   multiplies the group's partial sum once.  At 2-15 tokens on smaller layers, and at 16-64 tokens with
+   the pairs grouped by expert, :mod:`triton_tc_decode` runs the decode GEMVs on the tensor cores instead
+   (inline ``mma.sync`` on the decoded registers);
 3. otherwise the (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows (three short
    launches: atomic ranks, block map, scatter) and two tensor-core kernels run: GEMM1 with the activation
    fused (gate and up tiles in the same program) and GEMM2 with the routing weight, optionally split along
@@ -135,7 +138,8 @@ def _tc_split(blocks: int, rows: int, k: int, target: int) -> int:
 def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int) -> TileConfig:
     """The tensor-core decode (:mod:`triton_tc_decode`): one warp per 16-row tile.  The register prefetch
     helps the grouped blocks (H200, 32 tokens: Qwen3 154 -> 143 us, the others 1-5%) and not the per-pair
-    programs (Nemotron-Nano 4 tokens 59 -> 67 us with it; Qwen3 and Gemma-4 within 1-4% either way)."""
+    programs (Nemotron-Nano 4 tokens 59 -> 67 us and DeepSeek-V3 1 token 90 -> 96 us with it; Qwen3 and
+    Gemma-4 1-4% faster)."""
     return TileConfig(bm=8 if grouped else 1, bn1=16, bk1=0, warps1=1, stages1=1, bn2=16, bk2=0, warps2=1,
                       stages2=1, split1=_tc_split(blocks, inter, hidden, target),
                       split2=_tc_split(blocks, hidden, inter, target), tc=True, prefetch=grouped)
