@@ -119,25 +119,36 @@ if triton is not None:
         return _word_mma((w0 >> 32).to(tl.int32), (w1 >> 32).to(tl.int32), s0, s1, x2, x3, c0, c1, c2, c3)
 
     @triton.jit
-    def _wload(w0, w1, sb0, sb1, g, KG: tl.constexpr, live, D: tl.constexpr):
-        """Rows g and g+8 of this thread's two groups ``g, g + D`` (an int64 each) and their scale bytes.  A group
-        past the last re-reads the last one (its activations are masked to zero); ``live`` False (the
-        prefetch past a split's end) loads nothing."""
-        G0 = tl.minimum(g, KG - 1)
-        G1 = tl.minimum(g + D, KG - 1)
+    def _groups(g0, c, GROUPED: tl.constexpr):
+        """This thread's two groups of the chunk starting at group ``g0``: ``c`` and ``c + 4`` when grouped, else
+        ``2c`` and ``2c + 1`` (see the module docstring)."""
+        if GROUPED:
+            return g0 + c, g0 + c + 4
+        else:
+            return g0 + 2 * c, g0 + 2 * c + 1
+
+    @triton.jit
+    def _wload(w0, w1, sb0, sb1, g0, c, KG: tl.constexpr, live, GROUPED: tl.constexpr):
+        """Rows g and g+8 of this thread's two groups of the chunk at ``g0`` (an int64 each) and their scale
+        bytes.  A group past the last re-reads the last one (its activations are masked to zero); ``live``
+        False (the prefetch past a split's end) loads nothing."""
+        G0, G1 = _groups(g0, c, GROUPED)
+        G0 = tl.minimum(G0, KG - 1)
+        G1 = tl.minimum(G1, KG - 1)
         return (tl.load(w0 + G0, mask=live), tl.load(w0 + G1, mask=live), tl.load(w1 + G0, mask=live),
                 tl.load(w1 + G1, mask=live), tl.load(sb0 + G0, mask=live), tl.load(sb0 + G1, mask=live),
                 tl.load(sb1 + G0, mask=live), tl.load(sb1 + G1, mask=live))
 
     @triton.jit
-    def _xload(xp, G, g_end, okb, D: tl.constexpr):
-        """The activation words (4 bf16 each) of groups ``G, G + D`` for this thread's B column."""
-        m0 = okb & (G < g_end)
-        m1 = okb & (G + D < g_end)
-        return (tl.load(xp + 4 * G, mask=m0, other=0), tl.load(xp + 4 * G + 1, mask=m0, other=0),
-                tl.load(xp + 4 * G + 2, mask=m0, other=0), tl.load(xp + 4 * G + 3, mask=m0, other=0),
-                tl.load(xp + 4 * (G + D), mask=m1, other=0), tl.load(xp + 4 * (G + D) + 1, mask=m1, other=0),
-                tl.load(xp + 4 * (G + D) + 2, mask=m1, other=0), tl.load(xp + 4 * (G + D) + 3, mask=m1, other=0))
+    def _xload(xp, g0, c, g_end, okb, GROUPED: tl.constexpr):
+        """The activation words (4 bf16 each) of this thread's two groups for its B column."""
+        G0, G1 = _groups(g0, c, GROUPED)
+        m0 = okb & (G0 < g_end)
+        m1 = okb & (G1 < g_end)
+        return (tl.load(xp + 4 * G0, mask=m0, other=0), tl.load(xp + 4 * G0 + 1, mask=m0, other=0),
+                tl.load(xp + 4 * G0 + 2, mask=m0, other=0), tl.load(xp + 4 * G0 + 3, mask=m0, other=0),
+                tl.load(xp + 4 * G1, mask=m1, other=0), tl.load(xp + 4 * G1 + 1, mask=m1, other=0),
+                tl.load(xp + 4 * G1 + 2, mask=m1, other=0), tl.load(xp + 4 * G1 + 3, mask=m1, other=0))
 
     @triton.jit
     def _chunk_mma(wa0, wa1, wb0, wb1, sa0, sa1, sb0, sb1, x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3):
@@ -148,8 +159,13 @@ if triton is not None:
         return _group_mma(wa1, wb1, pa1, pb1, x4, x5, x6, x7, c0, c1, c2, c3)
 
     @triton.jit
-    def _columns(blk, g, c, ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED: tl.constexpr):
-        """``(expert, pair of B column g, pairs of D columns 2c and 2c+1)``; a pair >= num_pairs is no pair."""
+    def _program(ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED: tl.constexpr, WARPS: tl.constexpr):
+        """``(tid, c, expert, pair of B column g, pairs of D columns 2c and 2c+1)`` of this thread (lane
+        ``4g + c``); a pair >= num_pairs is no pair, an expert < 0 an empty block."""
+        blk = tl.program_id(0)
+        tid = _thread_ids(tl.arange(0, 32 * WARPS))
+        g = (tid & 31) >> 2
+        c = tid & 3
         if GROUPED:
             e = tl.load(bexp_ptr + blk)
             pb = tl.load(sorted_ptr + blk * 8 + g)
@@ -160,7 +176,7 @@ if triton is not None:
             pb = tl.where(g == 0, blk, num_pairs)
             p0 = tl.where(c == 0, blk, num_pairs)
             p1 = tl.zeros_like(c) + num_pairs
-        return e, pb, p0, p1
+        return tid, c, e, pb, p0, p1
 
     @triton.jit
     def _rows(e64, tid, N: tl.constexpr, KG: tl.constexpr, WARPS: tl.constexpr, ROWS: tl.constexpr):
@@ -181,12 +197,7 @@ if triton is not None:
         PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
         """
         _gdc(PDL)
-        blk = tl.program_id(0)
-        tid = _thread_ids(tl.arange(0, 32 * WARPS))
-        c = tid & 3
-        CS: tl.constexpr = 1 if GROUPED else 2  # this thread's groups: see the module docstring
-        D: tl.constexpr = 4 if GROUPED else 1
-        e, pb, p0, p1 = _columns(blk, (tid & 31) >> 2, c, ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED)
+        tid, c, e, pb, p0, p1 = _program(ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
         if e < 0:
             return
         e64 = e.to(tl.int64)
@@ -203,27 +214,27 @@ if triton is not None:
         ag0, ag1, ag2, ag3 = zero, zero, zero, zero
         au0, au1, au2, au3 = zero, zero, zero, zero
         if PF:
-            G = g_begin + CS * c
-            wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, True, D)
+            wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED)
             if GATED:
-                wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, True, D)
-            xs = _xload(xp, G, g_end, okb, D)
+                wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g_begin, c, KG, True,
+                            GROUPED)
+            xs = _xload(xp, g_begin, c, g_end, okb, GROUPED)
         for g0 in range(g_begin, g_end, 8):
             if PF:
                 cg, cx = wg, xs
-                G = g0 + 8 + CS * c
                 more = g0 + 8 < g_end
-                wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, more, D)
-                xs = _xload(xp, G, g_end, okb, D)
+                wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, more, GROUPED)
+                xs = _xload(xp, g0 + 8, c, g_end, okb, GROUPED)
                 if GATED:
                     cu = wu
-                    wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, more, D)
+                    wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g0 + 8, c, KG, more,
+                                GROUPED)
             else:
-                G = g0 + CS * c
-                cg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, G, KG, True, D)
+                cg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0, c, KG, True, GROUPED)
                 if GATED:
-                    cu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, G, KG, True, D)
-                cx = _xload(xp, G, g_end, okb, D)
+                    cu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g0, c, KG, True,
+                                GROUPED)
+                cx = _xload(xp, g0, c, g_end, okb, GROUPED)
             ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
             if GATED:
                 au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
@@ -262,12 +273,7 @@ if triton is not None:
         """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
         fp32 rows ``y[split, pair]`` for the combine."""
         _gdc(PDL)
-        blk = tl.program_id(0)
-        tid = _thread_ids(tl.arange(0, 32 * WARPS))
-        c = tid & 3
-        CS: tl.constexpr = 1 if GROUPED else 2  # this thread's groups: see the module docstring
-        D: tl.constexpr = 4 if GROUPED else 1
-        e, pb, p0, p1 = _columns(blk, (tid & 31) >> 2, c, ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED)
+        tid, c, e, pb, p0, p1 = _program(ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
         if e < 0:
             return
         e64 = e.to(tl.int64)
@@ -281,16 +287,16 @@ if triton is not None:
         zero = tl.zeros([32 * WARPS], dtype=tl.float32)
         a0, a1, a2, a3 = zero, zero, zero, zero
         if PF:
-            wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin + CS * c, KG, True, D)
-            xs = _xload(ap, g_begin + CS * c, g_end, okb, D)
+            wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED)
+            xs = _xload(ap, g_begin, c, g_end, okb, GROUPED)
         for g0 in range(g_begin, g_end, 8):
             if PF:
                 cw, cx = wc, xs
-                wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8 + CS * c, KG, g0 + 8 < g_end, D)
-                xs = _xload(ap, g0 + 8 + CS * c, g_end, okb, D)
+                wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, g0 + 8 < g_end, GROUPED)
+                xs = _xload(ap, g0 + 8, c, g_end, okb, GROUPED)
             else:
-                cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + CS * c, KG, True, D)
-                cx = _xload(ap, g0 + CS * c, g_end, okb, D)
+                cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0, c, KG, True, GROUPED)
+                cx = _xload(ap, g0, c, g_end, okb, GROUPED)
             a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
         inv = 128.0 / tl.load(gs_ptr + e64)
         ok0 = p0 < num_pairs
@@ -323,13 +329,12 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, part, *, b
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     grouped = sorted_ids is not None
-    ids_arg = flat_ids
-    srt = sorted_ids if grouped else flat_ids
-    bx = bexp if grouped else flat_ids
+    if not grouped:  # the kernels take them as unused pointers
+        sorted_ids = bexp = flat_ids
     per1, split1 = _groups_per_split(hidden, split1)
     direct = split1 == 1
     _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 * warps1), split1)](
-        hidden_states, w13, w13_scale.view(tm.torch.uint8), w13_gs, ids_arg, srt, bx,
+        hidden_states, w13, w13_scale.view(tm.torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
         inter_buf, inter_buf if direct else part, pairs, hidden_states.stride(0) // 4, per1, H=hidden, I=inter,
         TOP_K=top_k, GATED=gated, ACT=tm._ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
         PF=pf1, PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
@@ -339,7 +344,8 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, part, *, b
                                                          PDL=pdl, num_warps=4, launch_pdl=pdl)
     per2, split2_used = _groups_per_split(inter, split2)
     if split2_used != y.shape[0]:
-        raise ValueError(f"y has {y.shape[0]} K splits, the GEMM2 launch makes {split2_used}")
+        raise RuntimeError(f"internal: y has {y.shape[0]} K splits, the GEMM2 launch makes {split2_used}")
     _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), split2_used)](
-        inter_buf, w2, w2_scale.view(tm.torch.uint8), w2_gs, ids_arg, srt, bx, topk_w, y, pairs, per2,
-        H=hidden, I=inter, GROUPED=grouped, WARPS=warps2, PF=pf2, PDL=pdl, num_warps=warps2, num_stages=1, launch_pdl=pdl)
+        inter_buf, w2, w2_scale.view(tm.torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs, per2,
+        H=hidden, I=inter, GROUPED=grouped, WARPS=warps2, PF=pf2, PDL=pdl, num_warps=warps2, num_stages=1,
+        launch_pdl=pdl)
