@@ -93,7 +93,7 @@ class TileConfig:
     swap: bool = False  # tensor-core path: weights as the (register) A operand, tokens as N
     split1: int = 1  # decode path: split of GEMM1's reduction (then a separate activation kernel)
     # decode path (bm == 1): the packed-decode GEMV kernels (``bn1``/``bn2`` rows per program, ``warps``
-    # warps of 32 threads, each thread one 32-element column: ``bk`` and ``stages`` are unused)
+    # warps of 32 threads, each thread two 16-element groups per K step: ``bk`` and ``stages`` are unused)
     prefetch: bool = False  # packed-decode kernels: issue the next K step's loads before the current math
     wprefetch: bool = False  # tensor-core path: weight words loaded one K step ahead of their use
     # decode on the tensor cores (:mod:`triton_tc_decode`): ``bm`` 1 = one program per pair, 8 = pairs grouped
@@ -159,7 +159,7 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # Tensor-core decode, pairs grouped by expert into 8-token blocks (one weight pass per expert).
         # Measured on the H200 against the packed decode / 16-row tiles it replaced (Nemotron-Nano, Qwen3,
         # Gemma-4, DeepSeek-V3): 16 tokens 182 -> 150, 152 -> 117, 200 -> 148, 1088 -> 807 us; 32 tokens
-        # 18-27% faster, 64 tokens 10-21% faster.
+        # 22-27% faster, 64 tokens 10-20% faster; at 128 tokens (two blocks per expert) it lost to the tiles.
         return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count)
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
         if 1 < tokens and hidden <= 4096:
@@ -707,8 +707,8 @@ if triton is not None:
 
         Each thread owns two NVFP4 groups per K step (``NC`` groups apart; 2 x 8 weight bytes and 2 scale
         bytes per row, 64 activation bytes shared by all rows) of every row of the tile (tiles are
-        ``[NC columns, BN rows]``); no data leaves the thread until the final row sums.  ``stride_x8`` is the activation
-        row stride in 8-byte words.
+        ``[NC columns, BN rows]``); no data leaves the thread until the final row sums.  ``stride_x8`` is the
+        activation row stride in 8-byte words.
         """
         _gdc(PDL)
         pair = tl.program_id(0)

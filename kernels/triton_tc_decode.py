@@ -48,11 +48,10 @@ __all__ = ["decode_tc"]
 
 if triton is not None:
     _gdc = tm._gdc
-    _scale_pair = tm._scale_pair
     _activation = tm._activation
 
     _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-    # Two MMAs for one weight word of rows g ($4) and g+8 ($5): scale pairs $6 / $7 (``_scale_pair``),
+    # Two MMAs for one weight word of rows g ($4) and g+8 ($5): scale pairs $6 / $7 (``_scales``),
     # activation words $8 (elements 0-3 of the word) and $9 (4-7), accumulators in $10-$13, out $0-$3.
     _WORD_MMA_ASM = tl.constexpr("{" + tm.word_cut_asm("$4", "a") + tm.word_cut_asm("$5", "b") + f"""
     .reg .b32 z, x0, x1, x2, x3;
@@ -107,7 +106,8 @@ if triton is not None:
 
     @triton.jit
     def _scales(s0, s1):
-        """The block scales of groups ``2c`` (``s0``) and ``2c + 1`` (``s1``) as bf16x2 FMA operands."""
+        """The E4M3 block-scale bytes of this thread's first (``s0``) and second (``s1``) group as bf16x2 FMA
+        operands."""
         s = (s0.to(tl.int32) & 0xFF) | ((s1.to(tl.int32) & 0xFF) << 16)
         return tl.inline_asm_elementwise(_SCALES_ASM, "=r,=r,r", [s], dtype=(tl.int32, tl.int32), is_pure=True,
                                          pack=1)

@@ -337,7 +337,7 @@ def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
 @pytest.mark.parametrize("hidden,inter,split1,split2", [(720, 208, 1, 1), (2880, 464, 2, 3), (1040, 1040, 3, 2)])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_packed_decode_edges(activation, hidden, inter, split1, split2, prefetch):
-    """The packed-decode GEMV kernels: odd group counts, K splits that end inside a 32-element column,
+    """The packed-decode GEMV kernels: odd group counts, K splits that end between a thread's two groups,
     every activation, a strided (non-contiguous) activation input; fresh inputs, poisoned output."""
     from moe_passes.kernels.triton_moe import TileConfig
 
