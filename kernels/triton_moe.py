@@ -906,17 +906,16 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         from moe_passes.kernels.triton_tc_decode import decode_tc
         hidden_states = _word_aligned(hidden_states, (w13, w2))
         inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
-        part = torch.empty(cfg.split1, pairs, n1, dtype=torch.float32, device=device) if cfg.split1 > 1 else None
         if cfg.bm == 1:
             sorted_ids = bexp = None
             blocks = pairs
         else:
             blocks = triton.cdiv(pairs, cfg.bm) + min(pairs, experts)
             sorted_ids, bexp = _align(flat_ids, counts, cfg.bm, blocks * cfg.bm, blocks, pdl)
-        decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, part, blocks=blocks, sorted_ids=sorted_ids,
+        decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, blocks=blocks, sorted_ids=sorted_ids,
                   bexp=bexp, pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, activation=activation,
-                  warps1=cfg.warps1, warps2=cfg.warps2, split1=cfg.split1, split2=split, pf1=cfg.prefetch,
-                  pf2=cfg.prefetch, pdl=pdl)
+                  warps1=cfg.warps1, warps2=cfg.warps2, split1=cfg.split1, k_per_split2=k_per_split,
+                  pf1=cfg.prefetch, pf2=cfg.prefetch, pdl=pdl)
     elif cfg.bm == 1:
         # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
         # run together, so pairs that share an expert read its weights from L2.

@@ -39,6 +39,8 @@ Two ways to pick the tokens (B columns) of a program:
 
 from __future__ import annotations
 
+import torch
+
 from moe_passes.kernels import triton_moe as tm
 
 triton = tm.triton
@@ -320,12 +322,12 @@ def _groups_per_split(k: int, split: int):
     return per, triton.cdiv(groups, per)
 
 
-def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, part, *, blocks, sorted_ids, bexp, pairs,
-              hidden, inter, top_k, gated, activation, warps1, warps2, split1, split2, pf1=False, pf2=False, pdl=False):
-    """Both decode GEMMs on the tensor cores; ``y [split2, pairs, hidden]`` fp32 gets the weighted rows.
+def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks, sorted_ids, bexp, pairs, hidden,
+              inter, top_k, gated, activation, warps1, warps2, split1, k_per_split2, pf1=False, pf2=False, pdl=False):
+    """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
+    K split in steps of ``k_per_split2`` (a multiple of 128) elements.
 
     ``sorted_ids``/``bexp`` None: one program per pair (``blocks == pairs``); else the 8-row expert blocks.
-    ``part [split1, pairs, n1]`` fp32 is GEMM1's partial-sum workspace when ``split1 > 1``.
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     grouped = sorted_ids is not None
@@ -333,19 +335,19 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, part, *, b
         sorted_ids = bexp = flat_ids
     per1, split1 = _groups_per_split(hidden, split1)
     direct = split1 == 1
+    part = inter_buf if direct else torch.empty(split1, pairs, w13.shape[1], dtype=torch.float32,
+                                                device=hidden_states.device)
     _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 * warps1), split1)](
-        hidden_states, w13, w13_scale.view(tm.torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
-        inter_buf, inter_buf if direct else part, pairs, hidden_states.stride(0) // 4, per1, H=hidden, I=inter,
+        hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
+        inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, H=hidden, I=inter,
         TOP_K=top_k, GATED=gated, ACT=tm._ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
         PF=pf1, PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
     if not direct:
         tm._act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
                                                          ACT=tm._ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
                                                          PDL=pdl, num_warps=4, launch_pdl=pdl)
-    per2, split2_used = _groups_per_split(inter, split2)
-    if split2_used != y.shape[0]:
-        raise RuntimeError(f"internal: y has {y.shape[0]} K splits, the GEMM2 launch makes {split2_used}")
-    _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), split2_used)](
-        inter_buf, w2, w2_scale.view(tm.torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs, per2,
+    _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), y.shape[0])](
+        inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
+        k_per_split2 // 16,
         H=hidden, I=inter, GROUPED=grouped, WARPS=warps2, PF=pf2, PDL=pdl, num_warps=warps2, num_stages=1,
         launch_pdl=pdl)
