@@ -99,6 +99,10 @@ class TileConfig:
     # decode on the tensor cores (:mod:`triton_tc_decode`): ``bm`` 1 = one program per pair, 8 = pairs grouped
     # by expert into 8-token blocks; ``warps1``/``warps2`` warps of 16 rows each, ``split1``/``split2`` K splits
     tc: bool = False
+    # tensor-core decode: GEMM1's / GEMM2's weights, scales and activations loaded two groups (16 bytes) per
+    # thread and request where the sizes and addresses allow it (``triton_tc_decode._vec_ok``)
+    vec1: bool = False
+    vec2: bool = False
 
 
 def triton_available(device=None) -> bool:
@@ -135,14 +139,16 @@ def _tc_split(blocks: int, rows: int, k: int, target: int) -> int:
     return split
 
 
-def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int) -> TileConfig:
+def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int, vec1: bool) -> TileConfig:
     """The tensor-core decode (:mod:`triton_tc_decode`): one warp per 16-row tile.  The register prefetch
     helps the grouped blocks (H200, 32 tokens: Qwen3 154 -> 143 us, the others 1-5%) and not the per-pair
     programs (Nemotron-Nano 4 tokens 59 -> 67 us and DeepSeek-V3 1 token 90 -> 96 us with it; Qwen3 and
-    Gemma-4 1-4% faster)."""
+    Gemma-4 1-4% faster).  GEMM2 always takes the 16-byte loads (H200, 4-64 tokens: equal or 1-2% faster);
+    GEMM1 as the caller measured."""
     return TileConfig(bm=8 if grouped else 1, bn1=16, bk1=0, warps1=1, stages1=1, bn2=16, bk2=0, warps2=1,
                       stages2=1, split1=_tc_split(blocks, inter, hidden, target),
-                      split2=_tc_split(blocks, hidden, inter, target), tc=True, prefetch=grouped)
+                      split2=_tc_split(blocks, hidden, inter, target), tc=True, prefetch=grouped, vec1=vec1,
+                      vec2=True)
 
 
 def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, gated: bool,
@@ -160,14 +166,20 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # Measured on the H200 against the packed decode / 16-row tiles it replaced (Nemotron-Nano, Qwen3,
         # Gemma-4, DeepSeek-V3): 16 tokens 182 -> 150, 152 -> 117, 200 -> 148, 1088 -> 807 us; 32 tokens
         # 22-27% faster, 64 tokens 10-20% faster; at 128 tokens (two blocks per expert) it lost to the tiles.
-        return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count)
+        # 16-byte loads (H200, both GEMMs against neither): 32 and 64 tokens 3-9% faster on Nemotron-Nano, Qwen3
+        # and Gemma-4 (Gemma-4 64 tokens 202 -> 187 us; DeepSeek-V3 within noise) and ungated Nemotron-Nano at
+        # 16 tokens 146 -> 134 us; but in gated GEMM1s at 16 tokens 4-10% slower (Qwen3 103 -> 113 us).
+        return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count,
+                          vec1=tokens >= 32 or not gated)
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
         if 1 < tokens and hidden <= 4096:
             # Tensor-core decode, one program per pair: 2-8 tokens on Nemotron-Nano, Qwen3 and Gemma-4
             # 5-18% faster than the packed decode below (Qwen3 4 tokens 46.9 -> 41.0 us, 8 tokens 82.3 ->
             # 67.8); DeepSeek-V3 (hidden 7168) was 5-10% slower at 4 tokens, and 1 token a tie or slower
             # on three of the four layers, so those keep the packed decode.
-            return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count)
+            # 16-byte loads in GEMM1 at 4 tokens: Nemotron-Nano 60.8 -> 58.3 us, gated layers mixed (Qwen3 3%
+            # faster, Gemma-4 6% slower), so only ungated.
+            return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=not gated)
         # Decode: one program per (token, expert) pair, CUDA-core dot products with the packed E2M1 decode.
         # Measured on the H200 (Nemotron-Nano, Qwen3, Gemma-4, DeepSeek-V3 at 1, 4 and 16 tokens): one warp
         # per program, 8 GEMM1 rows per program (4 gate + 4 up when gated; 8 rows for ReLU^2: Nemotron-Nano
@@ -450,6 +462,46 @@ if triton is not None:
         ids = tl.load(ids_ptr + offs, mask=ok, other=0)
         row = tl.load(starts_ptr + ids, mask=ok, other=0) + tl.load(rank_ptr + offs, mask=ok, other=0)
         tl.store(sorted_ptr + row, offs, mask=ok)
+
+    @triton.jit
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _group_kernel(ids_ptr, counts_ptr, starts_ptr, sorted_ptr, bexp_ptr, num_pairs, max_rows, max_blocks,
+                      E: tl.constexpr, EP: tl.constexpr, P: tl.constexpr, MB: tl.constexpr, MR: tl.constexpr,
+                      BM: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr = False):
+        """The three grouping steps in one program, for calls of at most ``P`` pairs (``MB`` >= max_blocks).
+
+        The ranks come from the same atomic count as ``_rank_kernel`` (``counts`` zeroed by the routing); the
+        experts' row counts from a histogram of the ids in registers.  The block map is built by writing
+        ``expert + 1`` at each used expert's first block and taking a running maximum.  The barriers order
+        the phases' global writes for the whole program (one CTA)."""
+        _gdc(PDL)
+        offs = tl.arange(0, P)
+        ok = offs < num_pairs
+        ids = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+        rank = tl.atomic_add(counts_ptr + ids, 1, mask=ok, sem="relaxed")
+        counts = tl.histogram(ids, EP, mask=ok)
+        padded = (counts + BM - 1) // BM * BM
+        ends = tl.cumsum(padded, axis=0)
+        starts = ends - padded
+        e_idx = tl.arange(0, EP)
+        tl.store(starts_ptr + e_idx, starts, mask=e_idx < E)
+        for r0 in range(0, MR, RB):
+            rows = r0 + tl.arange(0, RB)
+            tl.store(sorted_ptr + rows, tl.zeros([RB], dtype=tl.int32) + num_pairs, mask=rows < max_rows)
+        blk = tl.arange(0, MB)
+        tl.store(bexp_ptr + blk, tl.zeros([MB], dtype=tl.int32), mask=blk < max_blocks)
+        tl.debug_barrier()
+        tl.store(bexp_ptr + starts // BM, e_idx + 1, mask=(e_idx < E) & (counts > 0))
+        row = tl.load(starts_ptr + ids, mask=ok, other=0) + rank
+        tl.store(sorted_ptr + row, offs, mask=ok)
+        tl.debug_barrier()
+        first = tl.load(bexp_ptr + blk, mask=blk < max_blocks, other=0)
+        ex = tl.associative_scan(first, 0, _max_combine) - 1
+        ex = tl.where(blk * BM < tl.sum(padded, axis=0), ex, -1)
+        tl.store(bexp_ptr + blk, ex, mask=blk < max_blocks)
 
     @triton.jit
     def _block(bexp_ptr, sorted_ptr, num_pairs, BM: tl.constexpr):
@@ -824,10 +876,16 @@ def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, rou
     return weights, ids
 
 
+# Up to this many pairs (and 16-row blocks) the grouping is one program (``_group_kernel``): measured on the
+# H200 against the three launches, 2.4-4 us a call faster at 16-128 tokens on Qwen3 and Gemma-4 (Qwen3 16
+# tokens 107.3 -> 104.1 us, 64 tokens 156.8 -> 152.7); Nemotron-Nano and DeepSeek-V3 within their noise.
+_ONE_PROGRAM_PAIRS = 1024
+
+
 def _align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, max_blocks: int, pdl: bool = False):
-    """``(sorted_ids, bexp)``: the pairs grouped by expert into BM-row blocks, in three short launches (atomic
-    ranks, block map, scatter) and no sort.  ``counts`` (int32 ``[experts]``) must be zero (the routing
-    launch zeroes it).
+    """``(sorted_ids, bexp)``: the pairs grouped by expert into BM-row blocks, in one program up to
+    ``_ONE_PROGRAM_PAIRS`` pairs, else in three short launches (atomic ranks, block map, scatter); no sort.
+    ``counts`` (int32 ``[experts]``) must be zero (the routing launch zeroes it).
 
     Measured on the H200 (whole layer, captured): 120-130 us a call faster than torch's stable sort at
     1024-4096 tokens, and never slower than the earlier one-program kernel, which cost up to 90 us at
@@ -840,6 +898,12 @@ def _align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int,
     starts = torch.empty(experts, dtype=torch.int32, device=device)
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
     bexp = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    if n <= _ONE_PROGRAM_PAIRS and bm <= 16:
+        _group_kernel[(1,)](flat_ids, counts, starts, sorted_ids, bexp, n, max_rows, max_blocks, E=experts,
+                            EP=_next_pow2(experts), P=_next_pow2(n), MB=_next_pow2(max_blocks),
+                            MR=_next_pow2(max_rows), BM=bm, RB=1024,
+                            PDL=pdl, num_warps=4, launch_pdl=pdl)
+        return sorted_ids, bexp
     block = 1024
     _rank_kernel[(triton.cdiv(max_rows, block),)](flat_ids, counts, rank, sorted_ids, n, max_rows, BLOCK=block,
                                                   PDL=pdl, num_warps=4, launch_pdl=pdl)
@@ -915,7 +979,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, blocks=blocks, sorted_ids=sorted_ids,
                   bexp=bexp, pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, activation=activation,
                   warps1=cfg.warps1, warps2=cfg.warps2, split1=cfg.split1, k_per_split2=k_per_split,
-                  pf1=cfg.prefetch, pf2=cfg.prefetch, pdl=pdl)
+                  pf1=cfg.prefetch, pf2=cfg.prefetch, pdl=pdl, vec1=cfg.vec1, vec2=cfg.vec2)
     elif cfg.bm == 1:
         # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
         # run together, so pairs that share an expert read its weights from L2.

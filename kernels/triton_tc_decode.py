@@ -25,7 +25,13 @@ whole NVFP4 groups of a 128-element (8-group) chunk: one 8-byte load per row and
 words of the same K.  Grouped programs take groups ``c`` and ``c + 4`` (a quad's load is 32 contiguous bytes
 of a row), per-pair programs ``2c`` and ``2c + 1``; measured on the H200 both ways: grouped 16 tokens 0.5-6%
 faster with the first (DeepSeek-V3 804 -> 757 us), per pair 4 tokens 3-5% faster with the second (Gemma-4
-50.8 against 53.3 us).  One 32-bit weight word (8 codes) covers two MMAs: its pairs 0/1 fill slots
+50.8 against 53.3 us).
+
+Each such warp load spans 8 weight rows (8 cache lines), and Nsight Compute showed the loop waiting on
+L1 requests (64% of the stalls, DRAM at 46% of its peak, Qwen3 16 tokens) rather than on DRAM.  With
+``VEC`` (an even number of groups per row, aligned tensors) a thread's groups are always ``2c, 2c + 1``
+and each row's pair is one 16-byte load (its two scales one 2-byte load); ``XVEC`` does the same for the
+activation words.  That halves the load instructions; where it pays is measured (``select_config``).  One 32-bit weight word (8 codes) covers two MMAs: its pairs 0/1 fill slots
 ``2c..`` / ``2c+8..`` of the first, pairs 2/3 of the second, and the activation words holding the same
 elements ``(4q .. 4q+3)`` are ``b0 b1 / b2 b3``.
 
@@ -121,36 +127,72 @@ if triton is not None:
         return _word_mma((w0 >> 32).to(tl.int32), (w1 >> 32).to(tl.int32), s0, s1, x2, x3, c0, c1, c2, c3)
 
     @triton.jit
-    def _groups(g0, c, GROUPED: tl.constexpr):
-        """This thread's two groups of the chunk starting at group ``g0``: ``c`` and ``c + 4`` when grouped, else
-        ``2c`` and ``2c + 1`` (see the module docstring)."""
-        if GROUPED:
+    def _groups(g0, c, GROUPED: tl.constexpr, VEC: tl.constexpr):
+        """This thread's two groups of the chunk starting at group ``g0``: ``c`` and ``c + 4`` when grouped and
+        loaded 8 bytes at a time, else ``2c`` and ``2c + 1`` (see the module docstring)."""
+        if GROUPED and not VEC:
             return g0 + c, g0 + c + 4
         else:
             return g0 + 2 * c, g0 + 2 * c + 1
 
-    @triton.jit
-    def _wload(w0, w1, sb0, sb1, g0, c, KG: tl.constexpr, live, GROUPED: tl.constexpr):
-        """Rows g and g+8 of this thread's two groups of the chunk at ``g0`` (an int64 each) and their scale
-        bytes.  A group past the last re-reads the last one (its activations are masked to zero); ``live``
-        False (the prefetch past a split's end) loads nothing."""
-        G0, G1 = _groups(g0, c, GROUPED)
-        G0 = tl.minimum(G0, KG - 1)
-        G1 = tl.minimum(G1, KG - 1)
-        return (tl.load(w0 + G0, mask=live), tl.load(w0 + G1, mask=live), tl.load(w1 + G0, mask=live),
-                tl.load(w1 + G1, mask=live), tl.load(sb0 + G0, mask=live), tl.load(sb0 + G1, mask=live),
-                tl.load(sb1 + G0, mask=live), tl.load(sb1 + G1, mask=live))
+    # A 16-byte load (two int64) where ``$3`` is nonzero, zeros elsewhere.  Triton loads the int64 elements of
+    # these one-element-per-thread tensors 8 bytes at a time, and a warp's load spans 8 rows (8 cache lines),
+    # so the L1 requests, not DRAM, bound the loop: two groups per request halve them.  Not pure: it must
+    # stay after the PDL wait.
+    _LD16_ASM = tl.constexpr("""{
+    .reg .pred p;
+    setp.ne.b32 p, $3, 0;
+    mov.b64 $0, 0;
+    mov.b64 $1, 0;
+    @p ld.global.v2.b64 {$0, $1}, [$2];
+    }""")
 
     @triton.jit
-    def _xload(xp, g0, c, g_end, okb, GROUPED: tl.constexpr):
-        """The activation words (4 bf16 each) of this thread's two groups for its B column."""
-        G0, G1 = _groups(g0, c, GROUPED)
+    def _ld16(ptrs, live):
+        return tl.inline_asm_elementwise(_LD16_ASM, "=l,=l,l,r", [ptrs, live.to(tl.int32)],
+                                         dtype=(tl.int64, tl.int64), is_pure=False, pack=1)
+
+    @triton.jit
+    def _wload(w0, w1, sb0, sb1, g0, c, KG: tl.constexpr, live, GROUPED: tl.constexpr, VEC: tl.constexpr):
+        """Rows g and g+8 of this thread's two groups of the chunk at ``g0`` (an int64 each) and their scale
+        bytes.  A group past the last re-reads the last one(s) (its activations are masked to zero); ``live``
+        False (the prefetch past a split's end) loads nothing.  VEC (``KG`` even, 16-byte aligned rows): the
+        two adjacent groups in one 16-byte load and their two scales in one 2-byte load."""
+        G0, G1 = _groups(g0, c, GROUPED, VEC)
+        if VEC:
+            G0 = tl.minimum(G0, KG - 2)
+            live = (c >= 0) & live  # a tensor also when ``live`` is the constant True
+            a0, a1 = _ld16(w0 + G0, live)
+            b0, b1 = _ld16(w1 + G0, live)
+            s16 = tl.pointer_type(tl.uint16)
+            sa = tl.load((sb0 + G0).to(s16), mask=live).to(tl.int32)
+            sb = tl.load((sb1 + G0).to(s16), mask=live).to(tl.int32)
+            return a0, a1, b0, b1, sa, sa >> 8, sb, sb >> 8
+        else:
+            G0 = tl.minimum(G0, KG - 1)
+            G1 = tl.minimum(G1, KG - 1)
+            return (tl.load(w0 + G0, mask=live), tl.load(w0 + G1, mask=live), tl.load(w1 + G0, mask=live),
+                    tl.load(w1 + G1, mask=live), tl.load(sb0 + G0, mask=live), tl.load(sb0 + G1, mask=live),
+                    tl.load(sb1 + G0, mask=live), tl.load(sb1 + G1, mask=live))
+
+    @triton.jit
+    def _xload(xp, g0, c, g_end, okb, GROUPED: tl.constexpr, VEC: tl.constexpr, XVEC: tl.constexpr):
+        """The activation words (4 bf16 each) of this thread's two groups for its B column; XVEC (16-byte aligned
+        rows) in 16-byte loads."""
+        G0, G1 = _groups(g0, c, GROUPED, VEC)
         m0 = okb & (G0 < g_end)
         m1 = okb & (G1 < g_end)
-        return (tl.load(xp + 4 * G0, mask=m0, other=0), tl.load(xp + 4 * G0 + 1, mask=m0, other=0),
-                tl.load(xp + 4 * G0 + 2, mask=m0, other=0), tl.load(xp + 4 * G0 + 3, mask=m0, other=0),
-                tl.load(xp + 4 * G1, mask=m1, other=0), tl.load(xp + 4 * G1 + 1, mask=m1, other=0),
-                tl.load(xp + 4 * G1 + 2, mask=m1, other=0), tl.load(xp + 4 * G1 + 3, mask=m1, other=0))
+        if XVEC:
+            x0, x1 = _ld16(xp + 4 * G0, m0)
+            x2, x3 = _ld16(xp + 4 * G0 + 2, m0)
+            x4, x5 = _ld16(xp + 4 * G1, m1)
+            x6, x7 = _ld16(xp + 4 * G1 + 2, m1)
+            return x0, x1, x2, x3, x4, x5, x6, x7
+        else:
+            return (tl.load(xp + 4 * G0, mask=m0, other=0), tl.load(xp + 4 * G0 + 1, mask=m0, other=0),
+                    tl.load(xp + 4 * G0 + 2, mask=m0, other=0), tl.load(xp + 4 * G0 + 3, mask=m0, other=0),
+                    tl.load(xp + 4 * G1, mask=m1, other=0), tl.load(xp + 4 * G1 + 1, mask=m1, other=0),
+                    tl.load(xp + 4 * G1 + 2, mask=m1, other=0), tl.load(xp + 4 * G1 + 3, mask=m1, other=0))
 
     @triton.jit
     def _chunk_mma(wa0, wa1, wb0, wb1, sa0, sa1, sb0, sb1, x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3):
@@ -193,7 +235,8 @@ if triton is not None:
     def _tgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, out_ptr, part_ptr,
                        num_pairs, stride_x8, groups_per_split, H: tl.constexpr, I: tl.constexpr,
                        TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
-                       WARPS: tl.constexpr, SPLIT: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr = False):
+                       WARPS: tl.constexpr, SPLIT: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
+                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False):
         """Decode GEMM1 (+ activation when not split): program = (pair or block, 16 * WARPS rows, K split).
 
         PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
@@ -216,27 +259,27 @@ if triton is not None:
         ag0, ag1, ag2, ag3 = zero, zero, zero, zero
         au0, au1, au2, au3 = zero, zero, zero, zero
         if PF:
-            wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED)
+            wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED, VEC)
             if GATED:
                 wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g_begin, c, KG, True,
-                            GROUPED)
-            xs = _xload(xp, g_begin, c, g_end, okb, GROUPED)
+                            GROUPED, VEC)
+            xs = _xload(xp, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
         for g0 in range(g_begin, g_end, 8):
             if PF:
                 cg, cx = wg, xs
                 more = g0 + 8 < g_end
-                wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, more, GROUPED)
-                xs = _xload(xp, g0 + 8, c, g_end, okb, GROUPED)
+                wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, more, GROUPED, VEC)
+                xs = _xload(xp, g0 + 8, c, g_end, okb, GROUPED, VEC, XVEC)
                 if GATED:
                     cu = wu
                     wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g0 + 8, c, KG, more,
-                                GROUPED)
+                                GROUPED, VEC)
             else:
-                cg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0, c, KG, True, GROUPED)
+                cg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0, c, KG, True, GROUPED, VEC)
                 if GATED:
                     cu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g0, c, KG, True,
-                                GROUPED)
-                cx = _xload(xp, g0, c, g_end, okb, GROUPED)
+                                GROUPED, VEC)
+                cx = _xload(xp, g0, c, g_end, okb, GROUPED, VEC, XVEC)
             ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
             if GATED:
                 au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
@@ -271,7 +314,8 @@ if triton is not None:
     @triton.jit
     def _tgemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
                        num_pairs, groups_per_split, H: tl.constexpr, I: tl.constexpr,
-                       GROUPED: tl.constexpr, WARPS: tl.constexpr, PF: tl.constexpr, PDL: tl.constexpr = False):
+                       GROUPED: tl.constexpr, WARPS: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
+                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False):
         """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
         fp32 rows ``y[split, pair]`` for the combine."""
         _gdc(PDL)
@@ -289,16 +333,16 @@ if triton is not None:
         zero = tl.zeros([32 * WARPS], dtype=tl.float32)
         a0, a1, a2, a3 = zero, zero, zero, zero
         if PF:
-            wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED)
-            xs = _xload(ap, g_begin, c, g_end, okb, GROUPED)
+            wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED, VEC)
+            xs = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
         for g0 in range(g_begin, g_end, 8):
             if PF:
                 cw, cx = wc, xs
-                wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, g0 + 8 < g_end, GROUPED)
-                xs = _xload(ap, g0 + 8, c, g_end, okb, GROUPED)
+                wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, g0 + 8 < g_end, GROUPED, VEC)
+                xs = _xload(ap, g0 + 8, c, g_end, okb, GROUPED, VEC, XVEC)
             else:
-                cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0, c, KG, True, GROUPED)
-                cx = _xload(ap, g0, c, g_end, okb, GROUPED)
+                cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0, c, KG, True, GROUPED, VEC)
+                cx = _xload(ap, g0, c, g_end, okb, GROUPED, VEC, XVEC)
             a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
         inv = 128.0 / tl.load(gs_ptr + e64)
         ok0 = p0 < num_pairs
@@ -315,6 +359,17 @@ if triton is not None:
         tl.store(yp1 + 8, a3 * sc1, mask=ok1 & (row + 8 < H))
 
 
+def _vec_ok(k: int, w: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Two adjacent groups of a weight row are one aligned 16-byte load (and their scales one 2-byte load)
+    when a row holds an even number of groups and the tensors start aligned."""
+    return (k // 16) % 2 == 0 and w.data_ptr() % 16 == 0 and scale.data_ptr() % 2 == 0
+
+
+def _rows_aligned(x: torch.Tensor) -> bool:
+    """Every row of the bf16 activations starts on a 16-byte boundary."""
+    return x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+
+
 def _groups_per_split(k: int, split: int):
     """K split at 128-element (8-group) chunks: ``(groups per split, splits actually used)``."""
     groups = k // 16
@@ -323,11 +378,13 @@ def _groups_per_split(k: int, split: int):
 
 
 def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks, sorted_ids, bexp, pairs, hidden,
-              inter, top_k, gated, activation, warps1, warps2, split1, k_per_split2, pf1=False, pf2=False, pdl=False):
+              inter, top_k, gated, activation, warps1, warps2, split1, k_per_split2, pf1=False, pf2=False, pdl=False,
+              vec1=False, vec2=False):
     """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
     K split in steps of ``k_per_split2`` (a multiple of 128) elements.
 
     ``sorted_ids``/``bexp`` None: one program per pair (``blocks == pairs``); else the 8-row expert blocks.
+    ``vec1``/``vec2``: GEMM1's / GEMM2's 16-byte loads wherever the sizes and addresses allow them (``_vec_ok``).
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     grouped = sorted_ids is not None
@@ -341,7 +398,8 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
         inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, H=hidden, I=inter,
         TOP_K=top_k, GATED=gated, ACT=tm._ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
-        PF=pf1, PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
+        PF=pf1, VEC=vec1 and _vec_ok(hidden, w13, w13_scale),
+        XVEC=vec1 and _rows_aligned(hidden_states), PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
     if not direct:
         tm._act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
                                                          ACT=tm._ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
@@ -349,5 +407,5 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
     _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), y.shape[0])](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
         k_per_split2 // 16,
-        H=hidden, I=inter, GROUPED=grouped, WARPS=warps2, PF=pf2, PDL=pdl, num_warps=warps2, num_stages=1,
-        launch_pdl=pdl)
+        H=hidden, I=inter, GROUPED=grouped, WARPS=warps2, PF=pf2, VEC=vec2 and _vec_ok(inter, w2, w2_scale),
+        XVEC=vec2 and _rows_aligned(inter_buf), PDL=pdl, num_warps=warps2, num_stages=1, launch_pdl=pdl)

@@ -65,6 +65,12 @@ def test_select_config_regimes():
     assert (one.split1, one.split2, one.prefetch) == (2, 1, False)
     grouped = select_config(16, **qwen3)  # 128 blocks x 48 tiles >= 1056: no split
     assert (grouped.split1, grouped.split2, grouped.prefetch) == (1, 1, True)
+    # 16-byte loads: always in GEMM2; in GEMM1 of ungated layers and from 32 tokens (measured boundaries)
+    vec = {(name, t): (lambda c: (c.vec1, c.vec2))(select_config(t, **shape))
+           for name, shape in (("qwen3", qwen3), ("nemotron", nemotron)) for t in (4, 16, 32)}
+    assert vec == {("qwen3", 4): (False, True), ("qwen3", 16): (False, True), ("qwen3", 32): (True, True),
+                   ("nemotron", 4): (True, True), ("nemotron", 16): (True, True), ("nemotron", 32): (True, True)}
+    assert not select_config(1, **qwen3).vec1 and not select_config(128, **qwen3).vec2  # not the tc decode
     for shape, tokens in ((qwen3, 128), (nemotron, 128)):
         cfg = select_config(tokens, **shape)
         assert (cfg.bm, cfg.swap, cfg.wprefetch, cfg.tc) == (16, True, True, False), (tokens, cfg)
@@ -208,7 +214,7 @@ def test_cuda_graph_capture_and_workspace(tokens):
 @pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
                                      "mma16_split_pf", "mma16_swap_pf_split", "mma64", "mma64_pf_swap",
                                      "mma128_w8", "mma128_pf", "tc_pair", "tc_pair_split_pf", "tc_group",
-                                     "tc_group_split_pf_w2"])
+                                     "tc_group_split_pf_w2", "tc_pair_vec_split", "tc_group_vec_pf"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path: decode GEMV with and without split GEMM1, tensor-core tiles of every size with and
@@ -245,6 +251,11 @@ def test_tile_variants(variant, activation):
         "tc_group": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, **dict(_QDEC, bm=8)),
         "tc_group_split_pf_w2": TileConfig(tc=True, bn1=32, warps1=2, bn2=32, warps2=2, split1=2, split2=3,
                                            prefetch=True, **dict(_QDEC, bm=8)),
+        # 16-byte loads: GEMM1's K (180 groups) takes them, GEMM2's (65 groups, odd) falls back
+        "tc_pair_vec_split": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=3, split2=2, vec1=True,
+                                        vec2=True, **_QDEC),
+        "tc_group_vec_pf": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, prefetch=True, vec1=True,
+                                      vec2=True, **dict(_QDEC, bm=8)),
     }
     device = torch.device("cuda")
     # 2880 = 22.5 chunks of 128 and 1040 = 65 groups: K tails inside a chunk and inside a thread's group pair
@@ -346,9 +357,9 @@ def test_packed_decode_edges(activation, hidden, inter, split1, split2, prefetch
     _check_strided_decode(cfg, activation, hidden, inter, tokens=3, seed=seed)
 
 
-def _check_strided_decode(cfg, activation, hidden, inter, tokens, seed):
-    """One call with ``cfg`` on a strided activation input (row stride hidden + 24, offset 16 bytes), 16
-    experts, top-4, into a poisoned output, against the reference."""
+def _check_strided_decode(cfg, activation, hidden, inter, tokens, seed, x_offset=8):
+    """One call with ``cfg`` on a strided activation input (row stride hidden + 24, offset ``x_offset``
+    elements), 16 experts, top-4, into a poisoned output, against the reference."""
     from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
@@ -356,7 +367,7 @@ def _check_strided_decode(cfg, activation, hidden, inter, tokens, seed):
     weights = _make_layer(hidden, inter, experts, activation, device, seed=seed)
     g = torch.Generator(device="cpu").manual_seed(seed)
     wide = (torch.randn(tokens, hidden + 24, generator=g) / 10).to(device, torch.bfloat16)
-    x = wide[:, 8:8 + hidden]
+    x = wide[:, x_offset:x_offset + hidden]
     logits = torch.randn(tokens, experts, generator=g).to(device)
     ref = fused_moe_reference(x.contiguous(), logits, *weights, top_k=top_k, activation=activation,
                               routing="renormalize", quantize_activations=False)
@@ -373,19 +384,56 @@ def _check_strided_decode(cfg, activation, hidden, inter, tokens, seed):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("hidden,inter,split1,split2", [(720, 208, 1, 1), (2896, 464, 2, 3), (1040, 1040, 3, 2)])
+@pytest.mark.parametrize("hidden,inter,split1,split2,vec", [(720, 208, 1, 1, False), (2896, 464, 2, 3, False),
+                                                          (1040, 1040, 3, 2, False), (2880, 1056, 1, 1, True),
+                                                          (2880, 1056, 2, 3, True)])
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_tensor_core_decode_edges(activation, hidden, inter, split1, split2, grouped, prefetch):
+def test_tensor_core_decode_edges(activation, hidden, inter, split1, split2, vec, grouped, prefetch):
     """The tensor-core decode GEMVs (inline ``mma.sync``): group counts that end inside a chunk and inside a
     thread's pair of groups (2896 = 181 groups, 208 = 13), K splits, every activation, per-pair and grouped
-    programs, a strided activation input; fresh inputs, poisoned output."""
+    programs, a strided activation input; fresh inputs, poisoned output.  With ``vec`` the 16-byte loads
+    (even group counts, 2880 = 180 and 1056 = 66, whose last chunks are partial), on activation rows that
+    are 16-byte aligned (one K split) or only 8-byte aligned (then the activations keep 8-byte loads)."""
     from moe_passes.kernels.triton_moe import TileConfig
 
     cfg = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=split1, split2=split2, prefetch=prefetch,
-                     **dict(_QDEC, bm=8 if grouped else 1))
-    seed = 300 + ACTIVATIONS.index(activation) * 7 + hidden
-    _check_strided_decode(cfg, activation, hidden, inter, tokens=5, seed=seed)
+                     vec1=vec, vec2=vec, **dict(_QDEC, bm=8 if grouped else 1))
+    seed = 300 + ACTIVATIONS.index(activation) * 7 + hidden + split1
+    _check_strided_decode(cfg, activation, hidden, inter, tokens=5, seed=seed, x_offset=4 if split1 > 1 else 8)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("pairs,experts,bm,spread", [(40, 16, 8, "random"), (1024, 128, 8, "random"),
+                                                     (1024, 8, 16, "one"), (700, 256, 16, "three"),
+                                                     (1600, 128, 16, "random"), (3000, 60, 64, "three")])
+def test_grouping_places_every_pair_once(pairs, experts, bm, spread):
+    """The grouping (one program up to 1024 pairs and 16-row blocks, three launches beyond): every pair in
+    exactly one row of a block of its own expert, each expert in the fewest blocks, padding rows and unused
+    blocks marked, and the counters left at the experts' pair counts."""
+    from moe_passes.kernels.triton_moe import _align
+
+    device = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(pairs + experts)
+    if spread == "random":
+        ids = torch.randint(0, experts, (pairs,), generator=g)
+    elif spread == "one":
+        ids = torch.full((pairs,), experts - 1)
+    else:
+        ids = torch.randint(0, 3, (pairs,), generator=g) * (experts // 3)
+    max_blocks = -(-pairs // bm) + min(pairs, experts)
+    counts = torch.zeros(experts, dtype=torch.int32, device=device)
+    sorted_ids, bexp = _align(ids.to(device), counts, bm, max_blocks * bm, max_blocks)
+    rows, blocks = sorted_ids.cpu().view(max_blocks, bm), bexp.cpu()
+    per_expert = torch.bincount(ids, minlength=experts)
+    used = int(((per_expert + bm - 1) // bm).sum())
+    assert (blocks[:used] >= 0).all() and (blocks[used:] == -1).all()
+    assert (rows[used:] == pairs).all()
+    live = rows[:used] < pairs
+    assert torch.equal(ids[rows[:used][live]], blocks[:used, None].expand(-1, bm)[live])
+    assert torch.equal(torch.sort(rows[:used][live]).values, torch.arange(pairs))
+    assert torch.equal(counts.cpu(), per_expert.to(torch.int32))
 
 
 @pytest.mark.gpu
