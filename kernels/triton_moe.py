@@ -471,7 +471,8 @@ if triton is not None:
     def _group_kernel(ids_ptr, counts_ptr, starts_ptr, sorted_ptr, bexp_ptr, num_pairs, max_rows, max_blocks,
                       E: tl.constexpr, EP: tl.constexpr, P: tl.constexpr, MB: tl.constexpr, MR: tl.constexpr,
                       BM: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr = False):
-        """The three grouping steps in one program, for calls of at most ``P`` pairs (``MB`` >= max_blocks).
+        """The three grouping steps in one program, for calls of at most ``P`` pairs (``MB`` >= max_blocks,
+        ``MR`` >= max_rows).
 
         The ranks come from the same atomic count as ``_rank_kernel`` (``counts`` zeroed by the routing); the
         experts' row counts from a histogram of the ids in registers.  The block map is built by writing
@@ -894,16 +895,15 @@ def _align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int,
     n = flat_ids.numel()
     device = flat_ids.device
     experts = counts.numel()
-    rank = torch.empty(n, dtype=torch.int32, device=device)
     starts = torch.empty(experts, dtype=torch.int32, device=device)
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
     bexp = torch.empty(max_blocks, dtype=torch.int32, device=device)
     if n <= _ONE_PROGRAM_PAIRS and bm <= 16:
         _group_kernel[(1,)](flat_ids, counts, starts, sorted_ids, bexp, n, max_rows, max_blocks, E=experts,
                             EP=_next_pow2(experts), P=_next_pow2(n), MB=_next_pow2(max_blocks),
-                            MR=_next_pow2(max_rows), BM=bm, RB=1024,
-                            PDL=pdl, num_warps=4, launch_pdl=pdl)
+                            MR=_next_pow2(max_rows), BM=bm, RB=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
         return sorted_ids, bexp
+    rank = torch.empty(n, dtype=torch.int32, device=device)
     block = 1024
     _rank_kernel[(triton.cdiv(max_rows, block),)](flat_ids, counts, rank, sorted_ids, n, max_rows, BLOCK=block,
                                                   PDL=pdl, num_warps=4, launch_pdl=pdl)

@@ -25,15 +25,15 @@ whole NVFP4 groups of a 128-element (8-group) chunk: one 8-byte load per row and
 words of the same K.  Grouped programs take groups ``c`` and ``c + 4`` (a quad's load is 32 contiguous bytes
 of a row), per-pair programs ``2c`` and ``2c + 1``; measured on the H200 both ways: grouped 16 tokens 0.5-6%
 faster with the first (DeepSeek-V3 804 -> 757 us), per pair 4 tokens 3-5% faster with the second (Gemma-4
-50.8 against 53.3 us).
+50.8 against 53.3 us).  One 32-bit weight word (8 codes) covers two MMAs: its pairs 0/1 fill slots
+``2c..`` / ``2c+8..`` of the first, pairs 2/3 of the second, and the activation words holding the same
+elements ``(4q .. 4q+3)`` are ``b0 b1 / b2 b3``.
 
 Each such warp load spans 8 weight rows (8 cache lines), and Nsight Compute showed the loop waiting on
 L1 requests (64% of the stalls, DRAM at 46% of its peak, Qwen3 16 tokens) rather than on DRAM.  With
 ``VEC`` (an even number of groups per row, aligned tensors) a thread's groups are always ``2c, 2c + 1``
 and each row's pair is one 16-byte load (its two scales one 2-byte load); ``XVEC`` does the same for the
-activation words.  That halves the load instructions; where it pays is measured (``select_config``).  One 32-bit weight word (8 codes) covers two MMAs: its pairs 0/1 fill slots
-``2c..`` / ``2c+8..`` of the first, pairs 2/3 of the second, and the activation words holding the same
-elements ``(4q .. 4q+3)`` are ``b0 b1 / b2 b3``.
+activation words.  That halves the load instructions; where it pays is measured (``select_config``).
 
 Two ways to pick the tokens (B columns) of a program:
 
