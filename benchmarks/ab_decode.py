@@ -60,24 +60,17 @@ def install(mode, original_select, original_limit):
 
 def check(modes, shapes, tokens, original_select, original_limit) -> int:
     """Outputs of every mode against the first mode's on fresh inputs; returns the mismatches."""
-    from moe_passes.kernels.registry import MoEWeights
-
     bad = 0
     for name in shapes:
-        h, i, e, k, act, routing, extra = bench.SHAPES[name]
-        gated = act != "relu2"
-        w13, s13, g13 = bench._random_nvfp4(e, (2 if gated else 1) * i, h, "cuda")
-        w2, s2, g2 = bench._random_nvfp4(e, h, i, "cuda")
-        weights = tm.prepare_weights(MoEWeights(w13, s13, g13, w2, s2, g2))
-        bias = torch.randn(e, device="cuda") / 10 if routing == "deepseek_v3" else None
+        spec, weights, args, bias, hidden = bench.triton_layer(name, "cuda")
+        experts = bench.SHAPES[name][2]
         for t in tokens:
-            x = torch.randn(t, h, device="cuda").to(torch.bfloat16)
-            logits = torch.randn(t, e, device="cuda")
+            x = torch.randn(t, hidden, device="cuda").to(torch.bfloat16)
+            logits = torch.randn(t, experts, device="cuda")
             outs = []
             for mode in modes:
                 install(mode, original_select, original_limit)
-                outs.append(tm.fused_moe_triton(x, logits, weights, top_k=k, activation=act, routing=routing,
-                                                routing_bias=bias, **extra))
+                outs.append(spec.run(x, logits, weights, None, None, bias, args))
             ref = outs[0].float()
             for mode, out in zip(modes[1:], outs[1:]):
                 rel = ((out.float() - ref).norm() / ref.norm()).item()

@@ -14,8 +14,6 @@ import argparse
 import torch
 
 from moe_passes import bench
-from moe_passes.contract import MoEShape
-from moe_passes.kernels import registry
 
 
 def main(argv=None) -> None:
@@ -26,19 +24,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ncu_layer.py runs on a CUDA GPU")
-    device = torch.device("cuda")
-    spec = registry.get("triton")
-    h, i, e, k, activation, routing, extra = bench.SHAPES[args.shape]
-    gated = activation != "relu2"
-    shape = MoEShape(hidden=h, intermediate=i, experts=e, top_k=k, activation=activation, alignment=spec.alignment)
-    w13, s13, g13 = bench._random_nvfp4(e, (2 if gated else 1) * i, h, device)
-    w2, s2, g2 = bench._random_nvfp4(e, h, i, device)
-    weights = spec.prepare(registry.MoEWeights(w13, s13, g13, w2, s2, g2), shape)
-    run_args = registry.RunArgs(top_k=k, activation=activation, routing=routing, **extra)
-    bias = (torch.randn(e, device=device) / 10) if routing == "deepseek_v3" else None
+    spec, weights, run_args, bias, hidden = bench.triton_layer(args.shape, "cuda")
+    experts = bench.SHAPES[args.shape][2]
     for _ in range(args.calls):
-        x = (torch.randn(args.tokens, h, device=device) / 10).to(torch.bfloat16)
-        logits = torch.randn(args.tokens, e, device=device)
+        x = (torch.randn(args.tokens, hidden, device="cuda") / 10).to(torch.bfloat16)
+        logits = torch.randn(args.tokens, experts, device="cuda")
         spec.run(x, logits, weights, None, None, bias, run_args)
     torch.cuda.synchronize()
 

@@ -116,15 +116,15 @@ def _grouped_mm_moe(x, logits, w13_t, w2_t, top_k, activation, routing, bias, ex
     return out.to(torch.bfloat16)
 
 
-def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print):
+def triton_layer(name, device):
+    """A benchmark shape's layer for the Triton kernel: ``(spec, prepared weights, RunArgs, routing bias or
+    None, padded hidden size)``; call it as ``spec.run(x, logits, weights, None, None, bias, args)``."""
     from moe_passes.kernels import registry
     from moe_passes.contract import MoEShape
 
     h, i, e, k, activation, routing, extra = SHAPES[name]
-    device = torch.device("cuda")
     spec = registry.get("triton")
-    gated = activation != "relu2"
-    n1 = (2 if gated else 1) * i
+    n1 = (2 if activation != "relu2" else 1) * i
     shape = MoEShape(hidden=h, intermediate=i, experts=e, top_k=k, activation=activation, alignment=spec.alignment)
     hp = shape.hidden_padded
     w13, s13, g13 = _random_nvfp4(e, n1, hp, device)
@@ -132,6 +132,14 @@ def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print):
     weights = spec.prepare(registry.MoEWeights(w13, s13, g13, w2, s2, g2), shape)
     args = registry.RunArgs(top_k=k, activation=activation, routing=routing, **extra)
     bias = (torch.randn(e, device=device) / 10) if routing == "deepseek_v3" else None
+    return spec, weights, args, bias, hp
+
+
+def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print):
+    h, i, e, k, activation, routing, extra = SHAPES[name]
+    device = torch.device("cuda")
+    n1 = (2 if activation != "relu2" else 1) * i
+    spec, weights, args, bias, hp = triton_layer(name, device)
     peer = None
     if do_peer:
         # bf16 weights stored [E, N, K] (K contiguous), handed to _grouped_mm transposed.
@@ -169,7 +177,7 @@ def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print):
         log(row)
         rows.append(row)
         del xs, ls
-    del weights, w13, s13, w2, s2, peer
+    del weights, peer
     torch.cuda.empty_cache()
     return rows
 

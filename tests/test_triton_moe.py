@@ -66,8 +66,11 @@ def test_select_config_regimes():
     grouped = select_config(16, **qwen3)  # 128 blocks x 48 tiles >= 1056: no split
     assert (grouped.split1, grouped.split2, grouped.prefetch) == (1, 1, True)
     # 16-byte loads: always in GEMM2; in GEMM1 of ungated layers and from 32 tokens (measured boundaries)
-    vec = {(name, t): (lambda c: (c.vec1, c.vec2))(select_config(t, **shape))
-           for name, shape in (("qwen3", qwen3), ("nemotron", nemotron)) for t in (4, 16, 32)}
+    vec = {}
+    for name, shape in (("qwen3", qwen3), ("nemotron", nemotron)):
+        for tokens in (4, 16, 32):
+            cfg = select_config(tokens, **shape)
+            vec[name, tokens] = (cfg.vec1, cfg.vec2)
     assert vec == {("qwen3", 4): (False, True), ("qwen3", 16): (False, True), ("qwen3", 32): (True, True),
                    ("nemotron", 4): (True, True), ("nemotron", 16): (True, True), ("nemotron", 32): (True, True)}
     assert not select_config(1, **qwen3).vec1 and not select_config(128, **qwen3).vec2  # not the tc decode
