@@ -3,7 +3,8 @@
 What one call does (all on the GPU, no host synchronisation, CUDA-graph capturable):
 
 1. routing: one Triton launch (:func:`_route_kernel`, the semantics of ``reference.route``) gives
-   ``topk_weights / topk_ids [T, k]``;
+   ``topk_weights / topk_ids [T, k]``; at 1 token (hidden <= 4096) GEMM1's programs route their token
+   themselves instead (:func:`_pair_expert`, one launch fewer);
 2. decode (1 token, or up to 16 tokens with ~1-2 pairs per touched expert on layers with hidden > 4096):
    one program per (pair, row tile) runs a CUDA-core GEMV (:func:`_qgemv1_kernel` with the activation
    fused, :func:`_qgemv2_kernel` with the routing weight).  Each thread owns two 16-element groups of its
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -103,6 +104,8 @@ class TileConfig:
     # thread and request where the sizes and addresses allow it (``triton_tc_decode._vec_ok``)
     vec1: bool = False
     vec2: bool = False
+    # one program per pair (``bm == 1``): GEMM1's programs route their own tokens, no routing launch
+    fused_route: bool = False
 
 
 def triton_available(device=None) -> bool:
@@ -185,8 +188,12 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # per program, 8 GEMM1 rows per program (4 gate + 4 up when gated; 8 rows for ReLU^2: Nemotron-Nano
         # at 4 tokens 64.7 -> 63.1 us over 4 rows, a tie at 1 token) and 8 GEMM2 rows, no K split of GEMM2
         # (split 2 and 4 were slower), no register prefetch (slower: fewer programs fit).
+        # Routing in GEMM1's programs instead of its own launch (H200, against the routing launch): 1 token
+        # 4-7% faster on Nemotron-Nano, Qwen3 and Gemma-4 (Qwen3 17.6 -> 16.6 us); DeepSeek-V3 (256 experts
+        # in 8 groups, 8x more GEMM1 programs each routing) 84 -> 92 us; 4-8 tokens on the tensor-core
+        # decode -1..+3% (the routing's latency before the first weight load eats the launch it saves).
         return TileConfig(bm=1, bn1=4 if gated else 8, bk1=0, warps1=1, stages1=1,
-                          bn2=8, bk2=0, warps2=1, stages2=1, split2=1)
+                          bn2=8, bk2=0, warps2=1, stages2=1, split2=1, fused_route=tokens == 1 and hidden <= 4096)
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step
         # ahead: measured on the H100 at 32-128 tokens on all four benchmark shapes, 6-12% faster than the
@@ -346,19 +353,31 @@ if triton is not None:
                       K: tl.constexpr, KP: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr,
                       EG: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                       PDL: tl.constexpr = False):
-        """One program per token: the routing of ``reference.route`` fused into one launch.
-
-        METHOD 0 default (softmax, top-k), 1 renormalize (top-k, softmax), 2 deepseek_v3 (sigmoid + bias,
-        best ``TOPK_GROUP`` of ``NG`` groups by their top-2 sum, top-k, renormalize, scale), 3 llama4.
-        Experts are held as ``[NG, EG]`` (``EG`` a power of two >= E / NG; padding is masked).  Program 0
-        also zeroes ``n_zero`` int32 at ``zero_ptr`` (the grouping's expert counters: one launch fewer).
-        """
+        """One program per token: the routing of ``reference.route`` (:func:`_route_token`) in one launch.
+        Program 0 also zeroes ``n_zero`` int32 at ``zero_ptr`` (the grouping's expert counters: one launch
+        fewer)."""
         _gdc(PDL)
         t = tl.program_id(0).to(tl.int64)
         if t == 0:
             for z0 in range(0, n_zero, 1024):
                 zo = z0 + tl.arange(0, 1024)
                 tl.store(zero_ptr + zo, tl.zeros([1024], dtype=tl.int32), mask=zo < n_zero)
+        ids, v = _route_token(logits_ptr, bias_ptr, t, stride_l, E, scale, K, KP, METHOD, NG, EG, TOPK_GROUP,
+                              HAS_BIAS)
+        kr = tl.arange(0, KP)
+        tl.store(ids_ptr + t * K + kr, ids, mask=kr < K)
+        tl.store(w_ptr + t * K + kr, v, mask=kr < K)
+
+    @triton.jit
+    def _route_token(logits_ptr, bias_ptr, t, stride_l, E, scale, K: tl.constexpr, KP: tl.constexpr,
+                     METHOD: tl.constexpr, NG: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+        """Token ``t``'s top-k ``(expert ids int64 [KP], weights fp32 [KP])``, entries past ``K`` unused.
+
+        METHOD 0 default (softmax, top-k), 1 renormalize (top-k, softmax), 2 deepseek_v3 (sigmoid + bias,
+        best ``TOPK_GROUP`` of ``NG`` groups by their top-2 sum, top-k, renormalize, scale), 3 llama4.
+        Experts are held as ``[NG, EG]`` (``EG`` a power of two >= E / NG; padding is masked).
+        """
         gi = tl.arange(0, NG)
         ji = tl.arange(0, EG)
         EPG = E // NG
@@ -407,7 +426,6 @@ if triton is not None:
             ids = tl.where(kr == j, 65535 - (best & 0xFFFF), ids)
             key = tl.where(key == best, -1, key)
         k_ok = kr < K
-        tl.store(ids_ptr + t * K + kr, ids, mask=k_ok)
         lg = tl.load(logits_ptr + t * stride_l + ids, mask=k_ok, other=0.0).to(tl.float32)
         if METHOD == 0:
             v = tl.exp(lg - mx) / tl.sum(tl.sum(ex, axis=1), axis=0)
@@ -419,7 +437,26 @@ if triton is not None:
             v = v * (scale / tl.maximum(tl.sum(v, axis=0), 1e-20))
         else:
             v = tl.sigmoid(lg)
-        tl.store(w_ptr + t * K + kr, v, mask=k_ok)
+        return ids, v
+
+    @triton.jit
+    def _pair_expert(pair, ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale, TOP_K: tl.constexpr,
+                     ROUTE: tl.constexpr, KP: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr,
+                     EG: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The expert (int64) of a decode program's (token, expert) pair.  ROUTE: the program routes its
+        token itself (no routing launch before it) and the programs of the pair's first tile and split
+        write the pair's id and weight for the kernels after it; else the id the routing launch wrote."""
+        if ROUTE:
+            ids, v = _route_token(lg_ptr, bias_ptr, (pair // TOP_K).to(tl.int64), stride_l, E, rscale, TOP_K, KP,
+                                  METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
+            pick = tl.arange(0, KP) == pair % TOP_K
+            e = tl.sum(tl.where(pick, ids, 0), axis=0)
+            if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+                tl.store(ids_ptr + pair, e)
+                tl.store(tw_ptr + pair, tl.sum(tl.where(pick, v, 0.0), axis=0))
+            return e
+        else:
+            return tl.load(ids_ptr + pair).to(tl.int64)
 
     @triton.jit
     def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_pairs, max_rows, BLOCK: tl.constexpr,
@@ -753,21 +790,25 @@ if triton is not None:
 
     @triton.jit
     def _qgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, out_ptr, part_ptr, num_pairs, H, I, stride_x8,
-                       k_per_split, TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
+                       k_per_split, lg_ptr, bias_ptr, tw_ptr, stride_l, E, rscale,
+                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                        BN: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = False, ROUTE: tl.constexpr = False, KP: tl.constexpr = 1,
+                       METHOD: tl.constexpr = 0, NG: tl.constexpr = 1, EG: tl.constexpr = 1,
+                       TOPK_GROUP: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False):
         """Decode GEMM1, packed decode: one program per (pair, BN intermediate rows, K split).
 
         Each thread owns two NVFP4 groups per K step (``NC`` groups apart; 2 x 8 weight bytes and 2 scale
         bytes per row, 64 activation bytes shared by all rows) of every row of the tile (tiles are
         ``[NC columns, BN rows]``); no data leaves the thread until the final row sums.  ``stride_x8`` is the
-        activation row stride in 8-byte words.
+        activation row stride in 8-byte words.  ROUTE: see :func:`_pair_expert` (``lg_ptr`` .. ``HAS_BIAS``).
         """
         _gdc(PDL)
         pair = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
-        e64 = tl.load(ids_ptr + pair).to(tl.int64)
+        e64 = _pair_expert(pair, ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale, TOP_K, ROUTE, KP, METHOD,
+                           NG, EG, TOPK_GROUP, HAS_BIAS)
         tok = (pair // TOP_K).to(tl.int64)
         N1 = 2 * I if GATED else I
         KG = H // 16
@@ -842,6 +883,43 @@ def _next_pow2(n: int) -> int:
 _METHOD_CODES = {"default": 0, "renormalize": 1, "deepseek_v3": 2, "llama4": 3}
 
 
+class _RouteSpec(NamedTuple):
+    """What a Triton kernel needs to route: ``logits`` (unit stride over experts), ``bias`` (the logits when
+    there is none), the deepseek_v3 scaling factor and the kernel's routing constants."""
+    logits: torch.Tensor
+    bias: torch.Tensor
+    scale: float
+    consts: dict
+
+
+def _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group,
+                routed_scaling_factor) -> Optional[_RouteSpec]:
+    """The routing as :func:`_route_token` takes it, or None for what it does not take (the reference then
+    routes, and raises the errors)."""
+    experts = router_logits.shape[1]
+    groups = (n_group or 1) if routing == "deepseek_v3" else 1
+    keep = topk_group or groups
+    if (routing not in _METHOD_CODES or not 0 < top_k <= experts or experts % groups or not 0 < keep <= groups
+            or (routing == "llama4" and top_k != 1) or groups & (groups - 1) or top_k > 64 or experts > 65535):
+        return None
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    has_bias = routing == "deepseek_v3" and routing_bias is not None
+    scale = routed_scaling_factor if (routing == "deepseek_v3" and routed_scaling_factor is not None) else 1.0
+    consts = dict(KP=_next_pow2(top_k), METHOD=_METHOD_CODES[routing], NG=groups,
+                  EG=_next_pow2(experts // groups), TOPK_GROUP=keep, HAS_BIAS=has_bias)
+    return _RouteSpec(router_logits, routing_bias if has_bias else router_logits, float(scale), consts)
+
+
+def _route_args(spec: Optional[_RouteSpec], ids: torch.Tensor, weights: torch.Tensor) -> dict:
+    """Keyword arguments of a decode GEMM1 kernel that routes its pairs itself (``spec``), or that reads the
+    routing launch's ids (``spec`` None: the routing arguments are unused)."""
+    if spec is None:
+        return dict(lg_ptr=ids, bias_ptr=ids, tw_ptr=weights, stride_l=0, E=1, rscale=1.0)
+    return dict(lg_ptr=spec.logits, bias_ptr=spec.bias, tw_ptr=weights, stride_l=spec.logits.stride(0),
+                E=spec.logits.shape[1], rscale=spec.scale, ROUTE=True, **spec.consts)
+
+
 def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor,
            zero: Optional[torch.Tensor] = None, pdl: bool = False):
     """``(weights float32 [T, k], ids int64 [T, k])``: one Triton launch, same semantics as ``reference.route``.
@@ -849,29 +927,20 @@ def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, rou
     ``zero`` (int32, optional) is zeroed on the way (the grouping's counters).
     """
     tokens, experts = router_logits.shape
-    groups = (n_group or 1) if routing == "deepseek_v3" else 1
-    keep = topk_group or groups
-    if (routing not in _METHOD_CODES or not 0 < top_k <= experts or experts % groups or not 0 < keep <= groups
-            or (routing == "llama4" and top_k != 1) or groups & (groups - 1) or top_k > 64 or experts > 65535):
-        # let the reference raise its error (or handle the rare shapes the fused kernel does not take)
+    spec = _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor)
+    if spec is None:
         w, ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
                        topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
         if zero is not None:
             zero.zero_()
         return w.float().contiguous(), ids.contiguous()
-    if router_logits.stride(1) != 1:
-        router_logits = router_logits.contiguous()
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
-    has_bias = routing == "deepseek_v3" and routing_bias is not None
-    scale = routed_scaling_factor if (routing == "deepseek_v3" and routed_scaling_factor is not None) else 1.0
     if tokens:
-        _route_kernel[(tokens,)](router_logits, routing_bias if has_bias else router_logits, weights, ids,
-                                 ids if zero is None else zero, 0 if zero is None else zero.numel(),
-                                 router_logits.stride(0), experts, float(scale),
-                                 K=top_k, KP=_next_pow2(top_k), METHOD=_METHOD_CODES[routing], NG=groups,
-                                 EG=_next_pow2(experts // groups), TOPK_GROUP=keep, HAS_BIAS=has_bias, PDL=pdl,
-                                 num_warps=1 if experts <= 256 else 4, launch_pdl=pdl)
+        _route_kernel[(tokens,)](spec.logits, spec.bias, weights, ids, ids if zero is None else zero,
+                                 0 if zero is None else zero.numel(), spec.logits.stride(0), experts, spec.scale,
+                                 K=top_k, PDL=pdl, num_warps=1 if experts <= 256 else 4, launch_pdl=pdl,
+                                 **spec.consts)
     elif zero is not None:
         zero.zero_()
     return weights, ids
@@ -954,8 +1023,15 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     # four rounds at 4096, Nemotron-Nano 2-6% faster at 1024, Qwen3 and Gemma-4 within 1-2%).
     pdl = cfg.bm <= 16 and _use_pdl(device)
     counts = None if cfg.bm == 1 else torch.empty(experts, dtype=torch.int32, device=device)
-    topk_w, topk_ids = _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor,
-                              zero=counts, pdl=pdl)
+    rspec = None
+    if cfg.fused_route and cfg.bm == 1:
+        rspec = _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor)
+    if rspec is None:
+        topk_w, topk_ids = _route(router_logits, top_k, routing, routing_bias, n_group, topk_group,
+                                  routed_scaling_factor, zero=counts, pdl=pdl)
+    else:  # GEMM1's programs fill them
+        topk_w = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
+        topk_ids = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
     flat_ids = topk_ids.reshape(-1)
     pairs = flat_ids.numel()
     split = cfg.split2
@@ -979,13 +1055,13 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, blocks=blocks, sorted_ids=sorted_ids,
                   bexp=bexp, pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, activation=activation,
                   warps1=cfg.warps1, warps2=cfg.warps2, split1=cfg.split1, k_per_split2=k_per_split,
-                  pf1=cfg.prefetch, pf2=cfg.prefetch, pdl=pdl, vec1=cfg.vec1, vec2=cfg.vec2)
+                  pf1=cfg.prefetch, pf2=cfg.prefetch, pdl=pdl, vec1=cfg.vec1, vec2=cfg.vec2, route=rspec)
     elif cfg.bm == 1:
         # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
         # run together, so pairs that share an expert read its weights from L2.
         inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
         _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
-                       pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, pdl)
+                       pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, pdl, rspec)
     else:
         bm = cfg.bm
         max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
@@ -1025,8 +1101,9 @@ def _word_aligned(hidden_states: torch.Tensor, weights) -> torch.Tensor:
 
 
 def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
-                   pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, pdl=False):
-    """Decode GEMMs with the packed-decode kernels: weights and activations are read as 8-byte words."""
+                   pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, pdl=False, route=None):
+    """Decode GEMMs with the packed-decode kernels: weights and activations are read as 8-byte words.
+    ``route``: a :class:`_RouteSpec`, GEMM1 then routes and fills ``flat_ids``/``topk_w``."""
     device = hidden_states.device
     n1 = w13.shape[1]
     hidden_states = _word_aligned(hidden_states, (w13, w13_scale, w2, w2_scale))
@@ -1036,7 +1113,7 @@ def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, f
     part = torch.empty(split1, pairs, n1, dtype=torch.float32, device=device) if split1 > 1 else inter_buf
     _qgemv1_kernel[(pairs, triton.cdiv(inter, cfg.bn1), split1)](
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, inter_buf, part, pairs,
-        hidden, inter, hidden_states.stride(0) // 4, k_per_split1,
+        hidden, inter, hidden_states.stride(0) // 4, k_per_split1, **_route_args(route, flat_ids, topk_w),
         TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], BN=cfg.bn1, NC=32 * cfg.warps1, SPLIT=split1,
         PREFETCH=cfg.prefetch, PDL=pdl, num_warps=cfg.warps1, num_stages=1, launch_pdl=pdl)
     if split1 > 1:

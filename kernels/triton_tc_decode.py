@@ -203,9 +203,10 @@ if triton is not None:
         return _group_mma(wa1, wb1, pa1, pb1, x4, x5, x6, x7, c0, c1, c2, c3)
 
     @triton.jit
-    def _program(ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED: tl.constexpr, WARPS: tl.constexpr):
+    def _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED: tl.constexpr, WARPS: tl.constexpr):
         """``(tid, c, expert, pair of B column g, pairs of D columns 2c and 2c+1)`` of this thread (lane
-        ``4g + c``); a pair >= num_pairs is no pair, an expert < 0 an empty block."""
+        ``4g + c``); a pair >= num_pairs is no pair, an expert < 0 an empty block.  ``pair_expert``: the
+        expert of a per-pair program (unused when grouped)."""
         blk = tl.program_id(0)
         tid = _thread_ids(tl.arange(0, 32 * WARPS))
         g = (tid & 31) >> 2
@@ -216,7 +217,7 @@ if triton is not None:
             p0 = tl.load(sorted_ptr + blk * 8 + 2 * c)
             p1 = tl.load(sorted_ptr + blk * 8 + 2 * c + 1)
         else:
-            e = tl.load(ids_ptr + blk).to(tl.int32)
+            e = pair_expert.to(tl.int32)
             pb = tl.where(g == 0, blk, num_pairs)
             p0 = tl.where(c == 0, blk, num_pairs)
             p1 = tl.zeros_like(c) + num_pairs
@@ -233,16 +234,25 @@ if triton is not None:
 
     @triton.jit
     def _tgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, out_ptr, part_ptr,
-                       num_pairs, stride_x8, groups_per_split, H: tl.constexpr, I: tl.constexpr,
+                       num_pairs, stride_x8, groups_per_split, lg_ptr, bias_ptr, tw_ptr, stride_l, E, rscale,
+                       H: tl.constexpr, I: tl.constexpr,
                        TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
                        WARPS: tl.constexpr, SPLIT: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
-                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False):
+                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, ROUTE: tl.constexpr = False,
+                       KP: tl.constexpr = 1, METHOD: tl.constexpr = 0, NG: tl.constexpr = 1, EG: tl.constexpr = 1,
+                       TOPK_GROUP: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False):
         """Decode GEMM1 (+ activation when not split): program = (pair or block, 16 * WARPS rows, K split).
 
         PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
+        ROUTE (per pair only): each program routes its token (``triton_moe._pair_expert``).
         """
         _gdc(PDL)
-        tid, c, e, pb, p0, p1 = _program(ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
+        if GROUPED:
+            pair_expert = 0
+        else:
+            pair_expert = tm._pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
+                                          TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
+        tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
         if e < 0:
             return
         e64 = e.to(tl.int64)
@@ -319,7 +329,8 @@ if triton is not None:
         """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
         fp32 rows ``y[split, pair]`` for the combine."""
         _gdc(PDL)
-        tid, c, e, pb, p0, p1 = _program(ids_ptr, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
+        pair_expert = 0 if GROUPED else tl.load(ids_ptr + tl.program_id(0))
+        tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
         if e < 0:
             return
         e64 = e.to(tl.int64)
@@ -379,15 +390,18 @@ def _groups_per_split(k: int, split: int):
 
 def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks, sorted_ids, bexp, pairs, hidden,
               inter, top_k, gated, activation, warps1, warps2, split1, k_per_split2, pf1=False, pf2=False, pdl=False,
-              vec1=False, vec2=False):
+              vec1=False, vec2=False, route=None):
     """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
     K split in steps of ``k_per_split2`` (a multiple of 128) elements.
 
     ``sorted_ids``/``bexp`` None: one program per pair (``blocks == pairs``); else the 8-row expert blocks.
     ``vec1``/``vec2``: GEMM1's / GEMM2's 16-byte loads wherever the sizes and addresses allow them (``_vec_ok``).
+    ``route`` (per pair only): a ``triton_moe._RouteSpec``; GEMM1 then routes and fills ``flat_ids``/``topk_w``.
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     grouped = sorted_ids is not None
+    if grouped and route is not None:
+        raise ValueError("decode_tc: only per-pair programs route their tokens themselves")
     if not grouped:  # the kernels take them as unused pointers
         sorted_ids = bexp = flat_ids
     per1, split1 = _groups_per_split(hidden, split1)
@@ -396,7 +410,8 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
                                                 device=hidden_states.device)
     _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 * warps1), split1)](
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
-        inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, H=hidden, I=inter,
+        inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, **tm._route_args(route, flat_ids, topk_w),
+        H=hidden, I=inter,
         TOP_K=top_k, GATED=gated, ACT=tm._ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
         PF=pf1, VEC=vec1 and _vec_ok(hidden, w13, w13_scale),
         XVEC=vec1 and _rows_aligned(hidden_states), PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)

@@ -74,6 +74,9 @@ def test_select_config_regimes():
     assert vec == {("qwen3", 4): (False, True), ("qwen3", 16): (False, True), ("qwen3", 32): (True, True),
                    ("nemotron", 4): (True, True), ("nemotron", 16): (True, True), ("nemotron", 32): (True, True)}
     assert not select_config(1, **qwen3).vec1 and not select_config(128, **qwen3).vec2  # not the tc decode
+    # GEMM1 routes (no routing launch) at 1 token up to hidden 4096: measured faster only there
+    assert [select_config(t, **qwen3).fused_route for t in (1, 2, 4, 16, 128)] == [True, False, False, False, False]
+    assert select_config(1, **nemotron).fused_route and not select_config(1, **deepseek).fused_route
     for shape, tokens in ((qwen3, 128), (nemotron, 128)):
         cfg = select_config(tokens, **shape)
         assert (cfg.bm, cfg.swap, cfg.wprefetch, cfg.tc) == (16, True, True, False), (tokens, cfg)
@@ -342,6 +345,48 @@ def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
     ref = fused_moe_reference(xs[-1], ls[-1], *weights, activation="silu", routing=routing, routing_bias=bias,
                               quantize_activations=False, **kwargs)
     rel = ((chained[-1].float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("routing", ROUTING_METHODS)
+@pytest.mark.parametrize("tokens,tc", [(1, False), (3, False), (3, True), (6, True)])
+def test_routing_fused_into_gemm1(routing, tokens, tc):
+    """Per-pair decode programs route their own token (no routing launch).  Against the same layer with the
+    routing launch: bit-identical outputs (so the same experts and routing weights); and against the
+    reference.  Packed decode (split GEMM1 at 3 tokens) and tensor-core decode per pair, every routing
+    method (deepseek_v3 with 4 groups of 4)."""
+    import dataclasses
+
+    from moe_passes.kernels import triton_moe
+
+    device = torch.device("cuda")
+    hidden, inter, experts = 1040, 208, 16
+    weights = _make_layer(hidden, inter, experts, "silu", device, seed=tokens + 7 * tc)
+    kernel_weights = triton_moe.prepare_weights(weights)
+    g = torch.Generator(device="cpu").manual_seed(31 + tokens)
+    kw, bias = _routing_kwargs(routing, experts, device, g)
+    x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
+    logits = torch.randn(tokens, experts, generator=g).to(device)
+    if tc:
+        base = triton_moe._tc_config(tokens * kw["top_k"], hidden, inter, grouped=False, target=2048, vec1=False)
+    else:
+        base = triton_moe.TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, split1=tokens // 2 + 1, **_QDEC)
+    assert base.bm == 1 and base.tc == tc
+    outs = []
+    for fused in (True, False):
+        cfg = dataclasses.replace(base, fused_route=fused)
+        out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)
+        triton_moe.fused_moe_triton(x, logits, kernel_weights, activation="silu", routing=routing,
+                                    routing_bias=bias, out=out, config=cfg, **kw)
+        outs.append(out)
+    torch.cuda.synchronize()
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+    ref = fused_moe_reference(x, logits, *weights, activation="silu", routing=routing, routing_bias=bias,
+                              quantize_activations=False, **kw)
+    rel = ((outs[0].float() - ref.float()).norm() / ref.float().norm()).item()
     assert rel < 1e-2, rel
 
 
