@@ -1014,6 +1014,10 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     device = hidden_states.device
     if out is None:
         out = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device)
+    elif (out.shape != (tokens, hidden) or out.dtype != torch.bfloat16 or out.device != device
+          or (tokens and out.stride(1) != 1)):
+        raise MoEConfigError(f"out must be a bf16 [{tokens}, {hidden}] tensor with unit stride along hidden on "
+                             f"{device}, got {out.dtype} {tuple(out.shape)} stride {out.stride()} on {out.device}")
     if tokens == 0:
         return out
 

@@ -392,6 +392,22 @@ def test_routing_fused_into_gemm1(routing, tokens, tc):
 
 @pytest.mark.gpu
 @needs_gpu
+def test_out_argument_is_checked():
+    from moe_passes.errors import MoEConfigError
+    from moe_passes.kernels import triton_moe
+
+    weights = triton_moe.prepare_weights(_make_layer(256, 64, 4, "silu", torch.device("cuda"), seed=3))
+    x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+    logits = torch.randn(2, 4, device="cuda")
+    for bad in (torch.empty(2, 128, dtype=torch.bfloat16, device="cuda"),
+                torch.empty(2, 256, dtype=torch.float32, device="cuda"),
+                torch.empty(256, 2, dtype=torch.bfloat16, device="cuda").t()):
+        with pytest.raises(MoEConfigError, match="out must be a bf16"):
+            triton_moe.fused_moe_triton(x, logits, weights, top_k=2, out=bad)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("hidden,inter,split1,split2", [(720, 208, 1, 1), (2880, 464, 2, 3), (1040, 1040, 3, 2)])
 @pytest.mark.parametrize("prefetch", [False, True])
