@@ -42,33 +42,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape, is_gated
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
-from moe_passes.kernels.reference import route
 from moe_passes.kernels.triton_layout import to_triton_layout
 
-try:  # Triton is optional: CPU-only installs do not have it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on CPU CI
-    triton = None
-    tl = None
-try:  # programmatic dependent launch (Triton >= 3.4); without it the kernels just do not overlap
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover
-    gdc_launch_dependents = gdc_wait = None
+from moe_passes.kernels.triton_common import _ACT_CODES, _next_pow2, gdc_wait, tl, triton
+from moe_passes.kernels.triton_route import _route, _route_args, _route_spec
+from moe_passes.kernels.triton_tc_decode import decode_tc
 
 __all__ = ["TRITON_ALIGNMENT", "TileConfig", "fused_moe_triton", "prepare_weights", "select_config",
            "triton_available"]
 
 TRITON_ALIGNMENT = Alignment(hidden=16, intermediate_gated=16, intermediate_plain=16)
 
-_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
 # The Triton interpreter (TRITON_INTERPRET=1, CPU) mishandles bf16 dots: upcast the operands there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Programmatic dependent launch between the kernels of one call (SM90+, decode and 16-row tiles): each
@@ -218,28 +209,8 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
 
 
 if triton is not None:
-
-    def word_cut_asm(word: str, p: str) -> str:
-        """PTX that cuts one 32-bit word of the Triton layout (8 E2M1 codes, see ``triton_layout``) into four
-        packed bf16 pairs ``{p}0..{p}3`` (elements 2j, 2j+1) with shifts and masks: bf16 ``e2m1 * 2^-126``
-        patterns, zero and the subnormal 0.5 included.  Declares its registers ``{p}0..{p}3, {p}t``, so
-        call it inside a ``{ }`` scope, once per prefix."""
-        return f"""
-        .reg .b32 {p}0, {p}1, {p}2, {p}3, {p}t;
-        and.b32 {p}0, {word}, 0x81C081C0;
-        shl.b32 {p}1, {word}, 3;
-        and.b32 {p}1, {p}1, 0x81C081C0;
-        shl.b32 {p}2, {word}, 6;
-        and.b32 {p}2, {p}2, 0x81C081C0;
-        shl.b32 {p}t, {word}, 1;
-        and.b32 {p}t, {p}t, 0x80008000;
-        shr.u32 {p}3, {word}, 5;
-        and.b32 {p}3, {p}3, 0x01000100;
-        or.b32 {p}t, {p}t, {p}3;
-        shr.u32 {p}3, {word}, 4;
-        and.b32 {p}3, {p}3, 0x00C000C0;
-        or.b32 {p}3, {p}3, {p}t;
-        """
+    from moe_passes.kernels.triton_common import _act_kernel, _activation, _gdc, word_cut_asm
+    from moe_passes.kernels.triton_route import _pair_expert
 
     # Tensor-core tiles: each pair times ``$9`` = ``bf16(block_scale * 2^119)`` in both halves with one bf16x2
     # FMA (adding -0 leaves the product alone) -> 8 bf16 ``e2m1 * block_scale * 2^-7``, exact.
@@ -267,26 +238,6 @@ if triton is not None:
     shl.b32 $6, p3, 16;
     and.b32 $7, p3, 0xFFFF0000;
     }""")
-
-    if gdc_wait is None:  # pragma: no cover - a Triton without the PDL intrinsics: the launches stay serial
-        @triton.jit
-        def gdc_wait():
-            pass
-
-        @triton.jit
-        def gdc_launch_dependents():
-            pass
-
-    @triton.jit
-    def _gdc(PDL: tl.constexpr, LAUNCH: tl.constexpr = True):
-        """With PDL: wait until the previous kernel has finished and its writes are visible, then let the next
-        kernel's programs launch.  Every program passes here before its first write and before it reads
-        what the previous kernel wrote: its programs may start while that kernel still runs (and this
-        call's workspace may be memory the caching allocator took back from it)."""
-        if PDL:
-            gdc_wait()
-            if LAUNCH:
-                gdc_launch_dependents()
 
     @triton.jit
     def _scale_pair(s):
@@ -334,129 +285,6 @@ if triton is not None:
             return _mma(wt, x, acc, F32)
         else:
             return _mma(x, wt, acc, F32)
-
-    @triton.jit
-    def _activation(g, u, ACT: tl.constexpr):
-        if ACT == 0:  # SwiGLU
-            return g * tl.sigmoid(g) * u
-        elif ACT == 1:  # GeGLU, erf GELU
-            return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
-        elif ACT == 2:  # GeGLU, tanh GELU; tanh(z) = 2 sigmoid(2z) - 1
-            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            return 0.5 * g * (2.0 * tl.sigmoid(2.0 * z)) * u
-        else:  # ReLU^2 (not gated; u unused)
-            r = tl.maximum(g, 0.0)
-            return r * r
-
-    @triton.jit
-    def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, zero_ptr, n_zero, stride_l, E, scale,
-                      K: tl.constexpr, KP: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr,
-                      EG: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PDL: tl.constexpr = False):
-        """One program per token: the routing of ``reference.route`` (:func:`_route_token`) in one launch.
-        Program 0 also zeroes ``n_zero`` int32 at ``zero_ptr`` (the grouping's expert counters: one launch
-        fewer)."""
-        _gdc(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        if t == 0:
-            for z0 in range(0, n_zero, 1024):
-                zo = z0 + tl.arange(0, 1024)
-                tl.store(zero_ptr + zo, tl.zeros([1024], dtype=tl.int32), mask=zo < n_zero)
-        ids, v = _route_token(logits_ptr, bias_ptr, t, stride_l, E, scale, K, KP, METHOD, NG, EG, TOPK_GROUP,
-                              HAS_BIAS)
-        kr = tl.arange(0, KP)
-        tl.store(ids_ptr + t * K + kr, ids, mask=kr < K)
-        tl.store(w_ptr + t * K + kr, v, mask=kr < K)
-
-    @triton.jit
-    def _route_token(logits_ptr, bias_ptr, t, stride_l, E, scale, K: tl.constexpr, KP: tl.constexpr,
-                     METHOD: tl.constexpr, NG: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
-        """Token ``t``'s top-k ``(expert ids int64 [KP], weights fp32 [KP])``, entries past ``K`` unused.
-
-        METHOD 0 default (softmax, top-k), 1 renormalize (top-k, softmax), 2 deepseek_v3 (sigmoid + bias,
-        best ``TOPK_GROUP`` of ``NG`` groups by their top-2 sum, top-k, renormalize, scale), 3 llama4.
-        Experts are held as ``[NG, EG]`` (``EG`` a power of two >= E / NG; padding is masked).
-        """
-        gi = tl.arange(0, NG)
-        ji = tl.arange(0, EG)
-        EPG = E // NG
-        ok = (ji < EPG)[None, :] & (gi < NG)[:, None]
-        e_idx = gi[:, None] * EPG + ji[None, :]
-        logits = tl.load(logits_ptr + t * stride_l + e_idx, mask=ok, other=float("-inf")).to(tl.float32)
-        neg = float("-inf")
-        if METHOD == 0:
-            mx = tl.max(tl.max(logits, axis=1), axis=0)
-            ex = tl.where(ok, tl.exp(logits - mx), 0.0)
-            prob = ex / tl.sum(tl.sum(ex, axis=1), axis=0)
-            sel = tl.where(ok, prob, neg)
-        elif METHOD == 2:
-            sig = tl.sigmoid(logits)
-            sel = sig
-            if HAS_BIAS:
-                sel = sig + tl.load(bias_ptr + e_idx, mask=ok, other=0.0).to(tl.float32)
-            sel = tl.where(ok, sel, neg)
-            if NG > 1:
-                # group score: sum of the two best (or the one) biased scores of each group
-                m1 = tl.max(sel, axis=1)
-                first = tl.min(tl.where(sel == m1[:, None], ji[None, :], EG), axis=1)
-                if EPG > 1:
-                    m2 = tl.max(tl.where(ji[None, :] == first[:, None], neg, sel), axis=1)
-                    gscore = m1 + m2
-                else:
-                    gscore = m1
-                keep = tl.zeros([NG], dtype=tl.int1)
-                for _ in tl.static_range(TOPK_GROUP):
-                    gm = tl.max(tl.where(keep, neg, gscore), axis=0)
-                    gsel = tl.min(tl.where((gscore == gm) & (keep == 0), gi, NG), axis=0)
-                    keep = keep | (gi == gsel)
-                sel = tl.where(keep[:, None], sel, neg)
-        else:
-            sel = tl.where(ok, logits, neg)
-        # Top-k with one reduction per pick: each score becomes an int64 key, its fp32 bits mapped to an
-        # order-preserving integer above the expert's inverted index, so the max is the best score and,
-        # among equal scores, the lowest expert (the reference's tie rule).  Weights are gathered after.
-        bits = sel.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-        order = tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits | 0x80000000)
-        key = tl.where(ok, (order << 16) | (65535 - e_idx), -1)
-        kr = tl.arange(0, KP)
-        ids = tl.zeros([KP], dtype=tl.int64)
-        for j in tl.static_range(K):
-            best = tl.max(tl.max(key, axis=1), axis=0)
-            ids = tl.where(kr == j, 65535 - (best & 0xFFFF), ids)
-            key = tl.where(key == best, -1, key)
-        k_ok = kr < K
-        lg = tl.load(logits_ptr + t * stride_l + ids, mask=k_ok, other=0.0).to(tl.float32)
-        if METHOD == 0:
-            v = tl.exp(lg - mx) / tl.sum(tl.sum(ex, axis=1), axis=0)
-        elif METHOD == 1:
-            v = tl.where(k_ok, tl.exp(lg - tl.max(tl.where(k_ok, lg, neg), axis=0)), 0.0)
-            v = v / tl.sum(v, axis=0)
-        elif METHOD == 2:
-            v = tl.where(k_ok, tl.sigmoid(lg), 0.0)
-            v = v * (scale / tl.maximum(tl.sum(v, axis=0), 1e-20))
-        else:
-            v = tl.sigmoid(lg)
-        return ids, v
-
-    @triton.jit
-    def _pair_expert(pair, ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale, TOP_K: tl.constexpr,
-                     ROUTE: tl.constexpr, KP: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr,
-                     EG: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """The expert (int64) of a decode program's (token, expert) pair.  ROUTE: the program routes its
-        token itself (no routing launch before it) and the programs of the pair's first tile and split
-        write the pair's id and weight for the kernels after it; else the id the routing launch wrote."""
-        if ROUTE:
-            ids, v = _route_token(lg_ptr, bias_ptr, (pair // TOP_K).to(tl.int64), stride_l, E, rscale, TOP_K, KP,
-                                  METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
-            pick = tl.arange(0, KP) == pair % TOP_K
-            e = tl.sum(tl.where(pick, ids, 0), axis=0)
-            if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-                tl.store(ids_ptr + pair, e)
-                tl.store(tw_ptr + pair, tl.sum(tl.where(pick, v, 0.0), axis=0))
-            return e
-        else:
-            return tl.load(ids_ptr + pair).to(tl.int64)
 
     @triton.jit
     def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_pairs, max_rows, BLOCK: tl.constexpr,
@@ -672,24 +500,6 @@ if triton is not None:
         tl.store(y_ptrs, y, mask=valid[:, None] & n_ok[None, :])
 
     @triton.jit
-    def _act_kernel(part_ptr, out_ptr, num_pairs, I, GATED: tl.constexpr, ACT: tl.constexpr,
-                    SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        """Sum the split-K partials of GEMM1 and apply the activation: bf16 intermediate ``[pairs, I]``."""
-        _gdc(PDL)
-        pair = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < I
-        N1 = 2 * I if GATED else I
-        g = tl.zeros([BLOCK], dtype=tl.float32)
-        u = tl.zeros([BLOCK], dtype=tl.float32)
-        for sp in tl.static_range(SPLIT):
-            base = part_ptr + (sp * num_pairs + pair) * N1 + offs
-            g += tl.load(base, mask=ok, other=0.0)
-            if GATED:
-                u += tl.load(base + I, mask=ok, other=0.0)
-        tl.store(out_ptr + pair * I + offs, _activation(g, u, ACT).to(tl.bfloat16), mask=ok)
-
-    @triton.jit
     def _dot8(w, xa, xb, acc):
         """``acc + sum_i w_i * x_i * 2^-62``: unscaled codes (``e2m1 * 2^-126``) against activations
         times 2^64, so that products of the fp32-subnormal 0.5 stay normal numbers."""
@@ -877,75 +687,6 @@ if triton is not None:
         tl.store(out_ptr + t * stride_out + offs, acc.to(tl.bfloat16), mask=ok)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-_METHOD_CODES = {"default": 0, "renormalize": 1, "deepseek_v3": 2, "llama4": 3}
-
-
-class _RouteSpec(NamedTuple):
-    """What a Triton kernel needs to route: ``logits`` (unit stride over experts), ``bias`` (the logits when
-    there is none), the deepseek_v3 scaling factor and the kernel's routing constants."""
-    logits: torch.Tensor
-    bias: torch.Tensor
-    scale: float
-    consts: dict
-
-
-def _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group,
-                routed_scaling_factor) -> Optional[_RouteSpec]:
-    """The routing as :func:`_route_token` takes it, or None for what it does not take (the reference then
-    routes, and raises the errors)."""
-    experts = router_logits.shape[1]
-    groups = (n_group or 1) if routing == "deepseek_v3" else 1
-    keep = topk_group or groups
-    if (routing not in _METHOD_CODES or not 0 < top_k <= experts or experts % groups or not 0 < keep <= groups
-            or (routing == "llama4" and top_k != 1) or groups & (groups - 1) or top_k > 64 or experts > 65535):
-        return None
-    if router_logits.stride(1) != 1:
-        router_logits = router_logits.contiguous()
-    has_bias = routing == "deepseek_v3" and routing_bias is not None
-    scale = routed_scaling_factor if (routing == "deepseek_v3" and routed_scaling_factor is not None) else 1.0
-    consts = dict(KP=_next_pow2(top_k), METHOD=_METHOD_CODES[routing], NG=groups,
-                  EG=_next_pow2(experts // groups), TOPK_GROUP=keep, HAS_BIAS=has_bias)
-    return _RouteSpec(router_logits, routing_bias if has_bias else router_logits, float(scale), consts)
-
-
-def _route_args(spec: Optional[_RouteSpec], ids: torch.Tensor, weights: torch.Tensor) -> dict:
-    """Keyword arguments of a decode GEMM1 kernel that routes its pairs itself (``spec``), or that reads the
-    routing launch's ids (``spec`` None: the routing arguments are unused)."""
-    if spec is None:
-        return dict(lg_ptr=ids, bias_ptr=ids, tw_ptr=weights, stride_l=0, E=1, rscale=1.0)
-    return dict(lg_ptr=spec.logits, bias_ptr=spec.bias, tw_ptr=weights, stride_l=spec.logits.stride(0),
-                E=spec.logits.shape[1], rscale=spec.scale, ROUTE=True, **spec.consts)
-
-
-def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor,
-           zero: Optional[torch.Tensor] = None, pdl: bool = False):
-    """``(weights float32 [T, k], ids int64 [T, k])``: one Triton launch, same semantics as ``reference.route``.
-
-    ``zero`` (int32, optional) is zeroed on the way (the grouping's counters).
-    """
-    tokens, experts = router_logits.shape
-    spec = _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor)
-    if spec is None:
-        w, ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
-                       topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
-        if zero is not None:
-            zero.zero_()
-        return w.float().contiguous(), ids.contiguous()
-    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
-    ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
-    if tokens:
-        _route_kernel[(tokens,)](spec.logits, spec.bias, weights, ids, ids if zero is None else zero,
-                                 0 if zero is None else zero.numel(), spec.logits.stride(0), experts, spec.scale,
-                                 K=top_k, PDL=pdl, num_warps=1 if experts <= 256 else 4, launch_pdl=pdl,
-                                 **spec.consts)
-    elif zero is not None:
-        zero.zero_()
-    return weights, ids
-
-
 # Up to this many pairs (and 16-row blocks) the grouping is one program (``_group_kernel``): measured on the
 # H200 against the three launches, 2.4-4 us a call faster at 16-128 tokens on Qwen3 and Gemma-4 (Qwen3 16
 # tokens 107.3 -> 104.1 us, 64 tokens 156.8 -> 152.7); Nemotron-Nano and DeepSeek-V3 within their noise.
@@ -1047,7 +788,6 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     y = torch.empty(split, pairs, hidden, dtype=torch.float32, device=device)
 
     if cfg.tc:
-        from moe_passes.kernels.triton_tc_decode import decode_tc
         hidden_states = _word_aligned(hidden_states, (w13, w2))
         inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
         if cfg.bm == 1:
@@ -1107,7 +847,7 @@ def _word_aligned(hidden_states: torch.Tensor, weights) -> torch.Tensor:
 def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, flat_ids, topk_w, inter_buf, y,
                    pairs, hidden, inter, top_k, gated, activation, cfg, split, k_per_split, pdl=False, route=None):
     """Decode GEMMs with the packed-decode kernels: weights and activations are read as 8-byte words.
-    ``route``: a :class:`_RouteSpec`, GEMM1 then routes and fills ``flat_ids``/``topk_w``."""
+    ``route``: a ``triton_route._RouteSpec``, GEMM1 then routes and fills ``flat_ids``/``topk_w``."""
     device = hidden_states.device
     n1 = w13.shape[1]
     hidden_states = _word_aligned(hidden_states, (w13, w13_scale, w2, w2_scale))

@@ -47,21 +47,19 @@ from __future__ import annotations
 
 import torch
 
-from moe_passes.kernels import triton_moe as tm
-
-triton = tm.triton
-tl = tm.tl
+from moe_passes.kernels.triton_common import _ACT_CODES, tl, triton
+from moe_passes.kernels.triton_route import _route_args
 
 __all__ = ["decode_tc"]
 
 if triton is not None:
-    _gdc = tm._gdc
-    _activation = tm._activation
+    from moe_passes.kernels.triton_common import _act_kernel, _activation, _gdc, word_cut_asm
+    from moe_passes.kernels.triton_route import _pair_expert
 
     _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
     # Two MMAs for one weight word of rows g ($4) and g+8 ($5): scale pairs $6 / $7 (``_scales``),
     # activation words $8 (elements 0-3 of the word) and $9 (4-7), accumulators in $10-$13, out $0-$3.
-    _WORD_MMA_ASM = tl.constexpr("{" + tm.word_cut_asm("$4", "a") + tm.word_cut_asm("$5", "b") + f"""
+    _WORD_MMA_ASM = tl.constexpr("{" + word_cut_asm("$4", "a") + word_cut_asm("$5", "b") + f"""
     .reg .b32 z, x0, x1, x2, x3;
     .reg .f32 d0, d1, d2, d3;
     mov.b32 z, 0x80008000;
@@ -244,13 +242,13 @@ if triton is not None:
         """Decode GEMM1 (+ activation when not split): program = (pair or block, 16 * WARPS rows, K split).
 
         PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
-        ROUTE (per pair only): each program routes its token (``triton_moe._pair_expert``).
+        ROUTE (per pair only): each program routes its token (``triton_route._pair_expert``).
         """
         _gdc(PDL)
         if GROUPED:
             pair_expert = 0
         else:
-            pair_expert = tm._pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
+            pair_expert = _pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
                                           TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
         tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
         if e < 0:
@@ -396,7 +394,7 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
 
     ``sorted_ids``/``bexp`` None: one program per pair (``blocks == pairs``); else the 8-row expert blocks.
     ``vec1``/``vec2``: GEMM1's / GEMM2's 16-byte loads wherever the sizes and addresses allow them (``_vec_ok``).
-    ``route`` (per pair only): a ``triton_moe._RouteSpec``; GEMM1 then routes and fills ``flat_ids``/``topk_w``.
+    ``route`` (per pair only): a ``triton_route._RouteSpec``; GEMM1 then routes and fills ``flat_ids``/``topk_w``.
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     grouped = sorted_ids is not None
@@ -410,14 +408,14 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
                                                 device=hidden_states.device)
     _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 * warps1), split1)](
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
-        inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, **tm._route_args(route, flat_ids, topk_w),
+        inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, **_route_args(route, flat_ids, topk_w),
         H=hidden, I=inter,
-        TOP_K=top_k, GATED=gated, ACT=tm._ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
+        TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
         PF=pf1, VEC=vec1 and _vec_ok(hidden, w13, w13_scale),
         XVEC=vec1 and _rows_aligned(hidden_states), PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
     if not direct:
-        tm._act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
-                                                         ACT=tm._ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
+        _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
+                                                         ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
                                                          PDL=pdl, num_warps=4, launch_pdl=pdl)
     _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), y.shape[0])](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,

@@ -573,7 +573,7 @@ def test_subnormal_codes_are_not_flushed(variant):
 def test_routing_kernel_matches_reference(routing, experts, tokens):
     """The one-launch routing against ``reference.route``: same experts in the same order, same weights."""
     from moe_passes.kernels.reference import route
-    from moe_passes.kernels.triton_moe import _route
+    from moe_passes.kernels.triton_route import _route
 
     g = torch.Generator(device="cpu").manual_seed(experts + tokens)
     logits = torch.randn(tokens, experts, generator=g).cuda()
@@ -596,7 +596,7 @@ def test_routing_kernel_matches_reference(routing, experts, tokens):
 @pytest.mark.gpu
 @needs_gpu
 def test_routing_kernel_breaks_ties_by_lowest_expert():
-    from moe_passes.kernels.triton_moe import _route
+    from moe_passes.kernels.triton_route import _route
 
     logits = torch.zeros(3, 64, device="cuda")
     logits[1, 40:] = 1.0  # 24 tied best experts: the lowest four win

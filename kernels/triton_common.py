@@ -1,0 +1,102 @@
+"""What the Triton kernels of the Hopper path share (:mod:`triton_moe`, :mod:`triton_tc_decode`,
+:mod:`triton_route`): the optional Triton import, the programmatic-dependent-launch wait, the PTX that cuts
+an E2M1 word, the fused activations and the kernel that finishes a split GEMM1.
+
+Triton is imported behind a guard: on a CPU-only machine without it ``triton`` and ``tl`` are None and no
+kernel is defined.
+"""
+
+from __future__ import annotations
+
+try:  # Triton is optional: CPU-only installs do not have it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU CI
+    triton = None
+    tl = None
+try:  # programmatic dependent launch (Triton >= 3.4); without it the kernels just do not overlap
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+
+_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    def word_cut_asm(word: str, p: str) -> str:
+        """PTX that cuts one 32-bit word of the Triton layout (8 E2M1 codes, see ``triton_layout``) into four
+        packed bf16 pairs ``{p}0..{p}3`` (elements 2j, 2j+1) with shifts and masks: bf16 ``e2m1 * 2^-126``
+        patterns, zero and the subnormal 0.5 included.  Declares its registers ``{p}0..{p}3, {p}t``, so
+        call it inside a ``{ }`` scope, once per prefix."""
+        return f"""
+        .reg .b32 {p}0, {p}1, {p}2, {p}3, {p}t;
+        and.b32 {p}0, {word}, 0x81C081C0;
+        shl.b32 {p}1, {word}, 3;
+        and.b32 {p}1, {p}1, 0x81C081C0;
+        shl.b32 {p}2, {word}, 6;
+        and.b32 {p}2, {p}2, 0x81C081C0;
+        shl.b32 {p}t, {word}, 1;
+        and.b32 {p}t, {p}t, 0x80008000;
+        shr.u32 {p}3, {word}, 5;
+        and.b32 {p}3, {p}3, 0x01000100;
+        or.b32 {p}t, {p}t, {p}3;
+        shr.u32 {p}3, {word}, 4;
+        and.b32 {p}3, {p}3, 0x00C000C0;
+        or.b32 {p}3, {p}3, {p}t;
+        """
+
+    if gdc_wait is None:  # pragma: no cover - a Triton without the PDL intrinsics: the launches stay serial
+        @triton.jit
+        def gdc_wait():
+            pass
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
+    @triton.jit
+    def _gdc(PDL: tl.constexpr, LAUNCH: tl.constexpr = True):
+        """With PDL: wait until the previous kernel has finished and its writes are visible, then let the next
+        kernel's programs launch.  Every program passes here before its first write and before it reads
+        what the previous kernel wrote: its programs may start while that kernel still runs (and this
+        call's workspace may be memory the caching allocator took back from it)."""
+        if PDL:
+            gdc_wait()
+            if LAUNCH:
+                gdc_launch_dependents()
+
+    @triton.jit
+    def _activation(g, u, ACT: tl.constexpr):
+        if ACT == 0:  # SwiGLU
+            return g * tl.sigmoid(g) * u
+        elif ACT == 1:  # GeGLU, erf GELU
+            return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
+        elif ACT == 2:  # GeGLU, tanh GELU; tanh(z) = 2 sigmoid(2z) - 1
+            z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            return 0.5 * g * (2.0 * tl.sigmoid(2.0 * z)) * u
+        else:  # ReLU^2 (not gated; u unused)
+            r = tl.maximum(g, 0.0)
+            return r * r
+
+    @triton.jit
+    def _act_kernel(part_ptr, out_ptr, num_pairs, I, GATED: tl.constexpr, ACT: tl.constexpr,
+                    SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        """Sum the split-K partials of GEMM1 and apply the activation: bf16 intermediate ``[pairs, I]``."""
+        _gdc(PDL)
+        pair = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < I
+        N1 = 2 * I if GATED else I
+        g = tl.zeros([BLOCK], dtype=tl.float32)
+        u = tl.zeros([BLOCK], dtype=tl.float32)
+        for sp in tl.static_range(SPLIT):
+            base = part_ptr + (sp * num_pairs + pair) * N1 + offs
+            g += tl.load(base, mask=ok, other=0.0)
+            if GATED:
+                u += tl.load(base + I, mask=ok, other=0.0)
+        tl.store(out_ptr + pair * I + offs, _activation(g, u, ACT).to(tl.bfloat16), mask=ok)
