@@ -750,6 +750,10 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         raise MoEConfigError(f"w13 has {n1} rows, inconsistent with intermediate {inter} and activation {activation!r}")
     if hidden % 16 or inter % 16:
         raise MoEConfigError(f"hidden ({hidden}) and intermediate ({inter}) must be multiples of 16")
+    if (router_logits.shape != (tokens, experts) or not router_logits.is_floating_point()
+            or router_logits.device != hidden_states.device):
+        raise MoEConfigError(f"router_logits must be a float [{tokens}, {experts}] tensor on {hidden_states.device}, "
+                             f"got {router_logits.dtype} {tuple(router_logits.shape)} on {router_logits.device}")
     if hidden_states.stride(1) != 1:
         hidden_states = hidden_states.contiguous()
     device = hidden_states.device

@@ -392,7 +392,8 @@ def test_routing_fused_into_gemm1(routing, tokens, tc):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_out_argument_is_checked():
+def test_bad_out_and_logits_are_errors():
+    """A wrong ``out`` or ``router_logits`` is a MoEConfigError naming it, not a bad write or read."""
     from moe_passes.errors import MoEConfigError
     from moe_passes.kernels import triton_moe
 
@@ -404,6 +405,11 @@ def test_out_argument_is_checked():
                 torch.empty(256, 2, dtype=torch.bfloat16, device="cuda").t()):
         with pytest.raises(MoEConfigError, match="out must be a bf16"):
             triton_moe.fused_moe_triton(x, logits, weights, top_k=2, out=bad)
+    for bad in (logits[:1], torch.randn(2, 8, device="cuda"), torch.ones(2, 4, dtype=torch.int64, device="cuda"),
+                logits.cpu()):
+        with pytest.raises(MoEConfigError, match="router_logits must be"):
+            triton_moe.fused_moe_triton(x, bad, weights, top_k=2)
+    assert not triton_moe.fused_moe_triton(x, logits, weights, top_k=2).isnan().any()
 
 
 @pytest.mark.gpu
