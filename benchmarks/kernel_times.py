@@ -4,8 +4,10 @@
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \\
         python benchmarks/kernel_times.py 1,4,16 > kernels.csv
 
-Each shape and token count runs three eager calls on fresh inputs; only the third is profiled (the first
-compiles).  ncu serializes the kernels and flushes the caches before each, so its durations are longer than
+For where a kernel waits, name one shape and add sections, e.g. ``--section SpeedOfLight --section
+MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy ... kernel_times.py 16 --shapes
+qwen3-30b-a3b``.  Each shape and token count runs three eager calls on fresh inputs; only the third is
+profiled (the first compiles).  ncu serializes the kernels and flushes the caches before each, so its durations are longer than
 the same kernels' share of a captured, chained call: read them as a breakdown, not as the layer's time.
 """
 
