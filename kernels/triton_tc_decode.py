@@ -249,7 +249,7 @@ if triton is not None:
             pair_expert = 0
         else:
             pair_expert = _pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
-                                          TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
+                                       TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
         tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
         if e < 0:
             return
@@ -409,14 +409,13 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
     _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 * warps1), split1)](
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
         inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, **_route_args(route, flat_ids, topk_w),
-        H=hidden, I=inter,
-        TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
+        H=hidden, I=inter, TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
         PF=pf1, VEC=vec1 and _vec_ok(hidden, w13, w13_scale),
         XVEC=vec1 and _rows_aligned(hidden_states), PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
     if not direct:
         _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
-                                                         ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
-                                                         PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                                      ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
+                                                      PDL=pdl, num_warps=4, launch_pdl=pdl)
     _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), y.shape[0])](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
         k_per_split2 // 16,
