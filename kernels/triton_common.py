@@ -60,14 +60,20 @@ if triton is not None:
             pass
 
     @triton.jit
-    def _gdc(PDL: tl.constexpr, LAUNCH: tl.constexpr = True):
+    def _gdc(PDL: tl.constexpr, LAUNCH: tl.constexpr = True, LAUNCH_FIRST: tl.constexpr = False):
         """With PDL: wait until the previous kernel has finished and its writes are visible, then let the next
         kernel's programs launch.  Every program passes here before its first write and before it reads
         what the previous kernel wrote: its programs may start while that kernel still runs (and this
-        call's workspace may be memory the caching allocator took back from it)."""
+        call's workspace may be memory the caching allocator took back from it).
+
+        LAUNCH_FIRST lets the next kernel launch before the wait: only for a kernel whose successor reads,
+        before its own wait, nothing but what existed before this kernel's predecessor started (weights,
+        routing ids): that successor may then start while the predecessor still runs."""
         if PDL:
+            if LAUNCH_FIRST:
+                gdc_launch_dependents()
             gdc_wait()
-            if LAUNCH:
+            if LAUNCH and not LAUNCH_FIRST:
                 gdc_launch_dependents()
 
     @triton.jit
@@ -85,9 +91,11 @@ if triton is not None:
 
     @triton.jit
     def _act_kernel(part_ptr, out_ptr, num_pairs, I, GATED: tl.constexpr, ACT: tl.constexpr,
-                    SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        """Sum the split-K partials of GEMM1 and apply the activation: bf16 intermediate ``[pairs, I]``."""
-        _gdc(PDL)
+                    SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                    LAUNCH_FIRST: tl.constexpr = False):
+        """Sum the split-K partials of GEMM1 and apply the activation: bf16 intermediate ``[pairs, I]``.
+        LAUNCH_FIRST (see ``_gdc``): the GEMM2 after it loads weights before its wait."""
+        _gdc(PDL, LAUNCH_FIRST=LAUNCH_FIRST)
         pair = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < I

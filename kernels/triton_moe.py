@@ -97,6 +97,10 @@ class TileConfig:
     vec2: bool = False
     # one program per pair (``bm == 1``): GEMM1's programs route their own tokens, no routing launch
     fused_route: bool = False
+    # decode paths (with PDL): GEMM2 loads its first K step's weights (tensor-core decode without prefetch:
+    # its first ``early2`` chunks') before waiting on GEMM1, and a split GEMM1's activation kernel lets it
+    # launch before its own wait; 0: off
+    early2: int = 0
 
 
 def triton_available(device=None) -> bool:
@@ -133,16 +137,18 @@ def _tc_split(blocks: int, rows: int, k: int, target: int) -> int:
     return split
 
 
-def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int, vec1: bool) -> TileConfig:
+def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int, vec1: bool,
+               early2: bool = True) -> TileConfig:
     """The tensor-core decode (:mod:`triton_tc_decode`): one warp per 16-row tile.  The register prefetch
     helps the grouped blocks (H200, 32 tokens: Qwen3 154 -> 143 us, the others 1-5%) and not the per-pair
     programs (Nemotron-Nano 4 tokens 59 -> 67 us and DeepSeek-V3 1 token 90 -> 96 us with it; Qwen3 and
     Gemma-4 1-4% faster).  GEMM2 always takes the 16-byte loads (H200, 4-64 tokens: equal or 1-2% faster);
-    GEMM1 as the caller measured."""
+    GEMM1 as the caller measured.  GEMM2 loads its first chunk of weights before its PDL wait (``early2``) where
+    the caller says so."""
     return TileConfig(bm=8 if grouped else 1, bn1=16, bk1=0, warps1=1, stages1=1, bn2=16, bk2=0, warps2=1,
                       stages2=1, split1=_tc_split(blocks, inter, hidden, target),
                       split2=_tc_split(blocks, hidden, inter, target), tc=True, prefetch=grouped, vec1=vec1,
-                      vec2=True)
+                      vec2=True, early2=int(early2))
 
 
 def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, gated: bool,
@@ -163,6 +169,13 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # 16-byte loads (H200, both GEMMs against neither): 32 and 64 tokens 3-9% faster on Nemotron-Nano, Qwen3
         # and Gemma-4 (Gemma-4 64 tokens 202 -> 187 us; DeepSeek-V3 within noise) and ungated Nemotron-Nano at
         # 16 tokens 146 -> 134 us; but in gated GEMM1s at 16 tokens 4-10% slower (Qwen3 103 -> 113 us).
+        # GEMM2's first chunk of weights loaded before its PDL wait (``early2``), on both tensor-core decodes
+        # (H200, three sessions of two rounds against without it): Qwen3 4 tokens 40.3/40.4, 40.9/41.0,
+        # 41.3/41.0 -> 39.0/39.3, 39.7/40.6, 39.6/40.4 us; Gemma-4 4 tokens 51.1/51.0, 53.2/53.2, 52.9/53.1 ->
+        # 49.0/49.4, 50.7/51.1, 51.5/51.0; Qwen3 16 tokens 1.5-3% faster, 32-64 tokens 0-2%; Nemotron-Nano
+        # within its noise.  Two chunks were slower (4 tokens: Qwen3 42.4/41.8, Nemotron-Nano 63.8/63.5 against
+        # 58.2/58.9), and at 2 tokens Gemma-4 was 2-4% slower with it.  The packed decode is slower with it
+        # (Qwen3 1 token 17.3/17.0 -> 18.2/18.1 us, DeepSeek-V3 4 tokens 284 -> 295), so it keeps its plain wait.
         return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count,
                           vec1=tokens >= 32 or not gated)
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
@@ -173,7 +186,8 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
             # on three of the four layers, so those keep the packed decode.
             # 16-byte loads in GEMM1 at 4 tokens: Nemotron-Nano 60.8 -> 58.3 us, gated layers mixed (Qwen3 3%
             # faster, Gemma-4 6% slower), so only ungated.
-            return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=not gated)
+            return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=not gated,
+                              early2=tokens > 2)
         # Decode: one program per (token, expert) pair, CUDA-core dot products with the packed E2M1 decode.
         # Measured on the H200 (Nemotron-Nano, Qwen3, Gemma-4, DeepSeek-V3 at 1, 4 and 16 tokens): one warp
         # per program, 8 GEMM1 rows per program (4 gate + 4 up when gated; 8 rows for ReLU^2: Nemotron-Nano
@@ -534,15 +548,14 @@ if triton is not None:
         return acc + part * s
 
     @triton.jit
-    def _qload(w_ptrs, s_ptrs, x_ptrs, g0, g_end, col, n_ok, UW, GATED: tl.constexpr, NC: tl.constexpr):
-        """One K step of the packed-decode kernels: thread ``c`` reads groups ``g0 + c`` and ``g0 + NC + c`` of
-        every row (and of the up rows), so one warp load is 256 contiguous bytes of a row.  Measured on the
-        H200 against two adjacent groups per thread (half of each 32-byte sector per load): 1 token 1-4%
-        faster on all four benchmark layers (Qwen3 18.3 -> 17.6 us)."""
-        ok0 = (g0 + col < g_end)[:, None]
-        ok1 = (g0 + col + NC < g_end)[:, None]
-        m0 = n_ok & ok0
-        m1 = n_ok & ok1
+    def _qload_w(w_ptrs, s_ptrs, g0, g_end, col, n_ok, UW, GATED: tl.constexpr, NC: tl.constexpr):
+        """The weight words and scale bytes of one K step of the packed-decode kernels: thread ``c`` reads
+        groups ``g0 + c`` and ``g0 + NC + c`` of every row (and of the up rows), so one warp load is 256
+        contiguous bytes of a row.  Measured on the H200 against two adjacent groups per thread (half of
+        each 32-byte sector per load): 1 token 1-4% faster on all four benchmark layers (Qwen3 18.3 -> 17.6
+        us)."""
+        m0 = n_ok & (g0 + col < g_end)[:, None]
+        m1 = n_ok & (g0 + col + NC < g_end)[:, None]
         wg0 = tl.load(w_ptrs + g0, mask=m0, other=0)
         wg1 = tl.load(w_ptrs + (g0 + NC), mask=m1, other=0)
         sg0 = tl.load(s_ptrs + g0, mask=m0, other=0)
@@ -557,6 +570,13 @@ if triton is not None:
             wu1 = wg1
             su0 = sg0
             su1 = sg1
+        return wg0, wg1, sg0, sg1, wu0, wu1, su0, su1
+
+    @triton.jit
+    def _qload_x(x_ptrs, g0, g_end, col, NC: tl.constexpr):
+        """The activation words (4 bf16 each) of the same K step, shared by all rows of the tile."""
+        ok0 = (g0 + col < g_end)[:, None]
+        ok1 = (g0 + col + NC < g_end)[:, None]
         xp = x_ptrs + 4 * g0
         x0 = tl.load(xp, mask=ok0, other=0)
         x1 = tl.load(xp + 1, mask=ok0, other=0)
@@ -566,6 +586,13 @@ if triton is not None:
         x5 = tl.load(xp + 4 * NC + 1, mask=ok1, other=0)
         x6 = tl.load(xp + 4 * NC + 2, mask=ok1, other=0)
         x7 = tl.load(xp + 4 * NC + 3, mask=ok1, other=0)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+
+    @triton.jit
+    def _qload(w_ptrs, s_ptrs, x_ptrs, g0, g_end, col, n_ok, UW, GATED: tl.constexpr, NC: tl.constexpr):
+        """Everything one K step of the packed-decode kernels reads (:func:`_qload_w`, :func:`_qload_x`)."""
+        wg0, wg1, sg0, sg1, wu0, wu1, su0, su1 = _qload_w(w_ptrs, s_ptrs, g0, g_end, col, n_ok, UW, GATED, NC)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _qload_x(x_ptrs, g0, g_end, col, NC)
         return wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
@@ -649,13 +676,28 @@ if triton is not None:
 
     @triton.jit
     def _qgemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, tw_ptr, y_ptr, num_pairs, H, I, k_per_split,
-                       BN: tl.constexpr, NC: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
-        """Decode GEMM2, packed decode: one program per (pair, BN hidden rows, K split); routing weight applied."""
-        _gdc(PDL)
+                       lg_ptr, bias_ptr, stride_l, E, rscale,
+                       BN: tl.constexpr, NC: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False,
+                       EARLY: tl.constexpr = False, TOP_K: tl.constexpr = 1, ROUTE: tl.constexpr = False,
+                       KP: tl.constexpr = 1, METHOD: tl.constexpr = 0, NG: tl.constexpr = 1, EG: tl.constexpr = 1,
+                       TOPK_GROUP: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False):
+        """Decode GEMM2, packed decode: one program per (pair, BN hidden rows, K split); routing weight applied.
+
+        EARLY: the first K step's weight words and scales are loaded before the PDL wait, so that they
+        arrive while GEMM1 drains.  The pair's expert is then read before the wait too: from the routing
+        launch's ids (that launch finished before GEMM1's programs passed their waits, which is before this
+        kernel can launch) or, with ROUTE (GEMM1 routed and is still writing the ids), routed again here
+        from the logits (:func:`_pair_expert` without its stores; bit-identical to GEMM1's).
+        """
         pair = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
-        e64 = tl.load(ids_ptr + pair).to(tl.int64)
+        if EARLY:
+            e64 = _pair_expert(pair, ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale, TOP_K, ROUTE, KP, METHOD,
+                               NG, EG, TOPK_GROUP, HAS_BIAS, STORE=False)
+        else:
+            _gdc(PDL)
+            e64 = tl.load(ids_ptr + pair).to(tl.int64)
         KG = I // 16
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_ok = (offs_n < H)[None, :]
@@ -668,6 +710,13 @@ if triton is not None:
         g_begin = k_begin // 16
         g_end = tl.minimum(k_begin + k_per_split, I) // 16
         acc = tl.zeros([NC, BN], dtype=tl.float32)
+        if EARLY:
+            w0, w1, s0, s1, _, _, _, _ = _qload_w(w_ptrs, s_ptrs, g_begin, g_end, col, n_ok, 0, False, NC)
+            _gdc(PDL)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _qload_x(a_ptrs, g_begin, g_end, col, NC)
+            acc = _dot16(w0, s0, x0, x1, x2, x3, acc)
+            acc = _dot16(w1, s1, x4, x5, x6, x7, acc)
+            g_begin += 2 * NC
         acc, _ = _qsteps(w_ptrs, s_ptrs, a_ptrs, g_begin, g_end, col, n_ok, 0, acc, acc, False, NC, PREFETCH)
         scale = tl.load(tw_ptr + pair) * 1180591620717411303424.0 / tl.load(gs_ptr + e64)  # 2^70: see _dot16
         y = tl.sum(acc, axis=0) * scale
@@ -803,7 +852,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, blocks=blocks, sorted_ids=sorted_ids,
                   bexp=bexp, pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, activation=activation,
                   warps1=cfg.warps1, warps2=cfg.warps2, split1=cfg.split1, k_per_split2=k_per_split,
-                  pf1=cfg.prefetch, pf2=cfg.prefetch, pdl=pdl, vec1=cfg.vec1, vec2=cfg.vec2, route=rspec)
+                  pf1=cfg.prefetch, pf2=cfg.prefetch, pdl=pdl, vec1=cfg.vec1, vec2=cfg.vec2, route=rspec,
+                  early2=cfg.early2)
     elif cfg.bm == 1:
         # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
         # run together, so pairs that share an expert read its weights from L2.
@@ -864,14 +914,18 @@ def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, f
         hidden, inter, hidden_states.stride(0) // 4, k_per_split1, **_route_args(route, flat_ids, topk_w),
         TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], BN=cfg.bn1, NC=32 * cfg.warps1, SPLIT=split1,
         PREFETCH=cfg.prefetch, PDL=pdl, num_warps=cfg.warps1, num_stages=1, launch_pdl=pdl)
+    early = bool(cfg.early2) and pdl
     if split1 > 1:
         _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
                                                       ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
-                                                      PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                                      PDL=pdl, LAUNCH_FIRST=early, num_warps=4, launch_pdl=pdl)
+    # before its wait an early GEMM2 routes again where GEMM1 routed (GEMM1 may still be writing the ids)
+    rargs = _route_args(route if early else None, flat_ids, topk_w)
+    del rargs["tw_ptr"]
     _qgemv2_kernel[(pairs, triton.cdiv(hidden, cfg.bn2), split)](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, topk_w, y, pairs, hidden, inter, k_per_split,
-        BN=cfg.bn2, NC=32 * cfg.warps2, PREFETCH=cfg.prefetch, PDL=pdl, num_warps=cfg.warps2, num_stages=1,
-        launch_pdl=pdl)
+        **rargs, BN=cfg.bn2, NC=32 * cfg.warps2, PREFETCH=cfg.prefetch, PDL=pdl, EARLY=early, TOP_K=top_k,
+        num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)
 
 
 def prepare_weights(weights: registry.MoEWeights) -> registry.MoEWeights:

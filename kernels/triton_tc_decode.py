@@ -209,11 +209,11 @@ if triton is not None:
         tid = _thread_ids(tl.arange(0, 32 * WARPS))
         g = (tid & 31) >> 2
         c = tid & 3
-        if GROUPED:
-            e = tl.load(bexp_ptr + blk)
-            pb = tl.load(sorted_ptr + blk * 8 + g)
-            p0 = tl.load(sorted_ptr + blk * 8 + 2 * c)
-            p1 = tl.load(sorted_ptr + blk * 8 + 2 * c + 1)
+        if GROUPED:  # .cg: an early GEMM2 reads these before its PDL wait
+            e = tl.load(bexp_ptr + blk, cache_modifier=".cg")
+            pb = tl.load(sorted_ptr + blk * 8 + g, cache_modifier=".cg")
+            p0 = tl.load(sorted_ptr + blk * 8 + 2 * c, cache_modifier=".cg")
+            p1 = tl.load(sorted_ptr + blk * 8 + 2 * c + 1, cache_modifier=".cg")
         else:
             e = pair_expert.to(tl.int32)
             pb = tl.where(g == 0, blk, num_pairs)
@@ -321,13 +321,28 @@ if triton is not None:
 
     @triton.jit
     def _tgemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
-                       num_pairs, groups_per_split, H: tl.constexpr, I: tl.constexpr,
+                       num_pairs, groups_per_split, lg_ptr, bias_ptr, stride_l, E, rscale,
+                       H: tl.constexpr, I: tl.constexpr,
                        GROUPED: tl.constexpr, WARPS: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
-                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False):
+                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = 0,
+                       TOP_K: tl.constexpr = 1, ROUTE: tl.constexpr = False, KP: tl.constexpr = 1,
+                       METHOD: tl.constexpr = 0, NG: tl.constexpr = 1, EG: tl.constexpr = 1,
+                       TOPK_GROUP: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False):
         """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
-        fp32 rows ``y[split, pair]`` for the combine."""
-        _gdc(PDL)
-        pair_expert = 0 if GROUPED else tl.load(ids_ptr + tl.program_id(0))
+        fp32 rows ``y[split, pair]`` for the combine.
+
+        EARLY: the expert, the rows and the first chunk's weights (without PF, the first ``EARLY`` chunks') are
+        read before the PDL wait, as in
+        ``triton_moe._qgemv2_kernel`` (the grouping's block map and the routing launch's ids finished before
+        GEMM1's programs passed their waits; ROUTE routes again where GEMM1 routed)."""
+        if EARLY:
+            pair_expert = 0
+            if not GROUPED:
+                pair_expert = _pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
+                                           TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS, STORE=False)
+        else:
+            _gdc(PDL)
+            pair_expert = 0 if GROUPED else tl.load(ids_ptr + tl.program_id(0))
         tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
         if e < 0:
             return
@@ -341,10 +356,25 @@ if triton is not None:
         g_end = tl.minimum(g_begin + groups_per_split, KG)
         zero = tl.zeros([32 * WARPS], dtype=tl.float32)
         a0, a1, a2, a3 = zero, zero, zero, zero
+        g_loop = g_begin
         if PF:
             wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED, VEC)
+            if EARLY:
+                _gdc(PDL)
             xs = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
-        for g0 in range(g_begin, g_end, 8):
+        elif EARLY:
+            cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED, VEC)
+            if EARLY > 1:  # the second chunk too (nothing past the split's end: its products are zeros)
+                cw2 = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin + 8, c, KG, g_begin + 8 < g_end,
+                             GROUPED, VEC)
+            _gdc(PDL)
+            cx = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
+            a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
+            if EARLY > 1:
+                cx = _xload(ap, g_begin + 8, c, g_end, okb, GROUPED, VEC, XVEC)
+                a0, a1, a2, a3 = _chunk_mma(*cw2, *cx, a0, a1, a2, a3)
+            g_loop = g_begin + 8 * EARLY
+        for g0 in range(g_loop, g_end, 8):
             if PF:
                 cw, cx = wc, xs
                 wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, g0 + 8 < g_end, GROUPED, VEC)
@@ -388,13 +418,14 @@ def _groups_per_split(k: int, split: int):
 
 def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks, sorted_ids, bexp, pairs, hidden,
               inter, top_k, gated, activation, warps1, warps2, split1, k_per_split2, pf1=False, pf2=False, pdl=False,
-              vec1=False, vec2=False, route=None):
+              vec1=False, vec2=False, route=None, early2=0):
     """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
     K split in steps of ``k_per_split2`` (a multiple of 128) elements.
 
     ``sorted_ids``/``bexp`` None: one program per pair (``blocks == pairs``); else the 8-row expert blocks.
     ``vec1``/``vec2``: GEMM1's / GEMM2's 16-byte loads wherever the sizes and addresses allow them (``_vec_ok``).
     ``route`` (per pair only): a ``triton_route._RouteSpec``; GEMM1 then routes and fills ``flat_ids``/``topk_w``.
+    ``early2`` (with ``pdl``): GEMM2 reads its first chunk(s) of weights before waiting on GEMM1 (``_tgemv2_kernel``).
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     grouped = sorted_ids is not None
@@ -412,12 +443,16 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
         H=hidden, I=inter, TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
         PF=pf1, VEC=vec1 and _vec_ok(hidden, w13, w13_scale),
         XVEC=vec1 and _rows_aligned(hidden_states), PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
+    early = early2 if pdl else 0
     if not direct:
         _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
                                                       ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
-                                                      PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                                      PDL=pdl, LAUNCH_FIRST=early > 0, num_warps=4, launch_pdl=pdl)
+    rargs = _route_args(route if early else None, flat_ids, topk_w)
+    del rargs["tw_ptr"]
     _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), y.shape[0])](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
-        k_per_split2 // 16,
+        k_per_split2 // 16, **rargs,
         H=hidden, I=inter, GROUPED=grouped, WARPS=warps2, PF=pf2, VEC=vec2 and _vec_ok(inter, w2, w2_scale),
-        XVEC=vec2 and _rows_aligned(inter_buf), PDL=pdl, num_warps=warps2, num_stages=1, launch_pdl=pdl)
+        XVEC=vec2 and _rows_aligned(inter_buf), PDL=pdl, EARLY=early, TOP_K=top_k, num_warps=warps2, num_stages=1,
+        launch_pdl=pdl)

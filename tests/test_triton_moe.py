@@ -74,6 +74,9 @@ def test_select_config_regimes():
     assert vec == {("qwen3", 4): (False, True), ("qwen3", 16): (False, True), ("qwen3", 32): (True, True),
                    ("nemotron", 4): (True, True), ("nemotron", 16): (True, True), ("nemotron", 32): (True, True)}
     assert not select_config(1, **qwen3).vec1 and not select_config(128, **qwen3).vec2  # not the tc decode
+    # GEMM2 loads its first chunk before its PDL wait on the tensor-core decode from 3 tokens (measured)
+    assert [select_config(t, **qwen3).early2 for t in (1, 2, 3, 4, 16, 64, 128)] == [0, 0, 1, 1, 1, 1, 0]
+    assert select_config(4, **deepseek).early2 == 0  # the packed decode: measured slower with it
     # GEMM1 routes (no routing launch) at 1 token up to hidden 4096: measured faster only there
     assert [select_config(t, **qwen3).fused_route for t in (1, 2, 4, 16, 128)] == [True, False, False, False, False]
     assert select_config(1, **nemotron).fused_route and not select_config(1, **deepseek).fused_route
@@ -388,6 +391,82 @@ def test_routing_fused_into_gemm1(routing, tokens, tc):
                               quantize_activations=False, **kw)
     rel = ((outs[0].float() - ref.float()).norm() / ref.float().norm()).item()
     assert rel < 1e-2, rel
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("routing", ["renormalize", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["packed_route", "packed_split", "tc_pair_split", "tc_pair_route", "tc_group",
+                                     "tc_group_prefetch"])
+def test_gemm2_early_weight_loads(variant, routing, monkeypatch):
+    """``TileConfig.early2``: GEMM2 reads its expert and first K step(s) of weights before its PDL wait (after
+    a split GEMM1 the activation kernel releases it before its own wait; after a GEMM1 that routed, GEMM2
+    routes again).  In a CUDA graph of back-to-back calls, each on its own inputs, every output must be
+    bit-identical to the same configs without it (the same sums in the same order), match the reference,
+    and leave no poisoned element.  Odd group counts (1040 = 65 groups, 208 = 13) and a GEMM2 K split, so
+    early loads start inside a row and end in a partial step."""
+    import dataclasses
+
+    from moe_passes.kernels import triton_moe
+
+    if not triton_moe._use_pdl("cuda"):
+        pytest.skip("needs compute capability >= 9.0 and Triton's PDL intrinsics")
+    device = torch.device("cuda")
+    hidden, inter, experts, calls = 1040, 208, 16, 5
+    tokens, cfg = {
+        "packed_route": (1, triton_moe.TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, split2=2, fused_route=True,
+                                                  **_QDEC)),
+        "packed_split": (3, triton_moe.TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, split1=2, **_QDEC)),
+        "tc_pair_split": (5, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=2, split2=1,
+                                                   **_QDEC)),
+        "tc_pair_route": (5, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split2=2,
+                                                   fused_route=True, **_QDEC)),
+        "tc_group": (24, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split2=2,
+                                               **dict(_QDEC, bm=8))),
+        "tc_group_prefetch": (24, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, prefetch=True,
+                                                        **dict(_QDEC, bm=8))),
+    }[variant]
+    weights = _make_layer(hidden, inter, experts, "silu", device, seed=41)
+    kernel_weights = triton_moe.prepare_weights(weights)
+    g = torch.Generator(device="cpu").manual_seed(43 + tokens)
+    kw, bias = _routing_kwargs(routing, experts, device, g)
+    xs = [(torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16) for _ in range(calls)]
+    ls = [torch.randn(tokens, experts, generator=g).to(device) for _ in range(calls)]
+
+    def run_graph(early):
+        c = dataclasses.replace(cfg, early2=early)
+        outs = [torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device) for _ in range(calls)]
+
+        def layer():
+            for x, lg, o in zip(xs, ls, outs):
+                triton_moe.fused_moe_triton(x, lg, kernel_weights, activation="silu", routing=routing,
+                                            routing_bias=bias, out=o, config=c, **kw)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layer()
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        return [o.clone() for o in outs]
+
+    plain = run_graph(0)
+    for level in (1, 2) if cfg.tc and not cfg.prefetch else (1,):  # two chunks: the tensor-core decode only
+        early = run_graph(level)
+        for e, p in zip(early, plain):
+            assert not e.isnan().any()
+            assert torch.equal(e, p)
+        for i in (0, calls - 1):
+            ref = fused_moe_reference(xs[i], ls[i], *weights, activation="silu", routing=routing, routing_bias=bias,
+                                      quantize_activations=False, **kw)
+            rel = ((early[i].float() - ref.float()).norm() / ref.float().norm()).item()
+            assert rel < 1e-2, rel
 
 
 @pytest.mark.gpu
