@@ -694,7 +694,7 @@ if triton is not None:
         pid_s = tl.program_id(2)
         if EARLY:
             e64 = _pair_expert(pair, ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale, TOP_K, ROUTE, KP, METHOD,
-                               NG, EG, TOPK_GROUP, HAS_BIAS, STORE=False)
+                               NG, EG, TOPK_GROUP, HAS_BIAS, EARLY=True)
         else:
             _gdc(PDL)
             e64 = tl.load(ids_ptr + pair).to(tl.int64)

@@ -29,7 +29,7 @@ if triton is not None:
                 zo = z0 + tl.arange(0, 1024)
                 tl.store(zero_ptr + zo, tl.zeros([1024], dtype=tl.int32), mask=zo < n_zero)
         ids, v = _route_token(logits_ptr, bias_ptr, t, stride_l, E, scale, K, KP, METHOD, NG, EG, TOPK_GROUP,
-                              HAS_BIAS)
+                              HAS_BIAS, "")
         kr = tl.arange(0, KP)
         tl.store(ids_ptr + t * K + kr, ids, mask=kr < K)
         tl.store(w_ptr + t * K + kr, v, mask=kr < K)
@@ -37,8 +37,9 @@ if triton is not None:
     @triton.jit
     def _route_token(logits_ptr, bias_ptr, t, stride_l, E, scale, K: tl.constexpr, KP: tl.constexpr,
                      METHOD: tl.constexpr, NG: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, CACHE: tl.constexpr):
         """Token ``t``'s top-k ``(expert ids int64 [KP], weights fp32 [KP])``, entries past ``K`` unused.
+        ``CACHE``: the logits loads' cache modifier.
 
         METHOD 0 default (softmax, top-k), 1 renormalize (top-k, softmax), 2 deepseek_v3 (sigmoid + bias,
         best ``TOPK_GROUP`` of ``NG`` groups by their top-2 sum, top-k, renormalize, scale), 3 llama4.
@@ -50,7 +51,7 @@ if triton is not None:
         ok = (ji < EPG)[None, :] & (gi < NG)[:, None]
         e_idx = gi[:, None] * EPG + ji[None, :]
         logits = tl.load(logits_ptr + t * stride_l + e_idx, mask=ok, other=float("-inf"),
-                         cache_modifier=".cg").to(tl.float32)
+                         cache_modifier=CACHE).to(tl.float32)
         neg = float("-inf")
         if METHOD == 0:
             mx = tl.max(tl.max(logits, axis=1), axis=0)
@@ -93,7 +94,7 @@ if triton is not None:
             ids = tl.where(kr == j, 65535 - (best & 0xFFFF), ids)
             key = tl.where(key == best, -1, key)
         k_ok = kr < K
-        lg = tl.load(logits_ptr + t * stride_l + ids, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        lg = tl.load(logits_ptr + t * stride_l + ids, mask=k_ok, other=0.0, cache_modifier=CACHE).to(tl.float32)
         if METHOD == 0:
             v = tl.exp(lg - mx) / tl.sum(tl.sum(ex, axis=1), axis=0)
         elif METHOD == 1:
@@ -109,23 +110,28 @@ if triton is not None:
     @triton.jit
     def _pair_expert(pair, ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale, TOP_K: tl.constexpr,
                      ROUTE: tl.constexpr, KP: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr,
-                     EG: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, STORE: tl.constexpr = True):
+                     EG: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EARLY: tl.constexpr = False):
         """The expert (int64) of a decode program's (token, expert) pair.  ROUTE: the program routes its
-        token itself (no routing launch before it) and, with STORE, the programs of the pair's first tile
-        and split write the pair's id and weight for the kernels after it; else the id the routing launch
-        wrote.  Loads bypass L1 (``.cg``): a GEMM2 calls this before its PDL wait (see ``_qgemv2_kernel``)."""
+        token itself (no routing launch before it) and the programs of the pair's first tile and split
+        write the pair's id and weight for the kernels after it; else the id the routing launch wrote.
+
+        EARLY: called before the program's PDL wait (a GEMM2 that loads weights early, see
+        ``triton_moe._qgemv2_kernel``): nothing is stored and every load bypasses L1 (``.cg``), so that no
+        line an earlier kernel left in this SM's L1 can be read."""
         if ROUTE:
             ids, v = _route_token(lg_ptr, bias_ptr, (pair // TOP_K).to(tl.int64), stride_l, E, rscale, TOP_K, KP,
-                                  METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
+                                  METHOD, NG, EG, TOPK_GROUP, HAS_BIAS, ".cg" if EARLY else "")
             pick = tl.arange(0, KP) == pair % TOP_K
             e = tl.sum(tl.where(pick, ids, 0), axis=0)
-            if STORE:
+            if not EARLY:
                 if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
                     tl.store(ids_ptr + pair, e)
                     tl.store(tw_ptr + pair, tl.sum(tl.where(pick, v, 0.0), axis=0))
             return e
-        else:
+        elif EARLY:
             return tl.load(ids_ptr + pair, cache_modifier=".cg").to(tl.int64)
+        else:
+            return tl.load(ids_ptr + pair).to(tl.int64)
 
 
 _METHOD_CODES = {"default": 0, "renormalize": 1, "deepseek_v3": 2, "llama4": 3}

@@ -339,7 +339,7 @@ if triton is not None:
             pair_expert = 0
             if not GROUPED:
                 pair_expert = _pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
-                                           TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS, STORE=False)
+                                           TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS, EARLY=True)
         else:
             _gdc(PDL)
             pair_expert = 0 if GROUPED else tl.load(ids_ptr + tl.program_id(0))
