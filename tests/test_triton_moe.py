@@ -291,6 +291,30 @@ def test_tile_variants(variant, activation):
         assert torch.equal(again, out)
 
 
+def _graph_of_calls(xs, logits, hidden, call):
+    """``call(x, logits, out)`` for every input, back to back in one CUDA graph (warmed up on a side stream
+    first), replayed once into NaN-poisoned bf16 outputs ``[tokens, hidden]``; returns copies of them."""
+    outs = [torch.empty(x.shape[0], hidden, dtype=torch.bfloat16, device=x.device) for x in xs]
+
+    def layer():
+        for x, lg, o in zip(xs, logits, outs):
+            call(x, lg, o)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        layer()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer()
+    for o in outs:
+        o.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    return [o.clone() for o in outs]
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("tokens", [1, 6, 64, 100, 300])
@@ -319,26 +343,8 @@ def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
 
     def run_graph(pdl):
         monkeypatch.setattr(triton_moe, "PDL", pdl)
-        outs = [torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device) for _ in range(calls)]
-
-        def layer():
-            for x, lg, o in zip(xs, ls, outs):
-                triton_moe.fused_moe_triton(x, lg, kernel_weights, activation="silu", routing=routing,
-                                            routing_bias=bias, out=o, **kwargs)
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            layer()
-        for o in outs:
-            o.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        return [o.clone() for o in outs]
+        return _graph_of_calls(xs, ls, hidden, lambda x, lg, o: triton_moe.fused_moe_triton(
+            x, lg, kernel_weights, activation="silu", routing=routing, routing_bias=bias, out=o, **kwargs))
 
     chained = run_graph(True)
     serial = run_graph(False)
@@ -398,7 +404,7 @@ def test_routing_fused_into_gemm1(routing, tokens, tc):
 @pytest.mark.parametrize("routing", ["renormalize", "deepseek_v3"])
 @pytest.mark.parametrize("variant", ["packed_route", "packed_split", "tc_pair_split", "tc_pair_route", "tc_group",
                                      "tc_group_prefetch"])
-def test_gemm2_early_weight_loads(variant, routing, monkeypatch):
+def test_gemm2_early_weight_loads(variant, routing):
     """``TileConfig.early2``: GEMM2 reads its expert and first K step(s) of weights before its PDL wait (after
     a split GEMM1 the activation kernel releases it before its own wait; after a GEMM1 that routed, GEMM2
     routes again).  In a CUDA graph of back-to-back calls, each on its own inputs, every output must be
@@ -435,26 +441,8 @@ def test_gemm2_early_weight_loads(variant, routing, monkeypatch):
 
     def run_graph(early):
         c = dataclasses.replace(cfg, early2=early)
-        outs = [torch.empty(tokens, hidden, dtype=torch.bfloat16, device=device) for _ in range(calls)]
-
-        def layer():
-            for x, lg, o in zip(xs, ls, outs):
-                triton_moe.fused_moe_triton(x, lg, kernel_weights, activation="silu", routing=routing,
-                                            routing_bias=bias, out=o, config=c, **kw)
-
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            layer()
-        for o in outs:
-            o.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        return [o.clone() for o in outs]
+        return _graph_of_calls(xs, ls, hidden, lambda x, lg, o: triton_moe.fused_moe_triton(
+            x, lg, kernel_weights, activation="silu", routing=routing, routing_bias=bias, out=o, config=c, **kw))
 
     plain = run_graph(0)
     for level in (1, 2) if cfg.tc and not cfg.prefetch else (1,):  # two chunks: the tensor-core decode only
