@@ -67,8 +67,9 @@ if triton is not None:
         call's workspace may be memory the caching allocator took back from it).
 
         LAUNCH_FIRST lets the next kernel launch before the wait: only for a kernel whose successor reads,
-        before its own wait, nothing but what existed before this kernel's predecessor started (weights,
-        routing ids): that successor may then start while the predecessor still runs."""
+        before its own wait, nothing but what was final before this kernel's predecessor's programs passed
+        their own waits (weights, routing ids): that successor may then start while the predecessor still
+        runs."""
         if PDL:
             if LAUNCH_FIRST:
                 gdc_launch_dependents()

@@ -331,10 +331,10 @@ if triton is not None:
         """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
         fp32 rows ``y[split, pair]`` for the combine.
 
-        EARLY: the expert, the rows and the first chunk's weights (without PF, the first ``EARLY`` chunks') are
-        read before the PDL wait, as in
-        ``triton_moe._qgemv2_kernel`` (the grouping's block map and the routing launch's ids finished before
-        GEMM1's programs passed their waits; ROUTE routes again where GEMM1 routed)."""
+        EARLY: the expert, the rows and the first chunk's weights (without PF, the first ``EARLY`` chunks')
+        are read before the PDL wait, as in ``triton_moe._qgemv2_kernel`` (the grouping's block map and the
+        routing launch's ids were final before GEMM1's programs passed their waits; ROUTE routes again where
+        GEMM1 routed)."""
         if EARLY:
             pair_expert = 0
             if not GROUPED:
