@@ -201,19 +201,21 @@ if triton is not None:
         return _group_mma(wa1, wb1, pa1, pb1, x4, x5, x6, x7, c0, c1, c2, c3)
 
     @triton.jit
-    def _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED: tl.constexpr, WARPS: tl.constexpr):
+    def _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED: tl.constexpr, WARPS: tl.constexpr,
+                 CACHE: tl.constexpr):
         """``(tid, c, expert, pair of B column g, pairs of D columns 2c and 2c+1)`` of this thread (lane
         ``4g + c``); a pair >= num_pairs is no pair, an expert < 0 an empty block.  ``pair_expert``: the
-        expert of a per-pair program (unused when grouped)."""
+        expert of a per-pair program (unused when grouped).  CACHE: the block map's load modifier, ".cg"
+        (skip L1) where it is read before a PDL wait, "" otherwise."""
         blk = tl.program_id(0)
         tid = _thread_ids(tl.arange(0, 32 * WARPS))
         g = (tid & 31) >> 2
         c = tid & 3
-        if GROUPED:  # .cg: an early GEMM2 reads these before its PDL wait
-            e = tl.load(bexp_ptr + blk, cache_modifier=".cg")
-            pb = tl.load(sorted_ptr + blk * 8 + g, cache_modifier=".cg")
-            p0 = tl.load(sorted_ptr + blk * 8 + 2 * c, cache_modifier=".cg")
-            p1 = tl.load(sorted_ptr + blk * 8 + 2 * c + 1, cache_modifier=".cg")
+        if GROUPED:
+            e = tl.load(bexp_ptr + blk, cache_modifier=CACHE)
+            pb = tl.load(sorted_ptr + blk * 8 + g, cache_modifier=CACHE)
+            p0 = tl.load(sorted_ptr + blk * 8 + 2 * c, cache_modifier=CACHE)
+            p1 = tl.load(sorted_ptr + blk * 8 + 2 * c + 1, cache_modifier=CACHE)
         else:
             e = pair_expert.to(tl.int32)
             pb = tl.where(g == 0, blk, num_pairs)
@@ -250,7 +252,7 @@ if triton is not None:
         else:
             pair_expert = _pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
                                        TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
-        tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
+        tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS, "")
         if e < 0:
             return
         e64 = e.to(tl.int64)
@@ -343,7 +345,8 @@ if triton is not None:
         else:
             _gdc(PDL)
             pair_expert = 0 if GROUPED else tl.load(ids_ptr + tl.program_id(0))
-        tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS)
+        tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS,
+                                           ".cg" if EARLY else "")
         if e < 0:
             return
         e64 = e.to(tl.int64)
