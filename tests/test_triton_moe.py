@@ -86,6 +86,8 @@ def test_select_config_regimes():
     assert select_config(1024, **qwen3).bm == 64
     big = select_config(4096, **qwen3)
     assert big.bm == 128 and big.wprefetch and not big.swap
+    # 64-row blocks up to 160 rows per expert: DeepSeek-V3's 128 at 4096 tokens, not Nemotron-Nano's 192
+    assert (select_config(4096, **deepseek).bm, select_config(4096, **nemotron).bm) == (64, 128)
     # column tiles first in the grid on every grouped tile config (measured faster), not on the decodes
     assert [select_config(t, **qwen3).nfirst for t in (1, 4, 16, 128, 1024, 4096)] == [False] * 3 + [True] * 3
     assert select_config(8, **few_experts).nfirst
