@@ -396,13 +396,13 @@ if triton is not None:
 
     @triton.jit
     def _block(bexp_ptr, sorted_ptr, num_pairs, BM: tl.constexpr, NFIRST: tl.constexpr):
-        """This program's row block (grid axis 0, or 1 when NFIRST) of the expert-grouped pairs: ``(expert or
-        -1, rows, pair per row, row holds a pair)``."""
+        """This program's row block of the expert-grouped pairs and its column tile (grid axes 0 and 1, or 1
+        and 0 when NFIRST): ``(expert or -1, rows, pair per row, row holds a pair, column tile)``."""
         pid_m = tl.program_id(1 if NFIRST else 0)
         e = tl.load(bexp_ptr + pid_m)
         rows = pid_m * BM + tl.arange(0, BM)
         pair = tl.load(sorted_ptr + rows)
-        return e, rows, pair, pair < num_pairs
+        return e, rows, pair, pair < num_pairs, tl.program_id(0 if NFIRST else 1)
 
     @triton.jit
     def _wload(w_ptrs, s_ptrs, step, k_words, k_groups, n_ok, BK: tl.constexpr):
@@ -427,10 +427,9 @@ if triton is not None:
         pipeliner only stages loads that feed a dot directly, and these feed the dequantization.
         """
         _gdc(PDL)
-        e, rows, pair, valid = _block(bexp_ptr, sorted_ptr, num_pairs, BM, NFIRST)
+        e, rows, pair, valid, pid_n = _block(bexp_ptr, sorted_ptr, num_pairs, BM, NFIRST)
         if e < 0:
             return
-        pid_n = tl.program_id(0 if NFIRST else 1)
         e64 = e.to(tl.int64)
         tok = (pair // TOP_K).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -486,10 +485,9 @@ if triton is not None:
                       NFIRST: tl.constexpr = False):
         """GEMM2 on tensor cores, routing weight in the epilogue, fp32 rows per (pair, K split); PF as in GEMM1."""
         _gdc(PDL)
-        e, rows, pair, valid = _block(bexp_ptr, sorted_ptr, num_pairs, BM, NFIRST)
+        e, rows, pair, valid, pid_n = _block(bexp_ptr, sorted_ptr, num_pairs, BM, NFIRST)
         if e < 0:
             return
-        pid_n = tl.program_id(0 if NFIRST else 1)
         pid_s = tl.program_id(2)
         e64 = e.to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
@@ -881,17 +879,14 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         inter_buf = torch.empty(max_rows, inter, dtype=torch.bfloat16, device=device)
         # column tiles first (grid axis 0): the programs running together share their activation rows in L2
         nfirst = cfg.nfirst and max_blocks <= _GRID_Y_MAX
-        grid1 = (max_blocks, triton.cdiv(inter, cfg.bn1))
-        if nfirst:
-            grid1 = grid1[::-1]
+        tiles1, tiles2 = triton.cdiv(inter, cfg.bn1), triton.cdiv(hidden, cfg.bn2)
+        grid1 = (tiles1, max_blocks) if nfirst else (max_blocks, tiles1)
         _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf,
                              pairs, hidden, inter, hidden_states.stride(0),
                              TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
                              BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
                              PDL=pdl, NFIRST=nfirst, num_warps=cfg.warps1, num_stages=cfg.stages1, launch_pdl=pdl)
-        grid2 = (max_blocks, triton.cdiv(hidden, cfg.bn2), split)
-        if nfirst:
-            grid2 = (grid2[1], grid2[0], split)
+        grid2 = (tiles2, max_blocks, split) if nfirst else (max_blocks, tiles2, split)
         _gemm2_kernel[grid2](inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y,
                              pairs, hidden, inter, k_per_split,
                              BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
