@@ -221,7 +221,7 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # one warpgroup per program beats two (5-25%), and loading the weight words one K step ahead (wprefetch)
     # gains 15-40% (two steps ahead was slower).  Column tiles first in the grid (``nfirst``), same-session
     # A/B against row blocks first: 4-10% faster at 1024 and 4096 tokens on all four layers (Nemotron-Nano
-    # 4096 1948 -> 1754 us, DeepSeek-V3 4096 12.2 -> 11.2 ms; mostly GEMM2, whose activation rows each
+    # 4096 1948 -> 1751 us, DeepSeek-V3 4096 12.2 -> 11.2 ms; mostly GEMM2, whose activation rows each
     # column tile re-reads), 1-4% at 128 tokens (16-row tiles, within that A/B's spread).  64-row blocks up
     # to 160 rows per expert, 128-row blocks above: with nfirst, DeepSeek-V3's 128 rows are 2% faster in
     # 64-row blocks (GEMM time 10.6-10.8 vs 10.9 ms) but Nemotron-Nano's 192 are 4% faster in 128-row blocks
