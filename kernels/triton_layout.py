@@ -15,7 +15,19 @@ which is 11 integer operations for 8 elements (the canonical layout needs 19 plu
 ``0x81C081C0`` is the sign and magnitude bits of both bf16 halves; the three translates ``0, -3, -6``
 of that pattern are the only ones that do not overlap, so the last pair takes the 8 bits left over.
 
-Block scales (E4M3, linear ``[..., K/16]``) and global scales are not touched.  Everything here is
+Then rows are stored in *bands* (:func:`to_band_layout`, applied to the codes and to the E4M3 block
+scales alike): 16 consecutive rows (a multiple of 16 per expert on this path) form a band, K is cut into
+*pieces* of 4 groups (64 elements: 32 code bytes and 4 scale bytes per row), and a band holds its pieces
+one after another, each piece's 16 rows contiguous::
+
+    row-major:  row 0: [p0 p1 p2 ...]  row 1: [p0 p1 p2 ...]  ...  row 15: [...]
+    banded:     [p0 of rows 0..15] [p1 of rows 0..15] [p2 of rows 0..15] ...
+
+The last piece of a row is narrower when K/16 is not a multiple of 4, so the tensors keep their shapes
+(the registry's contract: only the order of bytes changes).  Why: a warp's load of 8 rows x 32 bytes of
+one K step touches 8 cache lines row-major and 2 banded; the kernels' loops wait on those L1 requests, and
+the banded copy made the decode 8-19% faster (benchmarks.md).  Group ``g`` of band row ``r`` sits
+:func:`band_offset` groups after the band's start.  Global scales are not touched.  Everything here is
 plain torch (it runs on the CPU), so the CPU tests can check the layout against the canonical decode.
 """
 
@@ -23,9 +35,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_triton_layout", "from_triton_layout", "emulate_word_decode", "PAIR_MASK"]
+__all__ = ["to_triton_layout", "from_triton_layout", "to_band_layout", "from_band_layout", "band_offset",
+           "emulate_word_decode", "PAIR_MASK", "BAND_ROWS", "PIECE_GROUPS"]
 
 PAIR_MASK = 0x81C081C0
+BAND_ROWS = 16  # rows per band
+PIECE_GROUPS = 4  # 16-element groups per piece (64 elements)
 
 # element -> (bit of code bit 0, code bit 1, code bit 2, sign) inside the 32-bit word
 _PLACES = (
@@ -83,6 +98,58 @@ def from_triton_layout(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`to_triton_layout`."""
     _check(packed, "packed")
     return _permute(packed, forward=False)
+
+
+def band_offset(g, r, groups: int):
+    """Offset, in groups, of group ``g`` of band row ``r`` (0..15) from its band's start, for rows of
+    ``groups`` groups (works elementwise on integer tensors; the kernels compute the same)."""
+    p = g // PIECE_GROUPS
+    full = groups // PIECE_GROUPS
+    width = groups - full * PIECE_GROUPS
+    if isinstance(p, torch.Tensor):
+        width = torch.where(p < full, PIECE_GROUPS, width)
+    elif p < full:
+        width = PIECE_GROUPS
+    return p * (BAND_ROWS * PIECE_GROUPS) + r * width + (g - p * PIECE_GROUPS)
+
+
+def _band_index(rows: int, groups: int, per_group: int) -> torch.Tensor:
+    """For each position of a banded ``[rows, groups * per_group]`` tensor, the row-major position it holds."""
+    g = torch.arange(groups).repeat(rows)
+    row = torch.arange(rows).repeat_interleave(groups)
+    dst = (row - row % BAND_ROWS) * groups + band_offset(g, row % BAND_ROWS, groups)
+    src = row * groups + g
+    index = torch.empty(rows * groups, dtype=torch.int64)
+    index[dst] = src
+    b = torch.arange(per_group)
+    return (index[:, None] * per_group + b).reshape(-1)
+
+
+def _check_bands(t: torch.Tensor, name: str, per_group: int) -> None:
+    if t.ndim < 2 or t.shape[-2] % BAND_ROWS or t.shape[-1] % per_group:
+        raise ValueError(f"{name}: {tuple(t.shape)} needs rows (dimension -2) in multiples of {BAND_ROWS} and a "
+                         f"last dimension in multiples of {per_group} bytes (one 16-element group)")
+
+
+def to_band_layout(t: torch.Tensor, per_group: int) -> torch.Tensor:
+    """Row-major ``[..., N, K*per_group]`` (``per_group`` bytes per 16-element group: 8 for packed codes,
+    1 for E4M3 scales) -> the banded order described above (same shape, dtype and device)."""
+    _check_bands(t, "to_band_layout", per_group)
+    n, width = t.shape[-2], t.shape[-1]
+    index = _band_index(n, width // per_group, per_group).to(t.device)
+    flat = t.contiguous().reshape(-1, n * width)
+    return flat[:, index].reshape(t.shape)
+
+
+def from_band_layout(t: torch.Tensor, per_group: int) -> torch.Tensor:
+    """The inverse of :func:`to_band_layout`."""
+    _check_bands(t, "from_band_layout", per_group)
+    n, width = t.shape[-2], t.shape[-1]
+    index = _band_index(n, width // per_group, per_group).to(t.device)
+    flat = t.contiguous().reshape(-1, n * width)
+    out = torch.empty_like(flat)
+    out[:, index] = flat
+    return out.reshape(t.shape)
 
 
 def emulate_word_decode(packed: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from moe_passes.kernels.nvfp4 import E2M1_VALUES, unpack_e2m1
-from moe_passes.kernels.triton_layout import emulate_word_decode, from_triton_layout, to_triton_layout
+from moe_passes.kernels.triton_layout import (band_offset, emulate_word_decode, from_band_layout,
+                                              from_triton_layout, to_band_layout, to_triton_layout)
 
 
 def _all_codes_at_all_positions() -> torch.Tensor:
@@ -59,6 +60,69 @@ def test_non_contiguous_input_is_permuted_as_its_values():
 def test_bad_input_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
         to_triton_layout(bad)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 3, 4, 5, 13, 14, 15, 16])
+@pytest.mark.parametrize("per_group", [8, 1])
+def test_band_layout_places_every_group_where_the_kernels_look(groups, per_group):
+    g = torch.Generator().manual_seed(groups * 10 + per_group)
+    t = torch.randint(0, 256, (2, 48, groups * per_group), dtype=torch.uint8, generator=g)
+    banded = to_band_layout(t, per_group)
+    assert banded.shape == t.shape and banded.dtype == t.dtype
+    assert torch.equal(from_band_layout(banded, per_group), t)
+    flat = banded.reshape(2, -1)
+    for row in range(48):
+        band, r = divmod(row, 16)
+        for grp in range(groups):
+            # pieces of 4 groups, a piece's 16 rows one after another, the last piece as wide as what is left
+            piece, within = divmod(grp, 4)
+            width = min(4, groups - 4 * piece)
+            at = band * 16 * groups + piece * 64 + r * width + within
+            assert band_offset(grp, r, groups) == at - band * 16 * groups
+            got = flat[:, at * per_group:(at + 1) * per_group]
+            assert torch.equal(got, t[:, row, grp * per_group:(grp + 1) * per_group]), (row, grp)
+
+
+def test_band_layout_makes_a_k_step_of_eight_rows_one_run():
+    """What the layout is for: group ``4p .. 4p+3`` of band rows 0..7 is 8 * 32 contiguous code bytes."""
+    t = torch.arange(16 * 12 * 8, dtype=torch.int64).reshape(1, 16, 96)  # 12 groups of 8 "bytes"
+    banded = to_band_layout(t, 8).reshape(-1)
+    for piece in range(3):
+        run = torch.cat([t[0, r, piece * 32:(piece + 1) * 32] for r in range(8)])
+        start = piece * 64 * 8
+        assert torch.equal(banded[start:start + 256], run)
+
+
+def test_band_offset_matches_on_tensors_and_ints():
+    g = torch.arange(15).repeat(16)
+    r = torch.arange(16).repeat_interleave(15)
+    assert band_offset(g, r, 15).tolist() == [band_offset(int(a), int(b), 15) for a, b in zip(g, r)]
+    assert sorted(band_offset(g, r, 15).tolist()) == list(range(16 * 15))  # a permutation of the band
+
+
+@pytest.mark.parametrize("shape, match", [((4, 20, 16), "multiples of 16"), ((1, 16, 12), "multiples of 8")])
+def test_band_layout_bad_shapes_are_clear_errors(shape, match):
+    with pytest.raises(ValueError, match=match):
+        to_band_layout(torch.zeros(shape, dtype=torch.uint8), 8)
+
+
+def test_prepared_weights_are_bit_placed_then_banded():
+    from moe_passes.kernels.triton_moe import prepare_weights
+    from moe_passes.kernels.registry import MoEWeights
+
+    g = torch.Generator().manual_seed(5)
+    w13 = torch.randint(0, 256, (2, 32, 184), dtype=torch.uint8, generator=g)  # 368 wide: 23 groups
+    s13 = torch.randint(0, 120, (2, 32, 23), dtype=torch.uint8, generator=g).view(torch.float8_e4m3fn)
+    w2 = torch.randint(0, 256, (2, 368, 8), dtype=torch.uint8, generator=g)
+    s2 = torch.randint(0, 120, (2, 368, 1), dtype=torch.uint8, generator=g).view(torch.float8_e4m3fn)
+    gs = torch.rand(2) + 1
+    got = prepare_weights(MoEWeights(w13, s13, gs, w2, s2, gs))
+    for prepared, codes in ((got.w13, w13), (got.w2, w2)):
+        assert prepared.shape == codes.shape
+        assert torch.equal(from_triton_layout(from_band_layout(prepared, 8)), codes)
+    for prepared, scales in ((got.w13_scale, s13), (got.w2_scale, s2)):
+        assert prepared.dtype == torch.float8_e4m3fn and prepared.shape == scales.shape
+        assert torch.equal(from_band_layout(prepared.view(torch.uint8), 1), scales.view(torch.uint8))
 
 
 def _bf16_exact(x: torch.Tensor) -> torch.Tensor:
