@@ -1,6 +1,7 @@
 """What the Triton kernels of the Hopper path share (:mod:`triton_moe`, :mod:`triton_tc_decode`,
 :mod:`triton_route`): the optional Triton import, the programmatic-dependent-launch wait, the PTX that cuts
-an E2M1 word, the fused activations and the kernel that finishes a split GEMM1.
+an E2M1 word, the banded weight addressing, the fused activations and the kernel that finishes a split
+GEMM1.
 
 Triton is imported behind a guard: on a CPU-only machine without it ``triton`` and ``tl`` are None and no
 kernel is defined.
@@ -58,6 +59,14 @@ if triton is not None:
         @triton.jit
         def gdc_launch_dependents():
             pass
+
+    @triton.jit
+    def _band_off(g, rr, KG):
+        """Offset, in groups, of group ``g`` of band row ``rr`` (0..15) from its band's start, for rows of
+        ``KG`` groups: ``triton_layout.band_offset`` (pieces of 4 groups, the last one narrower)."""
+        p = g // 4
+        width = tl.where(p < KG // 4, 4, KG - (KG // 4) * 4)
+        return p * 64 + rr * width + (g - p * 4)
 
     @triton.jit
     def _gdc(PDL: tl.constexpr, LAUNCH: tl.constexpr = True, LAUNCH_FIRST: tl.constexpr = False):

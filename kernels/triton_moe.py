@@ -23,11 +23,13 @@ What one call does (all on the GPU, no host synchronisation, CUDA-graph capturab
 
 Weights are laid out once, at preparation (:func:`prepare_weights`, the registry's ``prepare``): the E2M1
 bits of every 32-bit word are re-placed (:mod:`triton_layout`) so that 11 integer operations turn 8 codes
-into four packed bf16 pairs ``e2m1 * 2^-126``.  Tiles multiply each pair by ``bf16(block_scale * 2^119)``
-with one bf16x2 FMA; the decode widens the pairs to fp32 and multiplies activations by 2^64 so that the
-products of the fp32-subnormal 0.5 stay normal.  Shapes and dtypes are the canonical ones; nothing
-proportional to the weights is allocated or copied per call, and the per-call workspace grows with the
-tokens.  Hidden and intermediate sizes need only be multiples of 16 (the kernels mask K and N edges).
+into four packed bf16 pairs ``e2m1 * 2^-126``, and codes and block scales are stored in 16-row bands of
+64-element pieces, so that a warp's load of several rows' K step is one contiguous run.  Tiles multiply
+each pair by ``bf16(block_scale * 2^119)`` with one bf16x2 FMA; the packed decode widens the pairs to fp32
+and multiplies activations by 2^64 so that the products of the fp32-subnormal 0.5 stay normal.  Shapes and
+dtypes are the canonical ones; nothing proportional to the weights is allocated or copied per call, and the
+per-call workspace grows with the tokens.  Hidden and intermediate sizes need only be multiples of 16 (the
+kernels mask K and N edges).
 
 Numerics match ``fused_moe_reference(..., quantize_activations=False)``: bf16 activations, weights
 dequantized exactly, fp32 accumulation, the intermediate rounded to bf16, fp32 combine, bf16 out.  The
@@ -49,7 +51,7 @@ import torch
 from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape, is_gated
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
-from moe_passes.kernels.triton_layout import to_triton_layout
+from moe_passes.kernels.triton_layout import to_band_layout, to_triton_layout
 
 from moe_passes.kernels.triton_common import _ACT_CODES, _next_pow2, gdc_wait, tl, triton
 from moe_passes.kernels.triton_route import _route, _route_args, _route_spec
@@ -234,7 +236,7 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
 
 
 if triton is not None:
-    from moe_passes.kernels.triton_common import _act_kernel, _activation, _gdc, word_cut_asm
+    from moe_passes.kernels.triton_common import _act_kernel, _activation, _band_off, _gdc, word_cut_asm
     from moe_passes.kernels.triton_route import _pair_expert
 
     # Tensor-core tiles: each pair times ``$9`` = ``bf16(block_scale * 2^119)`` in both halves with one bf16x2
@@ -405,13 +407,38 @@ if triton is not None:
         return e, rows, pair, pair < num_pairs, tl.program_id(0 if NFIRST else 1)
 
     @triton.jit
-    def _wload(w_ptrs, s_ptrs, step, k_words, k_groups, n_ok, BK: tl.constexpr):
-        """Raw weight words ``[BN, BK/8]`` and scale bytes ``[BN, BK/16]`` of K step ``step`` (masked at the K end)."""
-        w_ok = n_ok[:, None] & ((step * (BK // 8) + tl.arange(0, BK // 8)) < k_words)[None, :]
-        s_ok = n_ok[:, None] & ((step * (BK // 16) + tl.arange(0, BK // 16)) < k_groups)[None, :]
-        w = tl.load(w_ptrs + step * (BK // 8), mask=w_ok, other=0)
-        s = tl.load(s_ptrs + step * (BK // 16), mask=s_ok, other=0)
-        return w, s
+    def _wptrs(w_ptr, s_ptr, row, KW, KS, BK: tl.constexpr):
+        """Pointers to the first K step's weight words ``[BN, BK/8]`` and scale bytes ``[BN, BK/16]`` of
+        weight rows ``row`` (banded layout, ``triton_layout``: a K step is whole 64-element pieces, whose 16
+        rows are contiguous), and each row's place in its band."""
+        rr = row % 16
+        band = row - rr
+        kj = tl.arange(0, BK // 8)
+        gj = tl.arange(0, BK // 16)
+        w = (w_ptr.to(tl.pointer_type(tl.int32)) + (band * KW + rr * 8)[:, None]
+             + ((kj // 8) * 128 + kj % 8)[None, :])
+        s = s_ptr + (band * KS + rr * 4)[:, None] + ((gj // 4) * 64 + gj % 4)[None, :]
+        return w, s, rr
+
+    @triton.jit
+    def _wload(w_ptrs, s_ptrs, rr, step, k_words, k_groups, n_ok, BK: tl.constexpr, NARROW: tl.constexpr):
+        """Raw weight words ``[BN, BK/8]`` and scale bytes ``[BN, BK/16]`` of K step ``step`` (masked at the K
+        end, ``k_words``/``k_groups`` counted from step 0).  NARROW: the rows' groups are not a multiple of 4,
+        so their last piece is narrower and its rows sit closer together; the correction costs 5-25% in the
+        64-row tiles (H200), so rows of whole pieces (hidden and intermediate multiples of 64) go without."""
+        kj = tl.arange(0, BK // 8)
+        gj = tl.arange(0, BK // 16)
+        w_ok = n_ok[:, None] & ((step * (BK // 8) + kj) < k_words)[None, :]
+        s_ok = n_ok[:, None] & ((step * (BK // 16) + gj) < k_groups)[None, :]
+        w_at = w_ptrs + step * (2 * BK)
+        s_at = s_ptrs + step * BK
+        if NARROW:
+            full = k_groups // 4
+            narrow = (rr * (k_groups - full * 4 - 4))[:, None]  # < 0
+            piece = step * (BK // 64)
+            w_at += tl.where((piece + kj // 8)[None, :] == full, 2 * narrow, 0)
+            s_at += tl.where((piece + gj // 4)[None, :] == full, narrow, 0)
+        return tl.load(w_at, mask=w_ok, other=0), tl.load(s_at, mask=s_ok, other=0)
 
     @triton.jit
     def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr,
@@ -419,7 +446,7 @@ if triton is not None:
                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
                       SWAP: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False,
-                      NFIRST: tl.constexpr = False):
+                      NFIRST: tl.constexpr = False, NARROW: tl.constexpr = False):
         """GEMM1 + activation on tensor cores: one program per (row block of one expert, BN columns).
 
         SWAP computes (W X^T): the dequantized weights are then the register operand of the MMA.  PF loads
@@ -438,8 +465,7 @@ if triton is not None:
         KS = H // 16
         N1 = 2 * I if GATED else I
         row_g = e64 * N1 + offs_n
-        wg_ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + row_g[:, None] * KW + tl.arange(0, BK // 8)[None, :]
-        sg_ptrs = s_ptr + row_g[:, None] * KS + tl.arange(0, BK // 16)[None, :]
+        wg_ptrs, sg_ptrs, rr = _wptrs(w_ptr, s_ptr, row_g, KW, KS, BK)
         wu_ptrs = wg_ptrs + I * KW
         su_ptrs = sg_ptrs + I * KS
         x_ptrs = x_ptr + tok[:, None] * stride_x + tl.arange(0, BK)[None, :]
@@ -450,22 +476,22 @@ if triton is not None:
             acc_g = tl.zeros([BM, BN], dtype=tl.float32)
             acc_u = tl.zeros([BM, BN], dtype=tl.float32)
         if PF:  # the next K step's raw weight tiles, already in registers
-            wg_n, sg_n = _wload(wg_ptrs, sg_ptrs, 0, KW, KS, n_ok, BK)
+            wg_n, sg_n = _wload(wg_ptrs, sg_ptrs, rr, 0, KW, KS, n_ok, BK, NARROW)
             if GATED:
-                wu_n, su_n = _wload(wu_ptrs, su_ptrs, 0, KW, KS, n_ok, BK)
+                wu_n, su_n = _wload(wu_ptrs, su_ptrs, rr, 0, KW, KS, n_ok, BK, NARROW)
         for step in range(0, tl.cdiv(H, BK)):
             k_ok = (step * BK + tl.arange(0, BK)) < H
             x = tl.load(x_ptrs + step * BK, mask=valid[:, None] & k_ok[None, :], other=0.0)
             if PF:
                 wg_c, sg_c = wg_n, sg_n
-                wg_n, sg_n = _wload(wg_ptrs, sg_ptrs, step + 1, KW, KS, n_ok, BK)
+                wg_n, sg_n = _wload(wg_ptrs, sg_ptrs, rr, step + 1, KW, KS, n_ok, BK, NARROW)
                 if GATED:
                     wu_c, su_c = wu_n, su_n
-                    wu_n, su_n = _wload(wu_ptrs, su_ptrs, step + 1, KW, KS, n_ok, BK)
+                    wu_n, su_n = _wload(wu_ptrs, su_ptrs, rr, step + 1, KW, KS, n_ok, BK, NARROW)
             else:
-                wg_c, sg_c = _wload(wg_ptrs, sg_ptrs, step, KW, KS, n_ok, BK)
+                wg_c, sg_c = _wload(wg_ptrs, sg_ptrs, rr, step, KW, KS, n_ok, BK, NARROW)
                 if GATED:
-                    wu_c, su_c = _wload(wu_ptrs, su_ptrs, step, KW, KS, n_ok, BK)
+                    wu_c, su_c = _wload(wu_ptrs, su_ptrs, rr, step, KW, KS, n_ok, BK, NARROW)
             acc_g = _dequant_mma(wg_c, sg_c, x, acc_g, BN, BK, SWAP, F32)
             if GATED:
                 acc_u = _dequant_mma(wu_c, su_c, x, acc_u, BN, BK, SWAP, F32)
@@ -482,7 +508,7 @@ if triton is not None:
                       num_pairs, H, I, k_per_split,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
                       SWAP: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False,
-                      NFIRST: tl.constexpr = False):
+                      NFIRST: tl.constexpr = False, NARROW: tl.constexpr = False):
         """GEMM2 on tensor cores, routing weight in the epilogue, fp32 rows per (pair, K split); PF as in GEMM1."""
         _gdc(PDL)
         e, rows, pair, valid, pid_n = _block(bexp_ptr, sorted_ptr, num_pairs, BM, NFIRST)
@@ -496,9 +522,10 @@ if triton is not None:
         k_end = tl.minimum(k_begin + k_per_split, I)
         row_w = e64 * H + offs_n
         # pointers start at this split's first K element; the bounds below are relative to it
-        w_ptrs = (w_ptr.to(tl.pointer_type(tl.int32)) + row_w[:, None] * (I // 8) + k_begin // 8
-                  + tl.arange(0, BK // 8)[None, :])
-        s_ptrs = s_ptr + row_w[:, None] * (I // 16) + k_begin // 16 + tl.arange(0, BK // 16)[None, :]
+        w_ptrs, s_ptrs, rr = _wptrs(w_ptr, s_ptr, row_w, I // 8, I // 16, BK)
+        # a split starts at a whole piece (k_per_split is a multiple of BK): k_begin / 64 pieces of 16 rows
+        w_ptrs += k_begin * 2
+        s_ptrs += k_begin
         a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * I + (k_begin + tl.arange(0, BK))[None, :]
         kw = (k_end - k_begin) // 8
         ks = (k_end - k_begin) // 16
@@ -507,15 +534,15 @@ if triton is not None:
         else:
             acc = tl.zeros([BM, BN], dtype=tl.float32)
         if PF:
-            w_n, s_n = _wload(w_ptrs, s_ptrs, 0, kw, ks, n_ok, BK)
+            w_n, s_n = _wload(w_ptrs, s_ptrs, rr, 0, kw, ks, n_ok, BK, NARROW)
         for step in range(0, tl.cdiv(k_end - k_begin, BK)):
             k_ok = (k_begin + step * BK + tl.arange(0, BK)) < k_end
             a = tl.load(a_ptrs + step * BK, mask=k_ok[None, :], other=0.0)
             if PF:
                 w_c, s_c = w_n, s_n
-                w_n, s_n = _wload(w_ptrs, s_ptrs, step + 1, kw, ks, n_ok, BK)
+                w_n, s_n = _wload(w_ptrs, s_ptrs, rr, step + 1, kw, ks, n_ok, BK, NARROW)
             else:
-                w_c, s_c = _wload(w_ptrs, s_ptrs, step, kw, ks, n_ok, BK)
+                w_c, s_c = _wload(w_ptrs, s_ptrs, rr, step, kw, ks, n_ok, BK, NARROW)
             acc = _dequant_mma(w_c, s_c, a, acc, BN, BK, SWAP, F32)
         if SWAP:
             acc = tl.trans(acc)
@@ -559,7 +586,7 @@ if triton is not None:
         return acc + part * s
 
     @triton.jit
-    def _qload_w(w_ptrs, s_ptrs, g0, g_end, col, n_ok, UW, GATED: tl.constexpr, NC: tl.constexpr):
+    def _qload_w(w_ptrs, s_ptrs, rr, KG, g0, g_end, col, n_ok, UW, GATED: tl.constexpr, NC: tl.constexpr):
         """The weight words and scale bytes of one K step of the packed-decode kernels: thread ``c`` reads
         groups ``g0 + c`` and ``g0 + NC + c`` of every row (and of the up rows), so one warp load is 256
         contiguous bytes of a row.  Measured on the H200 against two adjacent groups per thread (half of
@@ -567,15 +594,17 @@ if triton is not None:
         us)."""
         m0 = n_ok & (g0 + col < g_end)[:, None]
         m1 = n_ok & (g0 + col + NC < g_end)[:, None]
-        wg0 = tl.load(w_ptrs + g0, mask=m0, other=0)
-        wg1 = tl.load(w_ptrs + (g0 + NC), mask=m1, other=0)
-        sg0 = tl.load(s_ptrs + g0, mask=m0, other=0)
-        sg1 = tl.load(s_ptrs + (g0 + NC), mask=m1, other=0)
+        o0 = _band_off((g0 + col)[:, None], rr, KG)
+        o1 = _band_off((g0 + NC + col)[:, None], rr, KG)
+        wg0 = tl.load(w_ptrs + o0, mask=m0, other=0)
+        wg1 = tl.load(w_ptrs + o1, mask=m1, other=0)
+        sg0 = tl.load(s_ptrs + o0, mask=m0, other=0)
+        sg1 = tl.load(s_ptrs + o1, mask=m1, other=0)
         if GATED:
-            wu0 = tl.load(w_ptrs + (UW + g0), mask=m0, other=0)
-            wu1 = tl.load(w_ptrs + (UW + g0 + NC), mask=m1, other=0)
-            su0 = tl.load(s_ptrs + (UW + g0), mask=m0, other=0)
-            su1 = tl.load(s_ptrs + (UW + g0 + NC), mask=m1, other=0)
+            wu0 = tl.load(w_ptrs + (UW + o0), mask=m0, other=0)
+            wu1 = tl.load(w_ptrs + (UW + o1), mask=m1, other=0)
+            su0 = tl.load(s_ptrs + (UW + o0), mask=m0, other=0)
+            su1 = tl.load(s_ptrs + (UW + o1), mask=m1, other=0)
         else:
             wu0 = wg0
             wu1 = wg1
@@ -600,24 +629,25 @@ if triton is not None:
         return x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _qload(w_ptrs, s_ptrs, x_ptrs, g0, g_end, col, n_ok, UW, GATED: tl.constexpr, NC: tl.constexpr):
+    def _qload(w_ptrs, s_ptrs, rr, KG, x_ptrs, g0, g_end, col, n_ok, UW, GATED: tl.constexpr, NC: tl.constexpr):
         """Everything one K step of the packed-decode kernels reads (:func:`_qload_w`, :func:`_qload_x`)."""
-        wg0, wg1, sg0, sg1, wu0, wu1, su0, su1 = _qload_w(w_ptrs, s_ptrs, g0, g_end, col, n_ok, UW, GATED, NC)
+        wg0, wg1, sg0, sg1, wu0, wu1, su0, su1 = _qload_w(w_ptrs, s_ptrs, rr, KG, g0, g_end, col, n_ok, UW, GATED, NC)
         x0, x1, x2, x3, x4, x5, x6, x7 = _qload_x(x_ptrs, g0, g_end, col, NC)
         return wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, x0, x1, x2, x3, x4, x5, x6, x7
 
     @triton.jit
-    def _qsteps(w_ptrs, s_ptrs, x_ptrs, g_begin, g_end, col, n_ok, UW, acc_g, acc_u,
+    def _qsteps(w_ptrs, s_ptrs, rr, KG, x_ptrs, g_begin, g_end, col, n_ok, UW, acc_g, acc_u,
                 GATED: tl.constexpr, NC: tl.constexpr, PREFETCH: tl.constexpr):
         """The K loop of the packed-decode kernels; with PREFETCH the next step's loads are issued before
         the current step is computed (register double buffering)."""
         if PREFETCH:
             (wg0, wg1, sg0, sg1, wu0, wu1, su0, su1,
-             x0, x1, x2, x3, x4, x5, x6, x7) = _qload(w_ptrs, s_ptrs, x_ptrs, g_begin, g_end, col, n_ok, UW, GATED, NC)
+             x0, x1, x2, x3, x4, x5, x6, x7) = _qload(w_ptrs, s_ptrs, rr, KG, x_ptrs, g_begin, g_end, col, n_ok, UW,
+                                                      GATED, NC)
             for g0 in range(g_begin, g_end, 2 * NC):
                 (nwg0, nwg1, nsg0, nsg1, nwu0, nwu1, nsu0, nsu1,
-                 nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7) = _qload(w_ptrs, s_ptrs, x_ptrs, g0 + 2 * NC, g_end, col,
-                                                                  n_ok, UW, GATED, NC)
+                 nx0, nx1, nx2, nx3, nx4, nx5, nx6, nx7) = _qload(w_ptrs, s_ptrs, rr, KG, x_ptrs, g0 + 2 * NC,
+                                                                  g_end, col, n_ok, UW, GATED, NC)
                 acc_g = _dot16(wg0, sg0, x0, x1, x2, x3, acc_g)
                 acc_g = _dot16(wg1, sg1, x4, x5, x6, x7, acc_g)
                 if GATED:
@@ -628,7 +658,8 @@ if triton is not None:
         else:
             for g0 in range(g_begin, g_end, 2 * NC):
                 (wg0, wg1, sg0, sg1, wu0, wu1, su0, su1,
-                 x0, x1, x2, x3, x4, x5, x6, x7) = _qload(w_ptrs, s_ptrs, x_ptrs, g0, g_end, col, n_ok, UW, GATED, NC)
+                 x0, x1, x2, x3, x4, x5, x6, x7) = _qload(w_ptrs, s_ptrs, rr, KG, x_ptrs, g0, g_end, col, n_ok,
+                                                          UW, GATED, NC)
                 acc_g = _dot16(wg0, sg0, x0, x1, x2, x3, acc_g)
                 acc_g = _dot16(wg1, sg1, x4, x5, x6, x7, acc_g)
                 if GATED:
@@ -664,15 +695,16 @@ if triton is not None:
         n_ok = (offs_n < I)[None, :]
         col = tl.arange(0, NC)
         row_g = e64 * N1 + offs_n
-        w_ptrs = w_ptr.to(tl.pointer_type(tl.int64)) + row_g[None, :] * KG + col[:, None]
-        s_ptrs = s_ptr + row_g[None, :] * KG + col[:, None]
+        rr = (row_g % 16)[None, :]  # banded layout: pointers to each row's band, offsets from _band_off
+        w_ptrs = w_ptr.to(tl.pointer_type(tl.int64)) + (row_g[None, :] - rr) * KG
+        s_ptrs = s_ptr + (row_g[None, :] - rr) * KG
         x_ptrs = x_ptr.to(tl.pointer_type(tl.int64)) + tok * stride_x8 + (4 * col)[:, None]
         k_begin = pid_s * k_per_split
         g_begin = k_begin // 16
         g_end = tl.minimum(k_begin + k_per_split, H) // 16
         acc_g = tl.zeros([NC, BN], dtype=tl.float32)
         acc_u = tl.zeros([NC, BN], dtype=tl.float32)
-        acc_g, acc_u = _qsteps(w_ptrs, s_ptrs, x_ptrs, g_begin, g_end, col, n_ok, I * KG, acc_g, acc_u,
+        acc_g, acc_u = _qsteps(w_ptrs, s_ptrs, rr, KG, x_ptrs, g_begin, g_end, col, n_ok, I * KG, acc_g, acc_u,
                                GATED, NC, PREFETCH)
         inv = 1180591620717411303424.0 / tl.load(gs_ptr + e64)  # 2^70: see _dot16
         ok = offs_n < I
@@ -714,21 +746,22 @@ if triton is not None:
         n_ok = (offs_n < H)[None, :]
         col = tl.arange(0, NC)
         row = e64 * H + offs_n
-        w_ptrs = w_ptr.to(tl.pointer_type(tl.int64)) + row[None, :] * KG + col[:, None]
-        s_ptrs = s_ptr + row[None, :] * KG + col[:, None]
+        rr = (row % 16)[None, :]
+        w_ptrs = w_ptr.to(tl.pointer_type(tl.int64)) + (row[None, :] - rr) * KG
+        s_ptrs = s_ptr + (row[None, :] - rr) * KG
         a_ptrs = a_ptr.to(tl.pointer_type(tl.int64)) + pair.to(tl.int64) * (I // 4) + (4 * col)[:, None]
         k_begin = pid_s * k_per_split
         g_begin = k_begin // 16
         g_end = tl.minimum(k_begin + k_per_split, I) // 16
         acc = tl.zeros([NC, BN], dtype=tl.float32)
         if EARLY:
-            w0, w1, s0, s1, _, _, _, _ = _qload_w(w_ptrs, s_ptrs, g_begin, g_end, col, n_ok, 0, False, NC)
+            w0, w1, s0, s1, _, _, _, _ = _qload_w(w_ptrs, s_ptrs, rr, KG, g_begin, g_end, col, n_ok, 0, False, NC)
             _gdc(PDL)
             x0, x1, x2, x3, x4, x5, x6, x7 = _qload_x(a_ptrs, g_begin, g_end, col, NC)
             acc = _dot16(w0, s0, x0, x1, x2, x3, acc)
             acc = _dot16(w1, s1, x4, x5, x6, x7, acc)
             g_begin += 2 * NC
-        acc, _ = _qsteps(w_ptrs, s_ptrs, a_ptrs, g_begin, g_end, col, n_ok, 0, acc, acc, False, NC, PREFETCH)
+        acc, _ = _qsteps(w_ptrs, s_ptrs, rr, KG, a_ptrs, g_begin, g_end, col, n_ok, 0, acc, acc, False, NC, PREFETCH)
         scale = tl.load(tw_ptr + pair) * 1180591620717411303424.0 / tl.load(gs_ptr + e64)  # 2^70: see _dot16
         y = tl.sum(acc, axis=0) * scale
         tl.store(y_ptr + (pid_s * num_pairs + pair).to(tl.int64) * H + offs_n, y, mask=offs_n < H)
@@ -885,12 +918,14 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                              pairs, hidden, inter, hidden_states.stride(0),
                              TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
                              BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
-                             PDL=pdl, NFIRST=nfirst, num_warps=cfg.warps1, num_stages=cfg.stages1, launch_pdl=pdl)
+                             PDL=pdl, NFIRST=nfirst, NARROW=hidden % 64 != 0, num_warps=cfg.warps1,
+                             num_stages=cfg.stages1, launch_pdl=pdl)
         grid2 = (tiles2, max_blocks, split) if nfirst else (max_blocks, tiles2, split)
         _gemm2_kernel[grid2](inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y,
                              pairs, hidden, inter, k_per_split,
                              BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
-                             PDL=pdl, NFIRST=nfirst, num_warps=cfg.warps2, num_stages=cfg.stages2, launch_pdl=pdl)
+                             PDL=pdl, NFIRST=nfirst, NARROW=inter % 64 != 0, num_warps=cfg.warps2,
+                             num_stages=cfg.stages2, launch_pdl=pdl)
 
     block = 1024
     _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),
@@ -945,12 +980,21 @@ def _decode_packed(hidden_states, w13, w13_scale, w13_gs, w2, w2_scale, w2_gs, f
 def prepare_weights(weights: registry.MoEWeights) -> registry.MoEWeights:
     """Canonical NVFP4 weights -> what :func:`fused_moe_triton` reads (done once, never per call).
 
-    The E2M1 bytes of ``w13`` and ``w2`` get the bit placement of :mod:`triton_layout` (same shapes and
-    dtypes: the registry's contract); scales and global scales are only made contiguous.
+    The E2M1 bytes of ``w13`` and ``w2`` get the bit placement of :mod:`triton_layout`, and codes and block
+    scales its 16-row bands (same shapes and dtypes: the registry's contract); global scales are only made
+    contiguous.
     """
     w13, s13, g13, w2, s2, g2 = weights
-    return registry.MoEWeights(to_triton_layout(w13), s13.contiguous(), g13.contiguous(),
-                               to_triton_layout(w2), s2.contiguous(), g2.contiguous())
+    return registry.MoEWeights(_banded_codes(w13), _banded_scales(s13), g13.contiguous(),
+                               _banded_codes(w2), _banded_scales(s2), g2.contiguous())
+
+
+def _banded_codes(w: torch.Tensor) -> torch.Tensor:
+    return to_band_layout(to_triton_layout(w), 8)
+
+
+def _banded_scales(s: torch.Tensor) -> torch.Tensor:
+    return to_band_layout(s.contiguous().view(torch.uint8), 1).view(s.dtype)
 
 
 def _prepare(weights: registry.MoEWeights, shape: MoEShape) -> registry.MoEWeights:

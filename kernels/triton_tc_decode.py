@@ -53,7 +53,7 @@ from moe_passes.kernels.triton_route import _route_args
 __all__ = ["decode_tc"]
 
 if triton is not None:
-    from moe_passes.kernels.triton_common import _act_kernel, _activation, _gdc, word_cut_asm
+    from moe_passes.kernels.triton_common import _act_kernel, _activation, _band_off, _gdc, word_cut_asm
     from moe_passes.kernels.triton_route import _pair_expert
 
     _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
@@ -151,27 +151,35 @@ if triton is not None:
                                          dtype=(tl.int64, tl.int64), is_pure=False, pack=1)
 
     @triton.jit
-    def _wload(w0, w1, sb0, sb1, g0, c, KG: tl.constexpr, live, GROUPED: tl.constexpr, VEC: tl.constexpr):
-        """Rows g and g+8 of this thread's two groups of the chunk at ``g0`` (an int64 each) and their scale
-        bytes.  A group past the last re-reads the last one(s) (its activations are masked to zero); ``live``
-        False (the prefetch past a split's end) loads nothing.  VEC (``KG`` even, 16-byte aligned rows): the
+    def _wload(w0, w1, sb0, sb1, rr0, rr1, g0, c, KG: tl.constexpr, live, GROUPED: tl.constexpr,
+               VEC: tl.constexpr):
+        """Rows g and g+8 (band pointers ``w0``/``w1``, scales ``sb0``/``sb1``, band rows ``rr0``/``rr1``) of
+        this thread's two groups of the chunk at ``g0`` (an int64 each) and their scale bytes.  A group past
+        the last re-reads the last one(s) (its activations are masked to zero); ``live`` False (the prefetch
+        past a split's end) loads nothing.  VEC (``KG`` even, 16-byte aligned rows): the
         two adjacent groups in one 16-byte load and their two scales in one 2-byte load."""
         G0, G1 = _groups(g0, c, GROUPED, VEC)
         if VEC:
             G0 = tl.minimum(G0, KG - 2)
             live = (c >= 0) & live  # a tensor also when ``live`` is the constant True
-            a0, a1 = _ld16(w0 + G0, live)
-            b0, b1 = _ld16(w1 + G0, live)
+            A0 = _band_off(G0, rr0, KG)
+            B0 = _band_off(G0, rr1, KG)
+            a0, a1 = _ld16(w0 + A0, live)
+            b0, b1 = _ld16(w1 + B0, live)
             s16 = tl.pointer_type(tl.uint16)
-            sa = tl.load((sb0 + G0).to(s16), mask=live).to(tl.int32)
-            sb = tl.load((sb1 + G0).to(s16), mask=live).to(tl.int32)
+            sa = tl.load((sb0 + A0).to(s16), mask=live).to(tl.int32)
+            sb = tl.load((sb1 + B0).to(s16), mask=live).to(tl.int32)
             return a0, a1, b0, b1, sa, sa >> 8, sb, sb >> 8
         else:
             G0 = tl.minimum(G0, KG - 1)
             G1 = tl.minimum(G1, KG - 1)
-            return (tl.load(w0 + G0, mask=live), tl.load(w0 + G1, mask=live), tl.load(w1 + G0, mask=live),
-                    tl.load(w1 + G1, mask=live), tl.load(sb0 + G0, mask=live), tl.load(sb0 + G1, mask=live),
-                    tl.load(sb1 + G0, mask=live), tl.load(sb1 + G1, mask=live))
+            A0 = _band_off(G0, rr0, KG)
+            A1 = _band_off(G1, rr0, KG)
+            B0 = _band_off(G0, rr1, KG)
+            B1 = _band_off(G1, rr1, KG)
+            return (tl.load(w0 + A0, mask=live), tl.load(w0 + A1, mask=live), tl.load(w1 + B0, mask=live),
+                    tl.load(w1 + B1, mask=live), tl.load(sb0 + A0, mask=live), tl.load(sb0 + A1, mask=live),
+                    tl.load(sb1 + B0, mask=live), tl.load(sb1 + B1, mask=live))
 
     @triton.jit
     def _xload(xp, g0, c, g_end, okb, GROUPED: tl.constexpr, VEC: tl.constexpr, XVEC: tl.constexpr):
@@ -225,12 +233,13 @@ if triton is not None:
 
     @triton.jit
     def _rows(e64, tid, N: tl.constexpr, KG: tl.constexpr, WARPS: tl.constexpr, ROWS: tl.constexpr):
-        """This thread's weight rows ``r0 = g`` and ``r1 = g + 8`` of the program's tile, as word offsets
-        (int64 units) of their first group.  Rows past the end read row ``N - 1`` (never stored)."""
+        """This thread's weight rows ``r0 = g`` and ``r1 = g + 8`` of the program's tile: ``r0``, the offsets
+        (int64 words, one per group) of the two rows' bands, and their rows in the bands (``_band_off``).
+        Rows past the end read row ``N - 1`` (never stored)."""
         r0 = (tl.program_id(1) * WARPS + (tid >> 5)) * 16 + ((tid & 31) >> 2)
-        o0 = (e64 * ROWS + tl.minimum(r0, N - 1)) * KG
-        o1 = (e64 * ROWS + tl.minimum(r0 + 8, N - 1)) * KG
-        return r0, o0, o1
+        R0 = e64 * ROWS + tl.minimum(r0, N - 1)
+        R1 = e64 * ROWS + tl.minimum(r0 + 8, N - 1)
+        return r0, (R0 - R0 % 16) * KG, (R1 - R1 % 16) * KG, R0 % 16, R1 % 16
 
     @triton.jit
     def _tgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, out_ptr, part_ptr,
@@ -259,8 +268,10 @@ if triton is not None:
         N1: tl.constexpr = 2 * I if GATED else I
         KG: tl.constexpr = H // 16
         UP: tl.constexpr = I * KG  # gate row r -> up row I + r
-        row, o0, o1 = _rows(e64, tid, I, KG, WARPS, N1)
+        row, o0, o1, rr0, rr1 = _rows(e64, tid, I, KG, WARPS, N1)
         w64 = w_ptr.to(tl.pointer_type(tl.int64))
+        wg0, wg1, sg0, sg1 = w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1
+        wu0, wu1, su0, su1 = wg0 + UP, wg1 + UP, sg0 + UP, sg1 + UP
         okb = pb < num_pairs
         xp = x_ptr.to(tl.pointer_type(tl.int64)) + tl.where(okb, pb // TOP_K, 0).to(tl.int64) * stride_x8
         g_begin = tl.program_id(2) * groups_per_split
@@ -269,26 +280,23 @@ if triton is not None:
         ag0, ag1, ag2, ag3 = zero, zero, zero, zero
         au0, au1, au2, au3 = zero, zero, zero, zero
         if PF:
-            wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED, VEC)
+            wg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if GATED:
-                wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g_begin, c, KG, True,
-                            GROUPED, VEC)
+                wu = _wload(wu0, wu1, su0, su1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             xs = _xload(xp, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
         for g0 in range(g_begin, g_end, 8):
             if PF:
                 cg, cx = wg, xs
                 more = g0 + 8 < g_end
-                wg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, more, GROUPED, VEC)
+                wg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g0 + 8, c, KG, more, GROUPED, VEC)
                 xs = _xload(xp, g0 + 8, c, g_end, okb, GROUPED, VEC, XVEC)
                 if GATED:
                     cu = wu
-                    wu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g0 + 8, c, KG, more,
-                                GROUPED, VEC)
+                    wu = _wload(wu0, wu1, su0, su1, rr0, rr1, g0 + 8, c, KG, more, GROUPED, VEC)
             else:
-                cg = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0, c, KG, True, GROUPED, VEC)
+                cg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g0, c, KG, True, GROUPED, VEC)
                 if GATED:
-                    cu = _wload(w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP, g0, c, KG, True,
-                                GROUPED, VEC)
+                    cu = _wload(wu0, wu1, su0, su1, rr0, rr1, g0, c, KG, True, GROUPED, VEC)
                 cx = _xload(xp, g0, c, g_end, okb, GROUPED, VEC, XVEC)
             ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
             if GATED:
@@ -351,8 +359,9 @@ if triton is not None:
             return
         e64 = e.to(tl.int64)
         KG: tl.constexpr = I // 16
-        row, o0, o1 = _rows(e64, tid, H, KG, WARPS, H)
+        row, o0, o1, rr0, rr1 = _rows(e64, tid, H, KG, WARPS, H)
         w64 = w_ptr.to(tl.pointer_type(tl.int64))
+        wp0, wp1, sp0, sp1 = w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1
         okb = pb < num_pairs
         ap = a_ptr.to(tl.pointer_type(tl.int64)) + tl.where(okb, pb, 0).to(tl.int64) * (I // 4)
         g_begin = tl.program_id(2) * groups_per_split
@@ -361,14 +370,14 @@ if triton is not None:
         a0, a1, a2, a3 = zero, zero, zero, zero
         g_loop = g_begin
         if PF:
-            wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED, VEC)
+            wc = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if EARLY:
                 _gdc(PDL)
             xs = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
         elif EARLY:
-            cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin, c, KG, True, GROUPED, VEC)
+            cw = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if EARLY > 1:  # the second chunk too (nothing past the split's end: its products are zeros)
-                cw2 = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g_begin + 8, c, KG, g_begin + 8 < g_end,
+                cw2 = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin + 8, c, KG, g_begin + 8 < g_end,
                              GROUPED, VEC)
             _gdc(PDL)
             cx = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
@@ -380,10 +389,10 @@ if triton is not None:
         for g0 in range(g_loop, g_end, 8):
             if PF:
                 cw, cx = wc, xs
-                wc = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0 + 8, c, KG, g0 + 8 < g_end, GROUPED, VEC)
+                wc = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g0 + 8, c, KG, g0 + 8 < g_end, GROUPED, VEC)
                 xs = _xload(ap, g0 + 8, c, g_end, okb, GROUPED, VEC, XVEC)
             else:
-                cw = _wload(w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1, g0, c, KG, True, GROUPED, VEC)
+                cw = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g0, c, KG, True, GROUPED, VEC)
                 cx = _xload(ap, g0, c, g_end, okb, GROUPED, VEC, XVEC)
             a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
         inv = 128.0 / tl.load(gs_ptr + e64)

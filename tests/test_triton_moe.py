@@ -172,6 +172,18 @@ def test_hidden_sizes_and_token_counts(hidden, tokens):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("hidden, inter", [(736, 240), (752, 224)])
+@pytest.mark.parametrize("tokens", [1, 4, 16, 64, 300])
+def test_banded_rows_with_a_narrow_last_piece(hidden, inter, tokens):
+    """Rows whose 16-element groups are not a multiple of 4 (46 / 47 groups of hidden, 15 / 14 of
+    intermediate) end in a narrower piece of their band: every path (packed decode, per-pair and grouped
+    tensor-core decode, 16- and 64-row tiles) must address it."""
+    _check(hidden=hidden, inter=inter, experts=16, tokens=tokens, activation="silu", routing="renormalize",
+           seed=hidden + inter + tokens)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("tokens", [1, 200])
 def test_through_registry_spec(tokens):
     _check(hidden=2880, inter=144, experts=8, tokens=tokens, activation="gelu_tanh", routing="default",
