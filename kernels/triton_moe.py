@@ -186,26 +186,16 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count,
                           vec1=tokens >= 32 or not gated)
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
-        if 1 < tokens and hidden <= 4096:
-            # Tensor-core decode, one program per pair: 2-8 tokens on Nemotron-Nano, Qwen3 and Gemma-4
-            # 5-18% faster than the packed decode below (Qwen3 4 tokens 46.9 -> 41.0 us, 8 tokens 82.3 ->
-            # 67.8); DeepSeek-V3 (hidden 7168) was 5-10% slower at 4 tokens, and 1 token a tie or slower
-            # on three of the four layers, so those keep the packed decode.
-            # 16-byte loads in GEMM1 at 4 tokens: Nemotron-Nano 60.8 -> 58.3 us, gated layers mixed (Qwen3 3%
-            # faster, Gemma-4 6% slower), so only ungated.
-            return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=not gated,
-                              early2=tokens > 2)
-        # Decode: one program per (token, expert) pair, CUDA-core dot products with the packed E2M1 decode.
-        # Measured on the H200 (Nemotron-Nano, Qwen3, Gemma-4, DeepSeek-V3 at 1, 4 and 16 tokens): one warp
-        # per program, 8 GEMM1 rows per program (4 gate + 4 up when gated; 8 rows for ReLU^2: Nemotron-Nano
-        # at 4 tokens 64.7 -> 63.1 us over 4 rows, a tie at 1 token) and 8 GEMM2 rows, no K split of GEMM2
-        # (split 2 and 4 were slower), no register prefetch (slower: fewer programs fit).
-        # Routing in GEMM1's programs instead of its own launch (H200, against the routing launch): 1 token
-        # 4-7% faster on Nemotron-Nano, Qwen3 and Gemma-4 (Qwen3 17.6 -> 16.6 us); DeepSeek-V3 (256 experts
-        # in 8 groups, 8x more GEMM1 programs each routing) 84 -> 92 us; 4-8 tokens on the tensor-core
-        # decode -1..+3% (the routing's latency before the first weight load eats the launch it saves).
-        return TileConfig(bm=1, bn1=4 if gated else 8, bk1=0, warps1=1, stages1=1,
-                          bn2=8, bk2=0, warps2=1, stages2=1, split2=1, fused_route=tokens == 1 and hidden <= 4096)
+        # Tensor-core decode, one program per pair.  With the banded weights (H200, same session, against the
+        # packed decode that used to run here at 1 token and on DeepSeek-V3's hidden 7168 up to 16 tokens):
+        # 1 token Nemotron-Nano 26.5 -> 22.7 us, Qwen3 19.3 -> 17.2, Gemma-4 24.0 -> 19.8, DeepSeek-V3 96.2 ->
+        # 77.4; DeepSeek-V3 4 tokens 332 -> 257, 8 tokens 651 -> 498.  Routing inside its GEMM1 programs was
+        # slower at 1 token (Qwen3 20.7 us), so the routing keeps its launch.  (Row-major, the packed decode
+        # had won at 1 token and on DeepSeek-V3; the banded layout scatters its row-wise warp loads.)
+        # 16-byte loads in GEMM1 at 4 tokens: Nemotron-Nano 60.8 -> 58.3 us, gated layers mixed (Qwen3 3%
+        # faster, Gemma-4 6% slower), so only ungated.
+        return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=not gated,
+                          early2=tokens > 2)
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step
         # ahead: measured on the H100 at 32-128 tokens on all four benchmark shapes, 6-12% faster than the
