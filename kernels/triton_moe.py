@@ -175,16 +175,17 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # 22-27% faster, 64 tokens 10-20% faster; at 128 tokens (two blocks per expert) it lost to the tiles.
         # 16-byte loads (H200, both GEMMs against neither): 32 and 64 tokens 3-9% faster on Nemotron-Nano, Qwen3
         # and Gemma-4 (Gemma-4 64 tokens 202 -> 187 us; DeepSeek-V3 within noise) and ungated Nemotron-Nano at
-        # 16 tokens 146 -> 134 us; but in gated GEMM1s at 16 tokens 4-10% slower (Qwen3 103 -> 113 us).
+        # 16 tokens 146 -> 134 us; but in gated GEMM1s at 16 tokens 4-10% slower (Qwen3 103 -> 113 us) while
+        # the weights were row-major.  Banded, 16-byte GEMM1 loads at 16 tokens: Qwen3 102.8 -> 90.6 us,
+        # Gemma-4 126.5 -> 116.8, DeepSeek-V3 642 -> 613 (same session, two rounds each).
         # GEMM2's first chunk of weights loaded before its PDL wait (``early2``), on both tensor-core decodes
         # (H200, three sessions of two rounds against without it): Qwen3 4 tokens 40.3/40.4, 40.9/41.0,
         # 41.3/41.0 -> 39.0/39.3, 39.7/40.6, 39.6/40.4 us; Gemma-4 4 tokens 51.1/51.0, 53.2/53.2, 52.9/53.1 ->
         # 49.0/49.4, 50.7/51.1, 51.5/51.0; Qwen3 16 tokens 1.5-3% faster, 32-64 tokens 0-2%; Nemotron-Nano
         # within its noise.  Two chunks were slower (4 tokens: Qwen3 42.4/41.8, Nemotron-Nano 63.8/63.5 against
-        # 58.2/58.9), and at 2 tokens Gemma-4 was 2-4% slower with it.  The packed decode is slower with it
-        # (Qwen3 1 token 17.3/17.0 -> 18.2/18.1 us, DeepSeek-V3 4 tokens 284 -> 295), so it keeps its plain wait.
-        return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count,
-                          vec1=tokens >= 32 or not gated)
+        # 58.2/58.9), and at 2 tokens Gemma-4 was 2-4% slower with it.  (The packed decode was slower with it:
+        # Qwen3 1 token 17.3/17.0 -> 18.2/18.1 us, DeepSeek-V3 4 tokens 284 -> 295.)
+        return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count, vec1=True)
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
         # Tensor-core decode, one program per pair.  With the banded weights (H200, same session, against the
         # packed decode that used to run here at 1 token and on DeepSeek-V3's hidden 7168 up to 16 tokens):
@@ -192,9 +193,10 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # 77.4; DeepSeek-V3 4 tokens 332 -> 257, 8 tokens 651 -> 498.  Routing inside its GEMM1 programs was
         # slower at 1 token (Qwen3 20.7 us), so the routing keeps its launch.  (Row-major, the packed decode
         # had won at 1 token and on DeepSeek-V3; the banded layout scatters its row-wise warp loads.)
-        # 16-byte loads in GEMM1 at 4 tokens: Nemotron-Nano 60.8 -> 58.3 us, gated layers mixed (Qwen3 3%
-        # faster, Gemma-4 6% slower), so only ungated.
-        return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=not gated,
+        # 16-byte loads in GEMM1 (H200, banded weights, against 8-byte ones): Qwen3 1 token 17.5 -> 17.0 us,
+        # 4 tokens 37.3 -> 36.3, 8 tokens 64.7 -> 61.3; Gemma-4 1 token 19.4 -> 19.5, 4 tokens 50.6 -> 45.2,
+        # 8 tokens 87.5 -> 77.9.  (Row-major they had paid only on the ungated Nemotron-Nano.)
+        return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=True,
                           early2=tokens > 2)
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step

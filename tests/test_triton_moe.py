@@ -63,15 +63,12 @@ def test_select_config_regimes():
     assert (one.split1, one.split2, one.prefetch) == (2, 1, False)
     grouped = select_config(16, **qwen3)  # 128 blocks x 48 tiles >= 1056: no split
     assert (grouped.split1, grouped.split2, grouped.prefetch) == (1, 1, True)
-    # 16-byte loads: always in GEMM2; in GEMM1 of ungated layers and from 32 tokens (measured boundaries)
-    vec = {}
-    for name, shape in (("qwen3", qwen3), ("nemotron", nemotron)):
-        for tokens in (4, 16, 32):
+    # 16-byte loads in both GEMMs of the tensor-core decode (measured faster on the banded weights)
+    for shape in (qwen3, nemotron, deepseek):
+        for tokens in (1, 4, 16, 32):
             cfg = select_config(tokens, **shape)
-            vec[name, tokens] = (cfg.vec1, cfg.vec2)
-    assert vec == {("qwen3", 4): (False, True), ("qwen3", 16): (False, True), ("qwen3", 32): (True, True),
-                   ("nemotron", 4): (True, True), ("nemotron", 16): (True, True), ("nemotron", 32): (True, True)}
-    assert not select_config(1, **qwen3).vec1 and not select_config(128, **qwen3).vec2  # not the tiles
+            assert (cfg.vec1, cfg.vec2) == (True, True), (shape, tokens)
+    assert not select_config(128, **qwen3).vec2  # not the tiles
     # GEMM2 loads its first chunk before its PDL wait on the tensor-core decode from 3 tokens (measured)
     assert [select_config(t, **qwen3).early2 for t in (1, 2, 3, 4, 16, 64, 128)] == [0, 0, 1, 1, 1, 1, 0]
     # the routing keeps its own launch (routing in GEMM1's programs measured slower on the banded weights)
