@@ -3,16 +3,15 @@
 What one call does (all on the GPU, no host synchronisation, CUDA-graph capturable):
 
 1. routing: one Triton launch (:func:`_route_kernel`, the semantics of ``reference.route``) gives
-   ``topk_weights / topk_ids [T, k]``; at 1 token (hidden <= 4096) GEMM1's programs route their token
-   themselves instead (:func:`_pair_expert`, one launch fewer);
-2. decode (1 token, or up to 16 tokens with ~1-2 pairs per touched expert on layers with hidden > 4096):
-   one program per (pair, row tile) runs a CUDA-core GEMV (:func:`_qgemv1_kernel` with the activation
-   fused, :func:`_qgemv2_kernel` with the routing weight).  Each thread owns two 16-element groups of its
-   rows per K step and reads 8-byte weight and activation words; the E2M1 codes become fp32 with a short
-   PTX cut (see below), products are summed in fp32 per 16-element group and the E4M3 block scale
-   multiplies the group's partial sum once.  At 2-15 tokens on smaller layers, and at 16-64 tokens with
-   the pairs grouped by expert, :mod:`triton_tc_decode` runs the decode GEMVs on the tensor cores instead
-   (inline ``mma.sync`` on the decoded registers);
+   ``topk_weights / topk_ids [T, k]`` (``TileConfig.fused_route``, not selected, lets the per-pair decode's
+   GEMM1 programs route their token themselves instead, :func:`_pair_expert`);
+2. decode (up to ~1-2 pairs per touched expert, and 16-64 tokens with up to 8): :mod:`triton_tc_decode`
+   runs the GEMVs on the tensor cores (inline ``mma.sync`` on the decoded registers), one program per pair
+   or per 8-token expert block.  The packed decode here (:func:`_qgemv1_kernel` with the activation fused,
+   :func:`_qgemv2_kernel` with the routing weight: CUDA-core dot products, each thread owning two 16-element
+   groups of its rows per K step, the E2M1 codes made fp32 by a short PTX cut, each group's partial sum
+   times its E4M3 scale) is no longer selected since the weights are banded, but stays a ``TileConfig``
+   option (``bm == 1``, ``tc`` False);
 3. otherwise the (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows (three short
    launches: atomic ranks, block map, scatter) and two tensor-core kernels run: GEMM1 with the activation
    fused (gate and up tiles in the same program) and GEMM2 with the routing weight, optionally split along
@@ -580,10 +579,10 @@ if triton is not None:
     @triton.jit
     def _qload_w(w_ptrs, s_ptrs, rr, KG, g0, g_end, col, n_ok, UW, GATED: tl.constexpr, NC: tl.constexpr):
         """The weight words and scale bytes of one K step of the packed-decode kernels: thread ``c`` reads
-        groups ``g0 + c`` and ``g0 + NC + c`` of every row (and of the up rows), so one warp load is 256
-        contiguous bytes of a row.  Measured on the H200 against two adjacent groups per thread (half of
-        each 32-byte sector per load): 1 token 1-4% faster on all four benchmark layers (Qwen3 18.3 -> 17.6
-        us)."""
+        groups ``g0 + c`` and ``g0 + NC + c`` of every row (and of the up rows), so one warp load is 32
+        groups of a row: 256 contiguous bytes row-major (measured 1-4% faster at 1 token than two adjacent
+        groups per thread), 8 pieces of the row's band on the banded weights (``rr``: the rows' places in
+        their bands, ``KG`` groups per row), which is why this decode is no longer selected."""
         m0 = n_ok & (g0 + col < g_end)[:, None]
         m1 = n_ok & (g0 + col + NC < g_end)[:, None]
         o0 = _band_off((g0 + col)[:, None], rr, KG)

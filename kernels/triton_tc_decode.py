@@ -29,11 +29,14 @@ faster with the first (DeepSeek-V3 804 -> 757 us), per pair 4 tokens 3-5% faster
 ``2c..`` / ``2c+8..`` of the first, pairs 2/3 of the second, and the activation words holding the same
 elements ``(4q .. 4q+3)`` are ``b0 b1 / b2 b3``.
 
-Each such warp load spans 8 weight rows (8 cache lines), and Nsight Compute showed the loop waiting on
-L1 requests (64% of the stalls, DRAM at 46% of its peak, Qwen3 16 tokens) rather than on DRAM.  With
+Each such warp load spans 8 weight rows.  Row-major that was 8 cache lines, and Nsight Compute showed
+the loop waiting on L1 requests (64% of the stalls, DRAM at 46% of its peak, Qwen3 16 tokens) rather
+than on DRAM; on the banded weights (``triton_layout``: each 16-row band stored as 64-element pieces,
+their 16 rows contiguous, addressed through ``_band_off``) the 8 rows' piece is one run of 2 lines.  With
 ``VEC`` (an even number of groups per row, aligned tensors) a thread's groups are always ``2c, 2c + 1``
-and each row's pair is one 16-byte load (its two scales one 2-byte load); ``XVEC`` does the same for the
-activation words.  That halves the load instructions; where it pays is measured (``select_config``).
+and each row's pair is one 16-byte load (its two scales one 2-byte load; a narrow last piece of a band
+then holds 2 groups, so the pair stays contiguous); ``XVEC`` does the same for the activation words.  That
+halves the load instructions; where it pays is measured (``select_config``).
 
 Two ways to pick the tokens (B columns) of a program:
 
