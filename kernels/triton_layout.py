@@ -113,43 +113,42 @@ def band_offset(g, r, groups: int):
     return p * (BAND_ROWS * PIECE_GROUPS) + r * width + (g - p * PIECE_GROUPS)
 
 
-def _band_index(rows: int, groups: int, per_group: int) -> torch.Tensor:
-    """For each position of a banded ``[rows, groups * per_group]`` tensor, the row-major position it holds."""
-    g = torch.arange(groups).repeat(rows)
-    row = torch.arange(rows).repeat_interleave(groups)
-    dst = (row - row % BAND_ROWS) * groups + band_offset(g, row % BAND_ROWS, groups)
-    src = row * groups + g
-    index = torch.empty(rows * groups, dtype=torch.int64)
-    index[dst] = src
-    b = torch.arange(per_group)
-    return (index[:, None] * per_group + b).reshape(-1)
-
-
 def _check_bands(t: torch.Tensor, name: str, per_group: int) -> None:
     if t.ndim < 2 or t.shape[-2] % BAND_ROWS or t.shape[-1] % per_group:
         raise ValueError(f"{name}: {tuple(t.shape)} needs rows (dimension -2) in multiples of {BAND_ROWS} and a "
                          f"last dimension in multiples of {per_group} bytes (one 16-element group)")
 
 
+def _split(t: torch.Tensor, per_group: int):
+    """``[..., N, W]`` -> its whole pieces ``[..., N/16, 16, pieces, piece bytes]`` and the narrow rest
+    ``[..., N/16, 16, rest bytes]`` (views of the row-major tensor)."""
+    n, width = t.shape[-2], t.shape[-1]
+    piece = PIECE_GROUPS * per_group
+    full = width // piece
+    bands = t.reshape(*t.shape[:-2], n // BAND_ROWS, BAND_ROWS, width)
+    return bands[..., :full * piece].unflatten(-1, (full, piece)), bands[..., full * piece:]
+
+
 def to_band_layout(t: torch.Tensor, per_group: int) -> torch.Tensor:
     """Row-major ``[..., N, K*per_group]`` (``per_group`` bytes per 16-element group: 8 for packed codes,
     1 for E4M3 scales) -> the banded order described above (same shape, dtype and device)."""
     _check_bands(t, "to_band_layout", per_group)
-    n, width = t.shape[-2], t.shape[-1]
-    index = _band_index(n, width // per_group, per_group).to(t.device)
-    flat = t.contiguous().reshape(-1, n * width)
-    return flat[:, index].reshape(t.shape)
+    whole, rest = _split(t.contiguous(), per_group)
+    # each band: its whole pieces, each piece's 16 rows in turn, then the 16 rows' narrow rest
+    banded = torch.cat([whole.transpose(-3, -2).flatten(-3), rest.flatten(-2)], dim=-1)
+    return banded.reshape(t.shape)
 
 
 def from_band_layout(t: torch.Tensor, per_group: int) -> torch.Tensor:
     """The inverse of :func:`to_band_layout`."""
     _check_bands(t, "from_band_layout", per_group)
-    n, width = t.shape[-2], t.shape[-1]
-    index = _band_index(n, width // per_group, per_group).to(t.device)
-    flat = t.contiguous().reshape(-1, n * width)
-    out = torch.empty_like(flat)
-    out[:, index] = flat
-    return out.reshape(t.shape)
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    whole, rest = _split(out, per_group)
+    pieces, piece = whole.shape[-2], whole.shape[-1]
+    bands = t.contiguous().reshape(*rest.shape[:-2], -1)
+    whole.copy_(bands[..., :pieces * BAND_ROWS * piece].unflatten(-1, (pieces, BAND_ROWS, piece)).transpose(-3, -2))
+    rest.copy_(bands[..., pieces * BAND_ROWS * piece:].unflatten(-1, (BAND_ROWS, rest.shape[-1])))
+    return out
 
 
 def emulate_word_decode(packed: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,13 @@ def test_band_layout_makes_a_k_step_of_eight_rows_one_run():
         assert torch.equal(banded[start:start + 256], run)
 
 
+def test_band_layout_of_a_non_contiguous_input_is_that_of_its_values():
+    g = torch.Generator().manual_seed(3)
+    view = torch.randint(0, 256, (32, 2, 40), dtype=torch.uint8, generator=g).transpose(0, 1)  # [2, 32, 40]
+    assert torch.equal(to_band_layout(view, 8), to_band_layout(view.contiguous(), 8))
+    assert torch.equal(from_band_layout(to_band_layout(view, 8), 8), view)
+
+
 def test_band_offset_matches_on_tensors_and_ints():
     g = torch.arange(15).repeat(16)
     r = torch.arange(16).repeat_interleave(15)
