@@ -157,6 +157,14 @@ def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int,
                       vec2=True, early2=int(early2))
 
 
+def _check_config(cfg: TileConfig) -> None:
+    """A caller's tile config must step K in whole 64-element pieces: the tiles address the banded weights
+    (:mod:`triton_layout`) a piece at a time, and any other step would read the wrong bytes."""
+    if not cfg.tc and cfg.bm > 1 and (cfg.bk1 % 64 or cfg.bk2 % 64 or cfg.bk1 <= 0 or cfg.bk2 <= 0):
+        raise MoEConfigError(f"TileConfig bk1={cfg.bk1}, bk2={cfg.bk2}: the tensor-core tiles need K steps that "
+                             "are positive multiples of 64 (one piece of the banded weight layout)")
+
+
 def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, gated: bool,
                   sm_count: int = 132) -> TileConfig:
     """Tile shapes by regime: decode (few rows per expert) is weight-bandwidth bound, prefill compute bound."""
@@ -851,6 +859,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         return out
 
     cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
+    _check_config(cfg)
     # Serial launches for the prefill tiles: their calls take 0.5-12 ms, and chained launches measured no
     # consistent gain there (H200, four rounds: DeepSeek-V3 2-4% slower at 1024 tokens and slower in three of
     # four rounds at 4096, Nemotron-Nano 2-6% faster at 1024, Qwen3 and Gemma-4 within 1-2%).

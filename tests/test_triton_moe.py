@@ -6,6 +6,7 @@ module imports and registers an unavailable kernel on a CPU-only machine.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -88,6 +89,20 @@ def test_select_config_regimes():
 
 
 _QDEC = dict(bm=1, bk1=0, stages1=1, bk2=0, stages2=1)
+
+
+@pytest.mark.parametrize("bk1, bk2", [(32, 64), (64, 32), (96, 128), (0, 64)])
+def test_tile_k_steps_off_the_band_pieces_are_config_errors(bk1, bk2):
+    """The tiles read the banded weights a 64-element piece at a time: another K step is refused, not read
+    from the wrong bytes."""
+    from moe_passes.errors import MoEConfigError
+    from moe_passes.kernels.triton_moe import TileConfig, _check_config
+
+    cfg = TileConfig(bm=64, bn1=128, bk1=bk1, warps1=4, stages1=3, bn2=128, bk2=bk2, warps2=4, stages2=3)
+    with pytest.raises(MoEConfigError, match="multiples of 64"):
+        _check_config(cfg)
+    for good in (dataclasses.replace(cfg, bk1=64, bk2=128), dataclasses.replace(cfg, bm=1, tc=True)):
+        _check_config(good)  # the decode configs have no K step
 
 
 def _make_layer(hidden, inter, experts, activation, device, seed):
@@ -377,7 +392,6 @@ def test_routing_fused_into_gemm1(routing, tokens, tc):
     routing launch: bit-identical outputs (so the same experts and routing weights); and against the
     reference.  Packed decode (split GEMM1 at 3 tokens) and tensor-core decode per pair, every routing
     method (deepseek_v3 with 4 groups of 4)."""
-    import dataclasses
 
     from moe_passes.kernels import triton_moe
 
@@ -422,7 +436,6 @@ def test_gemm2_early_weight_loads(variant, routing):
     bit-identical to the same configs without it (the same sums in the same order), match the reference,
     and leave no poisoned element.  Odd group counts (1040 = 65 groups, 208 = 13) and a GEMM2 K split, so
     early loads start inside a row and end in a partial step."""
-    import dataclasses
 
     from moe_passes.kernels import triton_moe
 
@@ -475,7 +488,6 @@ def test_grid_order_is_bit_identical(tokens, activation, monkeypatch):
     """``TileConfig.nfirst`` only reorders the programs: the same products in the same order per program, so
     the output is bit-identical to row blocks first (16-, 64- and 128-row tiles) and matches the reference;
     with more row blocks than grid axis 1 takes, the call falls back to row blocks first."""
-    import dataclasses
 
     from moe_passes.kernels import triton_moe
 
