@@ -203,8 +203,11 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # 16-byte loads in GEMM1 (H200, banded weights, against 8-byte ones): Qwen3 1 token 17.5 -> 17.0 us,
         # 4 tokens 37.3 -> 36.3, 8 tokens 64.7 -> 61.3; Gemma-4 1 token 19.4 -> 19.5, 4 tokens 50.6 -> 45.2,
         # 8 tokens 87.5 -> 77.9.  (Row-major they had paid only on the ungated Nemotron-Nano.)
+        # GEMM2's first chunk before its PDL wait (``early2``) at 1 token too, banded (H200, two rounds):
+        # Nemotron-Nano 22.7/22.8 -> 21.9/22.0 us, Gemma-4 19.2/19.8 -> 19.1/19.1, Qwen3 16.7/17.1 ->
+        # 17.0/16.9; not at 2 tokens (Gemma-4 2-4% slower with it, row-major).
         return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=True,
-                          early2=tokens > 2)
+                          early2=tokens != 2)
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step
         # ahead: measured on the H100 at 32-128 tokens on all four benchmark shapes, 6-12% faster than the
@@ -223,11 +226,12 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # gains 15-40% (two steps ahead was slower).  Column tiles first in the grid (``nfirst``), same-session
     # A/B against row blocks first: 4-10% faster at 1024 and 4096 tokens on all four layers (Nemotron-Nano
     # 4096 1948 -> 1751 us, DeepSeek-V3 4096 12.2 -> 11.2 ms; mostly GEMM2, whose activation rows each
-    # column tile re-reads), 1-4% at 128 tokens (16-row tiles, within that A/B's spread).  64-row blocks up
-    # to 160 rows per expert, 128-row blocks above: with nfirst, DeepSeek-V3's 128 rows are 2% faster in
-    # 64-row blocks (GEMM time 10.6-10.8 vs 10.9 ms) but Nemotron-Nano's 192 are 4% faster in 128-row blocks
-    # (1.60 vs 1.66 ms; before nfirst 64-row blocks won both by 5%).
-    if rows_per_expert <= 160:
+    # column tiles first in the grid (nfirst), 1-4% at 128 tokens (16-row tiles, within that A/B's spread).
+    # 64-row blocks up to 96 rows per expert, 128-row blocks above.  On the banded weights (H200, whole layer,
+    # two rounds) DeepSeek-V3's 128 rows at 4096 tokens take 10.85/10.95 ms in 64-row blocks and 9.94/10.00 in
+    # 128-row blocks, its 32 rows at 1024 tokens 4.72/4.64 against 5.46/5.35 ms (row-major, with nfirst, 64-row
+    # blocks had been 2% faster at 128 rows); Nemotron-Nano's 192 rows were 4% faster in 128-row blocks.
+    if rows_per_expert <= 96:
         return TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
                           wprefetch=True, nfirst=True)
     return TileConfig(bm=128, bn1=64 if gated else 128, bk1=64, warps1=4, stages1=3,
