@@ -143,18 +143,17 @@ def _tc_split(blocks: int, rows: int, k: int, target: int) -> int:
     return split
 
 
-def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int, vec1: bool,
-               early2: bool = True) -> TileConfig:
+def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int, vec1: bool) -> TileConfig:
     """The tensor-core decode (:mod:`triton_tc_decode`): one warp per 16-row tile.  The register prefetch
     helps the grouped blocks (H200, 32 tokens: Qwen3 154 -> 143 us, the others 1-5%) and not the per-pair
     programs (Nemotron-Nano 4 tokens 59 -> 67 us and DeepSeek-V3 1 token 90 -> 96 us with it; Qwen3 and
     Gemma-4 1-4% faster).  GEMM2 always takes the 16-byte loads (H200, 4-64 tokens: equal or 1-2% faster);
-    GEMM1 as the caller measured.  GEMM2 loads its first chunk of weights before its PDL wait (``early2``) where
-    the caller says so."""
+    GEMM1 as the caller measured.  GEMM2 loads its first chunk of weights before its PDL wait (``early2``:
+    measured faster or equal on both decodes, see ``select_config``)."""
     return TileConfig(bm=8 if grouped else 1, bn1=16, bk1=0, warps1=1, stages1=1, bn2=16, bk2=0, warps2=1,
                       stages2=1, split1=_tc_split(blocks, inter, hidden, target),
                       split2=_tc_split(blocks, hidden, inter, target), tc=True, prefetch=grouped, vec1=vec1,
-                      vec2=True, early2=int(early2))
+                      vec2=True, early2=1)
 
 
 def _check_config(cfg: TileConfig) -> None:
@@ -203,11 +202,11 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # 16-byte loads in GEMM1 (H200, banded weights, against 8-byte ones): Qwen3 1 token 17.5 -> 17.0 us,
         # 4 tokens 37.3 -> 36.3, 8 tokens 64.7 -> 61.3; Gemma-4 1 token 19.4 -> 19.5, 4 tokens 50.6 -> 45.2,
         # 8 tokens 87.5 -> 77.9.  (Row-major they had paid only on the ungated Nemotron-Nano.)
-        # GEMM2's first chunk before its PDL wait (``early2``) at 1 token too, banded (H200, two rounds):
-        # Nemotron-Nano 22.7/22.8 -> 21.9/22.0 us, Gemma-4 19.2/19.8 -> 19.1/19.1, Qwen3 16.7/17.1 ->
-        # 17.0/16.9; not at 2 tokens (Gemma-4 2-4% slower with it, row-major).
-        return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=True,
-                          early2=tokens != 2)
+        # GEMM2's first chunk before its PDL wait (``early2``) at 1-2 tokens too, banded (H200, two rounds,
+        # without -> with): 1 token Nemotron-Nano 22.7/22.8 -> 21.9/22.0 us, Gemma-4 19.2/19.8 -> 19.1/19.1,
+        # Qwen3 16.7/17.1 -> 17.0/16.9; 2 tokens Qwen3 23.5/23.7 -> 23.3/23.0, Gemma-4 29.0/28.9 -> 29.5/28.9,
+        # Nemotron-Nano 33.1/33.1 -> 32.4/33.0.  (Row-major, Gemma-4 had been 2-4% slower with it at 2 tokens.)
+        return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=True)
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step
         # ahead: measured on the H100 at 32-128 tokens on all four benchmark shapes, 6-12% faster than the
@@ -230,7 +229,9 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # 64-row blocks up to 96 rows per expert, 128-row blocks above.  On the banded weights (H200, whole layer,
     # two rounds) DeepSeek-V3's 128 rows at 4096 tokens take 10.85/10.95 ms in 64-row blocks and 9.94/10.00 in
     # 128-row blocks, its 32 rows at 1024 tokens 4.72/4.64 against 5.46/5.35 ms (row-major, with nfirst, 64-row
-    # blocks had been 2% faster at 128 rows); Nemotron-Nano's 192 rows were 4% faster in 128-row blocks.
+    # blocks had been 2% faster at 128 rows), its 64 rows at 2048 tokens 6.69/6.65 against 6.78/6.82 ms;
+    # Nemotron-Nano's 192 rows were 4% faster in 128-row blocks.  Other stage counts, 64-column GEMM2 tiles
+    # or a GEMM2 K split were 1-8% slower on DeepSeek-V3 at 4096 tokens.
     if rows_per_expert <= 96:
         return TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
                           wprefetch=True, nfirst=True)
