@@ -202,10 +202,12 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # 16-byte loads in GEMM1 (H200, banded weights, against 8-byte ones): Qwen3 1 token 17.5 -> 17.0 us,
         # 4 tokens 37.3 -> 36.3, 8 tokens 64.7 -> 61.3; Gemma-4 1 token 19.4 -> 19.5, 4 tokens 50.6 -> 45.2,
         # 8 tokens 87.5 -> 77.9.  (Row-major they had paid only on the ungated Nemotron-Nano.)
-        # GEMM2's first chunk before its PDL wait (``early2``) at 1-2 tokens too, banded (H200, two rounds,
-        # without -> with): 1 token Nemotron-Nano 22.7/22.8 -> 21.9/22.0 us, Gemma-4 19.2/19.8 -> 19.1/19.1,
-        # Qwen3 16.7/17.1 -> 17.0/16.9; 2 tokens Qwen3 23.5/23.7 -> 23.3/23.0, Gemma-4 29.0/28.9 -> 29.5/28.9,
-        # Nemotron-Nano 33.1/33.1 -> 32.4/33.0.  (Row-major, Gemma-4 had been 2-4% slower with it at 2 tokens.)
+        # GEMM2's first chunk before its PDL wait (``early2``) at 1-2 tokens too, banded (H200, without ->
+        # with): 1 token, three rounds, Qwen3 16.9/17.0/17.0 -> 16.3/16.8/16.8 us, Gemma-4 19.4/19.4/19.5 ->
+        # 18.9/18.8/18.8, Nemotron-Nano 22.5/22.6/22.6 -> 21.8/21.9/21.8, DeepSeek-V3 78.9/78.8/79.2 ->
+        # 80.4/80.5/80.4 (2% slower, inside its target either way); 2 tokens, two rounds, Qwen3 23.5/23.7 ->
+        # 23.3/23.0, Gemma-4 29.0/28.9 -> 29.5/28.9, Nemotron-Nano 33.1/33.1 -> 32.4/33.0.  (Row-major,
+        # Gemma-4 had been 2-4% slower with it at 2 tokens.)
         return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=True)
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step
@@ -225,7 +227,7 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # gains 15-40% (two steps ahead was slower).  Column tiles first in the grid (``nfirst``), same-session
     # A/B against row blocks first: 4-10% faster at 1024 and 4096 tokens on all four layers (Nemotron-Nano
     # 4096 1948 -> 1751 us, DeepSeek-V3 4096 12.2 -> 11.2 ms; mostly GEMM2, whose activation rows each
-    # column tiles first in the grid (nfirst), 1-4% at 128 tokens (16-row tiles, within that A/B's spread).
+    # column tile re-reads), 1-4% at 128 tokens (16-row tiles, within that A/B's spread).
     # 64-row blocks up to 96 rows per expert, 128-row blocks above.  On the banded weights (H200, whole layer,
     # two rounds) DeepSeek-V3's 128 rows at 4096 tokens take 10.85/10.95 ms in 64-row blocks and 9.94/10.00 in
     # 128-row blocks, its 32 rows at 1024 tokens 4.72/4.64 against 5.46/5.35 ms (row-major, with nfirst, 64-row
