@@ -107,6 +107,10 @@ class TileConfig:
     # programs resident together are all column tiles of a few row blocks (their activation rows read from
     # DRAM once, then from L2) rather than one column tile of hundreds of row blocks
     nfirst: bool = False
+    # tensor-core decode per pair: GEMM1 programs of ``ks1`` warps sharing one 16-row tile and splitting its K
+    # (the sums meet in shared memory, the activation is applied in the program: no activation launch);
+    # ``warps1`` and ``split1`` are then unused; 1: off
+    ks1: int = 1
 
 
 def triton_available(device=None) -> bool:
@@ -158,10 +162,14 @@ def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int,
 
 def _check_config(cfg: TileConfig) -> None:
     """A caller's tile config must step K in whole 64-element pieces: the tiles address the banded weights
-    (:mod:`triton_layout`) a piece at a time, and any other step would read the wrong bytes."""
+    (:mod:`triton_layout`) a piece at a time, and any other step would read the wrong bytes.  ``ks1`` exists
+    only where its kernel does."""
     if not cfg.tc and cfg.bm > 1 and (cfg.bk1 % 64 or cfg.bk2 % 64 or cfg.bk1 <= 0 or cfg.bk2 <= 0):
         raise MoEConfigError(f"TileConfig bk1={cfg.bk1}, bk2={cfg.bk2}: the tensor-core tiles need K steps that "
                              "are positive multiples of 64 (one piece of the banded weight layout)")
+    if cfg.ks1 != 1 and not (cfg.tc and cfg.bm == 1 and not cfg.prefetch and cfg.ks1 in (2, 4, 8, 16)):
+        raise MoEConfigError(f"TileConfig ks1={cfg.ks1}: GEMM1's in-program K split is a power of two up to 16 "
+                             "warps, for the per-pair tensor-core decode (tc, bm=1) without prefetch")
 
 
 def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, gated: bool,
@@ -208,7 +216,16 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # 80.4/80.5/80.4 (2% slower, inside its target either way); 2 tokens, two rounds, Qwen3 23.5/23.7 ->
         # 23.3/23.0, Gemma-4 29.0/28.9 -> 29.5/28.9, Nemotron-Nano 33.1/33.1 -> 32.4/33.0.  (Row-major,
         # Gemma-4 had been 2-4% slower with it at 2 tokens.)
-        return _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=True)
+        cfg = _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=True)
+        if hidden > 4096 and tokens <= 4:
+            # GEMM1's K split among the warps of one program (``ks1``: no partial sums in memory, no activation
+            # launch) instead of across programs, where hidden is long (H200, two rounds, base -> ks1 2 / 4 /
+            # 8): DeepSeek-V3 1 token 80.7/80.4 -> 78.9/77.6, 79.3/76.0, 74.3/75.7 us; 2 tokens 135.3/135.2 ->
+            # 132.7/133.1, 127.1/127.7, 129.4/129.4; 4 tokens 249.7/250.1 -> 235.5/235.6, 233.0/233.7,
+            # 237.8/238.0.  Not on the small layers: Qwen3 1 token 17.2/16.9 against 17.0/17.2 at best (ks1 8),
+            # 2-4 tokens 2-3% faster with ks1 2 or 4, but Gemma-4 and Nemotron-Nano equal or 1-9% slower.
+            cfg = dataclasses.replace(cfg, ks1=8 if tokens == 1 else 4, split1=1)
+        return cfg
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step
         # ahead: measured on the H100 at 32-128 tokens on all four benchmark shapes, 6-12% faster than the
@@ -905,7 +922,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                   bexp=bexp, pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, activation=activation,
                   warps1=cfg.warps1, warps2=cfg.warps2, split1=cfg.split1, k_per_split2=k_per_split,
                   pf1=cfg.prefetch, pf2=cfg.prefetch, pdl=pdl, vec1=cfg.vec1, vec2=cfg.vec2, route=rspec,
-                  early2=cfg.early2)
+                  early2=cfg.early2, ks1=cfg.ks1)
     elif cfg.bm == 1:
         # Decode: one program per (token, expert) pair, no grouping pass.  Programs of one column tile
         # run together, so pairs that share an expert read its weights from L2.

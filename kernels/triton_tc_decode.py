@@ -235,14 +235,41 @@ if triton is not None:
         return tid, c, e, pb, p0, p1
 
     @triton.jit
-    def _rows(e64, tid, N: tl.constexpr, KG: tl.constexpr, WARPS: tl.constexpr, ROWS: tl.constexpr):
+    def _rows(e64, tid, N: tl.constexpr, KG: tl.constexpr, WARPS: tl.constexpr, ROWS: tl.constexpr,
+              KS: tl.constexpr = 1):
         """This thread's weight rows ``r0 = g`` and ``r1 = g + 8`` of the program's tile: ``r0``, the offsets
         (int64 words, one per group) of the two rows' bands, and their rows in the bands (``_band_off``).
-        Rows past the end read row ``N - 1`` (never stored)."""
-        r0 = (tl.program_id(1) * WARPS + (tid >> 5)) * 16 + ((tid & 31) >> 2)
+        Rows past the end read row ``N - 1`` (never stored).  ``KS > 1``: all warps share one 16-row tile
+        (they split its K)."""
+        if KS > 1:
+            r0 = tl.program_id(1) * 16 + ((tid & 31) >> 2)
+        else:
+            r0 = (tl.program_id(1) * WARPS + (tid >> 5)) * 16 + ((tid & 31) >> 2)
         R0 = e64 * ROWS + tl.minimum(r0, N - 1)
         R1 = e64 * ROWS + tl.minimum(r0 + 8, N - 1)
         return r0, (R0 - R0 % 16) * KG, (R1 - R1 % 16) * KG, R0 % 16, R1 % 16
+
+    @triton.jit
+    def _step1(wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, rr0, rr1, g0, c, KG: tl.constexpr, xp, okb,
+               ag0, ag1, ag2, ag3, au0, au1, au2, au3, GATED: tl.constexpr, GROUPED: tl.constexpr,
+               VEC: tl.constexpr, XVEC: tl.constexpr, live, g_end):
+        """One 128-element chunk of GEMM1 at group ``g0`` (a scalar, or a tensor when the warps split K):
+        load (weights only where ``live``; activations of groups at or past ``g_end`` count zero), then the
+        gate (and up) MMAs."""
+        cg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g0, c, KG, live, GROUPED, VEC)
+        if GATED:
+            cu = _wload(wu0, wu1, su0, su1, rr0, rr1, g0, c, KG, live, GROUPED, VEC)
+        cx = _xload(xp, g0, c, g_end, okb, GROUPED, VEC, XVEC)
+        ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
+        if GATED:
+            au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
+        return ag0, ag1, ag2, ag3, au0, au1, au2, au3
+
+    @triton.jit
+    def _col0_rows(acc, c, KS: tl.constexpr):
+        """``[8]``: a one-tile accumulator's column-0 values (lanes ``c == 0``, rows g) summed over KS warps."""
+        v = tl.reshape(tl.where(c == 0, acc, 0.0), [KS, 8, 4])
+        return tl.sum(tl.sum(v, axis=2), axis=0)
 
     @triton.jit
     def _tgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, out_ptr, part_ptr,
@@ -252,11 +279,14 @@ if triton is not None:
                        WARPS: tl.constexpr, SPLIT: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
                        XVEC: tl.constexpr = False, PDL: tl.constexpr = False, ROUTE: tl.constexpr = False,
                        KP: tl.constexpr = 1, METHOD: tl.constexpr = 0, NG: tl.constexpr = 1, EG: tl.constexpr = 1,
-                       TOPK_GROUP: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False):
+                       TOPK_GROUP: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False, KS: tl.constexpr = 1):
         """Decode GEMM1 (+ activation when not split): program = (pair or block, 16 * WARPS rows, K split).
 
         PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
         ROUTE (per pair only): each program routes its token (``triton_route._pair_expert``).
+        KS > 1 (per pair, WARPS == KS, no PF, no grid split): the program's warps share one 16-row tile and
+        split its K; their sums meet in shared memory and the activation is applied here, so no partial sums
+        leave the program and no activation launch follows.
         """
         _gdc(PDL)
         if GROUPED:
@@ -271,7 +301,7 @@ if triton is not None:
         N1: tl.constexpr = 2 * I if GATED else I
         KG: tl.constexpr = H // 16
         UP: tl.constexpr = I * KG  # gate row r -> up row I + r
-        row, o0, o1, rr0, rr1 = _rows(e64, tid, I, KG, WARPS, N1)
+        row, o0, o1, rr0, rr1 = _rows(e64, tid, I, KG, WARPS, N1, KS)
         w64 = w_ptr.to(tl.pointer_type(tl.int64))
         wg0, wg1, sg0, sg1 = w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1
         wu0, wu1, su0, su1 = wg0 + UP, wg1 + UP, sg0 + UP, sg1 + UP
@@ -282,6 +312,23 @@ if triton is not None:
         zero = tl.zeros([32 * WARPS], dtype=tl.float32)
         ag0, ag1, ag2, ag3 = zero, zero, zero, zero
         au0, au1, au2, au3 = zero, zero, zero, zero
+        if KS > 1:  # this warp's share of the chunks (a tensor: the warp index comes from %tid.x)
+            CPW: tl.constexpr = ((KG + 7) // 8 + KS - 1) // KS
+            g_first = (tid >> 5) * (8 * CPW)
+            for i in range(CPW):
+                ag0, ag1, ag2, ag3, au0, au1, au2, au3 = _step1(
+                    wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, rr0, rr1, g_first + 8 * i, c, KG, xp, okb,
+                    ag0, ag1, ag2, ag3, au0, au1, au2, au3, GATED, GROUPED, VEC, XVEC, g_first + 8 * i < KG, KG)
+            inv = 128.0 / tl.load(gs_ptr + e64)
+            # column 0 (the pair) of rows g / g+8 sits at lanes c == 0; element index = thread (the default
+            # layout of these one-element-per-thread tensors), so the sums over the warps are reductions
+            lo = _activation(_col0_rows(ag0, c, KS) * inv, _col0_rows(au0, c, KS) * inv, ACT).to(tl.bfloat16)
+            hi = _activation(_col0_rows(ag2, c, KS) * inv, _col0_rows(au2, c, KS) * inv, ACT).to(tl.bfloat16)
+            r = tl.program_id(1) * 16 + tl.arange(0, 8)
+            orow = out_ptr + tl.program_id(0).to(tl.int64) * I
+            tl.store(orow + r, lo, mask=r < I)
+            tl.store(orow + r + 8, hi, mask=r + 8 < I)
+            return
         if PF:
             wg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if GATED:
@@ -296,14 +343,13 @@ if triton is not None:
                 if GATED:
                     cu = wu
                     wu = _wload(wu0, wu1, su0, su1, rr0, rr1, g0 + 8, c, KG, more, GROUPED, VEC)
-            else:
-                cg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g0, c, KG, True, GROUPED, VEC)
+                ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
                 if GATED:
-                    cu = _wload(wu0, wu1, su0, su1, rr0, rr1, g0, c, KG, True, GROUPED, VEC)
-                cx = _xload(xp, g0, c, g_end, okb, GROUPED, VEC, XVEC)
-            ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
-            if GATED:
-                au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
+                    au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
+            else:
+                ag0, ag1, ag2, ag3, au0, au1, au2, au3 = _step1(
+                    wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, rr0, rr1, g0, c, KG, xp, okb,
+                    ag0, ag1, ag2, ag3, au0, au1, au2, au3, GATED, GROUPED, VEC, XVEC, True, g_end)
         inv = 128.0 / tl.load(gs_ptr + e64)  # 2^7: the dequantized A fragments carry 2^-7
         ok0 = p0 < num_pairs
         ok1 = p1 < num_pairs
@@ -433,7 +479,7 @@ def _groups_per_split(k: int, split: int):
 
 def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks, sorted_ids, bexp, pairs, hidden,
               inter, top_k, gated, activation, warps1, warps2, split1, k_per_split2, pf1=False, pf2=False, pdl=False,
-              vec1=False, vec2=False, route=None, early2=0):
+              vec1=False, vec2=False, route=None, early2=0, ks1=1):
     """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
     K split in steps of ``k_per_split2`` (a multiple of 128) elements.
 
@@ -441,6 +487,8 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
     ``vec1``/``vec2``: GEMM1's / GEMM2's 16-byte loads wherever the sizes and addresses allow them (``_vec_ok``).
     ``route`` (per pair only): a ``triton_route._RouteSpec``; GEMM1 then routes and fills ``flat_ids``/``topk_w``.
     ``early2`` (with ``pdl``): GEMM2 reads its first chunk(s) of weights before waiting on GEMM1 (``_tgemv2_kernel``).
+    ``ks1`` > 1 (per pair): GEMM1 programs of ``ks1`` warps that split K among themselves (``warps1`` and
+    ``split1`` are then not used): no partial sums in memory, no activation launch.
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     grouped = sorted_ids is not None
@@ -448,16 +496,21 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks,
         raise ValueError("decode_tc: only per-pair programs route their tokens themselves")
     if not grouped:  # the kernels take them as unused pointers
         sorted_ids = bexp = flat_ids
+    if ks1 > 1:
+        if grouped or pf1:
+            raise ValueError("decode_tc: GEMM1's in-program K split (ks1) is for per-pair programs without prefetch")
+        split1, warps1 = 1, ks1
     per1, split1 = _groups_per_split(hidden, split1)
     direct = split1 == 1
     part = inter_buf if direct else torch.empty(split1, pairs, w13.shape[1], dtype=torch.float32,
                                                 device=hidden_states.device)
-    _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 * warps1), split1)](
+    _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 if ks1 > 1 else 16 * warps1), split1)](
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
         inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, **_route_args(route, flat_ids, topk_w),
         H=hidden, I=inter, TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
         PF=pf1, VEC=vec1 and _vec_ok(hidden, w13, w13_scale),
-        XVEC=vec1 and _rows_aligned(hidden_states), PDL=pdl, num_warps=warps1, num_stages=1, launch_pdl=pdl)
+        XVEC=vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=ks1, num_warps=warps1, num_stages=1,
+        launch_pdl=pdl)
     early = early2 if pdl else 0
     if not direct:
         _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,

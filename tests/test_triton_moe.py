@@ -38,7 +38,7 @@ def test_select_config_regimes():
     """The measured regime boundaries (docs/benchmarks.md): tensor-core decode per pair at 1-15 tokens,
     grouped by expert at 16-64 tokens, 16-row swapped tiles with weight prefetch above, then 64/128-row
     prefill tiles; ungated layers leave the decode earlier.  The packed decode is no longer chosen."""
-    from moe_passes.kernels.triton_moe import select_config
+    from moe_passes.kernels.triton_moe import _check_config, select_config
 
     qwen3 = dict(top_k=8, experts=128, hidden=2048, inter=768, gated=True)
     nemotron = dict(top_k=6, experts=128, hidden=2688, inter=1856, gated=False)
@@ -72,6 +72,11 @@ def test_select_config_regimes():
     assert not select_config(128, **qwen3).vec2  # not the tiles
     # GEMM2 loads its first chunk before its PDL wait on both tensor-core decodes (measured), not on the tiles
     assert [select_config(t, **qwen3).early2 for t in (1, 2, 3, 4, 16, 64, 128)] == [1, 1, 1, 1, 1, 1, 0]
+    # GEMM1's warps split K inside the program on DeepSeek-V3's long hidden at 1-4 tokens only (measured)
+    assert [select_config(t, **deepseek).ks1 for t in (1, 2, 4, 8, 16)] == [8, 4, 4, 1, 1]
+    assert all(select_config(t, **shape).ks1 == 1 for t in (1, 2, 4) for shape in (qwen3, nemotron))
+    for t in (1, 2, 4):
+        _check_config(select_config(t, **deepseek))
     # the routing keeps its own launch (routing in GEMM1's programs measured slower on the banded weights)
     assert not any(select_config(t, **shape).fused_route for t in (1, 2, 4, 16, 128)
                    for shape in (qwen3, nemotron, deepseek))
@@ -105,6 +110,20 @@ def test_tile_k_steps_off_the_band_pieces_are_config_errors(bk1, bk2):
         _check_config(cfg)
     for good in (dataclasses.replace(cfg, bk1=64, bk2=128), dataclasses.replace(cfg, bm=1, tc=True)):
         _check_config(good)  # the decode configs have no K step
+
+
+@pytest.mark.parametrize("change", [dict(ks1=4, bm=8), dict(ks1=4, prefetch=True), dict(ks1=4, tc=False),
+                                    dict(ks1=3), dict(ks1=32), dict(ks1=0)])
+def test_gemm1_in_program_k_split_only_where_its_kernel_exists(change):
+    """``ks1`` (warps of one per-pair GEMM1 program splitting its K) on a config without that kernel, or a
+    warp count Triton cannot launch, is a config error, not a silently different kernel."""
+    from moe_passes.errors import MoEConfigError
+    from moe_passes.kernels.triton_moe import TileConfig, _check_config
+
+    good = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, ks1=4, **_QDEC)
+    _check_config(good)
+    with pytest.raises(MoEConfigError, match="ks1"):
+        _check_config(dataclasses.replace(good, **change))
 
 
 def _make_layer(hidden, inter, experts, activation, device, seed):
@@ -251,7 +270,8 @@ def test_cuda_graph_capture_and_workspace(tokens):
 @pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
                                      "mma16_split_pf", "mma16_swap_pf_split", "mma64", "mma64_pf_swap",
                                      "mma128_w8", "mma128_pf", "tc_pair", "tc_pair_split_pf", "tc_group",
-                                     "tc_group_split_pf_w2", "tc_pair_vec_split", "tc_group_vec_pf"])
+                                     "tc_group_split_pf_w2", "tc_pair_vec_split", "tc_group_vec_pf", "tc_pair_ks4",
+                                     "tc_pair_ks8_vec"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path: decode GEMV with and without split GEMM1, tensor-core tiles of every size with and
@@ -293,6 +313,10 @@ def test_tile_variants(variant, activation):
                                         vec2=True, **_QDEC),
         "tc_group_vec_pf": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, prefetch=True, vec1=True,
                                       vec2=True, **dict(_QDEC, bm=8)),
+        # GEMM1's warps splitting one tile's K (22.5 chunks: 4 warps take 6, 6, 6 and 4.5, 8 warps 3 each and 1.5)
+        "tc_pair_ks4": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split2=2, ks1=4, **_QDEC),
+        "tc_pair_ks8_vec": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, ks1=8, vec1=True, vec2=True,
+                                      early2=1, **_QDEC),
     }
     device = torch.device("cuda")
     # 2880 = 22.5 chunks of 128 and 1040 = 65 groups: K tails inside a chunk and inside a thread's group pair
@@ -600,6 +624,22 @@ def test_tensor_core_decode_edges(activation, hidden, inter, split1, split2, vec
                      vec1=vec, vec2=vec, **dict(_QDEC, bm=8 if grouped else 1))
     seed = 300 + ACTIVATIONS.index(activation) * 7 + hidden + split1
     _check_strided_decode(cfg, activation, hidden, inter, tokens=5, seed=seed, x_offset=4 if split1 > 1 else 8)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu2"])
+@pytest.mark.parametrize("hidden,inter,ks1,vec", [(720, 208, 16, False), (2896, 464, 2, False),
+                                                  (2896, 464, 8, False), (2880, 1056, 4, True)])
+def test_gemm1_in_program_k_split_edges(activation, hidden, inter, ks1, vec):
+    """GEMM1 programs whose warps split one tile's K (``ks1``): warps with no chunk at all (720 = 6 chunks on
+    16 warps), a last chunk that ends inside a thread's pair of groups (2896 = 181 groups), 16-byte loads;
+    strided activations, fresh inputs, poisoned output, against the reference."""
+    from moe_passes.kernels.triton_moe import TileConfig
+
+    cfg = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, ks1=ks1, vec1=vec, vec2=vec, **_QDEC)
+    _check_strided_decode(cfg, activation, hidden, inter, tokens=5, seed=500 + hidden + ks1,
+                          x_offset=8 if vec else 4)
 
 
 @pytest.mark.gpu
