@@ -12,7 +12,9 @@ SASS instructions per thread for 128 weight elements, ~2.9 each, for up to 8 tok
 converts the layout through shared memory, which is why its 16-row tiles lose at 1-4 tokens), so the
 MMA is inline PTX on one-element-per-thread tensors of ``32 * WARPS`` elements.  Each thread reads its
 ``%tid.x`` and computes from it which rows and K elements it loads, so the fragment layout never depends
-on how Triton lays out those tensors.
+on how Triton lays out those tensors.  One exception: GEMM1's in-program K split (``KS``) sums its warps'
+accumulators by reshaping them, which assumes Triton's default layout for these tensors (element ``i`` in
+thread ``i``); its GPU tests would fail on a Triton that placed them otherwise.
 
 Fragment bookkeeping (PTX ISA, ``mma.m16n8k16`` with bf16): thread ``lane = 4 g + c`` holds
 
