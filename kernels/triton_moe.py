@@ -197,8 +197,8 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         # 41.3/41.0 -> 39.0/39.3, 39.7/40.6, 39.6/40.4 us; Gemma-4 4 tokens 51.1/51.0, 53.2/53.2, 52.9/53.1 ->
         # 49.0/49.4, 50.7/51.1, 51.5/51.0; Qwen3 16 tokens 1.5-3% faster, 32-64 tokens 0-2%; Nemotron-Nano
         # within its noise.  Two chunks were slower (4 tokens: Qwen3 42.4/41.8, Nemotron-Nano 63.8/63.5 against
-        # 58.2/58.9), and at 2 tokens Gemma-4 was 2-4% slower with it.  (The packed decode was slower with it:
-        # Qwen3 1 token 17.3/17.0 -> 18.2/18.1 us, DeepSeek-V3 4 tokens 284 -> 295.)
+        # 58.2/58.9).  (The packed decode was slower with it: Qwen3 1 token 17.3/17.0 -> 18.2/18.1 us,
+        # DeepSeek-V3 4 tokens 284 -> 295.)
         return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count, vec1=True)
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
         # Tensor-core decode, one program per pair.  With the banded weights (H200, same session, against the
