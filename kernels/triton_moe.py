@@ -111,6 +111,11 @@ class TileConfig:
     # (the sums meet in shared memory, the activation is applied in the program: no activation launch);
     # ``warps1`` and ``split1`` are then unused; 1: off
     ks1: int = 1
+    # grouped tile path: an expert's last rows, when there are at most ``tail`` of them past its whole ``bm``-row
+    # blocks, go to a block of ``tail`` rows run by a second launch of smaller tiles (:func:`_tail_config`)
+    # instead of a ``bm``-row block that would be mostly padding: a program's time follows the weight tiles it
+    # dequantizes and its MMA rows, not the rows it holds.  0: off
+    tail: int = 0
 
 
 def triton_available(device=None) -> bool:
@@ -170,6 +175,19 @@ def _check_config(cfg: TileConfig) -> None:
     if cfg.ks1 != 1 and not (cfg.tc and cfg.bm == 1 and not cfg.prefetch and cfg.ks1 in (2, 4, 8, 16)):
         raise MoEConfigError(f"TileConfig ks1={cfg.ks1}: GEMM1's in-program K split is a power of two up to 16 "
                              "warps, for the per-pair tensor-core decode (tc, bm=1) without prefetch")
+    if cfg.tail and not (not cfg.tc and cfg.bm >= 64 and cfg.tail in (16, 32, 64) and cfg.tail < cfg.bm
+                         and cfg.split2 == 1):
+        raise MoEConfigError(f"TileConfig tail={cfg.tail}: tail blocks of 16, 32 or 64 rows, fewer than bm, go with the "
+                             f"grouped tiles of 64 rows or more and no GEMM2 K split (got bm={cfg.bm}, tc={cfg.tc}, "
+                             f"split2={cfg.split2})")
+
+
+def _tail_config(cfg: TileConfig) -> TileConfig:
+    """The tiles of the tail blocks: the 16-row tiles' shapes (weights as the MMA's A operand) for tails of 16
+    or 32 rows, the 64-row tiles' for 64; warps, stages, prefetch and grid order as the main blocks'."""
+    if cfg.tail <= 32:
+        return dataclasses.replace(cfg, bm=cfg.tail, bn1=64, bk1=128, bn2=64, bk2=128, swap=True, tail=0)
+    return dataclasses.replace(cfg, bm=64, bn1=128, bk1=64, bn2=128, bk2=64, swap=False, tail=0)
 
 
 def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, gated: bool,
@@ -251,11 +269,23 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # blocks had been 2% faster at 128 rows), its 64 rows at 2048 tokens 6.69/6.65 against 6.78/6.82 ms;
     # Nemotron-Nano's 192 rows were 4% faster in 128-row blocks.  Other stage counts, 64-column GEMM2 tiles
     # or a GEMM2 K split were 1-8% slower on DeepSeek-V3 at 4096 tokens.
+    # Tail blocks (``tail``): a program costs nearly the same with 32 of its 128 rows as with all of them
+    # (DeepSeek-V3, every expert given exactly 128 rows: 6.6 ms a call, 160 rows: 12.6 ms), so an expert's
+    # last few rows go to smaller tiles.  Same session, two rounds, whole layer, us (Nemotron-Nano / Qwen3 /
+    # Gemma-4 / DeepSeek-V3; without -> tails of 16 / 32 rows): 1024 tokens 706/664, 446/452, 585/590,
+    # 4457/4690 -> 656/672, 437/426, 557/560, 4053/4225 and 660/662, 432/435, 568/565, 4272/4328; 2048 tokens
+    # 1039/1045, 633/631, 782/778, 6638/6819 -> 1011/1027, 606/602, 757/723, 6195/6331 and 1031/1024,
+    # 581/583, 740/738, 6486/6631; 4096 tokens 1537/1553, 1027/1049, 1312/1307, 9763/9889 -> 1485/1535,
+    # 1003/1013, 1275/1278, 9090/9275 and 1477/1473, 997/1006, 1273/1270, 9344/9381; tails of 64 rows (the
+    # 64-row tiles), another pair of rounds, 1600/1539, 1055/1047, 1307/1312, 9789/9948 -> 1457/1476,
+    # 1060/1058, 1344/1340, 8930/8946.  So 16 behind 64-row blocks, 32 behind 128-row blocks, and 64 on the
+    # long hidden of DeepSeek-V3 (its 32-row tails are swapped tiles, slower there than 64-row ones).
     if rows_per_expert <= 96:
         return TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
-                          wprefetch=True, nfirst=True)
+                          wprefetch=True, nfirst=True, tail=16)
     return TileConfig(bm=128, bn1=64 if gated else 128, bk1=64, warps1=4, stages1=3,
-                      bn2=128, bk2=64, warps2=4, stages2=3, wprefetch=True, nfirst=True)
+                      bn2=128, bk2=64, warps2=4, stages2=3, wprefetch=True, nfirst=True,
+                      tail=64 if hidden > 4096 else 32)
 
 
 if triton is not None:
@@ -351,14 +381,17 @@ if triton is not None:
         tl.store(rank_ptr + offs, rank, mask=ok)
 
     @triton.jit
-    def _starts_kernel(counts_ptr, starts_ptr, bexp_ptr, max_blocks, E: tl.constexpr, EP: tl.constexpr,
-                       BM: tl.constexpr, CF: tl.constexpr, PDL: tl.constexpr = False):
+    def _starts_kernel(counts_ptr, starts_ptr, bexp_ptr, tidx_ptr, texp_ptr, max_blocks, max_tails,
+                       E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, CF: tl.constexpr, BT: tl.constexpr = 0,
+                       PDL: tl.constexpr = False):
         """Grouping, step 2 (one program): each expert's first row (its rows padded to whole BM-row blocks)
-        and the expert of every block (-1 past the last used one)."""
+        and the expert of every block (-1 past the last used one).  With tail blocks (``BT`` > 0) an expert's
+        last rows, when at most ``BT`` remain past its whole blocks, get a tail block instead: its index among
+        the tails and the expert of every tail block likewise."""
         _gdc(PDL)
         e_idx = tl.arange(0, EP)
         counts = tl.load(counts_ptr + e_idx, mask=e_idx < E, other=0)
-        padded = (counts + BM - 1) // BM * BM
+        padded = _main_rows(counts, BM, BT)
         ends = tl.cumsum(padded, axis=0)
         tl.store(starts_ptr + e_idx, ends - padded, mask=e_idx < E)
         for b0 in range(0, max_blocks, CF):
@@ -366,16 +399,41 @@ if triton is not None:
             ex = tl.sum((ends[None, :] <= (blk * BM)[:, None]).to(tl.int32), axis=1)
             ex = tl.where(ex >= E, -1, ex)
             tl.store(bexp_ptr + blk, ex, mask=blk < max_blocks)
+        if BT > 0:
+            tails = (counts > padded).to(tl.int32)
+            tends = tl.cumsum(tails, axis=0)
+            tl.store(tidx_ptr + e_idx, tends - tails, mask=e_idx < E)
+            for b0 in range(0, max_tails, CF):
+                blk = b0 + tl.arange(0, CF)
+                ex = tl.sum((tends[None, :] <= blk[:, None]).to(tl.int32), axis=1)
+                ex = tl.where(ex >= E, -1, ex)
+                tl.store(texp_ptr + blk, ex, mask=blk < max_tails)
 
     @triton.jit
-    def _scatter_kernel(ids_ptr, rank_ptr, starts_ptr, sorted_ptr, num_pairs, BLOCK: tl.constexpr,
-                        PDL: tl.constexpr = False):
-        """Grouping, step 3: every pair into its row, ``start of its expert + rank``."""
+    def _main_rows(counts, BM: tl.constexpr, BT: tl.constexpr):
+        """Rows of an expert's ``BM``-row blocks: all its rows rounded up to whole blocks, except a last
+        ``BT`` rows or fewer, which go to a tail block."""
+        full = counts // BM * BM
+        if BT > 0:
+            return tl.where(counts - full > BT, full + BM, full)
+        else:
+            return tl.where(counts > full, full + BM, full)
+
+    @triton.jit
+    def _scatter_kernel(ids_ptr, rank_ptr, starts_ptr, counts_ptr, tidx_ptr, sorted_ptr, num_pairs, tail0,
+                        BLOCK: tl.constexpr, BM: tl.constexpr = 1, BT: tl.constexpr = 0, PDL: tl.constexpr = False):
+        """Grouping, step 3: every pair into its row, ``start of its expert + rank``, or with tail blocks, past
+        the expert's main rows, ``tail0 + BT * its tail's index + rank past the main rows``."""
         _gdc(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < num_pairs
         ids = tl.load(ids_ptr + offs, mask=ok, other=0)
-        row = tl.load(starts_ptr + ids, mask=ok, other=0) + tl.load(rank_ptr + offs, mask=ok, other=0)
+        rank = tl.load(rank_ptr + offs, mask=ok, other=0)
+        row = tl.load(starts_ptr + ids, mask=ok, other=0) + rank
+        if BT > 0:
+            main = _main_rows(tl.load(counts_ptr + ids, mask=ok, other=0), BM, BT)
+            t_row = tail0 + tl.load(tidx_ptr + ids, mask=ok, other=0) * BT + rank - main
+            row = tl.where(rank >= main, t_row, row)
         tl.store(sorted_ptr + row, offs, mask=ok)
 
     @triton.jit
@@ -810,10 +868,13 @@ if triton is not None:
 _ONE_PROGRAM_PAIRS = 1024
 
 
-def _align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, max_blocks: int, pdl: bool = False):
-    """``(sorted_ids, bexp)``: the pairs grouped by expert into BM-row blocks, in one program up to
+def _align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, max_blocks: int, pdl: bool = False,
+           tail: int = 0, max_tails: int = 0):
+    """``(sorted_ids, bexp, texp)``: the pairs grouped by expert into BM-row blocks, in one program up to
     ``_ONE_PROGRAM_PAIRS`` pairs, else in three short launches (atomic ranks, block map, scatter); no sort.
-    ``counts`` (int32 ``[experts]``) must be zero (the routing launch zeroes it).
+    ``counts`` (int32 ``[experts]``) must be zero (the routing launch zeroes it).  With ``tail`` > 0 an
+    expert's last ``tail`` rows or fewer go to a tail block instead: the tail blocks' rows follow the
+    ``max_blocks * bm`` main rows, and ``texp`` (``[max_tails]``, None without tails) maps them to experts.
 
     Measured on the H200 (whole layer, captured): 120-130 us a call faster than torch's stable sort at
     1024-4096 tokens, and never slower than the earlier one-program kernel, which cost up to 90 us at
@@ -825,20 +886,26 @@ def _align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int,
     starts = torch.empty(experts, dtype=torch.int32, device=device)
     sorted_ids = torch.empty(max_rows, dtype=torch.int32, device=device)
     bexp = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    if n <= _ONE_PROGRAM_PAIRS and bm <= 16:
+    if n <= _ONE_PROGRAM_PAIRS and bm <= 16 and not tail:
         _group_kernel[(1,)](flat_ids, counts, starts, sorted_ids, bexp, n, max_rows, max_blocks, E=experts,
                             EP=_next_pow2(experts), P=_next_pow2(n), MB=_next_pow2(max_blocks),
                             MR=_next_pow2(max_rows), BM=bm, RB=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
-        return sorted_ids, bexp
+        return sorted_ids, bexp, None
     rank = torch.empty(n, dtype=torch.int32, device=device)
+    texp = tidx = None
+    if tail:
+        texp = torch.empty(max(max_tails, 1), dtype=torch.int32, device=device)
+        tidx = torch.empty(experts, dtype=torch.int32, device=device)
     block = 1024
     _rank_kernel[(triton.cdiv(max_rows, block),)](flat_ids, counts, rank, sorted_ids, n, max_rows, BLOCK=block,
                                                   PDL=pdl, num_warps=4, launch_pdl=pdl)
-    _starts_kernel[(1,)](counts, starts, bexp, max_blocks, E=experts, EP=_next_pow2(experts), BM=bm, CF=64,
+    _starts_kernel[(1,)](counts, starts, bexp, tidx if tail else starts, texp if tail else bexp, max_blocks,
+                         max_tails if tail else 0, E=experts, EP=_next_pow2(experts), BM=bm, CF=64, BT=tail,
                          PDL=pdl, num_warps=4, launch_pdl=pdl)
-    _scatter_kernel[(triton.cdiv(n, block),)](flat_ids, rank, starts, sorted_ids, n, BLOCK=block, PDL=pdl,
+    _scatter_kernel[(triton.cdiv(n, block),)](flat_ids, rank, starts, counts, tidx if tail else starts, sorted_ids,
+                                              n, max_blocks * bm, BLOCK=block, BM=bm, BT=tail, PDL=pdl,
                                               num_warps=4, launch_pdl=pdl)
-    return sorted_ids, bexp
+    return sorted_ids, bexp, texp
 
 
 def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, weights: registry.MoEWeights, *,
@@ -917,7 +984,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
             blocks = pairs
         else:
             blocks = triton.cdiv(pairs, cfg.bm) + min(pairs, experts)
-            sorted_ids, bexp = _align(flat_ids, counts, cfg.bm, blocks * cfg.bm, blocks, pdl)
+            sorted_ids, bexp, _ = _align(flat_ids, counts, cfg.bm, blocks * cfg.bm, blocks, pdl)
         decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, blocks=blocks, sorted_ids=sorted_ids,
                   bexp=bexp, pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, activation=activation,
                   warps1=cfg.warps1, warps2=cfg.warps2, split1=cfg.split1, k_per_split2=k_per_split,
@@ -932,25 +999,35 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     else:
         bm = cfg.bm
         max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
-        max_rows = max_blocks * bm
-        sorted_ids, bexp = _align(flat_ids, counts, bm, max_rows, max_blocks, pdl)
+        main_rows = max_blocks * bm
+        max_tails = min(pairs, experts) if cfg.tail else 0
+        max_rows = main_rows + max_tails * cfg.tail
+        sorted_ids, bexp, texp = _align(flat_ids, counts, bm, max_rows, max_blocks, pdl, cfg.tail, max_tails)
         inter_buf = torch.empty(max_rows, inter, dtype=torch.bfloat16, device=device)
-        # column tiles first (grid axis 0): the programs running together share their activation rows in L2
-        nfirst = cfg.nfirst and max_blocks <= _GRID_Y_MAX
-        tiles1, tiles2 = triton.cdiv(inter, cfg.bn1), triton.cdiv(hidden, cfg.bn2)
-        grid1 = (tiles1, max_blocks) if nfirst else (max_blocks, tiles1)
-        _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf,
-                             pairs, hidden, inter, hidden_states.stride(0),
-                             TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
-                             BM=bm, BN=cfg.bn1, BK=cfg.bk1, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
-                             PDL=pdl, NFIRST=nfirst, NARROW=hidden % 64 != 0, num_warps=cfg.warps1,
-                             num_stages=cfg.stages1, launch_pdl=pdl)
-        grid2 = (tiles2, max_blocks, split) if nfirst else (max_blocks, tiles2, split)
-        _gemm2_kernel[grid2](inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y,
-                             pairs, hidden, inter, k_per_split,
-                             BM=bm, BN=cfg.bn2, BK=cfg.bk2, F32=_INTERPRET, SWAP=cfg.swap, PF=cfg.wprefetch,
-                             PDL=pdl, NFIRST=nfirst, NARROW=inter % 64 != 0, num_warps=cfg.warps2,
-                             num_stages=cfg.stages2, launch_pdl=pdl)
+        # (tile config, its blocks' rows in sorted_ids / inter_buf, their expert map, block count)
+        launches = [(cfg, sorted_ids, inter_buf, bexp, max_blocks)]
+        if cfg.tail:
+            launches.append((_tail_config(cfg), sorted_ids[main_rows:], inter_buf[main_rows:], texp, max_tails))
+        for c, rows_ids, rows_inter, block_map, nblocks in launches:
+            # column tiles first (grid axis 0): the programs running together share their activation rows in L2
+            nfirst = c.nfirst and nblocks <= _GRID_Y_MAX
+            tiles1 = triton.cdiv(inter, c.bn1)
+            grid1 = (tiles1, nblocks) if nfirst else (nblocks, tiles1)
+            _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
+                                 rows_inter, pairs, hidden, inter, hidden_states.stride(0),
+                                 TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
+                                 BM=c.bm, BN=c.bn1, BK=c.bk1, F32=_INTERPRET, SWAP=c.swap, PF=c.wprefetch,
+                                 PDL=pdl, NFIRST=nfirst, NARROW=hidden % 64 != 0, num_warps=c.warps1,
+                                 num_stages=c.stages1, launch_pdl=pdl)
+        for c, rows_ids, rows_inter, block_map, nblocks in launches:
+            nfirst = c.nfirst and nblocks <= _GRID_Y_MAX
+            tiles2 = triton.cdiv(hidden, c.bn2)
+            grid2 = (tiles2, nblocks, split) if nfirst else (nblocks, tiles2, split)
+            _gemm2_kernel[grid2](rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
+                                 pairs, hidden, inter, k_per_split,
+                                 BM=c.bm, BN=c.bn2, BK=c.bk2, F32=_INTERPRET, SWAP=c.swap, PF=c.wprefetch,
+                                 PDL=pdl, NFIRST=nfirst, NARROW=inter % 64 != 0, num_warps=c.warps2,
+                                 num_stages=c.stages2, launch_pdl=pdl)
 
     block = 1024
     _combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),

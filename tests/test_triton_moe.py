@@ -90,6 +90,14 @@ def test_select_config_regimes():
     # 4096 tokens or Nemotron-Nano's 192
     assert [select_config(t, **deepseek).bm for t in (1024, 2048, 4096)] == [64, 64, 128]
     assert select_config(4096, **nemotron).bm == 128
+    # an expert's last rows in tail blocks on the prefill tiles (measured faster at 1024-4096 tokens): 16 rows
+    # behind 64-row blocks, 32 behind 128-row blocks, 64 where hidden is long; none on the 16-row tiles
+    assert [select_config(t, **deepseek).tail for t in (1024, 2048, 4096)] == [16, 16, 64]
+    assert [select_config(t, **qwen3).tail for t in (128, 1024, 4096)] == [0, 16, 32]
+    assert select_config(4096, **nemotron).tail == 32
+    for t in (1024, 4096):
+        for shape in (qwen3, nemotron, deepseek):
+            _check_config(select_config(t, **shape))
     # column tiles first in the grid on every grouped tile config (measured faster), not on the decodes
     assert [select_config(t, **qwen3).nfirst for t in (1, 4, 16, 128, 1024, 4096)] == [False] * 3 + [True] * 3
     assert select_config(8, **few_experts).nfirst
@@ -123,6 +131,28 @@ def test_gemm1_in_program_k_split_only_where_its_kernel_exists(change):
     good = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, ks1=4, **_QDEC)
     _check_config(good)
     with pytest.raises(MoEConfigError, match="ks1"):
+        _check_config(dataclasses.replace(good, **change))
+
+
+@pytest.mark.parametrize("change", [dict(tail=64), dict(tail=48), dict(tail=8), dict(tail=16, split2=2),
+                                    dict(tail=16, bm=16, swap=True), dict(tail=16, bm=8, tc=True),
+                                    dict(tail=32, bm=1, tc=True)])
+def test_tail_blocks_only_behind_the_prefill_tiles(change):
+    """Tail blocks (an expert's last rows in smaller tiles) exist behind the 64- and 128-row tiles, in sizes
+    of 16, 32 or 64 rows below the block's and without a GEMM2 K split (the tails share its output rows):
+    anything else is a config error."""
+    from moe_passes.errors import MoEConfigError
+    from moe_passes.kernels.triton_moe import TileConfig, _check_config, _tail_config
+
+    good = TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3, tail=32)
+    _check_config(good)
+    for tail in (16, 32, 64):
+        cfg = dataclasses.replace(good, bm=128, tail=tail)
+        _check_config(cfg)
+        tiles = _tail_config(cfg)
+        _check_config(tiles)
+        assert (tiles.bm, tiles.tail, tiles.swap) == (tail, 0, tail < 64)
+    with pytest.raises(MoEConfigError, match="tail"):
         _check_config(dataclasses.replace(good, **change))
 
 
@@ -269,7 +299,8 @@ def test_cuda_graph_capture_and_workspace(tokens):
 @needs_gpu
 @pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
                                      "mma16_split_pf", "mma16_swap_pf_split", "mma64", "mma64_pf_swap",
-                                     "mma128_w8", "mma128_pf", "tc_pair", "tc_pair_split_pf", "tc_group",
+                                     "mma128_w8", "mma128_pf", "mma128_pf_tail32", "mma64_pf_tail16", "mma128_tail64",
+                                     "tc_pair", "tc_pair_split_pf", "tc_group",
                                      "tc_group_split_pf_w2", "tc_pair_vec_split", "tc_group_vec_pf", "tc_pair_ks4",
                                      "tc_pair_ks8_vec"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
@@ -302,6 +333,13 @@ def test_tile_variants(variant, activation):
                                     stages2=3, swap=True, wprefetch=True),
         "mma128_pf": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                 stages2=3, wprefetch=True),
+        # an expert's last rows in tail blocks of a second launch: 32-row and 16-row swapped tiles, 64-row tiles
+        "mma128_pf_tail32": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                       stages2=3, wprefetch=True, nfirst=True, tail=32),
+        "mma64_pf_tail16": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                      stages2=3, wprefetch=True, tail=16),
+        "mma128_tail64": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                    stages2=3, nfirst=True, tail=64),
         "tc_pair": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, **_QDEC),
         "tc_pair_split_pf": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=3, split2=2,
                                        prefetch=True, **_QDEC),
@@ -323,6 +361,9 @@ def test_tile_variants(variant, activation):
     hidden, inter, experts, top_k = 2880, 1040, 16, 4
     # 60 tokens: ~15 pairs per expert, so the grouped decode runs two 8-token blocks of most experts
     tokens = 700 if variant.startswith("mma128") else 60 if variant.startswith("tc_group") else 9
+    if "tail" in variant:  # ~bm + tail / 2 rows per expert: some experts' last rows go to tail blocks, some not
+        cfg = configs[variant]
+        tokens = (cfg.bm + cfg.tail // 2) * experts // top_k
     weights = _make_layer(hidden, inter, experts, activation, device, seed=11)
     x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
     logits = torch.randn(tokens, experts, device=device)
@@ -644,13 +685,15 @@ def test_gemm1_in_program_k_split_edges(activation, hidden, inter, ks1, vec):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("pairs,experts,bm,spread", [(40, 16, 8, "random"), (1024, 128, 8, "random"),
-                                                     (1024, 8, 16, "one"), (700, 256, 16, "three"),
-                                                     (1600, 128, 16, "random"), (3000, 60, 64, "three")])
-def test_grouping_places_every_pair_once(pairs, experts, bm, spread):
+@pytest.mark.parametrize("pairs,experts,bm,spread,tail", [
+    (40, 16, 8, "random", 0), (1024, 128, 8, "random", 0), (1024, 8, 16, "one", 0), (700, 256, 16, "three", 0),
+    (1600, 128, 16, "random", 0), (3000, 60, 64, "three", 0), (4600, 32, 128, "random", 32),
+    (3000, 60, 64, "three", 16), (1100, 8, 128, "random", 64), (1100, 6, 64, "one", 32)])
+def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
     """The grouping (one program up to 1024 pairs and 16-row blocks, three launches beyond): every pair in
-    exactly one row of a block of its own expert, each expert in the fewest blocks, padding rows and unused
-    blocks marked, and the counters left at the experts' pair counts."""
+    exactly one row of a block of its own expert, each expert in the fewest blocks (with tails: its last
+    ``tail`` rows or fewer past whole blocks in a tail block of its own), padding rows and unused blocks
+    marked, and the counters left at the experts' pair counts."""
     from moe_passes.kernels.triton_moe import _align
 
     device = torch.device("cuda")
@@ -662,16 +705,38 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread):
     else:
         ids = torch.randint(0, 3, (pairs,), generator=g) * (experts // 3)
     max_blocks = -(-pairs // bm) + min(pairs, experts)
+    max_tails = min(pairs, experts) if tail else 0
+    main_rows = max_blocks * bm
     counts = torch.zeros(experts, dtype=torch.int32, device=device)
-    sorted_ids, bexp = _align(ids.to(device), counts, bm, max_blocks * bm, max_blocks)
-    rows, blocks = sorted_ids.cpu().view(max_blocks, bm), bexp.cpu()
+    sorted_ids, bexp, texp = _align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks,
+                                    tail=tail, max_tails=max_tails)
+    rows, blocks = sorted_ids.cpu()[:main_rows].view(max_blocks, bm), bexp.cpu()
     per_expert = torch.bincount(ids, minlength=experts)
-    used = int(((per_expert + bm - 1) // bm).sum())
-    assert (blocks[:used] >= 0).all() and (blocks[used:] == -1).all()
+    rest = per_expert % bm
+    has_tail = (rest > 0) & (rest <= tail)  # never without tails
+    nblocks = (per_expert - torch.where(has_tail, rest, 0) + bm - 1) // bm
+    used = int(nblocks.sum())
+    assert torch.equal(blocks[:used], torch.repeat_interleave(torch.arange(experts), nblocks).to(torch.int32))
+    assert (blocks[used:] == -1).all()
     assert (rows[used:] == pairs).all()
     live = rows[:used] < pairs
     assert torch.equal(ids[rows[:used][live]], blocks[:used, None].expand(-1, bm)[live])
-    assert torch.equal(torch.sort(rows[:used][live]).values, torch.arange(pairs))
+    placed = [rows[:used][live]]
+    if tail:
+        t_rows, t_exp = sorted_ids.cpu()[main_rows:].view(max_tails, tail), texp.cpu()
+        n_tails = int(has_tail.sum())
+        assert n_tails > 0, "the case should make some tail blocks"
+        assert torch.equal(t_exp[:n_tails], torch.arange(experts)[has_tail].to(torch.int32))
+        assert (t_exp[n_tails:] == -1).all() and (t_rows[n_tails:] == pairs).all()
+        t_live = t_rows[:n_tails] < pairs
+        assert torch.equal(t_live.sum(1), rest[has_tail])  # each tail holds exactly its expert's last rows
+        assert torch.equal(ids[t_rows[:n_tails][t_live]], t_exp[:n_tails, None].expand(-1, tail)[t_live].long())
+        placed.append(t_rows[:n_tails][t_live])
+        # experts with a tail fill their main blocks completely
+        assert live[torch.repeat_interleave(has_tail, nblocks)].all()
+    else:
+        assert texp is None
+    assert torch.equal(torch.sort(torch.cat(placed)).values, torch.arange(pairs))
     assert torch.equal(counts.cpu(), per_expert.to(torch.int32))
 
 
