@@ -15,7 +15,9 @@ What one call does (all on the GPU, no host synchronisation, CUDA-graph capturab
 3. otherwise the (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows (three short
    launches: atomic ranks, block map, scatter) and two tensor-core kernels run: GEMM1 with the activation
    fused (gate and up tiles in the same program) and GEMM2 with the routing weight, optionally split along
-   K.  The weight tile is dequantized in registers to exact bf16 ``e2m1 * block_scale`` (times 2^-7) and
+   K.  An expert's last few rows past its whole blocks can go to a tail block instead (``TileConfig.tail``),
+   run by a second launch of each GEMM with smaller tiles: a program's time follows the weight tiles it
+   dequantizes, so a 128-row block holding 20 rows costs nearly as much as a full one.  The weight tile is dequantized in registers to exact bf16 ``e2m1 * block_scale`` (times 2^-7) and
    fed to ``tl.dot`` with fp32 accumulation; the raw weight words are loaded one K step ahead (Triton's
    pipeliner only stages loads that feed a dot directly);
 4. combine: one small kernel sums each token's ``k`` (times splits) fp32 rows and writes bf16.
@@ -370,8 +372,8 @@ if triton is not None:
     def _rank_kernel(ids_ptr, counts_ptr, rank_ptr, sorted_ptr, num_pairs, max_rows, BLOCK: tl.constexpr,
                      PDL: tl.constexpr = False):
         """Grouping, step 1: each pair's rank among its expert's pairs (an atomic count, so the order inside
-        one expert is arbitrary; every row of a tile is computed alike, so no result depends on it) and the
-        padding sentinel in every grouped row."""
+        one expert is arbitrary; every row of a tile, and of a tail tile, is computed alike, so no result
+        depends on it) and the padding sentinel in every grouped row."""
         _gdc(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(sorted_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32) + num_pairs, mask=offs < max_rows)
