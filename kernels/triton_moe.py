@@ -17,9 +17,10 @@ What one call does (all on the GPU, no host synchronisation, CUDA-graph capturab
    fused (gate and up tiles in the same program) and GEMM2 with the routing weight, optionally split along
    K.  An expert's last few rows past its whole blocks can go to a tail block instead (``TileConfig.tail``),
    run by a second launch of each GEMM with smaller tiles: a program's time follows the weight tiles it
-   dequantizes, so a 128-row block holding 20 rows costs nearly as much as a full one.  The weight tile is dequantized in registers to exact bf16 ``e2m1 * block_scale`` (times 2^-7) and
-   fed to ``tl.dot`` with fp32 accumulation; the raw weight words are loaded one K step ahead (Triton's
-   pipeliner only stages loads that feed a dot directly);
+   dequantizes, so a 128-row block holding 20 rows costs nearly as much as a full one.  The weight tile is
+   dequantized in registers to exact bf16 ``e2m1 * block_scale`` (times 2^-7) and fed to ``tl.dot`` with
+   fp32 accumulation; the raw weight words are loaded one K step ahead (Triton's pipeliner only stages loads
+   that feed a dot directly);
 4. combine: one small kernel sums each token's ``k`` (times splits) fp32 rows and writes bf16.
 
 Weights are laid out once, at preparation (:func:`prepare_weights`, the registry's ``prepare``): the E2M1
@@ -179,9 +180,9 @@ def _check_config(cfg: TileConfig) -> None:
                              "warps, for the per-pair tensor-core decode (tc, bm=1) without prefetch")
     if cfg.tail and not (not cfg.tc and cfg.bm >= 64 and cfg.tail in (16, 32, 64) and cfg.tail < cfg.bm
                          and cfg.split2 == 1):
-        raise MoEConfigError(f"TileConfig tail={cfg.tail}: tail blocks of 16, 32 or 64 rows, fewer than bm, go with the "
-                             f"grouped tiles of 64 rows or more and no GEMM2 K split (got bm={cfg.bm}, tc={cfg.tc}, "
-                             f"split2={cfg.split2})")
+        raise MoEConfigError(f"TileConfig tail={cfg.tail}: tail blocks of 16, 32 or 64 rows, fewer than bm, go "
+                             f"with the grouped tiles of 64 rows or more and no GEMM2 K split (got bm={cfg.bm}, "
+                             f"tc={cfg.tc}, split2={cfg.split2})")
 
 
 def _tail_config(cfg: TileConfig) -> TileConfig:
