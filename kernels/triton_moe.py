@@ -397,20 +397,22 @@ if triton is not None:
         padded = _main_rows(counts, BM, BT)
         ends = tl.cumsum(padded, axis=0)
         tl.store(starts_ptr + e_idx, ends - padded, mask=e_idx < E)
-        for b0 in range(0, max_blocks, CF):
-            blk = b0 + tl.arange(0, CF)
-            ex = tl.sum((ends[None, :] <= (blk * BM)[:, None]).to(tl.int32), axis=1)
-            ex = tl.where(ex >= E, -1, ex)
-            tl.store(bexp_ptr + blk, ex, mask=blk < max_blocks)
+        _block_experts(ends, bexp_ptr, max_blocks, BM, E, CF)
         if BT > 0:
             tails = (counts > padded).to(tl.int32)
             tends = tl.cumsum(tails, axis=0)
             tl.store(tidx_ptr + e_idx, tends - tails, mask=e_idx < E)
-            for b0 in range(0, max_tails, CF):
-                blk = b0 + tl.arange(0, CF)
-                ex = tl.sum((tends[None, :] <= blk[:, None]).to(tl.int32), axis=1)
-                ex = tl.where(ex >= E, -1, ex)
-                tl.store(texp_ptr + blk, ex, mask=blk < max_tails)
+            _block_experts(tends, texp_ptr, max_tails, 1, E, CF)
+
+    @triton.jit
+    def _block_experts(ends, bexp_ptr, n_blocks, UNIT: tl.constexpr, E: tl.constexpr, CF: tl.constexpr):
+        """The expert of each of ``n_blocks`` blocks of ``UNIT`` rows, given the experts' running row ends
+        (-1 past the last expert's), ``CF`` blocks at a time."""
+        for b0 in range(0, n_blocks, CF):
+            blk = b0 + tl.arange(0, CF)
+            ex = tl.sum((ends[None, :] <= (blk * UNIT)[:, None]).to(tl.int32), axis=1)
+            ex = tl.where(ex >= E, -1, ex)
+            tl.store(bexp_ptr + blk, ex, mask=blk < n_blocks)
 
     @triton.jit
     def _main_rows(counts, BM: tl.constexpr, BT: tl.constexpr):
@@ -897,7 +899,7 @@ def _align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int,
     rank = torch.empty(n, dtype=torch.int32, device=device)
     texp = tidx = None
     if tail:
-        texp = torch.empty(max(max_tails, 1), dtype=torch.int32, device=device)
+        texp = torch.empty(max_tails, dtype=torch.int32, device=device)
         tidx = torch.empty(experts, dtype=torch.int32, device=device)
     block = 1024
     _rank_kernel[(triton.cdiv(max_rows, block),)](flat_ids, counts, rank, sorted_ids, n, max_rows, BLOCK=block,
@@ -1012,10 +1014,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         if cfg.tail:
             launches.append((_tail_config(cfg), sorted_ids[main_rows:], inter_buf[main_rows:], texp, max_tails))
         for c, rows_ids, rows_inter, block_map, nblocks in launches:
-            # column tiles first (grid axis 0): the programs running together share their activation rows in L2
-            nfirst = c.nfirst and nblocks <= _GRID_Y_MAX
-            tiles1 = triton.cdiv(inter, c.bn1)
-            grid1 = (tiles1, nblocks) if nfirst else (nblocks, tiles1)
+            grid1, nfirst = _tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
             _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
                                  rows_inter, pairs, hidden, inter, hidden_states.stride(0),
                                  TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation],
@@ -1023,9 +1022,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                                  PDL=pdl, NFIRST=nfirst, NARROW=hidden % 64 != 0, num_warps=c.warps1,
                                  num_stages=c.stages1, launch_pdl=pdl)
         for c, rows_ids, rows_inter, block_map, nblocks in launches:
-            nfirst = c.nfirst and nblocks <= _GRID_Y_MAX
-            tiles2 = triton.cdiv(hidden, c.bn2)
-            grid2 = (tiles2, nblocks, split) if nfirst else (nblocks, tiles2, split)
+            grid2, nfirst = _tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2), split)
             _gemm2_kernel[grid2](rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
                                  pairs, hidden, inter, k_per_split,
                                  BM=c.bm, BN=c.bn2, BK=c.bk2, F32=_INTERPRET, SWAP=c.swap, PF=c.wprefetch,
@@ -1037,6 +1034,13 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                                                           TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl,
                                                           num_warps=4, launch_pdl=pdl)
     return out
+
+
+def _tile_grid(cfg: TileConfig, blocks: int, tiles: int, *rest: int):
+    """``(grid, nfirst)`` of a tile launch: column tiles first (grid axis 0) when the config asks and the row
+    blocks fit grid axis 1, so that the programs running together share their activation rows in L2."""
+    nfirst = cfg.nfirst and blocks <= _GRID_Y_MAX
+    return ((tiles, blocks, *rest) if nfirst else (blocks, tiles, *rest)), nfirst
 
 
 def _word_aligned(hidden_states: torch.Tensor, weights) -> torch.Tensor:
