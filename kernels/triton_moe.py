@@ -185,12 +185,18 @@ def _check_config(cfg: TileConfig) -> None:
                              f"tc={cfg.tc}, split2={cfg.split2})")
 
 
+# Column tiles and K steps of the 16-row tiles (weights as the MMA's A operand) and of the 64-row tiles, shared
+# by select_config and the tail blocks' tiles (_tail_config)
+_SWAPPED_TILES = dict(bn1=64, bk1=128, bn2=64, bk2=128, swap=True)
+_TILES_64 = dict(bn1=128, bk1=64, bn2=128, bk2=64, swap=False)
+
+
 def _tail_config(cfg: TileConfig) -> TileConfig:
-    """The tiles of the tail blocks: the 16-row tiles' shapes (weights as the MMA's A operand) for tails of 16
-    or 32 rows, the 64-row tiles' for 64; warps, stages, prefetch and grid order as the main blocks'."""
+    """The tiles of the tail blocks: the 16-row tiles' shapes for tails of 16 or 32 rows, the 64-row tiles'
+    for 64; warps, stages, prefetch and grid order as the main blocks'."""
     if cfg.tail <= 32:
-        return dataclasses.replace(cfg, bm=cfg.tail, bn1=64, bk1=128, bn2=64, bk2=128, swap=True, tail=0)
-    return dataclasses.replace(cfg, bm=64, bn1=128, bk1=64, bn2=128, bk2=64, swap=False, tail=0)
+        return dataclasses.replace(cfg, bm=cfg.tail, tail=0, **_SWAPPED_TILES)
+    return dataclasses.replace(cfg, bm=64, tail=0, **_TILES_64)
 
 
 def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, gated: bool,
@@ -257,9 +263,8 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
         split2 = 1
         while split2 < 4 and tiles2 * split2 < 2 * sm_count and inter // (split2 * 2) >= 256:
             split2 *= 2
-        return TileConfig(bm=bm, bn1=64, bk1=128, warps1=4, stages1=3,
-                          bn2=64, bk2=128, warps2=4, stages2=3, split2=split2, swap=True, wprefetch=True,
-                          nfirst=True)
+        return TileConfig(bm=bm, warps1=4, stages1=3, warps2=4, stages2=3, split2=split2, wprefetch=True,
+                          nfirst=True, **_SWAPPED_TILES)
     # Prefill, measured on the H200 (Qwen3, DeepSeek-V3, Nemotron-Nano, Gemma-4 at 1024 and 4096 tokens):
     # one warpgroup per program beats two (5-25%), and loading the weight words one K step ahead (wprefetch)
     # gains 15-40% (two steps ahead was slower).  Column tiles first in the grid (``nfirst``), same-session
@@ -284,8 +289,8 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # 1060/1058, 1344/1340, 8930/8946.  So 16 behind 64-row blocks, 32 behind 128-row blocks, and 64 on the
     # long hidden of DeepSeek-V3 (its 32-row tails are swapped tiles, slower there than 64-row ones).
     if rows_per_expert <= 96:
-        return TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
-                          wprefetch=True, nfirst=True, tail=16)
+        return TileConfig(bm=64, warps1=4, stages1=3, warps2=4, stages2=3, wprefetch=True, nfirst=True, tail=16,
+                          **_TILES_64)
     return TileConfig(bm=128, bn1=64 if gated else 128, bk1=64, warps1=4, stages1=3,
                       bn2=128, bk2=64, warps2=4, stages2=3, wprefetch=True, nfirst=True,
                       tail=64 if hidden > 4096 else 32)
