@@ -14,8 +14,8 @@ import torch
 
 from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, MoEShape, is_gated
 from moe_passes.kernels import registry
-from moe_passes.kernels.nvfp4 import quantize_nvfp4_experts
 from moe_passes.kernels.reference import fused_moe_reference
+from nvfp4_layers import make_layer
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
@@ -156,16 +156,6 @@ def test_tail_blocks_only_behind_the_prefill_tiles(change):
         _check_config(dataclasses.replace(good, **change))
 
 
-def _make_layer(hidden, inter, experts, activation, device, seed):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    n1 = (2 if is_gated(activation) else 1) * inter
-    w13 = torch.randn(experts, n1, hidden, generator=g) / 10
-    w2 = torch.randn(experts, hidden, inter, generator=g) / 10
-    q13 = quantize_nvfp4_experts(w13.to(device))
-    q2 = quantize_nvfp4_experts(w2.to(device))
-    return registry.MoEWeights(*q13, *q2)
-
-
 def _routing_kwargs(routing, experts, device, g):
     if routing == "llama4":
         return dict(top_k=1), None
@@ -180,7 +170,7 @@ def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec
 
     device = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
-    weights = _make_layer(hidden, inter, experts, activation, device, seed)
+    weights = make_layer(hidden, inter, experts, activation, device, seed)
     kw, bias = _routing_kwargs(routing, experts, device, g)
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
@@ -258,7 +248,7 @@ def test_cuda_graph_capture_and_workspace(tokens):
 
     device = torch.device("cuda")
     hidden, inter, experts, top_k = 1024, 512, 32, 4
-    weights = _make_layer(hidden, inter, experts, "silu", device, seed=3)
+    weights = make_layer(hidden, inter, experts, "silu", device, seed=3)
     kernel_weights = prepare_weights(weights)
     x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
     logits = torch.randn(tokens, experts, device=device)
@@ -364,7 +354,7 @@ def test_tile_variants(variant, activation):
     if "tail" in variant:  # ~bm + tail / 2 rows per expert: some experts' last rows go to tail blocks, some not
         cfg = configs[variant]
         tokens = (cfg.bm + cfg.tail // 2) * experts // top_k
-    weights = _make_layer(hidden, inter, experts, activation, device, seed=11)
+    weights = make_layer(hidden, inter, experts, activation, device, seed=11)
     x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
     logits = torch.randn(tokens, experts, device=device)
     ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation=activation, routing="default",
@@ -425,7 +415,7 @@ def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
         pytest.skip("needs compute capability >= 9.0 and Triton's PDL intrinsics")
     device = torch.device("cuda")
     hidden, inter, experts, calls = 1040, 528, 48, 6
-    weights = _make_layer(hidden, inter, experts, "silu", device, seed=21)
+    weights = make_layer(hidden, inter, experts, "silu", device, seed=21)
     kernel_weights = triton_moe.prepare_weights(weights)
     g = torch.Generator(device="cpu").manual_seed(tokens)
     kwargs = dict(top_k=4) if routing == "renormalize" else dict(top_k=4, n_group=3, topk_group=2,
@@ -464,7 +454,7 @@ def test_routing_fused_into_gemm1(routing, tokens, tc):
 
     device = torch.device("cuda")
     hidden, inter, experts = 1040, 208, 16
-    weights = _make_layer(hidden, inter, experts, "silu", device, seed=tokens + 7 * tc)
+    weights = make_layer(hidden, inter, experts, "silu", device, seed=tokens + 7 * tc)
     kernel_weights = triton_moe.prepare_weights(weights)
     g = torch.Generator(device="cpu").manual_seed(31 + tokens)
     kw, bias = _routing_kwargs(routing, experts, device, g)
@@ -523,7 +513,7 @@ def test_gemm2_early_weight_loads(variant, routing):
         "tc_group_prefetch": (24, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, prefetch=True,
                                                         **dict(_QDEC, bm=8))),
     }[variant]
-    weights = _make_layer(hidden, inter, experts, "silu", device, seed=41)
+    weights = make_layer(hidden, inter, experts, "silu", device, seed=41)
     kernel_weights = triton_moe.prepare_weights(weights)
     g = torch.Generator(device="cpu").manual_seed(43 + tokens)
     kw, bias = _routing_kwargs(routing, experts, device, g)
@@ -560,7 +550,7 @@ def test_grid_order_is_bit_identical(tokens, activation, monkeypatch):
 
     device = torch.device("cuda")
     hidden, inter, experts, top_k = 704, 208, 16, 4
-    weights = _make_layer(hidden, inter, experts, activation, device, seed=tokens)
+    weights = make_layer(hidden, inter, experts, activation, device, seed=tokens)
     kernel_weights = triton_moe.prepare_weights(weights)
     g = torch.Generator(device="cpu").manual_seed(tokens + 1)
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
@@ -598,7 +588,7 @@ def test_tail_blocks_are_bit_identical_to_whole_blocks(bm, tail, activation):
     device = torch.device("cuda")
     hidden, inter, experts, top_k = 2880, 1040, 16, 4  # 1040: GEMM2's K ends in a narrow band piece
     tokens = (bm + tail // 2) * experts // top_k
-    weights = _make_layer(hidden, inter, experts, activation, device, seed=bm + tail)
+    weights = make_layer(hidden, inter, experts, activation, device, seed=bm + tail)
     kernel_weights = triton_moe.prepare_weights(weights)
     g = torch.Generator(device="cpu").manual_seed(tail)
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
@@ -621,7 +611,7 @@ def test_bad_out_and_logits_are_errors():
     from moe_passes.errors import MoEConfigError
     from moe_passes.kernels import triton_moe
 
-    weights = triton_moe.prepare_weights(_make_layer(256, 64, 4, "silu", torch.device("cuda"), seed=3))
+    weights = triton_moe.prepare_weights(make_layer(256, 64, 4, "silu", torch.device("cuda"), seed=3))
     x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
     logits = torch.randn(2, 4, device="cuda")
     for bad in (torch.empty(2, 128, dtype=torch.bfloat16, device="cuda"),
@@ -658,7 +648,7 @@ def _check_strided_decode(cfg, activation, hidden, inter, tokens, seed, x_offset
 
     device = torch.device("cuda")
     experts, top_k = 16, 4
-    weights = _make_layer(hidden, inter, experts, activation, device, seed=seed)
+    weights = make_layer(hidden, inter, experts, activation, device, seed=seed)
     g = torch.Generator(device="cpu").manual_seed(seed)
     wide = (torch.randn(tokens, hidden + 24, generator=g) / 10).to(device, torch.bfloat16)
     x = wide[:, x_offset:x_offset + hidden]
@@ -779,7 +769,7 @@ def test_decode_gemv_matches_tensor_core_tiles():
 
     device = torch.device("cuda")
     hidden, inter, experts, top_k, tokens = 2048, 768, 32, 8, 2
-    weights = prepare_weights(_make_layer(hidden, inter, experts, "silu", device, seed=21))
+    weights = prepare_weights(make_layer(hidden, inter, experts, "silu", device, seed=21))
     g = torch.Generator(device="cpu").manual_seed(22)
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
