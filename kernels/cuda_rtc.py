@@ -1,0 +1,164 @@
+"""Run-time compilation and launch of a CUDA C++ kernel: NVRTC and the driver API through ctypes.
+
+Why not ``torch.utils.cpp_extension``: it needs a host compiler, ninja and a CUDA toolkit on the user's
+machine and takes a minute per build.  Why not ``torch.cuda._compile_kernel``: it is private, and it looks up
+CUDA_HOME's headers, so it fails where only the pip CUDA libraries are installed.  NVRTC ships with every
+CUDA build of torch (the ``nvidia-cuda-nvrtc`` wheel), and the kernels here include no headers, so this
+module needs nothing but ``libnvrtc`` and the driver's ``libcuda``.  Compiling one kernel takes about a
+second; :func:`compile_kernel` caches by source, name and architecture.
+
+Launches go to the current torch stream with ``cuLaunchKernel``, so they are captured by CUDA graphs like
+any other kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+from typing import Sequence
+
+import torch
+
+__all__ = ["RtcError", "CudaKernel", "compile_kernel", "rtc_available"]
+
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+class RtcError(RuntimeError):
+    """NVRTC or the CUDA driver refused: the message carries its log or error string."""
+
+
+def _load(names: Sequence[str], patterns: Sequence[str]) -> ctypes.CDLL:
+    for name in names:  # already loaded by torch, or on the loader's path
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            pass
+    try:  # the nvidia-* wheels torch depends on
+        import nvidia
+        roots = list(nvidia.__path__)
+    except ImportError:
+        roots = []
+    for root in roots:
+        for pattern in patterns:
+            for path in sorted(glob.glob(os.path.join(root, pattern)), reverse=True):
+                try:
+                    return ctypes.CDLL(path)
+                except OSError:
+                    pass
+    raise RtcError(f"cannot load any of {list(names)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _nvrtc() -> ctypes.CDLL:
+    major = (torch.version.cuda or "13").split(".")[0]
+    lib = _load([f"libnvrtc.so.{major}", "libnvrtc.so"],
+                [f"*/lib/libnvrtc.so.{major}*", "*/lib/libnvrtc.so*"])
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _driver() -> ctypes.CDLL:
+    lib = _load(["libcuda.so.1", "libcuda.so"], [])
+    return lib
+
+
+def rtc_available() -> bool:
+    """NVRTC and the driver library load (says nothing about a GPU being present)."""
+    try:
+        _nvrtc()
+        _driver()
+        return True
+    except RtcError:
+        return False
+
+
+def _check_nvrtc(lib, result: int, what: str) -> None:
+    if result:
+        raise RtcError(f"NVRTC {what}: {lib.nvrtcGetErrorString(result).decode()}")
+
+
+def _check_cu(result: int, what: str) -> None:
+    if result:
+        text = ctypes.c_char_p()
+        _driver().cuGetErrorString(result, ctypes.byref(text))
+        raise RtcError(f"CUDA driver {what}: error {result} ({(text.value or b'?').decode()})")
+
+
+def _nvrtc_cubin(source: str, name: str, arch: str, options: Sequence[str]) -> bytes:
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    _check_nvrtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), f"{name}.cu".encode(), 0, None,
+                                             None), "create")
+    try:
+        opts = [f"--gpu-architecture={arch}", "-std=c++17", *options]
+        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        result = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        if result:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RtcError(f"NVRTC could not compile {name} for {arch}:\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        _check_nvrtc(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check_nvrtc(lib, lib.nvrtcGetCUBIN(prog, cubin), "cubin")
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+class CudaKernel:
+    """A compiled ``extern "C"`` kernel of one device.  Call with pointers (tensors) and 32-bit ints."""
+
+    def __init__(self, cubin: bytes, name: str, device: torch.device, dynamic_smem: int):
+        self.name, self.device, self.dynamic_smem = name, device, dynamic_smem
+        drv = _driver()
+        with torch.cuda.device(device):
+            torch.cuda.current_stream(device)  # the runtime made the device's primary context current
+            self._cubin = ctypes.create_string_buffer(cubin, len(cubin))  # kept alive with the module
+            self._module = ctypes.c_void_p()
+            _check_cu(drv.cuModuleLoadData(ctypes.byref(self._module), self._cubin), f"loading {name}")
+            self._func = ctypes.c_void_p()
+            _check_cu(drv.cuModuleGetFunction(ctypes.byref(self._func), self._module, name.encode()),
+                      f"finding {name}")
+            if dynamic_smem > 48 * 1024:
+                _check_cu(drv.cuFuncSetAttribute(self._func, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                 dynamic_smem), f"raising {name}'s shared memory to {dynamic_smem}")
+
+    def __call__(self, grid: int, block: int, *args) -> None:
+        values = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                values.append(ctypes.c_void_p(a.data_ptr()))
+            elif isinstance(a, int):
+                values.append(ctypes.c_int32(a))
+            else:
+                raise TypeError(f"{self.name}: unsupported kernel argument {type(a).__name__}")
+        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
+        _check_cu(_driver().cuLaunchKernel(self._func, grid, 1, 1, block, 1, 1, self.dynamic_smem, stream, params,
+                                           None), f"launching {self.name}")
+
+
+_CACHE: dict = {}
+
+
+def compile_kernel(source: str, name: str, device: torch.device, dynamic_smem: int = 0,
+                   options: Sequence[str] = ()) -> CudaKernel:
+    """Compile ``source`` for ``device``'s architecture (``sm_XY``) and load ``name`` from it; cached per
+    (source, name, device, shared memory, options)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    device = torch.device("cuda", index)
+    key = (source, name, index, dynamic_smem, tuple(options))
+    kernel = _CACHE.get(key)
+    if kernel is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        cubin = _nvrtc_cubin(source, name, f"sm_{major}{minor}", options)
+        kernel = _CACHE[key] = CudaKernel(cubin, name, device, dynamic_smem)
+    return kernel
