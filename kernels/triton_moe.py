@@ -959,6 +959,11 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                              f"{device}, got {out.dtype} {tuple(out.shape)} stride {out.stride()} on {out.device}")
     if tokens == 0:
         return out
+    if tokens == 1 and config is None:
+        done = _one_launch_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias,
+                                  n_group, topk_group, routed_scaling_factor, out)
+        if done is not None:
+            return done
 
     cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
     _check_config(cfg)
@@ -1039,6 +1044,22 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                                                           TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl,
                                                           num_warps=4, launch_pdl=pdl)
     return out
+
+
+def _one_launch_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group,
+                       topk_group, routed_scaling_factor, out) -> Optional[torch.Tensor]:
+    """One token on SM90, when opted in (``MOE_NVFP4_CUDA_DECODE=1``): the whole layer in one persistent CUDA
+    launch (:mod:`cuda_decode`), or None where that kernel does not apply.  Not the default: on the H200 it
+    is not yet faster than the 1-token path here (docs/benchmarks.md, sixth session of 2026-12-01)."""
+    from moe_passes.kernels import cuda_decode
+
+    args = (hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group, topk_group,
+            routed_scaling_factor)
+    if cuda_decode.unsupported_reason(*args) is not None:
+        return None
+    return cuda_decode.decode_one_token(hidden_states, router_logits, weights, top_k=top_k, activation=activation,
+                                        routing=routing, routing_bias=routing_bias, n_group=n_group,
+                                        topk_group=topk_group, routed_scaling_factor=routed_scaling_factor, out=out)
 
 
 def _tile_grid(cfg: TileConfig, blocks: int, tiles: int, *rest: int):
