@@ -6,7 +6,9 @@ the tensor-core decode runs unless ``all:`` prefixes them) or of the grouping's 
     python benchmarks/ab_decode.py --tokens 4,16,64 --rounds 2 \\
         --mode base --mode novec=vec1:0,vec2:0 --mode gemm1vec=vec1:1 --mode three_launch_grouping=group1:0
 
-``group1:N`` sets the one-program grouping limit to N pairs (0: always three launches).  Prints one row
+``group1:N`` sets the one-program grouping limit to N pairs (0: always three launches); ``cuda1:0`` turns
+the one-launch CUDA decode of one token off (``cuda_decode``), ``cwarps:N`` gives it N consumer warps,
+``cbands:N`` N hidden bands per CTA, ``cweight:0`` equal GEMM1 shares, ``cstages:N`` at most N stages.  Prints one row
 per shape and token count with every mode's per-round times in us, and writes ``ab.json`` to ``--out``.
 Before timing, every mode's output is checked against the first mode's: the same exact products, summed
 in another order where a mode changes K splits or which groups a thread takes, so they must agree to
@@ -24,13 +26,18 @@ import sys
 import torch
 
 from moe_passes import bench
+from moe_passes.kernels import cuda_decode
 from moe_passes.kernels import triton_moe as tm
+
+# the defaults every mode starts from
+_CUDA1 = (cuda_decode.ENABLED, cuda_decode.CONSUMER_WARPS, cuda_decode.BANDS_PER_CTA, cuda_decode.WEIGHTED,
+          cuda_decode.STAGE_CAP)
 
 
 def parse_mode(text: str):
     """``name[=key:value,...]`` -> ``(name, TileConfig overrides, apply to all configs, grouping limit)``."""
     name, _, spec = text.partition("=")
-    overrides, every, group1 = {}, False, None
+    overrides, every, group1, cuda1 = {}, False, None, {}
     fields = {f.name: f.type for f in dataclasses.fields(tm.TileConfig)}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition(":")
@@ -39,16 +46,23 @@ def parse_mode(text: str):
             key, _, value = value.partition(":")
         if key == "group1":
             group1 = int(value)
+        elif key in ("cuda1", "cwarps", "cbands", "cweight", "cstages"):
+            cuda1[key] = int(value)
         elif key in fields:
             overrides[key] = bool(int(value)) if fields[key] in (bool, "bool") else int(value)
         else:
             raise SystemExit(f"mode {text!r}: unknown key {key!r} (TileConfig fields: {', '.join(fields)})")
-    return name, overrides, every, group1
+    return name, overrides, every, group1, cuda1
 
 
 def install(mode, original_select, original_limit):
     """Make ``fused_moe_triton`` pick the mode's configs (it looks ``select_config`` up per call)."""
-    _, overrides, every, group1 = mode
+    _, overrides, every, group1, cuda1 = mode
+    cuda_decode.ENABLED = bool(cuda1.get("cuda1", _CUDA1[0]))
+    cuda_decode.CONSUMER_WARPS = cuda1.get("cwarps", _CUDA1[1])
+    cuda_decode.BANDS_PER_CTA = cuda1.get("cbands", _CUDA1[2])
+    cuda_decode.WEIGHTED = bool(cuda1.get("cweight", _CUDA1[3]))
+    cuda_decode.STAGE_CAP = cuda1.get("cstages", _CUDA1[4])
 
     def select(*args, **kwargs):
         cfg = original_select(*args, **kwargs)
@@ -119,6 +133,8 @@ def main(argv=None) -> int:
             print(f"round {rnd + 1} done", flush=True)
     finally:
         tm.select_config, tm._ONE_PROGRAM_PAIRS = original_select, original_limit
+        (cuda_decode.ENABLED, cuda_decode.CONSUMER_WARPS, cuda_decode.BANDS_PER_CTA, cuda_decode.WEIGHTED,
+         cuda_decode.STAGE_CAP) = _CUDA1
     names = [m[0] for m in modes]
     print(f"{'shape':18s} {'T':>5s} {'floor':>7s} " + " ".join(f"{n:>16s}" for n in names))
     for (name, t), entry in results.items():
