@@ -29,13 +29,15 @@ from moe_passes import bench
 from moe_passes.kernels import cuda_decode
 from moe_passes.kernels import triton_moe as tm
 
-# the defaults every mode starts from
-_CUDA1 = (cuda_decode.ENABLED, cuda_decode.CONSUMER_WARPS, cuda_decode.BANDS_PER_CTA, cuda_decode.WEIGHTED,
-          cuda_decode.STAGE_CAP)
+# mode keys that set a knob of the one-launch CUDA decode, and the knob; every mode starts from the defaults
+_CUDA_KNOBS = {"cuda1": "ENABLED", "cwarps": "CONSUMER_WARPS", "cbands": "BANDS_PER_CTA", "cweight": "WEIGHTED",
+               "cstages": "STAGE_CAP"}
+_CUDA_DEFAULTS = {attr: getattr(cuda_decode, attr) for attr in _CUDA_KNOBS.values()}
 
 
 def parse_mode(text: str):
-    """``name[=key:value,...]`` -> ``(name, TileConfig overrides, apply to all configs, grouping limit)``."""
+    """``name[=key:value,...]`` -> ``(name, TileConfig overrides, apply to all configs, grouping limit, CUDA
+    decode knobs)``."""
     name, _, spec = text.partition("=")
     overrides, every, group1, cuda1 = {}, False, None, {}
     fields = {f.name: f.type for f in dataclasses.fields(tm.TileConfig)}
@@ -46,7 +48,7 @@ def parse_mode(text: str):
             key, _, value = value.partition(":")
         if key == "group1":
             group1 = int(value)
-        elif key in ("cuda1", "cwarps", "cbands", "cweight", "cstages"):
+        elif key in _CUDA_KNOBS:
             cuda1[key] = int(value)
         elif key in fields:
             overrides[key] = bool(int(value)) if fields[key] in (bool, "bool") else int(value)
@@ -58,11 +60,8 @@ def parse_mode(text: str):
 def install(mode, original_select, original_limit):
     """Make ``fused_moe_triton`` pick the mode's configs (it looks ``select_config`` up per call)."""
     _, overrides, every, group1, cuda1 = mode
-    cuda_decode.ENABLED = bool(cuda1.get("cuda1", _CUDA1[0]))
-    cuda_decode.CONSUMER_WARPS = cuda1.get("cwarps", _CUDA1[1])
-    cuda_decode.BANDS_PER_CTA = cuda1.get("cbands", _CUDA1[2])
-    cuda_decode.WEIGHTED = bool(cuda1.get("cweight", _CUDA1[3]))
-    cuda_decode.STAGE_CAP = cuda1.get("cstages", _CUDA1[4])
+    for key, attr in _CUDA_KNOBS.items():
+        setattr(cuda_decode, attr, cuda1.get(key, _CUDA_DEFAULTS[attr]))
 
     def select(*args, **kwargs):
         cfg = original_select(*args, **kwargs)
@@ -133,8 +132,8 @@ def main(argv=None) -> int:
             print(f"round {rnd + 1} done", flush=True)
     finally:
         tm.select_config, tm._ONE_PROGRAM_PAIRS = original_select, original_limit
-        (cuda_decode.ENABLED, cuda_decode.CONSUMER_WARPS, cuda_decode.BANDS_PER_CTA, cuda_decode.WEIGHTED,
-         cuda_decode.STAGE_CAP) = _CUDA1
+        for attr, value in _CUDA_DEFAULTS.items():
+            setattr(cuda_decode, attr, value)
     names = [m[0] for m in modes]
     print(f"{'shape':18s} {'T':>5s} {'floor':>7s} " + " ".join(f"{n:>16s}" for n in names))
     for (name, t), entry in results.items():

@@ -42,6 +42,8 @@ import torch
 
 from moe_passes.contract import is_gated
 from moe_passes.kernels import registry
+from moe_passes.kernels.triton_common import _ACT_CODES
+from moe_passes.kernels.triton_route import _METHOD_CODES
 
 __all__ = ["DecodePlan", "plan_decode", "partition", "schedule", "unsupported_reason", "decode_one_token",
            "ENABLED"]
@@ -57,8 +59,6 @@ WEIGHTED = True
 STAGE_CAP: Optional[int] = None
 _SOURCE = Path(__file__).with_name("cuda_decode1.cu")
 _NAME = "moe_nvfp4_decode1"
-_ACT = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
-_METHOD = {"default": 0, "renormalize": 1, "deepseek_v3": 2, "llama4": 3}
 _FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_EXPERTS = 512
 _MAX_TOP_K = 32
@@ -79,18 +79,12 @@ class DecodePlan:
     dynamic_smem: int
     grid: int
     schedule: tuple
+    max_ops: int  # the longest row's op count
+    max_bands: int  # the most hidden bands a CTA owns (at least 1)
 
     @property
     def threads(self) -> int:  # the consumers, then the producer, publisher and poller warps
         return 32 * (self.consumer_warps + 3)
-
-    @property
-    def max_ops(self) -> int:
-        return max(row[0] for row in self.schedule)
-
-    @property
-    def max_bands(self) -> int:
-        return max(1, max(_bands_of(row) for row in self.schedule))
 
 
 def _bands_of(row) -> int:
@@ -201,7 +195,8 @@ def plan_decode(hidden: int, inter: int, experts: int, top_k: int, gated: bool, 
     if stages < 2:
         raise ValueError(f"a GEMM1 unit of {stage} bytes leaves room for {max(stages, 0)} shared-memory stages "
                          f"of {smem_limit} bytes; two are needed")
-    return DecodePlan(consumer_warps, stages, stage, slots, stages * stage + dynamic_extra, grid, rows)
+    return DecodePlan(consumer_warps, stages, stage, slots, stages * stage + dynamic_extra, grid, rows, max_ops,
+                      max_bands)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -279,13 +274,13 @@ _SYNC: dict = {}
 _KEEP: list = []  # every counter buffer ever handed out: captured graphs keep pointing at theirs
 
 
-def _counters(device: torch.device) -> torch.Tensor:
+def _counters(index: int) -> torch.Tensor:
     """Zeroed int32 counters ``[GEMM1 units done per slot (top_k), CTAs out]`` per (device, stream): the
     kernel leaves them zero, so one buffer serves every call in stream order."""
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    key = (index, torch.cuda.current_stream(index).cuda_stream)
     buf = _SYNC.get(key)
     if buf is None:
-        buf = _SYNC[key] = torch.zeros(_MAX_TOP_K + 1, dtype=torch.int32, device=device)
+        buf = _SYNC[key] = torch.zeros(_MAX_TOP_K + 1, dtype=torch.int32, device=torch.device("cuda", index))
         _KEEP.append(buf)
     return buf
 
@@ -313,6 +308,7 @@ def _source() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(index: int, defines: tuple, dynamic_smem: int):
+    """The compiled kernel of one set of defines, made once (a compile takes about a second)."""
     from moe_passes.kernels.cuda_rtc import compile_kernel
 
     source = "".join(f"#define {k} {v}\n" for k, v in defines) + _source()
@@ -354,7 +350,7 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     logits = router_logits.contiguous()
     bias = routing_bias.contiguous() if has_bias else logits
     defines = dict(
-        H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=_ACT[activation], METHOD=_METHOD[routing],
+        H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=_ACT_CODES[activation], METHOD=_METHOD_CODES[routing],
         NGROUP=groups, TOPKGROUP=(topk_group or groups) if deepseek else 1, HAS_BIAS=int(has_bias),
         RSCALE=f"((float){scale!r})", LOGIT_KIND=_FLOAT_KIND[logits.dtype], BIAS_KIND=_FLOAT_KIND[bias.dtype],
         NCW=plan.consumer_warps, NSTAGE=plan.stages, STAGE_BYTES=plan.stage_bytes, S2=plan.slots_per_stage,
@@ -375,7 +371,7 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         return None
     x = hidden_states if _aligned(hidden_states) else hidden_states.contiguous().clone()
     act = torch.empty(top_k * inter, dtype=torch.bfloat16, device=device)
-    sync = _counters(device)
+    sync = _counters(index)
     if routing_out is None:
         routing_out = (torch.empty(top_k, dtype=torch.float32, device=device),
                        torch.empty(top_k, dtype=torch.int32, device=device))

@@ -5,7 +5,7 @@ machine and takes a minute per build.  Why not ``torch.cuda._compile_kernel``: i
 CUDA_HOME's headers, so it fails where only the pip CUDA libraries are installed.  NVRTC ships with every
 CUDA build of torch (the ``nvidia-cuda-nvrtc`` wheel), and the kernels here include no headers, so this
 module needs nothing but ``libnvrtc`` and the driver's ``libcuda``.  Compiling one kernel takes about a
-second; :func:`compile_kernel` caches by source, name and architecture.
+second, so callers keep what :func:`compile_kernel` returns.
 
 Launches go to the current torch stream with ``cuLaunchKernel``, so they are captured by CUDA graphs like
 any other kernel.
@@ -145,20 +145,12 @@ class CudaKernel:
                                            None), f"launching {self.name}")
 
 
-_CACHE: dict = {}
-
-
 def compile_kernel(source: str, name: str, device: torch.device, dynamic_smem: int = 0,
                    options: Sequence[str] = ()) -> CudaKernel:
-    """Compile ``source`` for ``device``'s architecture (``sm_XY``) and load ``name`` from it; cached per
-    (source, name, device, shared memory, options)."""
+    """Compile ``source`` for ``device``'s architecture (``sm_XY``) and load ``name`` from it.  Not cached:
+    a caller keeps the kernel (``cuda_decode`` keeps one per set of defines)."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     device = torch.device("cuda", index)
-    key = (source, name, index, dynamic_smem, tuple(options))
-    kernel = _CACHE.get(key)
-    if kernel is None:
-        major, minor = torch.cuda.get_device_capability(device)
-        cubin = _nvrtc_cubin(source, name, f"sm_{major}{minor}", options)
-        kernel = _CACHE[key] = CudaKernel(cubin, name, device, dynamic_smem)
-    return kernel
+    major, minor = torch.cuda.get_device_capability(device)
+    return CudaKernel(_nvrtc_cubin(source, name, f"sm_{major}{minor}", options), name, device, dynamic_smem)

@@ -34,6 +34,8 @@ def test_plan_fits_the_small_benchmark_layers(name):
     assert plan.dynamic_smem == plan.stages * plan.stage_bytes + 2 * hidden + 2 * top_k * inter
     assert plan.dynamic_smem < H200_SMEM
     assert plan.grid == 132 and plan.threads == 32 * (plan.consumer_warps + 3)
+    assert plan.max_ops == max(row[0] for row in plan.schedule)  # the kernel's MAXOPS and MAXB
+    assert plan.max_bands == max(len({(-1 - op) >> 10 for op in row[2:] if op < 0}) for row in plan.schedule)
 
 
 def test_plan_refuses_what_does_not_fit():
