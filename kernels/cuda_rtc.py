@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["RtcError", "CudaKernel", "compile_kernel", "rtc_available"]
+__all__ = ["RtcError", "CudaKernel", "compile_kernel", "rtc_available", "tensor_map"]
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
@@ -113,7 +113,8 @@ def _nvrtc_cubin(source: str, name: str, arch: str, options: Sequence[str]) -> b
 
 
 class CudaKernel:
-    """A compiled ``extern "C"`` kernel of one device.  Call with pointers (tensors) and 32-bit ints."""
+    """A compiled ``extern "C"`` kernel of one device.  Call with pointers (tensors), 32-bit ints and
+    ``bytes`` (a by-value struct parameter such as a tensor map, :func:`tensor_map`)."""
 
     def __init__(self, cubin: bytes, name: str, device: torch.device, dynamic_smem: int):
         self.name, self.device, self.dynamic_smem = name, device, dynamic_smem
@@ -137,6 +138,8 @@ class CudaKernel:
                 values.append(ctypes.c_void_p(a.data_ptr()))
             elif isinstance(a, int):
                 values.append(ctypes.c_int32(a))
+            elif isinstance(a, bytes):
+                values.append(ctypes.create_string_buffer(a, len(a)))
             else:
                 raise TypeError(f"{self.name}: unsupported kernel argument {type(a).__name__}")
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
@@ -154,3 +157,29 @@ def compile_kernel(source: str, name: str, device: torch.device, dynamic_smem: i
     device = torch.device("cuda", index)
     major, minor = torch.cuda.get_device_capability(device)
     return CudaKernel(_nvrtc_cubin(source, name, f"sm_{major}{minor}", options), name, device, dynamic_smem)
+
+
+_CU_TENSOR_MAP_DATA_TYPE_UINT32 = 2
+_CU_TENSOR_MAP_L2_PROMOTION_L2_256B = 3
+
+
+def tensor_map(tensor: torch.Tensor, dims: Sequence[int], strides: Sequence[int], box: Sequence[int]) -> bytes:
+    """A ``CUtensorMap`` (128 bytes, to pass by value) over ``tensor``'s memory seen as an array of 32-bit
+    words of rank ``len(dims)`` (1-5): ``dims`` innermost first, the byte ``strides`` of dims 1.., ``box`` the
+    tile one copy moves.  No swizzle; reads past ``dims`` fill with zeros.  The map holds ``tensor``'s
+    address: remake it if the memory moves."""
+    rank = len(dims)
+    if not 1 <= rank <= 5 or len(strides) != rank - 1 or len(box) != rank:
+        raise ValueError(f"tensor_map: dims {list(dims)}, strides {list(strides)} and box {list(box)} disagree")
+    fn = _driver().cuTensorMapEncodeTiled
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    out = (ctypes.c_uint64 * 16)()
+    gdim = (ctypes.c_uint64 * rank)(*dims)
+    gstride = (ctypes.c_uint64 * max(1, rank - 1))(*strides)
+    boxdim = (ctypes.c_uint32 * rank)(*box)
+    ones = (ctypes.c_uint32 * rank)(*([1] * rank))
+    _check_cu(fn(ctypes.byref(out), _CU_TENSOR_MAP_DATA_TYPE_UINT32, rank, ctypes.c_void_p(tensor.data_ptr()), gdim,
+                 gstride, boxdim, ones, 0, 0, _CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 0),
+              f"encoding a tensor map of dims {list(dims)}, strides {list(strides)}, box {list(box)}")
+    return bytes(out)
