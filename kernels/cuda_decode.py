@@ -1,4 +1,4 @@
-"""One-token decode of the NVFP4 MoE layer in one persistent CUDA launch (Hopper, SM90). Opt-in.
+"""One-token NVFP4 MoE decode in one persistent CUDA launch (Hopper, SM90). Opt-in.
 
 At one token the layer is a few microseconds of weight bytes (Qwen3-30B-A3B: 21 MB, 5.0 us at 4.25 TB/s),
 and the Triton path spends as long again on its kernel boundaries: routing, GEMM1, GEMM2 and the combine
@@ -7,26 +7,28 @@ variant lost (docs/architecture.md, decisions 12 and 16), because a Triton progr
 phase's weights in flight while it waits.  :file:`cuda_decode1.cu` does it by hand:
 
 - one CTA per SM, each routing the token itself (the logits are a few hundred bytes);
-- a producer warp streams the CTA's ops (:func:`schedule`) into a ring of shared-memory stages with bulk
-  copies: GEMM1 units (16 intermediate rows of one slot) and GEMM2 items (some slots of 16 hidden rows);
-- consumer warps decode each stage on the tensor cores (the Triton decode's E2M1 cut and ``mma.sync``);
-  GEMM1 applies the activation, and a publisher warp stores the bf16 rows and bumps the slot's counter; a
-  poller warp copies every slot whose count is complete into shared memory, and GEMM2 items wait for their
-  slots only.  A CTA owns whole hidden bands (every slot, routing weight and combine included), so no
-  partial sums cross CTAs and the result does not depend on timing.
+- work is split by the intermediate: a CTA owns *segments* (:func:`segments`), each some consecutive 16-row
+  bands of one slot's intermediate, and computes their GEMM1 rows, the activation, and their whole GEMM2
+  contribution (every hidden row, K = the segment's columns), so nothing it multiplies comes from another
+  CTA;
+- a producer warp streams all of that (w13 bands, then the segment's w2 piece blocks) into a ring of
+  shared-memory stages with bulk copies, as far ahead as the ring allows; consumer warps decode each stage on
+  the tensor cores (the Triton decode's E2M1 cut and ``mma.sync``);
+- the CTAs' fp32 partial outputs meet once: one grid barrier, then each CTA sums some hidden bands over every
+  partial in a fixed order, so the result does not depend on timing.
 
-Status (H200, docs/benchmarks.md, sixth session): correct and deterministic, but not faster than the Triton
-decode yet (Qwen3 17.2 against 17.2 us, Gemma-4 21.3 against 19.2, Nemotron-Nano 28.5 against 22.0), so it is
-opt-in: ``MOE_NVFP4_CUDA_DECODE=1``.  ``benchmarks/cuda_decode_timeline.py`` shows where its time goes.
+Status (H200, docs/benchmarks.md): opt-in, ``MOE_NVFP4_CUDA_DECODE=1``, until it measures faster than the
+Triton decode.  ``benchmarks/cuda_decode_timeline.py`` shows where its time goes.
 
 The weights are the Triton path's prepared tensors (:func:`triton_moe.prepare_weights`), read as they are.
 Numerics are those of ``fused_moe_reference(..., quantize_activations=False)``, like the Triton path.
 
 Limits: one token; a CUDA GPU of compute capability 9.x; routing as :mod:`triton_route` takes it with at
-most 512 experts and top-k <= 32; a GEMM1 unit (gate and up bands, 18 bytes per hidden element) small enough
-that two stages fit in shared memory (gated hidden up to about 6000).  Other calls take the Triton path.
-Every CTA must be resident at once (one per SM; the slot counters are waited on), and two launches of this
-decode running at the same time must use different streams: the counters are kept per (device, stream).
+most 512 experts and top-k <= 32; hidden and intermediate multiples of 16; two stages of one w13 band
+(9 bytes per hidden element) and the token's buffers must fit in shared memory.  Other calls take the
+Triton path.  Every CTA must be resident at once (one per SM; the grid barrier waits for all of them), and
+two launches of this decode running at the same time must use different streams: the barrier's counters
+are kept per (device, stream).
 """
 
 from __future__ import annotations
@@ -45,18 +47,18 @@ from moe_passes.kernels import registry
 from moe_passes.kernels.triton_common import _ACT_CODES
 from moe_passes.kernels.triton_route import _METHOD_CODES
 
-__all__ = ["DecodePlan", "plan_decode", "partition", "schedule", "unsupported_reason", "decode_one_token",
-           "ENABLED"]
+__all__ = ["DecodePlan", "plan_decode", "segments", "unsupported_reason", "decode_one_token", "ENABLED"]
 
-# Opt-in: on the H200 it is still slower than the Triton decode (docs/benchmarks.md, sixth session).
+# Opt-in until it measures faster than the Triton decode (docs/benchmarks.md).
 ENABLED = os.environ.get("MOE_NVFP4_CUDA_DECODE", "0") == "1"
-CONSUMER_WARPS = 8  # warps that decode and multiply (three more stream, publish and poll)
-# Pipeline knobs for same-session A/Bs (benchmarks/ab_decode.py): hidden bands per CTA (the grid is that
-# many bands' worth of CTAs, at most the SM count; None: the SM count), GEMM1 units weighted by each CTA's
-# GEMM2 bytes, a cap on the ring's stages.  One band per CTA measured best on Qwen3 (17.2 against 17.6 us).
-BANDS_PER_CTA: Optional[int] = 1
-WEIGHTED = True
+CONSUMER_WARPS = 8  # warps that decode and multiply (one more streams the weights)
+# Knobs for same-session A/Bs (benchmarks/ab_decode.py): the most intermediate bands in one segment (its
+# GEMM1 sums and intermediate stay in shared memory until its GEMM2 is done), a cap on the ring's stages.
+MAX_UNITS = 8
 STAGE_CAP: Optional[int] = None
+# w2 by tensor copies (one piece of 16 bands each) where every piece is whole; else (and with False) one bulk
+# copy per piece block, which measured 2x slower (docs/benchmarks.md).
+W2_TMA = True
 _SOURCE = Path(__file__).with_name("cuda_decode1.cu")
 _NAME = "moe_nvfp4_decode1"
 _FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -64,139 +66,106 @@ _MAX_EXPERTS = 512
 _MAX_TOP_K = 32
 _MAX_STAGES = 16
 _BAND = 16  # rows per band of the prepared layout
+_PIECE_GROUPS = 4  # 16-element groups per piece of the prepared layout
+_BLOCK2 = 576  # a stage's room for one w2 piece block: 16 rows x 4 groups of codes (512 B) and scales (64 B)
+_BOXB = 16  # hidden bands per GEMM2 tensor copy; a GEMM2 stage holds a multiple of it
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-    """Pipeline sizes of one layer shape: ``stages`` shared-memory stages of ``stage_bytes`` each (one GEMM1
-    unit, or up to ``slots_per_stage`` GEMM2 (band, slot) units), ``grid`` CTAs of ``consumer_warps`` consumer
-    warps plus the producer, publisher and poller warps, and each CTA's ``schedule`` row (:func:`schedule`)."""
+    """Pipeline sizes of one layer shape: ``stages`` shared-memory stages of ``stage_bytes`` each (one w13
+    band, or the w2 piece blocks of some hidden bands), ``grid`` CTAs of ``consumer_warps`` consumer warps
+    plus the producer warp, and each CTA's row of the :func:`segments` table."""
 
     consumer_warps: int
     stages: int
     stage_bytes: int
-    slots_per_stage: int
     dynamic_smem: int
     grid: int
-    schedule: tuple
-    max_ops: int  # the longest row's op count
-    max_bands: int  # the most hidden bands a CTA owns (at least 1)
+    segments: tuple
+    max_units: int  # the most bands in one segment
+    max_pieces: int  # the most w2 piece blocks one segment's columns touch
+    max_segments: int  # the most segments of one CTA
 
     @property
-    def threads(self) -> int:  # the consumers, then the producer, publisher and poller warps
-        return 32 * (self.consumer_warps + 3)
+    def threads(self) -> int:  # the consumers, then the producer warp
+        return 32 * (self.consumer_warps + 1)
 
 
-def _bands_of(row) -> int:
-    return len({(-1 - op) >> 10 for op in row[2:] if op < 0})
+def _pieces(j0: int, n: int) -> int:
+    """How many 64-element pieces (4 groups) the bands ``[j0, j0 + n)`` of a w2 row touch."""
+    return (j0 + n + _PIECE_GROUPS - 1) // _PIECE_GROUPS - j0 // _PIECE_GROUPS
 
 
-def partition(hidden: int, inter: int, top_k: int, gated: bool, grid: int, weighted: bool = True) -> tuple:
-    """Per CTA ``(lo1, hi1, lo2, hi2)``: GEMM1 units ``[lo1, hi1)`` (unit = slot * bands + band of the
-    intermediate) and GEMM2 units ``[lo2, hi2)`` (unit = hidden band * top_k + slot).
+def segments(inter: int, top_k: int, grid: int, max_units: int = 8) -> tuple:
+    """Per CTA ``(count, slot, j0, n, slot, j0, n, ...)``: the intermediate bands ``[j0, j0 + n)`` of
+    ``slot`` that it computes, through GEMM2.
 
-    Each CTA owns whole hidden bands (``floor`` shares of them), so a band's slots are summed in one CTA.
-    With ``weighted``, GEMM1 units then fill every CTA up to the same byte count (a CTA with one band more
-    gets about ``top_k * 9 * inter`` bytes' worth fewer units); without, every CTA gets an equal share.
+    With at least as many CTAs as slots, every CTA works on one slot, and a slot's bands are split evenly
+    over its CTAs (``ceil`` or ``floor`` of ``grid / top_k`` of them): splitting a CTA's work over two slots
+    would make it pay for two slots' GEMM2 weights.  With fewer CTAs, every CTA takes whole slots.  A run of
+    more than ``max_units`` bands becomes several segments of near-equal size.
     """
-    bands, units1 = hidden // _BAND, top_k * (inter // _BAND)
-    item1 = (2 if gated else 1) * 9 * hidden
-    band2 = top_k * 9 * inter
-    own = [bands * (c + 1) // grid - bands * c // grid for c in range(grid)]
-    target = (units1 * item1 + bands * band2) / grid
-    want = [max(0.0, target - b * band2) if weighted else 1.0 for b in own]
-    total = sum(want)
-    ranges, lo1, cum, lo2 = [], 0, 0.0, 0
-    for c in range(grid):
-        cum += want[c] * units1 / total
-        hi1 = units1 if c == grid - 1 else max(lo1, min(units1, round(cum)))
-        hi2 = lo2 + own[c] * top_k
-        ranges.append((lo1, hi1, lo2, hi2))
-        lo1, lo2 = hi1, hi2
-    return tuple(ranges)
+    if grid < 1 or max_units < 1:
+        raise ValueError(f"grid ({grid}) and max_units ({max_units}) must be positive")
+    bands = inter // _BAND
 
+    def first(k, of, over):  # the first of the `over` items whose share of `of` is k: ceil(k * over / of)
+        return -(-k * over // of)
 
-def _op(band: int, first_slot: int, slots: int) -> int:
-    """A GEMM2 item's code in a schedule row (the kernel's decoding of negative ops)."""
-    return -1 - (band << 10 | first_slot << 5 | (slots - 1))
-
-
-def schedule(hidden: int, inter: int, top_k: int, gated: bool, grid: int, slots_per_stage: int,
-             weighted: bool = True) -> tuple:
-    """Per CTA ``(op count, first hidden band, ops...)``: what its producer streams and its consumers run.
-
-    GEMM1 units (op >= 0: ``slot * bands + band`` of the intermediate) are dealt in rounds, in unit order,
-    one per round to every CTA that :func:`partition` gives more than that many; so slots complete in order,
-    slot ``s`` after round ``ready[s]``.  The CTA's GEMM2 items (op < 0, :func:`_op`: consecutive slots that
-    complete in the same round, at most ``slots_per_stage``, of one of its hidden bands) follow its GEMM1 unit
-    of the round after their slots completed, the others at the end.  No CTA waits on a unit that some CTA
-    schedules behind a wait on a later round, so the schedule cannot deadlock while every CTA is resident.
-    """
-    ranges = partition(hidden, inter, top_k, gated, grid, weighted)
-    nb1 = inter // _BAND
-    counts = [hi1 - lo1 for lo1, hi1, _, _ in ranges]
-    units: list = [[] for _ in range(grid)]
-    unit_round: list = []
-    for r in range(max(counts, default=0)):
-        for c in range(grid):
-            if counts[c] > r:
-                units[c].append(len(unit_round))
-                unit_round.append(r)
-    ready = [unit_round[(s + 1) * nb1 - 1] for s in range(top_k)]
-    chunks, s = [], 0
-    while s < top_k:
-        n = 1
-        while s + n < top_k and n < slots_per_stage and ready[s + n] == ready[s]:
-            n += 1
-        chunks.append((ready[s + n - 1], s, n))
-        s += n
     rows = []
-    for c, (_, _, lo2, hi2) in enumerate(ranges):
-        items = sorted((r, b, s0, n) for r, s0, n in chunks for b in range(lo2 // top_k, hi2 // top_k))
-        ops, k = [], 0
-        for r, u in enumerate(units[c]):
-            ops.append(u)
-            while k < len(items) and items[k][0] <= r - 1:
-                ops.append(_op(*items[k][1:]))
-                k += 1
-        ops.extend(_op(*item[1:]) for item in items[k:])
-        rows.append((len(ops), lo2 // top_k, *ops))
+    for c in range(grid):
+        if grid >= top_k:
+            slot = c * top_k // grid
+            lo, hi = first(slot, top_k, grid), first(slot + 1, top_k, grid)
+            r, m = c - lo, hi - lo
+            runs = [(slot, r * bands // m, (r + 1) * bands // m)]
+        else:
+            runs = [(s, 0, bands) for s in range(first(c, grid, top_k), first(c + 1, grid, top_k))]
+        segs: list = []
+        for slot, j0, j1 in runs:
+            k = -(-(j1 - j0) // max_units)
+            for i in range(k):
+                a, b = j0 + (j1 - j0) * i // k, j0 + (j1 - j0) * (i + 1) // k
+                if b > a:
+                    segs += [slot, a, b - a]
+        rows.append((len(segs) // 3, *segs))
     return tuple(rows)
 
 
+def _dynamic_extra(hidden: int, gated: bool, max_units: int, consumer_warps: int) -> int:
+    """Dynamic shared memory after the ring (the kernel's OFF_X .. SMEM_END): the token's activations (bf16),
+    the partial output (fp32), a segment's intermediate (bf16) and its GEMM1 per-warp sums (fp32)."""
+    return 2 * hidden + 4 * hidden + 32 * max_units + 64 * (2 if gated else 1) * max_units * consumer_warps
+
+
 def plan_decode(hidden: int, inter: int, experts: int, top_k: int, gated: bool, n_group: int, sm_count: int,
-                smem_limit: int, consumer_warps: int = 8, grid: Optional[int] = None,
-                bands_per_cta: Optional[int] = None, weighted: bool = True,
+                smem_limit: int, consumer_warps: int = 8, grid: Optional[int] = None, max_units: int = 8,
                 stage_cap: Optional[int] = None) -> DecodePlan:
     """The stages that fit in ``smem_limit`` bytes (the device's per-block opt-in limit), or ValueError."""
     if hidden % _BAND or inter % _BAND:
         raise ValueError(f"hidden ({hidden}) and intermediate ({inter}) must be multiples of {_BAND}")
     if not 1 <= consumer_warps <= 31:
         raise ValueError(f"consumer_warps must be 1..31, got {consumer_warps}")
-    if grid is None and bands_per_cta:
-        grid = min(sm_count, -(-(hidden // _BAND) // bands_per_cta))
     if grid is None:
-        grid = min(sm_count, max(top_k * (inter // _BAND), hidden // _BAND))
+        grid = min(sm_count, top_k * (inter // _BAND))
     if grid < 1:
         raise ValueError(f"grid must be positive, got {grid}")
+    rows = segments(inter, top_k, grid, max_units)
+    segs = [row[1 + 3 * i:4 + 3 * i] for row in rows for i in range(row[0])]
+    units = max(n for _, _, n in segs)
+    pieces = max(_pieces(j0, n) for _, j0, n in segs)
+    most = max(row[0] for row in rows)
     # a 16-row band is 16 * K/2 code bytes and 16 * K/16 scale bytes: 9 K
-    item1 = (2 if gated else 1) * 9 * hidden  # GEMM1 unit: the gate and up bands
-    unit2 = 9 * inter  # GEMM2 unit: one expert's band of hidden rows
-    stage = -(-max(item1, unit2) // 128) * 128
-    slots = max(1, min(top_k, stage // unit2))
-    rows = schedule(hidden, inter, top_k, gated, grid, slots, weighted)
-    max_ops = max(row[0] for row in rows)
-    max_bands = max(1, max(_bands_of(row) for row in rows))
-    dynamic_extra = 2 * hidden + 2 * top_k * inter  # the token's activations and the intermediate
-    # the kernel's static arrays (barriers, reductions, routing, rows in flight), rounded up
-    static = (16 * _MAX_STAGES + 8 + 2 * consumer_warps * 32 * 4 + 20 * (experts + 3) + 4 * n_group
-              + 20 * top_k + 64 * max_bands + 40 * max_ops + 256)
-    stages = min(stage_cap or _MAX_STAGES, _MAX_STAGES, (smem_limit - dynamic_extra - static) // stage)
+    stage = -(-max(9 * hidden, _BOXB * pieces * _BLOCK2) // 128) * 128
+    extra = _dynamic_extra(hidden, gated, units, consumer_warps)
+    # the kernel's static arrays (barriers, routing), rounded up
+    static = 16 * _MAX_STAGES + 8 + 20 * (experts + 3) + 4 * n_group + 12 * top_k + 256
+    stages = min(stage_cap or _MAX_STAGES, _MAX_STAGES, (smem_limit - extra - static) // stage)
     if stages < 2:
-        raise ValueError(f"a GEMM1 unit of {stage} bytes leaves room for {max(stages, 0)} shared-memory stages "
+        raise ValueError(f"a w13 band of {stage} bytes leaves room for {max(stages, 0)} shared-memory stages "
                          f"of {smem_limit} bytes; two are needed")
-    return DecodePlan(consumer_warps, stages, stage, slots, stages * stage + dynamic_extra, grid, rows, max_ops,
-                      max_bands)
+    return DecodePlan(consumer_warps, stages, stage, stages * stage + extra, grid, rows, units, pieces, most)
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -251,17 +220,17 @@ _PLANS: dict = {}
 
 
 def _plan(device, hidden, inter, experts, top_k, gated, n_group, consumer_warps=None, grid=None) -> DecodePlan:
-    """:func:`plan_decode` for this device and the module's knobs, made once per shape (its schedule is
-    Python loops over every CTA; the call path must not pay them again), refusals included."""
+    """:func:`plan_decode` for this device and the module's knobs, made once per shape (its segment table
+    is Python loops over every CTA; the call path must not pay them again), refusals included."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, hidden, inter, experts, top_k, gated, n_group, consumer_warps or CONSUMER_WARPS, grid,
-           BANDS_PER_CTA, WEIGHTED, STAGE_CAP)
+           MAX_UNITS, STAGE_CAP)
     plan = _PLANS.get(key)
     if plan is None:
         sms, smem = _device_limits(index)
         try:
             plan = plan_decode(hidden, inter, experts, top_k, gated, n_group, sms, smem, key[7], grid,
-                               BANDS_PER_CTA, WEIGHTED, STAGE_CAP)
+                               MAX_UNITS, STAGE_CAP)
         except ValueError as exc:
             plan = str(exc)
         _PLANS[key] = plan
@@ -274,13 +243,13 @@ _SYNC: dict = {}
 _KEEP: list = []  # every counter buffer ever handed out: captured graphs keep pointing at theirs
 
 
-def _counters(index: int) -> torch.Tensor:
-    """Zeroed int32 counters ``[GEMM1 units done per slot (top_k), CTAs out]`` per (device, stream): the
-    kernel leaves them zero, so one buffer serves every call in stream order."""
-    key = (index, torch.cuda.current_stream(index).cuda_stream)
+def _counters(index: int, grid: int) -> torch.Tensor:
+    """The grid barrier's 64-bit arrival counter per (device, stream, grid): every call adds ``grid`` to it
+    and waits for the next multiple of ``grid``, so it is never reset, and calls in stream order share it."""
+    key = (index, torch.cuda.current_stream(index).cuda_stream, grid)
     buf = _SYNC.get(key)
     if buf is None:
-        buf = _SYNC[key] = torch.zeros(_MAX_TOP_K + 1, dtype=torch.int32, device=torch.device("cuda", index))
+        buf = _SYNC[key] = torch.zeros(1, dtype=torch.int64, device=torch.device("cuda", index))
         _KEEP.append(buf)
     return buf
 
@@ -288,8 +257,8 @@ def _counters(index: int) -> torch.Tensor:
 _TABLES: dict = {}
 
 
-def _schedule_table(index: int, rows: tuple, width: int) -> Optional[torch.Tensor]:
-    """The schedule on the device, made once per (device, schedule); None while a CUDA graph is being
+def _segment_table(index: int, rows: tuple, width: int) -> Optional[torch.Tensor]:
+    """The segment table on the device, made once per (device, table); None while a CUDA graph is being
     captured and it does not exist yet (copying it in would be a host-to-device copy inside the capture)."""
     key = (index, rows)
     table = _TABLES.get(key)
@@ -313,6 +282,25 @@ def _kernel(index: int, defines: tuple, dynamic_smem: int):
 
     source = "".join(f"#define {k} {v}\n" for k, v in defines) + _source()
     return compile_kernel(source, _NAME, torch.device("cuda", index), dynamic_smem)
+
+
+_MAPS: dict = {}
+
+
+def _w2_maps(w2: torch.Tensor, s2: torch.Tensor, hidden: int, inter: int) -> tuple:
+    """Tensor maps of w2's codes and scales in the prepared layout when every piece is whole (inter % 64 ==
+    0): ``[expert x hidden band][piece][piece block]`` (512 and 64 bytes), a box one piece of 16 bands; made
+    once per (address, shape)."""
+    from moe_passes.kernels.cuda_rtc import tensor_map
+
+    key = (w2.data_ptr(), s2.data_ptr(), tuple(w2.shape), hidden, inter)
+    maps = _MAPS.get(key)
+    if maps is None:
+        bands, pieces = w2.shape[0] * hidden // _BAND, inter // 64
+        maps = _MAPS[key] = (
+            tensor_map(w2, (128, pieces, bands), (512, 8 * inter), (128, 1, _BOXB)),
+            tensor_map(s2, (16, pieces, bands), (64, inter), (16, 1, _BOXB)))
+    return maps
 
 
 _WARNED: set = set()
@@ -350,11 +338,12 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     logits = router_logits.contiguous()
     bias = routing_bias.contiguous() if has_bias else logits
     defines = dict(
-        H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=_ACT_CODES[activation], METHOD=_METHOD_CODES[routing],
-        NGROUP=groups, TOPKGROUP=(topk_group or groups) if deepseek else 1, HAS_BIAS=int(has_bias),
+        H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=_ACT_CODES[activation],
+        METHOD=_METHOD_CODES[routing], NGROUP=groups, TOPKGROUP=(topk_group or groups) if deepseek else 1,
+        HAS_BIAS=int(has_bias),
         RSCALE=f"((float){scale!r})", LOGIT_KIND=_FLOAT_KIND[logits.dtype], BIAS_KIND=_FLOAT_KIND[bias.dtype],
-        NCW=plan.consumer_warps, NSTAGE=plan.stages, STAGE_BYTES=plan.stage_bytes, S2=plan.slots_per_stage,
-        MAXOPS=plan.max_ops, MAXB=plan.max_bands)
+        NCW=plan.consumer_warps, NSTAGE=plan.stages, STAGE_BYTES=plan.stage_bytes, MAXU=plan.max_units,
+        MAXSEG=plan.max_segments, W2TMA=int(W2_TMA and inter % 64 == 0))
     if trace is not None:
         if trace.dtype != torch.int64 or trace.numel() < 16 * plan.grid or not trace.is_contiguous():
             raise ValueError(f"trace must be a contiguous int64 tensor of at least {16 * plan.grid} elements")
@@ -364,17 +353,18 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     except RtcError as exc:
         _warn_once(f"one-launch CUDA decode unavailable, using the Triton decode: {exc}")
         return None
-    table = _schedule_table(index, plan.schedule, plan.max_ops + 2)
+    table = _segment_table(index, plan.segments, 1 + 3 * plan.max_segments)
     if table is None:
         _warn_once("one-launch CUDA decode: first call inside a CUDA-graph capture, using the Triton decode "
                    "there (call the layer once before capturing)")
         return None
     x = hidden_states if _aligned(hidden_states) else hidden_states.contiguous().clone()
-    act = torch.empty(top_k * inter, dtype=torch.bfloat16, device=device)
-    sync = _counters(index)
+    partials = torch.empty(plan.grid * hidden, dtype=torch.float32, device=device)  # every CTA writes its own
+    sync = _counters(index, plan.grid)
     if routing_out is None:
         routing_out = (torch.empty(top_k, dtype=torch.float32, device=device),
                        torch.empty(top_k, dtype=torch.int32, device=device))
-    kernel(plan.grid, plan.threads, x, logits, bias, w13, s13, g13, w2, s2, g2, act, table, sync, out,
-           routing_out[1], routing_out[0], sync if trace is None else trace)
+    maps = _w2_maps(w2, s2, hidden, inter) if defines["W2TMA"] else (bytes(128), bytes(128))
+    kernel(plan.grid, plan.threads, x, logits, bias, w13, s13, g13, w2, s2, g2, table, partials, sync, out,
+           routing_out[1], routing_out[0], sync if trace is None else trace, *maps)
     return out

@@ -3,49 +3,58 @@
 // (layer shape, activation, routing, pipeline sizes).  See docs/kernels.md, "The one-launch CUDA decode".
 //
 // Why one launch: at one token the layer is ~5-8 us of weight bytes, and every kernel boundary drains the
-// memory pipe.  Here each CTA (one per SM) routes the token itself, then a producer warp streams the CTA's
-// share of w13 *and* w2 into a ring of shared-memory stages with bulk copies (cp.async.bulk), so GEMM2's
-// weights are already arriving while GEMM1 finishes on other SMs; GEMM2 waits only for the slots it
-// multiplies (per-slot counters, no barrier kernel).
+// memory pipe.  Each CTA (one per SM) routes the token itself, then a producer warp streams the CTA's w13
+// *and* w2 bytes into a ring of shared-memory stages as fast as the ring frees, so nearly all of a CTA's
+// weights are requested the moment the routing is known.
 //
-// Work: GEMM1 unit = (slot s, 16-row band j of the intermediate) = the gate and up bands (one band if not
-// gated); GEMM2 item = some slots of one 16-row band b of the hidden size.  A CTA owns whole hidden bands, so
-// it finishes their combine itself: no partial sums cross CTAs and the result does not depend on timing.
-// cuda_decode.py writes each CTA's schedule (``sched``): GEMM1 units go out in rounds, slot-major, so the
-// first slots are complete early, and a CTA's GEMM2 items come one round after their slots complete, between
-// its GEMM1 units: GEMM2's decode runs while GEMM1's weights are still streaming.  Per-slot counters say when
-// a slot's intermediate is complete.  Consumers never touch global memory until the output: a publisher warp
-// stores their intermediate rows and counts them, a poller warp copies complete slots into shared memory.
+// Work split: by the *intermediate*.  A CTA owns segments, each some consecutive 16-row bands [j0, j0+n) of
+// one slot's intermediate.  It computes those intermediate rows (GEMM1 + activation, all of K = hidden), and
+// then their whole contribution to the output: GEMM2 over every hidden row, but only K = its 16n
+// intermediate columns.  So nothing a CTA multiplies comes from another CTA; the only grid-wide step is the
+// last one, the sum of the CTAs' fp32 partial outputs (one barrier, then each CTA sums some hidden bands
+// over all partials in a fixed order: the result does not depend on timing).  An earlier version split
+// GEMM2 by hidden rows instead and had to publish the intermediate to every CTA: that cross-CTA traffic
+// cost 3.5-5 us per call (docs/benchmarks.md, sixth session).
+//
 // Weights are read in the Triton path's prepared layout (triton_layout: E2M1 bits re-placed in each word,
-// 16-row bands of 64-element pieces), so no second copy of the weights exists.
+// 16-row bands of 64-element pieces), so no second copy of the weights exists.  A w13 band is contiguous
+// (one bulk copy); a segment's columns of a w2 band lie in 1-3 piece blocks (16 rows x 4 groups, 512 code
+// bytes and 64 scale bytes), copied whole: with W2TMA (every piece whole) by tensor copies of 16 bands, else
+// one bulk copy per block (2x slower: a CTA's bytes in flight are bounded by its copies in flight).
 //
 // Required defines: H_ I_ E_ TOPK GATED ACT(0 silu,1 gelu,2 gelu_tanh,3 relu2) METHOD(0 default,
 // 1 renormalize, 2 deepseek_v3, 3 llama4) NGROUP TOPKGROUP HAS_BIAS RSCALE LOGIT_KIND BIAS_KIND
-// (0 f32, 1 bf16, 2 f16) NCW (consumer warps) NSTAGE STAGE_BYTES S2 (slots per GEMM2 stage) MAXOPS (ops per
-// CTA, at most) MAXB (hidden bands per CTA, at most).
+// (0 f32, 1 bf16, 2 f16) NCW (consumer warps) NSTAGE STAGE_BYTES MAXU (bands per segment, at most) MAXSEG
+// (segments per CTA, at most) W2TMA (0/1: w2 by tensor maps, passed as the last two parameters).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned long long u64;
 typedef unsigned char u8;
+struct __align__(64) TensorMap { u64 opaque[16]; };  // a CUtensorMap, made by cuda_decode (W2TMA)
 
-#define NT ((NCW + 3) * 32)  // consumer warps, then the producer, publisher and poller warps
+#define NT ((NCW + 1) * 32)  // consumer warps, then the producer warp
 #define NC (NCW * 32)
 #define KG1 (H_ / 16)        // NVFP4 groups per w13 row
 #define KG2 (I_ / 16)        // per w2 row
 #define P1 ((KG1 + 3) / 4)   // 64-element pieces per row (the last one may be narrower)
-#define P2 ((KG2 + 3) / 4)
-#define NB1 (I_ / 16)        // GEMM1 bands per slot
+#define NBH (H_ / 16)        // hidden bands
 #define N1 ((GATED + 1) * I_)
 #define CODE1 (8 * H_)       // bytes of one w13 band's codes (16 rows x H/2)
-#define CODE2 (8 * I_)
-#define UNIT2 (CODE2 + I_)   // one w2 band of one expert: codes then scales
-#define ITEM1 ((GATED + 1) * (CODE1 + H_))
+#define BAND1 (9 * H_)       // one w13 band: codes, then scales
+#define BLOCK2 576           // a stage's slot for one w2 piece block: 512 code bytes, then 64 scale bytes
 #define EPAD ((E_ + 3) / 4 * 4)
-#define NACC 3                          // independent MMA chains per warp in GEMM1
-#define PPW1 ((P1 + NCW - 1) / NCW)     // GEMM1 pieces per warp and unit
-#define F2 ((S2 * P2 + NCW - 1) / NCW)  // GEMM2 pieces per warp and stage, at most
+#define NACC 4                          // independent MMA chains per warp in GEMM1
+#define PPW1 ((P1 + NCW - 1) / NCW)     // GEMM1 pieces per warp and band
+#define SEGW (1 + 3 * MAXSEG)           // a CTA's row of the segment table
 #define PAIR_MASK 0x81C081C0u
+#define BOXB 16              // hidden bands per GEMM2 tensor copy (W2TMA), and the unit of a GEMM2 stage
+// dynamic shared memory after the ring (cuda_decode.plan_decode computes the same size)
+#define OFF_X (NSTAGE * STAGE_BYTES)           // the token's activations, bf16 [H]
+#define OFF_PART (OFF_X + 2 * H_)              // this CTA's partial output, fp32 [H]
+#define OFF_ACT (OFF_PART + 4 * H_)            // a segment's intermediate, bf16 [16 MAXU]
+#define OFF_RED (OFF_ACT + 32 * MAXU)          // GEMM1 per-warp sums, fp32 [(GATED + 1) MAXU][NCW][16]
+#define SMEM_END (OFF_RED + 64 * (GATED + 1) * MAXU * NCW)
 
 // ---- diagnostics (TRACE builds: decode_one_token(trace=...), benchmarks/cuda_decode_timeline.py) --------
 // Per CTA, 16 u64 slots: cycle stamps of the phases (slot 0 the start's %globaltimer), and in slot 15 the
@@ -54,10 +63,19 @@ typedef unsigned char u8;
 __device__ __forceinline__ u64 clock_now() { u64 t; asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)); return t; }
 __device__ __forceinline__ u64 global_now() { u64 t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }
 #define STAMP(k) do { trace[blockIdx.x * 16 + (k)] = clock_now() - t_start; } while (0)
-#define SPIN_GUARD(site) do { if (++spins > (1u << 22)) { trace[blockIdx.x * 16 + 15] = (site); __threadfence(); asm volatile("trap;"); } } while (0)
+// count, in slot k, the stages whose bytes were not in yet when warp 0 came to them
+#define TRACE_STALL(st, k) \
+    do { \
+        if (tid == 0 && !mbar_test(smem_u32(&full_bar[st]), (it / NSTAGE) & 1)) trace[blockIdx.x * 16 + (k)] += 1; \
+    } while (0)
+#define SPIN_GUARD(site) \
+    do { \
+        if (++spins > (1u << 22)) { trace[blockIdx.x * 16 + 15] = (site); __threadfence(); asm volatile("trap;"); } \
+    } while (0)
 #else
 #define STAMP(k) do { } while (0)
 #define SPIN_GUARD(site) do { } while (0)
+#define TRACE_STALL(st, k) do { } while (0)
 #endif
 
 // ---- PTX helpers -------------------------------------------------------------------------------------
@@ -91,15 +109,27 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
         if (!done) SPIN_GUARD(site);
     }
 }
+__device__ __forceinline__ u32 mbar_test(u32 bar, u32 parity) {
+    u32 done;
+    asm volatile("{ .reg .pred p; mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+    return done;
+}
 __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
+// a box of a 3-D tensor map (a __grid_constant__ kernel parameter) at coordinates (x, y, z)
+__device__ __forceinline__ void tensor_load3(u32 dst, const void* map, int x, int y, int z, u32 bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4}], [%5];"
+                 ::"r"(dst), "l"((u64)map), "r"(x), "r"(y), "r"(z), "r"(bar) : "memory");
+}
 // barrier 1: the consumer warps only (the producer, publisher and poller warps never join it)
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(NC) : "memory"); }
-__device__ __forceinline__ u32 ld_relaxed(const u32* p) {
-    u32 v;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+__device__ __forceinline__ u64 ld_relaxed64(const u64* p) {
+    u64 v;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
 }
 __device__ __forceinline__ u16 to_bf16(float f) {
@@ -185,6 +215,34 @@ __device__ __forceinline__ void piece_mma(float (&d)[4], const u8* codes, const 
     word_mma(d, wa.y, wb.y, sa, sb, x1);
 }
 
+// One 16-element group of 16 w2 rows in a GEMM2 stage: row r's 8 code bytes at ``codes + r * cstride``, its
+// scale at ``scales[r * sstride]``; rows g and g+8 here, the activations ``xg`` only where ``diag`` (the B
+// operand is block-diagonal).
+__device__ __forceinline__ void quad_mma(float (&d)[4], const u8* codes, int cstride, const u8* scales, int sstride,
+                                         bool live, bool diag, const u16* xg, int g) {
+    uint2 wa = make_uint2(0u, 0u), wb = make_uint2(0u, 0u);
+    uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
+    u32 s2 = 0;
+    if (live) {  // divergent loads only: every lane reaches the MMAs (see piece_mma)
+        wa = *(const uint2*)(codes + cstride * g);
+        wb = *(const uint2*)(codes + cstride * (g + 8));
+        s2 = (u32)scales[sstride * g] | ((u32)scales[sstride * (g + 8)] << 16);
+    }
+    if (diag) {
+        x0 = *(const uint4*)(xg);
+        x1 = *(const uint4*)(xg + 8);
+    }
+    u32 sa, sb;
+    scale_pair(s2, sa, sb);
+    word_mma(d, wa.x, wb.x, sa, sb, x0);
+    word_mma(d, wa.y, wb.y, sa, sb, x1);
+}
+
+// A GEMM2 stage of a segment whose columns touch ``np`` pieces of a w2 row: codes [np][bands][512 B] (whole
+// piece blocks; a narrow last piece is shorter, its slot the same), then scales [np][bands][64 B].  Bands per
+// stage: a multiple of BOXB (the tensor copies' box).  The producer and the consumers must agree on it.
+__device__ __forceinline__ int bands_per_stage(int np) { return STAGE_BYTES / (np * BLOCK2) / BOXB * BOXB; }
+
 __device__ __forceinline__ float activation(float gt, float up) {
 #if ACT == 0
     return gt / (1.0f + expf(-gt)) * up;
@@ -199,6 +257,17 @@ __device__ __forceinline__ float activation(float gt, float up) {
 #endif
 }
 
+// rows i and i+8 of a GEMM2 band: added to the running sums, or (the last segment, ``sum``) stored with them
+__device__ __forceinline__ void add_rows(float* s_part, float* sum, int i, float y0, float y8) {
+    if (sum) {
+        sum[i] = s_part[i] + y0;
+        sum[i + 8] = s_part[i + 8] + y8;
+    } else {
+        s_part[i] += y0;
+        s_part[i + 8] += y8;
+    }
+}
+
 __device__ __forceinline__ float warp_fsum(float v) {  // the same order in every lane
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
@@ -209,22 +278,20 @@ extern "C" __global__ void __launch_bounds__(NT, 1)
 moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, const void* __restrict__ bias,
                   const u8* __restrict__ w13, const u8* __restrict__ s13, const float* __restrict__ g13,
                   const u8* __restrict__ w2, const u8* __restrict__ s2, const float* __restrict__ g2,
-                  u16* act, const int* sched, u32* sync, u16* out, int* ids_out, float* w_out, u64* trace) {
+                  const int* __restrict__ segs, float* partials, u64* sync, u16* out, int* ids_out, float* w_out,
+                  u64* trace, const __grid_constant__ TensorMap tm_c2, const __grid_constant__ TensorMap tm_s2) {
 #ifdef TRACE
     const u64 t_start = clock_now();
     if (threadIdx.x == 0) trace[blockIdx.x * 16] = global_now();
 #endif
     extern __shared__ __align__(128) u8 smem[];
-    u16* xs = (u16*)(smem + NSTAGE * STAGE_BYTES);  // the token's activations
-    u16* acts = xs + H_;                            // the intermediate, [TOPK][I_]
+    u16* xs = (u16*)(smem + OFF_X);
+    float* s_part = (float*)(smem + OFF_PART);
+    u16* s_act = (u16*)(smem + OFF_ACT);
+    float* red1 = (float*)(smem + OFF_RED);
     __shared__ __align__(8) u64 full_bar[NSTAGE];
     __shared__ __align__(8) u64 empty_bar[NSTAGE];
     __shared__ __align__(8) u64 x_bar;
-    __shared__ __align__(8) u64 slot_bar[TOPK];  // a slot's intermediate is in `acts`
-    __shared__ float s_band[MAXB][16];           // running sums of this CTA's hidden bands
-    __shared__ __align__(8) u64 row_bar[MAXOPS]; // GEMM1 op i's intermediate rows are in s_rows[i]
-    __shared__ u16 s_rows[MAXOPS][16];
-    __shared__ float red[2][NCW][32];
     __shared__ __align__(16) float s_key[EPAD];  // ranking keys, padded with -inf
 #if METHOD == 2
     __shared__ float s_score[E_];
@@ -245,8 +312,8 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
     const int grid = gridDim.x, cta = blockIdx.x;
     constexpr int EPT = (E_ + NT - 1) / NT;  // experts per thread
 
-    // The global loads first, none waiting on another: this CTA's ranges, the logits (and bias), and every
-    // expert's global scales, so that nothing after the routing waits on a dependent load.
+    // The global loads first, none waiting on another: the logits (and bias), and every expert's global
+    // scales, so that nothing after the routing waits on a dependent load.
     float lg[EPT];
 #pragma unroll
     for (int q = 0; q < EPT; ++q) {
@@ -266,12 +333,9 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
             mbar_init(smem_u32(&empty_bar[s]), NCW);
         }
         mbar_init(smem_u32(&x_bar), 1);
-        for (int s = 0; s < TOPK; ++s) mbar_init(smem_u32(&slot_bar[s]), 32);
-        for (int s = 0; s < MAXOPS; ++s) mbar_init(smem_u32(&row_bar[s]), 16);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    if (tid == 0) STAMP(14);
     if (tid == NC) {  // the producer lane: the token's activations first, they do not depend on the routing
         mbar_expect_tx(smem_u32(&x_bar), H_ * 2);
         bulk_load(smem_u32(xs), x, H_ * 2, smem_u32(&x_bar));
@@ -323,7 +387,6 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
     for (int e = tid, q = 0; e < E_; e += NT, ++q) s_key[e] = masked[q];
     __syncthreads();
 #endif
-    if (tid == 0) STAMP(13);
     // rank = experts ahead of e (ties: lower index first, as topk), each thread scanning every key
     for (int e = tid; e < E_; e += NT) {
         const float v = s_key[e];
@@ -340,97 +403,71 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
     }
     __syncthreads();
     if (tid == 0) STAMP(1);
-    // ---- this CTA's schedule: ops in order, each one stage of the ring -----------------------------------
-    // op >= 0: GEMM1 unit (slot * NB1 + band of the intermediate); op < 0: GEMM2 item, -1 - (b << 10 | s0 << 5
-    // | n - 1): slots s0 .. s0 + n - 1 of hidden band b.  Row header: op count, first hidden band.
-    const int* my = sched + cta * (MAXOPS + 2);
-    const int nops = my[0], band0 = my[1];
 
-    // ---- producer: one lane streams the weights of the ops through the stages ----------------------------
+    // ---- this CTA's segments: (slot, first band j0, bands n) of the intermediate -------------------------
+    const int* my = segs + cta * SEGW;
+    const int nseg = my[0];
+
+    // ---- producer: streams every stage in the consumers' order, as far ahead as the ring allows -----------
+    // Per segment: its n (gate, up) band pairs of w13 (one band per stage), then its w2 piece blocks of every
+    // hidden band, as many bands per stage as fit.
     if (warp == NCW) {
-        if (lane != 0) return;
-        STAMP(8);
-        for (int i = 0; i < nops; ++i) {
-            const int st = i % NSTAGE, op = my[2 + i];
-            if (i >= NSTAGE) MBAR_WAIT(smem_u32(&empty_bar[st]), ((i / NSTAGE) + 1) & 1, 100 + i);
-            const u32 bar = smem_u32(&full_bar[st]), dst = smem_u32(smem + st * STAGE_BYTES);
-            if (op >= 0) {
-                const int s = op / NB1, j = op - s * NB1;
-                const size_t row = (size_t)s_sel[s] * N1 + 16 * j;
-                const u8* codes = w13 + row * (H_ / 2);
-                const u8* scales = s13 + row * (H_ / 16);
-                mbar_expect_tx(bar, ITEM1);
-                bulk_load(dst, codes, CODE1, bar);
-#if GATED
-                bulk_load(dst + CODE1, codes + (size_t)I_ * (H_ / 2), CODE1, bar);
-                bulk_load(dst + 2 * CODE1, scales, H_, bar);
-                bulk_load(dst + 2 * CODE1 + H_, scales + (size_t)I_ * (H_ / 16), H_, bar);
-#else
-                bulk_load(dst + CODE1, scales, H_, bar);
-#endif
-            } else {
-                const int code = -1 - op, b = code >> 10, s0 = (code >> 5) & 31, n = (code & 31) + 1;
-                mbar_expect_tx(bar, n * UNIT2);
-                for (int q = 0; q < n; ++q) {
-                    const size_t row = (size_t)s_sel[s0 + q] * H_ + 16 * b;
-                    bulk_load(dst + q * UNIT2, w2 + row * (I_ / 2), CODE2, bar);
-                    bulk_load(dst + q * UNIT2 + CODE2, s2 + row * (I_ / 16), I_, bar);
+        u32 it = 0;
+        for (int sg = 0; sg < nseg; ++sg) {
+            const int slot = my[1 + 3 * sg], j0 = my[2 + 3 * sg], n = my[3 + 3 * sg];
+            const size_t e = (size_t)s_sel[slot];
+            for (int u = 0; u < n; ++u) {
+#pragma unroll
+                for (int h = 0; h <= GATED; ++h, ++it) {
+                    const int st = it % NSTAGE;
+                    const u32 bar = smem_u32(&full_bar[st]), dst = smem_u32(smem + st * STAGE_BYTES);
+                    if (lane == 0) {
+                        if (it >= NSTAGE) MBAR_WAIT(smem_u32(&empty_bar[st]), ((it / NSTAGE) + 1) & 1, 100);
+                        const size_t row = e * N1 + (size_t)h * I_ + 16 * (j0 + u);
+                        mbar_expect_tx(bar, BAND1);
+                        bulk_load(dst, w13 + row * (H_ / 2), CODE1, bar);
+                        bulk_load(dst + CODE1, s13 + row * (H_ / 16), H_, bar);
+                    }
                 }
             }
-        }
-        STAMP(9);
-        return;
-    }
-
-    // ---- publisher: stores this CTA's intermediate rows and counts them, so that consumers never fence -------
-    if (warp == NCW + 1) {
-        for (int i = 0; i < nops; ++i) {
-            const int op = my[2 + i];
-            if (op < 0) continue;
-            MBAR_WAIT(smem_u32(&row_bar[i]), 0, 500 + i);
-            const int s = op / NB1, j = op - s * NB1;
-            if (lane < 16) {
-                act[s * I_ + 16 * j + lane] = s_rows[i][lane];
-                asm volatile("fence.acq_rel.gpu;" ::: "memory");  // the row, then the count (release)
-            }
-            __syncwarp();
-            if (lane == 0) asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(&sync[s]) : "memory");
-        }
-        return;
-    }
-
-    // ---- poller: brings each slot's intermediate into shared memory once every CTA has written it ---------
-    if (warp == NCW + 2) {
-        bool needs = false;
-        for (int i = 0; i < nops; ++i) needs |= my[2 + i] < 0;
-        if (!needs) return;
-        // Lane s watches slot s's count (one warp-wide L2 read per poll); every slot found complete is copied
-        // at once with cp.async, then its barrier released.  Polls back off so that 132 pollers leave the
-        // line to the writers.
-        u32 pending = TOPK == 32 ? 0xFFFFFFFFu : (1u << TOPK) - 1u;
-#ifdef TRACE
-        u32 spins = 0;
+            const int p0 = j0 >> 2, np = ((j0 + n + 3) >> 2) - p0, per = bands_per_stage(np);
+            const int creg = 512 * np * per;  // the scales' offset in a stage
+            u32 band_bytes = 0;  // the segment's piece blocks of one hidden band
+            for (int q = 0; q < np; ++q) band_bytes += 144 * min(4, KG2 - 4 * (p0 + q));
+            // a stage: codes [np][per][512 B], then scales [np][per][64 B] (a band's narrow last piece is
+            // shorter, its slot the same)
+            for (int b0 = 0; b0 < NBH; b0 += per, ++it) {
+                const int cnt = min(per, NBH - b0), st = it % NSTAGE;
+                const u32 bar = smem_u32(&full_bar[st]), dst = smem_u32(smem + st * STAGE_BYTES);
+#if W2TMA
+                // one tensor copy per piece and 16 bands (8 KB of codes, 1 KB of scales).  Per-block bulk copies of
+                // 512 bytes measured 2x slower: a CTA's bytes in flight are bounded by its copies in flight.
+                if (lane == 0) {
+                    if (it >= NSTAGE) MBAR_WAIT(smem_u32(&empty_bar[st]), ((it / NSTAGE) + 1) & 1, 101);
+                    const int boxes = (cnt + BOXB - 1) / BOXB;  // past the layer's last band: zero fill
+                    mbar_expect_tx(bar, np * boxes * BOXB * BLOCK2);
+                    for (int q = 0; q < np; ++q)
+                        for (int k = 0; k < boxes; ++k) {
+                            const int z = (int)e * NBH + b0 + k * BOXB, o = q * per + k * BOXB;
+                            tensor_load3(dst + 512 * o, &tm_c2, 0, p0 + q, z, bar);
+                            tensor_load3(dst + creg + 64 * o, &tm_s2, 0, p0 + q, z, bar);
+                        }
+                }
+#else
+                if (lane == 0) {
+                    if (it >= NSTAGE) MBAR_WAIT(smem_u32(&empty_bar[st]), ((it / NSTAGE) + 1) & 1, 101);
+                    mbar_expect_tx(bar, cnt * band_bytes);
+                }
+                __syncwarp();
+                for (int k = lane; k < cnt * np; k += 32) {  // every lane issues copies: they are small
+                    const int bl = k / np, q = k - bl * np, p = p0 + q, width = min(4, KG2 - 4 * p);
+                    const size_t row = e * H_ + 16 * (size_t)(b0 + bl);
+                    bulk_load(dst + 512 * (q * per + bl), w2 + row * (I_ / 2) + 512 * p, 128 * width, bar);
+                    bulk_load(dst + creg + 64 * (q * per + bl), s2 + row * (I_ / 16) + 64 * p, 16 * width, bar);
+                }
 #endif
-        while (pending) {
-            const u32 count = lane < TOPK ? ld_relaxed(&sync[lane]) : 0u;
-            const u32 ready = __ballot_sync(0xFFFFFFFFu, lane < TOPK && count >= (u32)NB1) & pending;
-            if (!ready) {
-                __nanosleep(32);
-                SPIN_GUARD(2);
-                continue;
             }
-            asm volatile("fence.acq_rel.gpu;" ::: "memory");  // acquire what the counts promise
-            for (u32 m = ready; m; m &= m - 1) {
-                const int sl = __ffs(m) - 1;
-                for (int q = lane; q < I_ / 8; q += 32)
-                    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                                 ::"r"(smem_u32(acts + sl * I_ + 8 * q)), "l"(act + sl * I_ + 8 * q) : "memory");
-            }
-            asm volatile("cp.async.wait_all;" ::: "memory");
-            for (u32 m = ready; m; m &= m - 1) mbar_arrive(smem_u32(&slot_bar[__ffs(m) - 1]));  // 32 arrivals
-            pending &= ~ready;
         }
-        if (lane == 0) STAMP(12);
         return;
     }
 
@@ -463,120 +500,170 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
             }
         }
     }
+    for (int i = tid; i < H_; i += NC) s_part[i] = 0.0f;
     consumers_sync();
     const int g = lane >> 2, c = lane & 3;
-    // reductions alternate between the two `red` buffers: reduction k + 2 may overwrite buffer k % 2 only
-    // after every consumer passed reduction k + 1's barrier, i.e. after warp 0 finished reading it
-    int rx = 0;
     MBAR_WAIT(smem_u32(&x_bar), 0, 1);  // always, so that no CTA exits with the copy in flight
-    if (tid == 0) STAMP(2);
-    for (int i = 0; i < nops; ++i) {
-        const int st = i % NSTAGE, op = my[2 + i];
-        const u8* stage = smem + st * STAGE_BYTES;
-        if (op >= 0) {  // GEMM1 unit: 16 intermediate rows of one slot
-            MBAR_WAIT(smem_u32(&full_bar[st]), (i / NSTAGE) & 1, 200 + i);
-            if (tid == 0 && i == 0) STAMP(3);
-            if (tid == 0) STAMP(4);  // the last GEMM1 unit's start
-            // independent accumulators for successive pieces: the MMAs of one chain wait on each other
-            float dg[NACC][4], du[NACC][4];
+    u32 it = 0;
+    for (int sg = 0; sg < nseg; ++sg) {
+        const int slot = my[1 + 3 * sg], j0 = my[2 + 3 * sg], n = my[3 + 3 * sg];
+        // GEMM1: band (u, h) -> this warp's share of K (pieces dealt round-robin, rotated by stage so that
+        // no warp always gets the extra piece), summed over warps once the segment's bands are done
+        for (int u = 0; u < n; ++u) {
 #pragma unroll
-            for (int a = 0; a < NACC; ++a)
+            for (int h = 0; h <= GATED; ++h, ++it) {
+                const int st = it % NSTAGE;
+                const u8* stage = smem + st * STAGE_BYTES;
+                TRACE_STALL(st, 12);
+                MBAR_WAIT(smem_u32(&full_bar[st]), (it / NSTAGE) & 1, 200);
+                if (tid == 0 && it == 0) STAMP(3);
+                float d[NACC][4];
 #pragma unroll
-                for (int r = 0; r < 4; ++r) dg[a][r] = du[a][r] = 0.f;
+                for (int a = 0; a < NACC; ++a)
 #pragma unroll
-            for (int k = 0; k < PPW1; ++k) {
-                const int p = warp + k * NCW;
-                if (p < P1) {  // warp-uniform
-                    const u16* xg = xs + 16 * (4 * p + c);
-#if GATED
-                    piece_mma<KG1>(dg[k % NACC], stage, stage + 2 * CODE1, xg, p, g, c);
-                    piece_mma<KG1>(du[k % NACC], stage + CODE1, stage + 2 * CODE1 + H_, xg, p, g, c);
-#else
-                    piece_mma<KG1>(dg[k % NACC], stage, stage + CODE1, xg, p, g, c);
-#endif
+                    for (int r = 0; r < 4; ++r) d[a][r] = 0.f;
+                const int w0 = (warp + it) % NCW;
+#pragma unroll
+                for (int k = 0; k < PPW1; ++k) {
+                    const int p = w0 + k * NCW;
+                    if (p < P1)  // warp-uniform
+                        piece_mma<KG1>(d[k % NACC], stage, stage + CODE1, xs + 16 * (4 * p + c), p, g, c);
+                }
+                __syncwarp();
+                if (lane == 0) mbar_arrive(smem_u32(&empty_bar[st]));
+#pragma unroll
+                for (int a = 1; a < NACC; ++a) {
+                    d[0][0] += d[a][0];
+                    d[0][2] += d[a][2];
+                }
+                if (c == 0) {  // column 0 of rows g / g+8 (every column holds the same sums)
+                    float* r = red1 + ((h * MAXU + u) * NCW + warp) * 16;
+                    r[g] = d[0][0];
+                    r[g + 8] = d[0][2];
                 }
             }
+        }
+        consumers_sync();
+        {  // the activation of the segment's 16n intermediate rows, rounded to bf16 like the reference's
+            const float f1 = s_fac1[slot];
+            for (int t = tid; t < 16 * n; t += NC) {
+                const int u = t >> 4, r = t & 15;
+                float gt = 0.f, up = 0.f;
+                for (int w = 0; w < NCW; ++w) {
+                    gt += red1[(u * NCW + w) * 16 + r];
+#if GATED
+                    up += red1[((MAXU + u) * NCW + w) * 16 + r];
+#endif
+                }
+                s_act[t] = to_bf16(activation(gt * f1, up * f1));
+            }
+        }
+        if (tid == 0 && sg == nseg - 1) STAMP(4);
+        consumers_sync();
+        // GEMM2: every hidden band, K = the segment's columns.  Lane column c takes hidden band 4 qd + c of a
+        // quad, the MMA's B is block-diagonal (column c holds the activations in lane c's K slots only), so
+        // D's column c is band 4 qd + c: four bands per MMA whatever the segment's width (n groups), instead
+        // of a piece with most of its groups masked.  One warp owns a quad's sums, so it adds its
+        // routing-weighted result into s_part itself.
+        const float f2 = s_fac2[slot];
+        // the CTA's last segment stores its sums straight to its partial in global memory, as they finish, so
+        // that little is left in flight when the CTA reaches the grid barrier
+        float* sum = sg == nseg - 1 ? partials + (size_t)cta * H_ : nullptr;
+        const int p0 = j0 >> 2, np = ((j0 + n + 3) >> 2) - p0, per = bands_per_stage(np);
+        const int creg = 512 * np * per;
+        for (int b0 = 0; b0 < NBH; b0 += per, ++it) {
+            const int cnt = min(per, NBH - b0), st = it % NSTAGE;
+            const u8* stage = smem + st * STAGE_BYTES;
+            TRACE_STALL(st, 13);
+            MBAR_WAIT(smem_u32(&full_bar[st]), (it / NSTAGE) & 1, 300);
+            if (tid == 0) STAMP(9);  // the last GEMM2 stage's bytes are in
+            for (int qd = (warp + it) % NCW; 4 * qd < cnt; qd += NCW) {  // warp-uniform
+                const int band = 4 * qd + c;
+                const bool live = band < cnt;
+                float d[MAXU][4];  // one chain per group: a quad is short, its MMAs should not wait on each other
 #pragma unroll
-            for (int a = 1; a < NACC; ++a) {
-                dg[0][0] += dg[a][0];
-                dg[0][2] += dg[a][2];
-                du[0][0] += du[a][0];
-                du[0][2] += du[a][2];
-            }
-            __syncwarp();
-            if (lane == 0) mbar_arrive(smem_u32(&empty_bar[st]));
-            if (c == 0) {  // column 0 of rows g / g+8 (every column holds the same sums)
-                red[rx][warp][g] = dg[0][0];
-                red[rx][warp][g + 8] = dg[0][2];
-#if GATED
-                red[rx][warp][16 + g] = du[0][0];
-                red[rx][warp][24 + g] = du[0][2];
-#endif
-            }
-            consumers_sync();
-            if (warp == 0) {
-                const int s = op / NB1;
-                if (lane < 16) {
-                    float gt = 0.f, up = 0.f;
-                    for (int w = 0; w < NCW; ++w) {
-                        gt += red[rx][w][lane];
-#if GATED
-                        up += red[rx][w][16 + lane];
-#endif
+                for (int a = 0; a < MAXU; ++a) d[a][0] = d[a][1] = d[a][2] = d[a][3] = 0.f;
+#pragma unroll
+                for (int gi = 0; gi < MAXU; ++gi) {
+                    if (gi < n) {  // warp-uniform
+                        const int col = j0 + gi, p = col >> 2, width = min(4, KG2 - 4 * p);
+                        const int o = (p - p0) * per + band;  // the piece block: group col & 3 of its rows
+                        quad_mma(d[gi], stage + 512 * o + 8 * (col & 3), 8 * width, stage + creg + 64 * o + (col & 3),
+                                 width, live, g == c, s_act + 16 * gi, g);
                     }
-                    const float f = s_fac1[s];
-                    s_rows[i][lane] = to_bf16(activation(gt * f, up * f));
-                    mbar_arrive(smem_u32(&row_bar[i]));  // count 16: the publisher stores and counts it
                 }
-            }
-            rx ^= 1;
-        } else {  // GEMM2 item: slots s0 .. s0+n-1 of hidden band b
-            const int code = -1 - op, b = code >> 10, s0 = (code >> 5) & 31, n = (code & 31) + 1;
-            for (int q = 0; q < n; ++q) MBAR_WAIT(smem_u32(&slot_bar[s0 + q]), 0, 400 + i);
-            MBAR_WAIT(smem_u32(&full_bar[st]), (i / NSTAGE) & 1, 300 + i);
-#ifdef TRACE
-            if (tid == 0 && trace[blockIdx.x * 16 + 5] == 0) STAMP(5);  // the first GEMM2 item's start
-            if (tid == 0) STAMP(6);                                     // the last one's
-#endif
-            float acc0 = 0.f, acc2 = 0.f;
 #pragma unroll
-            for (int k = 0; k < F2; ++k) {
-                const int f = warp + k * NCW;
-                if (f < n * P2) {  // warp-uniform
-                    const int q = f / P2, p = f - q * P2;
-                    const u8* unit = stage + q * UNIT2;
-                    float d[4] = {0.f, 0.f, 0.f, 0.f};
-                    piece_mma<KG2>(d, unit, unit + CODE2, acts + (s0 + q) * I_ + 16 * (4 * p + c), p, g, c);
-                    const float f2 = s_fac2[s0 + q];
-                    acc0 += f2 * d[0];
-                    acc2 += f2 * d[2];
+                for (int a = 1; a < MAXU; ++a)
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) d[0][r] += d[a][r];
+                const int b = b0 + 4 * qd + 2 * c;  // lanes c < 2 hold D's columns 2c and 2c + 1
+                if (c < 2 && 4 * qd + 2 * c < cnt) {
+                    add_rows(s_part, sum, 16 * b + g, f2 * d[0][0], f2 * d[0][2]);
+                }
+                if (c < 2 && 4 * qd + 2 * c + 1 < cnt) {
+                    add_rows(s_part, sum, 16 * (b + 1) + g, f2 * d[0][1], f2 * d[0][3]);
                 }
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(smem_u32(&empty_bar[st]));
-            if (c == 0) {
-                red[rx][warp][g] = acc0;
-                red[rx][warp][g + 8] = acc2;
-            }
-            consumers_sync();
-            if (warp == 0 && lane < 16) {  // the band's running sum, over this CTA's items in slot order
-                float y = s0 == 0 ? 0.f : s_band[b - band0][lane];
-                for (int w = 0; w < NCW; ++w) y += red[rx][w][lane];
-                if (s0 + n == TOPK) out[16 * b + lane] = to_bf16(y);
-                else s_band[b - band0][lane] = y;
-            }
-            rx ^= 1;
         }
     }
-
     consumers_sync();
-    if (tid == 0) STAMP(7);
-    if (tid == 0) {  // the last CTA out zeroes the counters for the next call
-        __threadfence();
-        const u32 old = atomicAdd(&sync[TOPK], 1u);
-        if (old == (u32)grid - 1) {
-            for (int s = 0; s <= TOPK; ++s) atomicExch(&sync[s], 0u);
+    if (tid == 0) STAMP(5);
+
+    // ---- the sum over CTAs: publish this CTA's partial, meet every CTA once, sum some hidden bands ---------
+    if (nseg == 0) {  // a CTA without work still has a partial: zero
+        float4* mine = (float4*)(partials + (size_t)cta * H_);
+        for (int i = tid; i < H_ / 4; i += NC) mine[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    consumers_sync();
+    if (tid == 0) {
+        // The counter only grows, by `grid` per call (cuda_decode keeps one per stream and grid size), so the
+        // call's target is the next multiple of grid: no reset, no second atomic on the way out.
+        STAMP(6);
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");  // the CTA's partial (bar.sync above), then the count
+        const u64 old = atomicAdd(sync, 1ull);
+        const u64 target = old - old % (u64)grid + (u64)grid;
+        STAMP(8);
+#ifdef TRACE
+        u32 spins = 0;
+#endif
+        while (ld_relaxed64(sync) < target) SPIN_GUARD(3);
+        asm volatile("fence.acq_rel.gpu;" ::: "memory");  // acquire every partial
+        STAMP(7);
+    }
+    consumers_sync();
+    {
+        // hidden bands [bb0, bb1), 4 float4 columns each; the grid's partials cut into `splits` runs, each summed
+        // in order by one thread, then the runs summed in order: a fixed tree for a given grid
+        const int bb0 = NBH * cta / grid, bb1 = NBH * (cta + 1) / grid, cols = 4 * (bb1 - bb0);
+        if (cols > 0) {
+            float4* runs = (float4*)smem;  // the ring is free: every stage was waited for
+            // 16 runs at most: the second level is a serial sum in shared memory
+            const int cap = min(NC, NSTAGE * STAGE_BYTES / 16) / cols;
+            const int splits = max(1, min(min(grid, 16), cap));
+            for (int idx = tid; idx < splits * cols; idx += NC) {  // several columns each on small grids
+                const int col = idx % cols, sp = idx / cols;
+                const int r0 = grid * sp / splits, r1 = grid * (sp + 1) / splits;
+                const float4* src = (const float4*)(partials + 16 * bb0) + col;
+                float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+                for (int r = r0; r < r1; ++r) {
+                    const float4 p = __ldcg(src + (size_t)r * (H_ / 4));  // L2: other SMs wrote it
+                    v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+                }
+                runs[sp * cols + col] = v;
+            }
+            consumers_sync();
+            for (int i = tid; i < 4 * cols; i += NC) {
+                const float* rf = (const float*)runs;
+                float y = 0.f;
+                for (int s = 0; s < splits; ++s) y += rf[4 * cols * s + i];
+                out[16 * bb0 + i] = to_bf16(y);
+            }
         }
+    }
+    if (tid == 0) {
         STAMP(10);
 #ifdef TRACE
         trace[blockIdx.x * 16 + 11] = global_now();

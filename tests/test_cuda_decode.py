@@ -11,7 +11,7 @@ import torch
 
 from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS
 from moe_passes.kernels import cuda_decode
-from moe_passes.kernels.cuda_decode import partition, plan_decode, schedule
+from moe_passes.kernels.cuda_decode import plan_decode, segments
 from moe_passes.kernels.reference import fused_moe_reference, route
 from nvfp4_layers import make_layer
 
@@ -27,95 +27,53 @@ BENCH_SHAPES = {  # hidden, intermediate, experts, top_k, gated
 def test_plan_fits_the_small_benchmark_layers(name):
     hidden, inter, experts, top_k, gated = BENCH_SHAPES[name]
     plan = plan_decode(hidden, inter, experts, top_k, gated, 1, 132, H200_SMEM)
-    unit1 = (2 if gated else 1) * 9 * hidden
-    assert plan.stage_bytes >= unit1 and plan.stage_bytes % 128 == 0
-    assert plan.slots_per_stage * 9 * inter <= plan.stage_bytes
-    assert 2 <= plan.stages <= 16
-    assert plan.dynamic_smem == plan.stages * plan.stage_bytes + 2 * hidden + 2 * top_k * inter
-    assert plan.dynamic_smem < H200_SMEM
-    assert plan.grid == 132 and plan.threads == 32 * (plan.consumer_warps + 3)
-    assert plan.max_ops == max(row[0] for row in plan.schedule)  # the kernel's MAXOPS and MAXB
-    assert plan.max_bands == max(len({(-1 - op) >> 10 for op in row[2:] if op < 0}) for row in plan.schedule)
+    assert plan.stage_bytes >= 9 * hidden and plan.stage_bytes >= 16 * plan.max_pieces * 576
+    assert plan.stage_bytes % 128 == 0 and 2 <= plan.stages <= 16
+    extra = 6 * hidden + 32 * plan.max_units + 64 * (2 if gated else 1) * plan.max_units * plan.consumer_warps
+    assert plan.dynamic_smem == plan.stages * plan.stage_bytes + extra < H200_SMEM
+    assert plan.grid == 132 and plan.threads == 32 * (plan.consumer_warps + 1)
+    segs = [row[1 + 3 * i:4 + 3 * i] for row in plan.segments for i in range(row[0])]
+    assert plan.max_units == max(n for _, _, n in segs)  # the kernel's MAXU and MAXSEG, the stage's size
+    assert plan.max_pieces == max((j0 + n + 3) // 4 - j0 // 4 for _, j0, n in segs)
+    assert plan.max_segments == max(row[0] for row in plan.segments) == 1
+    # one slot per CTA, its bands split evenly: no CTA has more than one band over the mean
+    assert plan.max_units <= -(-top_k * inter // 16 // 132) + 1
 
 
 def test_plan_refuses_what_does_not_fit():
-    # DeepSeek-V3's gated hidden 7168: one GEMM1 unit is 129 KB, two stages do not fit
+    # a w13 band of hidden 12800 is 115 KB: two stages do not fit
     with pytest.raises(ValueError, match="two are needed"):
-        plan_decode(7168, 2048, 256, 8, True, 8, 132, H200_SMEM)
+        plan_decode(12800, 2048, 256, 8, True, 8, 132, H200_SMEM)
     with pytest.raises(ValueError, match="multiples of 16"):
         plan_decode(2056, 768, 128, 8, True, 1, 132, H200_SMEM)
-    # no more CTAs than the larger of the GEMM1 units and the hidden bands
+    # no more CTAs than (slot, band) units
     assert plan_decode(64, 32, 4, 2, True, 1, 132, H200_SMEM).grid == 4
     with pytest.raises(ValueError, match="positive"):
         plan_decode(64, 32, 4, 2, True, 1, 132, H200_SMEM, grid=0)
 
 
-@pytest.mark.parametrize("hidden, inter, top_k, gated, grid", [
-    (2048, 768, 8, True, 132), (2688, 1856, 6, False, 132), (2816, 704, 8, True, 132), (720, 208, 4, True, 7),
-    (512, 96, 6, True, 1), (4096, 64, 2, False, 100), (256, 1024, 8, True, 132)])
-def test_partition_covers_every_unit_once_and_balances_bytes(hidden, inter, top_k, gated, grid):
-    ranges = partition(hidden, inter, top_k, gated, grid)
-    assert len(ranges) == grid
-    units1, bands = top_k * (inter // 16), hidden // 16
-    item1, band2 = (2 if gated else 1) * 9 * hidden, top_k * 9 * inter
-    assert ranges[0][0] == 0 and ranges[0][2] == 0
-    assert ranges[-1][1] == units1 and ranges[-1][3] == bands * top_k
-    for (lo1, hi1, lo2, hi2), nxt in zip(ranges, ranges[1:] + ((units1, 0, bands * top_k, 0),)):
-        assert lo1 <= hi1 == nxt[0] and lo2 <= hi2 == nxt[2]  # contiguous, in order: each unit once
-        assert lo2 % top_k == 0 and hi2 % top_k == 0  # whole hidden bands
-    load = [(hi1 - lo1) * item1 + (hi2 - lo2) // top_k * band2 for lo1, hi1, lo2, hi2 in ranges]
-    mean = sum(load) / grid
-    # nobody above the mean by more than one GEMM1 unit, unless its whole bands alone exceed it
-    for (lo1, hi1, lo2, hi2), b in zip(ranges, load):
-        assert b <= max(mean, (hi2 - lo2) // top_k * band2) + item1 + 1
-
-
-def _decode_op(op):
-    code = -1 - op
-    return code >> 10, (code >> 5) & 31, (code & 31) + 1
-
-
-@pytest.mark.parametrize("hidden, inter, top_k, gated, grid, slots", [
-    (2048, 768, 8, True, 132, 5), (2688, 1856, 6, False, 132, 1), (2816, 704, 8, True, 132, 8), (720, 208, 4, True, 7, 4),
-    (512, 96, 6, True, 1, 6), (4096, 64, 2, False, 100, 2), (256, 1024, 8, True, 132, 1)])
-def test_schedule_runs_every_unit_once_without_deadlock(hidden, inter, top_k, gated, grid, slots):
-    """Each GEMM1 unit and each (hidden band, slot) once, a band's items in slot order, and the CTAs' op lists
-    run to the end when each CTA takes its ops in order and a GEMM2 item waits for its slots' units (the
-    kernel's rules; every CTA is resident)."""
-    rows = schedule(hidden, inter, top_k, gated, grid, slots)
-    nb1, bands = inter // 16, hidden // 16
-    units = sorted(op for row in rows for op in row[2:] if op >= 0)
-    assert units == list(range(top_k * nb1))
+@pytest.mark.parametrize("inter, top_k, grid, max_units", [
+    (768, 8, 132, 8), (1856, 6, 132, 8), (704, 8, 132, 8), (208, 4, 7, 8), (96, 6, 1, 8), (96, 6, 4, 2),
+    (64, 2, 100, 8), (1024, 8, 132, 3), (2048, 8, 132, 8), (32, 8, 16, 8)])
+def test_segments_cover_every_band_once(inter, top_k, grid, max_units):
+    rows = segments(inter, top_k, grid, max_units)
+    bands = inter // 16
+    assert len(rows) == grid
     seen = []
-    for n, band0, *ops in rows:
-        assert n == len(ops)
-        per_band = {}
-        for op in ops:
-            if op < 0:
-                b, s0, cnt = _decode_op(op)
-                assert 1 <= cnt <= slots and s0 + cnt <= top_k and b >= band0
-                assert per_band.get(b, 0) == s0  # slot order within a band
-                per_band[b] = s0 + cnt
-                seen += [(b, s) for s in range(s0, s0 + cnt)]
-        assert all(v == top_k for v in per_band.values())
-    assert sorted(seen) == [(b, s) for b in range(bands) for s in range(top_k)]
-    done = [0] * top_k  # GEMM1 units finished per slot
-    pos = [0] * grid
-    progress = True
-    while progress:
-        progress = False
-        for c, (n, _, *ops) in enumerate(rows):
-            while pos[c] < n:
-                op = ops[pos[c]]
-                if op >= 0:
-                    done[op // nb1] += 1
-                else:
-                    _, s0, cnt = _decode_op(op)
-                    if any(done[s] < nb1 for s in range(s0, s0 + cnt)):
-                        break
-                pos[c] += 1
-                progress = True
-    assert pos == [row[0] for row in rows], "a CTA waits forever"
+    for count, *flat in rows:
+        assert len(flat) == 3 * count
+        segs = [flat[3 * i:3 * i + 3] for i in range(count)]
+        for slot, j0, n in segs:
+            assert 0 <= slot < top_k and 1 <= n <= max_units and 0 <= j0 and j0 + n <= bands
+            seen += [(slot, j) for j in range(j0, j0 + n)]
+        if grid >= top_k:  # one slot per CTA, an even share of it
+            assert len({slot for slot, _, _ in segs}) <= 1
+            per_slot = grid // top_k
+            assert sum(n for _, _, n in segs) <= -(-bands // per_slot)
+        else:  # whole slots
+            slots = {slot for slot, _, _ in segs}
+            assert sum(n for _, _, n in segs) == bands * len(slots)
+    assert sorted(seen) == [(s, j) for s in range(top_k) for j in range(bands)]
 
 
 def test_unsupported_reason_on_cpu():
@@ -224,6 +182,23 @@ def test_grids_and_consumer_warps(grid, warps):
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("grid", [1, 2])
+def test_few_ctas_sum_many_hidden_bands(grid):
+    """A CTA sums more hidden columns than it has threads (hidden 2816 over one or two CTAs)."""
+    _run(2816, 64, 8, "silu", "renormalize", seed=40 + grid, grid=grid, top_k=2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("grid", [None, 8])
+def test_deepseek_hidden_two_stages(grid):
+    """Hidden 7168: a w13 band is 63 KB, so the ring has two stages; on 8 CTAs each slot's 32 bands are four
+    segments of eight."""
+    _run(7168, 512, 16, "silu", "deepseek_v3", seed=7 + (grid or 0), grid=grid, top_k=8, groups=(4, 2))
+
+
+@pytest.mark.gpu
+@needs_hopper
 @pytest.mark.parametrize("name", list(BENCH_SHAPES))
 def test_benchmark_layer_sizes(name):
     hidden, inter, _, top_k, gated = BENCH_SHAPES[name]
@@ -240,9 +215,9 @@ def test_low_precision_logits(dtype):
 
 @pytest.mark.gpu
 @needs_hopper
-def test_deterministic_and_counters_reset():
-    """The same token twice gives the same bits (each hidden band is summed in one CTA, in a fixed order), and
-    calls in a row keep working (the kernel leaves its counters zero)."""
+def test_deterministic_and_calls_in_a_row():
+    """The same token twice gives the same bits (the CTAs' partial outputs are summed in a fixed order), and
+    calls in a row keep working (the grid barrier's counter grows by the grid size every call)."""
     out, prepared, x, logits, kw, _ = _run(1024, 256, 16, "silu", "renormalize", seed=11, grid=37)
     for _ in range(3):
         again = torch.empty_like(out)
