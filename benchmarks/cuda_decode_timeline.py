@@ -17,9 +17,10 @@ import torch
 from moe_passes import bench
 from moe_passes.kernels import cuda_decode
 
-PHASES = {14: "barriers ready", 13: "routing keys", 1: "routed", 2: "x in smem", 3: "first stage in",
-          4: "last GEMM1 unit", 5: "first GEMM2 item", 6: "last GEMM2 item", 12: "poller done",
-          7: "consumers done", 8: "producer starts", 9: "producer done", 10: "CTA ends"}
+PHASES = {1: "routed", 3: "first stage in", 4: "GEMM1 done (last segment)", 9: "last GEMM2 stage in",
+          5: "GEMM2 done", 6: "at the grid barrier", 8: "arrived (fence, add)", 7: "barrier passed",
+          10: "CTA ends"}
+COUNTS = {12: "GEMM1 stages not in on arrival", 13: "GEMM2 stages not in on arrival"}
 
 
 def timeline(name: str) -> None:
@@ -46,6 +47,9 @@ def timeline(name: str) -> None:
         if len(v):
             print(f"  {label:18s} {v.min():7.0f} {v.median():7.0f} {v.max():7.0f}   "
                   f"({v.min() / 1980:.2f} / {v.median() / 1980:.2f} / {v.max() / 1980:.2f})")
+    for k, label in COUNTS.items():
+        v = t[:, k]
+        print(f"  {label:26s} min / median / max {v.min():.0f} / {v.median():.0f} / {v.max():.0f}")
     print(f"  first start -> last end: {(t[:, 11].max() - t[:, 0].min()) / 1e3:.2f} us (globaltimer)")
 
 
@@ -53,5 +57,5 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU of compute capability 9.x")
     cuda_decode.ENABLED = True
-    for shape in sys.argv[1:] or ["qwen3-30b-a3b"]:
+    for shape in [s for arg in sys.argv[1:] for s in arg.split(",")] or ["qwen3-30b-a3b"]:
         timeline(shape)
