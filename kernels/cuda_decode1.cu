@@ -188,6 +188,14 @@ __device__ __forceinline__ void scale_pair(u32 s, u32& sa, u32& sb) {
     sa = __byte_perm(p, 0, 0x1010);
     sb = __byte_perm(p, 0, 0x3232);
 }
+// The 16 elements of one group of rows g and g+8 (``wa`` / ``wb``, their E4M3 scales in bytes 0 and 2 of
+// ``s2``) against the activations ``x0`` / ``x1`` in this thread's K slots: four MMAs into ``d``.
+__device__ __forceinline__ void group_mma(float (&d)[4], uint2 wa, uint2 wb, u32 s2, uint4 x0, uint4 x1) {
+    u32 sa, sb;
+    scale_pair(s2, sa, sb);
+    word_mma(d, wa.x, wb.x, sa, sb, x0);
+    word_mma(d, wa.y, wb.y, sa, sb, x1);
+}
 // One 64-element piece of a 16-row band tile: this thread's group ``c`` of rows g and g+8 (band layout:
 // the piece's 16 rows contiguous, ``width`` groups each), against activations ``xg`` (16 bf16 of the group).
 template <int KG>
@@ -209,10 +217,7 @@ __device__ __forceinline__ void piece_mma(float (&d)[4], const u8* codes, const 
         x0 = *(const uint4*)(xg);
         x1 = *(const uint4*)(xg + 8);
     }
-    u32 sa, sb;
-    scale_pair(s2, sa, sb);
-    word_mma(d, wa.x, wb.x, sa, sb, x0);
-    word_mma(d, wa.y, wb.y, sa, sb, x1);
+    group_mma(d, wa, wb, s2, x0, x1);
 }
 
 // One 16-element group of 16 w2 rows in a GEMM2 stage: row r's 8 code bytes at ``codes + r * cstride``, its
@@ -232,10 +237,7 @@ __device__ __forceinline__ void quad_mma(float (&d)[4], const u8* codes, int cst
         x0 = *(const uint4*)(xg);
         x1 = *(const uint4*)(xg + 8);
     }
-    u32 sa, sb;
-    scale_pair(s2, sa, sb);
-    word_mma(d, wa.x, wb.x, sa, sb, x0);
-    word_mma(d, wa.y, wb.y, sa, sb, x1);
+    group_mma(d, wa, wb, s2, x0, x1);
 }
 
 // A GEMM2 stage of a segment whose columns touch ``np`` pieces of a w2 row: codes [np][bands][512 B] (whole
