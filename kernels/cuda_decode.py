@@ -27,8 +27,8 @@ Limits: one token; a CUDA GPU of compute capability 9.x; routing as :mod:`triton
 most 512 experts and top-k <= 32; hidden and intermediate multiples of 16; two stages of one w13 band
 (9 bytes per hidden element) and the token's buffers must fit in shared memory.  Other calls take the
 Triton path.  Every CTA must be resident at once (one per SM; the grid barrier waits for all of them), and
-two launches of this decode running at the same time must use different streams: the barrier's counters
-are kept per (device, stream).
+two launches of this decode running at the same time must use different streams: the barrier's counter is
+kept per (device, stream, grid).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import torch
 from moe_passes.contract import is_gated
 from moe_passes.kernels import registry
 from moe_passes.kernels.triton_common import _ACT_CODES
+from moe_passes.kernels.triton_layout import BAND_ROWS as _BAND, PIECE_GROUPS
 from moe_passes.kernels.triton_route import _METHOD_CODES
 
 __all__ = ["DecodePlan", "plan_decode", "segments", "unsupported_reason", "decode_one_token", "ENABLED"]
@@ -65,8 +66,7 @@ _FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_EXPERTS = 512
 _MAX_TOP_K = 32
 _MAX_STAGES = 16
-_BAND = 16  # rows per band of the prepared layout
-_PIECE_GROUPS = 4  # 16-element groups per piece of the prepared layout
+_PIECE = 16 * PIECE_GROUPS  # elements per piece of the prepared layout's rows
 _BLOCK2 = 576  # a stage's room for one w2 piece block: 16 rows x 4 groups of codes (512 B) and scales (64 B)
 _BOXB = 16  # hidden bands per GEMM2 tensor copy; a GEMM2 stage holds a multiple of it
 
@@ -94,7 +94,7 @@ class DecodePlan:
 
 def _pieces(j0: int, n: int) -> int:
     """How many 64-element pieces (4 groups) the bands ``[j0, j0 + n)`` of a w2 row touch."""
-    return (j0 + n + _PIECE_GROUPS - 1) // _PIECE_GROUPS - j0 // _PIECE_GROUPS
+    return (j0 + n + PIECE_GROUPS - 1) // PIECE_GROUPS - j0 // PIECE_GROUPS
 
 
 def segments(inter: int, top_k: int, grid: int, max_units: int = 8) -> tuple:
@@ -288,15 +288,15 @@ _MAPS: dict = {}
 
 
 def _w2_maps(w2: torch.Tensor, s2: torch.Tensor, hidden: int, inter: int) -> tuple:
-    """Tensor maps of w2's codes and scales in the prepared layout when every piece is whole (inter % 64 ==
-    0): ``[expert x hidden band][piece][piece block]`` (512 and 64 bytes), a box one piece of 16 bands; made
-    once per (address, shape)."""
+    """Tensor maps of w2's codes and scales in the prepared layout when every piece is whole (inter a
+    multiple of 64): ``[expert x hidden band][piece][piece block]`` (512 and 64 bytes), a box one piece of 16
+    bands; made once per (address, shape)."""
     from moe_passes.kernels.cuda_rtc import tensor_map
 
     key = (w2.data_ptr(), s2.data_ptr(), tuple(w2.shape), hidden, inter)
     maps = _MAPS.get(key)
     if maps is None:
-        bands, pieces = w2.shape[0] * hidden // _BAND, inter // 64
+        bands, pieces = w2.shape[0] * hidden // _BAND, inter // _PIECE
         maps = _MAPS[key] = (
             tensor_map(w2, (128, pieces, bands), (512, 8 * inter), (128, 1, _BOXB)),
             tensor_map(s2, (16, pieces, bands), (64, inter), (16, 1, _BOXB)))
@@ -343,7 +343,7 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         HAS_BIAS=int(has_bias),
         RSCALE=f"((float){scale!r})", LOGIT_KIND=_FLOAT_KIND[logits.dtype], BIAS_KIND=_FLOAT_KIND[bias.dtype],
         NCW=plan.consumer_warps, NSTAGE=plan.stages, STAGE_BYTES=plan.stage_bytes, MAXU=plan.max_units,
-        MAXSEG=plan.max_segments, W2TMA=int(W2_TMA and inter % 64 == 0))
+        MAXSEG=plan.max_segments, W2TMA=int(W2_TMA and inter % _PIECE == 0))
     if trace is not None:
         if trace.dtype != torch.int64 or trace.numel() < 16 * plan.grid or not trace.is_contiguous():
             raise ValueError(f"trace must be a contiguous int64 tensor of at least {16 * plan.grid} elements")

@@ -434,8 +434,6 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
             }
             const int p0 = j0 >> 2, np = ((j0 + n + 3) >> 2) - p0, per = bands_per_stage(np);
             const int creg = 512 * np * per;  // the scales' offset in a stage
-            u32 band_bytes = 0;  // the segment's piece blocks of one hidden band
-            for (int q = 0; q < np; ++q) band_bytes += 144 * min(4, KG2 - 4 * (p0 + q));
             // a stage: codes [np][per][512 B], then scales [np][per][64 B] (a band's narrow last piece is
             // shorter, its slot the same)
             for (int b0 = 0; b0 < NBH; b0 += per, ++it) {
@@ -458,6 +456,8 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
 #else
                 if (lane == 0) {
                     if (it >= NSTAGE) MBAR_WAIT(smem_u32(&empty_bar[st]), ((it / NSTAGE) + 1) & 1, 101);
+                    u32 band_bytes = 0;  // the segment's piece blocks of one hidden band (a narrow one is shorter)
+                    for (int q = 0; q < np; ++q) band_bytes += 144 * min(4, KG2 - 4 * (p0 + q));
                     mbar_expect_tx(bar, cnt * band_bytes);
                 }
                 __syncwarp();
