@@ -44,7 +44,6 @@ struct __align__(64) TensorMap { u64 opaque[16]; };  // a CUtensorMap, made by c
 #define BAND1 (9 * H_)       // one w13 band: codes, then scales
 #define BLOCK2 576           // a stage's slot for one w2 piece block: 512 code bytes, then 64 scale bytes
 #define EPAD ((E_ + 3) / 4 * 4)
-#define NACC 4                          // independent MMA chains per warp in GEMM1
 #define PPW1 ((P1 + NCW - 1) / NCW)     // GEMM1 pieces per warp and band
 #define SEGW (1 + 3 * MAXSEG)           // a CTA's row of the segment table
 #define PAIR_MASK 0x81C081C0u
@@ -150,94 +149,110 @@ template <int KIND> __device__ __forceinline__ float load_float(const void* p, i
 }
 
 // ---- NVFP4 decode on the tensor cores ----------------------------------------------------------------
-// A weight word (8 E2M1 codes in the Triton layout) cut into four bf16x2 pairs ``e2m1 * 2^-126``, each
-// multiplied by ``bf16(block_scale * 2^119)`` (exact: 2 + 3 significant bits) -> ``e2m1 * scale * 2^-7``.
-__device__ __forceinline__ u32 bscale(u32 pair, u32 s) {
-    u32 d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(pair), "r"(s), "r"(0x80008000u));
-    return d;
-}
+// A weight word (8 E2M1 codes in the Triton layout, bits re-placed) cuts into four bf16x2 pairs that read
+// ``e2m1 * 2^-126`` (exact; the 0.5 codes are bf16 subnormals, which the tensor cores keep: checked on the
+// H200 with every code against a float64 product).  They go to the MMA as they are, against activations
+// carried as ``x * 2^64`` (exact), so every product is a normal fp32 number.  B is block-diagonal: lane
+// column c holds its activations only in column c of B (lanes g == c; zeros elsewhere), so D's column c
+// holds the dot product of lane column c's K slots alone, one group of one row, and its E4M3 block scale
+// multiplies it in fp32 after the MMA: four FFMA per lane and group.  (Scaling the A fragments before the
+// MMA, the Triton decode's way, costs sixteen bf16x2 multiplies and a bf16 scale conversion: measured
+// 0.5-3 us slower per call, docs/benchmarks.md, eighth session.)  ``2^62 / global scale`` undoes the powers
+// of two.
+#define XSCALE 0x1p64f
+#define POST_FACTOR 0x1p62f
 __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// Word ``wa`` of row g and ``wb`` of row g+8 (same 8 K elements), scales ``sa`` / ``sb``, activations of
-// those 8 elements in ``xq``: the dot product visits K in any order A and B agree on, so pairs 0/1 fill this
-// thread's K slots of the first MMA and pairs 2/3 those of the second.
-__device__ __forceinline__ void word_mma(float (&d)[4], u32 wa, u32 wb, u32 sa, u32 sb, uint4 xq) {
-    u32 a0 = bscale(wa & PAIR_MASK, sa), a1 = bscale((wa << 3) & PAIR_MASK, sa);
-    u32 a2 = bscale((wa << 6) & PAIR_MASK, sa);
-    u32 a3 = bscale(((wa >> 4) & 0x00C000C0u) | ((wa >> 5) & 0x01000100u) | ((wa << 1) & 0x80008000u), sa);
-    u32 b0 = bscale(wb & PAIR_MASK, sb), b1 = bscale((wb << 3) & PAIR_MASK, sb);
-    u32 b2 = bscale((wb << 6) & PAIR_MASK, sb);
-    u32 b3 = bscale(((wb >> 4) & 0x00C000C0u) | ((wb >> 5) & 0x01000100u) | ((wb << 1) & 0x80008000u), sb);
-    mma16816(d, a0, b0, a1, b1, xq.x, xq.y);
-    mma16816(d, a2, b2, a3, b3, xq.z, xq.w);
+// pair k of a word (pair 3's bits are spread over it)
+__device__ __forceinline__ u32 pair_k(u32 w, int k) {
+    return k == 0 ? w & PAIR_MASK
+         : k == 1 ? (w << 3) & PAIR_MASK
+         : k == 2 ? (w << 6) & PAIR_MASK
+                  : ((w >> 4) & 0x00C000C0u) | ((w >> 5) & 0x01000100u) | ((w << 1) & 0x80008000u);
 }
-// Two E4M3 bytes (bits 0-7: row g, 16-23: row g+8) -> ``bf16(scale * 2^119)`` in both halves of each result:
-// the E4M3 bits placed as an f16 read 2^-8 times the scale, and 2^127 brings it to 2^119.
-__device__ __forceinline__ void scale_pair(u32 s, u32& sa, u32& sb) {
-    u32 h = ((s & 0x007F007Fu) << 7) | ((s & 0x00800080u) << 8);
-    float fl, fh;
-    asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }" : "=f"(fl), "=f"(fh) : "r"(h));
-    const float two127 = __uint_as_float(0x7F000000u);
-    u32 p;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(p) : "f"(fh * two127), "f"(fl * two127));
-    sa = __byte_perm(p, 0, 0x1010);
-    sb = __byte_perm(p, 0, 0x3232);
+// Word ``wa`` of row g and ``wb`` of row g+8 (the same 8 K elements), against their activations ``xq``: the
+// dot product visits K in any order A and B agree on, so pairs 0/1 fill this thread's K slots of the first
+// MMA and pairs 2/3 those of the second.
+__device__ __forceinline__ void word_mma(float (&d)[4], u32 wa, u32 wb, uint4 xq) {
+    mma16816(d, pair_k(wa, 0), pair_k(wb, 0), pair_k(wa, 1), pair_k(wb, 1), xq.x, xq.y);
+    mma16816(d, pair_k(wa, 2), pair_k(wb, 2), pair_k(wa, 3), pair_k(wb, 3), xq.z, xq.w);
 }
-// The 16 elements of one group of rows g and g+8 (``wa`` / ``wb``, their E4M3 scales in bytes 0 and 2 of
-// ``s2``) against the activations ``x0`` / ``x1`` in this thread's K slots: four MMAs into ``d``.
-__device__ __forceinline__ void group_mma(float (&d)[4], uint2 wa, uint2 wb, u32 s2, uint4 x0, uint4 x1) {
-    u32 sa, sb;
-    scale_pair(s2, sa, sb);
-    word_mma(d, wa.x, wb.x, sa, sb, x0);
-    word_mma(d, wa.y, wb.y, sa, sb, x1);
+// E4M3 bytes 0 and 1 of ``v`` -> floats (exact)
+__device__ __forceinline__ void e4m3x2_f32(u32 v, float& lo, float& hi) {
+    u32 h;
+    asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(h) : "r"(v));
+    asm("{ .reg .f16 a, b; mov.b32 {a, b}, %2; cvt.f32.f16 %0, a; cvt.f32.f16 %1, b; }" : "=f"(lo), "=f"(hi) : "r"(h));
 }
-// One 64-element piece of a 16-row band tile: this thread's group ``c`` of rows g and g+8 (band layout:
-// the piece's 16 rows contiguous, ``width`` groups each), against activations ``xg`` (16 bf16 of the group).
+// One 16-element group of rows g and g+8 (``wa`` / ``wb``) against this lane's B fragment ``x0`` / ``x1``:
+// four MMAs into a fresh D, then ``acc += D * scale`` over this lane's D fragment, whose columns 2(c&1) and
+// 2(c&1) + 1 have their E4M3 scales in bytes 0 / 1 of ``s0`` (row g) and ``s8`` (row g+8).  Lanes c >= 2
+// hold D columns 4-7, which are zero (B is zero there).
+__device__ __forceinline__ void group_mma(float (&acc)[4], uint2 wa, uint2 wb, uint4 x0, uint4 x1, u32 s0, u32 s8) {
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    word_mma(d, wa.x, wb.x, x0);
+    word_mma(d, wa.y, wb.y, x1);
+    float a, b, e, f;
+    e4m3x2_f32(s0, a, b);
+    e4m3x2_f32(s8, e, f);
+    acc[0] = fmaf(d[0], a, acc[0]);
+    acc[1] = fmaf(d[1], b, acc[1]);
+    acc[2] = fmaf(d[2], e, acc[2]);
+    acc[3] = fmaf(d[3], f, acc[3]);
+}
+// One 64-element piece of a 16-row w13 band: this lane's A rows are group c of rows g and g+8 (band layout:
+// the piece's 16 rows contiguous, ``width`` groups each), its B the group's activations ``xg`` (16 bf16, x
+// 2^64) on the diagonal; so D column j is group j of the piece.
 template <int KG>
-__device__ __forceinline__ void piece_mma(float (&d)[4], const u8* codes, const u8* scales, const u16* xg, int p,
+__device__ __forceinline__ void piece_mma(float (&acc)[4], const u8* codes, const u8* scales, const u16* xg, int p,
                                           int g, int c) {
     constexpr int FULL = KG / 4;
     const int width = (KG % 4 == 0 || p < FULL) ? 4 : (KG - 4 * FULL);  // compile-time 4 on whole pieces
     uint2 wa = make_uint2(0u, 0u), wb = make_uint2(0u, 0u);
     uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
-    u32 s2 = 0;
     // Lanes past a narrow last piece multiply zeros: mma.sync is warp-synchronous, so every lane must reach
     // the same MMA instructions (a divergent one hung the GPU).
     if (KG % 4 == 0 || c < width) {
         const int og = p * 64 + g * width + c;  // groups from the band's start (triton_layout.band_offset)
-        const int og8 = og + 8 * width;
         wa = *(const uint2*)(codes + 8 * og);
-        wb = *(const uint2*)(codes + 8 * og8);
-        s2 = (u32)scales[og] | ((u32)scales[og8] << 16);
-        x0 = *(const uint4*)(xg);
-        x1 = *(const uint4*)(xg + 8);
+        wb = *(const uint2*)(codes + 8 * (og + 8 * width));
+        if (g == c) {
+            x0 = *(const uint4*)(xg);
+            x1 = *(const uint4*)(xg + 8);
+        }
     }
-    group_mma(d, wa, wb, s2, x0, x1);
+    const int c2 = 2 * (c & 1), os = p * 64 + g * width + c2;  // groups c2, c2 + 1 of rows g and g+8
+    u32 s0 = 0, s8 = 0;
+    if (KG % 4 == 0 || p < FULL) {
+        s0 = *(const u16*)(scales + os);
+        s8 = *(const u16*)(scales + os + 32);
+    } else {  // a narrow piece: its missing groups' columns are zero, their scales must be finite (zero)
+        if (c2 < width) {
+            s0 = scales[os];
+            s8 = scales[os + 8 * width];
+        }
+        if (c2 + 1 < width) {
+            s0 |= (u32)scales[os + 1] << 8;
+            s8 |= (u32)scales[os + 8 * width + 1] << 8;
+        }
+    }
+    group_mma(acc, wa, wb, x0, x1, s0, s8);
 }
-
-// One 16-element group of 16 w2 rows in a GEMM2 stage: row r's 8 code bytes at ``codes + r * cstride``, its
-// scale at ``scales[r * sstride]``; rows g and g+8 here, the activations ``xg`` only where ``diag`` (the B
-// operand is block-diagonal).
-__device__ __forceinline__ void quad_mma(float (&d)[4], const u8* codes, int cstride, const u8* scales, int sstride,
-                                         bool live, bool diag, const u16* xg, int g) {
+// One 16-element group of 16 w2 rows in a GEMM2 stage: this lane's A rows g and g+8 (of band 4 qd + c) have
+// their 8 code bytes at ``stage + ca`` / ``stage + cb``; ``sq`` / ``sq8`` are the scales of rows g / g+8 of
+// band 4 qd + 2(c&1), the band of this lane's D column 2(c&1) (the next band's are 64 bytes on).
+__device__ __forceinline__ void quad_mma(float (&acc)[4], const u8* stage, int ca, int cb, int sq, int sq8, bool live,
+                                         uint4 x0, uint4 x1) {
     uint2 wa = make_uint2(0u, 0u), wb = make_uint2(0u, 0u);
-    uint4 x0 = make_uint4(0u, 0u, 0u, 0u), x1 = x0;
-    u32 s2 = 0;
     if (live) {  // divergent loads only: every lane reaches the MMAs (see piece_mma)
-        wa = *(const uint2*)(codes + cstride * g);
-        wb = *(const uint2*)(codes + cstride * (g + 8));
-        s2 = (u32)scales[sstride * g] | ((u32)scales[sstride * (g + 8)] << 16);
+        wa = *(const uint2*)(stage + ca);
+        wb = *(const uint2*)(stage + cb);
     }
-    if (diag) {
-        x0 = *(const uint4*)(xg);
-        x1 = *(const uint4*)(xg + 8);
-    }
-    group_mma(d, wa, wb, s2, x0, x1);
+    const u32 s0 = (u32)stage[sq] | ((u32)stage[sq + 64] << 8), s8 = (u32)stage[sq8] | ((u32)stage[sq8 + 64] << 8);
+    group_mma(acc, wa, wb, x0, x1, s0, s8);
 }
 
 // A GEMM2 stage of a segment whose columns touch ``np`` pieces of a w2 row: codes [np][bands][512 B] (whole
@@ -325,8 +340,8 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
 #if METHOD == 2 && HAS_BIAS
             s_bias[e] = load_float<BIAS_KIND>(bias, e);
 #endif
-            s_inv1[e] = 128.0f / g13[e];  // 2^7: the dequantized A fragments carry 2^-7
-            s_inv2[e] = 128.0f / g2[e];
+            s_inv1[e] = POST_FACTOR / g13[e];
+            s_inv2[e] = POST_FACTOR / g2[e];
         }
     }
     if (tid == 0) {
@@ -506,6 +521,11 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
     consumers_sync();
     const int g = lane >> 2, c = lane & 3;
     MBAR_WAIT(smem_u32(&x_bar), 0, 1);  // always, so that no CTA exits with the copy in flight
+    for (int i = tid; i < H_ / 2; i += NC) {  // the token x 2^64 (exact), the decode's B operand
+        u32* q = (u32*)xs + i;
+        asm("mul.rn.bf16x2 %0, %0, %1;" : "+r"(*q) : "r"(0x5F805F80u));
+    }
+    consumers_sync();
     u32 it = 0;
     for (int sg = 0; sg < nseg; ++sg) {
         const int slot = my[1 + 3 * sg], j0 = my[2 + 3 * sg], n = my[3 + 3 * sg];
@@ -519,29 +539,24 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
                 TRACE_STALL(st, 12);
                 MBAR_WAIT(smem_u32(&full_bar[st]), (it / NSTAGE) & 1, 200);
                 if (tid == 0 && it == 0) STAMP(3);
-                float d[NACC][4];
-#pragma unroll
-                for (int a = 0; a < NACC; ++a)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) d[a][r] = 0.f;
                 const int w0 = (warp + it) % NCW;
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int k = 0; k < PPW1; ++k) {
                     const int p = w0 + k * NCW;
                     if (p < P1)  // warp-uniform
-                        piece_mma<KG1>(d[k % NACC], stage, stage + CODE1, xs + 16 * (4 * p + c), p, g, c);
+                        piece_mma<KG1>(acc, stage, stage + CODE1, xs + 16 * (4 * p + c), p, g, c);
                 }
                 __syncwarp();
                 if (lane == 0) mbar_arrive(smem_u32(&empty_bar[st]));
-#pragma unroll
-                for (int a = 1; a < NACC; ++a) {
-                    d[0][0] += d[a][0];
-                    d[0][2] += d[a][2];
-                }
-                if (c == 0) {  // column 0 of rows g / g+8 (every column holds the same sums)
+                // rows g / g+8: lanes c = 0 and 1 hold groups 0-1 and 2-3 of every piece
+                float r0 = acc[0] + acc[1], r8 = acc[2] + acc[3];
+                r0 += __shfl_xor_sync(0xFFFFFFFFu, r0, 1);
+                r8 += __shfl_xor_sync(0xFFFFFFFFu, r8, 1);
+                if (c == 0) {
                     float* r = red1 + ((h * MAXU + u) * NCW + warp) * 16;
-                    r[g] = d[0][0];
-                    r[g + 8] = d[0][2];
+                    r[g] = r0;
+                    r[g + 8] = r8;
                 }
             }
         }
@@ -557,7 +572,8 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
                     up += red1[((MAXU + u) * NCW + w) * 16 + r];
 #endif
                 }
-                s_act[t] = to_bf16(activation(gt * f1, up * f1));
+                // rounded first, then carried x 2^64 like the token (exact)
+                s_act[t] = to_bf16(from_bf16(to_bf16(activation(gt * f1, up * f1))) * XSCALE);
             }
         }
         if (tid == 0 && sg == nseg - 1) STAMP(4);
@@ -573,37 +589,47 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
         float* sum = sg == nseg - 1 ? partials + (size_t)cta * H_ : nullptr;
         const int p0 = j0 >> 2, np = ((j0 + n + 3) >> 2) - p0, per = bands_per_stage(np);
         const int creg = 512 * np * per;
+        // Per group, where this lane's rows of a stage's first quad lie, and its B fragment: the same in every
+        // stage, so worked out once (a stage's quad k is 4 bands, 2048 code and 256 scale bytes, further on).
+        int ca[MAXU], w8[MAXU], sq[MAXU];  // sq: the scales of this lane's D columns, bands 2(c&1), +1
+        uint4 xa[MAXU], xb[MAXU];
+#pragma unroll
+        for (int gi = 0; gi < MAXU; ++gi) {
+            const int col = j0 + gi, p = col >> 2, width = KG2 % 4 == 0 ? 4 : min(4, KG2 - 4 * p);
+            const int o = (p - p0) * per + c;  // the piece block of band c (its A rows): group col & 3
+            ca[gi] = 512 * o + 8 * (col & 3) + 8 * width * g;
+            w8[gi] = 8 * width;  // rows g+8: 8 rows further on
+            sq[gi] = creg + 64 * ((p - p0) * per + 2 * (c & 1)) + (col & 3) + width * g;
+            const bool on = gi < n && g == c;
+            const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+            xa[gi] = on ? *(const uint4*)(s_act + 16 * gi) : z;
+            xb[gi] = on ? *(const uint4*)(s_act + 16 * gi + 8) : z;
+        }
         for (int b0 = 0; b0 < NBH; b0 += per, ++it) {
             const int cnt = min(per, NBH - b0), st = it % NSTAGE;
             const u8* stage = smem + st * STAGE_BYTES;
             TRACE_STALL(st, 13);
             MBAR_WAIT(smem_u32(&full_bar[st]), (it / NSTAGE) & 1, 300);
             if (tid == 0) STAMP(9);  // the last GEMM2 stage's bytes are in
-            for (int qd = (warp + it) % NCW; 4 * qd < cnt; qd += NCW) {  // warp-uniform
-                const int band = 4 * qd + c;
-                const bool live = band < cnt;
-                float d[MAXU][4];  // one chain per group: a quad is short, its MMAs should not wait on each other
-#pragma unroll
-                for (int a = 0; a < MAXU; ++a) d[a][0] = d[a][1] = d[a][2] = d[a][3] = 0.f;
+            // the segment's quads dealt round-robin over the warps, across stages: a stage with fewer quads
+            // than warps leaves some warps to the next stage, not idle (a warp still waits for every stage
+            // before releasing it, so no release runs ahead of the ring)
+            for (int qd = (warp - (b0 >> 2) % NCW + NCW) % NCW; 4 * qd < cnt; qd += NCW) {  // warp-uniform
+                const bool live = NBH % 4 == 0 || 4 * qd + c < cnt;  // a stage's bands: a multiple of 16, or the last
+                float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int gi = 0; gi < MAXU; ++gi) {
                     if (gi < n) {  // warp-uniform
-                        const int col = j0 + gi, p = col >> 2, width = min(4, KG2 - 4 * p);
-                        const int o = (p - p0) * per + band;  // the piece block: group col & 3 of its rows
-                        quad_mma(d[gi], stage + 512 * o + 8 * (col & 3), 8 * width, stage + creg + 64 * o + (col & 3),
-                                 width, live, g == c, s_act + 16 * gi, g);
+                        const int oc = ca[gi] + 2048 * qd, os = sq[gi] + 256 * qd;
+                        quad_mma(acc, stage, oc, oc + 8 * w8[gi], os, os + w8[gi], live, xa[gi], xb[gi]);
                     }
                 }
-#pragma unroll
-                for (int a = 1; a < MAXU; ++a)
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) d[0][r] += d[a][r];
                 const int b = b0 + 4 * qd + 2 * c;  // lanes c < 2 hold D's columns 2c and 2c + 1
                 if (c < 2 && 4 * qd + 2 * c < cnt) {
-                    add_rows(s_part, sum, 16 * b + g, f2 * d[0][0], f2 * d[0][2]);
+                    add_rows(s_part, sum, 16 * b + g, f2 * acc[0], f2 * acc[2]);
                 }
                 if (c < 2 && 4 * qd + 2 * c + 1 < cnt) {
-                    add_rows(s_part, sum, 16 * (b + 1) + g, f2 * d[0][1], f2 * d[0][3]);
+                    add_rows(s_part, sum, 16 * (b + 1) + g, f2 * acc[1], f2 * acc[3]);
                 }
             }
             __syncwarp();
