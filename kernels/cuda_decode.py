@@ -52,7 +52,7 @@ __all__ = ["DecodePlan", "plan_decode", "segments", "unsupported_reason", "decod
 
 # Opt-in until it measures faster than the Triton decode (docs/benchmarks.md).
 ENABLED = os.environ.get("MOE_NVFP4_CUDA_DECODE", "0") == "1"
-CONSUMER_WARPS = 8  # warps that decode and multiply (one more streams the weights)
+CONSUMER_WARPS = 12  # warps that decode and multiply (one more streams the weights); 12 measured best
 # Knobs for same-session A/Bs (benchmarks/ab_decode.py): the most intermediate bands in one segment (its
 # GEMM1 sums and intermediate stay in shared memory until its GEMM2 is done), a cap on the ring's stages.
 MAX_UNITS = 8
@@ -140,7 +140,7 @@ def _dynamic_extra(hidden: int, gated: bool, max_units: int, consumer_warps: int
 
 
 def plan_decode(hidden: int, inter: int, experts: int, top_k: int, gated: bool, n_group: int, sm_count: int,
-                smem_limit: int, consumer_warps: int = 8, grid: Optional[int] = None, max_units: int = 8,
+                smem_limit: int, consumer_warps: int = CONSUMER_WARPS, grid: Optional[int] = None, max_units: int = 8,
                 stage_cap: Optional[int] = None) -> DecodePlan:
     """The stages that fit in ``smem_limit`` bytes (the device's per-block opt-in limit), or ValueError."""
     if hidden % _BAND or inter % _BAND:

@@ -121,7 +121,7 @@ def _routing(routing, experts, g, top_k=4):
     return dict(top_k=top_k), None
 
 
-def _run(hidden, inter, experts, activation, routing, seed, *, grid=None, warps=8, top_k=4, logit_dtype=None,
+def _run(hidden, inter, experts, activation, routing, seed, *, grid=None, warps=None, top_k=4, logit_dtype=None,
          groups=None):
     """Kernel vs reference for one fresh random token; returns (out, weights, x, logits, kw, bias)."""
     from moe_passes.kernels.triton_moe import prepare_weights
@@ -173,7 +173,7 @@ def test_activations_and_routings(activation, routing):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("grid", [1, 2, 3, 7, 40, None])
-@pytest.mark.parametrize("warps", [4, 8, 16])
+@pytest.mark.parametrize("warps", [4, 8, 12, 16])
 def test_grids_and_consumer_warps(grid, warps):
     """Any grid: one CTA doing every unit (the stage ring wraps many times), CTAs with GEMM1 units only, with
     several hidden bands, more CTAs than GEMM1 units."""
