@@ -26,9 +26,9 @@ Numerics are those of ``fused_moe_reference(..., quantize_activations=False)``, 
 Limits: one token; a CUDA GPU of compute capability 9.x; routing as :mod:`triton_route` takes it with at
 most 512 experts and top-k <= 32; hidden and intermediate multiples of 16; two stages of one w13 band
 (9 bytes per hidden element) and the token's buffers must fit in shared memory.  Other calls take the
-Triton path.  Every CTA must be resident at once (one per SM; the grid barrier waits for all of them), and
-two launches of this decode running at the same time must use different streams: the barrier's counter is
-kept per (device, stream, grid).
+Triton path.  Every CTA must be resident at once (one per SM; the grid barrier waits for all of them): the
+launch is cooperative, whose contract that is.  Two launches of this decode running at the same time must
+use different streams: the barrier's counter is kept per (device, stream, grid).
 """
 
 from __future__ import annotations
@@ -281,7 +281,8 @@ def _kernel(index: int, defines: tuple, dynamic_smem: int):
     from moe_passes.kernels.cuda_rtc import compile_kernel
 
     source = "".join(f"#define {k} {v}\n" for k, v in defines) + _source()
-    return compile_kernel(source, _NAME, torch.device("cuda", index), dynamic_smem)
+    # cooperative: the grid barrier waits for every CTA, so every CTA must be resident at once
+    return compile_kernel(source, _NAME, torch.device("cuda", index), dynamic_smem, cooperative=True)
 
 
 _MAPS: dict = {}

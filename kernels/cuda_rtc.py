@@ -7,8 +7,8 @@ CUDA build of torch (the ``nvidia-cuda-nvrtc`` wheel), and the kernels here incl
 module needs nothing but ``libnvrtc`` and the driver's ``libcuda``.  Compiling one kernel takes about a
 second, so callers keep what :func:`compile_kernel` returns.
 
-Launches go to the current torch stream with ``cuLaunchKernel``, so they are captured by CUDA graphs like
-any other kernel.
+Launches go to the current torch stream with ``cuLaunchKernel`` (``cuLaunchCooperativeKernel`` for a
+cooperative kernel), so they are captured by CUDA graphs like any other kernel.
 """
 
 from __future__ import annotations
@@ -114,10 +114,12 @@ def _nvrtc_cubin(source: str, name: str, arch: str, options: Sequence[str]) -> b
 
 class CudaKernel:
     """A compiled ``extern "C"`` kernel of one device.  Call with pointers (tensors), 32-bit ints and
-    ``bytes`` (a by-value struct parameter such as a tensor map, :func:`tensor_map`)."""
+    ``bytes`` (a by-value struct parameter such as a tensor map, :func:`tensor_map`).  ``cooperative``:
+    launched with ``cuLaunchCooperativeKernel``, whose contract is that every CTA of the grid is resident at
+    once (the driver refuses a grid that cannot be), as a kernel that waits for all its CTAs needs."""
 
-    def __init__(self, cubin: bytes, name: str, device: torch.device, dynamic_smem: int):
-        self.name, self.device, self.dynamic_smem = name, device, dynamic_smem
+    def __init__(self, cubin: bytes, name: str, device: torch.device, dynamic_smem: int, cooperative: bool = False):
+        self.name, self.device, self.dynamic_smem, self.cooperative = name, device, dynamic_smem, cooperative
         drv = _driver()
         with torch.cuda.device(device):
             torch.cuda.current_stream(device)  # the runtime made the device's primary context current
@@ -144,19 +146,25 @@ class CudaKernel:
                 raise TypeError(f"{self.name}: unsupported kernel argument {type(a).__name__}")
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
         stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
-        _check_cu(_driver().cuLaunchKernel(self._func, grid, 1, 1, block, 1, 1, self.dynamic_smem, stream, params,
-                                           None), f"launching {self.name}")
+        if self.cooperative:
+            result = _driver().cuLaunchCooperativeKernel(self._func, grid, 1, 1, block, 1, 1, self.dynamic_smem,
+                                                         stream, params)
+        else:
+            result = _driver().cuLaunchKernel(self._func, grid, 1, 1, block, 1, 1, self.dynamic_smem, stream, params,
+                                              None)
+        _check_cu(result, f"launching {self.name}")
 
 
 def compile_kernel(source: str, name: str, device: torch.device, dynamic_smem: int = 0,
-                   options: Sequence[str] = ()) -> CudaKernel:
+                   options: Sequence[str] = (), cooperative: bool = False) -> CudaKernel:
     """Compile ``source`` for ``device``'s architecture (``sm_XY``) and load ``name`` from it.  Not cached:
     a caller keeps the kernel (``cuda_decode`` keeps one per set of defines)."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     device = torch.device("cuda", index)
     major, minor = torch.cuda.get_device_capability(device)
-    return CudaKernel(_nvrtc_cubin(source, name, f"sm_{major}{minor}", options), name, device, dynamic_smem)
+    return CudaKernel(_nvrtc_cubin(source, name, f"sm_{major}{minor}", options), name, device, dynamic_smem,
+                      cooperative)
 
 
 _CU_TENSOR_MAP_DATA_TYPE_UINT32 = 2
