@@ -1,4 +1,4 @@
-"""One-token NVFP4 MoE decode in one persistent CUDA launch (Hopper, SM90). Opt-in.
+"""One-token NVFP4 MoE decode in one persistent CUDA launch (Hopper, SM90).
 
 At one token the layer is a few microseconds of weight bytes (Qwen3-30B-A3B: 21 MB, 5.0 us at 4.25 TB/s),
 and the Triton path spends as long again on its kernel boundaries: routing, GEMM1, GEMM2 and the combine
@@ -13,12 +13,13 @@ phase's weights in flight while it waits.  :file:`cuda_decode1.cu` does it by ha
   CTA;
 - a producer warp streams all of that (w13 bands, then the segment's w2 piece blocks) into a ring of
   shared-memory stages with bulk copies, as far ahead as the ring allows; consumer warps decode each stage on
-  the tensor cores (the Triton decode's E2M1 cut and ``mma.sync``);
+  the tensor cores (the Triton layout's E2M1 cut, ``mma.sync``, block scales applied to the MMA results);
 - the CTAs' fp32 partial outputs meet once: one grid barrier, then each CTA sums some hidden bands over every
   partial in a fixed order, so the result does not depend on timing.
 
-Status (H200, docs/benchmarks.md): opt-in, ``MOE_NVFP4_CUDA_DECODE=1``, until it measures faster than the
-Triton decode.  ``benchmarks/cuda_decode_timeline.py`` shows where its time goes.
+Status (H200, docs/benchmarks.md, eighth session): on by default for one token, since it measured at least as
+fast as the Triton decode on all four benchmark shapes (faster on Qwen3-30B-A3B and DeepSeek-V3);
+``MOE_NVFP4_CUDA_DECODE=0`` turns it off.  ``benchmarks/cuda_decode_timeline.py`` shows where its time goes.
 
 The weights are the Triton path's prepared tensors (:func:`triton_moe.prepare_weights`), read as they are.
 Numerics are those of ``fused_moe_reference(..., quantize_activations=False)``, like the Triton path.
@@ -48,10 +49,17 @@ from moe_passes.kernels.triton_common import _ACT_CODES
 from moe_passes.kernels.triton_layout import BAND_ROWS as _BAND, PIECE_GROUPS
 from moe_passes.kernels.triton_route import _METHOD_CODES
 
-__all__ = ["DecodePlan", "plan_decode", "segments", "unsupported_reason", "decode_one_token", "ENABLED"]
+__all__ = ["DecodePlan", "plan_decode", "segments", "unsupported_reason", "decode_one_token", "ENABLED",
+           "enabled_by"]
 
-# Opt-in until it measures faster than the Triton decode (docs/benchmarks.md).
-ENABLED = os.environ.get("MOE_NVFP4_CUDA_DECODE", "0") == "1"
+
+def enabled_by(environ) -> bool:
+    """On unless ``MOE_NVFP4_CUDA_DECODE=0`` (docs/benchmarks.md, eighth session: at least as fast as the
+    Triton decode on every benchmark shape)."""
+    return environ.get("MOE_NVFP4_CUDA_DECODE", "1").strip() != "0"
+
+
+ENABLED = enabled_by(os.environ)
 CONSUMER_WARPS = 12  # warps that decode and multiply (one more streams the weights); 12 measured best
 # Knobs for same-session A/Bs (benchmarks/ab_decode.py): the most intermediate bands in one segment (its
 # GEMM1 sums and intermediate stay in shared memory until its GEMM2 is done), a cap on the ring's stages.
@@ -179,7 +187,7 @@ def unsupported_reason(hidden_states: torch.Tensor, router_logits: torch.Tensor,
     from moe_passes.kernels.triton_route import _route_spec
 
     if not ENABLED:
-        return "off (opt-in: MOE_NVFP4_CUDA_DECODE=1)"
+        return "turned off (MOE_NVFP4_CUDA_DECODE=0)"
     device = hidden_states.device
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return "needs a compute capability 9.x GPU"
@@ -366,6 +374,10 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         routing_out = (torch.empty(top_k, dtype=torch.float32, device=device),
                        torch.empty(top_k, dtype=torch.int32, device=device))
     maps = _w2_maps(w2, s2, hidden, inter) if defines["W2TMA"] else (bytes(128), bytes(128))
-    kernel(plan.grid, plan.threads, x, logits, bias, w13, s13, g13, w2, s2, g2, table, partials, sync, out,
-           routing_out[1], routing_out[0], sync if trace is None else trace, *maps)
+    try:
+        kernel(plan.grid, plan.threads, x, logits, bias, w13, s13, g13, w2, s2, g2, table, partials, sync, out,
+               routing_out[1], routing_out[0], sync if trace is None else trace, *maps)
+    except RtcError as exc:  # e.g. a cooperative grid the device cannot hold at once (MIG, other work)
+        _warn_once(f"one-launch CUDA decode could not launch, using the Triton decode: {exc}")
+        return None
     return out

@@ -1048,9 +1048,9 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
 
 def _one_launch_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group,
                        topk_group, routed_scaling_factor, out) -> Optional[torch.Tensor]:
-    """One token on SM90, when opted in (``MOE_NVFP4_CUDA_DECODE=1``): the whole layer in one persistent CUDA
-    launch (:mod:`cuda_decode`), or None where that kernel does not apply.  Not the default: on the H200 it
-    is not yet faster than the 1-token path here (docs/benchmarks.md, sixth session of 2026-12-01)."""
+    """One token on SM90: the whole layer in one persistent CUDA launch (:mod:`cuda_decode`; on the H200 at
+    least as fast as the 1-token path here, docs/benchmarks.md, eighth session), or None where that kernel does
+    not apply or is turned off (``MOE_NVFP4_CUDA_DECODE=0``)."""
     from moe_passes.kernels import cuda_decode
 
     args = (hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group, topk_group,

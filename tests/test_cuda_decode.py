@@ -81,16 +81,22 @@ def test_unsupported_reason_on_cpu():
     weights = make_layer(64, 32, 4, "silu", torch.device("cpu"), 0)
     reason = cuda_decode.unsupported_reason(x, torch.zeros(1, 4), weights, 2, "silu", "renormalize", None, None,
                                             None, None)
-    assert reason is not None and ("9.x" in reason or "opt-in" in reason)
+    assert reason is not None and ("9.x" in reason or "turned off" in reason)
 
 
-def test_off_unless_asked(monkeypatch):
+def test_off_when_asked(monkeypatch):
     monkeypatch.setattr(cuda_decode, "ENABLED", False)
     x = torch.zeros(1, 64, dtype=torch.bfloat16)
     weights = make_layer(64, 32, 4, "silu", torch.device("cpu"), 0)
     reason = cuda_decode.unsupported_reason(x, torch.zeros(1, 4), weights, 2, "silu", "renormalize", None, None,
                                             None, None)
-    assert "MOE_NVFP4_CUDA_DECODE=1" in reason
+    assert "MOE_NVFP4_CUDA_DECODE=0" in reason
+
+
+def test_on_by_default_and_off_by_environment():
+    assert cuda_decode.enabled_by({}) and cuda_decode.enabled_by({"MOE_NVFP4_CUDA_DECODE": "1"})
+    assert not cuda_decode.enabled_by({"MOE_NVFP4_CUDA_DECODE": "0"})
+    assert not cuda_decode.enabled_by({"MOE_NVFP4_CUDA_DECODE": " 0\n"})
 
 
 def test_cuda_source_ships_with_the_package():
@@ -107,7 +113,7 @@ needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs a compute capabil
 
 @pytest.fixture(autouse=True)
 def _opted_in(monkeypatch, request):
-    """The kernel is opt-in (MOE_NVFP4_CUDA_DECODE=1); the GPU tests turn it on for themselves."""
+    """The GPU tests run the kernel even where MOE_NVFP4_CUDA_DECODE=0 turned it off."""
     if request.node.get_closest_marker("gpu"):
         monkeypatch.setattr(cuda_decode, "ENABLED", True)
 
