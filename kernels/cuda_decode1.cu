@@ -615,7 +615,8 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
             // than warps leaves some warps to the next stage, not idle (a warp still waits for every stage
             // before releasing it, so no release runs ahead of the ring)
             for (int qd = (warp - (b0 >> 2) % NCW + NCW) % NCW; 4 * qd < cnt; qd += NCW) {  // warp-uniform
-                const bool live = NBH % 4 == 0 || 4 * qd + c < cnt;  // a stage's bands: a multiple of 16, or the last
+                // a quad's four bands are all in the stage unless the layer's band count is not a multiple of 4
+                const bool live = NBH % 4 == 0 || 4 * qd + c < cnt;
                 float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int gi = 0; gi < MAXU; ++gi) {

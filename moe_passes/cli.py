@@ -185,7 +185,8 @@ def demo(args) -> int:
     print(f"    compiled forward:                       {compiled_s * 1e3:8.2f} ms")
     print(f"    also ran token counts {other_tokens} on the same compiled graph (dynamic token count)")
     print("\nThe CPU kernel is the reference emulation of the TRTLLM kernel: it shows the graph and the numerics, "
-          "not speed. On Hopper the Triton kernel runs; on Blackwell FlashInfer's TRTLLM-gen kernel.")
+          "not speed. On Hopper the Triton kernel runs (one token: a one-launch CUDA decode); on Blackwell "
+          "FlashInfer's TRTLLM-gen kernel.")
     return 0
 
 
