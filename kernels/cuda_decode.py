@@ -327,7 +327,8 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                      grid: Optional[int] = None, routing_out=None,
                      trace: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The layer for ``hidden_states [1, H]`` into ``out [1, H]`` (bf16), or None when the kernel cannot be
-    built here (the caller falls back; the reason is warned once).  Call :func:`unsupported_reason` first.
+    built or launched here (the caller falls back; the reason is warned once).  Call
+    :func:`unsupported_reason` first.
 
     ``routing_out``: optional ``(weights float32 [k], ids int32 [k])`` that receive the routing the kernel
     chose.  ``consumer_warps`` and ``grid`` override the pipeline (tests).  ``trace`` (int64 ``[grid, 16]``, a
