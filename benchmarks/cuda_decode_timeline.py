@@ -36,8 +36,8 @@ def _classes(plan) -> dict:
     """CTAs by (intermediate bands, most w2 pieces of a segment)."""
     out = collections.defaultdict(list)
     for cta, row in enumerate(plan.segments):
-        if row[0]:
-            segs = [row[1 + 3 * i:4 + 3 * i] for i in range(row[0])]
+        segs = cuda_decode.row_segments(row)
+        if segs:
             out[(sum(n for _, _, n in segs), max(cuda_decode._pieces(j0, n) for _, j0, n in segs))].append(cta)
     return out
 

@@ -141,6 +141,11 @@ def segments(inter: int, top_k: int, grid: int, max_units: int = 8) -> tuple:
     return tuple(rows)
 
 
+def row_segments(row: tuple) -> list:
+    """The ``(slot, j0, n)`` segments of one CTA's row of the :func:`segments` table."""
+    return [tuple(row[1 + 3 * i:4 + 3 * i]) for i in range(row[0])]
+
+
 def _dynamic_extra(hidden: int, gated: bool, max_units: int, consumer_warps: int) -> int:
     """Dynamic shared memory after the ring (the kernel's OFF_X .. SMEM_END): the token's activations (bf16),
     the partial output (fp32), a segment's intermediate (bf16) and its GEMM1 per-warp sums (fp32)."""
@@ -160,7 +165,7 @@ def plan_decode(hidden: int, inter: int, experts: int, top_k: int, gated: bool, 
     if grid < 1:
         raise ValueError(f"grid must be positive, got {grid}")
     rows = segments(inter, top_k, grid, max_units)
-    segs = [row[1 + 3 * i:4 + 3 * i] for row in rows for i in range(row[0])]
+    segs = [seg for row in rows for seg in row_segments(row)]
     units = max(n for _, _, n in segs)
     pieces = max(_pieces(j0, n) for _, j0, n in segs)
     most = max(row[0] for row in rows)
