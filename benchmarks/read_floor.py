@@ -61,9 +61,13 @@ def _empty_kernel(out_ptr):
 
 def expert_words(name: str) -> int:
     """32-bit words of one expert's NVFP4 codes and scales: what the floor counts per selected expert."""
-    h, i, _, _, activation, _, _ = bench.SHAPES[name]
+    h, i, e, k, activation, _, _ = bench.SHAPES[name]
     params = (3 if activation != "relu2" else 2) * h * i
-    return params * 9 // 16 // 4
+    words = params * 9 // 16 // 4
+    floor_bytes = bench.floor_seconds(h, i, e, k, activation, 1, 1.0)  # at 1 byte/s: the bytes
+    if abs(4 * words * k - floor_bytes) > 1e-6 * floor_bytes:
+        raise SystemExit(f"{name}: the read kernel would read {4 * words * k} bytes, the floor counts {floor_bytes:.0f}")
+    return words
 
 
 def xor_rows(t: torch.Tensor) -> torch.Tensor:
