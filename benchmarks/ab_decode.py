@@ -97,17 +97,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", action="append", required=True, help="name[=key:value,...]; repeat")
     parser.add_argument("--tokens", default="4,16,64")
-    parser.add_argument("--shapes", default=",".join(bench.SHAPES))
+    parser.add_argument("--shapes", type=bench.shape_list, default=",".join(bench.SHAPES))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=".")
     parser.add_argument("--no-check", action="store_true")
     args = parser.parse_args(argv)
     modes = [parse_mode(m) for m in args.mode]
     tokens = [int(t) for t in args.tokens.split(",")]
-    shapes = args.shapes.split(",")
-    unknown = [s for s in shapes if s not in bench.SHAPES]
-    if unknown:
-        raise SystemExit(f"unknown shapes {unknown}; known: {', '.join(bench.SHAPES)}")
+    shapes = args.shapes
     if not torch.cuda.is_available():
         raise SystemExit("ab_decode.py measures on a CUDA GPU")
     original_select, original_limit = tm.select_config, tm._ONE_PROGRAM_PAIRS

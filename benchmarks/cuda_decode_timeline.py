@@ -88,10 +88,10 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU of compute capability 9.x")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("shapes", nargs="*", default=["qwen3-30b-a3b"])
+    parser.add_argument("shapes", nargs="*", type=bench.shape_list, default=[["qwen3-30b-a3b"]])
     parser.add_argument("--sets", type=int, default=8, help="input sets the calls rotate over (default 8)")
     parser.add_argument("--warm", action="store_true", help="one input set: the weights stay in L2")
     ns = parser.parse_args()
     cuda_decode.ENABLED = True
-    for shape in [s for arg in ns.shapes for s in arg.split(",")]:
+    for shape in [s for arg in ns.shapes for s in arg]:
         timeline(shape, max(1, ns.sets), ns.warm)

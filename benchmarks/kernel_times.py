@@ -23,12 +23,12 @@ from moe_passes import bench
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokens", help="comma-separated token counts, e.g. 1,4,16")
-    parser.add_argument("--shapes", default=",".join(bench.SHAPES))
+    parser.add_argument("--shapes", type=bench.shape_list, default=",".join(bench.SHAPES))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernel_times.py runs on a CUDA GPU")
     tokens = [int(t) for t in args.tokens.split(",")]
-    for name in args.shapes.split(","):
+    for name in args.shapes:
         spec, weights, run_args, bias, hidden = bench.triton_layer(name, "cuda")
         experts = bench.SHAPES[name][2]
         for t in tokens:

@@ -63,7 +63,7 @@ def install(variant, cache):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokens")
-    parser.add_argument("--shapes", default=",".join(bench.SHAPES))
+    parser.add_argument("--shapes", type=bench.shape_list, default=",".join(bench.SHAPES))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
         raise SystemExit("launch_chain.py measures on a CUDA GPU")
     results = {}
     try:
-        for name in args.shapes.split(","):
+        for name in args.shapes:
             spec, weights, run_args, bias, hidden = bench.triton_layer(name, "cuda")
             experts = bench.SHAPES[name][2]
             for t in (int(x) for x in args.tokens.split(",")):

@@ -137,13 +137,10 @@ def time_layers(name: str) -> tuple:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="nemotron-3-nano,qwen3-30b-a3b,gemma-4-26b-a4b,deepseek-v3")
+    parser.add_argument("--shapes", type=bench.shape_list, default=",".join(bench.SHAPES))
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
-    shapes = args.shapes.split(",")
-    unknown = [s for s in shapes if s not in bench.SHAPES]
-    if unknown:
-        raise SystemExit(f"unknown shapes {unknown}; known: {', '.join(bench.SHAPES)}")
+    shapes = args.shapes
     if not torch.cuda.is_available():
         raise SystemExit("read_floor.py measures on a CUDA GPU")
     if not cuda_decode.ENABLED:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
@@ -35,6 +34,16 @@ SHAPES = {
     "deepseek-v3": (7168, 2048, 256, 8, "silu", "deepseek_v3", dict(n_group=8, topk_group=4, routed_scaling_factor=2.5)),
 }
 TOKENS = (1, 4, 16, 64, 128, 1024, 4096)
+
+
+def shape_list(text: str) -> list:
+    """A benchmark's ``--shapes``: comma-separated names from :data:`SHAPES` (an argparse ``type``)."""
+    shapes = [s for s in text.split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or not shapes:
+        raise argparse.ArgumentTypeError(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}" if unknown
+                                         else f"no shapes given; choose from {', '.join(SHAPES)}")
+    return shapes
 
 
 def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:
@@ -212,7 +221,8 @@ def plot(rows, path) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moe-nvfp4 bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", type=shape_list, default=",".join(SHAPES),
+                        help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token counts")
     parser.add_argument("--out", default=".", help="folder for bench_moe.json and bench_moe.png")
     parser.add_argument("--no-peer", action="store_true", help="skip the bf16 _grouped_mm peer")
@@ -220,10 +230,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("moe-nvfp4 bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    shapes = [s for s in opts.shapes.split(",") if s]
-    unknown = [s for s in shapes if s not in SHAPES]
-    if unknown:
-        parser.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    shapes = opts.shapes
     tokens = [int(t) for t in opts.tokens.split(",") if t]
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(0)
