@@ -62,11 +62,10 @@ def _empty_kernel(out_ptr):
 def expert_words(name: str) -> int:
     """32-bit words of one expert's NVFP4 codes and scales: what the floor counts per selected expert."""
     h, i, e, k, activation, _, _ = bench.SHAPES[name]
-    params = (3 if activation != "relu2" else 2) * h * i
-    words = params * 9 // 16 // 4
-    floor_bytes = bench.floor_seconds(h, i, e, k, activation, 1, 1.0)  # at 1 byte/s: the bytes
-    if abs(4 * words * k - floor_bytes) > 1e-6 * floor_bytes:
-        raise SystemExit(f"{name}: the read kernel would read {4 * words * k} bytes, the floor counts {floor_bytes:.0f}")
+    per_expert = bench.floor_seconds(h, i, e, k, activation, 1, 1.0) / k  # at 1 byte/s: bytes; 1 token: k experts
+    words = round(per_expert / 4)
+    if abs(4 * words - per_expert) > 1e-9 * per_expert:  # touched = E (1 - (1 - k/E)) is k up to rounding
+        raise SystemExit(f"{name}: {per_expert} bytes per expert is not a whole number of 32-bit words")
     return words
 
 
