@@ -210,6 +210,32 @@ def test_activations_and_routings(activation, routing):
            seed=ACTIVATIONS.index(activation) * 10 + ROUTING_METHODS.index(routing))
 
 
+def _cuda_decode_off(monkeypatch):
+    """Turn the one-launch CUDA decode off, and fail the test if it runs anyway."""
+    from moe_passes.kernels import cuda_decode
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the one-launch CUDA decode ran although it is turned off")
+
+    monkeypatch.setattr(cuda_decode, "ENABLED", False)
+    monkeypatch.setattr(cuda_decode, "decode_one_token", refuse)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("hidden, inter, activation, routing",
+                         [(736, 240, a, r) for a in ACTIVATIONS for r in ROUTING_METHODS]
+                         + [(4608, 256, "silu", "deepseek_v3"), (4608, 256, "relu2", "renormalize")])
+def test_one_token_on_the_triton_path(hidden, inter, activation, routing, monkeypatch):
+    """One token on SM90 goes to the one-launch CUDA decode (test_cuda_decode.py).  The Triton path stays the
+    fallback (other GPUs, shapes that kernel does not take, ``MOE_NVFP4_CUDA_DECODE=0``), so it is checked with
+    that kernel off: every activation and routing on rows with a narrow last piece (46 groups of hidden, 15 of
+    intermediate), and a hidden size past 4096, where one token takes GEMM1's in-program K split."""
+    _cuda_decode_off(monkeypatch)
+    _check(hidden=hidden, inter=inter, experts=16, tokens=1, activation=activation, routing=routing,
+           seed=hidden + 10 * ACTIVATIONS.index(activation) + ROUTING_METHODS.index(routing))
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("hidden", [2688, 2880, 720, 2048])
@@ -226,8 +252,8 @@ def test_hidden_sizes_and_token_counts(hidden, tokens):
 @pytest.mark.parametrize("tokens", [1, 4, 16, 64, 300])
 def test_banded_rows_with_a_narrow_last_piece(hidden, inter, tokens):
     """Rows whose 16-element groups are not a multiple of 4 (46 / 47 groups of hidden, 15 / 14 of
-    intermediate) end in a narrower piece of their band: every path (packed decode, per-pair and grouped
-    tensor-core decode, 16- and 64-row tiles) must address it."""
+    intermediate) end in a narrower piece of their band: every path (the one-launch CUDA decode at 1 token,
+    per-pair and grouped tensor-core decode, 16- and 64-row tiles) must address it."""
     _check(hidden=hidden, inter=inter, experts=16, tokens=tokens, activation="silu", routing="renormalize",
            seed=hidden + inter + tokens)
 
@@ -405,11 +431,14 @@ def _graph_of_calls(xs, logits, hidden, call):
 def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
     """Programmatic dependent launch: each kernel of a call is launched while the previous one drains and
     waits for it in-kernel.  In a graph of back-to-back calls, each on its own inputs, the outputs must be
-    bit-identical to serial launches and match the reference.  1 token runs the packed decode, 6 the
-    tensor-core decode per pair (split GEMM1), 64 the grouped tensor-core decode, 100 the 16-row tiles (all
-    chained), 300 the prefill tiles (always serial).  deepseek_v3 with 3 groups takes the
-    torch routing fallback, which must then zero the grouping counters itself."""
+    bit-identical to serial launches and match the reference.  1 and 6 tokens run the tensor-core decode per
+    pair (the one-launch CUDA decode, a single launch with no chain, is turned off here), 64 the grouped
+    tensor-core decode, 100 the 16-row tiles (all chained), 300 the prefill tiles (always serial).
+    deepseek_v3 with 3 groups takes the torch routing fallback, which must then zero the grouping counters
+    itself."""
     from moe_passes.kernels import triton_moe
+
+    _cuda_decode_off(monkeypatch)
 
     if not triton_moe._use_pdl("cuda"):
         pytest.skip("needs compute capability >= 9.0 and Triton's PDL intrinsics")
