@@ -9,7 +9,7 @@ the tensor-core decode runs unless ``all:`` prefixes them) or of the grouping's 
 ``group1:N`` sets the one-program grouping limit to N pairs (0: always three launches); ``cuda1:0`` turns
 the one-launch CUDA decode of one token off (``cuda_decode``), ``cwarps:N`` gives it N consumer warps,
 ``cunits:N`` at most N intermediate bands per segment, ``cstages:N`` at most N stages, ``ctma:0`` w2 by one
-bulk copy per piece block.  Prints one row per shape and token count with every mode's per-round times in us,
+bulk copy per piece block, ``cpdl:0`` no programmatic dependent launch.  Prints one row per shape and token count with every mode's per-round times in us,
 and writes ``ab.json`` to ``--out``.  Before timing, every mode's output is checked against the first mode's:
 the same exact products, summed in another order where a mode changes K splits or which groups a thread takes,
 so they must agree to ``2e-3`` in relative norm (the GPU tests' bound between the kernel paths).
@@ -31,7 +31,7 @@ from moe_passes.kernels import triton_moe as tm
 
 # mode keys that set a knob of the one-launch CUDA decode, and the knob; every mode starts from the defaults
 _CUDA_KNOBS = {"cuda1": "ENABLED", "cwarps": "CONSUMER_WARPS", "cunits": "MAX_UNITS", "cstages": "STAGE_CAP",
-               "ctma": "W2_TMA"}
+               "ctma": "W2_TMA", "cpdl": "PDL"}
 _CUDA_DEFAULTS = {attr: getattr(cuda_decode, attr) for attr in _CUDA_KNOBS.values()}
 
 

@@ -68,6 +68,9 @@ STAGE_CAP: Optional[int] = None
 # w2 by tensor copies (one piece of 16 bands each) where every piece is whole; else (and with False) one bulk
 # copy per piece block, which measured 2x slower (docs/benchmarks.md).
 W2_TMA = True
+# Programmatic dependent launch: the launch may start while the stream's previous kernel finishes (the kernel
+# waits for it before touching memory), hiding the launch latency between back-to-back kernels.
+PDL = True
 _SOURCE = Path(__file__).with_name("cuda_decode1.cu")
 _NAME = "moe_nvfp4_decode1"
 _FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -320,6 +323,9 @@ def _w2_maps(w2: torch.Tensor, s2: torch.Tensor, hidden: int, inter: int) -> tup
 _WARNED: set = set()
 
 
+_NO_PDL: set = set()  # devices whose driver refused a programmatic dependent launch of this kernel
+
+
 def _warn_once(msg: str) -> None:
     if msg not in _WARNED:
         _WARNED.add(msg)
@@ -358,7 +364,7 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         HAS_BIAS=int(has_bias),
         RSCALE=f"((float){scale!r})", LOGIT_KIND=_FLOAT_KIND[logits.dtype], BIAS_KIND=_FLOAT_KIND[bias.dtype],
         NCW=plan.consumer_warps, NSTAGE=plan.stages, STAGE_BYTES=plan.stage_bytes, MAXU=plan.max_units,
-        MAXSEG=plan.max_segments, W2TMA=int(W2_TMA and inter % _PIECE == 0))
+        MAXSEG=plan.max_segments, W2TMA=int(W2_TMA and inter % _PIECE == 0), PDL=int(PDL))
     if trace is not None:
         if trace.dtype != torch.int64 or trace.numel() < 16 * plan.grid or not trace.is_contiguous():
             raise ValueError(f"trace must be a contiguous int64 tensor of at least {16 * plan.grid} elements")
@@ -380,9 +386,18 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         routing_out = (torch.empty(top_k, dtype=torch.float32, device=device),
                        torch.empty(top_k, dtype=torch.int32, device=device))
     maps = _w2_maps(w2, s2, hidden, inter) if defines["W2TMA"] else (bytes(128), bytes(128))
+    args = (x, logits, bias, w13, s13, g13, w2, s2, g2, table, partials, sync, out, routing_out[1], routing_out[0],
+            sync if trace is None else trace, *maps)
     try:
-        kernel(plan.grid, plan.threads, x, logits, bias, w13, s13, g13, w2, s2, g2, table, partials, sync, out,
-               routing_out[1], routing_out[0], sync if trace is None else trace, *maps)
+        try:
+            kernel(plan.grid, plan.threads, *args, pdl=bool(defines["PDL"]) and index not in _NO_PDL)
+        except RtcError as exc:
+            if not defines["PDL"] or index in _NO_PDL:
+                raise
+            # without the attribute the kernel's griddepcontrol instructions do nothing: a plain launch
+            _NO_PDL.add(index)
+            _warn_once(f"one-launch CUDA decode: programmatic dependent launch refused, launching without it: {exc}")
+            kernel(plan.grid, plan.threads, *args)
     except RtcError as exc:  # e.g. a cooperative grid the device cannot hold at once (MIG, other work)
         _warn_once(f"one-launch CUDA decode could not launch, using the Triton decode: {exc}")
         return None

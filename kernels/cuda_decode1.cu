@@ -25,7 +25,8 @@
 // Required defines: H_ I_ E_ TOPK GATED ACT(0 silu,1 gelu,2 gelu_tanh,3 relu2) METHOD(0 default,
 // 1 renormalize, 2 deepseek_v3, 3 llama4) NGROUP TOPKGROUP HAS_BIAS RSCALE LOGIT_KIND BIAS_KIND
 // (0 f32, 1 bf16, 2 f16) NCW (consumer warps) NSTAGE STAGE_BYTES MAXU (bands per segment, at most) MAXSEG
-// (segments per CTA, at most) W2TMA (0/1: w2 by tensor maps, passed as the last two parameters).
+// (segments per CTA, at most) W2TMA (0/1: w2 by tensor maps, passed as the last two parameters) PDL (0/1:
+// launched as a programmatic dependent launch, see the kernel's start).
 // Diagnostics: TRACE (phase stamps, below); SKELETON (the consumers wait for and release every stage but
 // skip the MMAs: the routing, streaming and cross-CTA sum alone, for benchmarks/read_floor.py; the output is
 // not meaningful).
@@ -331,6 +332,14 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int grid = gridDim.x, cta = blockIdx.x;
     constexpr int EPT = (E_ + NT - 1) / NT;  // experts per thread
+#if PDL
+    // A programmatic dependent launch may start while the stream's previous kernel still runs: wait for it to
+    // finish (and its writes to be visible) before any memory it may write or read is touched.  Then let the
+    // next launch start as early: its CTAs take SMs only as this kernel's CTAs leave them, and wait the same
+    // way, so what overlaps is the launch itself.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 
     // The global loads first, none waiting on another: the logits (and bias), and every expert's global
     // scales, so that nothing after the routing waits on a dependent load.

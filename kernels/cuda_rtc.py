@@ -7,8 +7,8 @@ CUDA build of torch (the ``nvidia-cuda-nvrtc`` wheel), and the kernels here incl
 module needs nothing but ``libnvrtc`` and the driver's ``libcuda``.  Compiling one kernel takes about a
 second, so callers keep what :func:`compile_kernel` returns.
 
-Launches go to the current torch stream with ``cuLaunchKernel`` (``cuLaunchCooperativeKernel`` for a
-cooperative kernel), so they are captured by CUDA graphs like any other kernel.
+Launches go to the current torch stream with ``cuLaunchKernelEx`` (cooperative and programmatic-dependent
+launches are its attributes), so they are captured by CUDA graphs like any other kernel.
 """
 
 from __future__ import annotations
@@ -24,6 +24,20 @@ import torch
 __all__ = ["RtcError", "CudaKernel", "compile_kernel", "rtc_available", "tensor_map"]
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_CU_LAUNCH_ATTRIBUTE_COOPERATIVE = 2
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """``CUlaunchAttribute``: an id, padding to 8 bytes, and a 64-byte value union (here an int)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """``CUlaunchConfig``."""
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("count", ctypes.c_uint)]
 
 
 class RtcError(RuntimeError):
@@ -115,8 +129,11 @@ def _nvrtc_cubin(source: str, name: str, arch: str, options: Sequence[str]) -> b
 class CudaKernel:
     """A compiled ``extern "C"`` kernel of one device.  Call with pointers (tensors), 32-bit ints and
     ``bytes`` (a by-value struct parameter such as a tensor map, :func:`tensor_map`).  ``cooperative``:
-    launched with ``cuLaunchCooperativeKernel``, whose contract is that every CTA of the grid is resident at
-    once (the driver refuses a grid that cannot be), as a kernel that waits for all its CTAs needs."""
+    launched as a cooperative kernel, whose contract is that every CTA of the grid is resident at once (the
+    driver refuses a grid that cannot be), as a kernel that waits for all its CTAs needs.  A call with
+    ``pdl=True`` lets the launch start before the previous work in the stream has finished (programmatic
+    dependent launch): the kernel must then run ``griddepcontrol.wait`` before it touches memory that work
+    may write or read."""
 
     def __init__(self, cubin: bytes, name: str, device: torch.device, dynamic_smem: int, cooperative: bool = False):
         self.name, self.device, self.dynamic_smem, self.cooperative = name, device, dynamic_smem, cooperative
@@ -133,7 +150,7 @@ class CudaKernel:
                 _check_cu(drv.cuFuncSetAttribute(self._func, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                                  dynamic_smem), f"raising {name}'s shared memory to {dynamic_smem}")
 
-    def __call__(self, grid: int, block: int, *args) -> None:
+    def __call__(self, grid: int, block: int, *args, pdl: bool = False) -> None:
         values = []
         for a in args:
             if isinstance(a, torch.Tensor):
@@ -145,14 +162,19 @@ class CudaKernel:
             else:
                 raise TypeError(f"{self.name}: unsupported kernel argument {type(a).__name__}")
         params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
-        if self.cooperative:
-            result = _driver().cuLaunchCooperativeKernel(self._func, grid, 1, 1, block, 1, 1, self.dynamic_smem,
-                                                         stream, params)
-        else:
-            result = _driver().cuLaunchKernel(self._func, grid, 1, 1, block, 1, 1, self.dynamic_smem, stream, params,
-                                              None)
-        _check_cu(result, f"launching {self.name}")
+        wanted = [(_CU_LAUNCH_ATTRIBUTE_COOPERATIVE, self.cooperative),
+                  (_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, pdl)]
+        attrs = (_LaunchAttribute * 2)()
+        count = 0
+        for key, on in wanted:
+            if on:
+                attrs[count].id, attrs[count].value = key, 1
+                count += 1
+        config = _LaunchConfig((grid, 1, 1), (block, 1, 1), self.dynamic_smem,
+                               ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream), attrs, count)
+        result = _driver().cuLaunchKernelEx(ctypes.byref(config), self._func, params, None)
+        what = " (cooperative)" if self.cooperative else ""
+        _check_cu(result, f"launching {self.name}{what}{' with programmatic dependent launch' if pdl else ''}")
 
 
 def compile_kernel(source: str, name: str, device: torch.device, dynamic_smem: int = 0,

@@ -277,6 +277,68 @@ def test_cuda_graph_replays_follow_fresh_inputs():
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("pdl", [True, False])
+def test_chained_layers_wait_for_what_they_read(pdl, monkeypatch):
+    """Calls in a row that read what the call before wrote: each call's router logits are the first experts'
+    entries of the previous output (a view: the kernel reads them straight from the previous kernel's output),
+    and every other call's token adds the previous output through a torch op (so the kernel follows itself,
+    and follows another kernel).  With a programmatic dependent launch (``pdl``) a call may start before the
+    previous kernel ends and must wait before it reads: eager calls in a row and a CUDA-graph replay of the
+    chain give the bits of calls with a synchronize between each, and those match the reference call by call."""
+    from moe_passes.kernels.triton_moe import prepare_weights
+
+    monkeypatch.setattr(cuda_decode, "PDL", pdl)
+    hidden, inter, experts, top_k, steps = 1024, 256, 32, 4, 6
+    weights = make_layer(hidden, inter, experts, "silu", torch.device("cuda"), 31)
+    prepared = prepare_weights(weights)
+    g = torch.Generator(device="cpu").manual_seed(32)
+    xs = [(torch.randn(1, hidden, generator=g) / 10).to("cuda", torch.bfloat16) for _ in range(steps)]
+    first_logits = torch.randn(1, experts, generator=g).to("cuda", torch.bfloat16)
+
+    def inputs(i, prev):
+        if i == 0:
+            return xs[0], first_logits
+        return (xs[i] + prev if i % 2 else xs[i]), prev[:, :experts]
+
+    def chain(outs, sync):
+        prev = None
+        for i in range(steps):
+            x, logits = inputs(i, prev)
+            done = cuda_decode.decode_one_token(x, logits, prepared, top_k=top_k, activation="silu",
+                                                routing="renormalize", out=outs[i])
+            assert done is not None, "the CUDA decode did not launch"
+            if sync:
+                torch.cuda.synchronize()
+            prev = outs[i]
+
+    serial = [torch.empty(1, hidden, dtype=torch.bfloat16, device="cuda") for _ in range(steps)]
+    chain(serial, sync=True)
+    prev = None
+    for i, out in enumerate(serial):  # every call against the reference on the same inputs
+        x, logits = inputs(i, prev)
+        ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation="silu", routing="renormalize",
+                                  quantize_activations=False)
+        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel < 1e-2, f"call {i}: relative error {rel:.2e}"
+        prev = out
+    eager = [torch.full_like(o, float("nan")) for o in serial]
+    chain(eager, sync=False)
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(eager, serial))
+    graphed = [torch.full_like(o, float("nan")) for o in serial]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain(graphed, sync=False)
+    for _ in range(2):
+        for o in graphed:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(graphed, serial))
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_fused_moe_triton_takes_it_at_one_token_only(monkeypatch):
     from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
