@@ -388,11 +388,12 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     maps = _w2_maps(w2, s2, hidden, inter) if defines["W2TMA"] else (bytes(128), bytes(128))
     args = (x, logits, bias, w13, s13, g13, w2, s2, g2, table, partials, sync, out, routing_out[1], routing_out[0],
             sync if trace is None else trace, *maps)
+    pdl = bool(defines["PDL"]) and index not in _NO_PDL
     try:
         try:
-            kernel(plan.grid, plan.threads, *args, pdl=bool(defines["PDL"]) and index not in _NO_PDL)
+            kernel(plan.grid, plan.threads, *args, pdl=pdl)
         except RtcError as exc:
-            if not defines["PDL"] or index in _NO_PDL:
+            if not pdl:
                 raise
             # without the attribute the kernel's griddepcontrol instructions do nothing: a plain launch
             _NO_PDL.add(index)
