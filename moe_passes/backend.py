@@ -1,14 +1,24 @@
-"""The ``moe_nvfp4`` torch.compile backend: Dynamo graph -> AOT (ATen) -> passes -> inner compiler.
+"""The ``moe_nvfp4`` torch.compile backend: inductor's whole pipeline with our passes as its post-grad pass.
 
 Found through the ``torch_dynamo_backends`` entry point, so ``torch.compile(m, backend="moe_nvfp4")``
-works without importing this package first.  Options (``torch.compile(..., options={...})``):
+works without importing this package first.  For the duration of one compile call the pass pipeline
+(:func:`moe_passes.passes.default_pipeline`) is inductor's ``post_grad_custom_post_pass``, a
+:class:`~torch._inductor.custom_graph_pass.CustomGraphPass` whose ``uuid()`` is the pass manager's, and the
+graph goes through ``compile_fx`` exactly as for ``backend="inductor"``: ``mode=`` presets, CUDA graph trees
+with parameters and buffers as static inputs, max-autotune and the FX graph cache all hold.
 
-``inner``         ``"inductor"`` (default) or ``"eager"`` (run the rewritten ATen graph as is; debugging)
-``extra_passes``  callables ``pass_(gm) -> PassResult | None`` run on the ATen graph after the built-in
-                  rewrites and before verification
-``dump_dir``      write every graph (Dynamo's, each pass's before/after, the final one) there via depyf
+``mode``          ``torch.compile``'s ``mode=`` (``"reduce-overhead"``, ``"max-autotune"``, ...); since
+                  ``torch.compile`` refuses ``mode=`` together with ``options=``, ``options={"mode": ...}``
+                  works too
+``inner``         ``"inductor"`` (default) or ``"eager"``: AOT autograd, the passes, then the ATen graph run
+                  as is (debugging; no mode, no inductor options)
+``extra_passes``  callables ``pass_(gm) -> PassResult | None`` run after the built-in rewrites and before
+                  verification
+``dump_dir``      write every graph (Dynamo's, each pass's before/after) there, also through depyf
+``observers``     ``observer(stage, pass_name, gm)`` callbacks (the testing kit's recorder)
+any other key     an inductor config option, as ``torch.compile(..., backend="inductor", options=...)`` takes
 
-Everything is scoped to the compile call: no process-wide inductor hook is installed.
+Nothing process-wide is left installed: the inductor config is patched around the one compile call.
 """
 
 from __future__ import annotations
@@ -20,33 +30,67 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from moe_passes.errors import MoEConfigError
 from moe_passes.passes import PassManager, default_pipeline
 
-__all__ = ["BackendOptions", "moe_nvfp4_backend", "compile_aten_graph"]
+__all__ = ["BackendOptions", "MoEPostGradPass", "moe_nvfp4_backend"]
 
 _INNER = ("inductor", "eager")
+_OWN_KEYS = ("mode", "inner", "extra_passes", "dump_dir", "observers")
+
+
+def _inductor_config_keys() -> set:
+    from torch._inductor import config
+
+    return set(config.get_config_copy())
+
+
+def _modes() -> dict:
+    from torch._inductor import list_mode_options
+
+    return list_mode_options()
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendOptions:
+    mode: Optional[str] = None
     inner: str = "inductor"
     extra_passes: tuple = ()
     dump_dir: Optional[str] = None
     # Observers the testing kit attaches to the pass manager (called as observer(stage, name, gm)).
     observers: tuple = ()
+    # Inductor config options, passed on as torch.compile(backend="inductor", options=...) would.
+    inductor: tuple = ()
 
     @classmethod
-    def from_dict(cls, options: Optional[dict]) -> "BackendOptions":
+    def from_dict(cls, options: Optional[dict], mode: Optional[str] = None) -> "BackendOptions":
         options = dict(options or {})
-        unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise MoEConfigError(f"unknown moe_nvfp4 backend option(s) {sorted(unknown)}; "
-                                 f"known: {[f.name for f in dataclasses.fields(cls)]}")
+        if mode is not None and options.get("mode") not in (None, mode):
+            raise MoEConfigError(f"mode={mode!r} and options['mode']={options['mode']!r} disagree; give one")
+        mode = options.pop("mode", None) or mode
+        if mode == "default":
+            mode = None
+        if mode is not None and mode not in _modes():
+            raise MoEConfigError(f"unknown mode {mode!r}; torch.compile's modes are {sorted(_modes())}")
         inner = options.get("inner", "inductor")
         if inner not in _INNER:
             raise MoEConfigError(f"option inner={inner!r} must be one of {_INNER}")
+        inductor = {k: v for k, v in options.items() if k not in _OWN_KEYS}
+        if inductor:
+            known = _inductor_config_keys()
+            unknown = sorted(k for k in inductor if k.replace("-", "_") not in known)
+            if unknown:
+                raise MoEConfigError(
+                    f"unknown moe_nvfp4 backend option(s) {unknown}: the backend takes {list(_OWN_KEYS)} and "
+                    f"inductor's config options (torch._inductor.config, e.g. 'max_autotune', 'triton.cudagraphs')")
+            if "post_grad_custom_post_pass" in inductor:
+                raise MoEConfigError("post_grad_custom_post_pass is where moe_nvfp4 runs its passes: give your "
+                                     "pass as options={'extra_passes': [...]}")
+        if inner == "eager" and (mode is not None or inductor):
+            raise MoEConfigError(f"inner='eager' runs the ATen graph without inductor: mode={mode!r} and inductor "
+                                 f"options {sorted(inductor)} need inner='inductor'")
         passes = options.get("extra_passes") or ()
         if callable(passes):
             passes = (passes,)
@@ -54,18 +98,40 @@ class BackendOptions:
             if not callable(p):
                 raise MoEConfigError(f"extra_passes entries must be callables taking a GraphModule, got {p!r}")
         dump_dir = options.get("dump_dir")
-        return cls(inner=inner, extra_passes=tuple(passes), dump_dir=None if dump_dir is None else os.fspath(dump_dir),
-                   observers=tuple(options.get("observers") or ()))
+        return cls(mode=mode, inner=inner, extra_passes=tuple(passes),
+                   dump_dir=None if dump_dir is None else os.fspath(dump_dir),
+                   observers=tuple(options.get("observers") or ()),
+                   inductor=tuple(sorted((k.replace("-", "_"), v) for k, v in inductor.items())))
+
+    @property
+    def cudagraphs(self) -> bool:
+        settings = {**(_modes().get(self.mode, {}) if self.mode else {}), **dict(self.inductor)}
+        return bool(settings.get("triton.cudagraphs", False))
 
 
-def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> Callable:
-    from torch._functorch.aot_autograd import make_boxed_func
+class MoEPostGradPass(CustomGraphPass):
+    """The pass pipeline as inductor's post-grad custom pass.
 
-    if inner == "eager":
-        return make_boxed_func(gm.forward)
-    from torch._inductor.compile_fx import compile_fx_inner
+    ``uuid()`` is the pass manager's (each pass's code), so inductor's FX graph cache keys on it.  A pass that
+    was already configured runs first, where inductor would have run it, and enters the key too.
+    """
 
-    return compile_fx_inner(gm, example_inputs)
+    def __init__(self, manager: PassManager, previous: Optional[Callable] = None):
+        self.manager = manager
+        self.previous = previous
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.previous is not None:
+            self.previous(graph)
+        self.manager.run(graph.owning_module)
+
+    def uuid(self) -> Any:
+        previous = None
+        if self.previous is not None:
+            previous = self.previous.uuid() if hasattr(self.previous, "uuid") else None
+            if previous is None:  # inductor cannot key an uncacheable pass: neither can we
+                return None
+        return (self.manager.uuid(), previous)
 
 
 def _dumper(dump_dir: Optional[str]):
@@ -82,51 +148,72 @@ def _dumper(dump_dir: Optional[str]):
     return dump
 
 
-def compile_aten_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], manager: PassManager,
-                       inner: str = "inductor") -> Callable:
-    """Run the pass pipeline on an ATen graph, then hand it to the inner compiler."""
-    manager.run(gm)
-    return _inner_compile(gm, example_inputs, inner)
-
-
-def _check_inference(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> None:
-    """The MoE ops have no backward: refuse, clearly, a graph that would need one."""
+def _check_inference(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts: BackendOptions) -> None:
+    """The MoE ops have no backward, and CUDA graphs here serve inference: refuse, clearly, a graph that
+    would need a backward where it cannot have one."""
     from moe_passes.ops import FUSED_MOE
 
-    moe_targets = (FUSED_MOE, FUSED_MOE.overloadpacket)
-    moe_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in moe_targets]
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
-    if moe_nodes and needs_grad:
+    if not needs_grad:
+        return
+    moe_targets = (FUSED_MOE, FUSED_MOE.overloadpacket)
+    if any(n.op == "call_function" and n.target in moe_targets for n in gm.graph.nodes):
         raise MoEConfigError(
             "moe_nvfp4 compiles inference graphs: the FusedMoE op has no backward, but this graph has inputs "
             "that require grad (e.g. router or shared-expert parameters). Run the model under torch.no_grad() or "
             "torch.inference_mode(), or call model.requires_grad_(False).")
+    if opts.cudagraphs:
+        raise MoEConfigError(
+            f"moe_nvfp4 with mode={opts.mode!r} (CUDA graphs) compiles inference graphs, but this graph has inputs "
+            "that require grad. Run it under torch.no_grad() or torch.inference_mode(), or compile the training "
+            "model with backend='inductor'.")
 
 
-def moe_nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None):
-    """The torch.compile backend.  See the module docstring for ``options``."""
-    from torch._functorch.aot_autograd import aot_module_simplified
+def _compile_eager(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], manager: PassManager) -> Callable:
+    """AOT autograd to an ATen graph, the passes, then the graph run as it is."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
     from torch._inductor.decomposition import select_decomp_table
 
-    opts = BackendOptions.from_dict(options)
-    _check_inference(gm, example_inputs)
-    manager = default_pipeline(opts.extra_passes, dump_fn=_dumper(opts.dump_dir))
-    manager.observers.extend(opts.observers)
-
     def forward_compiler(aten_gm, aten_inputs):
-        return compile_aten_graph(aten_gm, aten_inputs, manager, opts.inner)
+        manager.run(aten_gm)
+        return make_boxed_func(aten_gm.forward)
 
     def backward_compiler(aten_gm, aten_inputs):
         # The MoE ops have no autograd formula; backward graphs only hold the rest of the model.
-        return _inner_compile(aten_gm, aten_inputs, opts.inner)
+        return make_boxed_func(aten_gm.forward)
 
+    return aot_module_simplified(gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=backward_compiler,
+                                 inference_compiler=forward_compiler, decompositions=select_decomp_table())
+
+
+def _compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], manager: PassManager,
+                      opts: BackendOptions) -> Callable:
+    from torch._inductor import config
+
+    # What torch.compile(backend="inductor", mode=..., options=...) builds: mode presets, option checks, and
+    # its CUDA-graph-with-profiler workarounds.
+    inductor = torch._TorchCompileInductorWrapper(opts.mode, dict(opts.inductor), dynamic=None)
+    patches = {"post_grad_custom_post_pass": MoEPostGradPass(manager, config.post_grad_custom_post_pass)}
+    if manager.observers or manager.dump_fn is not None:
+        # A cache hit would skip the passes, and with them what the observers and the dump directory record.
+        patches["fx_graph_cache"] = False
+    return inductor(gm, example_inputs, config_patches=patches)
+
+
+def moe_nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
+                      mode: Optional[str] = None):
+    """The torch.compile backend.  See the module docstring for ``mode`` and ``options``."""
+    opts = BackendOptions.from_dict(options, mode=mode)
+    _check_inference(gm, example_inputs, opts)
+    manager = default_pipeline(opts.extra_passes, dump_fn=_dumper(opts.dump_dir))
+    manager.observers.extend(opts.observers)
     debug = contextlib.nullcontext()
     if opts.dump_dir is not None:
         import depyf
 
         debug = depyf.prepare_debug(opts.dump_dir)
     with debug:
-        return aot_module_simplified(
-            gm, example_inputs, fw_compiler=forward_compiler, bw_compiler=backward_compiler,
-            inference_compiler=forward_compiler, decompositions=select_decomp_table())
+        if opts.inner == "eager":
+            return _compile_eager(gm, example_inputs, manager)
+        return _compile_inductor(gm, example_inputs, manager, opts)
