@@ -255,19 +255,43 @@ def _plan(device, hidden, inter, experts, top_k, gated, n_group, consumer_warps=
     return plan
 
 
-_SYNC: dict = {}
-_KEEP: list = []  # every counter buffer ever handed out: captured graphs keep pointing at theirs
+_ARENA_SLOTS = 64
+_ARENAS: dict = {}  # device index -> int64 [_ARENA_SLOTS] barrier counters, made when a layer is prepared
+_COUNTERS: dict = {}  # (device index, stream, grid) -> its one-element view of the arena
 
 
-def _counters(index: int, grid: int) -> torch.Tensor:
+def _counters(index: int, grid: int) -> Optional[torch.Tensor]:
     """The grid barrier's 64-bit arrival counter per (device, stream, grid): every call adds ``grid`` to it
-    and waits for the next multiple of ``grid``, so it is never reset, and calls in stream order share it."""
+    and waits for the next multiple of ``grid``, so it is never reset, and calls in stream order share it.
+
+    Counters are slots of an arena allocated when a layer was prepared for the device, never here: a CUDA graph
+    tree warms up and captures on streams of its own, inside its memory pool, and a counter allocated there
+    would outlive the call.  None when no arena exists or every slot is taken."""
     key = (index, torch.cuda.current_stream(index).cuda_stream, grid)
-    buf = _SYNC.get(key)
-    if buf is None:
-        buf = _SYNC[key] = torch.zeros(1, dtype=torch.int64, device=torch.device("cuda", index))
-        _KEEP.append(buf)
-    return buf
+    counter = _COUNTERS.get(key)
+    if counter is None:
+        arena = _ARENAS.get(index)
+        used = sum(1 for k in _COUNTERS if k[0] == index)
+        if arena is None or used == _ARENA_SLOTS:
+            return None
+        counter = _COUNTERS[key] = arena[used:used + 1]
+    return counter
+
+
+def prepare_state(device: torch.device, hidden: int, inter: int, experts: int, top_k: int, gated: bool,
+                  n_group: int) -> None:
+    """The state calls of this layer shape keep on ``device``: the barrier counters' arena and the segment table.
+
+    Called when a layer's weights are prepared (outside any CUDA graph capture or memory pool), so that no call
+    allocates anything that outlives it."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARENAS:
+        _ARENAS[index] = torch.zeros(_ARENA_SLOTS, dtype=torch.int64, device=torch.device("cuda", index))
+    try:
+        plan = _plan(torch.device("cuda", index), hidden, inter, experts, top_k, gated, n_group)
+    except ValueError:
+        return  # this shape takes the Triton path
+    _segment_table(index, plan.segments, 1 + 3 * plan.max_segments)
 
 
 _TABLES: dict = {}
@@ -382,6 +406,10 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     x = hidden_states if _aligned(hidden_states) else hidden_states.contiguous().clone()
     partials = torch.empty(plan.grid * hidden, dtype=torch.float32, device=device)  # every CTA writes its own
     sync = _counters(index, plan.grid)
+    if sync is None:
+        _warn_once("one-launch CUDA decode: no barrier counter on this device and stream (prepare the layer on the "
+                   f"device first; at most {_ARENA_SLOTS} streams), using the Triton decode")
+        return None
     if routing_out is None:
         routing_out = (torch.empty(top_k, dtype=torch.float32, device=device),
                        torch.empty(top_k, dtype=torch.int32, device=device))

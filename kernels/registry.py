@@ -67,6 +67,9 @@ class KernelSpec:
     available: Callable[[torch.device], bool]
     prepare: Callable[[MoEWeights, MoEShape], MoEWeights]
     run: RunFn
+    # State the kernel's calls keep on the device (barrier counters, plan tables), made once when a layer is
+    # prepared for it, so that no call allocates anything that outlives it (CUDA graph trees refuse that).
+    prepare_state: Optional[Callable[[torch.device, MoEShape, RunArgs], None]] = None
     # Most tokens per launch for (experts, top_k), or None for no limit; the op chunks above it.
     max_tokens: Optional[Callable[[int, int], int]] = None
     # Does the kernel quantize activations to NVFP4 (TRTLLM) or keep them in bf16 (Hopper path)?

@@ -1139,6 +1139,15 @@ def _prepare(weights: registry.MoEWeights, shape: MoEShape) -> registry.MoEWeigh
     return prepare_weights(weights)
 
 
+def _prepare_state(device: torch.device, shape: MoEShape, args: registry.RunArgs) -> None:
+    from moe_passes.kernels import cuda_decode
+
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        groups = (args.n_group or 1) if args.routing == "deepseek_v3" else 1
+        cuda_decode.prepare_state(device, shape.hidden_padded, shape.intermediate_padded, shape.experts, args.top_k,
+                                  is_gated(args.activation), groups)
+
+
 def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_global_scale, intermediate_global_scale,
          routing_bias, args: registry.RunArgs) -> torch.Tensor:
     # Activations stay bf16 on this path: the activation global scales are not used.
@@ -1156,6 +1165,7 @@ TRITON = registry.register(registry.KernelSpec(
     routings=frozenset(ROUTING_METHODS),
     available=triton_available,
     prepare=_prepare,
+    prepare_state=_prepare_state,
     run=_run,
     quantizes_activations=False,
     priority=10,

@@ -169,8 +169,15 @@ class FusedMoE(nn.Module):
                                                     canonical.w2_global_scale), shape)
         for buffer, tensor in zip(_KERNEL_BUFFERS, prepared):
             self.register_buffer(buffer, tensor, persistent=False)
+        if spec.prepare_state is not None:
+            spec.prepare_state(device, shape, self._run_args())
         self.kernel = spec.name
         self.kernel_shape = shape
+
+    def _run_args(self) -> registry.RunArgs:
+        return registry.RunArgs(top_k=self.top_k, activation=self.activation, routing=self.routing,
+                                n_group=self.n_group, topk_group=self.topk_group,
+                                routed_scaling_factor=self.routed_scaling_factor)
 
     @property
     def device(self) -> torch.device:
