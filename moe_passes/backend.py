@@ -198,7 +198,8 @@ def _compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], m
     if manager.observers or manager.dump_fn is not None:
         # A cache hit would skip the passes, and with them what the observers and the dump directory record.
         patches["fx_graph_cache"] = False
-    return inductor(gm, example_inputs, config_patches=patches)
+    with config.patch(patches):
+        return inductor(gm, example_inputs)
 
 
 def moe_nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
