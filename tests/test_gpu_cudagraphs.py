@@ -82,8 +82,8 @@ def test_converted_transformers_model_replays_match_eager():
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     replayed = torch.compile(model, backend="moe_nvfp4", mode="reduce-overhead")
     # The same inductor code without CUDA graphs: replays must give its logits bit for bit.  Against eager the
-    # bf16 attention and norms fuse differently, and a router logit moved by an ulp can flip a top-k tie, so
-    # eager is held to a relative norm.
+    # bf16 attention and norms fuse differently, and a router logit moved by an ulp can flip a top-k tie (on
+    # the CPU's reference kernel, 1-5% relative), so eager is held to a relative norm.
     plain = torch.compile(model, backend="moe_nvfp4")
 
     def logits(m):
@@ -99,5 +99,6 @@ def test_converted_transformers_model_replays_match_eager():
             ids = make_inputs()[0]
             torch.compiler.cudagraph_mark_step_begin()
             got, want = logits(replayed)(ids).float(), logits(model)(ids).float()
-            assert (got - want).norm() / want.norm() < 2e-2
+            # bf16 noise and an occasional flipped top-k tie: a few percent; a stale or wrong replay: ~100%
+            assert (got - want).norm() / want.norm() < 0.1
     assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == skips
