@@ -110,3 +110,22 @@ def test_every_preset_builds_its_tiny_config(name):
                                         ("NVIDIA GeForce RTX 4090", "nvidia-geforce-rtx-4090")])
 def test_device_slug(name, slug):
     assert bench_model.device_slug(name) == slug
+
+
+def test_gpu_activity_counts_kernels_and_the_union_of_busy_time(tmp_path):
+    """Two steps: overlapping kernels count once in the busy time, copies count as busy but not as kernels,
+    CPU events count as neither."""
+    events = [dict(ph="X", cat="kernel", name="gemv", ts=0, dur=10),
+              dict(ph="X", cat="kernel", name="moe", ts=5, dur=10),
+              dict(ph="X", cat="gpu_memcpy", name="copy", ts=20, dur=2),
+              dict(ph="X", cat="kernel", name="moe", ts=30, dur=6),
+              dict(ph="X", cat="cpu_op", name="aten::mm", ts=0, dur=100),
+              dict(ph="i", cat="kernel", name="marker", ts=1)]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(dict(traceEvents=events)))
+    activity = bench_model._gpu_activity(str(path), steps=2)
+    assert activity["kernels_per_step"] == 1.5 and activity["copies_per_step"] == 0.5
+    assert activity["gpu_busy_ms_per_step"] == pytest.approx((15 + 2 + 6) / 1e3 / 2)
+    assert activity["kernel_ms_per_step"] == pytest.approx(26 / 1e3 / 2)
+    assert [k["name"] for k in activity["top_kernels"]] == ["moe", "gemv"]
+    assert activity["top_kernels"][0]["calls_per_step"] == 1.0
