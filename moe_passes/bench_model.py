@@ -13,7 +13,8 @@ their own graph) measures:
 
 * **decode**: one token per sequence against a ``StaticCache``, after an eager 64-token prompt, at each batch
   size.  Each step feeds back the previous step's greedy token (an argmax on the device, as ``generate`` does).
-  Steps are timed one by one (CUDA events) in rounds of ``--steps``; before every round the cache is rewound to
+  Steps are timed one by one (CUDA events, synchronized after each step, as ``generate``'s stopping check
+  does) in rounds of ``--steps``; before every round the cache is rewound to
   the prompt, so positions stay within ``prompt + steps`` and every round decodes the same positions.  The
   static cache's attention always spans its full length (``--cache-len``, default the prompt plus the steps,
   rounded up to 64), so the rewind does not change the work of a step.
@@ -21,7 +22,8 @@ their own graph) measures:
   (as ``generate``'s prefill asks for).
 * **compile**: wall time of each graph's first call (trace, passes, inductor, and the first run; the CUDA graph
   is recorded on a later call).  The FX-graph and AOT-autograd caches are turned off for the compile, so a repeat
-  run does not read its own disk cache (Triton's kernel cache on disk may still be warm).
+  run does not read its own disk cache (Triton's kernel cache on disk may still be warm; ``--warm-cache`` keeps
+  them on).
 * **profile**: ``torch.profiler`` over ``--profile-steps`` decode steps per batch size: CUDA kernels per step,
   the union of GPU activity per step (kernels, copies, memsets), and that over the median step time (GPU busy).
 * **logit error**: ``||nvfp4 - bf16|| / ||bf16||`` of the first decode step's logits (same prompt, same input
@@ -287,6 +289,7 @@ class Settings:
     fullgraph: bool
     inner: str
     seed: int
+    cold_compile: bool = True
 
 
 def _compile(model, backend: str, settings: Settings) -> tuple[Callable, str]:
@@ -304,8 +307,8 @@ def _compile(model, backend: str, settings: Settings) -> tuple[Callable, str]:
 
 
 @contextlib.contextmanager
-def _cold_compile(graphs: int):
-    """Compile without the FX-graph and AOT-autograd disk caches, and allow one recompile per graph."""
+def _compile_config(graphs: int, cold: bool):
+    """Allow one recompile per graph; ``cold``: compile without the FX-graph and AOT-autograd disk caches."""
     import torch._dynamo.config as dynamo_config
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
@@ -313,8 +316,9 @@ def _cold_compile(graphs: int):
     limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     with contextlib.ExitStack() as stack:
         stack.enter_context(dynamo_config.patch(**{limit: max(8, graphs + 2)}))
-        stack.enter_context(inductor_config.patch(fx_graph_cache=False))
-        if hasattr(functorch_config, "enable_autograd_cache"):
+        if cold:
+            stack.enter_context(inductor_config.patch(fx_graph_cache=False))
+        if cold and hasattr(functorch_config, "enable_autograd_cache"):
             stack.enter_context(functorch_config.patch(enable_autograd_cache=False))
         yield
 
@@ -342,7 +346,7 @@ def run_variant(label: str, model, backend: str, settings: Settings, device: tor
             torch.compiler.cudagraph_mark_step_begin()
         return compiled(input_ids=ids, **{cache_kw: cache}, use_cache=True)
 
-    with torch.no_grad(), _cold_compile(len(settings.batches) + 1):
+    with torch.no_grad(), _compile_config(len(settings.batches) + 1, settings.cold_compile):
         for batch in settings.batches:
             cache = make_static_cache(model.config, settings.cache_len, batch, device, torch.bfloat16)
             prompt = _inputs(vocab, batch, settings.prompt, settings.seed).to(device)
@@ -410,10 +414,11 @@ def _profile(step, cache, out, settings: Settings, device: torch.device, clock: 
     _rewind(cache, settings.prompt)
     holder = [out]
 
-    def steps():
+    def steps():  # synchronized after every step, as the timed steps are
         for _ in range(settings.profile_steps):
             token = holder[0].logits[:, -1].argmax(-1, keepdim=True)
             holder[0] = step(token, cache)
+            clock.sync()
 
     with tempfile.TemporaryDirectory() as tmp:
         clock.sync()
@@ -595,6 +600,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", default="reduce-overhead",
                         help="torch.compile mode of both variants ('none': no mode; the CPU ignores it)")
     parser.add_argument("--no-fullgraph", action="store_true", help="allow graph breaks")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep inductor's FX-graph and AOT-autograd disk caches on (faster repeat runs; the "
+                             "first-call times then measure a warm compile)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the preset's family scaled down (CPU smoke test)")
     parser.add_argument("--inner", choices=("inductor", "eager"), default="inductor",
@@ -620,7 +628,7 @@ def main(argv=None) -> int:
     settings = Settings(batches=opts.batches, prompt=opts.prompt, prefill=opts.prefill, cache_len=cache_len,
                         warmup=opts.warmup, steps=opts.steps, rounds=opts.rounds, profile_steps=opts.profile_steps,
                         prefill_repeats=opts.prefill_repeats, mode=mode, fullgraph=not opts.no_fullgraph,
-                        inner=opts.inner, seed=opts.seed)
+                        inner=opts.inner, seed=opts.seed, cold_compile=not opts.warm_cache)
 
     reason = _preflight(opts.model)
     if reason is not None:
