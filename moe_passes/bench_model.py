@@ -14,10 +14,10 @@ their own graph) measures:
 * **decode**: one token per sequence against a ``StaticCache``, after an eager 64-token prompt, at each batch
   size.  Each step feeds back the previous step's greedy token (an argmax on the device, as ``generate`` does).
   Steps are timed one by one (CUDA events, synchronized after each step, as ``generate``'s stopping check
-  does) in rounds of ``--steps``; before every round the cache is rewound to
-  the prompt, so positions stay within ``prompt + steps`` and every round decodes the same positions.  The
-  static cache's attention always spans its full length (``--cache-len``, default the prompt plus the steps,
-  rounded up to 64), so the rewind does not change the work of a step.
+  does) in rounds of ``--steps``; before every round the cache is rewound to the prompt, so positions stay
+  within ``prompt + steps`` and every round decodes the same positions.  The static cache's attention always
+  spans its full length (``--cache-len``, default the prompt plus the steps, rounded up to 64), so the rewind
+  does not change the work of a step.
 * **prefill**: one forward of ``--prefill`` tokens at batch 1 without a cache, logits for the last token only
   (as ``generate``'s prefill asks for).
 * **compile**: wall time of each graph's first call (trace, passes, inductor, and the first run; the CUDA graph
