@@ -522,6 +522,12 @@ def plot(data: dict, path: str) -> bool:
                 [v["decode"][b]["max_ms"] - y for y, b in zip(ys, batches)]]
         ax1.bar(xs, ys, width, yerr=errs, capsize=3, label=f"{name} ({v['backend']})")
         ax2.bar([i], [v["prefill"]["median_ms"]], 0.6, label=name)
+    if "comparison" in data:  # the speed-up over each pair of bars
+        comp = data["comparison"]
+        for j, b in enumerate(batches):
+            top = max(v["decode"][b]["max_ms"] for v in variants.values())
+            ax1.annotate(f"{comp['decode_speedup'][b]:.2f}x", (j, top), ha="center", va="bottom", fontsize=9)
+        ax2.set_title(f"{comp['prefill_speedup']:.2f}x", fontsize=9)
     ax1.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax1.set_ylabel("ms per decode step (median, min-max)")
     ax1.legend(fontsize=8)

@@ -62,6 +62,13 @@ def test_tiny_run_nvfp4_logits_are_close_to_bf16(tiny_run):
     assert all(0 < e < 0.1 for e in errors.values()), errors
 
 
+def test_tiny_run_plots_when_matplotlib_is_installed(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, out = tiny_run
+    assert bench_model.plot(json.loads(out.read_text()), str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
 def test_without_cuda_the_gpu_run_says_how_to_smoke_test(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
