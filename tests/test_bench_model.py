@@ -43,6 +43,7 @@ def test_tiny_run_writes_every_figure(tiny_run):
         assert set(variant["decode"]) == {"1", "2"}
         for timing in [*variant["decode"].values(), variant["prefill"]]:
             assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
+        assert all(d["pipelined_ms"] > 0 for d in variant["decode"].values())
         assert variant["prefill"]["tokens"] == 16
         assert variant["compile_s"] > 0 and set(variant["first_calls_s"]) == {"decode_b1", "decode_b2", "prefill_16"}
         assert set(variant["profile"]) == {"1", "2"}  # None on the CPU: the profile counts CUDA kernels
