@@ -324,6 +324,16 @@ def _compile_config(graphs: int, cold: bool):
         yield
 
 
+def _compile_counters() -> dict:
+    """Dynamo's and inductor's counters that say whether the CUDA graphs took: graphs compiled, graph breaks,
+    graphs that fell back to no CUDA graph, and inputs copied into a graph's pool at every replay."""
+    from torch._dynamo.utils import counters
+
+    return dict(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
+                cudagraph_skips=counters["inductor"]["cudagraph_skips"],
+                cudagraph_non_static_inputs=counters["inductor"]["cudagraph_recorded_non_static_inputs"])
+
+
 def _inputs(vocab: int, batch: int, length: int, seed: int) -> torch.Tensor:
     # From their own CPU generator, so both variants see the same tokens whatever ran before.
     g = torch.Generator().manual_seed(seed * 1_000_003 + batch * 7919 + length)
@@ -341,6 +351,7 @@ def run_variant(label: str, model, backend: str, settings: Settings, device: tor
     result: dict[str, Any] = dict(backend=backend, compile=spelled, weights_GiB=_model_bytes(model) / 2**30,
                                   first_calls_s={}, decode={}, profile={})
     first_logits = {}
+    counters_before = _compile_counters()
 
     def step(ids, cache):
         if cudagraphs:
@@ -412,6 +423,8 @@ def run_variant(label: str, model, backend: str, settings: Settings, device: tor
         log(f"  {label:6s} prefill {settings.prefill} tokens: {result['prefill']['median_ms']:8.3f} ms "
             f"(first call {first_calls[0]:.1f} s)")
     result["compile_s"] = result["first_calls_s"][f"decode_b{settings.batches[0]}"][0]
+    result["counters"] = {k: v - counters_before[k] for k, v in _compile_counters().items()}
+    log(f"  {label:6s} {result['counters']}")
     if device.type == "cuda":
         result["peak_memory_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     result["_first_logits"] = first_logits

@@ -47,6 +47,7 @@ def test_tiny_run_writes_every_figure(tiny_run):
         assert variant["prefill"]["tokens"] == 16
         assert variant["compile_s"] > 0 and set(variant["first_calls_s"]) == {"decode_b1", "decode_b2", "prefill_16"}
         assert set(variant["profile"]) == {"1", "2"}  # None on the CPU: the profile counts CUDA kernels
+        assert variant["counters"]["graphs"] == 3 and variant["counters"]["graph_breaks"] == 0  # fullgraph
     assert data["variants"]["nvfp4"]["conversion"]["converted"] == 1
     assert data["variants"]["nvfp4"]["convert_s"] > 0
     comp = data["comparison"]
