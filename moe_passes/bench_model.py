@@ -614,7 +614,7 @@ def _public(result: dict) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="moe-nvfp4 bench --model",
+    parser = argparse.ArgumentParser(prog="moe-nvfp4 bench",
                                      description=__doc__.split("\n\n")[0].strip("`: "))
     parser.add_argument("--model", required=True, choices=sorted(PRESETS))
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
@@ -649,7 +649,7 @@ def main(argv=None) -> int:
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("moe-nvfp4 bench --model needs a CUDA GPU (the benchmark times CUDA graphs); for a smoke run of the "
-              "same code on the CPU use --device cpu --tiny", file=sys.stderr)
+              "same code on the CPU use --device cpu --tiny --inner eager", file=sys.stderr)
         return 2
     mode = None if opts.mode.lower() == "none" or device.type != "cuda" or opts.inner == "eager" else opts.mode
     # the first call and the warm-up run on from the prompt; every timed or profiled round is rewound first
