@@ -220,7 +220,9 @@ def plot(rows, path) -> bool:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="moe-nvfp4 bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="moe-nvfp4 bench", description=__doc__.split("\n\n")[0],
+                                     epilog="With --model NAME it benchmarks a transformers model end to end instead "
+                                            "(moe_passes.bench_model; moe-nvfp4 bench --model NAME --help).")
     parser.add_argument("--shapes", type=shape_list, default=",".join(SHAPES),
                         help=f"comma list of {', '.join(SHAPES)}")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of token counts")

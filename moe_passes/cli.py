@@ -3,6 +3,8 @@
     moe-nvfp4 demo [--tokens 64] [--inner inductor|eager] [--device cpu]
     moe-nvfp4 plan --hidden 2688 --intermediate 1856 --experts 128 --top-k 6 --tokens 4096 [--activation relu2]
     moe-nvfp4 bench [...]        (GPU; see benchmarks/)
+    moe-nvfp4 bench --model qwen3-30b-a3b [--layers 8] [--batches 1,16,64] [--prefill 2048] [--out ...]
+                                 (a transformers model end to end, bf16 against NVFP4; see docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -232,6 +234,9 @@ def plan(args) -> int:
 
 
 def bench(argv) -> int:
+    if any(a == "--model" or a.startswith("--model=") for a in argv):
+        from moe_passes import bench_model
+        return bench_model.main(argv)
     try:
         from moe_passes import bench as bench_module
     except ImportError:
