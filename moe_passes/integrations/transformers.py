@@ -1,41 +1,41 @@
-"""Replace the MoE blocks of Hugging Face transformers models with NVFP4 FusedMoE layers.
+"""Replace the routed experts of Hugging Face transformers MoE blocks with NVFP4 FusedMoE layers.
 
-``convert(model)`` walks the model, finds every MoE block, and swaps each supported one for a
-:class:`TransformersMoE` adapter that keeps the original router (the gate module computes the router
-logits, exactly as before) and the shared experts, and runs the routed experts as one
-:class:`~moe_passes.FusedMoE` (weights quantized to NVFP4 once, at conversion).  A block is converted
-completely or not at all: every check runs before anything in the model changes, and a block that
-fails one is left as it was, with the reason logged and recorded in the returned
-:class:`ConversionReport`.
+``convert(model)`` finds MoE blocks by what they are, not by class name: a module with an ``experts``
+child whose weights read as ``w13 [E, 2I | I, H]`` / ``w2 [E, H, I]`` (transformers 5 stacks them as
+``gate_up_proj`` / ``up_proj`` and ``down_proj`` parameters) and a router child (``gate`` or ``router``)
+that returns ``(logits or probabilities, top-k weights, top-k ids)``, the protocol every transformers 5
+block follows: ``_, w, ids = router(x); experts(x', ids, w)``.
 
-Supported (transformers 5.x, expert weights as fused 3-D parameters):
+A converted block keeps its own ``forward``: only two children change.  The router is wrapped in
+:class:`RouterLogits`, which runs the original router (so router-logit recording still works) and hands
+the kernel's router logits on in place of its top-k weights; the experts become a
+:class:`TransformersMoE`, which runs one NVFP4 :class:`~moe_passes.FusedMoE` on those logits.  Whatever
+else the block does (shared experts and their gates, latent projections, norms around the experts,
+Gemma-4's MoE inside its decoder layer) stays the block's own code.
 
-============================  ==============================================  =====================
-block                         routing in transformers                         FusedMoE routing
-============================  ==============================================  =====================
-``MixtralSparseMoeBlock``     softmax -> top-k -> renormalize                 ``renormalize``
-``Qwen3MoeSparseMoeBlock``    softmax -> top-k (-> renormalize if             ``renormalize``
-``Qwen2MoeSparseMoeBlock``    ``norm_topk_prob``); Qwen2-MoE adds a           (``default`` when
-                              sigmoid-gated shared expert                     ``norm_topk_prob`` off)
-``DeepseekV3MoE``             sigmoid + correction bias, top-2-sum group      ``deepseek_v3``
-``Glm4MoeMoE``, ``Dots1MoE``  selection, normalize, routed scaling factor;    (only with
-                              shared experts added                            ``norm_topk_prob``)
-============================  ==============================================  =====================
+The routing is read from the router and mapped onto a kernel routing method, then checked on random
+inputs against the router's own top-k weights and ids:
 
-Softmax is monotonic, so "softmax, top-k, renormalize" picks the same experts with the same weights
-as "top-k on the logits, softmax over them" (the ``renormalize`` method).  DeepSeek-style routers
-without ``norm_topk_prob`` have no FusedMoE routing method (the kernel always normalizes) and are
-left alone.  Any other module holding an ``experts`` child is reported as unsupported.
+* routers with a correction bias or routed scaling factor (DeepSeek-V3, GLM4-MoE, dots1, NemotronH):
+  ``deepseek_v3`` with the router's groups, bias and scale; ``norm_topk_prob=False`` is refused (the
+  kernels always normalize);
+* softmax routers: ``renormalize`` (top-k, softmax over the k: the same experts and weights as softmax,
+  top-k, renormalize) or ``default`` (softmax, top-k), whichever the router's outputs match;
+* a router whose first output is probabilities (Gemma-4) gives the kernel their logarithm, which routes
+  identically; a per-expert output scale (Gemma-4's ``per_expert_scale``) is folded into ``w2``.
 
-The adapter takes the block's ``[B, S, H]`` input in the model's dtype, runs the routed experts in
-bfloat16 (the kernels' activation dtype) on ``[T, H]``, runs the shared expert on the unrounded input
-in the model's dtype, adds the two in that dtype, and returns the block's original convention
-(``[B, S, H]`` in the input dtype).
+No match, or anything else unexpected, leaves the block alone with the reason logged; so do experts
+with biases, a custom gated activation or no routing arguments in their forward.  Two more checks run
+before a block is converted: the experts' own forward against the weights read (every expert at weight
+1), and, where the block runs on its own, the whole block against the same block with the router and
+experts replaced by a float emulation of the conversion.  A block is converted completely or not at
+all, and the model changes only after every block is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from typing import Any, Callable, Optional, Union
 
@@ -44,42 +44,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_passes.errors import MoEError
-from moe_passes.kernels.reference import apply_activation
+from moe_passes.kernels.reference import apply_activation, route
 from moe_passes.layer import FusedMoE
 
-__all__ = ["convert", "ConversionReport", "ConvertedBlock", "SkippedBlock", "TransformersMoE", "SharedExpert",
-           "expert_weights", "FAMILIES"]
+__all__ = ["convert", "ConversionReport", "ConvertedBlock", "SkippedBlock", "TransformersMoE", "RouterLogits",
+           "expert_weights"]
 
 logger = logging.getLogger(__name__)
 
-
-# -- what each supported block looks like ----------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How one transformers MoE block class maps onto FusedMoE."""
-
-    name: str
-    router: str                      # "softmax_topk" or "deepseek"
-    shared: Optional[str] = None     # attribute holding the shared expert(s)
-    shared_gate: Optional[str] = None  # attribute of a per-token sigmoid gate on the shared expert
-    always_renormalize: bool = False  # the router renormalizes regardless of config (Mixtral)
-
-
-FAMILIES: dict[str, Family] = {
-    "MixtralSparseMoeBlock": Family("mixtral", "softmax_topk", always_renormalize=True),
-    "Qwen3MoeSparseMoeBlock": Family("qwen3_moe", "softmax_topk"),
-    "Qwen2MoeSparseMoeBlock": Family("qwen2_moe", "softmax_topk", shared="shared_expert",
-                                     shared_gate="shared_expert_gate"),
-    "DeepseekV3MoE": Family("deepseek_v3", "deepseek", shared="shared_experts"),
-    "Glm4MoeMoE": Family("glm4_moe", "deepseek", shared="shared_experts"),
-    "Dots1MoE": Family("dots1", "deepseek", shared="shared_experts"),
-}
-
-# Router classes whose forward we have read and mapped (the routing semantics are pinned to them).
-_ROUTERS = {
-    "softmax_topk": ("MixtralTopKRouter", "Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter"),
-    "deepseek": ("DeepseekV3TopkRouter", "Glm4MoeTopkRouter", "Dots1TopkRouter"),
-}
+_ROUTER_NAMES = ("gate", "router")
 
 
 class _Unsupported(Exception):
@@ -100,6 +73,9 @@ class ConvertedBlock:
     routing: str
     shared_expert: bool
     kernel: str
+    # "logits", or "log_probs" when the router returns probabilities and the kernel takes their log
+    router_output: str = "logits"
+    expert_scale: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,58 +102,65 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-# -- the adapter ------------------------------------------------------------------------------------------
-class SharedExpert(nn.Module):
-    """The shared expert of a block on ``[T, H]``; ``gate`` (Qwen2-MoE) scales its output per token by
-    ``sigmoid(gate(x))``."""
+# -- the two replacement children --------------------------------------------------------------------------
+class RouterLogits(nn.Module):
+    """Wraps a block's router: returns its outputs with the second one (the top-k weights) replaced by the
+    router logits the kernel routes on, which the block then passes to its experts (a
+    :class:`TransformersMoE`).  ``log_probs``: the router's first output is probabilities; the kernel
+    takes their logarithm (same top-k, same renormalized weights)."""
 
-    def __init__(self, expert: nn.Module, gate: Optional[nn.Module] = None):
+    def __init__(self, router: nn.Module, *, log_probs: bool = False):
         super().__init__()
-        self.expert = expert
-        self.gate = gate
+        self.router = router
+        self.log_probs = log_probs
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.expert(hidden_states)
-        if self.gate is not None:
-            out = torch.sigmoid(self.gate(hidden_states)) * out
-        return out
+    def forward(self, *args, **kwargs):
+        out = self.router(*args, **kwargs)
+        logits = torch.log(out[0]) if self.log_probs else out[0]
+        return (out[0], logits, *out[2:])
+
+    def extra_repr(self) -> str:
+        return f"log_probs={self.log_probs}"
 
 
 class TransformersMoE(nn.Module):
-    """Drop-in replacement of a transformers MoE block: ``[B, S, H]`` (any float dtype) in and out.
+    """Drop-in replacement of a transformers experts module: ``experts(x [T, H], top_k_index, router_logits)``.
 
-    ``gate`` is the block's original router module (its first output is the router logits);
-    ``moe`` the FusedMoE holding the NVFP4 routed experts; ``shared_expert`` (a :class:`SharedExpert`)
-    runs on the block's input in the model's own dtype and is added to the routed output, exactly as the
-    original block adds it (in the compiled graph that add follows the routed output's slice back to
-    ``H``, where the verifier checks it like any other use).
+    The block calls its experts with the router's second output, which :class:`RouterLogits` sets to the
+    router logits; ``top_k_index`` is ignored (the kernel routes).  ``moe`` (a FusedMoE) runs in
+    ``compute_dtype`` (bfloat16, the kernels' activation dtype); the result is cast back to ``x``'s dtype.
     """
 
-    def __init__(self, gate: nn.Module, moe: FusedMoE, *, shared_expert: Optional[nn.Module] = None,
-                 returns_router_logits: bool = False, family: str = ""):
+    def __init__(self, moe: nn.Module, *, family: str = "", compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        self.gate = gate
         self.moe = moe
-        self.shared_expert = shared_expert
-        self.returns_router_logits = returns_router_logits
         self.family = family
+        self.compute_dtype = compute_dtype
 
-    def forward(self, hidden_states: torch.Tensor):
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        router_logits = self.gate(x)
-        if isinstance(router_logits, (tuple, list)):
-            router_logits = router_logits[0]
-        out = self.moe(x.to(torch.bfloat16), router_logits).to(hidden_states.dtype)
-        if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
-        out = out.reshape(shape)
-        if self.returns_router_logits:
-            return out, router_logits
-        return out
+    def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,
+                router_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.moe(hidden_states.to(self.compute_dtype), router_logits).to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}"
+
+
+class _FloatMoE(nn.Module):
+    """The conversion in float, unquantized: what the block must compute after conversion, up to NVFP4."""
+
+    def __init__(self, w13, w2, activation, top_k, routing):
+        super().__init__()
+        self.w13, self.w2, self.activation, self.top_k, self.routing = w13.float(), w2.float(), activation, top_k, routing
+
+    def forward(self, x, router_logits):
+        weights, ids = route(router_logits.float(), self.top_k, **self.routing)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for k in range(self.top_k):
+            for e in ids[:, k].unique().tolist():
+                rows = (ids[:, k] == e).nonzero()[:, 0]
+                h = apply_activation(x[rows].float() @ self.w13[e].t(), self.activation) @ self.w2[e].t()
+                out.index_add_(0, rows, h * weights[rows, k, None])
+        return out
 
 
 # -- reading transformers expert weights ------------------------------------------------------------------
@@ -197,7 +180,7 @@ def _activation_of(experts: nn.Module, gated: bool) -> str:
             return "silu"
         if kind == "GELUActivation" and getattr(act, "act", None) in (F.gelu, None):
             return "gelu"
-        if kind == "GELUTanh" or kind == "NewGELUActivation":
+        if kind in ("GELUTanh", "NewGELUActivation", "PytorchGELUTanh", "GELUPytorchTanh"):
             return "gelu_tanh"
         raise _Unsupported(f"gated expert activation {kind} has no FusedMoE equivalent "
                            "(supported: SiLU, GELU (erf), GELU (tanh))")
@@ -209,6 +192,19 @@ def _activation_of(experts: nn.Module, gated: bool) -> str:
 def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(w13 [E, 2I, H] gate rows then up rows (or [E, I, H]), w2 [E, H, I], activation)`` of a
     transformers 5.x experts module (fused 3-D parameters, ``@use_experts_implementation`` flags)."""
+    if isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
+        raise _Unsupported("experts are a list of expert modules (an older layout); only fused 3-D expert "
+                           "parameters are read")
+    params = [p for p in inspect.signature(experts.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(params) < 3:
+        raise _Unsupported("the experts' forward takes no top-k ids and weights: the block applies the routing "
+                           "itself (Llama4 multiplies the experts' input by its top-1 sigmoid score); the kernels "
+                           "weight the experts' outputs and have no input-scaling routing")
+    biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
+    if biases:
+        raise _Unsupported(f"experts carry biases ({', '.join(biases)}); the kernels have no expert-bias path "
+                           "(gpt-oss also needs its clamped SwiGLU with alpha)")
     flags = {k: getattr(experts, k, None) for k in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
                                                      "has_post_expert_norm")}
     if flags["has_gate"] is None:
@@ -235,6 +231,14 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
     return w13.contiguous(), w2.contiguous(), activation
 
 
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-3 if dtype == torch.float32 else 3e-2
+
+
 @torch.no_grad()
 def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> None:
     """Run the original experts on a few random tokens, every expert with weight 1, and compare with
@@ -249,43 +253,136 @@ def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activ
     want = torch.zeros(3, hidden, device=w13.device)
     for e in range(num_experts):
         want += apply_activation(x.float() @ w13[e].float().t(), activation) @ w2[e].float().t()
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
-    err = (got - want).norm() / want.norm().clamp_min(1e-30)
-    if not bool(err <= tol):
+    tol = _tolerance(dtype)
+    err = _rel_err(got, want)
+    if not err <= tol:
         raise _Unsupported(f"the experts' forward disagrees with the weight layout read from them "
-                           f"(relative error {float(err):.3g} > {tol}); refusing to convert a misread layout")
+                           f"(relative error {err:.3g} > {tol}); refusing to convert a misread layout")
 
 
 # -- routing ------------------------------------------------------------------------------------------------
-def _routing_of(family: Family, gate: nn.Module, num_experts: int) -> dict:
-    allowed = _ROUTERS[family.router]
-    if type(gate).__name__ not in allowed:
-        raise _Unsupported(f"router {type(gate).__name__} is not one whose semantics were mapped ({', '.join(allowed)})")
-    top_k = int(gate.top_k)
-    if getattr(gate, "num_experts", num_experts) != num_experts:
-        raise _Unsupported(f"router scores {gate.num_experts} experts but the experts module holds {num_experts}")
-    if family.router == "softmax_topk":
-        renorm = family.always_renormalize or bool(getattr(gate, "norm_topk_prob", False))
-        return dict(top_k=top_k, routing="renormalize" if renorm else "default")
-    if not getattr(gate, "norm_topk_prob", True):
-        raise _Unsupported("DeepSeek-style routing with norm_topk_prob=False: the kernel's DeepSeekV3 routing "
-                           "always normalizes the top-k weights, and no other routing method matches")
-    bias = getattr(gate, "e_score_correction_bias", None)
-    return dict(top_k=top_k, routing="deepseek_v3", n_group=int(gate.num_group), topk_group=int(gate.topk_group),
-                routed_scaling_factor=float(gate.routed_scaling_factor),
-                routing_bias=None if bias is None else bias.detach().float().clone())
+@dataclasses.dataclass(frozen=True)
+class _Routing:
+    kwargs: dict                       # FusedMoE routing arguments (routing, n_group, ...), top_k excluded
+    top_k: int
+    log_probs: bool                    # the router returns probabilities: the kernel takes their log
+    expert_scale: Optional[torch.Tensor]  # per-expert output scale [E], folded into w2
+
+
+def _router_candidates(router: nn.Module) -> list[dict]:
+    """The kernel routing methods the router's attributes allow, most specific first."""
+    if any(hasattr(router, a) for a in ("e_score_correction_bias", "routed_scaling_factor")):
+        if not getattr(router, "norm_topk_prob", True):
+            raise _Unsupported("DeepSeek-style routing with norm_topk_prob=False: the kernel's DeepSeekV3 routing "
+                               "always normalizes the top-k weights, and no other routing method matches")
+        groups = getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1
+        bias = getattr(router, "e_score_correction_bias", None)
+        scale = getattr(router, "routed_scaling_factor", None)
+        return [dict(routing="deepseek_v3", n_group=int(groups), topk_group=int(getattr(router, "topk_group", None)
+                                                                                    or groups),
+                     routed_scaling_factor=float(scale) if scale is not None else 1.0,
+                     routing_bias=None if bias is None else bias.detach().float().clone())]
+    return [dict(routing="renormalize"), dict(routing="default")]
+
+
+def _router_input_size(router: nn.Module, num_experts: int) -> int:
+    for p in router.parameters():
+        if p.ndim == 2 and p.shape[0] == num_experts:
+            return p.shape[1]
+    raise _Unsupported(f"router {type(router).__name__} has no [experts, hidden] projection weight")
+
+
+@torch.no_grad()
+def _read_routing(router: nn.Module, num_experts: int) -> _Routing:
+    """Map the router onto a kernel routing method and check it on random tokens against the router's own
+    top-k weights and ids."""
+    name = type(router).__name__
+    candidates = _router_candidates(router)
+    param = next(router.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    tokens = 64
+    x = torch.randn(tokens, _router_input_size(router, num_experts), generator=gen).to(param.device, param.dtype)
+    out = router(x)
+    if not isinstance(out, (tuple, list)) or len(out) < 3 or not all(isinstance(t, torch.Tensor) for t in out[:3]):
+        raise _Unsupported(f"router {name} does not return (logits, top-k weights, top-k ids)")
+    first, weights, ids = out[0], out[1], out[2]
+    # top-k read from what the router returns (routers keep it as top_k, or only in their config)
+    top_k = ids.shape[-1] if ids.ndim == 2 else 0
+    if not 0 < top_k <= num_experts:
+        raise _Unsupported(f"router {name} returns top-k ids of shape {tuple(ids.shape)}")
+    if (tuple(first.shape) != (tokens, num_experts) or tuple(ids.shape) != (tokens, top_k)
+            or tuple(weights.shape) != (tokens, top_k)):
+        raise _Unsupported(f"router {name} returns shapes {tuple(first.shape)}, {tuple(weights.shape)}, "
+                           f"{tuple(ids.shape)}; expected [T, {num_experts}], [T, {top_k}], [T, {top_k}]")
+    want = torch.zeros(tokens, num_experts, device=x.device).scatter(1, ids.long(), weights.float())
+    scale = getattr(router, "per_expert_scale", None)
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (num_experts,):
+        scale = None
+    inputs = [(False, first.float())]
+    if bool((first >= 0).all()) and bool(torch.allclose(first.float().sum(-1), torch.ones(tokens, device=x.device),
+                                                         atol=1e-3)):
+        inputs.append((True, torch.log(first.float())))
+    tol = _tolerance(weights.dtype)
+    tried = []
+    for log_probs, logits in inputs:
+        for cand in candidates:
+            w, i = route(logits, top_k, **cand)
+            if scale is not None:
+                w = w * scale.detach().float()[i]
+            got = torch.zeros_like(want).scatter(1, i, w)
+            if _rel_err(got, want) <= tol:
+                return _Routing({k: v for k, v in cand.items()}, top_k, log_probs,
+                                None if scale is None else scale.detach().float().clone())
+            tried.append(f"{cand['routing']} on {'log-probabilities' if log_probs else 'logits'}"
+                         + (" with per-expert scale" if scale is not None else ""))
+    raise _Unsupported(f"router {name}: its top-k weights match none of the routing methods the kernels support "
+                       f"(tried {', '.join(tried)})")
+
+
+# -- the whole-block check --------------------------------------------------------------------------------
+@torch.no_grad()
+def _check_block(block: nn.Module, router_attr: str, router: nn.Module, experts: nn.Module, hidden: int,
+                 emulated_router: nn.Module, emulated_experts: nn.Module) -> bool:
+    """Run the block on random input, then again with router and experts replaced by the float emulation
+    of the conversion; they must agree.  False when the block cannot run on a ``[1, T, H]`` tensor alone
+    (a decoder layer holding the MoE, as in Gemma-4): the router and layout checks then stand alone."""
+    param = next(experts.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    x = torch.randn(1, 7, hidden, generator=gen).to(param.device, param.dtype)
+    try:
+        want = block(x)
+    except Exception:  # noqa: BLE001 - any failure only means the block needs more than one tensor
+        return False
+    setattr(block, router_attr, emulated_router)
+    setattr(block, "experts", emulated_experts)
+    try:
+        got = block(x)
+    except Exception as exc:  # noqa: BLE001
+        raise _Unsupported(f"the block fails with its router and experts emulated ({type(exc).__name__}: {exc})")
+    finally:
+        setattr(block, router_attr, router)
+        setattr(block, "experts", experts)
+    want = want[0] if isinstance(want, (tuple, list)) else want
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    err = _rel_err(got, want)
+    tol = _tolerance(param.dtype)
+    if not err <= tol:
+        raise _Unsupported(f"the block's output disagrees with its router and experts read as a standard MoE "
+                           f"(relative error {err:.3g} > {tol}): it uses the routing or the experts some other way")
+    return True
 
 
 # -- calibration ------------------------------------------------------------------------------------------
-def _collect_calibration(model: nn.Module, blocks: dict[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
-    """Run ``calibration`` through the model and keep each block's input hidden states ``[N, H]``."""
-    seen: dict[str, list] = {name: [] for name in blocks}
+def _collect_calibration(model: nn.Module, experts: dict[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
+    """Run ``calibration`` through the model and keep the hidden states ``[N, H]`` each experts module
+    receives (for Gemma-4 and latent MoEs that is not the block's input)."""
+    seen: dict[str, list] = {name: [] for name in experts}
     hooks = []
-    for name, block in blocks.items():
+    for name, module in experts.items():
         def hook(_module, args, kwargs, name=name):
             x = args[0] if args else next(iter(kwargs.values()))
             seen[name].append(x.detach().reshape(-1, x.shape[-1]).float())
-        hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             if callable(calibration):
@@ -302,70 +399,85 @@ def _collect_calibration(model: nn.Module, blocks: dict[str, nn.Module], calibra
 
 # -- conversion -------------------------------------------------------------------------------------------
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """MoE blocks: supported classes, and any other module with an ``experts`` child (outermost only)."""
+    """MoE blocks: modules with an ``experts`` child (outermost only; converted ones are not listed)."""
     found, claimed = [], []
     for name, module in model.named_modules():
         if any(name.startswith(c + ".") for c in claimed):
             continue
-        if isinstance(module, TransformersMoE):
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.Module) and module is not experts:
             claimed.append(name)
-            continue
-        if type(module).__name__ in FAMILIES or isinstance(getattr(module, "experts", None), nn.Module):
-            found.append((name, module))
-            claimed.append(name)
+            if not isinstance(experts, TransformersMoE):
+                found.append((name, module))
     return found
 
 
-def _build(name: str, block: nn.Module, *, calibration: Optional[torch.Tensor], kernel: Optional[str],
-           check_layout: bool) -> tuple[TransformersMoE, ConvertedBlock]:
-    family = FAMILIES.get(type(block).__name__)
-    if family is None:
-        raise _Unsupported(f"no FusedMoE mapping for block class {type(block).__name__} "
-                           f"(supported: {', '.join(sorted(FAMILIES))})")
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-    if not isinstance(gate, nn.Module) or not isinstance(experts, nn.Module):
-        raise _Unsupported("block has no gate/experts submodules")
+def _router_of(block: nn.Module) -> tuple[str, nn.Module]:
+    for attr in _ROUTER_NAMES:
+        router = getattr(block, attr, None)
+        if isinstance(router, nn.Module):
+            return attr, router
+    raise _Unsupported(f"block has no router child named {' or '.join(_ROUTER_NAMES)}")
+
+
+@dataclasses.dataclass
+class _Built:
+    block: nn.Module
+    router_attr: str
+    router: RouterLogits
+    experts: TransformersMoE
+    info: ConvertedBlock
+
+
+def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[torch.Tensor], kernel: Optional[str],
+           check_layout: bool) -> _Built:
+    router_attr, router = _router_of(block)
+    experts = block.experts
     if getattr(experts, "_is_expert_parallel", False):
         raise _Unsupported("experts are expert-parallel (sharded); convert the unsharded model")
     w13, w2, activation = expert_weights(experts)
-    routing = _routing_of(family, gate, w13.shape[0])
+    routing = _read_routing(router, w13.shape[0])
     if check_layout:
         _check_layout(experts, w13, w2, activation)
-    shared = None
-    if family.shared is not None:
-        expert = getattr(block, family.shared, None)
-        shared_gate = getattr(block, family.shared_gate) if family.shared_gate else None
-        if not isinstance(expert, nn.Module) or (family.shared_gate and not isinstance(shared_gate, nn.Module)):
-            raise _Unsupported(f"block lacks its shared expert {family.shared!r}")
-        shared = SharedExpert(expert, shared_gate)
+    if routing.expert_scale is not None:  # out_e * s_e == (s_e * w2_e) applied to the intermediate
+        w2 = (w2.float() * routing.expert_scale.to(w2.device)[:, None, None]).to(w2.dtype)
+    if check_layout:
+        emulated = TransformersMoE(_FloatMoE(w13, w2, activation, routing.top_k, routing.kwargs),
+                                   compute_dtype=torch.float32)
+        _check_block(block, router_attr, router, experts, _router_input_size(router, w13.shape[0]),
+                     RouterLogits(router, log_probs=routing.log_probs), emulated)
     try:
-        moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration,
-                                  kernel=kernel, name=name, **routing)
+        moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
+                                  top_k=routing.top_k, **routing.kwargs)
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
-    adapter = TransformersMoE(gate, moe, shared_expert=shared, family=family.name)
-    info = ConvertedBlock(name=name, block=type(block).__name__, family=family.name, experts=w13.shape[0],
-                          top_k=routing["top_k"], hidden=w13.shape[2], intermediate=w2.shape[2],
-                          activation=activation, routing=routing["routing"], shared_expert=shared is not None,
-                          kernel=moe.kernel)
-    return adapter, info
+    shared = any(n.startswith("shared_expert") for n, _ in block.named_children())
+    info = ConvertedBlock(name=name, block=type(block).__name__, family=family, experts=w13.shape[0],
+                          top_k=routing.top_k, hidden=w13.shape[2], intermediate=w2.shape[2], activation=activation,
+                          routing=routing.kwargs["routing"], shared_expert=shared, kernel=moe.kernel,
+                          router_output="log_probs" if routing.log_probs else "logits",
+                          expert_scale=routing.expert_scale is not None)
+    return _Built(block, router_attr, RouterLogits(router, log_probs=routing.log_probs),
+                  TransformersMoE(moe, family=family), info)
 
 
 def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Callable[[nn.Module], Any]] = None,
             kernel: Optional[str] = None, check_layout: bool = True,
             include: Optional[Callable[[str, nn.Module], bool]] = None) -> ConversionReport:
-    """Replace the supported MoE blocks of ``model`` in place with NVFP4 :class:`TransformersMoE` adapters.
+    """Replace the routed experts of ``model``'s MoE blocks in place with NVFP4 :class:`TransformersMoE` layers.
 
     ``calibration``: input ids ``[B, S]``, a dict of model keyword arguments, or a callable
-    ``fn(model)`` that runs forward passes; each block's inputs then set its static activation scales
-    (without it FusedMoE assumes an activation amax, see ``layer.DEFAULT_ACTIVATION_AMAX``).
-    ``kernel``: force a registered kernel (default: the best one for the weights' device).
-    ``check_layout``: before converting a block, check its experts' forward against the weight layout read
-    from it.  ``include(name, block)``: convert only the blocks it accepts (others are reported as skipped).
+    ``fn(model)`` that runs forward passes; the hidden states each experts module receives then set its
+    static activation scales (without it FusedMoE assumes an activation amax, see
+    ``layer.DEFAULT_ACTIVATION_AMAX``).  ``kernel``: force a registered kernel (default: the best one for
+    the weights' device).  ``check_layout``: before converting a block, check its experts' forward against
+    the weight layout read from them, and the block against a float emulation of the conversion.
+    ``include(name, block)``: convert only the blocks it accepts (others are reported as skipped).
 
     Returns a :class:`ConversionReport`; it is also logged (INFO), each skipped block with its reason (WARNING).
     """
     report = ConversionReport()
+    family = str(getattr(getattr(model, "config", None), "model_type", "") or "")
     blocks = _find_blocks(model)
     candidates: dict[str, nn.Module] = {}
     for name, block in blocks:
@@ -373,22 +485,24 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
             report.skipped.append(SkippedBlock(name, type(block).__name__, "excluded by include="))
         else:
             candidates[name] = block
-    calib = _collect_calibration(model, candidates, calibration) if calibration is not None else {}
-    replacements = []
+    calib = {}
+    if calibration is not None:
+        calib = _collect_calibration(model, {n: b.experts for n, b in candidates.items()}, calibration)
+    built = []
     for name, block in candidates.items():
         try:
-            adapter, info = _build(name, block, calibration=calib.get(name), kernel=kernel, check_layout=check_layout)
+            b = _build(name, block, family=family, calibration=calib.get(name), kernel=kernel,
+                       check_layout=check_layout)
         except _Unsupported as exc:
             report.skipped.append(SkippedBlock(name, type(block).__name__, str(exc)))
             logger.warning("moe_nvfp4: left %s (%s) unconverted: %s", name, type(block).__name__, exc)
             continue
-        replacements.append((name, adapter))
-        report.converted.append(info)
+        built.append(b)
+        report.converted.append(b.info)
     # Swap only once every block is built: an error above never leaves the model half-converted.
-    for name, adapter in replacements:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, adapter)
+    for b in built:
+        setattr(b.block, b.router_attr, b.router)
+        setattr(b.block, "experts", b.experts)
     if not blocks:
         logger.info("moe_nvfp4: no MoE blocks found in %s", type(model).__name__)
     else:
