@@ -92,6 +92,15 @@ FAMILIES = {
 }
 
 
+# Only in the docs-table check (routing as DeepSeek-V3, already compiled and matched above).
+TABLE_ONLY = {
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                   n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                   first_k_dense_replace=0, routed_scaling_factor=1.5, norm_topk_prob=True)),
+}
+
+
 def _needs(family: str):
     """Skip a family the installed transformers lacks (the GPU machine runs an older one)."""
     model_cls = FAMILIES[family][1]
@@ -428,3 +437,42 @@ def test_family_on_the_triton_path(family):
     print(f"{family} (triton): logits rel err vs bf16-activation emulation {err_emu:.4f}, vs eager {err_eager:.2e}")
     assert err_eager <= 1e-3, err_eager
     assert err_emu <= 2e-2, err_emu
+
+
+def _docs_table() -> dict[str, list[str]]:
+    """The families table of docs/integrations.md: model class -> the row's cells."""
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    body = text.split("<!-- families-table")[1].split("<!-- end families-table -->")[0]
+    rows = {}
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `"):
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_the_docs_table_matches_convert():
+    """Every family the tests build is a row of the docs table and every row is such a family; a converted
+    row names the routing and activation convert chose; a left-alone row names the reason convert gives."""
+    import re
+    rows = _docs_table()
+    families = {**FAMILIES, **TABLE_ONLY}
+    tested = {v[1] for v in families.values()} | {v[1] for v in LEFT_ALONE.values()}
+    assert set(rows) == tested
+    for family, spec in {**families, **LEFT_ALONE}.items():
+        config_cls, model_cls, kwargs = spec[:3]
+        if not hasattr(transformers, model_cls):
+            continue
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **kwargs)).eval()
+        report = convert(model)
+        cells = rows[model_cls]
+        assert {c.block for c in report.converted} | {s.block for s in report.skipped} == {cells[1].split()[0].strip("`")}
+        if family in LEFT_ALONE:
+            assert not report.converted and cells[2].startswith("left alone:"), (family, report)
+            assert all(LEFT_ALONE[family][3] in s.reason for s in report.skipped)
+        else:
+            assert not report.skipped and not cells[2].startswith("left alone"), (family, report)
+            assert {c.routing for c in report.converted} <= set(re.findall(r"`(\w+)`", cells[3])), (family, cells[3])
+            assert {c.activation for c in report.converted} == {cells[4].strip("`")}, family
