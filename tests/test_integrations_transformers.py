@@ -34,7 +34,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moe_passes.integrations.transformers import TransformersMoE, convert  # noqa: E402
+from moe_passes.integrations.transformers import InputScaledMoE, TransformersMoE, convert  # noqa: E402
 from moe_passes.kernels.nvfp4 import dequantize_nvfp4_experts, quantize_nvfp4_experts  # noqa: E402
 from moe_passes.kernels.reference import qdq_nvfp4  # noqa: E402
 from moe_passes.ops import KERNEL_OP  # noqa: E402
@@ -89,6 +89,10 @@ FAMILIES = {
                     dict(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
                          shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                          layer_types=["linear_attention", "full_attention"])),
+    # Llama4: top-1 sigmoid score multiplies the experts' input; experts run on [E * T, H], no routing args.
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, intermediate_size_mlp=64,
+                    num_local_experts=8, num_experts_per_tok=1)),
 }
 
 
@@ -125,8 +129,13 @@ def _tiny_model(family: str, seed: int, dtype=torch.float32, **overrides):
             for pname in ("gate_up_proj", "up_proj", "down_proj"):
                 p = getattr(module, pname, None)
                 if isinstance(p, torch.nn.Parameter) and p.ndim == 3:
-                    w = torch.randn(p.shape, generator=gen) * 0.2
-                    p.copy_(dequantize_nvfp4_experts(*quantize_nvfp4_experts(w)))
+                    # on the grid along the reduction dimension (Llama4 stores [E, K, N], the others [E, N, K])
+                    flip = type(module).__name__ == "Llama4TextExperts"
+                    shape = (p.shape[0], p.shape[2], p.shape[1]) if flip else p.shape
+                    w = dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(shape, generator=gen) * 0.2))
+                    p.copy_(w.transpose(1, 2) if flip else w)
+            if type(module).__name__ == "Llama4Router":
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.15)
             if type(module).__name__.endswith(("TopKRouter", "TopkRouter")):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.15)
             for pname in ("fc1_latent_proj", "fc2_latent_proj"):  # NemotronH latent MoE: unit-gain projections
@@ -177,6 +186,27 @@ def _emulate_nvfp4(experts, gs_in, gs_mid, quantize_activations: bool = True):
     experts.forward = types.MethodType(forward, experts)
 
 
+def _emulate_nvfp4_dense(experts, gs_in, gs_mid, quantize_activations: bool = True):
+    """:func:`_emulate_nvfp4` for experts that run expert ``e`` on slice ``e`` of ``[E * T, H]`` (Llama4:
+    the block has already scaled each token by its score and zeroed the other experts' slices)."""
+    def rnd(t, gs):
+        return qdq_nvfp4(t, gs) if quantize_activations else t.to(torch.bfloat16).float()
+
+    def forward(self, hidden_states):
+        x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+        out = []
+        for e in range(self.num_experts):
+            gate, up = (rnd(x[e].to(torch.bfloat16).float(), gs_in) @ self.gate_up_proj[e].float()).chunk(2, dim=-1)
+            out.append(rnd(self.act_fn(gate) * up, gs_mid) @ self.down_proj[e].float())
+        return torch.cat(out).to(torch.bfloat16).to(hidden_states.dtype)
+    experts.forward = types.MethodType(forward, experts)
+
+
+def _emulate(experts, gs_in, gs_mid, quantize_activations: bool = True):
+    dense = type(experts).__name__ == "Llama4TextExperts"
+    (_emulate_nvfp4_dense if dense else _emulate_nvfp4)(experts, gs_in, gs_mid, quantize_activations)
+
+
 def _check(family: str, *, inner: str = "eager", dtype=torch.float32, seed: int = 0, **overrides):
     model = _tiny_model(family, seed, dtype, **overrides)
     gen = torch.Generator().manual_seed(seed + 100)
@@ -198,8 +228,9 @@ def _check(family: str, *, inner: str = "eager", dtype=torch.float32, seed: int 
     for name, _ in blocks:
         adapter = model.get_submodule(name).experts
         assert isinstance(adapter, TransformersMoE)
-        _emulate_nvfp4(emulated.get_submodule(name).experts, adapter.moe.input_global_scale,
-                       adapter.moe.intermediate_global_scale)
+        assert family != "llama4" or isinstance(model.get_submodule(name), InputScaledMoE)
+        _emulate(emulated.get_submodule(name).experts, adapter.moe.input_global_scale,
+                 adapter.moe.intermediate_global_scale)
 
     kernel_nodes: list[int] = []
     def count(gm):
@@ -297,6 +328,13 @@ def test_qwen3_5_moe_hybrid_with_gated_shared_expert():
     assert all(c.routing == "renormalize" and c.shared_expert for c in report.converted)
 
 
+@_needs("llama4")
+def test_llama4_top1_sigmoid_score_on_the_experts_input():
+    report = _check("llama4")
+    assert all((c.routing, c.top_k, c.router_output, c.shared_expert) == ("renormalize", 1, "input_scaled", True)
+               for c in report.converted)
+
+
 def test_unsupported_blocks_are_left_alone_with_a_logged_reason(caplog):
     model = _tiny_model("deepseek_v3", 3, norm_topk_prob=False)
     before = {n: type(m) for n, m in model.named_modules()}
@@ -314,9 +352,6 @@ LEFT_ALONE = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=4,
                      num_experts_per_tok=2), "experts carry biases"),
-    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
-               dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, intermediate_size_mlp=64,
-                    num_local_experts=4, num_experts_per_tok=1), "input-scaling"),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
                dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
                "match none of the routing methods"),
@@ -337,6 +372,17 @@ def test_families_the_kernels_cannot_express_are_left_alone(family, caplog):
     assert all(reason in s.reason for s in report.skipped), report
     assert sum(reason in r.getMessage() for r in caplog.records) == 2
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+@_needs("llama4")
+def test_input_scaling_with_two_experts_per_token_is_left_alone():
+    """With top-2 each (token, expert) pair has its own input scale: not one kernel call; left alone."""
+    config_cls, model_cls, kwargs = FAMILIES["llama4"]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**COMMON, **{**kwargs, "num_experts_per_tok": 2})
+    model = getattr(transformers, model_cls)(config).eval()
+    report = convert(model)
+    assert not report.converted and all("only top-1 input scaling" in s.reason for s in report.skipped), report
 
 
 def test_a_block_that_routes_some_other_way_is_refused(monkeypatch):
@@ -398,7 +444,7 @@ def test_block_level_shapes_dtype_and_router_logits_hook(dtype):
 
 
 CONVERTED = ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "nemotron_h", "gemma4", "olmoe",
-             "granitemoe", "qwen3_5_moe"]
+             "granitemoe", "qwen3_5_moe", "llama4"]
 
 
 @pytest.mark.gpu
@@ -423,7 +469,7 @@ def test_family_on_the_triton_path(family):
     assert [c.name for c in report.converted] == [n for n, _ in blocks] and not report.skipped
     assert {c.kernel for c in report.converted} == {"triton"}
     for name, _ in blocks:
-        _emulate_nvfp4(emulated.get_submodule(name).experts, None, None, quantize_activations=False)
+        _emulate(emulated.get_submodule(name).experts, None, None, quantize_activations=False)
     kernel_nodes: list[int] = []
     compiled = torch.compile(model, backend="moe_nvfp4", fullgraph=True,
                              options={"inner": "eager", "extra_passes": [

@@ -24,8 +24,11 @@ inputs against the router's own top-k weights and ids:
 * a router whose first output is probabilities (Gemma-4) gives the kernel their logarithm, which routes
   identically; a per-expert output scale (Gemma-4's ``per_expert_scale``) is folded into ``w2``.
 
-No match, or anything else unexpected, leaves the block alone with the reason logged; so do experts
-with biases, a custom gated activation or no routing arguments in their forward.  Two more checks run
+A block whose experts take no routing arguments because the block scales their input by the router's
+top-1 sigmoid score (Llama4) is replaced whole by :class:`InputScaledMoE`, which scales the input
+itself and lets the kernel route top-1 with weight 1.  No match, or anything else unexpected, leaves
+the block alone with the reason logged; so do experts with biases (gpt-oss) or a custom gated
+activation.  Two more checks run
 before a block is converted: the experts' own forward against the weights read (every expert at weight
 1), and, where the block runs on its own, the whole block against the same block with the router and
 experts replaced by a float emulation of the conversion.  A block is converted completely or not at
@@ -48,7 +51,7 @@ from moe_passes.kernels.reference import apply_activation, route
 from moe_passes.layer import FusedMoE
 
 __all__ = ["convert", "ConversionReport", "ConvertedBlock", "SkippedBlock", "TransformersMoE", "RouterLogits",
-           "expert_weights"]
+           "InputScaledMoE", "expert_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +166,38 @@ class _FloatMoE(nn.Module):
         return out
 
 
+class InputScaledMoE(nn.Module):
+    """Replaces a whole block whose router scores multiply the experts' *input* (Llama4: top-1, sigmoid):
+    ``out = shared_expert(x) + expert_e(s * x)`` with ``e`` the top logit and ``s = sigmoid(logit_e)``.
+
+    With one expert per token the score is one scalar per token, so the input is scaled here and the
+    kernel routes top-1 with weight exactly 1 (``renormalize`` over one logit): exact, and no kernel needs
+    an input-scaling routing (the TRTLLM NVFP4 kernel has none).  Returns ``(out, router_logits)`` in the
+    block's own shape convention, as the block did.
+    """
+
+    def __init__(self, router: nn.Module, experts: nn.Module, shared_expert: Optional[nn.Module], *,
+                 family: str = ""):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.family = family
+
+    def forward(self, hidden_states: torch.Tensor):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scores, router_logits = self.router(x)[:2]
+        # the chosen expert's sigmoid score; the others are sigmoid(-inf) = 0
+        scaled = x * scores.amax(dim=-1, keepdim=True).to(x.dtype)
+        out = self.experts(scaled, None, router_logits)
+        if self.shared_expert is not None:
+            out = self.shared_expert(x) + out
+        return out, router_logits
+
+    def extra_repr(self) -> str:
+        return f"family={self.family!r}"
+
+
 # -- reading transformers expert weights ------------------------------------------------------------------
 def _default_apply_gate():
     try:
@@ -195,12 +230,9 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
     if isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
         raise _Unsupported("experts are a list of expert modules (an older layout); only fused 3-D expert "
                            "parameters are read")
-    params = [p for p in inspect.signature(experts.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(params) < 3:
-        raise _Unsupported("the experts' forward takes no top-k ids and weights: the block applies the routing "
-                           "itself (Llama4 multiplies the experts' input by its top-1 sigmoid score); the kernels "
-                           "weight the experts' outputs and have no input-scaling routing")
+    if not _takes_routing(experts):
+        raise _Unsupported("the experts' forward takes no top-k ids and weights, and the block is not an "
+                           "input-scaled top-1 block")
     biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
     if biases:
         raise _Unsupported(f"experts carry biases ({', '.join(biases)}); the kernels have no expert-bias path "
@@ -229,6 +261,68 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
         w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
     activation = _activation_of(experts, gated)
     return w13.contiguous(), w2.contiguous(), activation
+
+
+def _takes_routing(experts: nn.Module) -> bool:
+    """Does ``experts.forward`` take ``(hidden_states, top_k_index, top_k_weights)``?"""
+    params = [p for p in inspect.signature(experts.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(params) >= 3
+
+
+def _dense_expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Experts that run every expert on its own slice of ``[E * T, H]`` (Llama4): ``gate_up_proj [E, H, 2I]``
+    (gate columns then up columns) and ``down_proj [E, I, H]``, read as ``w13 [E, 2I, H]`` / ``w2 [E, H, I]``."""
+    biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
+    if biases:
+        raise _Unsupported(f"experts carry biases ({', '.join(biases)}); the kernels have no expert-bias path")
+    w13, w2 = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor) or w13.ndim != 3 or w2.ndim != 3:
+        raise _Unsupported("expert weights are not 3-D tensors named gate_up_proj and down_proj")
+    num_experts, hidden = w13.shape[0], w13.shape[1]
+    if w13.shape[2] % 2 or tuple(w2.shape) != (num_experts, w13.shape[2] // 2, hidden):
+        raise _Unsupported(f"gate_up_proj {tuple(w13.shape)} and down_proj {tuple(w2.shape)} are not "
+                           "[E, H, 2I] and [E, I, H]")
+    w13, w2 = w13.detach().transpose(1, 2), w2.detach().transpose(1, 2)
+    return w13.contiguous(), w2.contiguous(), _activation_of(experts, gated=True)
+
+
+@torch.no_grad()
+def _check_dense_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> None:
+    """The :func:`_check_layout` of experts that take ``[E * T, H]``, expert ``e`` on rows ``e*T .. e*T+T-1``."""
+    num_experts, _, hidden = w13.shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(num_experts * 3, hidden, generator=gen).to(device=w13.device, dtype=w13.dtype)
+    got = experts(x).float().view(num_experts, 3, hidden)
+    want = torch.stack([apply_activation(x[3 * e:3 * e + 3].float() @ w13[e].float().t(), activation)
+                        @ w2[e].float().t() for e in range(num_experts)])
+    tol = _tolerance(w13.dtype)
+    err = _rel_err(got, want)
+    if not err <= tol:
+        raise _Unsupported(f"the experts' forward disagrees with the weight layout read from them "
+                           f"(relative error {err:.3g} > {tol}); refusing to convert a misread layout")
+
+
+@torch.no_grad()
+def _check_input_scaled_router(router: nn.Module, num_experts: int) -> None:
+    """The router must return ``(scores, logits)``: top-1 of the logits, its sigmoid at the chosen expert and
+    0 elsewhere (the score that multiplies the experts' input)."""
+    name = type(router).__name__
+    param = next(router.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(64, _router_input_size(router, num_experts), generator=gen).to(param.device, param.dtype)
+    out = router(x)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise _Unsupported(f"router {name} of an input-scaled block does not return (scores, logits)")
+    scores, logits = out
+    if tuple(scores.shape) != (64, num_experts) or tuple(logits.shape) != (64, num_experts):
+        raise _Unsupported(f"router {name} returns shapes {tuple(scores.shape)}, {tuple(logits.shape)}")
+    top, ids = logits.float().topk(1, dim=-1)
+    want = torch.zeros(64, num_experts, device=x.device).scatter(1, ids, torch.sigmoid(top))
+    err = _rel_err(scores, want)
+    if not err <= _tolerance(scores.dtype):
+        raise _Unsupported(f"router {name}: its input scores are not the top-1 sigmoid of its logits (relative "
+                           f"error {err:.3g}); only top-1 input scaling is expressible (one score per token)")
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -422,11 +516,54 @@ def _router_of(block: nn.Module) -> tuple[str, nn.Module]:
 
 @dataclasses.dataclass
 class _Built:
+    """What to swap in: ``children`` of ``block`` (attribute -> module), or, when ``replacement`` is set,
+    the whole block (found at ``name`` in the model)."""
+    name: str
     block: nn.Module
-    router_attr: str
-    router: RouterLogits
-    experts: TransformersMoE
+    children: dict
+    replacement: Optional[nn.Module]
     info: ConvertedBlock
+
+
+def _build_input_scaled(name: str, block: nn.Module, router_attr: str, router: nn.Module, *, family: str,
+                        calibration: Optional[torch.Tensor], kernel: Optional[str], check_layout: bool) -> _Built:
+    """A block whose experts take no routing (Llama4): see :class:`InputScaledMoE`."""
+    experts = block.experts
+    w13, w2, activation = _dense_expert_weights(experts)
+    num_experts = w13.shape[0]
+    _check_input_scaled_router(router, num_experts)
+    if check_layout:
+        _check_dense_layout(experts, w13, w2, activation)
+    shared = getattr(block, "shared_expert", None)
+    shared = shared if isinstance(shared, nn.Module) else None
+    routing = dict(routing="renormalize")  # top-1: softmax over one logit is exactly 1
+    if check_layout:
+        emulated = InputScaledMoE(router, TransformersMoE(_FloatMoE(w13, w2, activation, 1, routing),
+                                                          compute_dtype=torch.float32), shared)
+        hidden = _router_input_size(router, num_experts)
+        param = w13
+        x = torch.randn(1, 7, hidden, generator=torch.Generator(device="cpu").manual_seed(2)).to(param.device,
+                                                                                                  param.dtype)
+        with torch.no_grad():
+            want, got = block(x), emulated(x)
+        if not isinstance(want, tuple) or len(want) != 2:
+            raise _Unsupported("an input-scaled block that does not return (hidden states, router logits)")
+        err = _rel_err(got[0].reshape(want[0].shape), want[0])
+        if not err <= _tolerance(param.dtype) or want[0].shape != x.reshape(-1, hidden).shape:
+            raise _Unsupported(f"the block's output disagrees with shared expert + expert(score * input) "
+                               f"(relative error {err:.3g})")
+    # Calibration needs no rescaling: it comes from the experts' own input, the scaled tokens (and zero rows).
+    try:
+        moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
+                                  top_k=1, **routing)
+    except MoEError as exc:
+        raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
+    info = ConvertedBlock(name=name, block=type(block).__name__, family=family, experts=num_experts, top_k=1,
+                          hidden=w13.shape[2], intermediate=w2.shape[2], activation=activation,
+                          routing="renormalize", shared_expert=shared is not None, kernel=moe.kernel,
+                          router_output="input_scaled")
+    return _Built(name, block, {}, InputScaledMoE(router, TransformersMoE(moe, family=family), shared, family=family),
+                  info)
 
 
 def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[torch.Tensor], kernel: Optional[str],
@@ -435,6 +572,9 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
     experts = block.experts
     if getattr(experts, "_is_expert_parallel", False):
         raise _Unsupported("experts are expert-parallel (sharded); convert the unsharded model")
+    if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)) and not _takes_routing(experts):
+        return _build_input_scaled(name, block, router_attr, router, family=family, calibration=calibration,
+                                   kernel=kernel, check_layout=check_layout)
     w13, w2, activation = expert_weights(experts)
     routing = _read_routing(router, w13.shape[0])
     if check_layout:
@@ -457,8 +597,8 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
                           routing=routing.kwargs["routing"], shared_expert=shared, kernel=moe.kernel,
                           router_output="log_probs" if routing.log_probs else "logits",
                           expert_scale=routing.expert_scale is not None)
-    return _Built(block, router_attr, RouterLogits(router, log_probs=routing.log_probs),
-                  TransformersMoE(moe, family=family), info)
+    return _Built(name, block, {router_attr: RouterLogits(router, log_probs=routing.log_probs),
+                                "experts": TransformersMoE(moe, family=family)}, None, info)
 
 
 def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Callable[[nn.Module], Any]] = None,
@@ -501,8 +641,11 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
         report.converted.append(b.info)
     # Swap only once every block is built: an error above never leaves the model half-converted.
     for b in built:
-        setattr(b.block, b.router_attr, b.router)
-        setattr(b.block, "experts", b.experts)
+        for attr, child in b.children.items():
+            setattr(b.block, attr, child)
+        if b.replacement is not None:
+            parent_name, _, attr = b.name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, b.replacement)
     if not blocks:
         logger.info("moe_nvfp4: no MoE blocks found in %s", type(model).__name__)
     else:
