@@ -31,6 +31,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -301,6 +302,80 @@ def test_nemotron_h_latent_moe():
     own projections stay around the converted experts."""
     report = _check("nemotron_h", seed=1, moe_latent_size=32, layers_block_type=["full_attention", "moe"])
     assert [(c.hidden, c.activation) for c in report.converted] == [(32, "relu2")]
+
+
+class _OlderNemotronHMoE(torch.nn.Module):
+    """NemotronH's block as older transformers 5 releases lay it out (5.17 on the GPU machine): the router
+    returns fp32 logits only, and the block routes them in ``route_tokens_to_experts`` with its own
+    ``n_group`` / ``topk_group`` / ``norm_topk_prob`` / ``routed_scaling_factor``.  Written here from that
+    layout's semantics (sigmoid, correction bias for the choice only, best groups by their top-2 sum)."""
+
+    def __init__(self, config, gen):
+        super().__init__()
+        from transformers.models.nemotron_h import modeling_nemotron_h as m
+        self.experts = m.NemotronHExperts(config)
+        self.shared_experts = m.NemotronHMLP(config, intermediate_size=config.moe_shared_expert_intermediate_size)
+        e, h = config.n_routed_experts, config.hidden_size
+        self.gate = torch.nn.Module()
+        self.gate.weight = torch.nn.Parameter(torch.randn(e, h, generator=gen) * 0.15)
+        self.gate.register_buffer("e_score_correction_bias", torch.randn(e, generator=gen) * 0.1)
+        self.gate.forward = lambda x: F.linear(x.reshape(-1, h).float(), self.gate.weight.float())
+        self.n_routed_experts, self.top_k = e, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = config.norm_topk_prob, config.routed_scaling_factor
+        with torch.no_grad():
+            for p in (self.experts.up_proj, self.experts.down_proj):
+                p.copy_(dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(p.shape, generator=gen) * 0.2)))
+            for lin in (self.shared_experts.up_proj, self.shared_experts.down_proj):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.1)
+
+    def route_tokens_to_experts(self, router_logits):
+        scores = router_logits.sigmoid()
+        choice = scores + self.gate.e_score_correction_bias
+        per_group = choice.view(-1, self.n_group, self.n_routed_experts // self.n_group)
+        best_groups = per_group.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros_like(per_group[..., 0]).scatter(1, best_groups, 1.0).bool()
+        choice = choice.masked_fill(~keep.repeat_interleave(per_group.shape[-1], dim=1), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.routed_scaling_factor
+
+    def forward(self, hidden_states):
+        ids, weights = self.route_tokens_to_experts(self.gate(hidden_states))
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        routed = self.experts(x, ids, weights).reshape(hidden_states.shape)
+        return routed + self.shared_experts(hidden_states)
+
+
+@_needs("nemotron_h")
+def test_nemotron_h_older_layout_where_the_block_routes():
+    """The layout of older transformers releases converts too: the block's routing step is replaced, the
+    router and the block's forward stay; one kernel node compiled; matches the emulation and the original."""
+    config_cls, _, kwargs = FAMILIES["nemotron_h"]
+    config = getattr(transformers, config_cls)(**COMMON, **kwargs)
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.mixer = _OlderNemotronHMoE(config, torch.Generator().manual_seed(3)).eval()
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = holder.mixer(x)
+    emulated = copy.deepcopy(holder.mixer)
+    report = convert(holder, calibration=lambda m: m.mixer(torch.randn(4, 16, 64)))
+    assert [(c.routing, c.activation, c.top_k) for c in report.converted] == [("deepseek_v3", "relu2", 3)], report
+    moe = holder.mixer.experts.moe
+    assert (moe.n_group, moe.topk_group, moe.routed_scaling_factor) == (2, 1, 2.5)
+    _emulate(emulated.experts, moe.input_global_scale, moe.intermediate_global_scale)
+    kernel_nodes = []
+    compiled = torch.compile(holder.mixer, backend="moe_nvfp4", fullgraph=True, options={
+        "inner": "eager", "extra_passes": [lambda gm: kernel_nodes.append(sum(n.target is KERNEL_OP
+                                                                              for n in gm.graph.nodes))]})
+    with torch.no_grad():
+        got, eager, emu = compiled(x), holder.mixer(x), emulated(x)
+    assert kernel_nodes == [1]
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    assert _rel(got, emu) <= TIGHT and _rel(got, want) < 0.3, (_rel(got, emu), _rel(got, want))
 
 
 @_needs("gemma4")

@@ -360,23 +360,40 @@ class _Routing:
     kwargs: dict                       # FusedMoE routing arguments (routing, n_group, ...), top_k excluded
     top_k: int
     log_probs: bool                    # the router returns probabilities: the kernel takes their log
+    block_routes: bool                 # the router returns logits only; the block's route_tokens_to_experts routes
     expert_scale: Optional[torch.Tensor]  # per-expert output scale [E], folded into w2
 
 
-def _router_candidates(router: nn.Module) -> list[dict]:
-    """The kernel routing methods the router's attributes allow, most specific first."""
-    if any(hasattr(router, a) for a in ("e_score_correction_bias", "routed_scaling_factor")):
-        if not getattr(router, "norm_topk_prob", True):
+def _router_candidates(*sources: nn.Module) -> list[dict]:
+    """The kernel routing methods the routing attributes allow, most specific first; each attribute is
+    read from the first of ``sources`` (router, then block) that has it."""
+    def attr(*names):
+        for src in sources:
+            for n in names:
+                if getattr(src, n, None) is not None:
+                    return getattr(src, n)
+        return None
+
+    if attr("e_score_correction_bias") is not None or attr("routed_scaling_factor") is not None:
+        norm = attr("norm_topk_prob")
+        if norm is not None and not norm:
             raise _Unsupported("DeepSeek-style routing with norm_topk_prob=False: the kernel's DeepSeekV3 routing "
                                "always normalizes the top-k weights, and no other routing method matches")
-        groups = getattr(router, "num_group", None) or getattr(router, "n_group", None) or 1
-        bias = getattr(router, "e_score_correction_bias", None)
-        scale = getattr(router, "routed_scaling_factor", None)
-        return [dict(routing="deepseek_v3", n_group=int(groups), topk_group=int(getattr(router, "topk_group", None)
-                                                                                    or groups),
+        groups = attr("num_group", "n_group") or 1
+        bias, scale = attr("e_score_correction_bias"), attr("routed_scaling_factor")
+        return [dict(routing="deepseek_v3", n_group=int(groups), topk_group=int(attr("topk_group") or groups),
                      routed_scaling_factor=float(scale) if scale is not None else 1.0,
                      routing_bias=None if bias is None else bias.detach().float().clone())]
     return [dict(routing="renormalize"), dict(routing="default")]
+
+
+class _PassLogits:
+    """Stands in for a block's ``route_tokens_to_experts(router_logits) -> (ids, weights)`` (the layout of
+    older transformers 5 releases, where the router returns logits only): hands the logits on in the
+    weights' place, for the experts (a :class:`TransformersMoE`) to route."""
+
+    def __call__(self, router_logits):
+        return router_logits, router_logits
 
 
 def _router_input_size(router: nn.Module, num_experts: int) -> int:
@@ -387,16 +404,23 @@ def _router_input_size(router: nn.Module, num_experts: int) -> int:
 
 
 @torch.no_grad()
-def _read_routing(router: nn.Module, num_experts: int) -> _Routing:
+def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Routing:
     """Map the router onto a kernel routing method and check it on random tokens against the router's own
-    top-k weights and ids."""
+    top-k weights and ids (or, where the router returns logits only, the block's ``route_tokens_to_experts``)."""
     name = type(router).__name__
-    candidates = _router_candidates(router)
+    candidates = _router_candidates(router, block)
     param = next(router.parameters())
     gen = torch.Generator(device="cpu").manual_seed(1)
     tokens = 64
     x = torch.randn(tokens, _router_input_size(router, num_experts), generator=gen).to(param.device, param.dtype)
     out = router(x)
+    block_routes = isinstance(out, torch.Tensor) and callable(getattr(block, "route_tokens_to_experts", None))
+    if block_routes:
+        pair = block.route_tokens_to_experts(out)
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise _Unsupported("the block's route_tokens_to_experts does not return (top-k ids, top-k weights)")
+        ids, weights = pair if not pair[0].is_floating_point() else pair[::-1]
+        out = (out, weights, ids)
     if not isinstance(out, (tuple, list)) or len(out) < 3 or not all(isinstance(t, torch.Tensor) for t in out[:3]):
         raise _Unsupported(f"router {name} does not return (logits, top-k weights, top-k ids)")
     first, weights, ids = out[0], out[1], out[2]
@@ -425,7 +449,7 @@ def _read_routing(router: nn.Module, num_experts: int) -> _Routing:
                 w = w * scale.detach().float()[i]
             got = torch.zeros_like(want).scatter(1, i, w)
             if _rel_err(got, want) <= tol:
-                return _Routing({k: v for k, v in cand.items()}, top_k, log_probs,
+                return _Routing({k: v for k, v in cand.items()}, top_k, log_probs, block_routes,
                                 None if scale is None else scale.detach().float().clone())
             tried.append(f"{cand['routing']} on {'log-probabilities' if log_probs else 'logits'}"
                          + (" with per-expert scale" if scale is not None else ""))
@@ -434,28 +458,35 @@ def _read_routing(router: nn.Module, num_experts: int) -> _Routing:
 
 
 # -- the whole-block check --------------------------------------------------------------------------------
+_UNSET = object()
+
+
 @torch.no_grad()
-def _check_block(block: nn.Module, router_attr: str, router: nn.Module, experts: nn.Module, hidden: int,
-                 emulated_router: nn.Module, emulated_experts: nn.Module) -> bool:
-    """Run the block on random input, then again with router and experts replaced by the float emulation
-    of the conversion; they must agree.  False when the block cannot run on a ``[1, T, H]`` tensor alone
+def _check_block(block: nn.Module, swaps: dict, hidden: int) -> bool:
+    """Run the block on random input, then again with ``swaps`` (attribute -> the float emulation of the
+    conversion) in place; they must agree.  False when the block cannot run on a ``[1, T, H]`` tensor alone
     (a decoder layer holding the MoE, as in Gemma-4): the router and layout checks then stand alone."""
-    param = next(experts.parameters())
+    param = next(block.experts.parameters())
     gen = torch.Generator(device="cpu").manual_seed(2)
     x = torch.randn(1, 7, hidden, generator=gen).to(param.device, param.dtype)
     try:
         want = block(x)
     except Exception:  # noqa: BLE001 - any failure only means the block needs more than one tensor
         return False
-    setattr(block, router_attr, emulated_router)
-    setattr(block, "experts", emulated_experts)
+    saved = {attr: block.__dict__.get(attr, _UNSET) if attr not in block._modules else block._modules[attr]
+             for attr in swaps}
     try:
+        for attr, value in swaps.items():
+            setattr(block, attr, value)
         got = block(x)
     except Exception as exc:  # noqa: BLE001
         raise _Unsupported(f"the block fails with its router and experts emulated ({type(exc).__name__}: {exc})")
     finally:
-        setattr(block, router_attr, router)
-        setattr(block, "experts", experts)
+        for attr, value in saved.items():
+            if value is _UNSET:  # was a method of the class: drop the instance attribute
+                block.__dict__.pop(attr, None)
+            else:
+                setattr(block, attr, value)
     want = want[0] if isinstance(want, (tuple, list)) else want
     got = got[0] if isinstance(got, (tuple, list)) else got
     err = _rel_err(got, want)
@@ -576,16 +607,20 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
         return _build_input_scaled(name, block, router_attr, router, family=family, calibration=calibration,
                                    kernel=kernel, check_layout=check_layout)
     w13, w2, activation = expert_weights(experts)
-    routing = _read_routing(router, w13.shape[0])
+    routing = _read_routing(router, w13.shape[0], block)
     if check_layout:
         _check_layout(experts, w13, w2, activation)
     if routing.expert_scale is not None:  # out_e * s_e == (s_e * w2_e) applied to the intermediate
         w2 = (w2.float() * routing.expert_scale.to(w2.device)[:, None, None]).to(w2.dtype)
+    # Where the logits reach the experts: through the router's second output, or the block's routing step.
+    if routing.block_routes:
+        hand_on = {"route_tokens_to_experts": _PassLogits()}
+    else:
+        hand_on = {router_attr: RouterLogits(router, log_probs=routing.log_probs)}
     if check_layout:
         emulated = TransformersMoE(_FloatMoE(w13, w2, activation, routing.top_k, routing.kwargs),
                                    compute_dtype=torch.float32)
-        _check_block(block, router_attr, router, experts, _router_input_size(router, w13.shape[0]),
-                     RouterLogits(router, log_probs=routing.log_probs), emulated)
+        _check_block(block, {**hand_on, "experts": emulated}, _router_input_size(router, w13.shape[0]))
     try:
         moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
                                   top_k=routing.top_k, **routing.kwargs)
@@ -597,8 +632,7 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
                           routing=routing.kwargs["routing"], shared_expert=shared, kernel=moe.kernel,
                           router_output="log_probs" if routing.log_probs else "logits",
                           expert_scale=routing.expert_scale is not None)
-    return _Built(name, block, {router_attr: RouterLogits(router, log_probs=routing.log_probs),
-                                "experts": TransformersMoE(moe, family=family)}, None, info)
+    return _Built(name, block, {**hand_on, "experts": TransformersMoE(moe, family=family)}, None, info)
 
 
 def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Callable[[nn.Module], Any]] = None,
