@@ -89,7 +89,7 @@ FAMILIES = {
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
                     dict(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
                          shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
-                         layer_types=["linear_attention", "full_attention"])),
+                         layer_types=["full_attention", "full_attention"])),  # hybrid: see nemotron_h
     # Llama4: top-1 sigmoid score multiplies the experts' input; experts run on [E * T, H], no routing args.
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
                dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, intermediate_size_mlp=64,
@@ -398,7 +398,7 @@ def test_granitemoe_router_named_router():
 
 
 @_needs("qwen3_5_moe")
-def test_qwen3_5_moe_hybrid_with_gated_shared_expert():
+def test_qwen3_5_moe_with_gated_shared_expert():
     report = _check("qwen3_5_moe")
     assert all(c.routing == "renormalize" and c.shared_expert for c in report.converted)
 
