@@ -443,12 +443,18 @@ def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Rou
     tol = _tolerance(weights.dtype)
     tried = []
     for log_probs, logits in inputs:
+        # Tokens whose k-th and (k+1)-th logits are equal (bf16 logits over many experts tie now and then)
+        # may pick either expert on either side: they say nothing about the method, so they are not compared.
+        clear = torch.ones(tokens, dtype=torch.bool, device=x.device)
+        if top_k < num_experts:
+            ranked = logits.topk(top_k + 1, dim=-1).values
+            clear = ranked[:, top_k - 1] != ranked[:, top_k]
         for cand in candidates:
             w, i = route(logits, top_k, **cand)
             if scale is not None:
                 w = w * scale.detach().float()[i]
             got = torch.zeros_like(want).scatter(1, i, w)
-            if _rel_err(got, want) <= tol:
+            if bool(clear.any()) and _rel_err(got[clear], want[clear]) <= tol:
                 return _Routing({k: v for k, v in cand.items()}, top_k, log_probs, block_routes,
                                 None if scale is None else scale.detach().float().clone())
             tried.append(f"{cand['routing']} on {'log-probabilities' if log_probs else 'logits'}"
