@@ -69,7 +69,8 @@ FAMILIES = {
     # Nemotron-3-Nano's block: ReLU^2 experts, sigmoid routing with correction bias and groups, routed
     # scaling, a shared expert; one Mamba layer so the hybrid stack compiles as one graph too.
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
-                   dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"], num_key_value_heads=2,
+                   # the pattern string (M Mamba, E MoE, * attention) reads the same in every 5.x release
+                   dict(hybrid_override_pattern="ME*E", num_key_value_heads=2,
                         head_dim=16, intermediate_size=128, moe_intermediate_size=32,
                         moe_shared_expert_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=3, n_group=2,
                         topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, mamba_num_heads=4,
@@ -300,7 +301,7 @@ def test_nemotron_h_relu2_grouped_sigmoid_routing_with_bias_scale_and_shared_exp
 def test_nemotron_h_latent_moe():
     """Nemotron-3-Super's latent MoE: the experts run on a projection of the hidden states; the block's
     own projections stay around the converted experts."""
-    report = _check("nemotron_h", seed=1, moe_latent_size=32, layers_block_type=["full_attention", "moe"])
+    report = _check("nemotron_h", seed=1, moe_latent_size=32, hybrid_override_pattern="*E")
     assert [(c.hidden, c.activation) for c in report.converted] == [(32, "relu2")]
 
 
