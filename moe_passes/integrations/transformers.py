@@ -105,7 +105,7 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-# -- the two replacement children --------------------------------------------------------------------------
+# -- what replaces the block's children (or, for Llama4, the block) ------------------------------------
 class RouterLogits(nn.Module):
     """Wraps a block's router: returns its outputs with the second one (the top-k weights) replaced by the
     router logits the kernel routes on, which the block then passes to its experts (a
