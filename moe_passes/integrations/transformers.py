@@ -264,10 +264,12 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
 
 
 def _takes_routing(experts: nn.Module) -> bool:
-    """Does ``experts.forward`` take ``(hidden_states, top_k_index, top_k_weights)``?"""
-    params = [p for p in inspect.signature(experts.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(params) >= 3
+    """Does ``experts.forward`` take ``(hidden_states, top_k_index, top_k_weights)``?  A wrapper that hides
+    the signature behind ``*args`` counts as yes: the layout, routing and block checks decide after."""
+    params = list(inspect.signature(experts.forward).parameters.values())
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
 
 
 def _dense_expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
