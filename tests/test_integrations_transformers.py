@@ -17,7 +17,7 @@ How the logits are judged (measured values in the module docstring of each check
   scales.  Routing, gate/up order, shared-expert gating, bias and scaling then come from transformers,
   not from our mapping.  What remains is fp32 summation order and the bf16 rounding of the routed
   output (both sides round it), and rare flips of elements sitting on an NVFP4 rounding boundary.
-  Tolerance: ``TIGHT = 5e-3`` relative Frobenius norm (measured: at most 2e-4 over the five families;
+  Tolerance: ``TIGHT = 5e-3`` relative Frobenius norm (measured: at most 2e-4 over the families;
   a wrong routing method, scale, bias or gate/up order costs 10% or more).
 * **compiled vs eager converted model**: the lowered graph computes the same thing, to 1e-5.
 """
@@ -31,10 +31,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from moe_passes.integrations.transformers import TransformersMoE, convert  # noqa: E402
+from moe_passes.integrations.transformers import InputScaledMoE, TransformersMoE, convert  # noqa: E402
 from moe_passes.kernels.nvfp4 import dequantize_nvfp4_experts, quantize_nvfp4_experts  # noqa: E402
 from moe_passes.kernels.reference import qdq_nvfp4  # noqa: E402
 from moe_passes.ops import KERNEL_OP  # noqa: E402
@@ -65,7 +66,52 @@ FAMILIES = {
                  dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
                       n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
                       first_k_dense_replace=1, routed_scaling_factor=1.8, norm_topk_prob=True)),
+    # Nemotron-3-Nano's block: ReLU^2 experts, sigmoid routing with correction bias and groups, routed
+    # scaling, a shared expert; one Mamba layer so the hybrid stack compiles as one graph too.
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
+                   # the pattern string (M Mamba, E MoE, * attention) reads the same in every 5.x release
+                   dict(hybrid_override_pattern="ME*E", num_key_value_heads=2,
+                        head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                        moe_shared_expert_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=3, n_group=2,
+                        topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, mamba_num_heads=4,
+                        mamba_head_dim=16, ssm_state_size=16, n_groups=2, chunk_size=16)),
+    # Gemma-4's MoE sits in the decoder layer: its own router (norm, scale, softmax, top-k, renormalize,
+    # per-expert scale) and tanh-GeGLU experts beside a dense MLP.
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM",
+               dict(num_key_value_heads=2, head_dim=16, global_head_dim=16, intermediate_size=64,
+                    enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=32,
+                    hidden_size_per_layer_input=0, layer_types=["sliding_attention", "full_attention"],
+                    final_logit_softcapping=None)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(num_key_value_heads=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                   norm_topk_prob=False)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
+                   dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+                    dict(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
+                         layer_types=["full_attention", "full_attention"])),  # hybrid: see nemotron_h
+    # Llama4: top-1 sigmoid score multiplies the experts' input; experts run on [E * T, H], no routing args.
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
+               dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, intermediate_size_mlp=64,
+                    num_local_experts=8, num_experts_per_tok=1)),
 }
+
+
+# Only in the docs-table check (routing as DeepSeek-V3, already compiled and matched above).
+TABLE_ONLY = {
+    "dots1": ("Dots1Config", "Dots1ForCausalLM",
+              dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                   n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                   first_k_dense_replace=0, routed_scaling_factor=1.5, norm_topk_prob=True)),
+}
+
+
+def _needs(family: str):
+    """Skip a family the installed transformers lacks (the GPU machine runs an older one)."""
+    model_cls = FAMILIES[family][1]
+    return pytest.mark.skipif(not hasattr(transformers, model_cls),
+                              reason=f"transformers {transformers.__version__} has no {model_cls}")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,13 +128,31 @@ def _tiny_model(family: str, seed: int, dtype=torch.float32, **overrides):
         for module in model.modules():
             # Expert weights large enough that the MoE dominates the residual stream, and on the NVFP4
             # grid (like a QAT model), so that the loose check measures conversion, not weight rounding.
-            for pname in ("gate_up_proj", "down_proj"):
+            for pname in ("gate_up_proj", "up_proj", "down_proj"):
                 p = getattr(module, pname, None)
                 if isinstance(p, torch.nn.Parameter) and p.ndim == 3:
-                    w = torch.randn(p.shape, generator=gen) * 0.2
-                    p.copy_(dequantize_nvfp4_experts(*quantize_nvfp4_experts(w)))
+                    # on the grid along the reduction dimension (Llama4 stores [E, K, N], the others [E, N, K])
+                    flip = type(module).__name__ == "Llama4TextExperts"
+                    shape = (p.shape[0], p.shape[2], p.shape[1]) if flip else p.shape
+                    w = dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(shape, generator=gen) * 0.2))
+                    p.copy_(w.transpose(1, 2) if flip else w)
+            if type(module).__name__ == "Llama4Router":
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.15)
             if type(module).__name__.endswith(("TopKRouter", "TopkRouter")):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.15)
+            for pname in ("fc1_latent_proj", "fc2_latent_proj"):  # NemotronH latent MoE: unit-gain projections
+                lin = getattr(module, pname, None)
+                if isinstance(lin, torch.nn.Linear):
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 2 / lin.in_features ** 0.5)
+            if type(module).__name__ == "Gemma4TextMLP":
+                # Gemma-4 RMS-normalizes the dense MLP's and the experts' outputs separately before adding
+                # them: silence the dense one so that the experts dominate the residual stream.
+                module.down_proj.weight.zero_()
+            if type(module).__name__ == "Gemma4TextDecoderLayer":  # the embeddings carry sqrt(H): match them
+                module.post_feedforward_layernorm.weight.fill_(8.0)
+            if type(module).__name__ == "Gemma4TextRouter":
+                module.proj.weight.copy_(torch.randn(module.proj.weight.shape, generator=gen))
+                module.per_expert_scale.copy_(torch.rand(module.per_expert_scale.shape, generator=gen) + 0.5)
             bias = getattr(module, "e_score_correction_bias", None)
             if bias is not None:
                 bias.copy_(torch.randn(bias.shape, generator=gen) * 0.1)
@@ -96,23 +160,53 @@ def _tiny_model(family: str, seed: int, dtype=torch.float32, **overrides):
 
 
 def _moe_blocks(model):
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "experts") and hasattr(m, "gate")]
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "experts", None), torch.nn.Module) and (hasattr(m, "gate") or hasattr(m, "router"))]
 
 
-def _emulate_nvfp4(experts, gs_in, gs_mid):
+def _emulate_nvfp4(experts, gs_in, gs_mid, quantize_activations: bool = True):
     """Replace an unconverted experts module's forward by the NVFP4 kernel's numerics, using its own
-    transformers weights (gate rows then up rows of ``gate_up_proj``) and the routing it is handed."""
+    transformers weights (gate rows then up rows of ``gate_up_proj``) and the routing it is handed.
+    ``quantize_activations=False``: the Hopper (Triton) numerics, activations rounded to bf16 only."""
+    def rnd(t, gs):
+        return qdq_nvfp4(t, gs) if quantize_activations else t.to(torch.bfloat16).float()
+
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        x = qdq_nvfp4(hidden_states.to(torch.bfloat16).float(), gs_in)
-        out = torch.zeros(x.shape, dtype=torch.float32)
+        x = rnd(hidden_states.to(torch.bfloat16).float(), gs_in)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for t in range(x.shape[0]):
             for k in range(top_k_index.shape[1]):
                 e = int(top_k_index[t, k])
-                gate, up = (x[t] @ self.gate_up_proj[e].float().t()).chunk(2)
-                h = qdq_nvfp4((self.act_fn(gate) * up)[None], gs_mid)[0]
+                if hasattr(self, "gate_up_proj"):
+                    gate, up = (x[t] @ self.gate_up_proj[e].float().t()).chunk(2)
+                    h = self.act_fn(gate) * up
+                else:  # not gated (ReLU^2)
+                    h = self.act_fn(x[t] @ self.up_proj[e].float().t())
+                h = rnd(h[None], gs_mid)[0]
                 out[t] += float(top_k_weights[t, k]) * (h @ self.down_proj[e].float().t())
         return out.to(torch.bfloat16).to(hidden_states.dtype)
     experts.forward = types.MethodType(forward, experts)
+
+
+def _emulate_nvfp4_dense(experts, gs_in, gs_mid, quantize_activations: bool = True):
+    """:func:`_emulate_nvfp4` for experts that run expert ``e`` on slice ``e`` of ``[E * T, H]`` (Llama4:
+    the block has already scaled each token by its score and zeroed the other experts' slices)."""
+    def rnd(t, gs):
+        return qdq_nvfp4(t, gs) if quantize_activations else t.to(torch.bfloat16).float()
+
+    def forward(self, hidden_states):
+        x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+        out = []
+        for e in range(self.num_experts):
+            gate, up = (rnd(x[e].to(torch.bfloat16).float(), gs_in) @ self.gate_up_proj[e].float()).chunk(2, dim=-1)
+            out.append(rnd(self.act_fn(gate) * up, gs_mid) @ self.down_proj[e].float())
+        return torch.cat(out).to(torch.bfloat16).to(hidden_states.dtype)
+    experts.forward = types.MethodType(forward, experts)
+
+
+def _emulate(experts, gs_in, gs_mid, quantize_activations: bool = True):
+    dense = type(experts).__name__ == "Llama4TextExperts"
+    (_emulate_nvfp4_dense if dense else _emulate_nvfp4)(experts, gs_in, gs_mid, quantize_activations)
 
 
 def _check(family: str, *, inner: str = "eager", dtype=torch.float32, seed: int = 0, **overrides):
@@ -123,21 +217,22 @@ def _check(family: str, *, inner: str = "eager", dtype=torch.float32, seed: int 
     blocks = _moe_blocks(model)
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        hooks = [m.register_forward_hook(lambda mod, args, out: out * 0) for _, m in blocks]
+        hooks = [m.experts.register_forward_hook(lambda mod, args, out: out * 0) for _, m in blocks]
         no_moe = model(ids, use_cache=False).logits
         for h in hooks:
             h.remove()
     share = _rel(no_moe, ref)
-    assert share > 2.5 * LOOSE, f"the MoE barely matters in this model ({share:.3f}); the check would be blind"
+    assert share > 2.5 * LOOSE, f"the routed experts barely matter in this model ({share:.3f}); the check would be blind"
     emulated = copy.deepcopy(model)
 
     report = convert(model, calibration=calibration)
     assert [c.name for c in report.converted] == [n for n, _ in blocks] and not report.skipped
     for name, _ in blocks:
-        adapter = model.get_submodule(name)
+        adapter = model.get_submodule(name).experts
         assert isinstance(adapter, TransformersMoE)
-        _emulate_nvfp4(emulated.get_submodule(name).experts, adapter.moe.input_global_scale,
-                       adapter.moe.intermediate_global_scale)
+        assert family != "llama4" or isinstance(model.get_submodule(name), InputScaledMoE)
+        _emulate(emulated.get_submodule(name).experts, adapter.moe.input_global_scale,
+                 adapter.moe.intermediate_global_scale)
 
     kernel_nodes: list[int] = []
     def count(gm):
@@ -194,6 +289,128 @@ def test_glm4_moe_keeps_dense_first_layer():
     assert [c.name for c in report.converted] == ["model.layers.1.mlp"]
 
 
+@_needs("nemotron_h")
+def test_nemotron_h_relu2_grouped_sigmoid_routing_with_bias_scale_and_shared_expert():
+    report = _check("nemotron_h")
+    assert [c.name for c in report.converted] == ["model.layers.1.mixer", "model.layers.3.mixer"]
+    assert all((c.routing, c.activation, c.shared_expert, c.top_k) == ("deepseek_v3", "relu2", True, 3)
+               for c in report.converted)
+
+
+@_needs("nemotron_h")
+def test_nemotron_h_latent_moe():
+    """Nemotron-3-Super's latent MoE: the experts run on a projection of the hidden states; the block's
+    own projections stay around the converted experts."""
+    report = _check("nemotron_h", seed=1, moe_latent_size=32, hybrid_override_pattern="*E")
+    assert [(c.hidden, c.activation) for c in report.converted] == [(32, "relu2")]
+
+
+class _OlderNemotronHMoE(torch.nn.Module):
+    """NemotronH's block as older transformers 5 releases lay it out (5.17 on the GPU machine): the router
+    returns fp32 logits only, and the block routes them in ``route_tokens_to_experts`` with its own
+    ``n_group`` / ``topk_group`` / ``norm_topk_prob`` / ``routed_scaling_factor``.  Written here from that
+    layout's semantics (sigmoid, correction bias for the choice only, best groups by their top-2 sum)."""
+
+    def __init__(self, config, gen):
+        super().__init__()
+        from transformers.models.nemotron_h import modeling_nemotron_h as m
+        self.experts = m.NemotronHExperts(config)
+        self.shared_experts = m.NemotronHMLP(config, intermediate_size=config.moe_shared_expert_intermediate_size)
+        e, h = config.n_routed_experts, config.hidden_size
+        self.gate = torch.nn.Module()
+        self.gate.weight = torch.nn.Parameter(torch.randn(e, h, generator=gen) * 0.15)
+        self.gate.register_buffer("e_score_correction_bias", torch.randn(e, generator=gen) * 0.1)
+        self.gate.forward = lambda x: F.linear(x.reshape(-1, h).float(), self.gate.weight.float())
+        self.n_routed_experts, self.top_k = e, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = config.norm_topk_prob, config.routed_scaling_factor
+        with torch.no_grad():
+            for p in (self.experts.up_proj, self.experts.down_proj):
+                p.copy_(dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(p.shape, generator=gen) * 0.2)))
+            for lin in (self.shared_experts.up_proj, self.shared_experts.down_proj):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * 0.1)
+
+    def route_tokens_to_experts(self, router_logits):
+        scores = router_logits.sigmoid()
+        choice = scores + self.gate.e_score_correction_bias
+        per_group = choice.view(-1, self.n_group, self.n_routed_experts // self.n_group)
+        best_groups = per_group.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros_like(per_group[..., 0]).scatter(1, best_groups, 1.0).bool()
+        choice = choice.masked_fill(~keep.repeat_interleave(per_group.shape[-1], dim=1), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.routed_scaling_factor
+
+    def forward(self, hidden_states):
+        ids, weights = self.route_tokens_to_experts(self.gate(hidden_states))
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        routed = self.experts(x, ids, weights).reshape(hidden_states.shape)
+        return routed + self.shared_experts(hidden_states)
+
+
+@_needs("nemotron_h")
+def test_nemotron_h_older_layout_where_the_block_routes():
+    """The layout of older transformers releases converts too: the block's routing step is replaced, the
+    router and the block's forward stay; one kernel node compiled; matches the emulation and the original."""
+    config_cls, _, kwargs = FAMILIES["nemotron_h"]
+    config = getattr(transformers, config_cls)(**COMMON, **kwargs)
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.mixer = _OlderNemotronHMoE(config, torch.Generator().manual_seed(3)).eval()
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = holder.mixer(x)
+    emulated = copy.deepcopy(holder.mixer)
+    report = convert(holder, calibration=lambda m: m.mixer(torch.randn(4, 16, 64)))
+    assert [(c.routing, c.activation, c.top_k) for c in report.converted] == [("deepseek_v3", "relu2", 3)], report
+    moe = holder.mixer.experts.moe
+    assert (moe.n_group, moe.topk_group, moe.routed_scaling_factor) == (2, 1, 2.5)
+    _emulate(emulated.experts, moe.input_global_scale, moe.intermediate_global_scale)
+    kernel_nodes = []
+    compiled = torch.compile(holder.mixer, backend="moe_nvfp4", fullgraph=True, options={
+        "inner": "eager", "extra_passes": [lambda gm: kernel_nodes.append(sum(n.target is KERNEL_OP
+                                                                              for n in gm.graph.nodes))]})
+    with torch.no_grad():
+        got, eager, emu = compiled(x), holder.mixer(x), emulated(x)
+    assert kernel_nodes == [1]
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    assert _rel(got, emu) <= TIGHT and _rel(got, want) < 0.3, (_rel(got, emu), _rel(got, want))
+
+
+@_needs("gemma4")
+def test_gemma4_router_with_per_expert_scale_and_tanh_geglu():
+    report = _check("gemma4")
+    assert all((c.routing, c.activation, c.router_output, c.expert_scale)
+               == ("renormalize", "gelu_tanh", "log_probs", True) for c in report.converted)
+
+
+@_needs("olmoe")
+def test_olmoe_softmax_without_renormalization():
+    report = _check("olmoe")
+    assert {(c.routing, c.activation) for c in report.converted} == {("default", "silu")}
+
+
+@_needs("granitemoe")
+def test_granitemoe_router_named_router():
+    report = _check("granitemoe")
+    assert {(c.routing, c.block) for c in report.converted} == {("renormalize", "GraniteMoeMoE")}
+
+
+@_needs("qwen3_5_moe")
+def test_qwen3_5_moe_with_gated_shared_expert():
+    report = _check("qwen3_5_moe")
+    assert all(c.routing == "renormalize" and c.shared_expert for c in report.converted)
+
+
+@_needs("llama4")
+def test_llama4_top1_sigmoid_score_on_the_experts_input():
+    report = _check("llama4")
+    assert all((c.routing, c.top_k, c.router_output, c.shared_expert) == ("renormalize", 1, "input_scaled", True)
+               for c in report.converted)
+
+
 def test_unsupported_blocks_are_left_alone_with_a_logged_reason(caplog):
     model = _tiny_model("deepseek_v3", 3, norm_topk_prob=False)
     before = {n: type(m) for n, m in model.named_modules()}
@@ -205,17 +422,63 @@ def test_unsupported_blocks_are_left_alone_with_a_logged_reason(caplog):
     assert sum("left model.layers." in r.getMessage() and "norm_topk_prob" in r.getMessage()
                for r in caplog.records) == 2
 
-    # A block class with no mapping (here: an OLMoE block) is reported, not touched.
-    config = transformers.OlmoeConfig(**COMMON, num_key_value_heads=2, intermediate_size=32, num_experts=4,
-                                      num_experts_per_tok=2)
-    olmoe = transformers.OlmoeForCausalLM(config).eval()
-    caplog.clear()
+
+# Families left alone, each with the piece the kernels lack (the reason must name it).
+LEFT_ALONE = {
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=4,
+                     num_experts_per_tok=2), "experts carry biases"),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+               "match none of the routing methods"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(LEFT_ALONE))
+def test_families_the_kernels_cannot_express_are_left_alone(family, caplog):
+    config_cls, model_cls, kwargs, reason = LEFT_ALONE[family]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **kwargs)).eval()
+    before = {n: type(m) for n, m in model.named_modules()}
     with caplog.at_level(logging.WARNING, logger="moe_passes.integrations.transformers"):
-        report = convert(olmoe)
+        report = convert(model)
     assert not report.converted and len(report.skipped) == 2
-    assert "no FusedMoE mapping for block class OlmoeSparseMoeBlock" in report.skipped[0].reason
-    assert any("OlmoeSparseMoeBlock" in r.getMessage() for r in caplog.records)
-    assert not any(isinstance(m, TransformersMoE) for m in olmoe.modules())
+    assert all(reason in s.reason for s in report.skipped), report
+    assert sum(reason in r.getMessage() for r in caplog.records) == 2
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+@_needs("llama4")
+def test_input_scaling_with_two_experts_per_token_is_left_alone():
+    """With top-2 each (token, expert) pair has its own input scale: not one kernel call; left alone."""
+    config_cls, model_cls, kwargs = FAMILIES["llama4"]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**COMMON, **{**kwargs, "num_experts_per_tok": 2})
+    model = getattr(transformers, model_cls)(config).eval()
+    report = convert(model)
+    assert not report.converted and all("only top-1 input scaling" in s.reason for s in report.skipped), report
+
+
+def test_a_block_that_routes_some_other_way_is_refused(monkeypatch):
+    """The whole-block check: a block that, say, doubles its routing weights between router and experts
+    (nothing in the router or experts shows it) disagrees with the float emulation of the conversion and
+    stays."""
+    model = _tiny_model("qwen3_moe", 6)
+    block = model.model.layers[0].mlp
+
+    def forward(self, hidden_states):
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, weights, index = self.gate(x)
+        return self.experts(x, index, weights * 2).reshape(hidden_states.shape)
+
+    monkeypatch.setattr(block, "forward", types.MethodType(forward, block))
+    report = convert(model)
+    assert [s.name for s in report.skipped] == ["model.layers.0.mlp"]
+    assert "disagrees with its router and experts" in report.skipped[0].reason
+    assert [c.name for c in report.converted] == ["model.layers.1.mlp"]
+    assert not isinstance(block.experts, TransformersMoE)
 
 
 def test_a_misread_layout_is_refused_not_converted(monkeypatch):
@@ -237,8 +500,8 @@ def test_a_misread_layout_is_refused_not_converted(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_block_level_shapes_dtype_and_router_logits_hook(dtype):
-    """The adapter takes [B, S, H] in the model's dtype and returns the same; transformers' router-logit
-    recording (hooks on the router) still sees the original gate's logits."""
+    """The converted block takes [B, S, H] in the model's dtype and returns the same; transformers'
+    router-logit recording (hooks on the router) still sees the original gate's logits."""
     model = _tiny_model("qwen2_moe", 5, dtype)
     block = model.model.layers[0].mlp
     x = torch.randn(3, 5, 64, dtype=dtype)
@@ -246,11 +509,92 @@ def test_block_level_shapes_dtype_and_router_logits_hook(dtype):
         want_logits = block.gate(x.reshape(-1, 64))[0]
         want = block(x)
     convert(model, calibration=torch.randint(0, VOCAB, (2, 8)))
-    adapter = model.model.layers[0].mlp
+    assert model.model.layers[0].mlp is block and isinstance(block.experts, TransformersMoE)
     seen = []
-    adapter.gate.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+    block.gate.router.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
     with torch.no_grad():
-        got = adapter(x)
+        got = block(x)
     assert got.shape == x.shape and got.dtype == x.dtype
     torch.testing.assert_close(seen[0], want_logits)
     assert _rel(got, want) < 0.3  # one block: ~13% NVFP4 activation rounding (module docstring)
+
+
+CONVERTED = ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "nemotron_h", "gemma4", "olmoe",
+             "granitemoe", "qwen3_5_moe", "llama4"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", CONVERTED)
+def test_family_on_the_triton_path(family):
+    """Each converted family on the GPU with the Triton (Hopper) kernel, compiled as one graph, against the
+    unconverted model with its experts emulated in the Triton path's numerics (NVFP4 weights, bf16
+    activations); what remains is fp32 summation order and bf16 rounding boundaries."""
+    if not hasattr(transformers, FAMILIES[family][1]):
+        pytest.skip(f"transformers {transformers.__version__} has no {FAMILIES[family][1]}")
+    from moe_passes.kernels import registry
+    if not registry.get("triton").available(torch.device("cuda")):
+        pytest.skip("the Triton kernel is not available on this GPU")
+    model = _tiny_model(family, 7).cuda()
+    gen = torch.Generator().manual_seed(107)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=gen).cuda()
+    calibration = torch.randint(0, VOCAB, (4, 16), generator=gen).cuda()
+    blocks = _moe_blocks(model)
+    emulated = copy.deepcopy(model)
+    report = convert(model, calibration=calibration, kernel="triton")
+    assert [c.name for c in report.converted] == [n for n, _ in blocks] and not report.skipped
+    assert {c.kernel for c in report.converted} == {"triton"}
+    for name, _ in blocks:
+        _emulate(emulated.get_submodule(name).experts, None, None, quantize_activations=False)
+    kernel_nodes: list[int] = []
+    compiled = torch.compile(model, backend="moe_nvfp4", fullgraph=True,
+                             options={"inner": "eager", "extra_passes": [
+                                 lambda gm: kernel_nodes.append(sum(n.target is KERNEL_OP for n in gm.graph.nodes))]})
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+        emu = emulated(ids, use_cache=False).logits
+        eager = model(ids, use_cache=False).logits
+    assert kernel_nodes == [len(blocks)]
+    err_emu, err_eager = _rel(out, emu), _rel(out, eager)
+    print(f"{family} (triton): logits rel err vs bf16-activation emulation {err_emu:.4f}, vs eager {err_eager:.2e}")
+    assert err_eager <= 1e-3, err_eager
+    assert err_emu <= 2e-2, err_emu
+
+
+def _docs_table() -> dict[str, list[str]]:
+    """The families table of docs/integrations.md: model class -> the row's cells."""
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    body = text.split("<!-- families-table")[1].split("<!-- end families-table -->")[0]
+    rows = {}
+    for line in body.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `"):
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_the_docs_table_matches_convert():
+    """Every family the tests build is a row of the docs table and every row is such a family; a converted
+    row names the routing and activation convert chose; a left-alone row names the reason convert gives."""
+    import re
+    rows = _docs_table()
+    families = {**FAMILIES, **TABLE_ONLY}
+    tested = {v[1] for v in families.values()} | {v[1] for v in LEFT_ALONE.values()}
+    assert set(rows) == tested
+    for family, spec in {**families, **LEFT_ALONE}.items():
+        config_cls, model_cls, kwargs = spec[:3]
+        if not hasattr(transformers, model_cls):
+            continue
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **kwargs)).eval()
+        report = convert(model)
+        cells = rows[model_cls]
+        assert {c.block for c in report.converted} | {s.block for s in report.skipped} == {cells[1].split()[0].strip("`")}
+        if family in LEFT_ALONE:
+            assert not report.converted and cells[2].startswith("left alone:"), (family, report)
+            assert all(LEFT_ALONE[family][3] in s.reason for s in report.skipped)
+        else:
+            assert not report.skipped and not cells[2].startswith("left alone"), (family, report)
+            assert {c.routing for c in report.converted} <= set(re.findall(r"`(\w+)`", cells[3])), (family, cells[3])
+            assert {c.activation for c in report.converted} == {cells[4].strip("`")}, family

@@ -1,41 +1,44 @@
-"""Replace the MoE blocks of Hugging Face transformers models with NVFP4 FusedMoE layers.
+"""Replace the routed experts of Hugging Face transformers MoE blocks with NVFP4 FusedMoE layers.
 
-``convert(model)`` walks the model, finds every MoE block, and swaps each supported one for a
-:class:`TransformersMoE` adapter that keeps the original router (the gate module computes the router
-logits, exactly as before) and the shared experts, and runs the routed experts as one
-:class:`~moe_passes.FusedMoE` (weights quantized to NVFP4 once, at conversion).  A block is converted
-completely or not at all: every check runs before anything in the model changes, and a block that
-fails one is left as it was, with the reason logged and recorded in the returned
-:class:`ConversionReport`.
+``convert(model)`` finds MoE blocks by what they are, not by class name: a module with an ``experts``
+child whose weights read as ``w13 [E, 2I | I, H]`` / ``w2 [E, H, I]`` (transformers 5 stacks them as
+``gate_up_proj`` / ``up_proj`` and ``down_proj`` parameters) and a router child (``gate`` or ``router``)
+that returns ``(logits or probabilities, top-k weights, top-k ids)``, the protocol every transformers 5
+block follows: ``_, w, ids = router(x); experts(x', ids, w)``.
 
-Supported (transformers 5.x, expert weights as fused 3-D parameters):
+A converted block keeps its own ``forward``: only two children change.  The router is wrapped in
+:class:`RouterLogits`, which runs the original router (so router-logit recording still works) and hands
+the kernel's router logits on in place of its top-k weights; the experts become a
+:class:`TransformersMoE`, which runs one NVFP4 :class:`~moe_passes.FusedMoE` on those logits.  Whatever
+else the block does (shared experts and their gates, latent projections, norms around the experts,
+Gemma-4's MoE inside its decoder layer) stays the block's own code.
 
-============================  ==============================================  =====================
-block                         routing in transformers                         FusedMoE routing
-============================  ==============================================  =====================
-``MixtralSparseMoeBlock``     softmax -> top-k -> renormalize                 ``renormalize``
-``Qwen3MoeSparseMoeBlock``    softmax -> top-k (-> renormalize if             ``renormalize``
-``Qwen2MoeSparseMoeBlock``    ``norm_topk_prob``); Qwen2-MoE adds a           (``default`` when
-                              sigmoid-gated shared expert                     ``norm_topk_prob`` off)
-``DeepseekV3MoE``             sigmoid + correction bias, top-2-sum group      ``deepseek_v3``
-``Glm4MoeMoE``, ``Dots1MoE``  selection, normalize, routed scaling factor;    (only with
-                              shared experts added                            ``norm_topk_prob``)
-============================  ==============================================  =====================
+The routing is read from the router and mapped onto a kernel routing method, then checked on random
+inputs against the router's own top-k weights and ids:
 
-Softmax is monotonic, so "softmax, top-k, renormalize" picks the same experts with the same weights
-as "top-k on the logits, softmax over them" (the ``renormalize`` method).  DeepSeek-style routers
-without ``norm_topk_prob`` have no FusedMoE routing method (the kernel always normalizes) and are
-left alone.  Any other module holding an ``experts`` child is reported as unsupported.
+* routers with a correction bias or routed scaling factor (DeepSeek-V3, GLM4-MoE, dots1, NemotronH):
+  ``deepseek_v3`` with the router's groups, bias and scale; ``norm_topk_prob=False`` is refused (the
+  kernels always normalize);
+* softmax routers: ``renormalize`` (top-k, softmax over the k: the same experts and weights as softmax,
+  top-k, renormalize) or ``default`` (softmax, top-k), whichever the router's outputs match;
+* a router whose first output is probabilities (Gemma-4) gives the kernel their logarithm, which routes
+  identically; a per-expert output scale (Gemma-4's ``per_expert_scale``) is folded into ``w2``.
 
-The adapter takes the block's ``[B, S, H]`` input in the model's dtype, runs the routed experts in
-bfloat16 (the kernels' activation dtype) on ``[T, H]``, runs the shared expert on the unrounded input
-in the model's dtype, adds the two in that dtype, and returns the block's original convention
-(``[B, S, H]`` in the input dtype).
+A block whose experts take no routing arguments because the block scales their input by the router's
+top-1 sigmoid score (Llama4) is replaced whole by :class:`InputScaledMoE`, which scales the input
+itself and lets the kernel route top-1 with weight 1.  No match, or anything else unexpected, leaves
+the block alone with the reason logged; so do experts with biases (gpt-oss) or a custom gated
+activation.  Two more checks run
+before a block is converted: the experts' own forward against the weights read (every expert at weight
+1), and, where the block runs on its own, the whole block against the same block with the router and
+experts replaced by a float emulation of the conversion.  A block is converted completely or not at
+all, and the model changes only after every block is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from typing import Any, Callable, Optional, Union
 
@@ -44,42 +47,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_passes.errors import MoEError
-from moe_passes.kernels.reference import apply_activation
+from moe_passes.kernels.reference import apply_activation, route
 from moe_passes.layer import FusedMoE
 
-__all__ = ["convert", "ConversionReport", "ConvertedBlock", "SkippedBlock", "TransformersMoE", "SharedExpert",
-           "expert_weights", "FAMILIES"]
+__all__ = ["convert", "ConversionReport", "ConvertedBlock", "SkippedBlock", "TransformersMoE", "RouterLogits",
+           "InputScaledMoE", "expert_weights"]
 
 logger = logging.getLogger(__name__)
 
-
-# -- what each supported block looks like ----------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """How one transformers MoE block class maps onto FusedMoE."""
-
-    name: str
-    router: str                      # "softmax_topk" or "deepseek"
-    shared: Optional[str] = None     # attribute holding the shared expert(s)
-    shared_gate: Optional[str] = None  # attribute of a per-token sigmoid gate on the shared expert
-    always_renormalize: bool = False  # the router renormalizes regardless of config (Mixtral)
-
-
-FAMILIES: dict[str, Family] = {
-    "MixtralSparseMoeBlock": Family("mixtral", "softmax_topk", always_renormalize=True),
-    "Qwen3MoeSparseMoeBlock": Family("qwen3_moe", "softmax_topk"),
-    "Qwen2MoeSparseMoeBlock": Family("qwen2_moe", "softmax_topk", shared="shared_expert",
-                                     shared_gate="shared_expert_gate"),
-    "DeepseekV3MoE": Family("deepseek_v3", "deepseek", shared="shared_experts"),
-    "Glm4MoeMoE": Family("glm4_moe", "deepseek", shared="shared_experts"),
-    "Dots1MoE": Family("dots1", "deepseek", shared="shared_experts"),
-}
-
-# Router classes whose forward we have read and mapped (the routing semantics are pinned to them).
-_ROUTERS = {
-    "softmax_topk": ("MixtralTopKRouter", "Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter"),
-    "deepseek": ("DeepseekV3TopkRouter", "Glm4MoeTopkRouter", "Dots1TopkRouter"),
-}
+_ROUTER_NAMES = ("gate", "router")
 
 
 class _Unsupported(Exception):
@@ -100,6 +76,9 @@ class ConvertedBlock:
     routing: str
     shared_expert: bool
     kernel: str
+    # "logits", or "log_probs" when the router returns probabilities and the kernel takes their log
+    router_output: str = "logits"
+    expert_scale: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,55 +105,94 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-# -- the adapter ------------------------------------------------------------------------------------------
-class SharedExpert(nn.Module):
-    """The shared expert of a block on ``[T, H]``; ``gate`` (Qwen2-MoE) scales its output per token by
-    ``sigmoid(gate(x))``."""
+# -- what replaces the block's children (or, for Llama4, the block) ------------------------------------
+class RouterLogits(nn.Module):
+    """Wraps a block's router: returns its outputs with the second one (the top-k weights) replaced by the
+    router logits the kernel routes on, which the block then passes to its experts (a
+    :class:`TransformersMoE`).  ``log_probs``: the router's first output is probabilities; the kernel
+    takes their logarithm (same top-k, same renormalized weights)."""
 
-    def __init__(self, expert: nn.Module, gate: Optional[nn.Module] = None):
+    def __init__(self, router: nn.Module, *, log_probs: bool = False):
         super().__init__()
-        self.expert = expert
-        self.gate = gate
+        self.router = router
+        self.log_probs = log_probs
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.expert(hidden_states)
-        if self.gate is not None:
-            out = torch.sigmoid(self.gate(hidden_states)) * out
-        return out
+    def forward(self, *args, **kwargs):
+        out = self.router(*args, **kwargs)
+        logits = torch.log(out[0]) if self.log_probs else out[0]
+        return (out[0], logits, *out[2:])
+
+    def extra_repr(self) -> str:
+        return f"log_probs={self.log_probs}"
 
 
 class TransformersMoE(nn.Module):
-    """Drop-in replacement of a transformers MoE block: ``[B, S, H]`` (any float dtype) in and out.
+    """Drop-in replacement of a transformers experts module: ``experts(x [T, H], top_k_index, router_logits)``.
 
-    ``gate`` is the block's original router module (its first output is the router logits);
-    ``moe`` the FusedMoE holding the NVFP4 routed experts; ``shared_expert`` (a :class:`SharedExpert`)
-    runs on the block's input in the model's own dtype and is added to the routed output, exactly as the
-    original block adds it (in the compiled graph that add follows the routed output's slice back to
-    ``H``, where the verifier checks it like any other use).
+    The block calls its experts with the router's second output, which :class:`RouterLogits` sets to the
+    router logits; ``top_k_index`` is ignored (the kernel routes).  ``moe`` (a FusedMoE) runs in
+    ``compute_dtype`` (bfloat16, the kernels' activation dtype); the result is cast back to ``x``'s dtype.
     """
 
-    def __init__(self, gate: nn.Module, moe: FusedMoE, *, shared_expert: Optional[nn.Module] = None,
-                 returns_router_logits: bool = False, family: str = ""):
+    def __init__(self, moe: nn.Module, *, family: str = "", compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        self.gate = gate
         self.moe = moe
+        self.family = family
+        self.compute_dtype = compute_dtype
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,
+                router_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.moe(hidden_states.to(self.compute_dtype), router_logits).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"family={self.family!r}"
+
+
+class _FloatMoE(nn.Module):
+    """The conversion in float, unquantized: what the block must compute after conversion, up to NVFP4."""
+
+    def __init__(self, w13, w2, activation, top_k, routing):
+        super().__init__()
+        self.w13, self.w2, self.activation, self.top_k, self.routing = w13.float(), w2.float(), activation, top_k, routing
+
+    def forward(self, x, router_logits):
+        weights, ids = route(router_logits.float(), self.top_k, **self.routing)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for k in range(self.top_k):
+            for e in ids[:, k].unique().tolist():
+                rows = (ids[:, k] == e).nonzero()[:, 0]
+                h = apply_activation(x[rows].float() @ self.w13[e].t(), self.activation) @ self.w2[e].t()
+                out.index_add_(0, rows, h * weights[rows, k, None])
+        return out
+
+
+class InputScaledMoE(nn.Module):
+    """Replaces a whole block whose router scores multiply the experts' *input* (Llama4: top-1, sigmoid):
+    ``out = shared_expert(x) + expert_e(s * x)`` with ``e`` the top logit and ``s = sigmoid(logit_e)``.
+
+    With one expert per token the score is one scalar per token, so the input is scaled here and the
+    kernel routes top-1 with weight exactly 1 (``renormalize`` over one logit): exact, and no kernel needs
+    an input-scaling routing (the TRTLLM NVFP4 kernel has none).  Returns ``(out, router_logits)`` in the
+    block's own shape convention, as the block did.
+    """
+
+    def __init__(self, router: nn.Module, experts: nn.Module, shared_expert: Optional[nn.Module], *,
+                 family: str = ""):
+        super().__init__()
+        self.router = router
+        self.experts = experts
         self.shared_expert = shared_expert
-        self.returns_router_logits = returns_router_logits
         self.family = family
 
     def forward(self, hidden_states: torch.Tensor):
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])
-        router_logits = self.gate(x)
-        if isinstance(router_logits, (tuple, list)):
-            router_logits = router_logits[0]
-        out = self.moe(x.to(torch.bfloat16), router_logits).to(hidden_states.dtype)
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        scores, router_logits = self.router(x)[:2]
+        # the chosen expert's sigmoid score; the others are sigmoid(-inf) = 0
+        scaled = x * scores.amax(dim=-1, keepdim=True).to(x.dtype)
+        out = self.experts(scaled, None, router_logits)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(x)
-        out = out.reshape(shape)
-        if self.returns_router_logits:
-            return out, router_logits
-        return out
+            out = self.shared_expert(x) + out
+        return out, router_logits
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}"
@@ -197,7 +215,7 @@ def _activation_of(experts: nn.Module, gated: bool) -> str:
             return "silu"
         if kind == "GELUActivation" and getattr(act, "act", None) in (F.gelu, None):
             return "gelu"
-        if kind == "GELUTanh" or kind == "NewGELUActivation":
+        if kind in ("GELUTanh", "NewGELUActivation", "PytorchGELUTanh", "GELUPytorchTanh"):
             return "gelu_tanh"
         raise _Unsupported(f"gated expert activation {kind} has no FusedMoE equivalent "
                            "(supported: SiLU, GELU (erf), GELU (tanh))")
@@ -209,6 +227,16 @@ def _activation_of(experts: nn.Module, gated: bool) -> str:
 def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(w13 [E, 2I, H] gate rows then up rows (or [E, I, H]), w2 [E, H, I], activation)`` of a
     transformers 5.x experts module (fused 3-D parameters, ``@use_experts_implementation`` flags)."""
+    if isinstance(experts, (nn.ModuleList, nn.ModuleDict)):
+        raise _Unsupported("experts are a list of expert modules (an older layout); only fused 3-D expert "
+                           "parameters are read")
+    if not _takes_routing(experts):
+        raise _Unsupported("the experts' forward takes no top-k ids and weights, and the block is not an "
+                           "input-scaled top-1 block")
+    biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
+    if biases:
+        raise _Unsupported(f"experts carry biases ({', '.join(biases)}); the kernels have no expert-bias path "
+                           "(gpt-oss also needs its clamped SwiGLU with alpha)")
     flags = {k: getattr(experts, k, None) for k in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
                                                      "has_post_expert_norm")}
     if flags["has_gate"] is None:
@@ -235,6 +263,78 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
     return w13.contiguous(), w2.contiguous(), activation
 
 
+def _takes_routing(experts: nn.Module) -> bool:
+    """Does ``experts.forward`` take ``(hidden_states, top_k_index, top_k_weights)``?  A wrapper that hides
+    the signature behind ``*args`` counts as yes: the layout, routing and block checks decide after."""
+    params = list(inspect.signature(experts.forward).parameters.values())
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+
+
+def _dense_expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Experts that run every expert on its own slice of ``[E * T, H]`` (Llama4): ``gate_up_proj [E, H, 2I]``
+    (gate columns then up columns) and ``down_proj [E, I, H]``, read as ``w13 [E, 2I, H]`` / ``w2 [E, H, I]``."""
+    biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
+    if biases:
+        raise _Unsupported(f"experts carry biases ({', '.join(biases)}); the kernels have no expert-bias path")
+    w13, w2 = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not isinstance(w13, torch.Tensor) or not isinstance(w2, torch.Tensor) or w13.ndim != 3 or w2.ndim != 3:
+        raise _Unsupported("expert weights are not 3-D tensors named gate_up_proj and down_proj")
+    num_experts, hidden = w13.shape[0], w13.shape[1]
+    if w13.shape[2] % 2 or tuple(w2.shape) != (num_experts, w13.shape[2] // 2, hidden):
+        raise _Unsupported(f"gate_up_proj {tuple(w13.shape)} and down_proj {tuple(w2.shape)} are not "
+                           "[E, H, 2I] and [E, I, H]")
+    w13, w2 = w13.detach().transpose(1, 2), w2.detach().transpose(1, 2)
+    return w13.contiguous(), w2.contiguous(), _activation_of(experts, gated=True)
+
+
+@torch.no_grad()
+def _check_dense_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> None:
+    """The :func:`_check_layout` of experts that take ``[E * T, H]``, expert ``e`` on rows ``e*T .. e*T+T-1``."""
+    num_experts, _, hidden = w13.shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(num_experts * 3, hidden, generator=gen).to(device=w13.device, dtype=w13.dtype)
+    got = experts(x).float().view(num_experts, 3, hidden)
+    want = torch.stack([apply_activation(x[3 * e:3 * e + 3].float() @ w13[e].float().t(), activation)
+                        @ w2[e].float().t() for e in range(num_experts)])
+    tol = _tolerance(w13.dtype)
+    err = _rel_err(got, want)
+    if not err <= tol:
+        raise _Unsupported(f"the experts' forward disagrees with the weight layout read from them "
+                           f"(relative error {err:.3g} > {tol}); refusing to convert a misread layout")
+
+
+@torch.no_grad()
+def _check_input_scaled_router(router: nn.Module, num_experts: int) -> None:
+    """The router must return ``(scores, logits)``: top-1 of the logits, its sigmoid at the chosen expert and
+    0 elsewhere (the score that multiplies the experts' input)."""
+    name = type(router).__name__
+    param = next(router.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(64, _router_input_size(router, num_experts), generator=gen).to(param.device, param.dtype)
+    out = router(x)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise _Unsupported(f"router {name} of an input-scaled block does not return (scores, logits)")
+    scores, logits = out
+    if tuple(scores.shape) != (64, num_experts) or tuple(logits.shape) != (64, num_experts):
+        raise _Unsupported(f"router {name} returns shapes {tuple(scores.shape)}, {tuple(logits.shape)}")
+    top, ids = logits.float().topk(1, dim=-1)
+    want = torch.zeros(64, num_experts, device=x.device).scatter(1, ids, torch.sigmoid(top))
+    err = _rel_err(scores, want)
+    if not err <= _tolerance(scores.dtype):
+        raise _Unsupported(f"router {name}: its input scores are not the top-1 sigmoid of its logits (relative "
+                           f"error {err:.3g}); only top-1 input scaling is expressible (one score per token)")
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-3 if dtype == torch.float32 else 3e-2
+
+
 @torch.no_grad()
 def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> None:
     """Run the original experts on a few random tokens, every expert with weight 1, and compare with
@@ -249,43 +349,173 @@ def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activ
     want = torch.zeros(3, hidden, device=w13.device)
     for e in range(num_experts):
         want += apply_activation(x.float() @ w13[e].float().t(), activation) @ w2[e].float().t()
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
-    err = (got - want).norm() / want.norm().clamp_min(1e-30)
-    if not bool(err <= tol):
+    tol = _tolerance(dtype)
+    err = _rel_err(got, want)
+    if not err <= tol:
         raise _Unsupported(f"the experts' forward disagrees with the weight layout read from them "
-                           f"(relative error {float(err):.3g} > {tol}); refusing to convert a misread layout")
+                           f"(relative error {err:.3g} > {tol}); refusing to convert a misread layout")
 
 
 # -- routing ------------------------------------------------------------------------------------------------
-def _routing_of(family: Family, gate: nn.Module, num_experts: int) -> dict:
-    allowed = _ROUTERS[family.router]
-    if type(gate).__name__ not in allowed:
-        raise _Unsupported(f"router {type(gate).__name__} is not one whose semantics were mapped ({', '.join(allowed)})")
-    top_k = int(gate.top_k)
-    if getattr(gate, "num_experts", num_experts) != num_experts:
-        raise _Unsupported(f"router scores {gate.num_experts} experts but the experts module holds {num_experts}")
-    if family.router == "softmax_topk":
-        renorm = family.always_renormalize or bool(getattr(gate, "norm_topk_prob", False))
-        return dict(top_k=top_k, routing="renormalize" if renorm else "default")
-    if not getattr(gate, "norm_topk_prob", True):
-        raise _Unsupported("DeepSeek-style routing with norm_topk_prob=False: the kernel's DeepSeekV3 routing "
-                           "always normalizes the top-k weights, and no other routing method matches")
-    bias = getattr(gate, "e_score_correction_bias", None)
-    return dict(top_k=top_k, routing="deepseek_v3", n_group=int(gate.num_group), topk_group=int(gate.topk_group),
-                routed_scaling_factor=float(gate.routed_scaling_factor),
-                routing_bias=None if bias is None else bias.detach().float().clone())
+@dataclasses.dataclass(frozen=True)
+class _Routing:
+    kwargs: dict                       # FusedMoE routing arguments (routing, n_group, ...), top_k excluded
+    top_k: int
+    log_probs: bool                    # the router returns probabilities: the kernel takes their log
+    block_routes: bool                 # the router returns logits only; the block's route_tokens_to_experts routes
+    expert_scale: Optional[torch.Tensor]  # per-expert output scale [E], folded into w2
+
+
+def _router_candidates(*sources: nn.Module) -> list[dict]:
+    """The kernel routing methods the routing attributes allow, most specific first; each attribute is
+    read from the first of ``sources`` (router, then block) that has it."""
+    def attr(*names):
+        for src in sources:
+            for n in names:
+                if getattr(src, n, None) is not None:
+                    return getattr(src, n)
+        return None
+
+    if attr("e_score_correction_bias") is not None or attr("routed_scaling_factor") is not None:
+        norm = attr("norm_topk_prob")
+        if norm is not None and not norm:
+            raise _Unsupported("DeepSeek-style routing with norm_topk_prob=False: the kernel's DeepSeekV3 routing "
+                               "always normalizes the top-k weights, and no other routing method matches")
+        groups = attr("num_group", "n_group") or 1
+        bias, scale = attr("e_score_correction_bias"), attr("routed_scaling_factor")
+        return [dict(routing="deepseek_v3", n_group=int(groups), topk_group=int(attr("topk_group") or groups),
+                     routed_scaling_factor=float(scale) if scale is not None else 1.0,
+                     routing_bias=None if bias is None else bias.detach().float().clone())]
+    return [dict(routing="renormalize"), dict(routing="default")]
+
+
+class _PassLogits:
+    """Stands in for a block's ``route_tokens_to_experts(router_logits) -> (ids, weights)`` (the layout of
+    older transformers 5 releases, where the router returns logits only): hands the logits on in the
+    weights' place, for the experts (a :class:`TransformersMoE`) to route."""
+
+    def __call__(self, router_logits):
+        return router_logits, router_logits
+
+
+def _router_input_size(router: nn.Module, num_experts: int) -> int:
+    for p in router.parameters():
+        if p.ndim == 2 and p.shape[0] == num_experts:
+            return p.shape[1]
+    raise _Unsupported(f"router {type(router).__name__} has no [experts, hidden] projection weight")
+
+
+@torch.no_grad()
+def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Routing:
+    """Map the router onto a kernel routing method and check it on random tokens against the router's own
+    top-k weights and ids (or, where the router returns logits only, the block's ``route_tokens_to_experts``)."""
+    name = type(router).__name__
+    candidates = _router_candidates(router, block)
+    param = next(router.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    tokens = 64
+    x = torch.randn(tokens, _router_input_size(router, num_experts), generator=gen).to(param.device, param.dtype)
+    out = router(x)
+    block_routes = isinstance(out, torch.Tensor) and callable(getattr(block, "route_tokens_to_experts", None))
+    if block_routes:
+        pair = block.route_tokens_to_experts(out)
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise _Unsupported("the block's route_tokens_to_experts does not return (top-k ids, top-k weights)")
+        ids, weights = pair if not pair[0].is_floating_point() else pair[::-1]
+        out = (out, weights, ids)
+    if not isinstance(out, (tuple, list)) or len(out) < 3 or not all(isinstance(t, torch.Tensor) for t in out[:3]):
+        raise _Unsupported(f"router {name} does not return (logits, top-k weights, top-k ids)")
+    first, weights, ids = out[0], out[1], out[2]
+    # top-k read from what the router returns (routers keep it as top_k, or only in their config)
+    top_k = ids.shape[-1] if ids.ndim == 2 else 0
+    if not 0 < top_k <= num_experts:
+        raise _Unsupported(f"router {name} returns top-k ids of shape {tuple(ids.shape)}")
+    if (tuple(first.shape) != (tokens, num_experts) or tuple(ids.shape) != (tokens, top_k)
+            or tuple(weights.shape) != (tokens, top_k)):
+        raise _Unsupported(f"router {name} returns shapes {tuple(first.shape)}, {tuple(weights.shape)}, "
+                           f"{tuple(ids.shape)}; expected [T, {num_experts}], [T, {top_k}], [T, {top_k}]")
+    want = torch.zeros(tokens, num_experts, device=x.device).scatter(1, ids.long(), weights.float())
+    scale = getattr(router, "per_expert_scale", None)
+    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (num_experts,):
+        scale = None
+    inputs = [(False, first.float())]
+    if bool((first >= 0).all()) and bool(torch.allclose(first.float().sum(-1), torch.ones(tokens, device=x.device),
+                                                         atol=1e-3)):
+        inputs.append((True, torch.log(first.float())))
+    tol = _tolerance(weights.dtype)
+    tried = []
+    for log_probs, logits in inputs:
+        # Tokens whose k-th and (k+1)-th logits are equal (bf16 logits over many experts tie now and then)
+        # may pick either expert on either side: they say nothing about the method, so they are not compared.
+        clear = torch.ones(tokens, dtype=torch.bool, device=x.device)
+        if top_k < num_experts:
+            ranked = logits.topk(top_k + 1, dim=-1).values
+            clear = ranked[:, top_k - 1] != ranked[:, top_k]
+        for cand in candidates:
+            w, i = route(logits, top_k, **cand)
+            if scale is not None:
+                w = w * scale.detach().float()[i]
+            got = torch.zeros_like(want).scatter(1, i, w)
+            if bool(clear.any()) and _rel_err(got[clear], want[clear]) <= tol:
+                return _Routing({k: v for k, v in cand.items()}, top_k, log_probs, block_routes,
+                                None if scale is None else scale.detach().float().clone())
+            tried.append(f"{cand['routing']} on {'log-probabilities' if log_probs else 'logits'}"
+                         + (" with per-expert scale" if scale is not None else ""))
+    raise _Unsupported(f"router {name}: its top-k weights match none of the routing methods the kernels support "
+                       f"(tried {', '.join(tried)})")
+
+
+# -- the whole-block check --------------------------------------------------------------------------------
+_UNSET = object()
+
+
+@torch.no_grad()
+def _check_block(block: nn.Module, swaps: dict, hidden: int) -> bool:
+    """Run the block on random input, then again with ``swaps`` (attribute -> the float emulation of the
+    conversion) in place; they must agree.  False when the block cannot run on a ``[1, T, H]`` tensor alone
+    (a decoder layer holding the MoE, as in Gemma-4): the router and layout checks then stand alone."""
+    param = next(block.experts.parameters())
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    x = torch.randn(1, 7, hidden, generator=gen).to(param.device, param.dtype)
+    try:
+        want = block(x)
+    except Exception:  # noqa: BLE001 - any failure only means the block needs more than one tensor
+        return False
+    saved = {attr: block.__dict__.get(attr, _UNSET) if attr not in block._modules else block._modules[attr]
+             for attr in swaps}
+    try:
+        for attr, value in swaps.items():
+            setattr(block, attr, value)
+        got = block(x)
+    except Exception as exc:  # noqa: BLE001
+        raise _Unsupported(f"the block fails with its router and experts emulated ({type(exc).__name__}: {exc})")
+    finally:
+        for attr, value in saved.items():
+            if value is _UNSET:  # was a method of the class: drop the instance attribute
+                block.__dict__.pop(attr, None)
+            else:
+                setattr(block, attr, value)
+    want = want[0] if isinstance(want, (tuple, list)) else want
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    err = _rel_err(got, want)
+    tol = _tolerance(param.dtype)
+    if not err <= tol:
+        raise _Unsupported(f"the block's output disagrees with its router and experts read as a standard MoE "
+                           f"(relative error {err:.3g} > {tol}): it uses the routing or the experts some other way")
+    return True
 
 
 # -- calibration ------------------------------------------------------------------------------------------
-def _collect_calibration(model: nn.Module, blocks: dict[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
-    """Run ``calibration`` through the model and keep each block's input hidden states ``[N, H]``."""
-    seen: dict[str, list] = {name: [] for name in blocks}
+def _collect_calibration(model: nn.Module, experts: dict[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
+    """Run ``calibration`` through the model and keep the hidden states ``[N, H]`` each experts module
+    receives (for Gemma-4 and latent MoEs that is not the block's input)."""
+    seen: dict[str, list] = {name: [] for name in experts}
     hooks = []
-    for name, block in blocks.items():
+    for name, module in experts.items():
         def hook(_module, args, kwargs, name=name):
             x = args[0] if args else next(iter(kwargs.values()))
             seen[name].append(x.detach().reshape(-1, x.shape[-1]).float())
-        hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
             if callable(calibration):
@@ -302,70 +532,134 @@ def _collect_calibration(model: nn.Module, blocks: dict[str, nn.Module], calibra
 
 # -- conversion -------------------------------------------------------------------------------------------
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """MoE blocks: supported classes, and any other module with an ``experts`` child (outermost only)."""
+    """MoE blocks: modules with an ``experts`` child (outermost only; converted ones are not listed)."""
     found, claimed = [], []
     for name, module in model.named_modules():
         if any(name.startswith(c + ".") for c in claimed):
             continue
-        if isinstance(module, TransformersMoE):
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.Module) and module is not experts:
             claimed.append(name)
-            continue
-        if type(module).__name__ in FAMILIES or isinstance(getattr(module, "experts", None), nn.Module):
-            found.append((name, module))
-            claimed.append(name)
+            if not isinstance(experts, TransformersMoE):
+                found.append((name, module))
     return found
 
 
-def _build(name: str, block: nn.Module, *, calibration: Optional[torch.Tensor], kernel: Optional[str],
-           check_layout: bool) -> tuple[TransformersMoE, ConvertedBlock]:
-    family = FAMILIES.get(type(block).__name__)
-    if family is None:
-        raise _Unsupported(f"no FusedMoE mapping for block class {type(block).__name__} "
-                           f"(supported: {', '.join(sorted(FAMILIES))})")
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-    if not isinstance(gate, nn.Module) or not isinstance(experts, nn.Module):
-        raise _Unsupported("block has no gate/experts submodules")
-    if getattr(experts, "_is_expert_parallel", False):
-        raise _Unsupported("experts are expert-parallel (sharded); convert the unsharded model")
-    w13, w2, activation = expert_weights(experts)
-    routing = _routing_of(family, gate, w13.shape[0])
+def _router_of(block: nn.Module) -> tuple[str, nn.Module]:
+    for attr in _ROUTER_NAMES:
+        router = getattr(block, attr, None)
+        if isinstance(router, nn.Module):
+            return attr, router
+    raise _Unsupported(f"block has no router child named {' or '.join(_ROUTER_NAMES)}")
+
+
+@dataclasses.dataclass
+class _Built:
+    """What to swap in: ``children`` of ``block`` (attribute -> module), or, when ``replacement`` is set,
+    the whole block (found at ``name`` in the model)."""
+    name: str
+    block: nn.Module
+    children: dict
+    replacement: Optional[nn.Module]
+    info: ConvertedBlock
+
+
+def _build_input_scaled(name: str, block: nn.Module, router_attr: str, router: nn.Module, *, family: str,
+                        calibration: Optional[torch.Tensor], kernel: Optional[str], check_layout: bool) -> _Built:
+    """A block whose experts take no routing (Llama4): see :class:`InputScaledMoE`."""
+    experts = block.experts
+    w13, w2, activation = _dense_expert_weights(experts)
+    num_experts = w13.shape[0]
+    _check_input_scaled_router(router, num_experts)
     if check_layout:
-        _check_layout(experts, w13, w2, activation)
-    shared = None
-    if family.shared is not None:
-        expert = getattr(block, family.shared, None)
-        shared_gate = getattr(block, family.shared_gate) if family.shared_gate else None
-        if not isinstance(expert, nn.Module) or (family.shared_gate and not isinstance(shared_gate, nn.Module)):
-            raise _Unsupported(f"block lacks its shared expert {family.shared!r}")
-        shared = SharedExpert(expert, shared_gate)
+        _check_dense_layout(experts, w13, w2, activation)
+    shared = getattr(block, "shared_expert", None)
+    shared = shared if isinstance(shared, nn.Module) else None
+    routing = dict(routing="renormalize")  # top-1: softmax over one logit is exactly 1
+    if check_layout:
+        emulated = InputScaledMoE(router, TransformersMoE(_FloatMoE(w13, w2, activation, 1, routing),
+                                                          compute_dtype=torch.float32), shared)
+        hidden = _router_input_size(router, num_experts)
+        param = w13
+        x = torch.randn(1, 7, hidden, generator=torch.Generator(device="cpu").manual_seed(2)).to(param.device,
+                                                                                                  param.dtype)
+        with torch.no_grad():
+            want, got = block(x), emulated(x)
+        if not isinstance(want, tuple) or len(want) != 2:
+            raise _Unsupported("an input-scaled block that does not return (hidden states, router logits)")
+        err = _rel_err(got[0].reshape(want[0].shape), want[0])
+        if not err <= _tolerance(param.dtype) or want[0].shape != x.reshape(-1, hidden).shape:
+            raise _Unsupported(f"the block's output disagrees with shared expert + expert(score * input) "
+                               f"(relative error {err:.3g})")
+    # Calibration needs no rescaling: it comes from the experts' own input, the scaled tokens (and zero rows).
     try:
-        moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration,
-                                  kernel=kernel, name=name, **routing)
+        moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
+                                  top_k=1, **routing)
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
-    adapter = TransformersMoE(gate, moe, shared_expert=shared, family=family.name)
-    info = ConvertedBlock(name=name, block=type(block).__name__, family=family.name, experts=w13.shape[0],
-                          top_k=routing["top_k"], hidden=w13.shape[2], intermediate=w2.shape[2],
-                          activation=activation, routing=routing["routing"], shared_expert=shared is not None,
-                          kernel=moe.kernel)
-    return adapter, info
+    info = ConvertedBlock(name=name, block=type(block).__name__, family=family, experts=num_experts, top_k=1,
+                          hidden=w13.shape[2], intermediate=w2.shape[2], activation=activation,
+                          routing="renormalize", shared_expert=shared is not None, kernel=moe.kernel,
+                          router_output="input_scaled")
+    return _Built(name, block, {}, InputScaledMoE(router, TransformersMoE(moe, family=family), shared, family=family),
+                  info)
+
+
+def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[torch.Tensor], kernel: Optional[str],
+           check_layout: bool) -> _Built:
+    router_attr, router = _router_of(block)
+    experts = block.experts
+    if getattr(experts, "_is_expert_parallel", False):
+        raise _Unsupported("experts are expert-parallel (sharded); convert the unsharded model")
+    if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)) and not _takes_routing(experts):
+        return _build_input_scaled(name, block, router_attr, router, family=family, calibration=calibration,
+                                   kernel=kernel, check_layout=check_layout)
+    w13, w2, activation = expert_weights(experts)
+    routing = _read_routing(router, w13.shape[0], block)
+    if check_layout:
+        _check_layout(experts, w13, w2, activation)
+    if routing.expert_scale is not None:  # out_e * s_e == (s_e * w2_e) applied to the intermediate
+        w2 = (w2.float() * routing.expert_scale.to(w2.device)[:, None, None]).to(w2.dtype)
+    # Where the logits reach the experts: through the router's second output, or the block's routing step.
+    if routing.block_routes:
+        hand_on = {"route_tokens_to_experts": _PassLogits()}
+    else:
+        hand_on = {router_attr: RouterLogits(router, log_probs=routing.log_probs)}
+    if check_layout:
+        emulated = TransformersMoE(_FloatMoE(w13, w2, activation, routing.top_k, routing.kwargs),
+                                   compute_dtype=torch.float32)
+        _check_block(block, {**hand_on, "experts": emulated}, _router_input_size(router, w13.shape[0]))
+    try:
+        moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
+                                  top_k=routing.top_k, **routing.kwargs)
+    except MoEError as exc:
+        raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
+    shared = any(n.startswith("shared_expert") for n, _ in block.named_children())
+    info = ConvertedBlock(name=name, block=type(block).__name__, family=family, experts=w13.shape[0],
+                          top_k=routing.top_k, hidden=w13.shape[2], intermediate=w2.shape[2], activation=activation,
+                          routing=routing.kwargs["routing"], shared_expert=shared, kernel=moe.kernel,
+                          router_output="log_probs" if routing.log_probs else "logits",
+                          expert_scale=routing.expert_scale is not None)
+    return _Built(name, block, {**hand_on, "experts": TransformersMoE(moe, family=family)}, None, info)
 
 
 def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Callable[[nn.Module], Any]] = None,
             kernel: Optional[str] = None, check_layout: bool = True,
             include: Optional[Callable[[str, nn.Module], bool]] = None) -> ConversionReport:
-    """Replace the supported MoE blocks of ``model`` in place with NVFP4 :class:`TransformersMoE` adapters.
+    """Replace the routed experts of ``model``'s MoE blocks in place with NVFP4 :class:`TransformersMoE` layers.
 
     ``calibration``: input ids ``[B, S]``, a dict of model keyword arguments, or a callable
-    ``fn(model)`` that runs forward passes; each block's inputs then set its static activation scales
-    (without it FusedMoE assumes an activation amax, see ``layer.DEFAULT_ACTIVATION_AMAX``).
-    ``kernel``: force a registered kernel (default: the best one for the weights' device).
-    ``check_layout``: before converting a block, check its experts' forward against the weight layout read
-    from it.  ``include(name, block)``: convert only the blocks it accepts (others are reported as skipped).
+    ``fn(model)`` that runs forward passes; the hidden states each experts module receives then set its
+    static activation scales (without it FusedMoE assumes an activation amax, see
+    ``layer.DEFAULT_ACTIVATION_AMAX``).  ``kernel``: force a registered kernel (default: the best one for
+    the weights' device).  ``check_layout``: before converting a block, check its experts' forward against
+    the weight layout read from them, and the block against a float emulation of the conversion.
+    ``include(name, block)``: convert only the blocks it accepts (others are reported as skipped).
 
     Returns a :class:`ConversionReport`; it is also logged (INFO), each skipped block with its reason (WARNING).
     """
     report = ConversionReport()
+    family = str(getattr(getattr(model, "config", None), "model_type", "") or "")
     blocks = _find_blocks(model)
     candidates: dict[str, nn.Module] = {}
     for name, block in blocks:
@@ -373,22 +667,27 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
             report.skipped.append(SkippedBlock(name, type(block).__name__, "excluded by include="))
         else:
             candidates[name] = block
-    calib = _collect_calibration(model, candidates, calibration) if calibration is not None else {}
-    replacements = []
+    calib = {}
+    if calibration is not None:
+        calib = _collect_calibration(model, {n: b.experts for n, b in candidates.items()}, calibration)
+    built = []
     for name, block in candidates.items():
         try:
-            adapter, info = _build(name, block, calibration=calib.get(name), kernel=kernel, check_layout=check_layout)
+            b = _build(name, block, family=family, calibration=calib.get(name), kernel=kernel,
+                       check_layout=check_layout)
         except _Unsupported as exc:
             report.skipped.append(SkippedBlock(name, type(block).__name__, str(exc)))
             logger.warning("moe_nvfp4: left %s (%s) unconverted: %s", name, type(block).__name__, exc)
             continue
-        replacements.append((name, adapter))
-        report.converted.append(info)
+        built.append(b)
+        report.converted.append(b.info)
     # Swap only once every block is built: an error above never leaves the model half-converted.
-    for name, adapter in replacements:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, adapter)
+    for b in built:
+        for attr, child in b.children.items():
+            setattr(b.block, attr, child)
+        if b.replacement is not None:
+            parent_name, _, attr = b.name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, b.replacement)
     if not blocks:
         logger.info("moe_nvfp4: no MoE blocks found in %s", type(model).__name__)
     else:
