@@ -22,14 +22,20 @@ class MoEShapeError(MoEError, ValueError):
 
     def __init__(self, message: str, *, layer: str | None = None, sizes: tuple | None = None,
                  source: str | None = None):
-        self.layer, self.sizes, self.source = layer, sizes, source
-        parts = [message]
-        if layer:
-            parts.append(f"  layer: {layer}")
-        if source:
-            parts.append("  user code:\n" + "\n".join("    " + line for line in source.strip().splitlines()))
-        super().__init__("\n".join(parts))
+        # No base-class __init__ call and the text composed in __str__: Dynamo can then trace this
+        # constructor (it cannot trace super().__init__ here), so a raise in traced code keeps its message.
+        # ``args`` stays ``(message,)``, set by BaseException.__new__.
+        self.message, self.layer, self.sizes, self.source = message, layer, sizes, source
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.layer:
+            parts.append(f"  layer: {self.layer}")
+        if self.source:
+            parts.append("  user code:\n" + "\n".join("    " + line for line in self.source.strip().splitlines()))
+        return "\n".join(parts)
 
 
 class KernelUnavailableError(MoEError, RuntimeError):
     """The selected kernel cannot run here (device, package or capability missing)."""
+
