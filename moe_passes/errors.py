@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["MoEError", "MoEConfigError", "MoEShapeError", "KernelUnavailableError"]
+__all__ = ["MoEError", "MoEConfigError", "MoEShapeError", "MoENonFiniteError", "KernelUnavailableError",
+           "MoERangeWarning"]
 
 
 class MoEError(Exception):
@@ -39,3 +40,14 @@ class MoEShapeError(MoEError, ValueError):
 class KernelUnavailableError(MoEError, RuntimeError):
     """The selected kernel cannot run here (device, package or capability missing)."""
 
+
+class MoENonFiniteError(MoEError, ValueError):
+    """Activations holding NaN or inf reached a kernel that quantizes them to NVFP4 (which has neither).
+
+    Raised where a check costs nothing extra (the reference kernel, which syncs anyway); the GPU kernels
+    never read their inputs back to the host for it.
+    """
+
+
+class MoERangeWarning(UserWarning):
+    """Activations beyond a layer's calibrated range: NVFP4 block scales saturate and those values clip."""

@@ -11,14 +11,17 @@ so fake-tensor propagation over a rewritten graph checks exactly what the kernel
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from moe_passes.contract import MoEShape, round_up
-from moe_passes.errors import MoEConfigError, MoEError, MoEShapeError
+from moe_passes.errors import MoEConfigError, MoEError, MoENonFiniteError, MoERangeWarning, MoEShapeError
 from moe_passes.kernels import registry
+from moe_passes.kernels.nvfp4 import E2M1_MAX, E4M3_MAX
 
 __all__ = ["fused_moe", "trtllm_nvfp4_moe", "check_moe_call", "check_layer_inputs", "FUSED_MOE", "KERNEL_OP",
            "TENSOR_ARGS"]
@@ -207,12 +210,38 @@ def _weights(*tensors) -> registry.MoEWeights:
 
 
 def _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel):
+                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
     spec = registry.get(kernel)
+    if spec.quantizes_activations and hidden_states.device.type == "cpu" and layer not in _RANGE_WARNED:
+        _warn_if_beyond_calibration(hidden_states, input_global_scale, layer)
     args = registry.RunArgs(top_k=top_k, activation=activation, routing=routing, n_group=n_group,
                             topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
-    return spec.run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                    routing_bias, args)
+    try:
+        return spec.run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
+                        routing_bias, args)
+    except MoENonFiniteError as exc:
+        raise MoENonFiniteError(f"{_where(layer)}: {exc}") from None
+
+
+# Layers already warned about activations beyond their calibration: the warning is once per layer.
+_RANGE_WARNED: set = set()
+
+
+def _warn_if_beyond_calibration(hidden_states: Tensor, input_global_scale: Tensor, layer: str) -> None:
+    """Warn (once per layer) when the input exceeds the amax its static global scale was calibrated for.
+
+    Above ``amax = 448 * 6 / global_scale`` the e4m3 block scale saturates and the block's values clip:
+    the output is wrong with no error.  Only for kernels that quantize activations, and only on the CPU:
+    reading the maximum back is a host sync a GPU fast path must not pay.
+    """
+    calibrated = E4M3_MAX * E2M1_MAX / float(input_global_scale)
+    amax = float(hidden_states.abs().amax()) if hidden_states.numel() else 0.0
+    if math.isfinite(amax) and amax > calibrated:  # NaN / inf: the kernel's own error says more
+        _RANGE_WARNED.add(layer)
+        warnings.warn(f"{_where(layer)}: hidden states reach {amax:.4g}, {amax / calibrated:.2f}x the calibrated "
+                      f"amax {calibrated:.4g}; NVFP4 block scales saturate above it, so those values are clipped. "
+                      f"Calibrate the layer on representative inputs (FusedMoE.from_float(calibration=...)).",
+                      MoERangeWarning, stacklevel=2)
 
 
 @torch.library.custom_op("moe_nvfp4::trtllm_nvfp4_moe", mutates_args=())
@@ -229,7 +258,8 @@ def trtllm_nvfp4_moe(
                    kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
                    intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias)
     out = _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                      routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel)
+                      routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                      layer)
     return out
 
 
@@ -263,7 +293,7 @@ def fused_moe(
                    routing_bias=routing_bias)
     padded = torch.nn.functional.pad(hidden_states, (0, w2.shape[1] - hidden_size))
     out = _run_kernel(padded, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel)
+                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer)
     return out[:, :hidden_size].contiguous()
 
 

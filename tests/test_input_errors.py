@@ -1,14 +1,17 @@
-"""Bad input gets the project's own error under torch.compile as in eager, and every tensor argument is
-checked for its device and dtype."""
+"""Bad input gets the project's own error under torch.compile as in eager, and nothing goes silently wrong:
+devices, NaN/inf, activations beyond the calibrated range."""
 
+import uuid
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from moe_passes import FusedMoE, MoEConfigError, MoEShapeError
+from moe_passes import FusedMoE, MoEConfigError, MoEError, MoEShapeError
+from moe_passes.errors import MoENonFiniteError, MoERangeWarning
 from moe_passes.kernels import registry
+from moe_passes.kernels.reference import REFERENCE
 
 E, H, I = 4, 272, 32  # 272 pads to 512 for the TRTLLM alignment
 
@@ -159,3 +162,60 @@ def test_router_logits_on_the_cpu_with_the_layer_on_the_gpu():
     with pytest.raises(MoEConfigError, match=r"hidden_states are on cpu but the layer's weights on cuda"):
         torch._dynamo.reset()
         torch.compile(Block(moe).cuda(), backend="moe_nvfp4")(x.cpu(), torch.randn(5, E))
+
+
+# ------------------------------------------------------------------------------------ NaN / inf
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_hidden_states_name_the_layer(bad):
+    moe = _layer(seed=14)
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(5, H, generator=g).bfloat16()
+    x[int(torch.randint(5, (1,), generator=g)), int(torch.randint(H, (1,), generator=g))] = bad
+    with pytest.raises(MoENonFiniteError, match=rf"MoE layer '{moe.name}': the hidden states contain NaN or infinite"):
+        moe(x, torch.randn(5, E, generator=g))
+    assert issubclass(MoENonFiniteError, (MoEError, ValueError))
+
+
+# ------------------------------------------------------------------------------------ calibrated range
+def _calibrated(seed):
+    g = torch.Generator().manual_seed(seed)
+    calibration = torch.randn(64, H, generator=g) / 10
+    return _layer(name=f"range.{uuid.uuid4().hex[:8]}", calibration=calibration, seed=seed), calibration
+
+
+def test_activations_beyond_calibration_warn_once_per_layer_with_the_factor():
+    moe, calibration = _calibrated(15)
+    g = torch.Generator().manual_seed(15)
+    calibrated = float(calibration.abs().amax())
+    scale = 3 + 5 * float(torch.rand((), generator=g))
+    x = (torch.randn(7, H, generator=g) / 10 * scale).bfloat16()
+    logits = torch.randn(7, E, generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moe((torch.randn(7, H, generator=g) / 10).clamp(-0.99 * calibrated, 0.99 * calibrated).bfloat16(), logits)
+        assert not [w for w in caught if issubclass(w.category, MoERangeWarning)]
+        moe(x, logits)
+        moe(x * 2, logits)  # the same layer again: no second warning
+        other, _ = _calibrated(16)
+        other(x, logits)
+    ranged = [w for w in caught if issubclass(w.category, MoERangeWarning)]
+    assert [moe.name in str(w.message) for w in ranged] == [True, False]
+    assert other.name in str(ranged[1].message)
+    factor = float(x.float().abs().amax()) / calibrated
+    assert f"{factor:.2f}x the calibrated amax" in str(ranged[0].message)
+
+
+def test_kernels_keeping_bf16_activations_are_not_checked(monkeypatch):
+    # The Hopper path keeps activations in bf16: nothing saturates, so it must not pay for a check.
+    bf16 = registry.KernelSpec(
+        name="test_bf16_activations", description="test kernel with bf16 activations", alignment=REFERENCE.alignment,
+        activations=REFERENCE.activations, routings=REFERENCE.routings, available=lambda d: True,
+        prepare=REFERENCE.prepare, run=REFERENCE.run, quantizes_activations=False)
+    monkeypatch.setitem(registry._REGISTRY, bf16.name, bf16)
+    moe, _ = _calibrated(17)
+    moe.kernel = bf16.name
+    x = torch.randn(7, H, generator=torch.Generator().manual_seed(17)).bfloat16() * 10
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moe(x, torch.randn(7, E))
+    assert not [w for w in caught if issubclass(w.category, MoERangeWarning)]
