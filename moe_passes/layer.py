@@ -219,7 +219,8 @@ class FusedMoE(nn.Module):
             # Bad input raised here reaches the user as our own error; raised by the op's fake it would
             # come wrapped in Dynamo's TorchRuntimeError.  Eagerly the op itself checks (no double cost).
             ops.check_layer_inputs(hidden_states, router_logits, hidden_size=self.hidden_size,
-                                   experts=self.shape.experts, device=self.device, layer=self.name)
+                                   hidden_padded=self.kernel_shape.hidden_padded, experts=self.shape.experts,
+                                   device=self.device, layer=self.name)
         routed = torch.ops.moe_nvfp4.fused_moe(
             hidden_states, router_logits, *self.kernel_weights(), self.input_global_scale,
             self.intermediate_global_scale, self.routing_bias, self.hidden_size, self.top_k, self.activation,

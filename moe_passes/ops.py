@@ -53,13 +53,18 @@ def _token_count_error(logit_tokens, tokens, where, layer) -> MoEShapeError:
                          layer=layer, sizes=(logit_tokens, tokens))
 
 
-def _width_error(width, hidden_size, where, layer) -> MoEShapeError:
-    return MoEShapeError(f"{where}: hidden states are {width} wide but the layer's hidden size is {hidden_size}",
-                         layer=layer, sizes=(width, hidden_size))
+def _width_error(width, hidden_size, hidden_padded, where, layer) -> Optional[MoEShapeError]:
+    if width > hidden_padded:
+        return MoEShapeError(f"{where}: hidden states are {width} wide, wider than the weights' {hidden_padded}",
+                             layer=layer, sizes=(width, hidden_padded))
+    if hidden_size is not None and width != hidden_size:
+        return MoEShapeError(f"{where}: hidden states are {width} wide but the layer's hidden size is {hidden_size}",
+                             layer=layer, sizes=(width, hidden_size))
+    return None
 
 
-def _device_error(name: str, t: Tensor, device: torch.device, where: str) -> MoEConfigError:
-    return MoEConfigError(f"{where}: {name} is on {t.device} but hidden_states on {device}; every tensor argument "
+def _device_error(name: str, on: torch.device, device: torch.device, where: str) -> MoEConfigError:
+    return MoEConfigError(f"{where}: {name} is on {on} but hidden_states on {device}; every tensor argument "
                           f"of the op must be on one device (move the layer with .to(device))")
 
 
@@ -81,25 +86,22 @@ def _activation_error(hidden_states: Tensor, router_logits: Tensor, where: str, 
     return None
 
 
-def _layer_input_error(hidden_states, router_logits, hidden_size, experts, device, where, layer) -> Optional[MoEError]:
+def _layer_input_error(hidden_states, router_logits, hidden_size, hidden_padded, experts, device, where,
+                       layer) -> Optional[MoEError]:
     error = _activation_error(hidden_states, router_logits, where, layer)
     if error is not None:
         return error
-    if hidden_states.device != device:
-        return MoEConfigError(f"{where}: hidden_states are on {hidden_states.device} but the layer's weights on "
-                              f"{device}; every tensor argument of the op must be on one device (move the layer "
-                              f"with .to(device))")
+    if hidden_states.device != device:  # the weights' device; check_moe_call meets w13 first
+        return _device_error("w13", device, hidden_states.device, where)
     if router_logits.shape[1] != experts:
         return _expert_count_error(router_logits.shape[1], experts, where, layer)
     if router_logits.shape[0] != hidden_states.shape[0]:
         return _token_count_error(router_logits.shape[0], hidden_states.shape[0], where, layer)
-    if hidden_states.shape[1] != hidden_size:
-        return _width_error(hidden_states.shape[1], hidden_size, where, layer)
-    return None
+    return _width_error(hidden_states.shape[1], hidden_size, hidden_padded, where, layer)
 
 
-def check_layer_inputs(hidden_states: Tensor, router_logits: Tensor, *, hidden_size: int, experts: int,
-                       device: torch.device, layer: str) -> None:
+def check_layer_inputs(hidden_states: Tensor, router_logits: Tensor, *, hidden_size: int, hidden_padded: int,
+                       experts: int, device: torch.device, layer: str) -> None:
     """The per-call checks of :func:`check_moe_call` on a layer's own inputs, for tracing by Dynamo.
 
     ``FusedMoE.forward`` calls this while Dynamo traces it: an error the op's fake function raised would
@@ -110,7 +112,8 @@ def check_layer_inputs(hidden_states: Tensor, router_logits: Tensor, *, hidden_s
     tracing would instead make Dynamo give up on the frame, and on ``FusedMoE.forward`` for good.
     """
     where = _where(layer)
-    error = _layer_input_error(hidden_states, router_logits, hidden_size, experts, device, where, layer)
+    error = _layer_input_error(hidden_states, router_logits, hidden_size, hidden_padded, experts, device, where,
+                               layer)
     if error is not None:
         torch._dynamo.graph_break(msg=str(error))
         raise error
@@ -142,7 +145,7 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
         if t.dtype != dtype or t.ndim != ndim:
             raise MoEConfigError(f"{where}: {name} must be a {ndim}-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
         if t.device != device:
-            raise _device_error(name, t, device, where)
+            raise _device_error(name, t.device, device, where)
     experts = w.w13.shape[0]
     for name, t in (("input_global_scale", input_global_scale),
                     ("intermediate_global_scale", intermediate_global_scale)):
@@ -152,13 +155,13 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
             raise MoEConfigError(f"{where}: {name} must be a float32 tensor with one element, got {t.dtype} "
                                  f"{tuple(t.shape)}")
         if t.device != device:
-            raise _device_error(name, t, device, where)
+            raise _device_error(name, t.device, device, where)
     if routing_bias is not None:
         if not routing_bias.dtype.is_floating_point or tuple(routing_bias.shape) != (experts,):
             raise MoEConfigError(f"{where}: routing_bias must be a float tensor of shape ({experts},), got "
                                  f"{routing_bias.dtype} {tuple(routing_bias.shape)}")
         if routing_bias.device != device:
-            raise _device_error("routing_bias", routing_bias, device, where)
+            raise _device_error("routing_bias", routing_bias.device, device, where)
     hidden_padded, intermediate_padded = w.w2.shape[1], w.w2.shape[2] * 2
     registry.check_supported(spec, activation=activation, routing=routing)
     if hidden_padded % spec.alignment.hidden:
@@ -193,11 +196,9 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
             f"activations and weights must be padded to the same width",
             layer=layer, sizes=(width, hidden_padded))
     if not padded_input:
-        if width > hidden_padded:
-            raise MoEShapeError(f"{where}: hidden states are {width} wide, wider than the weights' {hidden_padded}",
-                                layer=layer, sizes=(width, hidden_padded))
-        if hidden_size is not None and width != hidden_size:
-            raise _width_error(width, hidden_size, where, layer)
+        error = _width_error(width, hidden_size, hidden_padded, where, layer)
+        if error is not None:
+            raise error
         if round_up(width, spec.alignment.hidden) != hidden_padded:
             raise MoEShapeError(
                 f"{where}: hidden size {width} pads to {round_up(width, spec.alignment.hidden)} for kernel {kernel!r}, "

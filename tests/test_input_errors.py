@@ -111,16 +111,17 @@ def test_a_good_call_after_a_bad_one_still_compiles():
 
 
 # ------------------------------------------------------------------------------------ devices and dtypes
-def test_router_logits_on_another_device():
+def test_inputs_on_another_device_than_the_layer():
     # "meta" stands in for a second device on a CPU-only machine: the check is the same comparison.
     moe = _layer(seed=10)
-    x = torch.randn(5, H).bfloat16()
-    logits = torch.randn(5, E, device="meta")
-    with pytest.raises(MoEConfigError, match=r"router_logits are on meta but hidden_states on cpu"):
-        moe(x, logits)
+    x, logits = torch.randn(5, H).bfloat16(), torch.randn(5, E)
     torch._dynamo.reset()
-    with pytest.raises(MoEConfigError, match=r"router_logits are on meta but hidden_states on cpu"):
-        torch.compile(Block(moe), backend="moe_nvfp4")(x, logits)
+    compiled = torch.compile(Block(moe), backend="moe_nvfp4", options={"inner": "eager"})
+    for call in (moe, compiled):
+        with pytest.raises(MoEConfigError, match=r"'model.layers.10.mlp': router_logits are on meta but hidden"):
+            call(x, logits.to("meta"))
+        with pytest.raises(MoEConfigError, match=r"'model.layers.10.mlp': w13 is on cpu but hidden_states on meta"):
+            call(x.to("meta"), logits.to("meta"))
 
 
 def _op_args(moe, x, logits, **replace):
@@ -154,14 +155,16 @@ def test_scale_and_bias_dtypes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_router_logits_on_the_cpu_with_the_layer_on_the_gpu():
+def test_inputs_on_the_cpu_with_the_layer_on_the_gpu():
     moe = _layer(seed=13).cuda()
     x = torch.randn(5, H, device="cuda").bfloat16()
-    with pytest.raises(MoEConfigError, match=r"router_logits are on cpu but hidden_states on cuda"):
-        moe(x, torch.randn(5, E))
-    with pytest.raises(MoEConfigError, match=r"hidden_states are on cpu but the layer's weights on cuda"):
-        torch._dynamo.reset()
-        torch.compile(Block(moe).cuda(), backend="moe_nvfp4")(x.cpu(), torch.randn(5, E))
+    torch._dynamo.reset()
+    compiled = torch.compile(Block(moe), backend="moe_nvfp4")
+    for call in (moe, compiled):
+        with pytest.raises(MoEConfigError, match=r"router_logits are on cpu but hidden_states on cuda:0"):
+            call(x, torch.randn(5, E))
+        with pytest.raises(MoEConfigError, match=r"w13 is on cuda:0 but hidden_states on cpu"):
+            call(x.cpu(), torch.randn(5, E))
 
 
 # ------------------------------------------------------------------------------------ NaN / inf
