@@ -9,12 +9,15 @@ Conventions (shared with FlashInfer / TensorRT-LLM / ModelOpt):
   store its reciprocal.  Dequantization is ``e2m1(q) * block_scale / gs``.
 
 Everything here is plain torch and runs on any device.  Bad input raises ``ValueError`` naming the
-problem, because these functions sit at the boundary where user tensors enter the project.
+problem, because these functions sit at the boundary where user tensors enter the project (NaN or inf
+data: ``MoENonFiniteError``, a ``ValueError`` the MoE op re-raises with the layer's name).
 """
 
 from __future__ import annotations
 
 import torch
+
+from moe_passes.errors import MoENonFiniteError
 
 __all__ = [
     "BLOCK_SIZE",
@@ -82,7 +85,7 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | float | None = 
         raise ValueError(f"the last dimension K={k} must be a multiple of {BLOCK_SIZE} (the NVFP4 block size)")
     xf = x.float()
     if not bool(torch.isfinite(xf).all()):
-        raise ValueError("x contains NaN or infinite values; NVFP4 cannot represent them")
+        raise MoENonFiniteError("x contains NaN or infinite values; NVFP4 cannot represent them")
     if global_scale is None:
         global_scale = default_global_scale(xf.abs().amax() if xf.numel() else torch.zeros(()))
     gs = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)

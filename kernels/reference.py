@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, TRTLLM_ALIGNMENT, is_gated
-from moe_passes.errors import MoEConfigError
+from moe_passes.errors import MoEConfigError, MoENonFiniteError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import dequantize_nvfp4, default_global_scale, quantize_nvfp4
 
@@ -89,6 +89,13 @@ def qdq_nvfp4(x: torch.Tensor, global_scale) -> torch.Tensor:
     return dequantize_nvfp4(packed, scales, gs)
 
 
+def _qdq_activation(x: torch.Tensor, global_scale, what: str) -> torch.Tensor:
+    try:
+        return qdq_nvfp4(x, global_scale)
+    except MoENonFiniteError:
+        raise MoENonFiniteError(f"{what} contain NaN or infinite values, which NVFP4 cannot represent") from None
+
+
 def fused_moe_reference(
     hidden_states: torch.Tensor,
     router_logits: torch.Tensor,
@@ -135,7 +142,7 @@ def fused_moe_reference(
     if quantize_activations:
         if input_global_scale is None:
             input_global_scale = default_global_scale(x.abs().amax())
-        x = qdq_nvfp4(x, input_global_scale)
+        x = _qdq_activation(x, input_global_scale, "the hidden states")
     else:
         x = x.to(torch.bfloat16).float()
 
@@ -161,7 +168,8 @@ def fused_moe_reference(
         intermediate_global_scale = default_global_scale(torch.stack([t.abs().amax() for t in inters]).amax())
 
     for (e, rows), h in zip(groups, inters):
-        h = qdq_nvfp4(h, intermediate_global_scale) if quantize_activations else h.to(torch.bfloat16).float()
+        h = (_qdq_activation(h, intermediate_global_scale, f"expert {e}'s intermediate activations")
+             if quantize_activations else h.to(torch.bfloat16).float())
         w = dequantize_nvfp4(w2[e], w2_scale[e], w2_global_scale[e])
         contribution = (h @ w.t()) * weights.reshape(-1)[rows].unsqueeze(1)
         out.index_add_(0, token_of[rows], contribution)

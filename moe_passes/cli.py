@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 import warnings
@@ -194,9 +195,19 @@ def demo(args) -> int:
 
 def plan(args) -> int:
     from moe_passes.contract import MoEShape
-    from moe_passes.errors import MoEError
+    from moe_passes.errors import MoEConfigError, MoEError
     from moe_passes.kernels import registry
 
+    # A layer no kernel could ever run is an error of the command, not a line in its report.
+    try:
+        MoEShape(hidden=args.hidden, intermediate=args.intermediate, experts=args.experts, top_k=args.top_k,
+                 activation=args.activation)
+        if args.routing == "llama4" and args.top_k != 1:
+            raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={args.top_k}")
+    except MoEError as exc:
+        print(f"moe-nvfp4 plan: error: impossible MoE layer: {exc}", file=sys.stderr)
+        return 2
+    runnable = 0
     print(f"MoE layer: hidden={args.hidden} intermediate={args.intermediate} experts={args.experts} "
           f"top_k={args.top_k} activation={args.activation} routing={args.routing} tokens={args.tokens}\n")
     for name in registry.names():
@@ -230,6 +241,10 @@ def plan(args) -> int:
         for w in warnings_:
             print(f"    warning       {w}")
         print()
+        runnable += 1
+    if not runnable:
+        print("moe-nvfp4 plan: error: no registered kernel can run this layer (reasons above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -245,7 +260,36 @@ def bench(argv) -> int:
     return bench_module.main(argv)
 
 
+def _device_problem(name: str):
+    """Why ``--device name`` cannot run the demo here, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        return f"--device {name!r} is not a device: {exc}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        return f"--device {name}: {why} (torch {torch.__version__}); run with --device cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        return f"--device {name} cannot be used here: {exc}"
+    return None
+
+
 def main(argv=None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # inside the try: a reader that left early fails this flush, not the exit's
+        return status
+    except BrokenPipeError:
+        # `moe-nvfp4 plan | head`: the reader went away, which is not an error worth a traceback.  Point
+        # stdout at devnull so the interpreter's final flush does not raise again (Python's documented way).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="moe-nvfp4", description="NVFP4 MoE torch.compile backend tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +313,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tokens <= 0:
         parser.error("--tokens must be positive")
+    if args.command == "demo":
+        problem = _device_problem(args.device)
+        if problem:
+            p_demo.error(problem)
     return demo(args) if args.command == "demo" else plan(args)
 
 

@@ -21,7 +21,7 @@ from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import default_global_scale, quantize_nvfp4_experts
 from moe_passes.kernels.reference import apply_activation
-from moe_passes import ops  # noqa: F401  (registers the custom ops)
+from moe_passes import ops  # also registers the custom ops
 
 __all__ = ["FusedMoE", "DEFAULT_ACTIVATION_AMAX"]
 
@@ -222,6 +222,12 @@ class FusedMoE(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Bad input raised here reaches the user as our own error; raised by the op's fake it would
+            # come wrapped in Dynamo's TorchRuntimeError.  Eagerly the op itself checks (no double cost).
+            ops.check_layer_inputs(hidden_states, router_logits, hidden_size=self.hidden_size,
+                                   hidden_padded=self.kernel_shape.hidden_padded, experts=self.shape.experts,
+                                   device=self.device, layer=self.name)
         routed = torch.ops.moe_nvfp4.fused_moe(
             hidden_states, router_logits, *self.kernel_weights(), self.input_global_scale,
             self.intermediate_global_scale, self.routing_bias, self.hidden_size, self.top_k, self.activation,

@@ -11,16 +11,20 @@ so fake-tensor propagation over a rewritten graph checks exactly what the kernel
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from moe_passes.contract import MoEShape, round_up
-from moe_passes.errors import MoEConfigError, MoEShapeError
+from moe_passes.errors import MoEConfigError, MoEError, MoENonFiniteError, MoERangeWarning, MoEShapeError
 from moe_passes.kernels import registry
+from moe_passes.kernels.nvfp4 import E2M1_MAX, E4M3_MAX
 
-__all__ = ["fused_moe", "trtllm_nvfp4_moe", "check_moe_call", "FUSED_MOE", "KERNEL_OP", "TENSOR_ARGS"]
+__all__ = ["fused_moe", "trtllm_nvfp4_moe", "check_moe_call", "check_layer_inputs", "FUSED_MOE", "KERNEL_OP",
+           "TENSOR_ARGS"]
 
 # Order of the tensor arguments shared by both ops (after hidden_states and router_logits).
 TENSOR_ARGS = registry.MoEWeights._fields + ("input_global_scale", "intermediate_global_scale", "routing_bias")
@@ -35,34 +39,129 @@ def _known_ne(a, b) -> bool:
     return statically_known_true(a != b)
 
 
+def _where(layer: str) -> str:
+    return f"MoE layer {layer!r}" if layer else "MoE layer"
+
+
+def _expert_count_error(scored, experts, where, layer) -> MoEShapeError:
+    return MoEShapeError(f"{where}: router_logits score {scored} experts but the weights hold {experts}",
+                         layer=layer, sizes=(scored, experts))
+
+
+def _token_count_error(logit_tokens, tokens, where, layer) -> MoEShapeError:
+    return MoEShapeError(f"{where}: router_logits has {logit_tokens} tokens, hidden_states {tokens}",
+                         layer=layer, sizes=(logit_tokens, tokens))
+
+
+def _width_error(width, hidden_size, hidden_padded, where, layer) -> Optional[MoEShapeError]:
+    if width > hidden_padded:
+        return MoEShapeError(f"{where}: hidden states are {width} wide, wider than the weights' {hidden_padded}",
+                             layer=layer, sizes=(width, hidden_padded))
+    if hidden_size is not None and width != hidden_size:
+        return MoEShapeError(f"{where}: hidden states are {width} wide but the layer's hidden size is {hidden_size}",
+                             layer=layer, sizes=(width, hidden_size))
+    return None
+
+
+def _device_error(name: str, on: torch.device, device: torch.device, where: str) -> MoEConfigError:
+    return MoEConfigError(f"{where}: {name} is on {on} but hidden_states on {device}; every tensor argument "
+                          f"of the op must be on one device (move the layer with .to(device))")
+
+
+def _activation_error(hidden_states: Tensor, router_logits: Tensor, where: str, layer: str) -> Optional[MoEError]:
+    # Rank, dtype and device of the two per-call inputs; also traced by Dynamo (check_layer_inputs), so
+    # plain comparisons of static properties only.
+    if hidden_states.ndim != 2:
+        return MoEShapeError(f"{where}: hidden_states must be [tokens, hidden], got shape "
+                             f"{tuple(hidden_states.shape)}", layer=layer)
+    if hidden_states.dtype != torch.bfloat16:
+        return MoEConfigError(f"{where}: hidden_states must be bfloat16 (the kernels' activation dtype), "
+                              f"got {hidden_states.dtype}; cast the input or the model to bfloat16")
+    if router_logits.ndim != 2 or router_logits.dtype not in _LOGIT_DTYPES:
+        return MoEConfigError(f"{where}: router_logits must be a 2-D float32/bfloat16/float16 tensor "
+                              f"[tokens, experts], got {router_logits.dtype} with shape {tuple(router_logits.shape)}")
+    if router_logits.device != hidden_states.device:
+        return MoEConfigError(f"{where}: router_logits are on {router_logits.device} but hidden_states on "
+                              f"{hidden_states.device}; every input of the layer must be on one device")
+    return None
+
+
+def _layer_input_error(hidden_states, router_logits, hidden_size, hidden_padded, experts, device, where,
+                       layer) -> Optional[MoEError]:
+    error = _activation_error(hidden_states, router_logits, where, layer)
+    if error is not None:
+        return error
+    if hidden_states.device != device:  # the weights' device; check_moe_call meets w13 first
+        return _device_error("w13", device, hidden_states.device, where)
+    if router_logits.shape[1] != experts:
+        return _expert_count_error(router_logits.shape[1], experts, where, layer)
+    if router_logits.shape[0] != hidden_states.shape[0]:
+        return _token_count_error(router_logits.shape[0], hidden_states.shape[0], where, layer)
+    return _width_error(hidden_states.shape[1], hidden_size, hidden_padded, where, layer)
+
+
+def check_layer_inputs(hidden_states: Tensor, router_logits: Tensor, *, hidden_size: int, hidden_padded: int,
+                       experts: int, device: torch.device, layer: str) -> None:
+    """The per-call checks of :func:`check_moe_call` on a layer's own inputs, for tracing by Dynamo.
+
+    ``FusedMoE.forward`` calls this while Dynamo traces it: an error the op's fake function raised would
+    reach the user wrapped in Dynamo's ``TorchRuntimeError``.  Every size and dtype compared here is
+    guarded by Dynamo, so a passing call costs nothing at run time.  On bad input the graph breaks first
+    (carrying the message, which is all ``fullgraph=True`` shows): Dynamo compiles what it traced so far
+    and runs the ``raise`` as plain Python, so the user gets this exception itself.  A ``raise`` met while
+    tracing would instead make Dynamo give up on the frame, and on ``FusedMoE.forward`` for good.
+    """
+    where = _where(layer)
+    error = _layer_input_error(hidden_states, router_logits, hidden_size, hidden_padded, experts, device, where,
+                               layer)
+    if error is not None:
+        torch._dynamo.graph_break(msg=str(error))
+        raise error
+
+
 def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: registry.MoEWeights, *, top_k: int,
                    activation: str, routing: str, kernel: str, layer: str, padded_input: bool,
-                   hidden_size: Optional[int] = None) -> MoEShape:
+                   hidden_size: Optional[int] = None, input_global_scale: Optional[Tensor] = None,
+                   intermediate_global_scale: Optional[Tensor] = None,
+                   routing_bias: Optional[Tensor] = None) -> MoEShape:
     """Validate one MoE call against the shape contract and the kernel's capabilities.
 
     Used by the fake functions (compile time) and the real ones (eager), so both reject the same input
     with the same message.  ``padded_input`` says whether ``hidden_states`` must already be padded
-    (the kernel op) or must be the layer's true width (the FusedMoE op).
+    (the kernel op) or must be the layer's true width (the FusedMoE op).  Every tensor argument must be
+    on the hidden states' device: a kernel handed a pointer to another device's memory reads garbage.
     """
-    where = f"MoE layer {layer!r}" if layer else "MoE layer"
+    where = _where(layer)
     spec = registry.get(kernel)
-    if hidden_states.ndim != 2:
-        raise MoEShapeError(f"{where}: hidden_states must be [tokens, hidden], got shape {tuple(hidden_states.shape)}",
-                            layer=layer)
-    if hidden_states.dtype != torch.bfloat16:
-        raise MoEConfigError(f"{where}: hidden_states must be bfloat16 (the kernels' activation dtype), "
-                             f"got {hidden_states.dtype}; cast the input or the model to bfloat16")
-    if router_logits.ndim != 2 or router_logits.dtype not in _LOGIT_DTYPES:
-        raise MoEConfigError(f"{where}: router_logits must be a 2-D float32/bfloat16/float16 tensor [tokens, experts], "
-                             f"got {router_logits.dtype} with shape {tuple(router_logits.shape)}")
+    error = _activation_error(hidden_states, router_logits, where, layer)
+    if error is not None:
+        raise error
     w = weights
+    device = hidden_states.device
     for name, t, dtype, ndim in (("w13", w.w13, torch.uint8, 3), ("w13_scale", w.w13_scale, torch.float8_e4m3fn, 3),
                                  ("w13_global_scale", w.w13_global_scale, torch.float32, 1),
                                  ("w2", w.w2, torch.uint8, 3), ("w2_scale", w.w2_scale, torch.float8_e4m3fn, 3),
                                  ("w2_global_scale", w.w2_global_scale, torch.float32, 1)):
         if t.dtype != dtype or t.ndim != ndim:
             raise MoEConfigError(f"{where}: {name} must be a {ndim}-D {dtype} tensor, got {t.dtype} {tuple(t.shape)}")
+        if t.device != device:
+            raise _device_error(name, t.device, device, where)
     experts = w.w13.shape[0]
+    for name, t in (("input_global_scale", input_global_scale),
+                    ("intermediate_global_scale", intermediate_global_scale)):
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.numel() != 1:
+            raise MoEConfigError(f"{where}: {name} must be a float32 tensor with one element, got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+        if t.device != device:
+            raise _device_error(name, t.device, device, where)
+    if routing_bias is not None:
+        if not routing_bias.dtype.is_floating_point or tuple(routing_bias.shape) != (experts,):
+            raise MoEConfigError(f"{where}: routing_bias must be a float tensor of shape ({experts},), got "
+                                 f"{routing_bias.dtype} {tuple(routing_bias.shape)}")
+        if routing_bias.device != device:
+            raise _device_error("routing_bias", routing_bias.device, device, where)
     hidden_padded, intermediate_padded = w.w2.shape[1], w.w2.shape[2] * 2
     registry.check_supported(spec, activation=activation, routing=routing)
     if hidden_padded % spec.alignment.hidden:
@@ -83,13 +182,11 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
             raise MoEShapeError(f"{where}: {name} has shape {tuple(getattr(w, name).shape)}, the contract says "
                                 f"{expected[name]}", layer=layer, sizes=(tuple(getattr(w, name).shape), expected[name]))
     if router_logits.shape[1] != experts:
-        raise MoEShapeError(f"{where}: router_logits score {router_logits.shape[1]} experts but the weights hold "
-                            f"{experts}", layer=layer, sizes=(router_logits.shape[1], experts))
+        raise _expert_count_error(router_logits.shape[1], experts, where, layer)
     if not 0 < top_k <= experts:
         raise MoEConfigError(f"{where}: top_k={top_k} must be between 1 and the number of experts ({experts})")
     if _known_ne(router_logits.shape[0], hidden_states.shape[0]):
-        raise MoEShapeError(f"{where}: router_logits has {router_logits.shape[0]} tokens, hidden_states "
-                            f"{hidden_states.shape[0]}", layer=layer)
+        raise _token_count_error(router_logits.shape[0], hidden_states.shape[0], where, layer)
     torch._check(router_logits.shape[0] == hidden_states.shape[0],
                  lambda: f"{where}: router_logits and hidden_states disagree on the token count")
     width = hidden_states.shape[1]
@@ -99,12 +196,9 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
             f"activations and weights must be padded to the same width",
             layer=layer, sizes=(width, hidden_padded))
     if not padded_input:
-        if width > hidden_padded:
-            raise MoEShapeError(f"{where}: hidden states are {width} wide, wider than the weights' {hidden_padded}",
-                                layer=layer, sizes=(width, hidden_padded))
-        if hidden_size is not None and width != hidden_size:
-            raise MoEShapeError(f"{where}: hidden states are {width} wide but the layer's hidden size is {hidden_size}",
-                                layer=layer, sizes=(width, hidden_size))
+        error = _width_error(width, hidden_size, hidden_padded, where, layer)
+        if error is not None:
+            raise error
         if round_up(width, spec.alignment.hidden) != hidden_padded:
             raise MoEShapeError(
                 f"{where}: hidden size {width} pads to {round_up(width, spec.alignment.hidden)} for kernel {kernel!r}, "
@@ -117,12 +211,38 @@ def _weights(*tensors) -> registry.MoEWeights:
 
 
 def _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel):
+                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
     spec = registry.get(kernel)
+    if spec.quantizes_activations and hidden_states.device.type == "cpu" and layer not in _RANGE_WARNED:
+        _warn_if_beyond_calibration(hidden_states, input_global_scale, layer)
     args = registry.RunArgs(top_k=top_k, activation=activation, routing=routing, n_group=n_group,
                             topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
-    return spec.run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                    routing_bias, args)
+    try:
+        return spec.run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
+                        routing_bias, args)
+    except MoENonFiniteError as exc:
+        raise MoENonFiniteError(f"{_where(layer)}: {exc}") from None
+
+
+# Layers already warned about activations beyond their calibration: the warning is once per layer.
+_RANGE_WARNED: set = set()
+
+
+def _warn_if_beyond_calibration(hidden_states: Tensor, input_global_scale: Tensor, layer: str) -> None:
+    """Warn (once per layer) when the input exceeds the amax its static global scale was calibrated for.
+
+    Above ``amax = 448 * 6 / global_scale`` the e4m3 block scale saturates and the block's values clip:
+    the output is wrong with no error.  Only for kernels that quantize activations, and only on the CPU:
+    reading the maximum back is a host sync a GPU fast path must not pay.
+    """
+    calibrated = E4M3_MAX * E2M1_MAX / float(input_global_scale)
+    amax = float(hidden_states.abs().amax()) if hidden_states.numel() else 0.0
+    if math.isfinite(amax) and amax > calibrated:  # NaN / inf: the kernel's own error says more
+        _RANGE_WARNED.add(layer)
+        warnings.warn(f"{_where(layer)}: hidden states reach {amax:.4g}, {amax / calibrated:.2f}x the calibrated "
+                      f"amax {calibrated:.4g}; NVFP4 block scales saturate above it, so those values are clipped. "
+                      f"Calibrate the layer on representative inputs (FusedMoE.from_float(calibration=...)).",
+                      MoERangeWarning, stacklevel=2)
 
 
 @torch.library.custom_op("moe_nvfp4::trtllm_nvfp4_moe", mutates_args=())
@@ -136,9 +256,11 @@ def trtllm_nvfp4_moe(
     """The lowered MoE kernel call: padded ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out."""
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=True)
+                   kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
+                   intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias)
     out = _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                      routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel)
+                      routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                      layer)
     return out
 
 
@@ -148,7 +270,8 @@ def _trtllm_nvfp4_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_glo
                            activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=True)
+                   kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
+                   intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias)
     return hidden_states.new_empty((hidden_states.shape[0], w2.shape[1]), dtype=torch.bfloat16)
 
 
@@ -166,10 +289,12 @@ def fused_moe(
     """
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size)
+                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
+                   input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
+                   routing_bias=routing_bias)
     padded = torch.nn.functional.pad(hidden_states, (0, w2.shape[1] - hidden_size))
     out = _run_kernel(padded, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel)
+                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer)
     return out[:, :hidden_size].contiguous()
 
 
@@ -179,7 +304,9 @@ def _fused_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_sca
                     routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size)
+                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
+                   input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
+                   routing_bias=routing_bias)
     return hidden_states.new_empty((hidden_states.shape[0], hidden_size), dtype=torch.bfloat16)
 
 
