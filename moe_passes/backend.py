@@ -18,7 +18,9 @@ with parameters and buffers as static inputs, max-autotune and the FX graph cach
 ``observers``     ``observer(stage, pass_name, gm)`` callbacks (the testing kit's recorder)
 any other key     an inductor config option, as ``torch.compile(..., backend="inductor", options=...)`` takes
 
-Nothing process-wide is left installed: the inductor config is patched around the one compile call.
+Nothing process-wide is left installed: the inductor config is patched around the one compile call.  On an FX
+graph cache hit the passes do not run again (their uuid, each pass's source, is part of the key); a pass that
+records something each time it runs wants ``options={"fx_graph_cache": False}``.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def test_passes_run_inside_inductor_and_leave_no_hook_behind():
         seen["targets"] = {n.target for n in gm.graph.nodes if n.op == "call_function"}
 
     block = Block()
-    compiled = _compile(block, options={"extra_passes": [probe]})
+    # a cache hit (an earlier run of this test) would skip the passes, and the probe with them
+    compiled = _compile(block, options={"extra_passes": [probe], "fx_graph_cache": False})
     x = torch.randn(11, H).bfloat16()
     with torch.no_grad():
         got = compiled(x).float()
@@ -76,7 +77,8 @@ def test_mode_and_inductor_options_reach_inductor():
         expected = block(x)
         # torch.compile refuses mode= together with options=, so the mode can ride in the options
         for kwargs in ({"mode": "reduce-overhead"},
-                       {"options": {"mode": "reduce-overhead", "extra_passes": [probe], "epilogue_fusion": False}}):
+                       {"options": {"mode": "reduce-overhead", "extra_passes": [probe], "epilogue_fusion": False,
+                                    "fx_graph_cache": False}}):
             out = _compile(block, **kwargs)(x)  # CUDA graphs skip CPU tensors: the mode still applies
             torch.testing.assert_close(out, expected, atol=2e-2 * expected.abs().max().item(), rtol=2 ** -6)
     assert seen == [(True, False)]
@@ -95,7 +97,7 @@ def test_previous_post_grad_pass_still_runs_and_keys_the_cache():
             return "counting-v1"
 
     user_pass = Counting()
-    with torch._inductor.config.patch(post_grad_custom_post_pass=user_pass), torch.no_grad():
+    with torch._inductor.config.patch(post_grad_custom_post_pass=user_pass, fx_graph_cache=False), torch.no_grad():
         _compile(Block(2))(torch.randn(3, H).bfloat16())
         assert torch._inductor.config.post_grad_custom_post_pass is user_pass
     assert Counting.calls == 1
