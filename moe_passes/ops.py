@@ -292,10 +292,12 @@ def fused_moe(
                    kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
                    input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
                    routing_bias=routing_bias)
-    padded = torch.nn.functional.pad(hidden_states, (0, w2.shape[1] - hidden_size))
+    pad = w2.shape[1] - hidden_size
+    # pad and slice only where the lowering would (a zero-width pad still copies the activations)
+    padded = torch.nn.functional.pad(hidden_states, (0, pad)) if pad else hidden_states
     out = _run_kernel(padded, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
                       top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer)
-    return out[:, :hidden_size].contiguous()
+    return out[:, :hidden_size].contiguous() if pad else out
 
 
 @fused_moe.register_fake
