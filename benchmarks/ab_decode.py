@@ -1,4 +1,4 @@
-"""Same-session A/B of Triton layer variants: whole layer, CUDA-graph captured, modes alternated per round.
+"""Same-run A/B of Triton layer variants: whole layer, CUDA-graph captured, modes alternated per round.
 
 A mode is a name and overrides of what ``select_config`` picks (``TileConfig`` fields, applied only where
 the tensor-core decode runs unless ``all:`` prefixes them) or of the grouping's one-program limit::

@@ -2,9 +2,9 @@
 
 At one token the layer is a few microseconds of weight bytes (Qwen3-30B-A3B: 21 MB, 5.0 us at 4.25 TB/s),
 and the Triton path spends as long again on its kernel boundaries: routing, GEMM1, GEMM2 and the combine
-are separate launches, each draining the memory pipe before the next fills it.  Every fewer-launch Triton
-variant lost (docs/architecture.md, decisions 12 and 16), because a Triton program cannot keep another
-phase's weights in flight while it waits.  :file:`cuda_decode1.cu` does it by hand:
+are separate launches, each draining the memory pipe before the next fills it.  Fewer-launch Triton decodes
+were slower: a Triton program cannot keep another phase's weights in flight while it waits (its phases share
+one register allocation).  :file:`cuda_decode1.cu` does it by hand:
 
 - one CTA per SM, each routing the token itself (the logits are a few hundred bytes);
 - work is split by the intermediate: a CTA owns *segments* (:func:`segments`), each some consecutive 16-row
@@ -17,9 +17,8 @@ phase's weights in flight while it waits.  :file:`cuda_decode1.cu` does it by ha
 - the CTAs' fp32 partial outputs meet once: one grid barrier, then each CTA sums some hidden bands over every
   partial in a fixed order, so the result does not depend on timing.
 
-Status (H200, docs/benchmarks.md, eighth session): on by default for one token, since it measured at least as
-fast as the Triton decode on all four benchmark shapes (faster on Qwen3-30B-A3B and DeepSeek-V3);
-``MOE_NVFP4_CUDA_DECODE=0`` turns it off.  ``benchmarks/cuda_decode_timeline.py`` shows where its time goes.
+On by default for one token: on the H200 it is at least as fast as the Triton decode on all four benchmark
+shapes, and its output does not depend on timing (docs/performance.md); ``MOE_NVFP4_CUDA_DECODE=0`` turns it off.  ``benchmarks/cuda_decode_timeline.py`` shows where its time goes.
 
 The weights are the Triton path's prepared tensors (:func:`triton_moe.prepare_weights`), read as they are.
 Numerics are those of ``fused_moe_reference(..., quantize_activations=False)``, like the Triton path.
@@ -54,19 +53,19 @@ __all__ = ["DecodePlan", "plan_decode", "segments", "unsupported_reason", "decod
 
 
 def enabled_by(environ) -> bool:
-    """On unless ``MOE_NVFP4_CUDA_DECODE=0`` (docs/benchmarks.md, eighth session: at least as fast as the
-    Triton decode on every benchmark shape)."""
+    """On unless ``MOE_NVFP4_CUDA_DECODE=0`` (it is at least as fast as the Triton decode on every benchmark
+    shape)."""
     return environ.get("MOE_NVFP4_CUDA_DECODE", "1").strip() != "0"
 
 
 ENABLED = enabled_by(os.environ)
 CONSUMER_WARPS = 12  # warps that decode and multiply (one more streams the weights); 12 measured best
-# Knobs for same-session A/Bs (benchmarks/ab_decode.py): the most intermediate bands in one segment (its
+# Knobs for A/B runs (benchmarks/ab_decode.py): the most intermediate bands in one segment (its
 # GEMM1 sums and intermediate stay in shared memory until its GEMM2 is done), a cap on the ring's stages.
 MAX_UNITS = 8
 STAGE_CAP: Optional[int] = None
 # w2 by tensor copies (one piece of 16 bands each) where every piece is whole; else (and with False) one bulk
-# copy per piece block, which measured 2x slower (docs/benchmarks.md).
+# copy per piece block, which measured 2x slower (a CTA's bytes in flight are bounded by its copies in flight).
 W2_TMA = True
 # Programmatic dependent launch: the launch may start while the stream's previous kernel finishes (the kernel
 # waits for it before touching memory), hiding the launch latency between back-to-back kernels.

@@ -12,9 +12,9 @@
 // then their whole contribution to the output: GEMM2 over every hidden row, but only K = its 16n
 // intermediate columns.  So nothing a CTA multiplies comes from another CTA; the only grid-wide step is the
 // last one, the sum of the CTAs' fp32 partial outputs (one barrier, then each CTA sums some hidden bands
-// over all partials in a fixed order: the result does not depend on timing).  An earlier version split
-// GEMM2 by hidden rows instead and had to publish the intermediate to every CTA: that cross-CTA traffic
-// cost 3.5-5 us per call (docs/benchmarks.md, sixth session).
+// over all partials in a fixed order: the result does not depend on timing).  Splitting GEMM2 by hidden rows
+// instead would need every CTA to see every slot's intermediate: that cross-CTA exchange measured 3.5-5 us
+// per call.
 //
 // Weights are read in the Triton path's prepared layout (triton_layout: E2M1 bits re-placed in each word,
 // 16-row bands of 64-element pieces), so no second copy of the weights exists.  A w13 band is contiguous
@@ -161,8 +161,7 @@ template <int KIND> __device__ __forceinline__ float load_float(const void* p, i
 // holds the dot product of lane column c's K slots alone, one group of one row, and its E4M3 block scale
 // multiplies it in fp32 after the MMA: four FFMA per lane and group.  (Scaling the A fragments before the
 // MMA, the Triton decode's way, costs sixteen bf16x2 multiplies and a bf16 scale conversion: measured
-// 0.5-3 us slower per call, docs/benchmarks.md, eighth session.)  ``2^62 / global scale`` undoes the powers
-// of two.
+// 0.5-3 us slower per call.)  ``2^62 / global scale`` undoes the powers of two.
 #define XSCALE 0x1p64f
 #define POST_FACTOR 0x1p62f
 __device__ __forceinline__ void mma16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {

@@ -26,7 +26,7 @@ one after another, each piece's 16 rows contiguous::
 The last piece of a row is narrower when K/16 is not a multiple of 4, so the tensors keep their shapes
 (the registry's contract: only the order of bytes changes).  Why: a warp's load of 8 rows x 32 bytes of
 one K step touches 8 cache lines row-major and 2 banded; the kernels' loops wait on those L1 requests, and
-the banded copy made the decode 3-19% faster (benchmarks.md).  Group ``g`` of band row ``r`` sits
+the banded copy made the decode 3-19% faster (H200, 2-64 tokens).  Group ``g`` of band row ``r`` sits
 :func:`band_offset` groups after the band's start.  Global scales are not touched.  Everything here is
 plain torch (it runs on the CPU), so the CPU tests can check the layout against the canonical decode.
 """
