@@ -37,8 +37,10 @@ from moe_passes.passes.manager import GraphPass, PassResult
 __all__ = ["VerifyMoEShapes", "verify_graph", "user_source_line"]
 
 aten = torch.ops.aten
-# Frames in these trees are ours or torch's, never the user's line (kernels/ installs apart from moe_passes/).
-_NOT_USER_CODE = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (moe_passes, kernels, torch))
+# Frames in these trees are ours or torch's, never the user's line.  kernels/ is a namespace folder (no
+# __file__) reached through the moe_passes/kernels link, so take each package's __path__, linked and resolved.
+_NOT_USER_CODE = tuple(sorted({f(d) + os.sep for m in (moe_passes, kernels, torch) for d in m.__path__
+                               for f in (os.path.abspath, os.path.realpath)}))
 _FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)')
 
 
