@@ -275,7 +275,10 @@ def test_torch_logs_env_shows_pass_graphs(tmp_path):
         block = p.build()
         torch.compile(block, backend="moe_nvfp4", options={"inner": "eager"})(*p.inputs(3))
     """))
-    env = dict(os.environ, TORCH_LOGS="graph_code")
+    # The script must import this checkout, not whichever moe_passes is installed.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TORCH_LOGS="graph_code",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "moe_nvfp4 after lower_fused_moe" in out.stderr
