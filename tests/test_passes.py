@@ -312,3 +312,53 @@ def test_kit_pattern_failure_names_the_mismatch_and_shows_the_graph(nano):
     assert ">> %constant_pad_nd" in text and "aten.slice.Tensor" in text
     with pytest.raises(AssertionError, match="other nodes call the same ops"):
         assert_pattern(after, "mm -> add", exact=True)  # the shared MLP's first mm is off the chain
+
+
+# -- the kit on a real model ---------------------------------------------------------------------------
+
+def _tiny_converted_qwen3_moe():
+    """Two Qwen3-MoE decoder layers (hidden 64, padded to 256 for the kernel), converted to FusedMoE."""
+    transformers = pytest.importorskip("transformers")
+    from moe_passes.integrations.transformers import convert
+
+    config = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                         moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                         max_position_embeddings=64, norm_topk_prob=True)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    report = convert(model, calibration=torch.randint(0, 128, (2, 8)))
+    assert len(report.converted) == 2
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen3_cached():
+    """The converted model called once with a KV cache, eager and compiled through a RecordingBackend."""
+    model = _tiny_converted_qwen3_moe()
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    backend = RecordingBackend(inner="eager")
+    with torch.no_grad():
+        want = model(ids, use_cache=True)
+        got = torch.compile(model, backend=backend)(ids, use_cache=True)
+    torch._dynamo.reset()
+    return backend, want, got
+
+
+def test_recording_backend_on_a_transformers_model_with_kv_cache(qwen3_cached):
+    """A cached call puts real tensor constants (the empty cache's tensors) into the ATen graph; the kit's
+    snapshots must not clone them (under the compile's fake mode that fails, on a real model it would copy
+    the weights once per snapshot)."""
+    backend, want, got = qwen3_cached
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    for layer in range(2):
+        torch.testing.assert_close(got.past_key_values.layers[layer].keys, want.past_key_values.layers[layer].keys)
+    record = next(r for r in backend.compiles if r.after is not None and r.op_count("kernel"))
+    assert record.op_count("fused_moe", before=True) == 2
+    record.assert_pattern("pad -> kernel -> slice", count=2)
+    constants = [name for name, _ in record.after.named_buffers()]
+    assert constants, "the cached call is expected to carry tensor constants into the graph"
+    # The snapshot shares the compile's tensors instead of cloning them, and can be verified again.
+    assert all(getattr(record.after, name) is getattr(record.before, name) for name in constants)
+    verify(record.after)
