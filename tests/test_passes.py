@@ -310,8 +310,61 @@ def test_kit_pattern_failure_names_the_mismatch_and_shows_the_graph(nano):
     text = str(info.value)
     assert "longest partial match" in text and "expected add" in text
     assert ">> %constant_pad_nd" in text and "aten.slice.Tensor" in text
-    with pytest.raises(AssertionError, match="other nodes call the same ops"):
-        assert_pattern(after, "mm -> add", exact=True)  # the shared MLP's first mm is off the chain
+
+
+# -- assert_pattern(exact=True) ------------------------------------------------------------------------
+
+class _Residual(nn.Module):
+    """A user model with other adds, slices and pads around the MoE block."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x, logits):
+        h = torch.nn.functional.pad(x, (0, 4))[:, : x.shape[1]] + 1.0
+        return h + self.moe(h, logits)
+
+
+def test_exact_pattern_is_about_the_chain_not_the_whole_graph():
+    """The documented ``pad -> trtllm_nvfp4_moe -> slice -> add`` with ``exact=True`` holds on a model
+    that has other pads, slices and adds of its own."""
+    problem = _problem(320)
+    gm = trace(_Residual(problem.build().moe), *problem.inputs(tokens=3))
+    run = run_pipeline(gm)
+    assert run.op_count("add") >= 3 and run.op_count("pad") == 2
+    (chain,) = run.assert_pattern("pad -> trtllm_nvfp4_moe -> slice -> add", exact=True, count=1)
+    assert chain[0].args[1] == [0, 512 - 320] and chain[2].args[1:] == (1, 0, 320)
+
+
+def test_exact_pattern_rejects_a_value_used_off_the_chain(nano):
+    _, _, gm = nano
+    after = run_passes(gm, LowerFusedMoE()).after
+    (kernel,) = [n for n in after.graph.nodes if n.target is KERNEL_OP]
+    with after.graph.inserting_after(kernel):
+        leak = after.graph.call_function(aten.clone.default, (kernel,))
+    assert_pattern(after, "pad -> kernel -> slice -> add")  # the chain is there ...
+    with pytest.raises(AssertionError) as info:  # ... but the padded output also goes elsewhere
+        assert_pattern(after, "pad -> kernel -> slice -> add", exact=True)
+    text = str(info.value)
+    assert f"%{kernel.name}" in text and f"%{leak.name} (aten.clone.default)" in text and "off the chain" in text
+    assert_pattern(after, "slice -> add", exact=True)  # the chain's own values still only go along it
+
+
+def _two_mm_chains(complete_second: bool) -> torch.fx.GraphModule:
+    def f(x, y):
+        first = aten.relu.default(aten.add.Tensor(aten.mm.default(x, y), x))
+        second = aten.add.Tensor(aten.mm.default(x, y), y)
+        return first, aten.relu.default(second) if complete_second else aten.neg.default(second)
+    return torch.fx.symbolic_trace(f)
+
+
+def test_exact_pattern_rejects_a_chain_that_starts_and_stops():
+    complete, partial = _two_mm_chains(True), _two_mm_chains(False)
+    assert len(assert_pattern(complete, "mm -> add -> aten.relu", exact=True)) == 2
+    assert len(assert_pattern(partial, "mm -> add -> aten.relu")) == 1
+    with pytest.raises(AssertionError, match=r"partial match %mm_default_1 -> %add_tensor_1; .*expected aten.relu"):
+        assert_pattern(partial, "mm -> add -> aten.relu", exact=True)
 
 
 # -- the kit on a real model ---------------------------------------------------------------------------
@@ -362,3 +415,11 @@ def test_recording_backend_on_a_transformers_model_with_kv_cache(qwen3_cached):
     # The snapshot shares the compile's tensors instead of cloning them, and can be verified again.
     assert all(getattr(record.after, name) is getattr(record.before, name) for name in constants)
     verify(record.after)
+
+
+def test_exact_pattern_on_a_transformers_model(qwen3_cached):
+    """Rotary embeddings, the cache update and residual adds put many other slices and adds in the graph."""
+    backend, _, _ = qwen3_cached
+    record = next(r for r in backend.compiles if r.after is not None and r.op_count("kernel"))
+    assert record.op_count("slice") > 2 and record.op_count("pad") == 2
+    record.assert_pattern("pad -> kernel -> slice", exact=True, count=2)
