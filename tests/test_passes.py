@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -423,3 +424,45 @@ def test_exact_pattern_on_a_transformers_model(qwen3_cached):
     record = next(r for r in backend.compiles if r.after is not None and r.op_count("kernel"))
     assert record.op_count("slice") > 2 and record.op_count("pad") == 2
     record.assert_pattern("pad -> kernel -> slice", exact=True, count=2)
+
+
+# -- the docs' examples --------------------------------------------------------------------------------
+
+def _doc_files_and_commands(text: str):
+    """docs/testing.md's files (python blocks starting ``# path.py``) and, per test file, the shell commands
+    of the first bash block after it that names it."""
+    files, commands, last_tests = {}, {}, []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+        first = body.splitlines()[0] if body.strip() else ""
+        if lang == "python" and first.startswith("# ") and first.endswith(".py"):
+            path = first[2:].strip()
+            files[path] = body
+            last_tests = [path] if path.startswith("tests/") else last_tests
+        elif lang == "bash":
+            for path in last_tests:
+                commands.setdefault(path, [line for line in body.splitlines() if path in line])
+    return files, commands
+
+
+def test_docs_testing_examples_run_with_the_commands_they_state(tmp_path):
+    """Every test file in docs/testing.md states the command that runs it, and that command passes all of
+    its tests in a fresh project folder holding the docs' files."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "testing.md")) as f:
+        files, commands = _doc_files_and_commands(f.read())
+    tests = sorted(p for p in files if p.startswith("tests/"))
+    assert tests, "docs/testing.md has no test files"
+    missing = [p for p in tests if not commands.get(p)]
+    assert not missing, f"docs/testing.md states no command (a bash block naming the file) for {missing}"
+    for path, body in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(body)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    for path in tests:
+        for command in commands[path]:
+            argv = command.split()
+            argv = [sys.executable, *argv[1:]] if argv[0] == "python" else argv
+            out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            expected = len(re.findall(r"^def test_", files[path], re.M))
+            assert out.returncode == 0 and f"{expected} passed" in out.stdout, (
+                f"`{command}` from docs/testing.md:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
