@@ -362,9 +362,9 @@ def _check_padding(gm: torch.fx.GraphModule) -> None:
                         raise _Escape(node, states[arg], f"reaches the graph output as {arg.name}")
                 continue
             if node.target is KERNEL_OP:
-                x = node.args[0]
-                if isinstance(x, torch.fx.Node) and x in states and states[x].padded:
-                    raise _Escape(node, states[x], "feeds it to another kernel")
+                for arg in node.all_input_nodes:  # pad zeros may go in (the lowering's own pad), padding may not
+                    if arg in states and states[arg].padded:
+                        raise _Escape(node, states[arg], f"feeds it to a kernel as {arg.name}")
                 info = _sizes(node)
                 if info["hidden"] != info["hidden_padded"]:
                     cols = tuple(range(info["hidden"])) + (_PAD,) * (info["hidden_padded"] - info["hidden"])
