@@ -1,5 +1,6 @@
 """Mutation testing of the verifier: deliberately broken passes must each fail at compile time with a clear
-MoEShapeError (before any kernel runs), and the correct pipeline must never be rejected.
+MoEShapeError (before any kernel runs), and neither the correct pipeline nor a correct rewrite of it (work moved
+into the padded domain, slices moved or split) may ever be rejected.
 
 Each mutant is a small extra pass (run after lowering, before verification, as a user's pass would be)
 that introduces one padding bug.  Counts of caught / applied mutants and of false alarms over the fuzzed
@@ -102,22 +103,35 @@ class AddBeforeSlice(Mutant):
         return True
 
 
-class AddBeforeSlicePaddedShared(Mutant):
-    """Same, but pads the shared output too, so every shape agrees: only the invariant can see it."""
+class PadSharedOnTheLeft(Mutant):
+    """Pads the shared output on the left before adding it to the padded routed output: every shape agrees,
+    but column c of one meets column c - pad of the other."""
 
     def mutate(self, gm, kernel, pad, slice_):
         add = _shared_add(slice_)
         if add is None:
             return False
         other = add.args[1] if add.args[0] is slice_ else add.args[0]
-        hidden = slice_.args[3]
         with gm.graph.inserting_before(add):
             other_p = _copy_meta(gm.graph.call_function(aten.constant_pad_nd.default,
-                                                        (other, [0, pad.args[1][1]], 0.0)), add)
+                                                        (other, [pad.args[1][1], 0], 0.0)), add)
             early = _copy_meta(gm.graph.call_function(aten.add.Tensor, (kernel, other_p)), add)
-            late = _copy_meta(gm.graph.call_function(aten.slice.Tensor, (early, 1, 0, hidden)), add)
+            late = _copy_meta(gm.graph.call_function(aten.slice.Tensor, (early, 1, 0, slice_.args[3])), add)
         add.replace_all_uses_with(late)
         gm.graph.erase_node(add)
+        return True
+
+
+class NormOverPaddedColumns(Mutant):
+    """RMS-normalizes the routed output before the slice: the mean runs over the padding columns too."""
+
+    def mutate(self, gm, kernel, pad, slice_):
+        with gm.graph.inserting_before(slice_):
+            square = gm.graph.call_function(aten.mul.Tensor, (kernel, kernel))
+            mean = gm.graph.call_function(aten.mean.dim, (square, [-1], True))
+            scale = gm.graph.call_function(aten.rsqrt.default, (gm.graph.call_function(aten.add.Tensor, (mean, 1.0)),))
+            normed = gm.graph.call_function(aten.mul.Tensor, (kernel, scale))
+        slice_.replace_input_with(kernel, normed)
         return True
 
 
@@ -258,9 +272,9 @@ class RouterLogitsLoseAnExpert(Mutant):
         return True
 
 
-MUTANTS = [DropSlice, AddBeforeSlice, AddBeforeSlicePaddedShared, WrongPadWidth, PadTooNarrow, PadOnTokenDim, DropPad,
-           ActivationsPaddedToOtherAlignment, WeightsPaddedToOtherAlignment, SliceTooNarrow, SliceWrongOffset,
-           SliceTokenDim, PaddedOutputEscapes, BroadcastAgainstColumn, RouterLogitsLoseAnExpert]
+MUTANTS = [DropSlice, AddBeforeSlice, PadSharedOnTheLeft, NormOverPaddedColumns, WrongPadWidth, PadTooNarrow,
+           PadOnTokenDim, DropPad, ActivationsPaddedToOtherAlignment, WeightsPaddedToOtherAlignment, SliceTooNarrow,
+           SliceWrongOffset, SliceTokenDim, PaddedOutputEscapes, BroadcastAgainstColumn, RouterLogitsLoseAnExpert]
 
 
 # -- the suite -----------------------------------------------------------------------------------------
@@ -322,6 +336,106 @@ def test_mutant_is_caught_at_compile_time(mutant, problem, tokens):
         assert text in message, f"{mutant.__name__}: {text!r} missing from the error:\n{message}"
     assert "graph node" in message or "padded output" in message, message
     counts["caught"] += 1
+
+
+# -- correct rewrites: shape-correct graphs the verifier must accept ------------------------------------
+
+class Rewrite(Mutant):
+    """A correct pass: moves work into the padded domain or reshapes it, and slices the padding away before
+    anything else sees it.  A rejection is a false alarm."""
+
+
+class PadSharedAddSlice(Rewrite):
+    """Pads the shared output to the kernel's width, adds in the padded domain, then slices back:
+    ``slice(add(y_p, pad(shared)), 0, H)``."""
+
+    def mutate(self, gm, kernel, pad, slice_):
+        add = _shared_add(slice_)
+        if add is None:
+            return False
+        other = add.args[1] if add.args[0] is slice_ else add.args[0]
+        with gm.graph.inserting_before(add):
+            other_p = _copy_meta(gm.graph.call_function(aten.constant_pad_nd.default,
+                                                        (other, [0, pad.args[1][1]], 0.0)), add)
+            early = _copy_meta(gm.graph.call_function(aten.add.Tensor, (kernel, other_p)), add)
+            late = _copy_meta(gm.graph.call_function(aten.slice.Tensor, (early, 1, 0, slice_.args[3])), add)
+        add.replace_all_uses_with(late)
+        gm.graph.erase_node(add)
+        return True
+
+
+class AddPaddedSliceLater(Rewrite):
+    """Adds in the padded domain, scales, goes through a view with a leading unit dimension, and slices
+    only there: ``squeeze(slice(unsqueeze(mul(add(y_p, pad(shared)), 1.0), 0), 2, 0, H), 0)``."""
+
+    def mutate(self, gm, kernel, pad, slice_):
+        add = _shared_add(slice_)
+        if add is None:
+            return False
+        other = add.args[1] if add.args[0] is slice_ else add.args[0]
+        g = gm.graph
+        with g.inserting_before(add):
+            other_p = g.call_function(aten.constant_pad_nd.default, (other, [0, pad.args[1][1]], 0.0))
+            summed = g.call_function(aten.mul.Tensor, (g.call_function(aten.add.Tensor, (other_p, kernel)), 1.0))
+            wide = g.call_function(aten.unsqueeze.default, (summed, 0))
+            narrow = g.call_function(aten.slice.Tensor, (wide, 2, 0, slice_.args[3]))
+            late = g.call_function(aten.squeeze.dim, (narrow, 0))
+        add.replace_all_uses_with(late)
+        g.erase_node(add)
+        return True
+
+
+class SliceInTwoAndConcatenate(Rewrite):
+    """Slices the two halves of the true columns separately and concatenates them."""
+
+    def mutate(self, gm, kernel, pad, slice_):
+        hidden = slice_.args[3]
+        half = hidden // 32 * 16
+        with gm.graph.inserting_before(slice_):
+            low = gm.graph.call_function(aten.slice.Tensor, (kernel, 1, 0, half))
+            high = gm.graph.call_function(aten.slice.Tensor, (kernel, 1, half, hidden))
+            both = gm.graph.call_function(aten.cat.default, ([low, high], 1))
+        slice_.replace_all_uses_with(both)
+        gm.graph.erase_node(slice_)
+        return True
+
+
+class SliceTwiceThroughTranspose(Rewrite):
+    """Transposes the padded output, trims part of the padding, transposes back, then trims the rest."""
+
+    def mutate(self, gm, kernel, pad, slice_):
+        hidden, extra = slice_.args[3], pad.args[1][1]
+        g = gm.graph
+        with g.inserting_before(slice_):
+            flipped = g.call_function(aten.permute.default, (kernel, [1, 0]))
+            trimmed = g.call_function(aten.slice.Tensor, (flipped, 0, 0, hidden + extra // 2))
+            back = g.call_function(aten.transpose.int, (trimmed, 0, 1))
+        slice_.args = (back, *slice_.args[1:])
+        return True
+
+
+REWRITES = [PadSharedAddSlice, AddPaddedSliceLater, SliceInTwoAndConcatenate, SliceTwiceThroughTranspose]
+
+
+@pytest.mark.parametrize("rewrite", REWRITES, ids=lambda r: r.__name__)
+@mst.fuzz_settings(2)
+@given(problem=mst.moe_problems(aligned=False, shared=True, experts=st.sampled_from([2, 4]), name=LAYER),
+       tokens=st.sampled_from([5, 33]))
+def test_correct_rewrite_is_accepted(rewrite, problem, tokens):
+    block = problem.build()
+    torch._dynamo.reset()
+    correct = rewrite()
+    backend = RecordingBackend(inner="eager", extra_passes=[correct])
+    compiled = torch.compile(block, backend=backend)
+    COUNTS["correct"]["cases"] += 1
+    try:
+        with no_silent_fallback():
+            check_numerics(compiled, block, [mark_token_dims(*problem.inputs(t, seed=t)) for t in (1, tokens)])
+    except Exception as exc:
+        if isinstance(unwrap_compile_error(exc), MoEShapeError):
+            COUNTS["correct"]["rejected"] += 1
+        raise
+    assert backend.num_compiles == 1 and correct.matches == 1, "the rewrite must have applied, once"
 
 
 BENIGN_EXTRA_PASSES = {

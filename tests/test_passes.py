@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -275,7 +276,10 @@ def test_torch_logs_env_shows_pass_graphs(tmp_path):
         block = p.build()
         torch.compile(block, backend="moe_nvfp4", options={"inner": "eager"})(*p.inputs(3))
     """))
-    env = dict(os.environ, TORCH_LOGS="graph_code")
+    # The script must import this checkout, not whichever moe_passes is installed.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TORCH_LOGS="graph_code",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "moe_nvfp4 after lower_fused_moe" in out.stderr
@@ -307,5 +311,158 @@ def test_kit_pattern_failure_names_the_mismatch_and_shows_the_graph(nano):
     text = str(info.value)
     assert "longest partial match" in text and "expected add" in text
     assert ">> %constant_pad_nd" in text and "aten.slice.Tensor" in text
-    with pytest.raises(AssertionError, match="other nodes call the same ops"):
-        assert_pattern(after, "mm -> add", exact=True)  # the shared MLP's first mm is off the chain
+
+
+# -- assert_pattern(exact=True) ------------------------------------------------------------------------
+
+class _Residual(nn.Module):
+    """A user model with other adds, slices and pads around the MoE block."""
+
+    def __init__(self, moe):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x, logits):
+        h = torch.nn.functional.pad(x, (0, 4))[:, : x.shape[1]] + 1.0
+        return h + self.moe(h, logits)
+
+
+def test_exact_pattern_is_about_the_chain_not_the_whole_graph():
+    """The documented ``pad -> trtllm_nvfp4_moe -> slice -> add`` with ``exact=True`` holds on a model
+    that has other pads, slices and adds of its own."""
+    problem = _problem(320)
+    gm = trace(_Residual(problem.build().moe), *problem.inputs(tokens=3))
+    run = run_pipeline(gm)
+    assert run.op_count("add") >= 3 and run.op_count("pad") == 2
+    (chain,) = run.assert_pattern("pad -> trtllm_nvfp4_moe -> slice -> add", exact=True, count=1)
+    assert chain[0].args[1] == [0, 512 - 320] and chain[2].args[1:] == (1, 0, 320)
+
+
+def test_exact_pattern_rejects_a_value_used_off_the_chain(nano):
+    _, _, gm = nano
+    after = run_passes(gm, LowerFusedMoE()).after
+    (kernel,) = [n for n in after.graph.nodes if n.target is KERNEL_OP]
+    with after.graph.inserting_after(kernel):
+        leak = after.graph.call_function(aten.clone.default, (kernel,))
+    assert_pattern(after, "pad -> kernel -> slice -> add")  # the chain is there ...
+    with pytest.raises(AssertionError) as info:  # ... but the padded output also goes elsewhere
+        assert_pattern(after, "pad -> kernel -> slice -> add", exact=True)
+    text = str(info.value)
+    assert f"%{kernel.name}" in text and f"%{leak.name} (aten.clone.default)" in text and "off the chain" in text
+    assert_pattern(after, "slice -> add", exact=True)  # the chain's own values still only go along it
+
+
+def _two_mm_chains(complete_second: bool) -> torch.fx.GraphModule:
+    def f(x, y):
+        first = aten.relu.default(aten.add.Tensor(aten.mm.default(x, y), x))
+        second = aten.add.Tensor(aten.mm.default(x, y), y)
+        return first, aten.relu.default(second) if complete_second else aten.neg.default(second)
+    return torch.fx.symbolic_trace(f)
+
+
+def test_exact_pattern_rejects_a_chain_that_starts_and_stops():
+    complete, partial = _two_mm_chains(True), _two_mm_chains(False)
+    assert len(assert_pattern(complete, "mm -> add -> aten.relu", exact=True)) == 2
+    assert len(assert_pattern(partial, "mm -> add -> aten.relu")) == 1
+    with pytest.raises(AssertionError, match=r"partial match %mm_default_1 -> %add_tensor_1; .*expected aten.relu"):
+        assert_pattern(partial, "mm -> add -> aten.relu", exact=True)
+
+
+# -- the kit on a real model ---------------------------------------------------------------------------
+
+def _tiny_converted_qwen3_moe():
+    """Two Qwen3-MoE decoder layers (hidden 64, padded to 256 for the kernel), converted to FusedMoE."""
+    transformers = pytest.importorskip("transformers")
+    from moe_passes.integrations.transformers import convert
+
+    config = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                         moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                         max_position_embeddings=64, norm_topk_prob=True)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    report = convert(model, calibration=torch.randint(0, 128, (2, 8)))
+    assert len(report.converted) == 2
+    return model
+
+
+@pytest.fixture(scope="module")
+def qwen3_cached():
+    """The converted model called once with a KV cache, eager and compiled through a RecordingBackend."""
+    model = _tiny_converted_qwen3_moe()
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    backend = RecordingBackend(inner="eager")
+    with torch.no_grad():
+        want = model(ids, use_cache=True)
+        got = torch.compile(model, backend=backend)(ids, use_cache=True)
+    torch._dynamo.reset()
+    return backend, want, got
+
+
+def test_recording_backend_on_a_transformers_model_with_kv_cache(qwen3_cached):
+    """A cached call puts real tensor constants (the empty cache's tensors) into the ATen graph; the kit's
+    snapshots must not clone them (under the compile's fake mode that fails, on a real model it would copy
+    the weights once per snapshot)."""
+    backend, want, got = qwen3_cached
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    for layer in range(2):
+        torch.testing.assert_close(got.past_key_values.layers[layer].keys, want.past_key_values.layers[layer].keys)
+    record = next(r for r in backend.compiles if r.after is not None and r.op_count("kernel"))
+    assert record.op_count("fused_moe", before=True) == 2
+    record.assert_pattern("pad -> kernel -> slice", count=2)
+    constants = [name for name, _ in record.after.named_buffers()]
+    assert constants, "the cached call is expected to carry tensor constants into the graph"
+    # The snapshot shares the compile's tensors instead of cloning them, and can be verified again.
+    assert all(getattr(record.after, name) is getattr(record.before, name) for name in constants)
+    verify(record.after)
+
+
+def test_exact_pattern_on_a_transformers_model(qwen3_cached):
+    """Rotary embeddings, the cache update and residual adds put many other slices and adds in the graph."""
+    backend, _, _ = qwen3_cached
+    record = next(r for r in backend.compiles if r.after is not None and r.op_count("kernel"))
+    assert record.op_count("slice") > 2 and record.op_count("pad") == 2
+    record.assert_pattern("pad -> kernel -> slice", exact=True, count=2)
+
+
+# -- the docs' examples --------------------------------------------------------------------------------
+
+def _doc_files_and_commands(text: str):
+    """docs/testing.md's files (python blocks starting ``# path.py``) and, per test file, the shell commands
+    of the first bash block after it that names it."""
+    files, commands, last_tests = {}, {}, []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
+        first = body.splitlines()[0] if body.strip() else ""
+        if lang == "python" and first.startswith("# ") and first.endswith(".py"):
+            path = first[2:].strip()
+            files[path] = body
+            last_tests = [path] if path.startswith("tests/") else last_tests
+        elif lang == "bash":
+            for path in last_tests:
+                commands.setdefault(path, [line for line in body.splitlines() if path in line])
+    return files, commands
+
+
+def test_docs_testing_examples_run_with_the_commands_they_state(tmp_path):
+    """Every test file in docs/testing.md states the command that runs it, and that command passes all of
+    its tests in a fresh project folder holding the docs' files."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "testing.md")) as f:
+        files, commands = _doc_files_and_commands(f.read())
+    tests = sorted(p for p in files if p.startswith("tests/"))
+    assert tests, "docs/testing.md has no test files"
+    missing = [p for p in tests if not commands.get(p)]
+    assert not missing, f"docs/testing.md states no command (a bash block naming the file) for {missing}"
+    for path, body in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(body)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    for path in tests:
+        for command in commands[path]:
+            argv = command.split()
+            argv = [sys.executable, *argv[1:]] if argv[0] == "python" else argv
+            out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            expected = len(re.findall(r"^def test_", files[path], re.M))
+            assert out.returncode == 0 and f"{expected} passed" in out.stdout, (
+                f"`{command}` from docs/testing.md:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")

@@ -6,10 +6,13 @@ Runs last and always.  Two checks:
    stay symbolic).  The kernel op's fake function checks its inputs against the shape contract, and
    every other op checks its own shapes; any failure becomes a :class:`MoEShapeError` naming the node,
    the MoE layer upstream of it, the sizes involved and the user's source line.
-2. Explicit invariants the fake shapes cannot see: every FusedMoE node was lowered, and a kernel output
-   padded wider than its layer is consumed only by a slice back to the layer's width along the hidden
-   dimension.  This catches e.g. a padded output that reaches the graph output, or one broadcast
-   against a ``[T, 1]`` tensor, where shapes alone would not complain.
+2. What the fake shapes cannot see: every FusedMoE node was lowered, and the padding columns of every
+   padded kernel output are followed column by column through elementwise ops, views, transposes, pads,
+   slices and concatenations.  Any route is accepted (e.g. pad the shared output, add in the padded
+   domain, slice later), but the padding must be sliced away before it reaches anything else (the graph
+   output, a reduction, a matmul, another kernel), and a padded tensor's columns must never meet shifted
+   ones (a shared output padded on the left).  Shapes alone would accept a padded output returned from
+   the graph, broadcast against a ``[T, 1]`` tensor, or sliced from the wrong offset.
 
 Example of a caught bug (an extra pass dropped the slice)::
 
@@ -19,6 +22,7 @@ Example of a caught bug (an extra pass dropped the slice)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Optional
@@ -166,27 +170,228 @@ def _propagate(gm: torch.fx.GraphModule) -> None:
         _Prop(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
 
 
+# Column tracking: for a value derived from a padded kernel output, what each position along one dimension
+# holds: a column index of the layer's hidden state, the kernel's padding (_PAD, unspecified contents) or a
+# zero written by a constant pad (_ZERO).  Values that hold neither padding nor pad zeros are not tracked.
+_PAD, _ZERO = -1, -2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cols:
+    dim: int  # counted from the right (-1: the last dimension), so broadcasting keeps it
+    cols: tuple
+    kernel: Optional[torch.fx.Node]  # the kernel whose padding this holds (None: only pad zeros)
+
+    @property
+    def padded(self) -> bool:
+        return self.kernel is not None and _PAD in self.cols
+
+
+_IDENTITY_OPS = {aten._to_copy.default, aten.alias.default, aten.detach.default, aten.clone.default}
+_VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+             aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default}
+
+
+def _size_along(val, dim: int):
+    return val.shape[dim] if isinstance(val, torch.Tensor) and val.ndim >= -dim else None
+
+
+def _state_of(arg, states: dict, dim: int) -> Optional[_Cols]:
+    """``arg``'s columns along ``dim``: tracked, or the identity for a plain tensor of static width."""
+    if not isinstance(arg, torch.fx.Node):
+        return None
+    state = states.get(arg)
+    if state is not None:
+        return state if state.dim == dim else None
+    width = _size_along(arg.meta.get("val"), dim)
+    return _Cols(dim, tuple(range(width)), None) if isinstance(width, int) else None
+
+
+class _Escape(Exception):
+    """A tracked value with kernel padding reached ``node``, where its columns can no longer be followed."""
+
+    def __init__(self, node: torch.fx.Node, state: _Cols, why: str, shifted: bool = False):
+        super().__init__(why)
+        self.node, self.state, self.why, self.shifted = node, state, why, shifted
+
+
+def _combine(node: torch.fx.Node, inputs: list, states: dict, dim: int) -> Optional[_Cols]:
+    """Position by position, for inputs that line up along ``dim`` (elementwise ops, cat on another dim)."""
+    out_width = _size_along(node.meta.get("val"), dim)
+    tracked = [states[a] for a in inputs if isinstance(a, torch.fx.Node) and a in states and states[a].dim == dim]
+    if not tracked:
+        return None
+    padded = next((s for s in tracked if s.padded), None)
+    if not isinstance(out_width, int):
+        if padded is not None:
+            raise _Escape(node, padded, "gives it a width that is not a number")
+        return None
+    parts = []
+    for arg in inputs:
+        width = _size_along(arg.meta.get("val"), dim) if isinstance(arg, torch.fx.Node) else None
+        if width is None or width == 1 and out_width != 1:
+            continue  # a scalar or a broadcast: the same for every position
+        state = _state_of(arg, states, dim)
+        if state is None:
+            if padded is not None:
+                raise _Escape(node, padded, f"meets {arg.name}, whose columns cannot be followed")
+            return None
+        parts.append((arg, state))
+    cols = []
+    for p in range(out_width):
+        data = {s.cols[p] for _, s in parts if s.cols[p] >= 0}
+        if any(s.cols[p] == _PAD for _, s in parts):
+            cols.append(_PAD)
+        elif len(data) > 1:
+            if padded is not None:
+                (a, sa), (b, sb) = [(a, s) for a, s in parts if s.cols[p] >= 0][:2]
+                raise _Escape(node, padded, f"column {sa.cols[p]} of {a.name} meets column {sb.cols[p]} of {b.name} "
+                                            f"(at position {p})", shifted=True)
+            return None  # the model's own arithmetic on shifted columns: not ours to judge
+        else:
+            cols.append(data.pop() if data else _ZERO)
+    kernel = padded.kernel if padded is not None else None
+    return _Cols(dim, tuple(cols), kernel)
+
+
+def _transfer(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
+    """The columns of ``node``'s value, given its inputs'; raises :class:`_Escape` when padding is lost track of."""
+    target, args = node.target, node.args
+    if node.op != "call_function":
+        return None
+    val = node.meta.get("val")
+    if target is aten.constant_pad_nd.default:
+        return _pad(node, states)
+    ins = [a for a in node.all_input_nodes if a in states]
+    if not ins:
+        return None
+    src = states[ins[0]]
+    padded = next((states[a] for a in ins if states[a].padded), None)
+
+    def lose(why: str) -> None:
+        if padded is not None:
+            raise _Escape(node, padded, why)
+        return None
+
+    if target is aten.slice.Tensor and args[0] in states:
+        ndim = args[0].meta["val"].ndim
+        dim = args[1] if len(args) > 1 else 0
+        if (dim - ndim if dim >= 0 else dim) != src.dim:
+            return src
+        start, end, step = (list(args[2:5]) + [None, None, 1][len(args[2:5]):])
+        if not all(isinstance(v, int) or v is None for v in (start, end, step)):
+            return lose("slices it by a symbolic range")
+        return _tracked(dataclasses.replace(src, cols=src.cols[slice(start, end, step)]))
+    if target is aten.cat.default:
+        tensors = list(args[0])
+        dim = args[1] if len(args) > 1 else 0
+        dim = dim - val.ndim if dim >= 0 else dim
+        dims = {states[a].dim for a in ins}
+        if len(dims) != 1:
+            return lose("concatenates values tracked along different dimensions")
+        (tracked_dim,) = dims
+        if dim != tracked_dim:
+            return _tracked(_combine(node, tensors, states, tracked_dim))
+        parts = [_state_of(a, states, tracked_dim) for a in tensors]
+        if any(p is None for p in parts):
+            return lose("concatenates it with a value whose columns cannot be followed")
+        return _tracked(_Cols(tracked_dim, tuple(c for p in parts for c in p.cols), padded and padded.kernel))
+    if isinstance(target, torch._ops.OpOverload) and (torch.Tag.pointwise in target.tags or target in _IDENTITY_OPS):
+        dims = {states[a].dim for a in ins}
+        if len(dims) != 1:
+            return lose("combines values tracked along different dimensions")
+        return _tracked(_combine(node, list(node.all_input_nodes), states, dims.pop()))
+    if target in _VIEW_OPS and args[0] in states:
+        before, after = args[0].meta["val"].shape, val.shape
+        keep = -src.dim
+        if len(after) >= keep and tuple(after[-keep:]) == tuple(before[-keep:]):
+            return src
+        return lose("reshapes the padded dimension")
+    if target in (aten.permute.default, aten.transpose.int, aten.t.default) and args[0] in states:
+        ndim = val.ndim
+        order = list(range(ndim))
+        if target is aten.permute.default:
+            order = [d % ndim for d in args[1]]
+        elif ndim > 1:
+            a, b = (args[1] % ndim, args[2] % ndim) if target is aten.transpose.int else (0, 1)
+            order[a], order[b] = order[b], order[a]
+        return dataclasses.replace(src, dim=order.index(ndim + src.dim) - ndim)
+    return lose("uses it, and the padding columns would take part")
+
+
+def _pad(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
+    """``constant_pad_nd``: zeros around the columns (also of an untracked value, to check what it meets)."""
+    x, pads = node.args[0], list(node.args[1])
+    state = states.get(x)
+    if state is None:
+        if not any(pads[:2]):
+            return None
+        state = _state_of(x, states, -1)
+        if state is None:
+            return None
+    k = -state.dim - 1
+    if len(pads) <= 2 * k:
+        return state
+    left, right = pads[2 * k], pads[2 * k + 1] if len(pads) > 2 * k + 1 else 0
+    cols = list(state.cols)[max(-left, 0):len(state.cols) + min(right, 0)]
+    cols = [_ZERO] * max(left, 0) + cols + [_ZERO] * max(right, 0)
+    return _tracked(dataclasses.replace(state, cols=tuple(cols)))
+
+
+def _tracked(state: Optional[_Cols]) -> Optional[_Cols]:
+    """Stop tracking a value whose columns are all data: from there on it is an ordinary tensor."""
+    if state is None or all(c >= 0 for c in state.cols):
+        return None
+    if _PAD not in state.cols:
+        return dataclasses.replace(state, kernel=None)
+    return state
+
+
+def _check_padding(gm: torch.fx.GraphModule) -> None:
+    """Follow the padding columns of every padded kernel output: they may take any route through elementwise
+    ops, views, pads, slices and concatenations, but must be sliced away before the value reaches anything
+    else (the graph output, a matmul, a reduction, another kernel) and must never line up a padded
+    tensor's columns with shifted ones."""
+    states: dict = {}
+    for node in gm.graph.nodes:
+        try:
+            if node.op == "output":
+                for arg in node.all_input_nodes:
+                    if arg in states and states[arg].padded:
+                        raise _Escape(node, states[arg], f"reaches the graph output as {arg.name}")
+                continue
+            if node.target is KERNEL_OP:
+                for arg in node.all_input_nodes:  # pad zeros may go in (the lowering's own pad), padding may not
+                    if arg in states and states[arg].padded:
+                        raise _Escape(node, states[arg], f"feeds it to a kernel as {arg.name}")
+                info = _sizes(node)
+                if info["hidden"] != info["hidden_padded"]:
+                    cols = tuple(range(info["hidden"])) + (_PAD,) * (info["hidden_padded"] - info["hidden"])
+                    states[node] = _Cols(-1, cols, node)
+                continue
+            state = _transfer(node, states)
+            if state is not None:
+                states[node] = state
+        except _Escape as esc:
+            kernel = esc.state.kernel
+            info = _sizes(kernel)
+            user = esc.node
+            where = f"{user.name} ({user.target if user.op == 'call_function' else user.op})"
+            what = ("meets columns that do not line up with its own at" if esc.shifted else
+                    f"reaches, without being sliced back to the layer's hidden size {info['hidden']},")
+            raise MoEShapeError(
+                f"the padded output ({info['hidden_padded']} wide) of kernel node {kernel.name} {what} graph node "
+                f"{where}: {esc.why}" + (f" (the layer's hidden size is {info['hidden']})" if esc.shifted else ""),
+                layer=info["layer"], sizes=(info["hidden_padded"], info["hidden"]),
+                source=user_source_line(user) or user_source_line(kernel)) from None
+
+
 def _check_invariants(gm: torch.fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.target is FUSED_MOE:
             raise MoEShapeError(f"FusedMoE node {node.name} reached verification unlowered; the lowering pass "
                                 "must run before verification", layer=layer_name(node), source=user_source_line(node))
-        if node.target is not KERNEL_OP:
-            continue
-        info = _sizes(node)
-        hidden, padded = info["hidden"], info["hidden_padded"]
-        if hidden == padded:
-            continue
-        for user in node.users:
-            ok = (user.target is aten.slice.Tensor and len(user.args) >= 4 and user.args[1] in (1, -1)
-                  and user.args[2] == 0 and user.args[3] == hidden
-                  and (len(user.args) < 5 or user.args[4] == 1))
-            if not ok:
-                raise MoEShapeError(
-                    f"the padded output ({padded} wide) of kernel node {node.name} reaches {user.name} "
-                    f"({user.target if user.op == 'call_function' else user.op}) without being sliced back to the "
-                    f"layer's hidden size {hidden}", layer=info["layer"], sizes=(padded, hidden),
-                    source=user_source_line(user) or user_source_line(node))
+    _check_padding(gm)
 
 
 def verify_graph(gm: torch.fx.GraphModule) -> None:

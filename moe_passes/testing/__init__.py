@@ -8,9 +8,9 @@ on demand: hypothesis is a test dependency).  See docs/testing.md.
 """
 
 from moe_passes.testing.capture import (CompileRecord, GraphChecks, PassRun, RecordingBackend, Snapshot,
-                                        count_kernel_calls, expect_shape_error, mark_token_dims, no_silent_fallback,
-                                        raises_compile_error, run_passes, run_pipeline, trace, unwrap_compile_error,
-                                        verify)
+                                        copy_graph_module, count_kernel_calls, expect_shape_error, mark_token_dims,
+                                        no_silent_fallback, raises_compile_error, run_passes, run_pipeline, trace,
+                                        unwrap_compile_error, verify)
 from moe_passes.testing.graph import (ALIASES, OpMatcher, assert_no_ops, assert_pattern, find_nodes, format_graph,
                                       format_node, op_count, resolve_op)
 from moe_passes.testing.numerics import (BF16_ROUNDING, REFERENCE_TOLERANCE, NumericsReport, Tolerance, assert_close,
@@ -20,6 +20,7 @@ from moe_passes.testing.problems import MoEBlock, MoEProblem, SharedMLP, moe_ref
 __all__ = [
     # tracing and running passes
     "trace", "run_passes", "run_pipeline", "PassRun", "RecordingBackend", "CompileRecord", "Snapshot", "GraphChecks",
+    "copy_graph_module",
     # graph assertions
     "op_count", "find_nodes", "assert_pattern", "assert_no_ops", "resolve_op", "OpMatcher", "ALIASES",
     "format_graph", "format_node",

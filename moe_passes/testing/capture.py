@@ -21,14 +21,31 @@ from moe_passes.passes import PassManager, default_pipeline, verify_graph
 from moe_passes.passes.manager import PassLike
 from moe_passes.testing.graph import OpLike, assert_pattern, op_count, resolve_op
 
-__all__ = ["Snapshot", "GraphChecks", "CompileRecord", "RecordingBackend", "PassRun", "trace", "run_passes",
-           "run_pipeline", "verify", "expect_shape_error", "unwrap_compile_error", "raises_compile_error",
+__all__ = ["copy_graph_module", "Snapshot", "GraphChecks", "CompileRecord", "RecordingBackend", "PassRun", "trace",
+           "run_passes", "run_pipeline", "verify", "expect_shape_error", "unwrap_compile_error", "raises_compile_error",
            "count_kernel_calls", "no_silent_fallback", "mark_token_dims"]
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm``'s graph (nodes, arguments, ``meta``) that shares its tensors.
+
+    Parameters, buffers, tensor constants and tensors in ``gm.meta`` are the same objects as in ``gm``:
+    a snapshot records the graph, not the data.  Cloning them fails inside a compile (the fake mode is
+    active, so a real constant's storage would be cloned onto ``meta``; transformers' KV cache puts such
+    constants in the graph) and would copy a model's weights once per snapshot.
+    """
+    from torch.utils._pytree import tree_leaves
+
+    tensors = [v for module in gm.modules() for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    tensors += list(gm.parameters()) + list(gm.buffers())
+    tensors += [v for v in tree_leaves(dict(getattr(gm, "meta", {}))) if isinstance(v, torch.Tensor)]
+    return copy.deepcopy(gm, {id(t): t for t in tensors})
 
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """A deep copy of the graph taken ``stage`` (``"before"`` / ``"after"``) pass ``pass_name``."""
+    """A copy of the graph (:func:`copy_graph_module`) taken ``stage`` (``"before"`` / ``"after"``) pass
+    ``pass_name``."""
 
     stage: str
     pass_name: str
@@ -150,10 +167,10 @@ class RecordingBackend(GraphChecks):
         def observe(stage: str, name: str, gm: torch.fx.GraphModule) -> None:
             snaps = record.snapshots
             if self.snapshot_every_pass or not snaps:
-                snaps.append(Snapshot(stage, name, copy.deepcopy(gm)))
+                snaps.append(Snapshot(stage, name, copy_graph_module(gm)))
             elif stage == "after":  # keep only the first "before" and the latest "after"
                 del snaps[1:]
-                snaps.append(Snapshot(stage, name, copy.deepcopy(gm)))
+                snaps.append(Snapshot(stage, name, copy_graph_module(gm)))
             if self._stop:
                 raise _CaptureDone()
         return observe
@@ -161,7 +178,7 @@ class RecordingBackend(GraphChecks):
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
         from moe_passes.backend import moe_nvfp4_backend
 
-        record = CompileRecord(dynamo_graph=copy.deepcopy(gm))
+        record = CompileRecord(dynamo_graph=copy_graph_module(gm))
         self.compiles.append(record)
         options = dict(self.options, observers=(self._observer(record), *self.user_observers))
         try:
@@ -265,15 +282,15 @@ def run_passes(gm: torch.fx.GraphModule, passes: Union[PassManager, Sequence[Pas
         manager = passes
     else:
         manager = PassManager(list(passes) if isinstance(passes, (list, tuple)) else [passes])
-    work = copy.deepcopy(gm)
+    work = copy_graph_module(gm)
     snapshots: list[Snapshot] = []
 
     def observe(stage, name, graph_module):
         if snapshot_every_pass:
-            snapshots.append(Snapshot(stage, name, copy.deepcopy(graph_module)))
+            snapshots.append(Snapshot(stage, name, copy_graph_module(graph_module)))
 
     manager.observers.append(observe)
-    run = PassRun(before=copy.deepcopy(gm), after=work, records=[], snapshots=snapshots, manager=manager)
+    run = PassRun(before=copy_graph_module(gm), after=work, records=[], snapshots=snapshots, manager=manager)
     start = len(manager.records)
     try:
         manager.run(work)
@@ -294,7 +311,7 @@ def run_pipeline(gm: torch.fx.GraphModule, extra_passes: Sequence[PassLike] = ()
 
 def verify(gm: torch.fx.GraphModule) -> None:
     """Run the verifier on (a copy of) any traced graph; raises :class:`MoEShapeError` on a violation."""
-    verify_graph(copy.deepcopy(gm))
+    verify_graph(copy_graph_module(gm))
 
 
 def expect_shape_error(gm: torch.fx.GraphModule) -> MoEShapeError:

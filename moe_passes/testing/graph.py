@@ -200,30 +200,58 @@ def _chains_from(node: torch.fx.Node, matchers: list[OpMatcher]):
     return full, best
 
 
+def _describe_partial(best: list[torch.fx.Node], matchers: list[OpMatcher]) -> str:
+    last = best[-1]
+    users = ", ".join(f"%{u.name} ({_target_str(u)})" for u in last.users) or "none"
+    return (f"{' -> '.join('%' + n.name for n in best)}; the users of %{last.name} are [{users}], "
+            f"expected {matchers[len(best)]}")
+
+
+def _exact_violations(graph: torch.fx.Graph, matchers: list[OpMatcher], chains, starts):
+    """What ``exact=True`` rejects: a chain value used off the chain, or a chain that starts and stops."""
+    problems, focus = [], []
+    successors = {}
+    for chain in chains:
+        for node, nxt in zip(chain, chain[1:]):
+            successors.setdefault(node, set()).add(nxt)
+    for node, nexts in successors.items():
+        off = [u for u in node.users if u not in nexts]
+        if off:
+            problems.append(f"%{node.name} is on the chain, but its output is also used off the chain by "
+                            + ", ".join(f"%{u.name} ({_target_str(u)})" for u in off))
+            focus += [node, *off]
+    on_chains = {c[0] for c in chains}
+    for node, best in starts:
+        if node not in on_chains and len(best) >= 2:
+            problems.append(f"a partial match {_describe_partial(best, matchers)}")
+            focus += best
+    return problems, focus
+
+
 def assert_pattern(gm: Union[torch.fx.GraphModule, torch.fx.Graph], pattern: Union[str, Sequence[OpLike]], *,
                    exact: bool = False, count: Optional[int] = None) -> list[list[torch.fx.Node]]:
     """Assert a data-flow chain ``a -> b -> c``: a node calling ``a`` whose output feeds a node calling ``b``...
 
-    ``count``: how many distinct chains must exist (default: at least one).  ``exact=True`` also demands
-    that the nodes calling any op of the pattern are exactly those on the chains (nothing else of those
-    kinds anywhere in the graph, e.g. no stray pad).  Returns the chains found (lists of nodes).
+    ``count``: how many distinct chains must exist (default: at least one).  ``exact=True`` is about the
+    chains' own nodes, not the rest of the graph (a real model has many other adds and slices): the value of
+    every node on a chain but the last goes only to the next node (e.g. a padded kernel output feeds nothing
+    but its slice), and every match of the pattern's first two ops goes on to a full chain (no
+    ``pad -> kernel`` whose kernel output skips the slice).  Returns the chains found (lists of nodes).
     """
     graph = gm.graph if isinstance(gm, torch.fx.GraphModule) else gm
     matchers = parse_pattern(pattern)
     shown = " -> ".join(str(m) for m in matchers)
-    chains, best = [], []
+    chains, best, starts = [], [], []
     for node in graph.nodes:
         if matchers[0](node):
             full, partial = _chains_from(node, matchers)
             chains += full
+            starts.append((node, partial))
             if len(partial) > len(best):
                 best = partial
     if not chains or (count is not None and len(chains) != count):
         if not chains and best:
-            last = best[-1]
-            users = ", ".join(f"%{u.name} ({_target_str(u)})" for u in last.users) or "none"
-            why = (f"longest partial match: {' -> '.join('%' + n.name for n in best)}; the users of %{last.name} are "
-                   f"[{users}], expected {matchers[len(best)]}")
+            why = f"longest partial match: {_describe_partial(best, matchers)}"
         elif not chains:
             why = f"no node calls {matchers[0]}"
         else:
@@ -232,13 +260,10 @@ def assert_pattern(gm: Union[torch.fx.GraphModule, torch.fx.Graph], pattern: Uni
         raise AssertionError(f"expected the data-flow chain {shown}: {why}\n"
                              f"graph (>> marks the nodes involved):\n{format_graph(graph, focus=focus)}")
     if exact:
-        on_chains = {n for c in chains for n in c}
-        stray = [n for n in graph.nodes if any(m(n) for m in matchers) and n not in on_chains]
-        if stray:
-            raise AssertionError(
-                f"chain {shown} found, but other nodes call the same ops: "
-                + ", ".join(f"%{n.name} ({_target_str(n)})" for n in stray)
-                + f"\ngraph (>> marks the stray nodes):\n{format_graph(graph, focus=stray)}")
+        problems, focus = _exact_violations(graph, matchers, chains, starts)
+        if problems:
+            raise AssertionError(f"chain {shown} found, but not exactly: " + "; ".join(problems)
+                                 + f"\ngraph (>> marks the nodes involved):\n{format_graph(graph, focus=focus)}")
     return chains
 
 
