@@ -28,7 +28,6 @@ import torch.fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import moe_passes
-from moe_passes import kernels
 from moe_passes.errors import MoEError, MoEShapeError
 from moe_passes.ops import FUSED_MOE, KERNEL_OP
 from moe_passes.passes.lower_fused_moe import MOE_META, layer_name
@@ -37,8 +36,10 @@ from moe_passes.passes.manager import GraphPass, PassResult
 __all__ = ["VerifyMoEShapes", "verify_graph", "user_source_line"]
 
 aten = torch.ops.aten
-# Frames in these trees are ours or torch's, never the user's line (kernels/ installs apart from moe_passes/).
-_NOT_USER_CODE = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (moe_passes, kernels, torch))
+# Frames in these trees are ours or torch's, never the user's line (moe_passes/kernels links to kernels/, whose
+# real path a traceback may show too).
+_NOT_USER_CODE = tuple({os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (moe_passes, torch)}
+                       | {os.path.realpath(os.path.join(os.path.dirname(moe_passes.__file__), "kernels")) + os.sep})
 _FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)')
 
 
