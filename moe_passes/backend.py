@@ -7,6 +7,8 @@ works without importing this package first.  Options (``torch.compile(..., optio
 ``extra_passes``  callables ``pass_(gm) -> PassResult | None`` run on the ATen graph after the built-in
                   rewrites and before verification
 ``dump_dir``      write every graph (Dynamo's, each pass's before/after, the final one) there via depyf
+``parallel``      the ``ExpertParallel`` / ``TensorParallel`` the model's layers were sharded with: its rank,
+                  world size and group go into the cache key, and a layer sharded otherwise is an error
 
 Everything is scoped to the compile call: no process-wide inductor hook is installed.
 """
@@ -36,6 +38,7 @@ class BackendOptions:
     dump_dir: Optional[str] = None
     # Observers the testing kit attaches to the pass manager (called as observer(stage, name, gm)).
     observers: tuple = ()
+    parallel: Optional[object] = None
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> "BackendOptions":
@@ -55,7 +58,7 @@ class BackendOptions:
                 raise MoEConfigError(f"extra_passes entries must be callables taking a GraphModule, got {p!r}")
         dump_dir = options.get("dump_dir")
         return cls(inner=inner, extra_passes=tuple(passes), dump_dir=None if dump_dir is None else os.fspath(dump_dir),
-                   observers=tuple(options.get("observers") or ()))
+                   observers=tuple(options.get("observers") or ()), parallel=options.get("parallel"))
 
 
 def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], inner: str) -> Callable:
@@ -111,7 +114,7 @@ def moe_nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], o
 
     opts = BackendOptions.from_dict(options)
     _check_inference(gm, example_inputs)
-    manager = default_pipeline(opts.extra_passes, dump_fn=_dumper(opts.dump_dir))
+    manager = default_pipeline(opts.extra_passes, parallel=opts.parallel, dump_fn=_dumper(opts.dump_dir))
     manager.observers.extend(opts.observers)
 
     def forward_compiler(aten_gm, aten_inputs):

@@ -37,7 +37,8 @@ def _known_ne(a, b) -> bool:
 
 def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: registry.MoEWeights, *, top_k: int,
                    activation: str, routing: str, kernel: str, layer: str, padded_input: bool,
-                   hidden_size: Optional[int] = None) -> MoEShape:
+                   hidden_size: Optional[int] = None, local_expert_offset: int = 0,
+                   global_num_experts: Optional[int] = None) -> MoEShape:
     """Validate one MoE call against the shape contract and the kernel's capabilities.
 
     Used by the fake functions (compile time) and the real ones (eager), so both reject the same input
@@ -82,11 +83,16 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
         if tuple(getattr(w, name).shape) != expected[name]:
             raise MoEShapeError(f"{where}: {name} has shape {tuple(getattr(w, name).shape)}, the contract says "
                                 f"{expected[name]}", layer=layer, sizes=(tuple(getattr(w, name).shape), expected[name]))
-    if router_logits.shape[1] != experts:
-        raise MoEShapeError(f"{where}: router_logits score {router_logits.shape[1]} experts but the weights hold "
-                            f"{experts}", layer=layer, sizes=(router_logits.shape[1], experts))
-    if not 0 < top_k <= experts:
-        raise MoEConfigError(f"{where}: top_k={top_k} must be between 1 and the number of experts ({experts})")
+    # Expert parallelism: the weights hold experts [offset, offset + experts) of global_num_experts.
+    total = experts if global_num_experts is None else global_num_experts
+    if not (0 <= local_expert_offset and local_expert_offset + experts <= total):
+        raise MoEConfigError(f"{where}: local experts [{local_expert_offset}, {local_expert_offset + experts}) do not "
+                             f"lie within the {total} global experts")
+    if router_logits.shape[1] != total:
+        raise MoEShapeError(f"{where}: router_logits score {router_logits.shape[1]} experts but the layer has "
+                            f"{total}", layer=layer, sizes=(router_logits.shape[1], total))
+    if not 0 < top_k <= total:
+        raise MoEConfigError(f"{where}: top_k={top_k} must be between 1 and the number of experts ({total})")
     if _known_ne(router_logits.shape[0], hidden_states.shape[0]):
         raise MoEShapeError(f"{where}: router_logits has {router_logits.shape[0]} tokens, hidden_states "
                             f"{hidden_states.shape[0]}", layer=layer)
@@ -117,10 +123,12 @@ def _weights(*tensors) -> registry.MoEWeights:
 
 
 def _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel):
+                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                local_expert_offset=0, global_num_experts=None):
     spec = registry.get(kernel)
     args = registry.RunArgs(top_k=top_k, activation=activation, routing=routing, n_group=n_group,
-                            topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+                            topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                            local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
     return spec.run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
                     routing_bias, args)
 
@@ -132,23 +140,33 @@ def trtllm_nvfp4_moe(
     input_global_scale: Tensor, intermediate_global_scale: Tensor, routing_bias: Optional[Tensor],
     top_k: int, activation: str, routing: str, n_group: Optional[int], topk_group: Optional[int],
     routed_scaling_factor: Optional[float], kernel: str, layer: str,
+    local_expert_offset: int = 0, global_num_experts: Optional[int] = None, group_name: str = "",
+    data_parallel: bool = False,
 ) -> Tensor:
-    """The lowered MoE kernel call: padded ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out."""
+    """The lowered MoE kernel call: padded ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out.
+
+    With ``group_name`` the output is this rank's partial sum (its experts, or its intermediate slice) and
+    the graph must combine it over that group (``data_parallel``: by a reduce-scatter); the op never does.
+    """
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=True)
+                   kernel=kernel, layer=layer, padded_input=True, local_expert_offset=local_expert_offset,
+                   global_num_experts=global_num_experts)
     out = _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                      routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel)
+                      routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                      local_expert_offset, global_num_experts)
     return out
 
 
 @trtllm_nvfp4_moe.register_fake
 def _trtllm_nvfp4_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_scale, w2, w2_scale,
                            w2_global_scale, input_global_scale, intermediate_global_scale, routing_bias, top_k,
-                           activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
+                           activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
+                           local_expert_offset=0, global_num_experts=None, group_name="", data_parallel=False):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=True)
+                   kernel=kernel, layer=layer, padded_input=True, local_expert_offset=local_expert_offset,
+                   global_num_experts=global_num_experts)
     return hidden_states.new_empty((hidden_states.shape[0], w2.shape[1]), dtype=torch.bfloat16)
 
 
@@ -159,27 +177,42 @@ def fused_moe(
     input_global_scale: Tensor, intermediate_global_scale: Tensor, routing_bias: Optional[Tensor],
     hidden_size: int, top_k: int, activation: str, routing: str, n_group: Optional[int], topk_group: Optional[int],
     routed_scaling_factor: Optional[float], kernel: str, layer: str,
+    local_expert_offset: int = 0, global_num_experts: Optional[int] = None, group_name: str = "",
+    data_parallel: bool = False,
 ) -> Tensor:
     """The FusedMoE node: unpadded ``[T, H]`` in, routed-expert output ``[T, H]`` out.
 
-    Eagerly it does what the lowered graph does (pad, kernel, slice), so eager and compiled agree.
+    Eagerly it does what the lowered graph does (pad, kernel, slice, and for a layer sharded over
+    ``group_name`` the same functional collectives), so eager and compiled agree.
     """
+    from moe_passes import parallel
+
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size)
+                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
+                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
+    if group_name and data_parallel:
+        hidden_states = parallel.all_gather(hidden_states, group_name)
+        router_logits = parallel.all_gather(router_logits, group_name)
     padded = torch.nn.functional.pad(hidden_states, (0, w2.shape[1] - hidden_size))
     out = _run_kernel(padded, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel)
-    return out[:, :hidden_size].contiguous()
+                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                      local_expert_offset, global_num_experts)
+    out = out[:, :hidden_size].contiguous()
+    if group_name:
+        out = parallel.combine(out, group_name, data_parallel)
+    return out
 
 
 @fused_moe.register_fake
 def _fused_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale,
                     input_global_scale, intermediate_global_scale, routing_bias, hidden_size, top_k, activation,
-                    routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
+                    routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset=0,
+                    global_num_experts=None, group_name="", data_parallel=False):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size)
+                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
+                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
     return hidden_states.new_empty((hidden_states.shape[0], hidden_size), dtype=torch.bfloat16)
 
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
+from moe_passes.passes.combine_parallel import CombineParallelMoE
 from moe_passes.passes.lower_fused_moe import LowerFusedMoE
 from moe_passes.passes.manager import GraphPass, PassLike, PassManager, PassRecord, PassResult
 from moe_passes.passes.verify import VerifyMoEShapes, verify_graph
 
-__all__ = ["GraphPass", "PassResult", "PassRecord", "PassManager", "LowerFusedMoE", "VerifyMoEShapes",
+__all__ = ["GraphPass", "PassResult", "PassRecord", "PassManager", "LowerFusedMoE", "CombineParallelMoE", "VerifyMoEShapes",
            "verify_graph", "default_pipeline"]
 
 
-def default_pipeline(extra_passes: Optional[Iterable[PassLike]] = None, **manager_kwargs) -> PassManager:
-    """The declared order: built-in rewrites, then the user's passes, then verification (always last)."""
-    return PassManager([LowerFusedMoE(), *(extra_passes or ()), VerifyMoEShapes()], **manager_kwargs)
+def default_pipeline(extra_passes: Optional[Iterable[PassLike]] = None, *, parallel=None,
+                     **manager_kwargs) -> PassManager:
+    """The declared order: built-in rewrites (lowering, then the combine of sharded layers' partial outputs),
+    then the user's passes, then verification (always last).  ``parallel``: the backend's option."""
+    return PassManager([LowerFusedMoE(), CombineParallelMoE(parallel), *(extra_passes or ()), VerifyMoEShapes()],
+                       **manager_kwargs)
