@@ -317,7 +317,7 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _build(name: str, block: nn.Module, *, calibration: Optional[torch.Tensor], kernel: Optional[str],
-           check_layout: bool) -> tuple[TransformersMoE, ConvertedBlock]:
+           check_layout: bool, parallel=None) -> tuple[TransformersMoE, ConvertedBlock]:
     family = FAMILIES.get(type(block).__name__)
     if family is None:
         raise _Unsupported(f"no FusedMoE mapping for block class {type(block).__name__} "
@@ -340,7 +340,7 @@ def _build(name: str, block: nn.Module, *, calibration: Optional[torch.Tensor], 
         shared = SharedExpert(expert, shared_gate)
     try:
         moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration,
-                                  kernel=kernel, name=name, **routing)
+                                  kernel=kernel, name=name, parallel=parallel, **routing)
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
     adapter = TransformersMoE(gate, moe, shared_expert=shared, family=family.name)
@@ -353,7 +353,7 @@ def _build(name: str, block: nn.Module, *, calibration: Optional[torch.Tensor], 
 
 def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Callable[[nn.Module], Any]] = None,
             kernel: Optional[str] = None, check_layout: bool = True,
-            include: Optional[Callable[[str, nn.Module], bool]] = None) -> ConversionReport:
+            include: Optional[Callable[[str, nn.Module], bool]] = None, parallel=None) -> ConversionReport:
     """Replace the supported MoE blocks of ``model`` in place with NVFP4 :class:`TransformersMoE` adapters.
 
     ``calibration``: input ids ``[B, S]``, a dict of model keyword arguments, or a callable
@@ -362,6 +362,8 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
     ``kernel``: force a registered kernel (default: the best one for the weights' device).
     ``check_layout``: before converting a block, check its experts' forward against the weight layout read
     from it.  ``include(name, block)``: convert only the blocks it accepts (others are reported as skipped).
+    ``parallel``: shard every converted layer (``moe_passes.parallel.ExpertParallel`` / ``TensorParallel``);
+    every rank converts the same unsharded model and keeps its own shard.
 
     Returns a :class:`ConversionReport`; it is also logged (INFO), each skipped block with its reason (WARNING).
     """
@@ -377,7 +379,8 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
     replacements = []
     for name, block in candidates.items():
         try:
-            adapter, info = _build(name, block, calibration=calib.get(name), kernel=kernel, check_layout=check_layout)
+            adapter, info = _build(name, block, calibration=calib.get(name), kernel=kernel, check_layout=check_layout,
+                                   parallel=parallel)
         except _Unsupported as exc:
             report.skipped.append(SkippedBlock(name, type(block).__name__, str(exc)))
             logger.warning("moe_nvfp4: left %s (%s) unconverted: %s", name, type(block).__name__, exc)

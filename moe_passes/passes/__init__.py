@@ -15,7 +15,10 @@ __all__ = ["GraphPass", "PassResult", "PassRecord", "PassManager", "LowerFusedMo
 
 def default_pipeline(extra_passes: Optional[Iterable[PassLike]] = None, *, parallel=None,
                      **manager_kwargs) -> PassManager:
-    """The declared order: built-in rewrites (lowering, then the combine of sharded layers' partial outputs),
-    then the user's passes, then verification (always last).  ``parallel``: the backend's option."""
-    return PassManager([LowerFusedMoE(), CombineParallelMoE(parallel), *(extra_passes or ()), VerifyMoEShapes()],
-                       **manager_kwargs)
+    """The declared order: built-in rewrites, then the user's passes, then verification (always last).
+
+    ``parallel`` (the backend's option, for layers sharded with ``ExpertParallel`` / ``TensorParallel``) adds
+    the combine of their partial outputs right after the lowering; without it a sharded layer fails
+    verification (its partial output would meet full ones)."""
+    combine = [CombineParallelMoE(parallel)] if parallel is not None else []
+    return PassManager([LowerFusedMoE(), *combine, *(extra_passes or ()), VerifyMoEShapes()], **manager_kwargs)

@@ -68,8 +68,8 @@ def _routed_output(kernel: torch.fx.Node) -> torch.fx.Node:
 
 
 class CombineParallelMoE(GraphPass):
-    """``parallel``: the backend's option (``ExpertParallel`` / ``TensorParallel``), or None to combine
-    whatever the layers were sharded over.  Given, every sharded layer must use its group."""
+    """``parallel``: the backend's option (``ExpertParallel`` / ``TensorParallel``); every sharded layer must
+    use its group.  None (tests of the pass) combines whatever the layers were sharded over."""
 
     name = "combine_parallel_moe"
 
@@ -79,13 +79,7 @@ class CombineParallelMoE(GraphPass):
 
     def uuid(self) -> str:
         # The compiled code differs per rank (the experts' offsets) and per group: all go into the cache key.
-        if self.parallel is not None:
-            where = self.parallel.describe()
-        else:
-            import torch.distributed as dist
-
-            where = (f"rank={dist.get_rank()}, world_size={dist.get_world_size()}"
-                     if dist.is_available() and dist.is_initialized() else "no process group")
+        where = self.parallel.describe() if self.parallel is not None else "from the graph"
         return hashlib.sha256((inspect.getsource(type(self)) + where).encode()).hexdigest()
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -201,7 +195,8 @@ def check_parallel_invariants(gm: torch.fx.GraphModule) -> None:
             at = bad[0] if bad else (users[1] if users else routed)
             _fail(f"the partial output of kernel node {kernel.name} (this rank's share of process group {group!r}) "
                   f"reaches {at.name} ({at.target if at.op == 'call_function' else at.op}) without being combined: "
-                  f"it must go through exactly one {expected.name()} over the group before meeting any other tensor",
+                  f"it must go through exactly one {expected.name()} over the group before meeting any other tensor "
+                  f"(compile a sharded model with options={{'parallel': <its ExpertParallel / TensorParallel>}})",
                   kernel, at)
         reduce = users[0]
         op_args = reduce.args[1:]
