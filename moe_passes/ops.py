@@ -89,8 +89,10 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
         raise MoEConfigError(f"{where}: local experts [{local_expert_offset}, {local_expert_offset + experts}) do not "
                              f"lie within the {total} global experts")
     if router_logits.shape[1] != total:
-        raise MoEShapeError(f"{where}: router_logits score {router_logits.shape[1]} experts but the layer has "
-                            f"{total}", layer=layer, sizes=(router_logits.shape[1], total))
+        holds = (f"the weights hold {experts}" if global_num_experts is None
+                 else f"the layer has {total} (this rank holds {experts} of them)")
+        raise MoEShapeError(f"{where}: router_logits score {router_logits.shape[1]} experts but {holds}",
+                            layer=layer, sizes=(router_logits.shape[1], total))
     if not 0 < top_k <= total:
         raise MoEConfigError(f"{where}: top_k={top_k} must be between 1 and the number of experts ({total})")
     if _known_ne(router_logits.shape[0], hidden_states.shape[0]):
