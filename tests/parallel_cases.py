@@ -178,7 +178,9 @@ def _compiled_matches(ctx, make_parallel, label, inner, activations, shared=True
         # The order the issue asks for: slice back to H, then the all-reduce, then the shared-expert add.
         nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_function"}
         reduce = nodes[c10d.all_reduce.default]
-        assert reduce.args[0].target is torch.ops.aten.slice.Tensor, reduce.args[0].target
+        # (the Triton kernel's alignment of 16 leaves H = 48 unpadded: no slice there)
+        routed = torch.ops.aten.slice.Tensor if part.kernel_shape.needs_hidden_pad else torch.ops.moe_nvfp4.trtllm_nvfp4_moe.default
+        assert reduce.args[0].target is routed, reduce.args[0].target
         wait = next(iter(reduce.users))
         if shared:
             assert [u.target for u in wait.users] == [torch.ops.aten.add.Tensor], list(wait.users)
