@@ -235,6 +235,26 @@ def ep_data_parallel(ctx):
 
 
 @case
+def uneven_shards(ctx):
+    """6 experts over 2 / 4 ranks (3+3 / 2+2+1+1) and I = 56 (four 16-wide blocks per half, the last one
+    holding 8 real columns) give the unsharded layer's output, eager and compiled."""
+    errs = []
+    for activation, make, kw in (("silu", _ep, dict(experts=6)), ("gelu_tanh", _tp, dict(inter=56)),
+                                 ("relu2", _tp, dict(inter=56))):
+        parallel = make()
+        full = build(ctx, activation=activation, seed=21, **kw)
+        part = build(ctx, activation=activation, seed=21, parallel=parallel, **kw)
+        run = compile_layer(part, parallel, "eager")
+        for tokens in (7, 300):
+            x, logits = inputs(ctx, tokens, 21, experts=kw.get("experts", EXPERTS))
+            with torch.no_grad():
+                expected = full(x, logits)
+                errs.append(assert_sum_close(part(x, logits), expected, f"{activation} eager T={tokens}"))
+                errs.append(assert_sum_close(run(x, logits), expected, f"{activation} compiled T={tokens}"))
+    return f"max rel err {max(errs):.2e}"
+
+
+@case
 def verifier_rejects_partial_meeting_full(ctx):
     """Lowering without the combine leaves a partial output meeting the shared expert's full one; a combine
     over the wrong group, or an extra op between the slice and the all-reduce, is caught too."""

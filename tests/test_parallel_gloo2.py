@@ -13,7 +13,8 @@ from parallel_harness import check, run_group
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-NAMES = list(parallel_cases.CASES)
+# Uneven shards matter at 4 ranks (ranks with one expert): that case runs in test_parallel_gloo4 only.
+NAMES = [name for name in parallel_cases.CASES if name != "uneven_shards"]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 NAMES = ["ep_eager_every_activation_and_routing", "tp_eager_every_activation_and_routing",
          "ep_compiled_eager_inner_all_activations", "tp_compiled_eager_inner_all_activations",
-         "ep_data_parallel", "memory_per_rank", "backend_option_and_cache_key"]
+         "ep_data_parallel", "uneven_shards", "memory_per_rank", "backend_option_and_cache_key"]
 
 
 @pytest.fixture(scope="module")
