@@ -255,6 +255,29 @@ def uneven_shards(ctx):
 
 
 @case
+def collectives_in_dumps(ctx):
+    """The backend's dump_dir shows the combine: the graph after combine_parallel_moe holds the all-reduce."""
+    import glob
+    import tempfile
+
+    parallel = _tp()
+    part = build(ctx, seed=8, parallel=parallel, shared=True)
+    torch._dynamo.reset()
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = torch.compile(part, backend="moe_nvfp4", dynamic=True,
+                                 options={"inner": "eager", "parallel": parallel, "dump_dir": tmp})
+        x, logits = inputs(ctx, 7, 8)
+        with torch.no_grad():
+            compiled(x, logits)
+        after = sorted(glob.glob(f"{tmp}/moe_nvfp4_*_after_combine_parallel_moe.py"))
+        assert after, sorted(glob.glob(f"{tmp}/*"))
+        text = open(after[-1]).read()
+    for op in ("_c10d_functional.all_reduce.default", "_c10d_functional.wait_tensor.default"):
+        assert op in text, f"{op} not in {after[-1]}"
+    return after[-1].rsplit("/", 1)[-1]
+
+
+@case
 def verifier_rejects_partial_meeting_full(ctx):
     """Lowering without the combine leaves a partial output meeting the shared expert's full one; a combine
     over the wrong group, or an extra op between the slice and the all-reduce, is caught too."""
