@@ -426,7 +426,12 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
     if not isinstance(weights, registry.MoEWeights):
         weights = registry.MoEWeights(*weights)
     w13, s13, g13, w2, s2, g2 = weights
-    num_experts, n1, hp = w13.shape[0], w13.shape[1], w13.shape[2] * 2
+    local_experts, n1, hp = w13.shape[0], w13.shape[1], w13.shape[2] * 2
+    # Expert parallelism: the kernel routes over all experts and computes its block [offset, +local_experts).
+    num_experts = local_experts if args.global_num_experts is None else args.global_num_experts
+    if not 0 <= args.local_expert_offset <= num_experts - local_experts:
+        raise MoEConfigError(f"local experts [{args.local_expert_offset}, {args.local_expert_offset + local_experts}) "
+                             f"do not lie within the {num_experts} global experts")
     ip = w2.shape[-1] * 2
     _check_args(args, num_experts)
     gated = is_gated(args.activation)
@@ -486,7 +491,7 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
         num_experts=num_experts, top_k=args.top_k,
         n_group=(args.n_group or 1) if deepseek else args.n_group,
         topk_group=(args.topk_group or args.n_group or 1) if deepseek else args.topk_group,
-        intermediate_size=ip, local_expert_offset=0, local_num_experts=num_experts,
+        intermediate_size=ip, local_expert_offset=args.local_expert_offset, local_num_experts=local_experts,
         routed_scaling_factor=(args.routed_scaling_factor if args.routed_scaling_factor is not None else 1.0)
         if deepseek else args.routed_scaling_factor,
         routing_method_type=routing_type, do_finalize=True,

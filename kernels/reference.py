@@ -116,8 +116,14 @@ def fused_moe_reference(
     topk_group: Optional[int] = None,
     routed_scaling_factor: Optional[float] = None,
     quantize_activations: bool = True,
+    local_expert_offset: int = 0,
+    global_num_experts: Optional[int] = None,
 ) -> torch.Tensor:
     """The NVFP4 MoE layer on ``hidden_states [T, H]``; returns bf16 ``[T, H]``.
+
+    Expert parallelism: with ``global_num_experts`` the weights hold only experts
+    ``[local_expert_offset, local_expert_offset + E_local)``; routing runs on the global ``router_logits``
+    and pairs routed to any other expert contribute nothing (their rank computes them).
 
     Weights are canonical NVFP4 (see ``registry.MoEWeights``) and may be padded along hidden to
     ``Hp >= H``: the activations are then zero-padded the same way and the output sliced back.
@@ -127,7 +133,11 @@ def fused_moe_reference(
     if hidden_states.ndim != 2:
         raise MoEConfigError(f"hidden_states must be [tokens, hidden], got shape {tuple(hidden_states.shape)}")
     tokens, hidden = hidden_states.shape
-    num_experts, n1, hidden_padded = w13.shape[0], w13.shape[1], w13.shape[2] * 2
+    local_experts, n1, hidden_padded = w13.shape[0], w13.shape[1], w13.shape[2] * 2
+    num_experts = local_experts if global_num_experts is None else global_num_experts
+    if not 0 <= local_expert_offset <= num_experts - local_experts:
+        raise MoEConfigError(f"local experts [{local_expert_offset}, {local_expert_offset + local_experts}) do not lie "
+                             f"within the {num_experts} global experts")
     if hidden > hidden_padded:
         raise MoEConfigError(f"hidden states are {hidden} wide but the weights only {hidden_padded}")
     if router_logits.shape != (tokens, num_experts):
@@ -146,10 +156,12 @@ def fused_moe_reference(
     else:
         x = x.to(torch.bfloat16).float()
 
-    flat_ids = ids.reshape(-1)
+    # Local expert index of each pair; pairs of other ranks' experts go to a bucket past the last one.
+    flat_ids = ids.reshape(-1) - local_expert_offset
+    flat_ids = flat_ids.masked_fill((flat_ids < 0) | (flat_ids >= local_experts), local_experts)
     token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    counts = torch.bincount(flat_ids, minlength=local_experts + 1)[:local_experts].tolist()
 
     # GEMM1 + activation for every (token, expert) pair, grouped by expert.
     inters, groups, start = [], [], 0
@@ -184,6 +196,7 @@ def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_globa
         input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
         routing_bias=routing_bias, n_group=args.n_group, topk_group=args.topk_group,
         routed_scaling_factor=args.routed_scaling_factor, quantize_activations=True,
+        local_expert_offset=args.local_expert_offset, global_num_experts=args.global_num_experts,
     )
 
 

@@ -49,6 +49,9 @@ class RunArgs:
     n_group: Optional[int] = None
     topk_group: Optional[int] = None
     routed_scaling_factor: Optional[float] = None
+    # Expert parallelism: the weights hold experts [offset, offset + E_local) of global_num_experts (None: all).
+    local_expert_offset: int = 0
+    global_num_experts: Optional[int] = None
 
 
 # run(hidden_states [T, Hp], router_logits [T, E], weights, input_global_scale, intermediate_global_scale,

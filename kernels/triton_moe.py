@@ -922,11 +922,13 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                      top_k: int, activation: str = "silu", routing: str = "renormalize",
                      routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
                      topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
-                     out: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None) -> torch.Tensor:
+                     out: Optional[torch.Tensor] = None, config: Optional[TileConfig] = None,
+                     local_expert_offset: int = 0, global_num_experts: Optional[int] = None) -> torch.Tensor:
     """The NVFP4 MoE layer on bf16 ``hidden_states [T, Hp]`` (``Hp`` = the weights' hidden size).
 
     ``weights`` must come from :func:`prepare_weights` (or the registry's ``prepare``): the E2M1 bytes
-    are read in the Triton layout, not the canonical one.
+    are read in the Triton layout, not the canonical one.  Expert parallelism: with ``global_num_experts``
+    the weights hold experts ``[local_expert_offset, +E_local)`` and ``router_logits`` score all of them.
     """
     if triton is None:
         raise MoEConfigError("the triton MoE kernel needs the 'triton' package")
@@ -944,9 +946,14 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         raise MoEConfigError(f"w13 has {n1} rows, inconsistent with intermediate {inter} and activation {activation!r}")
     if hidden % 16 or inter % 16:
         raise MoEConfigError(f"hidden ({hidden}) and intermediate ({inter}) must be multiples of 16")
-    if (router_logits.shape != (tokens, experts) or not router_logits.is_floating_point()
+    local = global_num_experts is not None
+    routed_experts = global_num_experts if local else experts
+    if local and not 0 <= local_expert_offset <= routed_experts - experts:
+        raise MoEConfigError(f"local experts [{local_expert_offset}, {local_expert_offset + experts}) do not lie within "
+                             f"the {routed_experts} global experts")
+    if (router_logits.shape != (tokens, routed_experts) or not router_logits.is_floating_point()
             or router_logits.device != hidden_states.device):
-        raise MoEConfigError(f"router_logits must be a float [{tokens}, {experts}] tensor on {hidden_states.device}, "
+        raise MoEConfigError(f"router_logits must be a float [{tokens}, {routed_experts}] tensor on {hidden_states.device}, "
                              f"got {router_logits.dtype} {tuple(router_logits.shape)} on {router_logits.device}")
     if hidden_states.stride(1) != 1:
         hidden_states = hidden_states.contiguous()
@@ -959,7 +966,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                              f"{device}, got {out.dtype} {tuple(out.shape)} stride {out.stride()} on {out.device}")
     if tokens == 0:
         return out
-    if tokens == 1 and config is None:
+    # The one-launch decode and GEMM1's own routing index the weights by global expert id: not with EP.
+    if tokens == 1 and config is None and not local:
         done = _one_launch_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias,
                                   n_group, topk_group, routed_scaling_factor, out)
         if done is not None:
@@ -973,7 +981,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     pdl = cfg.bm <= 16 and _use_pdl(device)
     counts = None if cfg.bm == 1 else torch.empty(experts, dtype=torch.int32, device=device)
     rspec = None
-    if cfg.fused_route and cfg.bm == 1:
+    if cfg.fused_route and cfg.bm == 1 and not local:
         rspec = _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor)
     if rspec is None:
         topk_w, topk_ids = _route(router_logits, top_k, routing, routing_bias, n_group, topk_group,
@@ -981,6 +989,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     else:  # GEMM1's programs fill them
         topk_w = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
         topk_ids = torch.empty(tokens, top_k, dtype=torch.int64, device=device)
+    if local:
+        topk_w, topk_ids = _localize(topk_w, topk_ids, local_expert_offset, experts)
     flat_ids = topk_ids.reshape(-1)
     pairs = flat_ids.numel()
     split = cfg.split2
@@ -1044,6 +1054,14 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                                                           TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl,
                                                           num_warps=4, launch_pdl=pdl)
     return out
+
+
+def _localize(topk_w: torch.Tensor, topk_ids: torch.Tensor, offset: int, experts: int):
+    """Global expert ids to this rank's local ones.  A pair of another rank's expert keeps a valid local id (0)
+    with weight 0, so the kernels below need no change and it adds nothing (its rows are still computed)."""
+    local = topk_ids - offset
+    mine = (local >= 0) & (local < experts)
+    return torch.where(mine, topk_w, 0.0).contiguous(), torch.where(mine, local, 0).contiguous()
 
 
 def _one_launch_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group,
@@ -1153,7 +1171,8 @@ def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_globa
     # Activations stay bf16 on this path: the activation global scales are not used.
     return fused_moe_triton(hidden_states, router_logits, weights, top_k=args.top_k, activation=args.activation,
                             routing=args.routing, routing_bias=routing_bias, n_group=args.n_group,
-                            topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor)
+                            topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
+                            local_expert_offset=args.local_expert_offset, global_num_experts=args.global_num_experts)
 
 
 TRITON = registry.register(registry.KernelSpec(

@@ -16,6 +16,8 @@ with parameters and buffers as static inputs, max-autotune and the FX graph cach
                   verification
 ``dump_dir``      write every graph (Dynamo's, each pass's before/after) there, also through depyf
 ``observers``     ``observer(stage, pass_name, gm)`` callbacks (the testing kit's recorder)
+``parallel``      the ``ExpertParallel`` / ``TensorParallel`` the model's layers were sharded with: its rank,
+                  world size and group go into the cache key, and a layer sharded otherwise is an error
 any other key     an inductor config option, as ``torch.compile(..., backend="inductor", options=...)`` takes
 
 Nothing process-wide is left installed: the inductor config is patched around the one compile call.  On an FX
@@ -40,7 +42,7 @@ from moe_passes.passes import PassManager, default_pipeline
 __all__ = ["BackendOptions", "MoEPostGradPass", "moe_nvfp4_backend"]
 
 _INNER = ("inductor", "eager")
-_OWN_KEYS = ("mode", "inner", "extra_passes", "dump_dir", "observers")
+_OWN_KEYS = ("mode", "inner", "extra_passes", "dump_dir", "observers", "parallel")
 
 
 def _inductor_config_keys() -> set:
@@ -65,6 +67,7 @@ class BackendOptions:
     observers: tuple = ()
     # Inductor config options, passed on as torch.compile(backend="inductor", options=...) would.
     inductor: tuple = ()
+    parallel: Optional[object] = None
 
     @classmethod
     def from_dict(cls, options: Optional[dict], mode: Optional[str] = None) -> "BackendOptions":
@@ -103,7 +106,8 @@ class BackendOptions:
         return cls(mode=mode, inner=inner, extra_passes=tuple(passes),
                    dump_dir=None if dump_dir is None else os.fspath(dump_dir),
                    observers=tuple(options.get("observers") or ()),
-                   inductor=tuple(sorted((k.replace("-", "_"), v) for k, v in inductor.items())))
+                   inductor=tuple(sorted((k.replace("-", "_"), v) for k, v in inductor.items())),
+                   parallel=options.get("parallel"))
 
     @property
     def cudagraphs(self) -> bool:
@@ -209,7 +213,7 @@ def moe_nvfp4_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], o
     """The torch.compile backend.  See the module docstring for ``mode`` and ``options``."""
     opts = BackendOptions.from_dict(options, mode=mode)
     _check_inference(gm, example_inputs, opts)
-    manager = default_pipeline(opts.extra_passes, dump_fn=_dumper(opts.dump_dir))
+    manager = default_pipeline(opts.extra_passes, parallel=opts.parallel, dump_fn=_dumper(opts.dump_dir))
     manager.observers.extend(opts.observers)
     debug = contextlib.nullcontext()
     if opts.dump_dir is not None:

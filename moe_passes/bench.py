@@ -12,6 +12,7 @@ Each graph holds ``R`` back-to-back layer calls on ``R`` different input sets (d
 so that weights left in L2 by one call are rarely the next call's; times are per call (median over
 replays).  Weights are random bytes (E2M1 codes) with random E4M3 block scales: never zeros.
 Writes ``bench_moe.json`` and ``bench_moe.png`` (matplotlib, when it is installed) to ``--out``.
+``--parallel ep|tp`` times an expert- / tensor-parallel layer per rank instead (``moe_passes.bench_parallel``).
 """
 
 from __future__ import annotations
@@ -220,6 +221,10 @@ def plot(rows, path) -> bool:
 
 
 def main(argv=None) -> int:
+    if "--parallel" in (sys.argv[1:] if argv is None else argv):  # an EP / TP layer per rank: its own module
+        from moe_passes import bench_parallel
+
+        return bench_parallel.main(argv)
     parser = argparse.ArgumentParser(prog="moe-nvfp4 bench", description=__doc__.split("\n\n")[0],
                                      epilog="With --model NAME it benchmarks a transformers model end to end instead "
                                             "(moe_passes.bench_model; moe-nvfp4 bench --model NAME --help).")

@@ -22,6 +22,7 @@ from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import default_global_scale, quantize_nvfp4_experts
 from moe_passes.kernels.reference import apply_activation
 from moe_passes import ops  # also registers the custom ops
+from moe_passes.parallel import ExpertParallel, ParallelConfig, shard_weights
 
 __all__ = ["FusedMoE", "DEFAULT_ACTIVATION_AMAX"]
 
@@ -57,7 +58,7 @@ class FusedMoE(nn.Module):
                  topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
                  input_global_scale: Optional[torch.Tensor] = None,
                  intermediate_global_scale: Optional[torch.Tensor] = None,
-                 kernel: Optional[str] = None, name: str = ""):
+                 kernel: Optional[str] = None, name: str = "", parallel: Optional[ParallelConfig] = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise MoEConfigError(f"unknown activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
@@ -72,6 +73,16 @@ class FusedMoE(nn.Module):
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
         self.requested_kernel = kernel
         device = weights.w13.device
+        # Sharded once, here: the layer keeps only its rank's part (canonical and kernel copies alike).
+        self.parallel = parallel
+        self.local_expert_offset, self.global_num_experts, self._local_intermediate = 0, None, intermediate_size
+        self.group_name = ""
+        if parallel is not None:
+            weights, info = shard_weights(weights, parallel, activation=activation, intermediate=intermediate_size,
+                                          rank=parallel.rank, world_size=parallel.world_size)
+            self.local_expert_offset, self.global_num_experts = info["local_expert_offset"], info["global_num_experts"]
+            self._local_intermediate = info["intermediate"]
+            self.group_name = parallel.group_name
         # The canonical copy lives in host memory: the device holds only the kernel's copy.
         for field, tensor in zip(registry.MoEWeights._fields, weights):
             self.register_buffer(field, tensor.cpu())
@@ -104,12 +115,14 @@ class FusedMoE(nn.Module):
                    routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
                    topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
                    calibration: Optional[torch.Tensor] = None, kernel: Optional[str] = None,
-                   name: str = "") -> "FusedMoE":
+                   name: str = "", parallel: Optional[ParallelConfig] = None) -> "FusedMoE":
         """Quantize float expert weights to NVFP4 (one global scale per expert) and prepare them.
 
         ``w13 [E, 2I, H]`` is gate rows then up rows for gated activations (``[E, I, H]`` for relu2);
         ``w2 [E, H, I]``.  ``calibration`` hidden states ``[N, H]`` set the static input and intermediate
         activation scales (the intermediate over every expert, an upper bound of the routed one).
+        ``parallel`` (:class:`~moe_passes.parallel.ExpertParallel` / ``TensorParallel``): quantize the whole
+        layer, as the unsharded one, then keep this rank's shard.
         """
         for name_, t in (("w13", w13), ("w2", w2)):
             if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.dtype.is_floating_point:
@@ -140,7 +153,7 @@ class FusedMoE(nn.Module):
                    top_k=top_k, activation=activation, routing=routing, shared_expert=shared_expert,
                    routing_bias=routing_bias, n_group=n_group, topk_group=topk_group,
                    routed_scaling_factor=routed_scaling_factor, input_global_scale=gs_in,
-                   intermediate_global_scale=gs_mid, kernel=kernel, name=name)
+                   intermediate_global_scale=gs_mid, kernel=kernel, name=name, parallel=parallel)
 
     @staticmethod
     def _calibrate(calibration: torch.Tensor, w13: torch.Tensor, activation: str, hidden: int):
@@ -163,8 +176,9 @@ class FusedMoE(nn.Module):
                                  f"{self.hidden_size} pads to {round_up(self.hidden_size, spec.alignment.hidden)}")
         w13, s13, w2, s2 = align_intermediate_dim(w13, s13, w2, s2, gated=is_gated(self.activation),
                                                   alignment=spec.alignment.intermediate(self.activation))
-        shape = MoEShape(hidden=self.hidden_size, intermediate=self.intermediate_size, experts=self.shape.experts,
-                         top_k=self.top_k, activation=self.activation, alignment=spec.alignment)
+        shape = MoEShape(hidden=self.hidden_size, intermediate=self._local_intermediate, experts=canonical.w13.shape[0],
+                         top_k=min(self.top_k, canonical.w13.shape[0]), activation=self.activation,
+                         alignment=spec.alignment)
         prepared = spec.prepare(registry.MoEWeights(w13, s13, canonical.w13_global_scale, w2, s2,
                                                     canonical.w2_global_scale), shape)
         for buffer, tensor in zip(_KERNEL_BUFFERS, prepared):
@@ -231,13 +245,22 @@ class FusedMoE(nn.Module):
         routed = torch.ops.moe_nvfp4.fused_moe(
             hidden_states, router_logits, *self.kernel_weights(), self.input_global_scale,
             self.intermediate_global_scale, self.routing_bias, self.hidden_size, self.top_k, self.activation,
-            self.routing, self.n_group, self.topk_group, self.routed_scaling_factor, self.kernel, self.name)
+            self.routing, self.n_group, self.topk_group, self.routed_scaling_factor, self.kernel, self.name,
+            *self._parallel_args())
         if self.shared_expert is not None:
             return routed + self.shared_expert(hidden_states)
         return routed
+
+    def _parallel_args(self) -> tuple:
+        # Left off for an unsharded layer, so its graph and cache key stay as before.
+        if self.parallel is None:
+            return ()
+        dp = isinstance(self.parallel, ExpertParallel) and self.parallel.data_parallel
+        return (self.local_expert_offset, self.global_num_experts, self.group_name, dp)
 
     def extra_repr(self) -> str:
         s = self.kernel_shape
         return (f"experts={s.experts}, hidden={s.hidden} (padded {s.hidden_padded}), intermediate={s.intermediate} "
                 f"(padded {s.intermediate_padded}), top_k={self.top_k}, activation={self.activation!r}, "
-                f"routing={self.routing!r}, kernel={self.kernel!r}")
+                f"routing={self.routing!r}, kernel={self.kernel!r}"
+                + (f", parallel={self.parallel.describe()}" if self.parallel is not None else ""))

@@ -122,8 +122,8 @@ def check_layer_inputs(hidden_states: Tensor, router_logits: Tensor, *, hidden_s
 def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: registry.MoEWeights, *, top_k: int,
                    activation: str, routing: str, kernel: str, layer: str, padded_input: bool,
                    hidden_size: Optional[int] = None, input_global_scale: Optional[Tensor] = None,
-                   intermediate_global_scale: Optional[Tensor] = None,
-                   routing_bias: Optional[Tensor] = None) -> MoEShape:
+                   intermediate_global_scale: Optional[Tensor] = None, routing_bias: Optional[Tensor] = None,
+                   local_expert_offset: int = 0, global_num_experts: Optional[int] = None) -> MoEShape:
     """Validate one MoE call against the shape contract and the kernel's capabilities.
 
     Used by the fake functions (compile time) and the real ones (eager), so both reject the same input
@@ -181,10 +181,18 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
         if tuple(getattr(w, name).shape) != expected[name]:
             raise MoEShapeError(f"{where}: {name} has shape {tuple(getattr(w, name).shape)}, the contract says "
                                 f"{expected[name]}", layer=layer, sizes=(tuple(getattr(w, name).shape), expected[name]))
-    if router_logits.shape[1] != experts:
-        raise _expert_count_error(router_logits.shape[1], experts, where, layer)
-    if not 0 < top_k <= experts:
-        raise MoEConfigError(f"{where}: top_k={top_k} must be between 1 and the number of experts ({experts})")
+    # Expert parallelism: the weights hold experts [offset, offset + experts) of global_num_experts.
+    total = experts if global_num_experts is None else global_num_experts
+    if not (0 <= local_expert_offset and local_expert_offset + experts <= total):
+        raise MoEConfigError(f"{where}: local experts [{local_expert_offset}, {local_expert_offset + experts}) do not "
+                             f"lie within the {total} global experts")
+    if router_logits.shape[1] != total:
+        if global_num_experts is None:
+            raise _expert_count_error(router_logits.shape[1], experts, where, layer)
+        raise MoEShapeError(f"{where}: router_logits score {router_logits.shape[1]} experts but the layer has {total} "
+                            f"(this rank holds {experts} of them)", layer=layer, sizes=(router_logits.shape[1], total))
+    if not 0 < top_k <= total:
+        raise MoEConfigError(f"{where}: top_k={top_k} must be between 1 and the number of experts ({total})")
     if _known_ne(router_logits.shape[0], hidden_states.shape[0]):
         raise _token_count_error(router_logits.shape[0], hidden_states.shape[0], where, layer)
     torch._check(router_logits.shape[0] == hidden_states.shape[0],
@@ -211,12 +219,14 @@ def _weights(*tensors) -> registry.MoEWeights:
 
 
 def _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
+                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
+                local_expert_offset=0, global_num_experts=None):
     spec = registry.get(kernel)
     if spec.quantizes_activations and hidden_states.device.type == "cpu" and layer not in _RANGE_WARNED:
         _warn_if_beyond_calibration(hidden_states, input_global_scale, layer)
     args = registry.RunArgs(top_k=top_k, activation=activation, routing=routing, n_group=n_group,
-                            topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+                            topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                            local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
     try:
         return spec.run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
                         routing_bias, args)
@@ -252,26 +262,35 @@ def trtllm_nvfp4_moe(
     input_global_scale: Tensor, intermediate_global_scale: Tensor, routing_bias: Optional[Tensor],
     top_k: int, activation: str, routing: str, n_group: Optional[int], topk_group: Optional[int],
     routed_scaling_factor: Optional[float], kernel: str, layer: str,
+    local_expert_offset: int = 0, global_num_experts: Optional[int] = None, group_name: str = "",
+    data_parallel: bool = False,
 ) -> Tensor:
-    """The lowered MoE kernel call: padded ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out."""
+    """The lowered MoE kernel call: padded ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out.
+
+    With ``group_name`` the output is this rank's partial sum (its experts, or its intermediate slice) and
+    the graph must combine it over that group (``data_parallel``: by a reduce-scatter); the op never does.
+    """
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
-                   intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias)
+                   intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias,
+                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
     out = _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
                       routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
-                      layer)
+                      layer, local_expert_offset, global_num_experts)
     return out
 
 
 @trtllm_nvfp4_moe.register_fake
 def _trtllm_nvfp4_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_scale, w2, w2_scale,
                            w2_global_scale, input_global_scale, intermediate_global_scale, routing_bias, top_k,
-                           activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
+                           activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
+                           local_expert_offset=0, global_num_experts=None, group_name="", data_parallel=False):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
-                   intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias)
+                   intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias,
+                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
     return hidden_states.new_empty((hidden_states.shape[0], w2.shape[1]), dtype=torch.bfloat16)
 
 
@@ -282,33 +301,49 @@ def fused_moe(
     input_global_scale: Tensor, intermediate_global_scale: Tensor, routing_bias: Optional[Tensor],
     hidden_size: int, top_k: int, activation: str, routing: str, n_group: Optional[int], topk_group: Optional[int],
     routed_scaling_factor: Optional[float], kernel: str, layer: str,
+    local_expert_offset: int = 0, global_num_experts: Optional[int] = None, group_name: str = "",
+    data_parallel: bool = False,
 ) -> Tensor:
     """The FusedMoE node: unpadded ``[T, H]`` in, routed-expert output ``[T, H]`` out.
 
-    Eagerly it does what the lowered graph does (pad, kernel, slice), so eager and compiled agree.
+    Eagerly it does what the lowered graph does (pad, kernel, slice, and for a layer sharded over
+    ``group_name`` the same functional collectives), so eager and compiled agree.
     """
+    from moe_passes import parallel
+
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
                    input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
-                   routing_bias=routing_bias)
+                   routing_bias=routing_bias, local_expert_offset=local_expert_offset,
+                   global_num_experts=global_num_experts)
+    if group_name and data_parallel:
+        hidden_states = parallel.all_gather(hidden_states, group_name)
+        router_logits = parallel.all_gather(router_logits, group_name)
     pad = w2.shape[1] - hidden_size
     # pad and slice only where the lowering would (a zero-width pad still copies the activations)
     padded = torch.nn.functional.pad(hidden_states, (0, pad)) if pad else hidden_states
     out = _run_kernel(padded, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer)
-    return out[:, :hidden_size].contiguous() if pad else out
+                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
+                      local_expert_offset, global_num_experts)
+    if pad:
+        out = out[:, :hidden_size].contiguous()
+    if group_name:
+        out = parallel.combine(out, group_name, data_parallel)
+    return out
 
 
 @fused_moe.register_fake
 def _fused_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale,
                     input_global_scale, intermediate_global_scale, routing_bias, hidden_size, top_k, activation,
-                    routing, n_group, topk_group, routed_scaling_factor, kernel, layer):
+                    routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset=0,
+                    global_num_experts=None, group_name="", data_parallel=False):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
                    input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
-                   routing_bias=routing_bias)
+                   routing_bias=routing_bias, local_expert_offset=local_expert_offset,
+                   global_num_experts=global_num_experts)
     return hidden_states.new_empty((hidden_states.shape[0], hidden_size), dtype=torch.bfloat16)
 
 

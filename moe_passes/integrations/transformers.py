@@ -565,7 +565,8 @@ class _Built:
 
 
 def _build_input_scaled(name: str, block: nn.Module, router_attr: str, router: nn.Module, *, family: str,
-                        calibration: Optional[torch.Tensor], kernel: Optional[str], check_layout: bool) -> _Built:
+                        calibration: Optional[torch.Tensor], kernel: Optional[str], check_layout: bool,
+                        parallel=None) -> _Built:
     """A block whose experts take no routing (Llama4): see :class:`InputScaledMoE`."""
     experts = block.experts
     w13, w2, activation = _dense_expert_weights(experts)
@@ -594,7 +595,7 @@ def _build_input_scaled(name: str, block: nn.Module, router_attr: str, router: n
     # Calibration needs no rescaling: it comes from the experts' own input, the scaled tokens (and zero rows).
     try:
         moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
-                                  top_k=1, **routing)
+                                  top_k=1, parallel=parallel, **routing)
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
     info = ConvertedBlock(name=name, block=type(block).__name__, family=family, experts=num_experts, top_k=1,
@@ -606,14 +607,14 @@ def _build_input_scaled(name: str, block: nn.Module, router_attr: str, router: n
 
 
 def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[torch.Tensor], kernel: Optional[str],
-           check_layout: bool) -> _Built:
+           check_layout: bool, parallel=None) -> _Built:
     router_attr, router = _router_of(block)
     experts = block.experts
     if getattr(experts, "_is_expert_parallel", False):
         raise _Unsupported("experts are expert-parallel (sharded); convert the unsharded model")
     if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)) and not _takes_routing(experts):
         return _build_input_scaled(name, block, router_attr, router, family=family, calibration=calibration,
-                                   kernel=kernel, check_layout=check_layout)
+                                   kernel=kernel, check_layout=check_layout, parallel=parallel)
     w13, w2, activation = expert_weights(experts)
     routing = _read_routing(router, w13.shape[0], block)
     if check_layout:
@@ -631,7 +632,7 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
         _check_block(block, {**hand_on, "experts": emulated}, _router_input_size(router, w13.shape[0]))
     try:
         moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
-                                  top_k=routing.top_k, **routing.kwargs)
+                                  top_k=routing.top_k, parallel=parallel, **routing.kwargs)
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
     shared = any(n.startswith("shared_expert") for n, _ in block.named_children())
@@ -645,7 +646,7 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
 
 def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Callable[[nn.Module], Any]] = None,
             kernel: Optional[str] = None, check_layout: bool = True,
-            include: Optional[Callable[[str, nn.Module], bool]] = None) -> ConversionReport:
+            include: Optional[Callable[[str, nn.Module], bool]] = None, parallel=None) -> ConversionReport:
     """Replace the routed experts of ``model``'s MoE blocks in place with NVFP4 :class:`TransformersMoE` layers.
 
     ``calibration``: input ids ``[B, S]``, a dict of model keyword arguments, or a callable
@@ -655,6 +656,8 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
     the weights' device).  ``check_layout``: before converting a block, check its experts' forward against
     the weight layout read from them, and the block against a float emulation of the conversion.
     ``include(name, block)``: convert only the blocks it accepts (others are reported as skipped).
+    ``parallel``: shard every converted layer (``moe_passes.parallel.ExpertParallel`` / ``TensorParallel``);
+    every rank converts the same unsharded model and keeps its own shard.
 
     Returns a :class:`ConversionReport`; it is also logged (INFO), each skipped block with its reason (WARNING).
     """
@@ -674,7 +677,7 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
     for name, block in candidates.items():
         try:
             b = _build(name, block, family=family, calibration=calib.get(name), kernel=kernel,
-                       check_layout=check_layout)
+                       check_layout=check_layout, parallel=parallel)
         except _Unsupported as exc:
             report.skipped.append(SkippedBlock(name, type(block).__name__, str(exc)))
             logger.warning("moe_nvfp4: left %s (%s) unconverted: %s", name, type(block).__name__, exc)

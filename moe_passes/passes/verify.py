@@ -395,9 +395,13 @@ def _check_invariants(gm: torch.fx.GraphModule) -> None:
 
 
 def verify_graph(gm: torch.fx.GraphModule) -> None:
-    """Raise :class:`MoEShapeError` if the graph lets a padded tensor meet an unpadded one."""
+    """Raise :class:`MoEShapeError` if the graph lets a padded tensor meet an unpadded one (or a sharded
+    layer's partial output meet a full one)."""
+    from moe_passes.passes.combine_parallel import check_parallel_invariants
+
     _propagate(gm)
     _check_invariants(gm)
+    check_parallel_invariants(gm)
 
 
 class VerifyMoEShapes(GraphPass):
