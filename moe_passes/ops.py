@@ -157,9 +157,10 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
                                  f"{tuple(t.shape)}")
         if t.device != device:
             raise _device_error(name, t.device, device, where)
-    if routing_bias is not None:
-        if not routing_bias.dtype.is_floating_point or tuple(routing_bias.shape) != (experts,):
-            raise MoEConfigError(f"{where}: routing_bias must be a float tensor of shape ({experts},), got "
+    if routing_bias is not None:  # one bias per global expert: routing runs over all of them on every rank
+        total = experts if global_num_experts is None else global_num_experts
+        if not routing_bias.dtype.is_floating_point or tuple(routing_bias.shape) != (total,):
+            raise MoEConfigError(f"{where}: routing_bias must be a float tensor of shape ({total},), got "
                                  f"{routing_bias.dtype} {tuple(routing_bias.shape)}")
         if routing_bias.device != device:
             raise _device_error("routing_bias", routing_bias.device, device, where)
