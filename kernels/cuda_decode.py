@@ -263,18 +263,25 @@ def _counters(index: int, grid: int) -> Optional[torch.Tensor]:
     """The grid barrier's 64-bit arrival counter per (device, stream, grid): every call adds ``grid`` to it
     and waits for the next multiple of ``grid``, so it is never reset, and calls in stream order share it.
 
-    Counters are slots of an arena allocated when a layer was prepared for the device, never here: a CUDA graph
-    tree warms up and captures on streams of its own, inside its memory pool, and a counter allocated there
-    would outlive the call.  None when no arena exists or every slot is taken."""
+    Counters are slots of an arena allocated when a layer was prepared for the device (:func:`prepare_state`):
+    a CUDA graph tree warms up and captures on streams of its own, inside its memory pool, and a counter
+    allocated there would outlive the call.  A caller that never prepared a layer (the kernel called directly)
+    gets the arena made here, outside a capture only.  None when there is none or every slot is taken."""
     key = (index, torch.cuda.current_stream(index).cuda_stream, grid)
     counter = _COUNTERS.get(key)
     if counter is None:
+        if index not in _ARENAS and not torch.cuda.is_current_stream_capturing():
+            _make_arena(index)
         arena = _ARENAS.get(index)
         used = sum(1 for k in _COUNTERS if k[0] == index)
         if arena is None or used == _ARENA_SLOTS:
             return None
         counter = _COUNTERS[key] = arena[used:used + 1]
     return counter
+
+
+def _make_arena(index: int) -> None:
+    _ARENAS[index] = torch.zeros(_ARENA_SLOTS, dtype=torch.int64, device=torch.device("cuda", index))
 
 
 def prepare_state(device: torch.device, hidden: int, inter: int, experts: int, top_k: int, gated: bool,
@@ -285,7 +292,7 @@ def prepare_state(device: torch.device, hidden: int, inter: int, experts: int, t
     allocates anything that outlives it."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _ARENAS:
-        _ARENAS[index] = torch.zeros(_ARENA_SLOTS, dtype=torch.int64, device=torch.device("cuda", index))
+        _make_arena(index)
     try:
         plan = _plan(torch.device("cuda", index), hidden, inter, experts, top_k, gated, n_group)
     except ValueError:

@@ -88,7 +88,8 @@ class FusedMoE(nn.Module):
             self.register_buffer(field, tensor.cpu())
         if routing_bias is not None and tuple(routing_bias.shape) != (self.shape.experts,):
             raise MoEConfigError(f"routing_bias must have shape ({self.shape.experts},), got {tuple(routing_bias.shape)}")
-        self.register_buffer("routing_bias", None if routing_bias is None else routing_bias.float())
+        # The small fp32 state lives with the kernel's weights: every tensor argument of the op is on one device.
+        self.register_buffer("routing_bias", None if routing_bias is None else routing_bias.float().to(device))
         global _warned_uncalibrated
         if input_global_scale is None or intermediate_global_scale is None:
             if not _warned_uncalibrated:
@@ -99,10 +100,11 @@ class FusedMoE(nn.Module):
                     stacklevel=3)
         default = default_global_scale(torch.tensor(DEFAULT_ACTIVATION_AMAX))
         self.register_buffer("input_global_scale", torch.as_tensor(
-            default if input_global_scale is None else input_global_scale, dtype=torch.float32).reshape(()).clone())
+            default if input_global_scale is None else input_global_scale,
+            dtype=torch.float32).reshape(()).clone().to(device))
         self.register_buffer("intermediate_global_scale", torch.as_tensor(
             default if intermediate_global_scale is None else intermediate_global_scale,
-            dtype=torch.float32).reshape(()).clone())
+            dtype=torch.float32).reshape(()).clone().to(device))
         self.shared_expert = shared_expert
         self.kernel = ""
         self._prepare(device)

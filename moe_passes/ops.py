@@ -117,7 +117,13 @@ def check_layer_inputs(hidden_states: Tensor, router_logits: Tensor, *, hidden_s
                                layer)
     if error is not None:
         torch._dynamo.graph_break(msg=str(error))
-        raise error
+        _raise(error)
+
+
+@torch._dynamo.disable
+def _raise(error: Exception) -> None:
+    # Run as plain Python: Dynamo (torch 2.11) cannot trace raising an exception object made before its break.
+    raise error
 
 
 def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: registry.MoEWeights, *, top_k: int,

@@ -544,6 +544,10 @@ def test_family_on_the_triton_path(family):
     blocks = _moe_blocks(model)
     emulated = copy.deepcopy(model)
     report = convert(model, calibration=calibration, kernel="triton")
+    if report.skipped and not report.converted:
+        # The CPU tests hold conversion itself to the transformers CI installs; an older release's block may
+        # follow another protocol, which convert refuses with a reason instead of converting it approximately.
+        pytest.skip(f"transformers {transformers.__version__}: {report.skipped[0].reason}")
     assert [c.name for c in report.converted] == [n for n, _ in blocks] and not report.skipped
     assert {c.kernel for c in report.converted} == {"triton"}
     for name, _ in blocks:
