@@ -38,7 +38,8 @@ __all__ = ["VerifyMoEShapes", "verify_graph", "user_source_line"]
 
 aten = torch.ops.aten
 # Frames in these trees are ours or torch's, never the user's line (kernels/ installs apart from moe_passes/).
-_NOT_USER_CODE = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (moe_passes, kernels, torch))
+# kernels is a namespace package (no __file__): take each package's folder from __path__.
+_NOT_USER_CODE = tuple(os.path.abspath(path) + os.sep for m in (moe_passes, kernels, torch) for path in m.__path__)
 _FRAME = re.compile(r'^\s*File "([^"]+)", line (\d+), in (\S+)')
 
 
