@@ -34,7 +34,7 @@ def compile(model: Callable, *, inner: str = "inductor", extra_passes: Iterable[
     backend: Any = "moe_nvfp4"
     if options and compile_kwargs.get("mode") is not None:
         # torch.compile refuses mode and options together; the backend still takes both as keywords.
-        from moe_passes.backend import moe_nvfp4_backend
+        from torch._dynamo.backends.registry import lookup_backend
 
-        backend, options = functools.partial(moe_nvfp4_backend, options=options), {}
+        backend, options = functools.partial(lookup_backend("moe_nvfp4"), options=options), {}
     return torch.compile(model, backend=backend, options=options or None, **compile_kwargs)
