@@ -93,7 +93,6 @@ def _median_seconds(fn, repeats, device, barrier):
 def _rank_main(rank, opts, init_file, out_dir):
     import torch.distributed as dist
 
-    from moe_passes.compile import token_shape_config
     from moe_passes.contract import MoEShape
     from moe_passes.kernels import registry
     from moe_passes.ops import KERNEL_OP
@@ -128,7 +127,7 @@ def _rank_main(rank, opts, init_file, out_dir):
                 xp = torch.nn.functional.pad(x, (0, layer.kernel_weights().w2.shape[1] - h))
 
                 def run_layer():
-                    with token_shape_config(), torch.no_grad():
+                    with torch.no_grad():
                         return compiled(x, logits)
 
                 def run_kernel():

@@ -1,52 +1,40 @@
-"""``moe_passes.compile``: torch.compile with the moe_nvfp4 backend and token-count-friendly shape settings."""
+"""``moe_passes.compile``: ``torch.compile`` with the moe_nvfp4 backend and a dynamic token count."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-__all__ = ["compile", "token_shape_config"]
-
-
-@contextlib.contextmanager
-def token_shape_config():
-    """Shape settings under which one compiled graph serves every token count.
-
-    Dynamo gives sizes 0 and 1 their own specialization and, by default, one symbol to equal sizes
-    ("duck sizing"): a first call with as many tokens as experts then ties the token count to the expert
-    count, which the MoE op checks, and every new token count recompiles.  ``backed_size_oblivious``
-    lets a count of 1 share the graph; turning duck sizing off keeps tokens and experts apart.  Both
-    are decided while Dynamo traces, before a backend is called, so they cannot live in the backend.
-    """
-    from torch.fx.experimental import _config as fx_config
-
-    settings = {name: value for name, value in (("backed_size_oblivious", True), ("use_duck_shape", False))
-                if hasattr(fx_config, name)}
-    with fx_config.patch(**settings):
-        yield
+__all__ = ["compile"]
 
 
 def compile(model: Callable, *, inner: str = "inductor", extra_passes: Iterable[Callable] = (),
             dump_dir: Optional[str] = None, **compile_kwargs: Any) -> Callable:
-    """``torch.compile(model, backend="moe_nvfp4", dynamic=True, ...)`` whose calls run under
-    :func:`token_shape_config`, so one compile serves token counts 1, 7, 64, 300, ...
+    """``torch.compile(model, backend="moe_nvfp4", dynamic=True, ...)`` with the backend's options as
+    keywords; the result is torch.compile's own (the model itself is unchanged).
 
-    Extra keyword arguments go to ``torch.compile`` (``fullgraph``, ``mode`` is not accepted by custom
-    backends).  The result is a plain callable; the model itself is unchanged.
+    Sizes start symbolic, so the first compile serves every token count of 2 or more.  Dynamo's shape
+    rules are left as they are: a size of 1 (one token, a decode step) gets a graph of its own, as under
+    plain ``torch.compile``; the MoE ops add no guard on the token count.  Other keyword arguments
+    (``fullgraph``, ``mode``, ``dynamic``, ``options``, ...) go to ``torch.compile``.
+
+    ``model.generate`` calls the module, not the object returned here: for generation compile the
+    forward, ``model.forward = moe_passes.compile(model.forward)``.
     """
-    options = {"inner": inner, "extra_passes": list(extra_passes)}
+    options = dict(compile_kwargs.pop("options", None) or {})
+    if inner != "inductor":
+        options["inner"] = inner
+    if extra_passes:
+        options["extra_passes"] = list(extra_passes)
     if dump_dir is not None:
         options["dump_dir"] = dump_dir
     compile_kwargs.setdefault("dynamic", True)
-    compiled = torch.compile(model, backend="moe_nvfp4", options=options, **compile_kwargs)
+    backend: Any = "moe_nvfp4"
+    if options and compile_kwargs.get("mode") is not None:
+        # torch.compile refuses mode and options together; the backend still takes both as keywords.
+        from torch._dynamo.backends.registry import lookup_backend
 
-    @functools.wraps(getattr(model, "forward", model))
-    def run(*args, **kwargs):
-        with token_shape_config():
-            return compiled(*args, **kwargs)
-
-    run.compiled = compiled
-    return run
+        backend, options = functools.partial(lookup_backend("moe_nvfp4"), options=options), {}
+    return torch.compile(model, backend=backend, options=options or None, **compile_kwargs)

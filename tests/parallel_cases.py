@@ -106,9 +106,14 @@ class Observer:
             self.after[name] = copy.deepcopy(gm)
 
 
-def compile_layer(layer, parallel, inner, observer=None):
-    from moe_passes.compile import token_shape_config
+def _one_graph_for_every_token_count():
+    # A bare layer (no attention to break): a count of 1 shares the graph, and tokens never tie to experts.
+    from torch.fx.experimental import _config as fx_config
 
+    return fx_config.patch(backed_size_oblivious=True, use_duck_shape=False)
+
+
+def compile_layer(layer, parallel, inner, observer=None):
     torch._dynamo.reset()  # one compile per layer: FusedMoE.forward's code object is shared by every layer
     opts = {"inner": inner, "parallel": parallel}
     if observer is not None:
@@ -116,7 +121,8 @@ def compile_layer(layer, parallel, inner, observer=None):
     compiled = torch.compile(layer, backend="moe_nvfp4", options=opts, dynamic=True)
 
     def run(*args):
-        with token_shape_config(), torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        with _one_graph_for_every_token_count(), \
+                torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
             return compiled(*args)
 
     return run

@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-import torch.fx.experimental._config as fx_config
 from torch import nn
 
 from moe_passes import FusedMoE
@@ -109,19 +108,23 @@ def test_compiled_matches_eager_and_reference(inner, hidden):
 
 
 def test_one_compile_serves_every_token_count():
+    """dynamic=True and Dynamo's own shape rules: one graph for every count from 2 up (the first call has as
+    many tokens as experts, which ties nothing), and one more for a single token."""
     torch._dynamo.reset()
     block = Block(2688, activation="silu", routing="renormalize")
     counter = CompileCounter()
     compiled = torch.compile(block, backend="moe_nvfp4", dynamic=True,
                              options={"inner": "eager", "observers": [counter]})
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), \
-            torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-        for tokens in (1, 7, 64, 300):
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for tokens in (E, 7, 64, 300, 2):
             x = torch.randn(tokens, 2688).bfloat16()
             assert torch.equal(compiled(x), block(x))
-    assert len(counter.graphs) == 1
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 1
+        assert len(counter.graphs) == 1
+        x = torch.randn(1, 2688).bfloat16()
+        assert torch.equal(compiled(x), block(x))
+    assert len(counter.graphs) == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before == 2
     placeholder_vals = [n.meta["val"] for n in counter.graphs[0].graph.find_nodes(op="placeholder")]
     assert any(isinstance(v.shape[0], torch.SymInt) for v in placeholder_vals if isinstance(v, torch.Tensor))
 
@@ -214,26 +217,18 @@ def test_weights_prepared_once_not_per_call(monkeypatch):
 
 
 def test_moe_passes_compile_one_graph_even_when_tokens_equal_experts():
-    """Plain dynamic=True recompiles here (duck sizing ties T to E); token_shape_config does not."""
+    """moe_passes.compile: tokens == experts on the first call, then other counts, on one graph (plus 1 token)."""
     import moe_passes
 
     block = Block(272, activation="silu", routing="renormalize")
     counter = CompileCounter()
     torch._dynamo.reset()
-    compiled = torch.compile(block, backend="moe_nvfp4", dynamic=True,
-                             options={"inner": "eager", "observers": [counter]})
-    # recompile_limit=1 + fail_on_recompile_limit_hit: any second compile of the frame is an error
-    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-        with moe_passes.token_shape_config():
-            for tokens in (E, 1, 5, 300):  # first call: as many tokens as experts
-                x = torch.randn(tokens, 272).bfloat16()
-                assert torch.equal(compiled(x), block(x))
-        assert len(counter.graphs) == 1
-        torch._dynamo.reset()
-        run = moe_passes.compile(block, inner="eager")
-        for tokens in (E, 1, 5):
+    run = moe_passes.compile(block, inner="eager", options={"observers": [counter]})
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for tokens in (E, 5, 300, 1, 3):
             x = torch.randn(tokens, 272).bfloat16()
             assert torch.equal(run(x), block(x))
+    assert len(counter.graphs) == 2
 
 
 def test_model_to_bfloat16_keeps_the_nvfp4_state():
