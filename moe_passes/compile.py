@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -31,10 +30,7 @@ def compile(model: Callable, *, inner: str = "inductor", extra_passes: Iterable[
     if dump_dir is not None:
         options["dump_dir"] = dump_dir
     compile_kwargs.setdefault("dynamic", True)
-    backend: Any = "moe_nvfp4"
     if options and compile_kwargs.get("mode") is not None:
-        # torch.compile refuses mode and options together; the backend still takes both as keywords.
-        from torch._dynamo.backends.registry import lookup_backend
-
-        backend, options = functools.partial(lookup_backend("moe_nvfp4"), options=options), {}
-    return torch.compile(model, backend=backend, options=options or None, **compile_kwargs)
+        # torch.compile refuses mode= together with options=; the backend reads the mode from its options too
+        options["mode"] = compile_kwargs.pop("mode")
+    return torch.compile(model, backend="moe_nvfp4", options=options or None, **compile_kwargs)
