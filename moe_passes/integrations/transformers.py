@@ -112,14 +112,16 @@ class RouterLogits(nn.Module):
     :class:`TransformersMoE`).  ``log_probs``: the router's first output is probabilities; the kernel
     takes their logarithm (same top-k, same renormalized weights)."""
 
-    def __init__(self, router: nn.Module, *, log_probs: bool = False):
+    def __init__(self, router: nn.Module, *, log_probs: bool = False, scores_at: int = 0):
         super().__init__()
         self.router = router
         self.log_probs = log_probs
+        self.scores_at = scores_at
 
     def forward(self, *args, **kwargs):
         out = self.router(*args, **kwargs)
-        logits = torch.log(out[0]) if self.log_probs else out[0]
+        scores = out[self.scores_at]
+        logits = torch.log(scores) if self.log_probs else scores
         return (out[0], logits, *out[2:])
 
     def extra_repr(self) -> str:
@@ -364,6 +366,7 @@ class _Routing:
     log_probs: bool                    # the router returns probabilities: the kernel takes their log
     block_routes: bool                 # the router returns logits only; the block's route_tokens_to_experts routes
     expert_scale: Optional[torch.Tensor]  # per-expert output scale [E], folded into w2
+    scores_at: int = 0                 # where the router's scores are among its outputs (0, or 2 after the ids)
 
 
 def _router_candidates(*sources: nn.Module) -> list[dict]:
@@ -425,7 +428,10 @@ def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Rou
         out = (out, weights, ids)
     if not isinstance(out, (tuple, list)) or len(out) < 3 or not all(isinstance(t, torch.Tensor) for t in out[:3]):
         raise _Unsupported(f"router {name} does not return (logits, top-k weights, top-k ids)")
-    first, weights, ids = out[0], out[1], out[2]
+    # (scores [T, E], top-k weights, top-k ids); some releases return the ids first and the scores last.  The
+    # weights are second either way, which is where the block takes what it hands its experts.
+    scores_at = 2 if (not out[0].is_floating_point() and out[2].is_floating_point()) else 0
+    first, weights, ids = out[scores_at], out[1], out[2 - scores_at]
     # top-k read from what the router returns (routers keep it as top_k, or only in their config)
     top_k = ids.shape[-1] if ids.ndim == 2 else 0
     if not 0 < top_k <= num_experts:
@@ -458,7 +464,7 @@ def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Rou
             got = torch.zeros_like(want).scatter(1, i, w)
             if bool(clear.any()) and _rel_err(got[clear], want[clear]) <= tol:
                 return _Routing({k: v for k, v in cand.items()}, top_k, log_probs, block_routes,
-                                None if scale is None else scale.detach().float().clone())
+                                None if scale is None else scale.detach().float().clone(), scores_at)
             tried.append(f"{cand['routing']} on {'log-probabilities' if log_probs else 'logits'}"
                          + (" with per-expert scale" if scale is not None else ""))
     raise _Unsupported(f"router {name}: its top-k weights match none of the routing methods the kernels support "
@@ -625,7 +631,7 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
     if routing.block_routes:
         hand_on = {"route_tokens_to_experts": _PassLogits()}
     else:
-        hand_on = {router_attr: RouterLogits(router, log_probs=routing.log_probs)}
+        hand_on = {router_attr: RouterLogits(router, log_probs=routing.log_probs, scores_at=routing.scores_at)}
     if check_layout:
         emulated = TransformersMoE(_FloatMoE(w13, w2, activation, routing.top_k, routing.kwargs),
                                    compute_dtype=torch.float32)
