@@ -10,8 +10,8 @@ What one call does (all on the GPU, no host synchronisation, CUDA-graph capturab
    or per 8-token expert block.  The packed decode here (:func:`_qgemv1_kernel` with the activation fused,
    :func:`_qgemv2_kernel` with the routing weight: CUDA-core dot products, each thread owning two 16-element
    groups of its rows per K step, the E2M1 codes made fp32 by a short PTX cut, each group's partial sum
-   times its E4M3 scale) is no longer selected since the weights are banded, but stays a ``TileConfig``
-   option (``bm == 1``, ``tc`` False);
+   times its E4M3 scale) is not selected by :func:`select_config` (the banded weights scatter its row-wise
+   loads); it stays a ``TileConfig`` option (``bm == 1``, ``tc`` False), see the known gaps in architecture.md;
 3. otherwise the (token, expert) pairs are bucketed by expert into blocks of ``BM`` rows (three short
    launches: atomic ranks, block map, scatter) and two tensor-core kernels run: GEMM1 with the activation
    fused (gate and up tiles in the same program) and GEMM2 with the routing weight, optionally split along
@@ -157,11 +157,9 @@ def _tc_split(blocks: int, rows: int, k: int, target: int) -> int:
 
 def _tc_config(blocks: int, hidden: int, inter: int, grouped: bool, target: int, vec1: bool) -> TileConfig:
     """The tensor-core decode (:mod:`triton_tc_decode`): one warp per 16-row tile.  The register prefetch
-    helps the grouped blocks (H200, 32 tokens: Qwen3 154 -> 143 us, the others 1-5%) and not the per-pair
-    programs (Nemotron-Nano 4 tokens 59 -> 67 us and DeepSeek-V3 1 token 90 -> 96 us with it; Qwen3 and
-    Gemma-4 1-4% faster).  GEMM2 always takes the 16-byte loads (H200, 4-64 tokens: equal or 1-2% faster);
-    GEMM1 as the caller measured.  GEMM2 loads its first chunk of weights before its PDL wait (``early2``:
-    measured faster or equal on both decodes, see ``select_config``)."""
+    pays on the grouped blocks only (per-pair programs were slower with it); GEMM2 always takes 16-byte loads,
+    GEMM1 as the caller chooses; GEMM2 loads its first chunk of weights before its PDL wait (``early2``), never
+    slower on either decode."""
     return TileConfig(bm=8 if grouped else 1, bn1=16, bk1=0, warps1=1, stages1=1, bn2=16, bk2=0, warps2=1,
                       stages2=1, split1=_tc_split(blocks, inter, hidden, target),
                       split2=_tc_split(blocks, hidden, inter, target), tc=True, prefetch=grouped, vec1=vec1,
@@ -206,57 +204,24 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
     # expected experts hit by `tokens` random top-k choices, and rows (pairs) per hit expert
     touched = experts * (1.0 - (1.0 - top_k / experts) ** tokens)
     rows_per_expert = pairs / max(1.0, touched)
-    # Ungated (ReLU^2) layers leave the decode earlier: Nemotron-Nano at 16 tokens (1.4 pairs per expert)
-    # took 174 us on the 16-row tiles against 220 us here, at 8 tokens (1.2) 128 against 118 us (H200).
+    # Ungated (ReLU^2) layers leave the per-pair decode earlier: their 16-row tiles win sooner.
     shared_limit = 2.0 if gated else 1.3
     if 16 <= tokens <= 64 and rows_per_expert <= 8:
-        # Tensor-core decode, pairs grouped by expert into 8-token blocks (one weight pass per expert).
-        # Measured on the H200 against the packed decode / 16-row tiles it replaced (Nemotron-Nano, Qwen3,
-        # Gemma-4, DeepSeek-V3): 16 tokens 182 -> 150, 152 -> 117, 200 -> 148, 1088 -> 807 us; 32 tokens
-        # 22-27% faster, 64 tokens 10-20% faster; at 128 tokens (two blocks per expert) it lost to the tiles.
-        # 16-byte loads (H200, both GEMMs against neither): 32 and 64 tokens 3-9% faster on Nemotron-Nano, Qwen3
-        # and Gemma-4 (Gemma-4 64 tokens 202 -> 187 us; DeepSeek-V3 within noise) and ungated Nemotron-Nano at
-        # 16 tokens 146 -> 134 us; but in gated GEMM1s at 16 tokens 4-10% slower (Qwen3 103 -> 113 us) while
-        # the weights were row-major.  Banded, 16-byte GEMM1 loads at 16 tokens: Qwen3 102.8 -> 90.6 us,
-        # Gemma-4 126.5 -> 116.8, DeepSeek-V3 642 -> 613 (same session, two rounds each).
-        # GEMM2's first chunk of weights loaded before its PDL wait (``early2``), on both tensor-core decodes
-        # (H200, three sessions of two rounds against without it): Qwen3 4 tokens 40.3/40.4, 40.9/41.0,
-        # 41.3/41.0 -> 39.0/39.3, 39.7/40.6, 39.6/40.4 us; Gemma-4 4 tokens 51.1/51.0, 53.2/53.2, 52.9/53.1 ->
-        # 49.0/49.4, 50.7/51.1, 51.5/51.0; Qwen3 16 tokens 1.5-3% faster, 32-64 tokens 0-2%; Nemotron-Nano
-        # within its noise.  Two chunks were slower (4 tokens: Qwen3 42.4/41.8, Nemotron-Nano 63.8/63.5 against
-        # 58.2/58.9).  (The packed decode was slower with it: Qwen3 1 token 17.3/17.0 -> 18.2/18.1 us,
-        # DeepSeek-V3 4 tokens 284 -> 295.)
+        # Tensor-core decode, pairs grouped by expert into 8-token blocks (one weight pass per expert): faster
+        # than the 16-row tiles here, slower from 128 tokens (two blocks per expert).
         return _tc_config(min(pairs, experts), hidden, inter, grouped=True, target=8 * sm_count, vec1=True)
     if rows_per_expert <= 1.15 or (tokens <= 16 and rows_per_expert <= shared_limit):
-        # Tensor-core decode, one program per pair.  With the banded weights (H200, same session, against the
-        # packed decode that used to run here at 1 token and on DeepSeek-V3's hidden 7168 up to 16 tokens):
-        # 1 token Nemotron-Nano 26.5 -> 22.7 us, Qwen3 19.3 -> 17.2, Gemma-4 24.0 -> 19.8, DeepSeek-V3 96.2 ->
-        # 77.4; DeepSeek-V3 4 tokens 332 -> 257, 8 tokens 651 -> 498.  Routing inside its GEMM1 programs was
-        # slower at 1 token (Qwen3 20.7 us), so the routing keeps its launch.  (Row-major, the packed decode
-        # had won at 1 token and on DeepSeek-V3; the banded layout scatters its row-wise warp loads.)
-        # 16-byte loads in GEMM1 (H200, banded weights, against 8-byte ones): Qwen3 1 token 17.5 -> 17.0 us,
-        # 4 tokens 37.3 -> 36.3, 8 tokens 64.7 -> 61.3; Gemma-4 1 token 19.4 -> 19.5, 4 tokens 50.6 -> 45.2,
-        # 8 tokens 87.5 -> 77.9.  (Row-major they had paid only on the ungated Nemotron-Nano.)
-        # GEMM2's first chunk before its PDL wait (``early2``) at 1-2 tokens too, banded (H200, without ->
-        # with): 1 token, three rounds, Qwen3 16.9/17.0/17.0 -> 16.3/16.8/16.8 us, Gemma-4 19.4/19.4/19.5 ->
-        # 18.9/18.8/18.8, Nemotron-Nano 22.5/22.6/22.6 -> 21.8/21.9/21.8, DeepSeek-V3 78.9/78.8/79.2 ->
-        # 80.4/80.5/80.4 (2% slower, inside its target either way); 2 tokens, two rounds, Qwen3 23.5/23.7 ->
-        # 23.3/23.0, Gemma-4 29.0/28.9 -> 29.5/28.9, Nemotron-Nano 33.1/33.1 -> 32.4/33.0.  (Row-major,
-        # Gemma-4 had been 2-4% slower with it at 2 tokens.)
+        # Tensor-core decode, one program per pair; the routing keeps its own launch (routing inside GEMM1's
+        # programs was slower at one token).
         cfg = _tc_config(pairs, hidden, inter, grouped=False, target=16 * sm_count, vec1=True)
         if hidden > 4096 and tokens <= 4:
             # GEMM1's K split among the warps of one program (``ks1``: no partial sums in memory, no activation
-            # launch) instead of across programs, where hidden is long (H200, two rounds, base -> ks1 2 / 4 /
-            # 8): DeepSeek-V3 1 token 80.7/80.4 -> 78.9/77.6, 79.3/76.0, 74.3/75.7 us; 2 tokens 135.3/135.2 ->
-            # 132.7/133.1, 127.1/127.7, 129.4/129.4; 4 tokens 249.7/250.1 -> 235.5/235.6, 233.0/233.7,
-            # 237.8/238.0.  Not on the small layers: Qwen3 1 token 17.2/16.9 against 17.0/17.2 at best (ks1 8),
-            # 2-4 tokens 2-3% faster with ks1 2 or 4, but Gemma-4 and Nemotron-Nano equal or 1-9% slower.
+            # launch) where hidden is long; on the small layers it was equal or slower.
             cfg = dataclasses.replace(cfg, ks1=8 if tokens == 1 else 4, split1=1)
         return cfg
     if rows_per_expert <= 16:
         # 16-row blocks with the weights as the MMA's A operand (swap) and their words loaded one K step
-        # ahead: measured on the H100 at 32-128 tokens on all four benchmark shapes, 6-12% faster than the
-        # same tiles without both (every 32-row variant was slower).
+        # ahead (faster than either alone at 32-128 tokens; every 32-row variant was slower).
         bm = 16
         touched = min(experts, pairs)
         tiles2 = touched * ((hidden + 63) // 64)
@@ -265,29 +230,12 @@ def select_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int
             split2 *= 2
         return TileConfig(bm=bm, warps1=4, stages1=3, warps2=4, stages2=3, split2=split2, wprefetch=True,
                           nfirst=True, **_SWAPPED_TILES)
-    # Prefill, measured on the H200 (Qwen3, DeepSeek-V3, Nemotron-Nano, Gemma-4 at 1024 and 4096 tokens):
-    # one warpgroup per program beats two (5-25%), and loading the weight words one K step ahead (wprefetch)
-    # gains 15-40% (two steps ahead was slower).  Column tiles first in the grid (``nfirst``), same-session
-    # A/B against row blocks first: 4-10% faster at 1024 and 4096 tokens on all four layers (Nemotron-Nano
-    # 4096 1948 -> 1751 us, DeepSeek-V3 4096 12.2 -> 11.2 ms; mostly GEMM2, whose activation rows each
-    # column tile re-reads), 1-4% at 128 tokens (16-row tiles, within that A/B's spread).
-    # 64-row blocks up to 96 rows per expert, 128-row blocks above.  On the banded weights (H200, whole layer,
-    # two rounds) DeepSeek-V3's 128 rows at 4096 tokens take 10.85/10.95 ms in 64-row blocks and 9.94/10.00 in
-    # 128-row blocks, its 32 rows at 1024 tokens 4.72/4.64 against 5.46/5.35 ms (row-major, with nfirst, 64-row
-    # blocks had been 2% faster at 128 rows), its 64 rows at 2048 tokens 6.69/6.65 against 6.78/6.82 ms;
-    # Nemotron-Nano's 192 rows were 4% faster in 128-row blocks.  Other stage counts, 64-column GEMM2 tiles
-    # or a GEMM2 K split were 1-8% slower on DeepSeek-V3 at 4096 tokens.
-    # Tail blocks (``tail``): a program costs nearly the same with 32 of its 128 rows as with all of them
-    # (DeepSeek-V3, every expert given exactly 128 rows: 6.6 ms a call, 160 rows: 12.6 ms), so an expert's
-    # last few rows go to smaller tiles.  Same session, two rounds, whole layer, us (Nemotron-Nano / Qwen3 /
-    # Gemma-4 / DeepSeek-V3; without -> tails of 16 / 32 rows): 1024 tokens 706/664, 446/452, 585/590,
-    # 4457/4690 -> 656/672, 437/426, 557/560, 4053/4225 and 660/662, 432/435, 568/565, 4272/4328; 2048 tokens
-    # 1039/1045, 633/631, 782/778, 6638/6819 -> 1011/1027, 606/602, 757/723, 6195/6331 and 1031/1024,
-    # 581/583, 740/738, 6486/6631; 4096 tokens 1537/1553, 1027/1049, 1312/1307, 9763/9889 -> 1485/1535,
-    # 1003/1013, 1275/1278, 9090/9275 and 1477/1473, 997/1006, 1273/1270, 9344/9381; tails of 64 rows (the
-    # 64-row tiles), another pair of rounds, 1600/1539, 1055/1047, 1307/1312, 9789/9948 -> 1457/1476,
-    # 1060/1058, 1344/1340, 8930/8946.  So 16 behind 64-row blocks, 32 behind 128-row blocks, and 64 on the
-    # long hidden of DeepSeek-V3 (its 32-row tails are swapped tiles, slower there than 64-row ones).
+    # Prefill: one warpgroup per program, weight words loaded one K step ahead (``wprefetch``), column tiles
+    # first in the grid (``nfirst``: programs running together share activation rows in L2); 64-row blocks up
+    # to 96 rows per expert, 128-row blocks above.  An expert's last few rows go to tail blocks of smaller tiles
+    # (a program costs nearly as much with a quarter of its rows as with all of them): 16 rows behind 64-row
+    # blocks, 32 behind 128-row blocks, 64 on long hidden sizes, where 32-row tails (swapped tiles) are slower.
+    # The regimes and the runs that chose them: docs/architecture.md, "Dispatch".
     if rows_per_expert <= 96:
         return TileConfig(bm=64, warps1=4, stages1=3, warps2=4, stages2=3, wprefetch=True, nfirst=True, tail=16,
                           **_TILES_64)
@@ -515,9 +463,8 @@ if triton is not None:
     def _wload(w_ptrs, s_ptrs, rr, step, k_words, k_groups, n_ok, BK: tl.constexpr, NARROW: tl.constexpr):
         """Raw weight words ``[BN, BK/8]`` and scale bytes ``[BN, BK/16]`` of K step ``step`` (masked at the K
         end, ``k_words``/``k_groups`` counted from step 0).  NARROW: the rows' groups are not a multiple of 4,
-        so their last piece is narrower and its rows sit closer together; the correction cost 2-26% of a
-        1024-4096-token call (H200), so rows of whole pieces (hidden and intermediate multiples of 64) go
-        without."""
+        so their last piece is narrower and its rows sit closer together; the correction costs 2-26% of a
+        prefill call, so rows of whole pieces (hidden and intermediate multiples of 64) go without."""
         kj = tl.arange(0, BK // 8)
         gj = tl.arange(0, BK // 16)
         w_ok = n_ok[:, None] & ((step * (BK // 8) + kj) < k_words)[None, :]
@@ -975,9 +922,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
 
     cfg = config or select_config(tokens, top_k, experts, hidden, inter, gated, _sm_count(device))
     _check_config(cfg)
-    # Serial launches for the prefill tiles: their calls take 0.5-12 ms, and chained launches measured no
-    # consistent gain there (H200, four rounds: DeepSeek-V3 2-4% slower at 1024 tokens and slower in three of
-    # four rounds at 4096, Nemotron-Nano 2-6% faster at 1024, Qwen3 and Gemma-4 within 1-2%).
+    # Serial launches for the prefill tiles: their calls take 0.5-12 ms, and chained launches gave no
+    # consistent gain there.
     pdl = cfg.bm <= 16 and _use_pdl(device)
     counts = None if cfg.bm == 1 else torch.empty(experts, dtype=torch.int32, device=device)
     rspec = None
@@ -1066,9 +1012,9 @@ def _localize(topk_w: torch.Tensor, topk_ids: torch.Tensor, offset: int, experts
 
 def _one_launch_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group,
                        topk_group, routed_scaling_factor, out) -> Optional[torch.Tensor]:
-    """One token on SM90: the whole layer in one persistent CUDA launch (:mod:`cuda_decode`; on the H200 at
-    least as fast as the 1-token path here, docs/benchmarks.md, eighth session), or None where that kernel does
-    not apply or is turned off (``MOE_NVFP4_CUDA_DECODE=0``)."""
+    """One token on SM90: the whole layer in one persistent CUDA launch (:mod:`cuda_decode`, at least as fast
+    as the 1-token path here on every benchmark shape), or None where that kernel does not apply or is turned
+    off (``MOE_NVFP4_CUDA_DECODE=0``)."""
     from moe_passes.kernels import cuda_decode
 
     args = (hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group, topk_group,

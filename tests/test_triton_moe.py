@@ -35,7 +35,7 @@ def test_module_imports_and_registers_on_cpu():
 
 
 def test_select_config_regimes():
-    """The measured regime boundaries (docs/benchmarks.md): tensor-core decode per pair at 1-15 tokens,
+    """The measured regime boundaries (docs/architecture.md, "Dispatch"): tensor-core decode per pair at 1-15 tokens,
     grouped by expert at 16-64 tokens, 16-row swapped tiles with weight prefetch above, then 64/128-row
     prefill tiles; ungated layers leave the decode earlier.  The packed decode is no longer chosen."""
     from moe_passes.kernels.triton_moe import _check_config, select_config
