@@ -71,7 +71,7 @@ def floor_seconds(h, i, e, k, activation, tokens, bandwidth) -> float:
     return touched * params * 9 / 16 / bandwidth
 
 
-def _random_nvfp4(e, n, k, device):
+def random_nvfp4(e, n, k, device):
     """Random packed E2M1 bytes and E4M3 block scales (values 2^-3..2^1), global scale 1/64 per expert."""
     w = torch.randint(0, 256, (e, n, k // 2), dtype=torch.uint8, device=device)
     exps = torch.randint(-3, 2, (e, n, k // 16), device=device).float()
@@ -137,8 +137,8 @@ def triton_layer(name, device):
     n1 = (2 if activation != "relu2" else 1) * i
     shape = MoEShape(hidden=h, intermediate=i, experts=e, top_k=k, activation=activation, alignment=spec.alignment)
     hp = shape.hidden_padded
-    w13, s13, g13 = _random_nvfp4(e, n1, hp, device)
-    w2, s2, g2 = _random_nvfp4(e, hp, shape.intermediate_padded, device)
+    w13, s13, g13 = random_nvfp4(e, n1, hp, device)
+    w2, s2, g2 = random_nvfp4(e, hp, shape.intermediate_padded, device)
     weights = spec.prepare(registry.MoEWeights(w13, s13, g13, w2, s2, g2), shape)
     args = registry.RunArgs(top_k=k, activation=activation, routing=routing, **extra)
     bias = (torch.randn(e, device=device) / 10) if routing == "deepseek_v3" else None

@@ -38,7 +38,7 @@ def _shapes():
 def _layer(name, parallel, device):
     """The shape's FusedMoE sharded by ``parallel``; only this rank's shard holds random bytes."""
     from moe_passes import FusedMoE
-    from moe_passes.bench import _random_nvfp4
+    from moe_passes.bench import random_nvfp4
     from moe_passes.contract import round_up
     from moe_passes.kernels import registry
     from moe_passes.parallel import ExpertParallel, expert_block, intermediate_block
@@ -54,16 +54,16 @@ def _layer(name, parallel, device):
     g = torch.full((e,), 64.0)
     if isinstance(parallel, ExpertParallel):
         lo, n = expert_block(e, parallel.world_size, parallel.rank)
-        w13[lo:lo + n], s13[lo:lo + n], _ = _random_nvfp4(n, n1, hc, "cpu")
-        w2[lo:lo + n], s2[lo:lo + n], _ = _random_nvfp4(n, hc, ic, "cpu")
+        w13[lo:lo + n], s13[lo:lo + n], _ = random_nvfp4(n, n1, hc, "cpu")
+        w2[lo:lo + n], s2[lo:lo + n], _ = random_nvfp4(n, hc, ic, "cpu")
     else:
         start, size = intermediate_block(ic, parallel.world_size, parallel.rank)
         halves = [0, ic] if activation != "relu2" else [0]
         for base in halves:
             rows = slice(base + start, base + start + size)
-            w, s, _ = _random_nvfp4(e, size, hc, "cpu")
+            w, s, _ = random_nvfp4(e, size, hc, "cpu")
             w13[:, rows], s13[:, rows] = w, s
-        w, s, _ = _random_nvfp4(e, hc, size, "cpu")
+        w, s, _ = random_nvfp4(e, hc, size, "cpu")
         w2[:, :, start // 2:(start + size) // 2], s2[:, :, start // 16:(start + size) // 16] = w, s
     bias = torch.randn(e) / 10 if routing == "deepseek_v3" else None
     layer = FusedMoE(registry.MoEWeights(w13, s13, g, w2, s2, g.clone()), hidden_size=h, intermediate_size=i,

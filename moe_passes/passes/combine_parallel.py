@@ -44,7 +44,7 @@ import torch.fx
 
 from moe_passes.errors import MoEConfigError
 from moe_passes.ops import KERNEL_OP
-from moe_passes.passes.lower_fused_moe import MOE_META, _bind, _inherited, _set_fake_value, layer_name
+from moe_passes.passes.lower_fused_moe import MOE_META, bind_args, inherited_meta, set_fake_value, layer_name
 from moe_passes.passes.manager import GraphPass, PassResult
 
 __all__ = ["CombineParallelMoE", "PARALLEL_META", "check_parallel_invariants"]
@@ -55,7 +55,7 @@ PARALLEL_META = "moe_nvfp4_parallel"
 
 
 def _partial_group(node: torch.fx.Node) -> tuple[str, bool]:
-    bound = _bind(node)
+    bound = bind_args(node)
     return bound.get("group_name") or "", bool(bound.get("data_parallel"))
 
 
@@ -94,7 +94,7 @@ class CombineParallelMoE(GraphPass):
                 raise MoEConfigError(f"MoE layer {layer_name(kernel)!r} is sharded over process group {group!r}, "
                                      f"but the backend was given parallel={self.parallel.describe()}")
             world = group_size(group)
-            inherited = _inherited(kernel)
+            inherited = inherited_meta(kernel)
             new_nodes = []
 
             def add(target, args, tag, before=None, after=None):
@@ -107,7 +107,7 @@ class CombineParallelMoE(GraphPass):
                 return node
 
             if dp:
-                bound = _bind(kernel)
+                bound = bind_args(kernel)
                 x, logits = bound["hidden_states"], bound["router_logits"]
                 # Gather the unpadded activations (fewer bytes), i.e. before the lowering's pad.
                 pad = x if x.target is aten.constant_pad_nd.default else None
@@ -134,7 +134,7 @@ class CombineParallelMoE(GraphPass):
             # New fake values in graph order (with data_parallel the pad and the kernel see more tokens now).
             stale = set(new_nodes) | ({pad, kernel, routed} if dp else set())
             for node in [n for n in graph.nodes if n in stale]:
-                _set_fake_value(node)
+                set_fake_value(node)
             count += 1
         return PassResult(changed=count > 0, matches=count)
 
@@ -219,7 +219,7 @@ def check_parallel_invariants(gm: torch.fx.GraphModule) -> None:
             _fail(f"collective {reduce.name} of kernel node {kernel.name} turns {in_shape} into {out_shape}, "
                   f"expected [{rows}, {hidden}]", kernel, reduce)
         if dp:
-            bound = _bind(kernel)
+            bound = bind_args(kernel)
             for arg in ("hidden_states", "router_logits"):
                 if not _gathered_input(kernel, bound[arg], world, group):
                     _fail(f"data-parallel kernel node {kernel.name} takes {arg} that were not all-gathered over "

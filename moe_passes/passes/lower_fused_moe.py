@@ -32,7 +32,7 @@ from moe_passes.errors import MoEConfigError
 from moe_passes.ops import FUSED_MOE, KERNEL_OP
 from moe_passes.passes.manager import GraphPass, PassResult
 
-__all__ = ["LowerFusedMoE", "layer_name", "MOE_META"]
+__all__ = ["LowerFusedMoE", "layer_name", "MOE_META", "bind_args", "set_fake_value", "inherited_meta"]
 
 aten = torch.ops.aten
 MOE_META = "moe_nvfp4"
@@ -57,7 +57,8 @@ def layer_name(node: torch.fx.Node) -> str:
     return named or _module_path(node) or node.name
 
 
-def _bind(node: torch.fx.Node) -> dict:
+def bind_args(node: torch.fx.Node) -> dict:
+    """A MoE op node's arguments by schema name, defaults filled in."""
     names = [a.name for a in node.target._schema.arguments]
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
@@ -76,7 +77,7 @@ class LowerFusedMoE(GraphPass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target is not FUSED_MOE:
                 continue
-            bound = _bind(node)
+            bound = bind_args(node)
             x, hidden = bound["hidden_states"], bound["hidden_size"]
             w2 = bound["w2"]
             hidden_padded = w2.meta["val"].shape[1] if isinstance(w2, torch.fx.Node) and "val" in w2.meta else None
@@ -88,24 +89,24 @@ class LowerFusedMoE(GraphPass):
             with graph.inserting_before(node):
                 if hidden_padded != hidden:
                     x = graph.call_function(aten.constant_pad_nd.default, (x, [0, hidden_padded - hidden], 0.0))
-                    x.meta.update(_inherited(node))
+                    x.meta.update(inherited_meta(node))
                 bound["hidden_states"] = x
                 kernel = graph.call_function(KERNEL_OP, tuple(bound[a] for a in kernel_args))
-                kernel.meta.update(_inherited(node))
+                kernel.meta.update(inherited_meta(node))
                 kernel.meta[MOE_META] = {"layer": layer, "hidden": hidden, "hidden_padded": hidden_padded}
                 out = kernel
                 if hidden_padded != hidden:
                     out = graph.call_function(aten.slice.Tensor, (kernel, 1, 0, hidden))
-                    out.meta.update(_inherited(node))
+                    out.meta.update(inherited_meta(node))
             for new in (x, kernel, out) if hidden_padded != hidden else (kernel,):
-                _set_fake_value(new)
+                set_fake_value(new)
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             count += 1
         return PassResult(changed=count > 0, matches=count)
 
 
-def _set_fake_value(node: torch.fx.Node) -> None:
+def set_fake_value(node: torch.fx.Node) -> None:
     """Give a new node its ``meta["val"]`` now, so later user passes can read its shape before verification."""
     from torch._dispatch.python import enable_python_dispatcher
     from torch._guards import detect_fake_mode
@@ -119,5 +120,6 @@ def _set_fake_value(node: torch.fx.Node) -> None:
         node.meta["val"] = node.target(*args, **kwargs)
 
 
-def _inherited(node: torch.fx.Node) -> dict:
+def inherited_meta(node: torch.fx.Node) -> dict:
+    """The metadata a node made in place of ``node`` keeps: its source line and module stack."""
     return {k: node.meta[k] for k in ("stack_trace", "nn_module_stack", "source_fn_stack", "seq_nr") if k in node.meta}
