@@ -160,7 +160,8 @@ def test_readme_usage_with_inductor_through_generate():
     model = _converted_qwen3_moe(seed=2)
     eager = copy.deepcopy(model)
     graphs, count = _graph_counter()
-    model.forward = moe_passes.compile(model.forward, extra_passes=[count])
+    # a cache hit from an earlier run would skip the passes, and the count with them
+    model.forward = moe_passes.compile(model.forward, extra_passes=[count], options={"fx_graph_cache": False})
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for length in (6, 9):
@@ -170,4 +171,4 @@ def test_readme_usage_with_inductor_through_generate():
             # inductor reorders fp32 sums: logits agree to rounding; greedy tokens then agree unless tied
             torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
             assert torch.equal(tokens, want_tokens)
-    assert len(graphs) <= 3 and all(n == 2 for n in graphs), graphs
+    assert 1 <= len(graphs) <= 3 and all(n == 2 for n in graphs), graphs

@@ -87,20 +87,28 @@ def _shared_add(slice_):
     return adds[0] if adds else None
 
 
+def _add_in_padded_domain(gm, kernel, slice_, pad_shared=None):
+    """Rewrites ``add(slice(y_p), shared)`` into ``slice(add(y_p, shared'))``, ``shared'`` being the shared
+    output padded by ``pad_shared`` (``[left, right]``) or as it is; False without a shared-expert add."""
+    add = _shared_add(slice_)
+    if add is None:
+        return False
+    other = add.args[1] if add.args[0] is slice_ else add.args[0]
+    with gm.graph.inserting_before(add):
+        if pad_shared is not None:
+            other = _copy_meta(gm.graph.call_function(aten.constant_pad_nd.default, (other, pad_shared, 0.0)), add)
+        early = _copy_meta(gm.graph.call_function(aten.add.Tensor, (kernel, other)), add)
+        late = _copy_meta(gm.graph.call_function(aten.slice.Tensor, (early, 1, 0, slice_.args[3])), add)
+    add.replace_all_uses_with(late)
+    gm.graph.erase_node(add)
+    return True
+
+
 class AddBeforeSlice(Mutant):
     """Moves the shared-expert add into the padded domain: ``slice(add(y_p, shared))``."""
 
     def mutate(self, gm, kernel, pad, slice_):
-        add = _shared_add(slice_)
-        if add is None:
-            return False
-        other = add.args[1] if add.args[0] is slice_ else add.args[0]
-        with gm.graph.inserting_before(add):
-            early = _copy_meta(gm.graph.call_function(aten.add.Tensor, (kernel, other)), add)
-            late = _copy_meta(gm.graph.call_function(aten.slice.Tensor, (early, 1, 0, slice_.args[3])), add)
-        add.replace_all_uses_with(late)
-        gm.graph.erase_node(add)
-        return True
+        return _add_in_padded_domain(gm, kernel, slice_)
 
 
 class PadSharedOnTheLeft(Mutant):
@@ -108,18 +116,7 @@ class PadSharedOnTheLeft(Mutant):
     but column c of one meets column c - pad of the other."""
 
     def mutate(self, gm, kernel, pad, slice_):
-        add = _shared_add(slice_)
-        if add is None:
-            return False
-        other = add.args[1] if add.args[0] is slice_ else add.args[0]
-        with gm.graph.inserting_before(add):
-            other_p = _copy_meta(gm.graph.call_function(aten.constant_pad_nd.default,
-                                                        (other, [pad.args[1][1], 0], 0.0)), add)
-            early = _copy_meta(gm.graph.call_function(aten.add.Tensor, (kernel, other_p)), add)
-            late = _copy_meta(gm.graph.call_function(aten.slice.Tensor, (early, 1, 0, slice_.args[3])), add)
-        add.replace_all_uses_with(late)
-        gm.graph.erase_node(add)
-        return True
+        return _add_in_padded_domain(gm, kernel, slice_, [pad.args[1][1], 0])
 
 
 class NormOverPaddedColumns(Mutant):
@@ -350,18 +347,7 @@ class PadSharedAddSlice(Rewrite):
     ``slice(add(y_p, pad(shared)), 0, H)``."""
 
     def mutate(self, gm, kernel, pad, slice_):
-        add = _shared_add(slice_)
-        if add is None:
-            return False
-        other = add.args[1] if add.args[0] is slice_ else add.args[0]
-        with gm.graph.inserting_before(add):
-            other_p = _copy_meta(gm.graph.call_function(aten.constant_pad_nd.default,
-                                                        (other, [0, pad.args[1][1]], 0.0)), add)
-            early = _copy_meta(gm.graph.call_function(aten.add.Tensor, (kernel, other_p)), add)
-            late = _copy_meta(gm.graph.call_function(aten.slice.Tensor, (early, 1, 0, slice_.args[3])), add)
-        add.replace_all_uses_with(late)
-        gm.graph.erase_node(add)
-        return True
+        return _add_in_padded_domain(gm, kernel, slice_, [0, pad.args[1][1]])
 
 
 class AddPaddedSliceLater(Rewrite):
