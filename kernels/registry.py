@@ -77,6 +77,9 @@ class KernelSpec:
     max_tokens: Optional[Callable[[int, int], int]] = None
     # Does the kernel quantize activations to NVFP4 (TRTLLM) or keep them in bf16 (Hopper path)?
     quantizes_activations: bool = True
+    # Calls of at most this many tokens replay from CUDA graphs the kernel captures itself (kernels.graphed):
+    # worth it where the host's launches outlast the GPU work.  0: never (the kernel is not capture-safe).
+    graph_tokens: int = 0
     # Preference when several kernels are available on a device (higher wins).
     priority: int = 0
     # Activations this kernel lacks, mapped to the reason shown to the user.

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moe_passes.contract import MoEShape, round_up
 from moe_passes.errors import MoEConfigError, MoEError, MoENonFiniteError, MoERangeWarning, MoEShapeError
-from moe_passes.kernels import registry
+from moe_passes.kernels import graphed, registry
 from moe_passes.kernels.nvfp4 import E2M1_MAX, E4M3_MAX
 
 __all__ = ["fused_moe", "trtllm_nvfp4_moe", "check_moe_call", "check_layer_inputs", "FUSED_MOE", "KERNEL_OP",
@@ -235,9 +235,11 @@ def _run_kernel(hidden_states, router_logits, weights, input_global_scale, inter
     args = registry.RunArgs(top_k=top_k, activation=activation, routing=routing, n_group=n_group,
                             topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
                             local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
+    scales = (input_global_scale, intermediate_global_scale, routing_bias)
     try:
-        return spec.run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                        routing_bias, args)
+        if hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
+            return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales, args)
+        return spec.run(hidden_states, router_logits, weights, *scales, args)
     except MoENonFiniteError as exc:
         raise MoENonFiniteError(f"{_where(layer)}: {exc}") from None
 

@@ -1,0 +1,101 @@
+"""Small calls replayed from the kernel's own CUDA graphs (``kernels.graphed``) equal direct kernel calls.
+
+Skipped without CUDA.  The direct call (``spec.run``) is the reference: the same kernels launched one by one,
+so a replay must match it bit for bit, on fresh inputs every call, on every Hopper path a small call can take
+(the one-launch CUDA decode and the Triton decodes).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from moe_passes import FusedMoE
+from moe_passes.kernels import cuda_decode, graphed, registry
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+warnings.filterwarnings("ignore", category=UserWarning)
+
+E, H, I = 16, 1024, 256
+
+
+def _layer(seed: int) -> FusedMoE:
+    g = torch.Generator().manual_seed(seed)
+    moe = FusedMoE.from_float(torch.randn(E, 2 * I, H, generator=g) / H ** 0.5, torch.randn(E, H, I, generator=g) / 16,
+                              top_k=4, activation="silu", routing="renormalize",
+                              calibration=torch.randn(32, H, generator=g))
+    return moe.cuda().requires_grad_(False)
+
+
+def _call(moe: FusedMoE, graphs, x, logits):
+    spec = registry.get(moe.kernel)
+    scales = (moe.input_global_scale, moe.intermediate_global_scale, moe.routing_bias)
+    if graphs is None:
+        return spec.run(x, logits, moe.kernel_weights(), *scales, moe._run_args())
+    return graphs.run(spec.run, spec.name, x, logits, moe.kernel_weights(), scales, moe._run_args())
+
+
+@pytest.mark.parametrize("cuda_decode_on", [True, False])
+def test_replays_equal_direct_calls(cuda_decode_on, monkeypatch):
+    if not cuda_decode_on:
+        monkeypatch.setattr(cuda_decode, "ENABLED", False)
+    moe = _layer(seed=int(cuda_decode_on))
+    graphs = graphed.CallGraphs()
+    for captured, tokens in enumerate((1, 2, 16, 64), start=1):
+        for _ in range(4):
+            x = torch.randn(tokens, H, device="cuda").bfloat16()
+            logits = torch.randn(tokens, E, device="cuda")
+            got = _call(moe, graphs, x, logits)
+            assert torch.equal(got, _call(moe, None, x, logits))
+        assert len(graphs) == captured  # the calls after the first replayed one graph per token count
+
+
+def test_graphs_are_keyed_by_weights():
+    a, b = _layer(seed=10), _layer(seed=11)
+    graphs = graphed.CallGraphs()
+    for _ in range(3):
+        x = torch.randn(1, H, device="cuda").bfloat16()
+        logits = torch.randn(1, E, device="cuda")
+        got_a, got_b = _call(a, graphs, x, logits), _call(b, graphs, x, logits)
+        assert torch.equal(got_a, _call(a, None, x, logits))
+        assert torch.equal(got_b, _call(b, None, x, logits))
+        assert not torch.equal(got_a, got_b)
+    assert len(graphs) == 2
+
+
+def test_inside_an_outer_capture_the_kernel_runs_directly():
+    moe = _layer(seed=12)
+    graphs = graphed.CallGraphs()
+    x = torch.randn(2, H, device="cuda").bfloat16()
+    logits = torch.randn(2, E, device="cuda")
+    for _ in range(2):  # warm: the second call would capture if the stream were not already capturing
+        _call(moe, graphs, x, logits)
+    graphs.clear()
+    _call(moe, graphs, x, logits)
+    outer = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        outer.capture_begin()
+        out = _call(moe, graphs, x, logits)
+        outer.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    assert len(graphs) == 0
+    fresh = torch.randn(2, H, device="cuda").bfloat16()
+    x.copy_(fresh)
+    outer.replay()
+    assert torch.equal(out, _call(moe, None, fresh, logits))
+
+
+def test_layer_and_compiled_default_mode_use_the_graphs():
+    moe = _layer(seed=13)
+    before = len(graphed.CALL_GRAPHS)
+    compiled = torch.compile(moe, backend="moe_nvfp4")
+    with torch.inference_mode():
+        for _ in range(3):
+            x = torch.randn(3, H, device="cuda").bfloat16()
+            logits = torch.randn(3, E, device="cuda")
+            got = compiled(x, logits)
+            assert torch.equal(got, moe(x, logits))
+            assert torch.equal(got, _call(moe, None, x, logits))
+    assert len(graphed.CALL_GRAPHS) > before
