@@ -344,3 +344,43 @@ def test_bench_runs_and_checks_on_the_gpu(tmp_path):
         assert row["check"] == "ok" and row["triton_us"] > 0 and row["err_triton_vs_nvfp4_ref"] < 2e-2
         if doc["peer"]["available"]:
             assert row["peer_us"] > 0 and row["err_peer_vs_mxfp4_ref"] < 2e-2
+
+
+_EPILOGUE_SCRIPT = '''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, triton, triton.language as tl
+from moe_passes import bench_peer, bench_peer_act
+from moe_passes.kernels.reference import apply_activation
+
+def tile_kernel(fn, red):
+    @triton.jit
+    def kernel(X, Y, M: tl.constexpr, N: tl.constexpr):
+        x = tl.load(X + tl.arange(0, M)[:, None] * N + tl.arange(0, N)[None, :])
+        NO: tl.constexpr = N // red
+        tl.store(Y + tl.arange(0, M)[:, None] * NO + tl.arange(0, NO)[None, :], fn(x, 1.0))
+    return kernel
+
+worst = 0.0
+for activation, (fn, red) in bench_peer_act.EPILOGUES.items():
+    h = torch.randn(8, 32)  # GEMM1 output columns as [gate; up]
+    cols = bench_peer.interleave_gate_up(h.t()[None])[0].t().contiguous() if red == 2 else h
+    y = torch.empty(8, 32 // red)
+    tile_kernel(fn, red)[(1,)](cols, y, 8, 32)
+    worst = max(worst, float((y - apply_activation(h, activation)).abs().max()))
+print("WORST", worst)
+'''
+
+
+def test_epilogues_compute_our_activations_on_interleaved_columns(tmp_path):
+    """The jitted epilogues under Triton's interpreter (a subprocess: it must be on before Triton loads)."""
+    pytest.importorskip("triton")
+    import subprocess
+    script = tmp_path / "epilogues.py"
+    script.write_text(_EPILOGUE_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert done.returncode == 0, done.stderr[-2000:]
+    worst = float(done.stdout.split("WORST")[-1])
+    assert worst < 1e-5
