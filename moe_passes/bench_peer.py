@@ -215,15 +215,17 @@ class PeerLayer:
         self.canonical = None
 
 
-def _quantize_mxfp4(w: torch.Tensor):
+def _quantize_mxfp4(w: torch.Tensor, interleave: bool):
     """Float ``[E, N, K]`` -> (E2M1 bytes ``[E, N, K/2]``, e8m0 scales ``[E, N, K/32]``) along K with
-    ``triton_kernels``' own quantizer (its default scale rounding), a few experts at a time."""
+    ``triton_kernels``' own quantizer (its default scale rounding), a few experts at a time, gate/up rows
+    interleaved per chunk when asked (a whole interleaved copy of DeepSeek-V3's w13 is 15 GB)."""
     from triton_kernels.numerics_details.mxfp import downcast_to_mxfp
     e, n, k = w.shape
     q = torch.empty(e, n, k // 2, dtype=torch.uint8, device=w.device)
     s = torch.empty(e, n, k // 32, dtype=torch.uint8, device=w.device)
     for a, b in _expert_chunks(e, n, k):
-        qa, sa = downcast_to_mxfp(w[a:b].to(torch.bfloat16), torch.uint8, axis=-1)
+        chunk = interleave_gate_up(w[a:b]) if interleave else w[a:b]
+        qa, sa = downcast_to_mxfp(chunk.to(torch.bfloat16), torch.uint8, axis=-1)
         q[a:b].copy_(qa)
         s[a:b].copy_(sa)
     return q, s
@@ -262,8 +264,8 @@ def build_peer(tk, w13: torch.Tensor, w2: torch.Tensor, top_k: int, activation: 
     if activation not in EPILOGUES:
         raise ValueError(f"no triton_kernels epilogue for activation {activation!r}; have {', '.join(EPILOGUES)}")
     gated = activation != "relu2"
-    q13, s13 = _quantize_mxfp4(interleave_gate_up(w13) if gated else w13)
-    q2, s2 = _quantize_mxfp4(w2)
+    q13, s13 = _quantize_mxfp4(w13, interleave=gated)
+    q2, s2 = _quantize_mxfp4(w2, interleave=False)
     value_cls, value_kw = make_default_matmul_mxfp4_w_layout(mx_axis=1)
     scale_cls, scale_kw = make_default_matmul_mxfp4_w_scale_layout(mx_axis=1, num_warps=8)
     # matmul_ogs wants w as [E, K, N]: the transposed views of the [E, N, K] bytes, K packed

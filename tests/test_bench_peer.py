@@ -384,3 +384,21 @@ def test_epilogues_compute_our_activations_on_interleaved_columns(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     worst = float(done.stdout.split("WORST")[-1])
     assert worst < 1e-5
+
+
+def test_peer_reference_weights_are_the_quantized_float_weights(monkeypatch):
+    """Interleaving moves whole rows and MXFP4 scales run along a row, so the peer's dequantized expert, back in
+    [gate; up] order, is exactly the float expert quantized and dequantized row by row."""
+    _peer_or_skip()
+    import triton_kernels.numerics_details.mxfp as mxfp
+    monkeypatch.setattr(mxfp, "downcast_to_mxfp", mxfp.downcast_to_mxfp_torch)  # the Triton one needs a GPU
+    monkeypatch.setattr(bench_peer, "_expert_chunks", lambda e, *a, **k: [(n, min(e, n + 2)) for n in range(0, e, 2)])
+    w13, w2 = torch.randn(5, 64, 96).to(torch.bfloat16), torch.randn(5, 96, 32).to(torch.bfloat16)
+    layer = bench_peer.PeerLayer(None, None, None, None, None, None, experts=5, top_k=2, routing="renormalize",
+                                 gated=True, canonical=(*bench_peer._quantize_mxfp4(w13, interleave=True),
+                                                        *bench_peer._quantize_mxfp4(w2, interleave=False)))
+    for e in range(5):
+        for got, w in ((layer.w13_fp32(e), w13[e]), (layer.w2_fp32(e), w2[e])):
+            q, s = mxfp.downcast_to_mxfp_torch(w, torch.uint8, axis=-1)
+            assert torch.equal(got, mxfp.upcast_from_mxfp_torch(q, s, torch.float32, axis=-1))
+            assert bench_peer.rel_err(got, w) < 0.2  # and that is close to the float weights
