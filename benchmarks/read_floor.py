@@ -3,7 +3,9 @@
     python benchmarks/read_floor.py [--shapes nemotron-3-nano,qwen3-30b-a3b,...] [--out DIR]
 
 * ``floor``: the NVFP4 weight-bandwidth floor (``moe_passes.bench.floor_seconds``: the selected experts'
-  codes and scales at the copy bandwidth measured at the start of the run), as in ``moe-nvfp4 bench``.
+  codes and scales at the read-only bandwidth ``moe_passes.bench.measure_read_bandwidth`` measures at the start
+  of the run), as in ``moe-nvfp4 bench``; ``floor_copy`` the same at the copy bandwidth (the floor before
+  issue 31).
 * ``read``: a Triton kernel that only *reads* exactly the floor's bytes: the top-k experts' bytes, one
   contiguous block per expert, the expert ids read from device memory (as a layer gets them from its
   routing), an xor per program written out.  No routing, no arithmetic worth the name, no cross-SM sum.
@@ -146,14 +148,16 @@ def main(argv=None) -> int:
         raise SystemExit("the skeleton is a build of the one-launch CUDA decode: unset MOE_NVFP4_CUDA_DECODE=0")
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    bandwidth = bench.measure_copy_bandwidth()
+    copy_bandwidth = bench.measure_copy_bandwidth()
+    bandwidth = bench.measure_read_bandwidth()
     empty = time_empty(sms)
-    print(f"{torch.cuda.get_device_name(0)}, {sms} SMs, copy bandwidth {bandwidth / 1e12:.2f} TB/s, "
-          f"empty kernel {empty * 1e6:.2f} us per call", flush=True)
+    print(f"{torch.cuda.get_device_name(0)}, {sms} SMs, read bandwidth {bandwidth / 1e12:.2f} TB/s, copy bandwidth "
+          f"{copy_bandwidth / 1e12:.2f} TB/s, empty kernel {empty * 1e6:.2f} us per call", flush=True)
     rows = []
     for name in shapes:
         h, i, e, k, activation, _, _ = bench.SHAPES[name]
         row = dict(shape=name, floor_us=bench.floor_seconds(h, i, e, k, activation, 1, bandwidth) * 1e6,
+                   floor_copy_us=bench.floor_seconds(h, i, e, k, activation, 1, copy_bandwidth) * 1e6,
                    empty_us=empty * 1e6)
         read, config = time_read(name, sms)
         row.update(read_us=read * 1e6, read_config=config)
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
               f"layer {row['layer_us']:6.2f} ({row['layer_over_floor']:.2f}x)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "read_floor.json"), "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(0), sms=sms, copy_bandwidth=bandwidth, rows=rows), f,
+        json.dump(dict(device=torch.cuda.get_device_name(0), sms=sms, read_bandwidth=bandwidth,
+                       copy_bandwidth=copy_bandwidth, rows=rows), f,
                   indent=1)
     return 0
 

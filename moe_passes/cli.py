@@ -2,7 +2,9 @@
 
     moe-nvfp4 demo [--tokens 64] [--inner inductor|eager] [--device cpu]
     moe-nvfp4 plan --hidden 2688 --intermediate 1856 --experts 128 --top-k 6 --tokens 4096 [--activation relu2]
-    moe-nvfp4 bench [...]        (GPU; see benchmarks/)
+    moe-nvfp4 bench [--shapes a,b] [--tokens sweep|1,16,...] [--peer-path DIR] [--budget-s S] [--out DIR]
+                                 (GPU: the layer against triton_kernels' MXFP4 MoE, bf16 and the floor)
+    moe-nvfp4 bench --merge a.json b.json --out DIR   (no GPU: join split runs, plot)
     moe-nvfp4 bench --model qwen3-30b-a3b [--layers 8] [--batches 1,16,64] [--prefill 2048] [--out ...]
                                  (a transformers model end to end, bf16 against NVFP4; see docs/benchmarks.md)
 """
