@@ -722,18 +722,28 @@ def _blackwell() -> bool:
     (2048, 768, "silu", "renormalize", 8),
     (1024, 1024, "silu", "deepseek_v3", 4),
     (2048, 704, "gelu", "default", 8),
+    (2880, 2880, "swiglu_oai", "renormalize", 4),  # gpt-oss-120b's shapes: hidden pads to 3072; biases
 ])
 def test_real_kernel_matches_reference(hidden, inter, activation, routing, top_k):
     torch.manual_seed(0)
-    layer = Layer(hidden, inter, experts=16, top_k=top_k, activation=activation, tokens=64, seed=7)
+    oai = activation == "swiglu_oai"
+    layer = Layer(hidden, inter, experts=16, top_k=top_k, activation=activation, tokens=64, seed=7, biases=oai)
     dev = torch.device("cuda")
     assert ft.available(dev)
     prepared = registry.MoEWeights(*(t.to(dev) for t in layer.prepared))
     extra = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5) if routing == "deepseek_v3" else {}
     bias = layer.bias if routing == "deepseek_v3" else None
+    biases, ref_extra = {}, {}
+    if oai:  # the units of the bias / beta / limit mapping are settled here (docs/kernels.md)
+        b13, b2 = ft.prepare_biases(layer.w13_bias, layer.w2_bias, layer.shape)
+        biases = dict(w13_bias=b13.to(dev), w2_bias=b2.to(dev))
+        extra["activation_params"] = (1.702, 1.0, 7.0)
+        ref_extra = dict(w13_bias=layer.w13_bias, w2_bias=layer.w2_bias)
     out = ft.run(layer.xp.to(dev), layer.logits.to(dev), prepared, layer.gs_a.to(dev), layer.gs_c.to(dev),
-                 None if bias is None else bias.to(dev), layer.args(routing, **extra))
-    ref = layer.reference(routing, routing_bias=bias, **extra)
+                 None if bias is None else bias.to(dev), layer.args(routing, **extra), **biases)
+    if oai:
+        extra["activation_params"] = list(extra["activation_params"])
+    ref = layer.reference(routing, routing_bias=bias, **extra, **ref_extra)
     torch.testing.assert_close(out[:, :hidden].float().cpu(), ref.float(), atol=0.1, rtol=0.1)
 
 
