@@ -13,7 +13,13 @@ Three parts, all behind :func:`available`:
     (:func:`moe_passes.kernels.nvfp4.swizzle_scales`);
   - ``w2`` and its scales get the shuffle (no reorder, no interleave);
   - global scales are kept: :func:`output_scales` derives the kernel's three per-expert vectors
-    from them and the activation global scales at call time.
+    from them and the activation global scales at call time;
+  - expert biases (:func:`prepare_biases`) get their weight's row order: ``w13_bias`` the whole w13
+    reordering, ``w2_bias`` the w2 shuffle.
+
+* :func:`bias_and_activation_args` maps the biases and ``swiglu_oai``'s alpha / beta / limit onto
+  ``gemm1_bias``, ``gemm1_alpha``, ``gemm1_beta``, ``gemm1_clamp_limit``, ``gemm2_bias`` (fp32, one row
+  or value per local expert), in the units of the kernel's accumulators (see its docstring).
 
 * :func:`fused_moe` / :func:`run` / :func:`run_routed` quantize the input to NVFP4 (linear scale
   layout), call ``flashinfer.fused_moe.trtllm_fp4_block_scale_moe`` (or the ``_routed_moe`` variant)
@@ -41,6 +47,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from moe_passes.contract import ROUTING_METHODS, TRTLLM_ALIGNMENT, MoEShape, is_gated, trtllm_chunk_size
+from moe_passes.contract import activation_params as contract_params
 from moe_passes.errors import KernelUnavailableError, MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import BLOCK_SIZE, quantize_nvfp4, swizzle_scales
@@ -59,6 +66,8 @@ __all__ = [
     "w13_row_indices",
     "w2_row_indices",
     "prepare",
+    "prepare_biases",
+    "bias_and_activation_args",
     "output_scales",
     "chunk_size",
     "fused_moe",
@@ -72,8 +81,9 @@ SUPPORTED_CAPABILITIES = frozenset({(10, 0), (10, 3)})
 
 # Our activation / routing names -> FlashInfer enum member names (looked up by name: values moved
 # between releases).  Older releases name the gated activation ``gated_act_type`` with GatedActType.
-ACTIVATION_NAMES = {"silu": "Swiglu", "gelu": "Geglu", "relu2": "Relu2"}
-_GATED_ACT_NAMES = {"silu": "SwiGlu", "gelu": "GeGlu"}
+# swiglu_oai is FlashInfer's Swiglu with gemm1_alpha / gemm1_beta / gemm1_clamp_limit set.
+ACTIVATION_NAMES = {"silu": "Swiglu", "gelu": "Geglu", "relu2": "Relu2", "swiglu_oai": "Swiglu"}
+_GATED_ACT_NAMES = {"silu": "SwiGlu", "gelu": "GeGlu", "swiglu_oai": "SwiGlu"}
 ROUTING_NAMES = {"default": "Default", "renormalize": "Renormalize", "deepseek_v3": "DeepSeekV3", "llama4": "Llama4"}
 
 GELU_TANH_REASON = (
@@ -295,6 +305,54 @@ def prepare(weights: registry.MoEWeights, shape: MoEShape) -> registry.MoEWeight
     )
 
 
+def prepare_biases(w13_bias: Optional[torch.Tensor], w2_bias: Optional[torch.Tensor], shape: MoEShape):
+    """Padded canonical fp32 biases (``[E, N1]`` gate half then up half, ``[E, Hp]``) in the row order
+    :func:`prepare` gives the weights: a bias belongs to its weight row wherever the row goes."""
+    e = shape.experts
+    if w13_bias is not None:
+        _check_tensor(w13_bias, "w13_bias", torch.float32, (e, shape.w13_rows))
+        w13_bias = w13_bias.index_select(1, w13_row_indices(shape.w13_rows, shape.gated).to(w13_bias.device))
+    if w2_bias is not None:
+        _check_tensor(w2_bias, "w2_bias", torch.float32, (e, shape.hidden_padded))
+        w2_bias = w2_bias.index_select(1, w2_row_indices(shape.hidden_padded).to(w2_bias.device))
+    return (None if w13_bias is None else w13_bias.contiguous(), None if w2_bias is None else w2_bias.contiguous())
+
+
+def bias_and_activation_args(out1_gate: torch.Tensor, out2: torch.Tensor, activation: str,
+                             activation_params=None, w13_bias: Optional[torch.Tensor] = None,
+                             w2_bias: Optional[torch.Tensor] = None) -> dict:
+    """``gemm1_bias``, ``gemm1_alpha``, ``gemm1_beta``, ``gemm1_clamp_limit``, ``gemm2_bias`` for one call.
+
+    ``out1_gate`` / ``out2``: :func:`output_scales`' ``output1_scale_gate_scalar`` and
+    ``output2_scale_scalar`` ([E_local] fp32).  All are float32, one value or row per local expert, or None.
+
+    Units.  The kernel's GEMM accumulators hold scaled values: GEMM1's ``real / out1_gate`` (real times
+    gs_w13 * gs_a), GEMM2's ``real / out2``.  FlashInfer's own trace reference of this kernel adds
+    ``gemm1_bias`` / ``gemm2_bias`` to those raw accumulators, before the output scales, so the biases are
+    handed over divided by the same scales.  The clamp limit and beta act on the raw GEMM1 accumulator too:
+    one ``gemm1_clamp_limit`` serves both halves (gate clamped above, the linear half on both sides), and the
+    linear half reaches the intermediate only through ``output1_scale_scalar = gs_c * out1_gate``, so a
+    physical limit / beta is ``limit / out1_gate``; alpha multiplies the gate after its scale (physical).
+    This reading is the one under which every documented piece fits; it has not run on a Blackwell GPU
+    here (docs/kernels.md).
+    """
+    args = dict(gemm1_bias=None, gemm1_alpha=None, gemm1_beta=None, gemm1_clamp_limit=None, gemm2_bias=None)
+    scale1 = out1_gate.float().reshape(-1, 1)
+    if w13_bias is not None:
+        args["gemm1_bias"] = (w13_bias.float() / scale1).contiguous()
+    if w2_bias is not None:
+        args["gemm2_bias"] = (w2_bias.float() / out2.float().reshape(-1, 1)).contiguous()
+    if activation == "swiglu_oai":
+        alpha, beta, limit = contract_params(activation, activation_params)
+        ones = torch.ones_like(out1_gate, dtype=torch.float32)
+        args["gemm1_alpha"] = (ones * alpha).contiguous()
+        args["gemm1_beta"] = (beta / out1_gate.float()).contiguous()
+        args["gemm1_clamp_limit"] = (limit / out1_gate.float()).contiguous()
+    elif activation_params is not None:
+        raise MoEConfigError(f"activation {activation!r} takes no parameters, got {activation_params!r}")
+    return args
+
+
 def output_scales(w13_global_scale: torch.Tensor, w2_global_scale: torch.Tensor, input_global_scale,
                   intermediate_global_scale, gated: bool):
     """The kernel's per-expert ``(output1_scale_scalar, output1_scale_gate_scalar, output2_scale_scalar)``.
@@ -413,8 +471,12 @@ def _pack_topk(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tens
 def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_global_scale,
               intermediate_global_scale, args: registry.RunArgs, *, router_logits: Optional[torch.Tensor] = None,
               routing_bias: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
-              topk_ids: Optional[torch.Tensor] = None, output: Optional[torch.Tensor] = None) -> torch.Tensor:
+              topk_ids: Optional[torch.Tensor] = None, output: Optional[torch.Tensor] = None,
+              w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The TRTLLM NVFP4 MoE on ``hidden_states [T, Hp]`` with prepared ``weights``; bf16 ``[T, W]``.
+
+    ``w13_bias [E_local, N1]`` / ``w2_bias [E_local, Hp]``: expert biases as :func:`prepare_biases` laid
+    them out (real units; :func:`bias_and_activation_args` scales them for the kernel).
 
     Routing comes from ``router_logits [T, E]`` (computed by the kernel, ``routing_bias`` used by
     ``deepseek_v3`` only, as in the reference) or precomputed ``topk_weights`` / ``topk_ids [T, k]``
@@ -451,6 +513,9 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
                                  f"must be [tokens={tokens}, top_k={args.top_k}]")
     elif router_logits.shape != (tokens, num_experts):
         raise MoEConfigError(f"router_logits shape {tuple(router_logits.shape)} != (tokens={tokens}, experts={num_experts})")
+    for name, t, want in (("w13_bias", w13_bias, (local_experts, n1)), ("w2_bias", w2_bias, (local_experts, hp))):
+        if t is not None:
+            _check_tensor(t, name, torch.float32, want)
     if output is not None:
         if output.dtype != torch.bfloat16 or output.ndim != 2 or output.shape[0] != tokens or not 0 < output.shape[1] <= hp:
             raise MoEConfigError(f"output must be bf16 [tokens={tokens}, width <= {hp}], got {output.dtype} {tuple(output.shape)}")
@@ -470,6 +535,7 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
     device = hidden_states.device
     gs_a = torch.as_tensor(input_global_scale, dtype=torch.float32, device=device).reshape(())
     out1, gate1, out2 = output_scales(g13, g2, gs_a, intermediate_global_scale, gated)
+    extras = bias_and_activation_args(gate1, out2, args.activation, args.activation_params, w13_bias, w2_bias)
     x_q, x_sf = api.quantize(hidden_states.to(torch.bfloat16).contiguous(), gs_a)
     routing_type = int(_enum_member(enums.RoutingMethodType, ROUTING_NAMES[args.routing], "RoutingMethodType"))
     deepseek = args.routing == "deepseek_v3"
@@ -485,8 +551,7 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
     common = dict(
         routing_bias=bias,
         gemm1_weights=w13, gemm1_weights_scale=s13,
-        gemm1_bias=None, gemm1_alpha=None, gemm1_beta=None, gemm1_clamp_limit=None,
-        gemm2_weights=w2, gemm2_weights_scale=s2, gemm2_bias=None,
+        gemm2_weights=w2, gemm2_weights_scale=s2, **extras,
         output1_scale_scalar=out1, output1_scale_gate_scalar=gate1, output2_scale_scalar=out2,
         num_experts=num_experts, top_k=args.top_k,
         n_group=(args.n_group or 1) if deepseek else args.n_group,
@@ -496,6 +561,8 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
         if deepseek else args.routed_scaling_factor,
         routing_method_type=routing_type, do_finalize=True,
     )
+    # A bias or activation parameter the installed signature lacks must be an error, never silently dropped.
+    essential = _ESSENTIAL | {k for k, v in extras.items() if v is not None}
     step = chunk_size(num_experts, args.top_k)
     for start in range(0, tokens, step):
         stop = min(tokens, start + step)
@@ -506,7 +573,7 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
             kwargs["routing_logits"] = logits[start:stop]
         if writes_output:
             kwargs["output"] = out[start:stop]
-        result = _call(fn, kwargs, essential=_ESSENTIAL, tokens=stop - start, num_experts=num_experts,
+        result = _call(fn, kwargs, essential=essential, tokens=stop - start, num_experts=num_experts,
                        top_k=args.top_k, activation=args.activation, enums=enums)
         if not writes_output:
             out[start:stop].copy_(result[:, :width])
@@ -516,17 +583,19 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
 
 
 def run(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-        args: registry.RunArgs) -> torch.Tensor:
+        args: registry.RunArgs, *, w13_bias=None, w2_bias=None) -> torch.Tensor:
     """The registry's ``run``: ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out, routing done by the kernel."""
     return fused_moe(hidden_states, weights, input_global_scale, intermediate_global_scale, args,
-                     router_logits=router_logits, routing_bias=routing_bias)
+                     router_logits=router_logits, routing_bias=routing_bias, w13_bias=w13_bias, w2_bias=w2_bias)
 
 
 def run_routed(hidden_states, topk_weights, topk_ids, weights, input_global_scale, intermediate_global_scale,
-               args: registry.RunArgs, *, output: Optional[torch.Tensor] = None) -> torch.Tensor:
+               args: registry.RunArgs, *, output: Optional[torch.Tensor] = None, w13_bias=None,
+               w2_bias=None) -> torch.Tensor:
     """Precomputed routing (``topk_weights``, ``topk_ids`` ``[T, k]``): ``trtllm_fp4_block_scale_routed_moe``."""
     return fused_moe(hidden_states, weights, input_global_scale, intermediate_global_scale, args,
-                     topk_weights=topk_weights, topk_ids=topk_ids, output=output)
+                     topk_weights=topk_weights, topk_ids=topk_ids, output=output, w13_bias=w13_bias,
+                     w2_bias=w2_bias)
 
 
 TRTLLM = registry.register(registry.KernelSpec(
@@ -542,4 +611,7 @@ TRTLLM = registry.register(registry.KernelSpec(
     quantizes_activations=True,
     priority=20,
     unsupported_reasons={"gelu_tanh": GELU_TANH_REASON},
+    expert_bias=True,
+    activation_params=True,
+    prepare_biases=prepare_biases,
 ))

@@ -5,11 +5,13 @@ This is the correctness oracle of the project and the CPU implementation of the 
 1. routing (``default`` softmax->top-k, ``renormalize`` top-k->softmax, ``deepseek_v3`` sigmoid with
    correction bias, group selection and routed scaling, ``llama4`` top-1 sigmoid);
 2. the input quantized to NVFP4 with its per-tensor global scale (or kept in bf16, the Hopper mode);
-3. GEMM1 against dequantized NVFP4 ``w13`` in fp32;
+3. GEMM1 against dequantized NVFP4 ``w13`` in fp32, plus the expert's ``w13_bias`` (fp32) if any;
 4. the activation: ``silu`` = SwiGLU, ``gelu`` / ``gelu_tanh`` = GeGLU (erf / tanh GELU), with
-   ``w13 = [gate; up]`` and ``out = act(gate) * up``; ``relu2`` = ReLU squared, not gated;
+   ``w13 = [gate; up]`` and ``out = act(gate) * up``; ``swiglu_oai`` = gpt-oss's clamped SwiGLU
+   (``contract.SwigluOAI``); ``relu2`` = ReLU squared, not gated;
 5. the intermediate quantized to NVFP4 with its global scale (or rounded to bf16);
-6. GEMM2 against dequantized ``w2``; the routing-weighted sum in fp32; bf16 out.
+6. GEMM2 against dequantized ``w2``, plus the expert's ``w2_bias`` (fp32) if any, then times the routing
+   weight (gpt-oss adds its down-projection bias per expert before weighting); the sum in fp32; bf16 out.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, TRTLLM_ALIGNMENT, is_gated
+from moe_passes.contract import (ACTIVATIONS, ROUTING_METHODS, TRTLLM_ALIGNMENT, SwigluOAI, is_gated)
+from moe_passes.contract import activation_params as _params_of
 from moe_passes.errors import MoEConfigError, MoENonFiniteError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import dequantize_nvfp4, default_global_scale, quantize_nvfp4
@@ -71,13 +74,20 @@ def route(router_logits: torch.Tensor, top_k: int, routing: str = "renormalize",
     return weights, ids
 
 
-def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """GEMM1 output ``[.., N1]`` to the intermediate ``[.., I]`` (``[gate; up]`` for gated)."""
+def apply_activation(h: torch.Tensor, activation: str, params=None) -> torch.Tensor:
+    """GEMM1 output ``[.., N1]`` to the intermediate ``[.., I]`` (``[gate; up]`` for gated).  ``params``:
+    the parameters of a parametric activation (``swiglu_oai``: a ``SwigluOAI`` or ``[alpha, beta, limit]``;
+    None means its defaults)."""
     if activation == "relu2":
         return torch.relu(h).square()
     if activation not in ACTIVATIONS:
         raise MoEConfigError(f"unknown activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
+    values = _params_of(activation, params)
     gate, up = h.chunk(2, dim=-1)
+    if activation == "swiglu_oai":
+        p = SwigluOAI(*values)
+        gate = gate.clamp(max=p.limit)
+        return gate * torch.sigmoid(p.alpha * gate) * (up.clamp(-p.limit, p.limit) + p.beta)
     if activation == "silu":
         return F.silu(gate) * up
     return F.gelu(gate, approximate="tanh" if activation == "gelu_tanh" else "none") * up
@@ -118,8 +128,15 @@ def fused_moe_reference(
     quantize_activations: bool = True,
     local_expert_offset: int = 0,
     global_num_experts: Optional[int] = None,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+    activation_params=None,
 ) -> torch.Tensor:
     """The NVFP4 MoE layer on ``hidden_states [T, H]``; returns bf16 ``[T, H]``.
+
+    Expert biases: ``w13_bias [E_local, N1]`` is added to GEMM1's output before the activation and
+    ``w2_bias [E_local, Hp]`` (or ``[E_local, H]``) to GEMM2's before the routing weight, both in fp32.
+    ``activation_params``: the parameters of a parametric activation (``swiglu_oai``).
 
     Expert parallelism: with ``global_num_experts`` the weights hold only experts
     ``[local_expert_offset, local_expert_offset + E_local)``; routing runs on the global ``router_logits``
@@ -145,6 +162,15 @@ def fused_moe_reference(
     inter = w2.shape[-1] * 2
     if n1 != (2 * inter if is_gated(activation) else inter):
         raise MoEConfigError(f"w13 has {n1} rows, inconsistent with intermediate {inter} and activation {activation!r}")
+    if w13_bias is not None and (w13_bias.ndim != 2 or tuple(w13_bias.shape) != (local_experts, n1)):
+        raise MoEConfigError(f"w13_bias must be [{local_experts}, {n1}], got {tuple(w13_bias.shape)}")
+    if w2_bias is not None and (w2_bias.ndim != 2 or w2_bias.shape[0] != local_experts
+                                or w2_bias.shape[1] not in (hidden, hidden_padded)):
+        raise MoEConfigError(f"w2_bias must be [{local_experts}, {hidden_padded}] (or [{local_experts}, {hidden}]), "
+                             f"got {tuple(w2_bias.shape)}")
+    if w2_bias is not None:
+        w2_bias = F.pad(w2_bias.float(), (0, hidden_padded - w2_bias.shape[1]))
+    params = _params_of(activation, activation_params)
 
     weights, ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
                          topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
@@ -171,7 +197,10 @@ def fused_moe_reference(
         rows = order[start:start + count]
         start += count
         w = dequantize_nvfp4(w13[e], w13_scale[e], w13_global_scale[e])
-        inters.append(apply_activation(x[token_of[rows]] @ w.t(), activation))
+        h = x[token_of[rows]] @ w.t()
+        if w13_bias is not None:
+            h = h + w13_bias[e].float()
+        inters.append(apply_activation(h, activation, params))
         groups.append((e, rows))
     out = torch.zeros(tokens, hidden_padded, dtype=torch.float32, device=x.device)
     if not groups:
@@ -183,13 +212,16 @@ def fused_moe_reference(
         h = (_qdq_activation(h, intermediate_global_scale, f"expert {e}'s intermediate activations")
              if quantize_activations else h.to(torch.bfloat16).float())
         w = dequantize_nvfp4(w2[e], w2_scale[e], w2_global_scale[e])
-        contribution = (h @ w.t()) * weights.reshape(-1)[rows].unsqueeze(1)
+        y = h @ w.t()
+        if w2_bias is not None:
+            y = y + w2_bias[e]
+        contribution = y * weights.reshape(-1)[rows].unsqueeze(1)
         out.index_add_(0, token_of[rows], contribution)
     return out[:, :hidden].to(torch.bfloat16)
 
 
 def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_global_scale, intermediate_global_scale,
-         routing_bias, args: registry.RunArgs) -> torch.Tensor:
+         routing_bias, args: registry.RunArgs, *, w13_bias=None, w2_bias=None) -> torch.Tensor:
     return fused_moe_reference(
         hidden_states, router_logits, *weights,
         top_k=args.top_k, activation=args.activation, routing=args.routing,
@@ -197,6 +229,7 @@ def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_globa
         routing_bias=routing_bias, n_group=args.n_group, topk_group=args.topk_group,
         routed_scaling_factor=args.routed_scaling_factor, quantize_activations=True,
         local_expert_offset=args.local_expert_offset, global_num_experts=args.global_num_experts,
+        w13_bias=w13_bias, w2_bias=w2_bias, activation_params=args.activation_params,
     )
 
 
@@ -211,4 +244,6 @@ REFERENCE = registry.register(registry.KernelSpec(
     run=_run,
     quantizes_activations=True,
     priority=0,
+    expert_bias=True,
+    activation_params=True,
 ))

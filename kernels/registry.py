@@ -11,14 +11,16 @@ This module knows nothing of torch.compile.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape
+from moe_passes.contract import ACTIVATIONS, PARAMETRIC_ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape
 from moe_passes.errors import KernelUnavailableError, MoEConfigError
 
-__all__ = ["MoEWeights", "RunArgs", "KernelSpec", "register", "get", "names", "select", "check_supported"]
+__all__ = ["MoEWeights", "RunArgs", "KernelSpec", "register", "get", "names", "select", "check_supported",
+           "KernelFallbackWarning"]
 
 
 class MoEWeights(NamedTuple):
@@ -52,10 +54,13 @@ class RunArgs:
     # Expert parallelism: the weights hold experts [offset, offset + E_local) of global_num_experts (None: all).
     local_expert_offset: int = 0
     global_num_experts: Optional[int] = None
+    # The activation's parameters ([alpha, beta, limit] for swiglu_oai; contract.activation_params), or None.
+    activation_params: Optional[tuple] = None
 
 
 # run(hidden_states [T, Hp], router_logits [T, E], weights, input_global_scale, intermediate_global_scale,
-#     routing_bias or None, args) -> [T, Hp] bfloat16
+#     routing_bias or None, args[, w13_bias=, w2_bias=]) -> [T, Hp] bfloat16.  The bias keywords are passed
+#     only to kernels that declare expert_bias, and only when the layer has biases.
 RunFn = Callable[..., torch.Tensor]
 
 
@@ -84,11 +89,36 @@ class KernelSpec:
     priority: int = 0
     # Activations this kernel lacks, mapped to the reason shown to the user.
     unsupported_reasons: dict = dataclasses.field(default_factory=dict)
+    # Expert biases (w13_bias [E, N1] after GEMM1, w2_bias [E, Hp] after GEMM2, before the routing weight).
+    # Off by default: a kernel that never heard of them is never picked for a layer that has them.
+    expert_bias: bool = False
+    # Parametric activations (contract.PARAMETRIC_ACTIVATIONS, e.g. swiglu_oai) count as supported only with
+    # this set, so that a kernel declaring ``frozenset(ACTIVATIONS)`` does not claim them unawares.
+    activation_params: bool = False
+    # Lays the padded canonical biases out for the kernel (the row order its prepared weights got), once per
+    # device: (w13_bias or None, w2_bias or None, shape) -> the same.  None: used as they are.
+    prepare_biases: Optional[Callable] = None
 
     def __post_init__(self):
         bad = (set(self.activations) - set(ACTIVATIONS)) | (set(self.routings) - set(ROUTING_METHODS))
         if bad:
             raise MoEConfigError(f"kernel {self.name!r} declares unknown activations/routings {sorted(bad)}")
+
+    def supports_activation(self, activation: str) -> bool:
+        return activation in self.activations and (activation not in PARAMETRIC_ACTIVATIONS or self.activation_params)
+
+    def lacks(self, *, activation: str, routing: str, biases: bool = False) -> Optional[str]:
+        """Why this kernel cannot run a layer with these features, or None when it can."""
+        if not self.supports_activation(activation):
+            reason = self.unsupported_reasons.get(activation, "")
+            if not reason and activation in self.activations:  # declared, but not its parameters
+                reason = "it takes no activation parameters (alpha, beta, clamp limit)"
+            return f"activation {activation!r}" + (f" ({reason})" if reason else "")
+        if routing not in self.routings:
+            return f"routing {routing!r}"
+        if biases and not self.expert_bias:
+            return "expert biases (w13_bias / w2_bias)"
+        return None
 
 
 _REGISTRY: dict[str, KernelSpec] = {}
@@ -120,33 +150,58 @@ def get(name: str) -> KernelSpec:
         raise MoEConfigError(f"unknown kernel {name!r}; registered kernels: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def check_supported(spec: KernelSpec, *, activation: str, routing: str) -> None:
-    """Raise :class:`MoEConfigError` naming the kernel and the alternatives when it cannot run these."""
-    if activation not in spec.activations:
-        reason = spec.unsupported_reasons.get(activation, "")
-        others = [n for n in names() if activation in _REGISTRY[n].activations]
-        raise MoEConfigError(
-            f"kernel {spec.name!r} does not support activation {activation!r}"
-            + (f" ({reason})" if reason else "")
-            + f"; it supports {sorted(spec.activations)}; kernels that do: {others or 'none'}"
-        )
+def check_supported(spec: KernelSpec, *, activation: str, routing: str, biases: bool = False) -> None:
+    """Raise :class:`MoEConfigError` naming the kernel, what it lacks and the kernels that have it."""
+    if not spec.supports_activation(activation):
+        others = [n for n in names() if _REGISTRY[n].supports_activation(activation)]
+        supported = sorted(a for a in spec.activations if spec.supports_activation(a))
+        raise MoEConfigError(f"kernel {spec.name!r} does not support {spec.lacks(activation=activation, routing=routing)}"
+                             f"; it supports {supported}; kernels that do: {others or 'none'}")
     if routing not in spec.routings:
         raise MoEConfigError(f"kernel {spec.name!r} does not support routing {routing!r}; it supports {sorted(spec.routings)}")
+    if biases and not spec.expert_bias:
+        others = [n for n in names() if _REGISTRY[n].expert_bias]
+        raise MoEConfigError(f"kernel {spec.name!r} does not support expert biases (w13_bias / w2_bias); kernels "
+                             f"that do: {others or 'none'}")
 
 
-def select(device: torch.device, *, activation: str, routing: str, name: Optional[str] = None) -> KernelSpec:
-    """The kernel to use on ``device``: ``name`` if given (checked), else the best available one."""
+# (device type, kernel chosen, kernels passed over) already warned about: once per combination.
+_FALLBACK_WARNED: set = set()
+
+
+class KernelFallbackWarning(UserWarning):
+    """A faster kernel available on the device lacks a feature of the layer; a slower one runs it."""
+
+
+def select(device: torch.device, *, activation: str, routing: str, name: Optional[str] = None,
+           biases: bool = False) -> KernelSpec:
+    """The kernel to use on ``device``: ``name`` if given (checked), else the best available one that
+    supports the activation, the routing and (``biases``) expert biases.  When a higher-priority kernel
+    available there lacks one of them, warn once naming it and what it lacks (gpt-oss on Hopper runs on the
+    plain-torch ``reference`` until the Triton kernel takes biases and ``swiglu_oai``)."""
     device = torch.device(device)
     if name is not None:
         spec = get(name)
         if not spec.available(device):
             raise KernelUnavailableError(f"kernel {name!r} cannot run on {device}: {spec.description}")
-        check_supported(spec, activation=activation, routing=routing)
+        check_supported(spec, activation=activation, routing=routing, biases=biases)
         return spec
-    candidates = [
-        _REGISTRY[n] for n in names()
-        if _REGISTRY[n].available(device) and activation in _REGISTRY[n].activations and routing in _REGISTRY[n].routings
-    ]
+    available = [_REGISTRY[n] for n in names() if _REGISTRY[n].available(device)]
+    candidates = [s for s in available if s.lacks(activation=activation, routing=routing, biases=biases) is None]
     if not candidates:
-        raise MoEConfigError(f"no registered kernel runs activation {activation!r} with routing {routing!r} on {device}")
-    return max(candidates, key=lambda s: s.priority)
+        why = "; ".join(f"{s.name!r} lacks {s.lacks(activation=activation, routing=routing, biases=biases)}"
+                        for s in available)
+        raise MoEConfigError(f"no registered kernel runs activation {activation!r} with routing {routing!r}"
+                             f"{' and expert biases' if biases else ''} on {device}" + (f" ({why})" if why else ""))
+    best = max(candidates, key=lambda s: s.priority)
+    passed_over = sorted((s for s in available if s.priority > best.priority and s not in candidates),
+                         key=lambda s: -s.priority)
+    key = (device.type, best.name, tuple(s.name for s in passed_over))
+    # Only a real loss is worth a warning: on the CPU the reference is the only kernel anyway.
+    if passed_over and device.type != "cpu" and key not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(key)
+        warnings.warn("moe_nvfp4: " + "; ".join(
+            f"kernel {s.name!r} lacks {s.lacks(activation=activation, routing=routing, biases=biases)}"
+            for s in passed_over) + f", so this layer runs on {best.name!r} ({best.description})",
+            KernelFallbackWarning, stacklevel=3)
+    return best

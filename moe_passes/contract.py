@@ -16,6 +16,9 @@ from moe_passes.errors import MoEConfigError
 __all__ = [
     "ACTIVATIONS",
     "GATED_ACTIVATIONS",
+    "PARAMETRIC_ACTIVATIONS",
+    "SwigluOAI",
+    "activation_params",
     "ROUTING_METHODS",
     "Alignment",
     "MoEShape",
@@ -23,6 +26,7 @@ __all__ = [
     "pad_dim",
     "is_gated",
     "align_hidden_dim",
+    "align_biases",
     "intermediate_alignment",
     "trtllm_chunk_size",
     "TRTLLM_ALIGNMENT",
@@ -30,15 +34,64 @@ __all__ = [
 ]
 
 NVFP4_BLOCK = 16
-# silu = SwiGLU, gelu / gelu_tanh = GeGLU with erf / tanh GELU, relu2 = squared ReLU (not gated).
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2")
-GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+# silu = SwiGLU, gelu / gelu_tanh = GeGLU with erf / tanh GELU, relu2 = squared ReLU (not gated),
+# swiglu_oai = gpt-oss's clamped SwiGLU with alpha and the +beta on the linear half (see SwigluOAI).
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu2", "swiglu_oai")
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
+# Activations with parameters: a kernel supports one only if it says so explicitly
+# (KernelSpec.activation_params), never through a blanket ``frozenset(ACTIVATIONS)``.
+PARAMETRIC_ACTIVATIONS = ("swiglu_oai",)
 ROUTING_METHODS = ("default", "renormalize", "deepseek_v3", "llama4")
 
 # CUDA's grid.Y limit and the token cap beyond which the TRTLLM kernel was seen to fault (FACTS.md).
 _GRID_Y_LIMIT = 65535
 _TRTLLM_TOKEN_CAP = 300_000
 _TRTLLM_TILE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class SwigluOAI:
+    """Parameters of ``swiglu_oai``: ``g = min(gate, limit)``, ``u = clamp(up, -limit, limit)``,
+    ``out = g * sigmoid(alpha * g) * (u + beta)``.  The defaults are gpt-oss's (alpha 1.702, the ``+ 1`` on
+    up, limit 7); FlashInfer calls the same three ``gemm1_alpha``, ``gemm1_beta``, ``gemm1_clamp_limit``.
+    The ops carry them as the float list ``[alpha, beta, limit]`` (``as_list``)."""
+
+    alpha: float = 1.702
+    beta: float = 1.0
+    limit: float = 7.0
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise MoEConfigError(f"SwigluOAI.{field.name} must be a number, got {value!r}")
+        if not self.limit > 0:
+            raise MoEConfigError(f"SwigluOAI.limit must be positive, got {self.limit}")
+
+    def as_list(self) -> list:
+        return [float(self.alpha), float(self.beta), float(self.limit)]
+
+
+def activation_params(activation: str, params=None):
+    """The parameters of ``activation`` as the ops carry them (``[alpha, beta, limit]`` for ``swiglu_oai``,
+    its defaults when ``params`` is None), or None for an activation without parameters.  ``params``: a
+    :class:`SwigluOAI`, a sequence of three floats, or None."""
+    is_gated(activation)
+    if activation not in PARAMETRIC_ACTIVATIONS:
+        if params is not None:
+            raise MoEConfigError(f"activation {activation!r} takes no parameters, got {params!r}")
+        return None
+    if params is None:
+        return SwigluOAI().as_list()
+    if isinstance(params, SwigluOAI):
+        return params.as_list()
+    try:
+        values = [float(v) for v in params]
+    except (TypeError, ValueError):
+        raise MoEConfigError(f"{activation} parameters must be [alpha, beta, limit], got {params!r}") from None
+    if len(values) != 3:
+        raise MoEConfigError(f"{activation} parameters must be [alpha, beta, limit], got {params!r}")
+    return SwigluOAI(*values).as_list()
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -137,6 +190,10 @@ class MoEShape:
             "w2_scale": (e, hp, ip // NVFP4_BLOCK),
             "w2_global_scale": (e,),
         }
+
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the kernel-ready (padded) expert biases: one per GEMM output row."""
+        return {"w13_bias": (self.experts, self.w13_rows), "w2_bias": (self.experts, self.hidden_padded)}
 
     def weight_bytes(self) -> int:
         """Bytes of packed weights plus block scales plus global scales."""
@@ -262,6 +319,30 @@ def align_intermediate_dim(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch
     else:
         w13, w13_scale = pad_dim(w13, 1, extra), pad_dim(w13_scale, 1, extra)
     return w13, w13_scale, _pad_last(w2, extra // 2), _pad_last(w2_scale, extra // NVFP4_BLOCK)
+
+
+def align_biases(w13_bias, w2_bias, *, gated: bool, intermediate_padded: int, hidden_padded: int):
+    """Zero-pad expert biases the way :func:`align_hidden_dim` / :func:`align_intermediate_dim` pad the weights.
+
+    ``w13_bias [E, 2I]`` (gate half then up half, each padded on its own to ``intermediate_padded``) or
+    ``[E, I]`` when not gated; ``w2_bias [E, H]`` padded to ``hidden_padded``.  Zero biases on padded rows
+    keep the result exact: a padded gate and up row are 0, every supported activation maps them to 0, and
+    padded output columns are sliced away.  Either bias may be None (returned as None).
+    """
+    if w13_bias is not None:
+        rows = w13_bias.shape[1]
+        inter = rows // 2 if gated else rows
+        if inter > intermediate_padded:
+            raise MoEConfigError(f"w13_bias has {rows} rows, more than the padded intermediate allows")
+        if gated:
+            w13_bias = torch.cat([pad_dim(h, 1, intermediate_padded - inter) for h in w13_bias.chunk(2, dim=1)], dim=1)
+        else:
+            w13_bias = pad_dim(w13_bias, 1, intermediate_padded - inter)
+    if w2_bias is not None:
+        if w2_bias.shape[1] > hidden_padded:
+            raise MoEConfigError(f"w2_bias is {w2_bias.shape[1]} wide, wider than the padded hidden size {hidden_padded}")
+        w2_bias = pad_dim(w2_bias, 1, hidden_padded - w2_bias.shape[1])
+    return w13_bias, w2_bias
 
 
 class PerformanceWarning(UserWarning):

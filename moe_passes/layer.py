@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from moe_passes.contract import (ACTIVATIONS, NVFP4_BLOCK, ROUTING_METHODS, MoEShape, align_hidden_dim,
-                                 align_intermediate_dim, is_gated, pad_dim, round_up)
+from moe_passes.contract import (ACTIVATIONS, NVFP4_BLOCK, ROUTING_METHODS, MoEShape, align_biases,
+                                 align_hidden_dim, align_intermediate_dim, is_gated, pad_dim, round_up)
+from moe_passes.contract import activation_params as _params_of
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import default_global_scale, quantize_nvfp4_experts
@@ -32,6 +33,9 @@ DEFAULT_ACTIVATION_AMAX = 128.0
 
 _warned_uncalibrated = False
 _KERNEL_BUFFERS = tuple("_kernel_" + n for n in registry.MoEWeights._fields)
+# Expert biases: canonical fp32 copies (unpadded, [gate; up] rows) in host memory, and the kernel's copies.
+_BIAS_BUFFERS = ("w13_bias", "w2_bias")
+_KERNEL_BIAS_BUFFERS = tuple("_kernel_" + n for n in _BIAS_BUFFERS)
 _SMALL_FP32_BUFFERS = ("routing_bias", "input_global_scale", "intermediate_global_scale")
 
 
@@ -42,6 +46,27 @@ def _reprepare_after_load(module: "FusedMoE", incompatible_keys) -> None:
 
 def _pad_to_block(w: torch.Tensor, dim: int) -> torch.Tensor:
     return pad_dim(w, dim, round_up(w.shape[dim], NVFP4_BLOCK) - w.shape[dim])
+
+
+def _check_biases(w13_bias, w2_bias, weights: registry.MoEWeights, hidden_size: int):
+    """Canonical expert biases as fp32: ``w13_bias [E, N1]`` (one per canonical w13 row) and ``w2_bias``
+    ``[E, H]`` or already ``[E, Hc]`` (the canonical w2's rows, H padded to the NVFP4 block), zero-padded to it."""
+    experts, rows, canonical_hidden = weights.w13.shape[0], weights.w13.shape[1], weights.w2.shape[1]
+    for name, t, wants in (("w13_bias", w13_bias, [(experts, rows)]),
+                           ("w2_bias", w2_bias, [(experts, hidden_size), (experts, canonical_hidden)])):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dtype.itemsize < 2:
+            raise MoEConfigError(f"{name} must be a float32/bfloat16/float16 tensor, got {getattr(t, 'dtype', type(t))}")
+        if tuple(t.shape) not in wants:
+            per = "w13 row" if name == "w13_bias" else "hidden column"
+            raise MoEConfigError(f"{name} must have shape {list(wants[0])} (one per {per} of each expert), "
+                                 f"got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise MoEConfigError(f"{name} contains NaN or infinite values")
+    if w2_bias is not None:
+        w2_bias = pad_dim(w2_bias.detach().float(), 1, canonical_hidden - w2_bias.shape[1])
+    return None if w13_bias is None else w13_bias.detach().float(), w2_bias
 
 
 class FusedMoE(nn.Module):
@@ -58,7 +83,9 @@ class FusedMoE(nn.Module):
                  topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
                  input_global_scale: Optional[torch.Tensor] = None,
                  intermediate_global_scale: Optional[torch.Tensor] = None,
-                 kernel: Optional[str] = None, name: str = "", parallel: Optional[ParallelConfig] = None):
+                 kernel: Optional[str] = None, name: str = "", parallel: Optional[ParallelConfig] = None,
+                 w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None,
+                 activation_params=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise MoEConfigError(f"unknown activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
@@ -66,6 +93,12 @@ class FusedMoE(nn.Module):
             raise MoEConfigError(f"unknown routing {routing!r}; supported: {', '.join(ROUTING_METHODS)}")
         self.shape = MoEShape(hidden=hidden_size, intermediate=intermediate_size, experts=weights.w13.shape[0],
                               top_k=top_k, activation=activation)
+        # [alpha, beta, limit] for swiglu_oai (its defaults when not given); None for the others
+        self.activation_params = _params_of(activation, activation_params)
+        w13_bias, w2_bias = _check_biases(w13_bias, w2_bias, weights, hidden_size)
+        if parallel is not None and (w13_bias is not None or w2_bias is not None):
+            raise MoEConfigError("expert biases are not supported with parallel= yet: a tensor-parallel w2_bias "
+                                 "must be added once, not once per rank; shard a layer without biases")
         if routing == "llama4" and top_k != 1:
             raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={top_k}")
         self.hidden_size, self.intermediate_size, self.top_k = hidden_size, intermediate_size, top_k
@@ -86,6 +119,8 @@ class FusedMoE(nn.Module):
         # The canonical copy lives in host memory: the device holds only the kernel's copy.
         for field, tensor in zip(registry.MoEWeights._fields, weights):
             self.register_buffer(field, tensor.cpu())
+        for field, tensor in zip(_BIAS_BUFFERS, (w13_bias, w2_bias)):
+            self.register_buffer(field, None if tensor is None else tensor.cpu())
         if routing_bias is not None and tuple(routing_bias.shape) != (self.shape.experts,):
             raise MoEConfigError(f"routing_bias must have shape ({self.shape.experts},), got {tuple(routing_bias.shape)}")
         # The small fp32 state lives with the kernel's weights: every tensor argument of the op is on one device.
@@ -117,14 +152,19 @@ class FusedMoE(nn.Module):
                    routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
                    topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
                    calibration: Optional[torch.Tensor] = None, kernel: Optional[str] = None,
-                   name: str = "", parallel: Optional[ParallelConfig] = None) -> "FusedMoE":
+                   name: str = "", parallel: Optional[ParallelConfig] = None,
+                   w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None,
+                   activation_params=None) -> "FusedMoE":
         """Quantize float expert weights to NVFP4 (one global scale per expert) and prepare them.
 
         ``w13 [E, 2I, H]`` is gate rows then up rows for gated activations (``[E, I, H]`` for relu2);
         ``w2 [E, H, I]``.  ``calibration`` hidden states ``[N, H]`` set the static input and intermediate
         activation scales (the intermediate over every expert, an upper bound of the routed one).
         ``parallel`` (:class:`~moe_passes.parallel.ExpertParallel` / ``TensorParallel``): quantize the whole
-        layer, as the unsharded one, then keep this rank's shard.
+        layer, as the unsharded one, then keep this rank's shard.  ``w13_bias [E, 2I]`` (gate half then up
+        half; ``[E, I]`` for relu2) and ``w2_bias [E, H]``: expert biases, kept in fp32 (a bf16 checkpoint's
+        values exactly; FlashInfer takes fp32).  ``activation_params``: ``contract.SwigluOAI`` (or
+        ``[alpha, beta, limit]``) for ``swiglu_oai``.
         """
         for name_, t in (("w13", w13), ("w2", w2)):
             if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.dtype.is_floating_point:
@@ -146,30 +186,51 @@ class FusedMoE(nn.Module):
             w13 = _pad_to_block(w13, 1)
         w13 = _pad_to_block(w13, 2)
         w2 = _pad_to_block(_pad_to_block(w2, 1), 2)
+        for name_, t, want in (("w13_bias", w13_bias, (experts, rows)), ("w2_bias", w2_bias, (experts, hidden))):
+            if t is not None and (not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point
+                                  or tuple(t.shape) != want):
+                raise MoEConfigError(f"{name_} must be a float tensor of shape {list(want)}, got "
+                                     f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if w13_bias is not None:  # padded like w13's rows, each half on its own
+            w13_bias = w13_bias.detach().float()
+            w13_bias = (torch.cat([_pad_to_block(h, 1) for h in w13_bias.chunk(2, dim=1)], dim=1) if gated
+                        else _pad_to_block(w13_bias, 1))
+        if w2_bias is not None:
+            w2_bias = _pad_to_block(w2_bias.detach().float(), 1)
         q13, s13, g13 = quantize_nvfp4_experts(w13)
         q2, s2, g2 = quantize_nvfp4_experts(w2)
         gs_in = gs_mid = None
         if calibration is not None:
-            gs_in, gs_mid = cls._calibrate(calibration, w13, activation, hidden)
+            gs_in, gs_mid = cls._calibrate(calibration, w13, activation, hidden, w13_bias, activation_params)
         return cls(registry.MoEWeights(q13, s13, g13, q2, s2, g2), hidden_size=hidden, intermediate_size=inter,
                    top_k=top_k, activation=activation, routing=routing, shared_expert=shared_expert,
                    routing_bias=routing_bias, n_group=n_group, topk_group=topk_group,
                    routed_scaling_factor=routed_scaling_factor, input_global_scale=gs_in,
-                   intermediate_global_scale=gs_mid, kernel=kernel, name=name, parallel=parallel)
+                   intermediate_global_scale=gs_mid, kernel=kernel, name=name, parallel=parallel,
+                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params)
 
     @staticmethod
-    def _calibrate(calibration: torch.Tensor, w13: torch.Tensor, activation: str, hidden: int):
+    def _calibrate(calibration: torch.Tensor, w13: torch.Tensor, activation: str, hidden: int,
+                   w13_bias: Optional[torch.Tensor] = None, params=None):
         if calibration.ndim != 2 or calibration.shape[1] != hidden:
             raise MoEConfigError(f"calibration must be hidden states [N, {hidden}], got {tuple(calibration.shape)}")
         x = _pad_to_block(calibration.detach().float().to(w13.device), 1)
         amax_mid = torch.zeros((), device=w13.device)
         for e in range(w13.shape[0]):
-            amax_mid = torch.maximum(amax_mid, apply_activation(x @ w13[e].t(), activation).abs().amax())
+            h = x @ w13[e].t()
+            if w13_bias is not None:
+                h = h + w13_bias[e].to(h.device)
+            amax_mid = torch.maximum(amax_mid, apply_activation(h, activation, params).abs().amax())
         return default_global_scale(x.abs().amax()), default_global_scale(amax_mid)
 
     # -- kernel preparation ---------------------------------------------------------------------------
+    @property
+    def has_bias(self) -> bool:
+        return self._buffers.get("w13_bias") is not None or self._buffers.get("w2_bias") is not None
+
     def _prepare(self, device: torch.device) -> None:
-        spec = registry.select(device, activation=self.activation, routing=self.routing, name=self.requested_kernel)
+        spec = registry.select(device, activation=self.activation, routing=self.routing, name=self.requested_kernel,
+                               biases=self.has_bias)
         canonical = registry.MoEWeights(*(getattr(self, f).to(device) for f in registry.MoEWeights._fields))
         w13, s13, w2, s2, hidden_padded = align_hidden_dim(canonical.w13, canonical.w13_scale, canonical.w2,
                                                           canonical.w2_scale, alignment=spec.alignment.hidden)
@@ -185,6 +246,15 @@ class FusedMoE(nn.Module):
                                                     canonical.w2_global_scale), shape)
         for buffer, tensor in zip(_KERNEL_BUFFERS, prepared):
             self.register_buffer(buffer, tensor, persistent=False)
+        # The biases are padded as the weights were (hidden for w2_bias, each half of w13_bias to the padded
+        # intermediate), then put in the row order the kernel gave its weights.
+        b13, b2 = (None if self._buffers.get(b) is None else self._buffers[b].to(device) for b in _BIAS_BUFFERS)
+        b13, b2 = align_biases(b13, b2, gated=shape.gated, intermediate_padded=shape.intermediate_padded,
+                               hidden_padded=shape.hidden_padded)
+        if spec.prepare_biases is not None and (b13 is not None or b2 is not None):
+            b13, b2 = spec.prepare_biases(b13, b2, shape)
+        for buffer, tensor in zip(_KERNEL_BIAS_BUFFERS, (b13, b2)):
+            self.register_buffer(buffer, None if tensor is None else tensor.contiguous(), persistent=False)
         if spec.prepare_state is not None:
             spec.prepare_state(device, shape, self._run_args())
         self.kernel = spec.name
@@ -193,7 +263,9 @@ class FusedMoE(nn.Module):
     def _run_args(self) -> registry.RunArgs:
         return registry.RunArgs(top_k=self.top_k, activation=self.activation, routing=self.routing,
                                 n_group=self.n_group, topk_group=self.topk_group,
-                                routed_scaling_factor=self.routed_scaling_factor)
+                                routed_scaling_factor=self.routed_scaling_factor,
+                                activation_params=None if self.activation_params is None
+                                else tuple(self.activation_params))
 
     @property
     def device(self) -> torch.device:
@@ -207,7 +279,8 @@ class FusedMoE(nn.Module):
         # from it when the device changes (never per forward call).  The small fp32 buffers follow the
         # device but keep their dtype, taken from the untouched originals so no precision is lost.
         order = list(self._buffers)
-        kept = {name: self._buffers.pop(name) for name in registry.MoEWeights._fields + _KERNEL_BUFFERS}
+        kept = {name: self._buffers.pop(name) for name in registry.MoEWeights._fields + _KERNEL_BUFFERS
+                + _BIAS_BUFFERS + _KERNEL_BIAS_BUFFERS if name in self._buffers}
         small = {name: self._buffers[name] for name in _SMALL_FP32_BUFFERS if self._buffers.get(name) is not None}
         try:
             result = super()._apply(fn, *args, **kwargs)
@@ -248,10 +321,18 @@ class FusedMoE(nn.Module):
             hidden_states, router_logits, *self.kernel_weights(), self.input_global_scale,
             self.intermediate_global_scale, self.routing_bias, self.hidden_size, self.top_k, self.activation,
             self.routing, self.n_group, self.topk_group, self.routed_scaling_factor, self.kernel, self.name,
-            *self._parallel_args())
+            *self._parallel_args(), **self._bias_args())
         if self.shared_expert is not None:
             return routed + self.shared_expert(hidden_states)
         return routed
+
+    def _bias_args(self) -> dict:
+        # Keywords only where the layer has them, so a layer without biases keeps its graph and cache key.
+        args = {name: self._buffers[b] for name, b in zip(_BIAS_BUFFERS, _KERNEL_BIAS_BUFFERS)
+                if self._buffers.get(b) is not None}
+        if self.activation_params is not None:
+            args["activation_params"] = list(self.activation_params)
+        return args
 
     def _parallel_args(self) -> tuple:
         # Left off for an unsharded layer, so its graph and cache key stay as before.
@@ -265,4 +346,6 @@ class FusedMoE(nn.Module):
         return (f"experts={s.experts}, hidden={s.hidden} (padded {s.hidden_padded}), intermediate={s.intermediate} "
                 f"(padded {s.intermediate_padded}), top_k={self.top_k}, activation={self.activation!r}, "
                 f"routing={self.routing!r}, kernel={self.kernel!r}"
+                + (f", activation_params={self.activation_params}" if self.activation_params is not None else "")
+                + (", biases" if self.has_bias else "")
                 + (f", parallel={self.parallel.describe()}" if self.parallel is not None else ""))

@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from moe_passes.contract import MoEShape, round_up
+from moe_passes.contract import activation_params as _params_of
 from moe_passes.errors import MoEConfigError, MoEError, MoENonFiniteError, MoERangeWarning, MoEShapeError
 from moe_passes.kernels import graphed, registry
 from moe_passes.kernels.nvfp4 import E2M1_MAX, E4M3_MAX
 
 __all__ = ["fused_moe", "trtllm_nvfp4_moe", "check_moe_call", "check_layer_inputs", "FUSED_MOE", "KERNEL_OP",
-           "TENSOR_ARGS"]
+           "TENSOR_ARGS", "BIAS_ARGS"]
 
-# Order of the tensor arguments shared by both ops (after hidden_states and router_logits).
+# Order of the tensor arguments shared by both ops (after hidden_states and router_logits).  The optional expert
+# biases (w13_bias, w2_bias) come last, after the parallel arguments, as keywords: a layer without them keeps
+# its graph and cache key.
 TENSOR_ARGS = registry.MoEWeights._fields + ("input_global_scale", "intermediate_global_scale", "routing_bias")
+BIAS_ARGS = ("w13_bias", "w2_bias")
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -130,7 +134,9 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
                    activation: str, routing: str, kernel: str, layer: str, padded_input: bool,
                    hidden_size: Optional[int] = None, input_global_scale: Optional[Tensor] = None,
                    intermediate_global_scale: Optional[Tensor] = None, routing_bias: Optional[Tensor] = None,
-                   local_expert_offset: int = 0, global_num_experts: Optional[int] = None) -> MoEShape:
+                   local_expert_offset: int = 0, global_num_experts: Optional[int] = None,
+                   w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
+                   activation_params: Optional[List[float]] = None) -> MoEShape:
     """Validate one MoE call against the shape contract and the kernel's capabilities.
 
     Used by the fake functions (compile time) and the real ones (eager), so both reject the same input
@@ -171,7 +177,9 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
         if routing_bias.device != device:
             raise _device_error("routing_bias", routing_bias.device, device, where)
     hidden_padded, intermediate_padded = w.w2.shape[1], w.w2.shape[2] * 2
-    registry.check_supported(spec, activation=activation, routing=routing)
+    biases = w13_bias is not None or w2_bias is not None
+    registry.check_supported(spec, activation=activation, routing=routing, biases=biases)
+    _params_of(activation, activation_params)  # parameters only for a parametric activation, three of them
     if hidden_padded % spec.alignment.hidden:
         raise MoEShapeError(
             f"{where}: padded hidden size {hidden_padded} breaks kernel {kernel!r}'s alignment of "
@@ -189,6 +197,18 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
         if tuple(getattr(w, name).shape) != expected[name]:
             raise MoEShapeError(f"{where}: {name} has shape {tuple(getattr(w, name).shape)}, the contract says "
                                 f"{expected[name]}", layer=layer, sizes=(tuple(getattr(w, name).shape), expected[name]))
+    for name, t in (("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+        if t is None:
+            continue
+        want = shape.bias_shapes()[name]
+        if t.dtype != torch.float32 or t.ndim != 2:
+            raise MoEConfigError(f"{where}: {name} must be a 2-D float32 tensor {list(want)} (padded like the "
+                                 f"weights), got {t.dtype} {tuple(t.shape)}")
+        if tuple(t.shape) != want:
+            raise MoEShapeError(f"{where}: {name} has shape {tuple(t.shape)}, the contract says {want} (padded like "
+                                f"the weights)", layer=layer, sizes=(tuple(t.shape), want))
+        if t.device != device:
+            raise _device_error(name, t.device, device, where)
     # Expert parallelism: the weights hold experts [offset, offset + experts) of global_num_experts.
     total = experts if global_num_experts is None else global_num_experts
     if not (0 <= local_expert_offset and local_expert_offset + experts <= total):
@@ -228,18 +248,24 @@ def _weights(*tensors) -> registry.MoEWeights:
 
 def _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
                 top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
-                local_expert_offset=0, global_num_experts=None):
+                local_expert_offset=0, global_num_experts=None, w13_bias=None, w2_bias=None,
+                activation_params=None):
     spec = registry.get(kernel)
     if spec.quantizes_activations and hidden_states.device.type == "cpu" and layer not in _RANGE_WARNED:
         _warn_if_beyond_calibration(hidden_states, input_global_scale, layer)
+    params = _params_of(activation, activation_params)
     args = registry.RunArgs(top_k=top_k, activation=activation, routing=routing, n_group=n_group,
                             topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
-                            local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
+                            local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
+                            activation_params=None if params is None else tuple(params))
+    # Only kernels that declare expert_bias ever get here with biases (check_moe_call); the others keep
+    # their run signature.
+    biases = {k: v for k, v in (("w13_bias", w13_bias), ("w2_bias", w2_bias)) if v is not None}
     scales = (input_global_scale, intermediate_global_scale, routing_bias)
     try:
-        if hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
+        if not biases and hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
             return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales, args)
-        return spec.run(hidden_states, router_logits, weights, *scales, args)
+        return spec.run(hidden_states, router_logits, weights, *scales, args, **biases)
     except MoENonFiniteError as exc:
         raise MoENonFiniteError(f"{_where(layer)}: {exc}") from None
 
@@ -273,7 +299,8 @@ def trtllm_nvfp4_moe(
     top_k: int, activation: str, routing: str, n_group: Optional[int], topk_group: Optional[int],
     routed_scaling_factor: Optional[float], kernel: str, layer: str,
     local_expert_offset: int = 0, global_num_experts: Optional[int] = None, group_name: str = "",
-    data_parallel: bool = False,
+    data_parallel: bool = False, w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
+    activation_params: Optional[List[float]] = None,
 ) -> Tensor:
     """The lowered MoE kernel call: padded ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out.
 
@@ -284,10 +311,11 @@ def trtllm_nvfp4_moe(
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
                    intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias,
-                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
+                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
+                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params)
     out = _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
                       routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
-                      layer, local_expert_offset, global_num_experts)
+                      layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params)
     return out
 
 
@@ -295,12 +323,14 @@ def trtllm_nvfp4_moe(
 def _trtllm_nvfp4_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_scale, w2, w2_scale,
                            w2_global_scale, input_global_scale, intermediate_global_scale, routing_bias, top_k,
                            activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
-                           local_expert_offset=0, global_num_experts=None, group_name="", data_parallel=False):
+                           local_expert_offset=0, global_num_experts=None, group_name="", data_parallel=False,
+                           w13_bias=None, w2_bias=None, activation_params=None):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
                    intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias,
-                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts)
+                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
+                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params)
     return hidden_states.new_empty((hidden_states.shape[0], w2.shape[1]), dtype=torch.bfloat16)
 
 
@@ -312,7 +342,8 @@ def fused_moe(
     hidden_size: int, top_k: int, activation: str, routing: str, n_group: Optional[int], topk_group: Optional[int],
     routed_scaling_factor: Optional[float], kernel: str, layer: str,
     local_expert_offset: int = 0, global_num_experts: Optional[int] = None, group_name: str = "",
-    data_parallel: bool = False,
+    data_parallel: bool = False, w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
+    activation_params: Optional[List[float]] = None,
 ) -> Tensor:
     """The FusedMoE node: unpadded ``[T, H]`` in, routed-expert output ``[T, H]`` out.
 
@@ -326,7 +357,8 @@ def fused_moe(
                    kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
                    input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
                    routing_bias=routing_bias, local_expert_offset=local_expert_offset,
-                   global_num_experts=global_num_experts)
+                   global_num_experts=global_num_experts, w13_bias=w13_bias, w2_bias=w2_bias,
+                   activation_params=activation_params)
     if group_name and data_parallel:
         hidden_states = parallel.all_gather(hidden_states, group_name)
         router_logits = parallel.all_gather(router_logits, group_name)
@@ -335,7 +367,7 @@ def fused_moe(
     padded = torch.nn.functional.pad(hidden_states, (0, pad)) if pad else hidden_states
     out = _run_kernel(padded, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
                       top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
-                      local_expert_offset, global_num_experts)
+                      local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params)
     if pad:
         out = out[:, :hidden_size].contiguous()
     if group_name:
@@ -347,13 +379,15 @@ def fused_moe(
 def _fused_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale,
                     input_global_scale, intermediate_global_scale, routing_bias, hidden_size, top_k, activation,
                     routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset=0,
-                    global_num_experts=None, group_name="", data_parallel=False):
+                    global_num_experts=None, group_name="", data_parallel=False, w13_bias=None, w2_bias=None,
+                    activation_params=None):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
                    input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
                    routing_bias=routing_bias, local_expert_offset=local_expert_offset,
-                   global_num_experts=global_num_experts)
+                   global_num_experts=global_num_experts, w13_bias=w13_bias, w2_bias=w2_bias,
+                   activation_params=activation_params)
     return hidden_states.new_empty((hidden_states.shape[0], hidden_size), dtype=torch.bfloat16)
 
 

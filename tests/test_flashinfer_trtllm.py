@@ -227,8 +227,15 @@ class RecordingKernel:
         assert w2.dtype == torch.uint8 and tuple(w2.shape) == (e, hidden, inter // 2) and w2.is_contiguous()
         assert s2.dtype == torch.float8_e4m3fn and tuple(s2.shape) == (e, hidden, inter // 16) and s2.is_contiguous()
         assert hidden % 256 == 0 and n1 % 128 == 0 and inter % (64 if gated else 128) == 0
-        for name in ("gemm1_bias", "gemm1_alpha", "gemm1_beta", "gemm1_clamp_limit", "gemm2_bias"):
-            assert kw.get(name) is None, name
+        # FlashInfer's docstring: gemm1_bias [E, M] fp32, gemm2_bias [E, H] fp32, alpha / beta / limit [E] fp32.
+        for name, want in (("gemm1_bias", (e, n1)), ("gemm2_bias", (e, hidden)), ("gemm1_alpha", (e,)),
+                           ("gemm1_beta", (e,)), ("gemm1_clamp_limit", (e,))):
+            v = kw.get(name)
+            if v is not None:
+                assert v.dtype == torch.float32 and tuple(v.shape) == want and v.is_contiguous(), name
+                assert bool(torch.isfinite(v).all()), name
+        oai = [kw.get(n) is not None for n in ("gemm1_alpha", "gemm1_beta", "gemm1_clamp_limit")]
+        assert not any(oai) or (all(oai) and act_name in ("Swiglu", "SwiGlu")), oai
         for name in ("output1_scale_scalar", "output1_scale_gate_scalar", "output2_scale_scalar"):
             v = kw[name]
             assert v.dtype == torch.float32 and tuple(v.shape) == (kw["local_num_experts"],) and v.is_contiguous(), name
@@ -307,9 +314,18 @@ class RecordingKernel:
             s1 = torch.empty(n1, hidden // 16, dtype=torch.uint8)
             s1[ps1] = deinterleave_128x4(kw["gemm1_weights_scale"][ex].view(torch.uint8), n1, hidden // 16)
             acc = x[tok] @ dequantize_nvfp4(w1, s1.view(torch.float8_e4m3fn), 1.0).t()
+            if kw.get("gemm1_bias") is not None:  # on the raw accumulator, rows undone like the weight's
+                b1 = torch.empty(n1)
+                b1[fi_w13_perm(n1, 1, gated, False)] = kw["gemm1_bias"][ex]
+                acc = acc + b1
             g = kw["output1_scale_gate_scalar"][ex]
             s_out1 = kw["output1_scale_scalar"][ex]
-            if gated:  # kernel order [up; gate]: act(gate) * up
+            if gated and kw.get("gemm1_alpha") is not None:  # SwiGLU with alpha, beta, clamp (raw units)
+                up, gate = acc[:, :inter], acc[:, inter:]
+                limit, beta, alpha = kw["gemm1_clamp_limit"][ex], kw["gemm1_beta"][ex], kw["gemm1_alpha"][ex]
+                gate = gate.clamp(max=limit) * g
+                h = gate * torch.sigmoid(alpha * gate) * ((up.clamp(-limit, limit) + beta) * s_out1)
+            elif gated:  # kernel order [up; gate]: act(gate) * up
                 up, gate = acc[:, :inter], acc[:, inter:]
                 fn = torch.nn.functional.silu if act in ("Swiglu", "SwiGlu") else torch.nn.functional.gelu
                 h = fn(gate * g) * (up * s_out1)
@@ -321,7 +337,12 @@ class RecordingKernel:
             w2[p2] = kw["gemm2_weights"][ex]
             s2 = torch.empty(hidden, inter // 16, dtype=torch.uint8)
             s2[ps2] = deinterleave_128x4(kw["gemm2_weights_scale"][ex].view(torch.uint8), hidden, inter // 16)
-            y = h @ dequantize_nvfp4(w2, s2.view(torch.float8_e4m3fn), 1.0).t() * kw["output2_scale_scalar"][ex]
+            y = h @ dequantize_nvfp4(w2, s2.view(torch.float8_e4m3fn), 1.0).t()
+            if kw.get("gemm2_bias") is not None:
+                b2 = torch.empty(hidden)
+                b2[fi_w2_perm(hidden, 1, False)] = kw["gemm2_bias"][ex]
+                y = y + b2
+            y = y * kw["output2_scale_scalar"][ex]
             out.index_add_(0, tok, y * weights[tok, slot].float().unsqueeze(1))
         return out.to(torch.bfloat16)
 
@@ -337,7 +358,7 @@ def make_api(mode="emulate", **kwargs) -> tuple[ft.FlashInferAPI, RecordingKerne
 class Layer:
     """Real NVFP4 weights (randn / 10), padded and prepared, with static activation scales."""
 
-    def __init__(self, hidden, inter, experts, top_k, activation, tokens, seed=0):
+    def __init__(self, hidden, inter, experts, top_k, activation, tokens, seed=0, biases=False):
         g = torch.Generator().manual_seed(seed)
         gated = is_gated(activation)
         n1 = 2 * inter if gated else inter
@@ -350,11 +371,20 @@ class Layer:
         q2, s2, g2 = quantize_nvfp4_experts(w2f)
         self.activation, self.top_k, self.hidden = activation, top_k, hidden
         self.gs_a = default_global_scale(self.x.float().abs().amax())
-        inter_amax = max(apply_activation(self.x.float() @ w13f[e].t(), activation).abs().amax() for e in range(experts))
+        b13 = torch.randn(experts, n1, generator=g) if biases else torch.zeros(experts, n1)
+        inter_amax = max(apply_activation(self.x.float() @ w13f[e].t() + b13[e], activation).abs().amax()
+                         for e in range(experts))
         self.gs_c = default_global_scale(inter_amax)
         w13, s13p, w2, s2p = pad_for_trtllm(q13, s13, q2, s2, activation)
         self.canonical = registry.MoEWeights(w13, s13p, g13, w2, s2p, g2)
         self.shape = MoEShape(hidden=hidden, intermediate=inter, experts=experts, top_k=top_k, activation=activation)
+        # Biases padded as the weights are: w2_bias along H, each half of w13_bias along I.
+        self.w13_bias = self.w2_bias = None
+        if biases:
+            from moe_passes.contract import align_biases
+            self.w13_bias, self.w2_bias = align_biases(
+                b13, torch.randn(experts, hidden, generator=g), gated=gated,
+                intermediate_padded=self.shape.intermediate_padded, hidden_padded=self.shape.hidden_padded)
         self.prepared = ft.prepare(self.canonical, self.shape)
         self.xp = torch.nn.functional.pad(self.x, (0, self.shape.hidden_padded - hidden))
 
@@ -479,13 +509,15 @@ def test_routed_variant_matches_reference(monkeypatch):
 
 def test_enum_mapping_by_name():
     assert {k: ActivationType[v] for k, v in ft.ACTIVATION_NAMES.items()} == {
-        "silu": ActivationType.Swiglu, "gelu": ActivationType.Geglu, "relu2": ActivationType.Relu2}
+        "silu": ActivationType.Swiglu, "gelu": ActivationType.Geglu, "relu2": ActivationType.Relu2,
+        "swiglu_oai": ActivationType.Swiglu}
     assert {k: RoutingMethodType[v] for k, v in ft.ROUTING_NAMES.items()} == {
         "default": RoutingMethodType.Default, "renormalize": RoutingMethodType.Renormalize,
         "deepseek_v3": RoutingMethodType.DeepSeekV3, "llama4": RoutingMethodType.Llama4}
     spec = registry.get("trtllm")
     assert spec is ft.TRTLLM
-    assert spec.activations == {"silu", "gelu", "relu2"}
+    assert spec.activations == {"silu", "gelu", "relu2", "swiglu_oai"}
+    assert spec.expert_bias and spec.activation_params and spec.prepare_biases is ft.prepare_biases
     assert spec.routings == {"default", "renormalize", "deepseek_v3", "llama4"}
     assert spec.alignment == TRTLLM_ALIGNMENT and spec.priority == 20 and spec.quantizes_activations
 
@@ -573,6 +605,93 @@ def test_old_signature_layout():
     assert_close_moe(out[:, :2048], layer.reference("renormalize")[:, :2048])
 
 
+# ------------------------------------------------------------------------------------------------
+# Expert biases and swiglu_oai (gpt-oss)
+
+
+@pytest.mark.parametrize("hidden,inter,activation", [(2880, 192, "swiglu_oai"), (2048, 256, "relu2")])
+def test_prepared_biases_follow_their_weight_rows_as_flashinfer_shuffles_them(hidden, inter, activation):
+    """w13_bias gets w13's whole row reordering ([up; gate], the gated interleave, the epilogue shuffle) and
+    w2_bias w2's shuffle, exactly as FlashInfer's own helpers reorder a bias given as a one-column matrix."""
+    gated = is_gated(activation)
+    shape = MoEShape(hidden=hidden, intermediate=inter, experts=3, top_k=2, activation=activation)
+    g = torch.Generator().manual_seed(hidden)
+    b13 = torch.randn(3, shape.w13_rows, generator=g)
+    b2 = torch.randn(3, shape.hidden_padded, generator=g)
+    p13, p2 = ft.prepare_biases(b13, b2, shape)
+    cache: dict = {}
+    for e in range(3):
+        col = up_gate(b13[e], gated).reshape(-1, 1)
+        idx = fi_core._maybe_get_cached_w3_w1_permute_indices(cache, col, 128, is_gated_act_gemm=gated)
+        assert torch.equal(p13[e], col[idx].reshape(-1))
+        col2 = b2[e].reshape(-1, 1)
+        assert torch.equal(p2[e], col2[fi_core.get_w2_permute_indices_with_cache(cache, col2, 128)].reshape(-1))
+    # A bias row lands where its weight row does: rows of an identity-like w13 carry their own index.
+    rows = torch.arange(shape.w13_rows, dtype=torch.float32).expand(1, -1)
+    moved, _ = ft.prepare_biases(rows.repeat(3, 1), None, shape)
+    assert torch.equal(moved[0].long(), ft.w13_row_indices(shape.w13_rows, gated))
+    with pytest.raises(MoEConfigError, match="w13_bias must be torch.float32"):
+        ft.prepare_biases(b13.to(torch.bfloat16), None, shape)
+    with pytest.raises(MoEConfigError, match="w2_bias must be torch.float32 with shape"):
+        ft.prepare_biases(None, b2[:, :-16], shape)
+
+
+def test_bias_and_activation_argument_units():
+    """Biases, beta and the clamp limit in the raw accumulator's units (divided by the output scale of their
+    GEMM), alpha as it is; fp32, one per local expert; nothing for a plain activation."""
+    g13, g2 = torch.tensor([100.0, 200.0]), torch.tensor([50.0, 25.0])
+    out1, gate1, out2 = ft.output_scales(g13, g2, torch.tensor(4.0), torch.tensor(8.0), gated=True)
+    b13, b2 = torch.randn(2, 256), torch.randn(2, 512)
+    args = ft.bias_and_activation_args(gate1, out2, "swiglu_oai", [1.702, 1.0, 7.0], b13, b2)
+    torch.testing.assert_close(args["gemm1_bias"], b13 * (g13 * 4.0)[:, None])
+    torch.testing.assert_close(args["gemm2_bias"], b2 * (g2 * 8.0)[:, None])
+    torch.testing.assert_close(args["gemm1_alpha"], torch.full((2,), 1.702))
+    torch.testing.assert_close(args["gemm1_beta"], g13 * 4.0)
+    torch.testing.assert_close(args["gemm1_clamp_limit"], 7.0 * g13 * 4.0)
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in args.values())
+    plain = ft.bias_and_activation_args(gate1, out2, "silu")
+    assert all(v is None for v in plain.values())
+    with pytest.raises(MoEConfigError, match="takes no parameters"):
+        ft.bias_and_activation_args(gate1, out2, "silu", [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("hidden,inter,routing", [(2880, 192, "renormalize"), (2048, 128, "deepseek_v3")])
+def test_biases_and_swiglu_oai_through_double(hidden, inter, routing):
+    """gpt-oss's expert math through the call: hidden 2880 padded to 3072 (w2_bias zero-padded along H),
+    the biases and alpha / beta / limit mapped onto FlashInfer's arguments, against the reference."""
+    layer = Layer(hidden, inter, experts=4, top_k=2, activation="swiglu_oai", tokens=7, seed=inter, biases=True)
+    api, fused, _ = make_api("emulate")
+    extra = dict(n_group=2, topk_group=1, routed_scaling_factor=2.5) if routing == "deepseek_v3" else {}
+    bias = layer.bias if routing == "deepseek_v3" else None
+    b13, b2 = ft.prepare_biases(layer.w13_bias, layer.w2_bias, layer.shape)
+    params = (1.702, 1.0, 7.0)
+    with ft.use_api(api):
+        out = ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, bias,
+                     layer.args(routing, activation_params=params, **extra), w13_bias=b13, w2_bias=b2)
+    call = fused.calls[0]
+    assert call["activation_type"] == ActivationType.Swiglu.value
+    assert all(call[n] is not None for n in ("gemm1_bias", "gemm2_bias", "gemm1_alpha", "gemm1_beta",
+                                             "gemm1_clamp_limit"))
+    ref = layer.reference(routing, routing_bias=bias, w13_bias=layer.w13_bias, w2_bias=layer.w2_bias,
+                          activation_params=list(params), **extra)
+    assert_close_moe(out[:, :hidden], ref[:, :hidden])
+    # Without the biases the result is far off: the check sees them.
+    no_bias = layer.reference(routing, routing_bias=bias, activation_params=list(params), **extra)
+    assert (no_bias.float() - ref.float()).norm() > 0.2 * ref.float().norm()
+    assert torch.count_nonzero(out[:, hidden:]) == 0
+
+
+def test_a_flashinfer_without_bias_arguments_is_an_error_not_a_dropped_bias():
+    layer = Layer(2048, 192, experts=4, top_k=2, activation="swiglu_oai", tokens=3, seed=9, biases=True)
+    sig = _old_style_signature(tile_required=False)
+    sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "gemm2_bias"])
+    api, _, _ = make_api("emulate", signature=sig)
+    b13, b2 = ft.prepare_biases(layer.w13_bias, layer.w2_bias, layer.shape)
+    with ft.use_api(api), pytest.raises(KernelUnavailableError, match="gemm2_bias"):
+        ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None,
+               layer.args("renormalize", activation_params=(1.702, 1.0, 7.0)), w13_bias=b13, w2_bias=b2)
+
+
 def test_old_signature_rejects_relu2_and_unknown_required():
     layer = Layer(2048, 256, experts=2, top_k=1, activation="relu2", tokens=2)
     api, _, _ = make_api("emulate", signature=_old_style_signature(tile_required=False))
@@ -603,18 +722,28 @@ def _blackwell() -> bool:
     (2048, 768, "silu", "renormalize", 8),
     (1024, 1024, "silu", "deepseek_v3", 4),
     (2048, 704, "gelu", "default", 8),
+    (2880, 2880, "swiglu_oai", "renormalize", 4),  # gpt-oss-120b's shapes: hidden pads to 3072; biases
 ])
 def test_real_kernel_matches_reference(hidden, inter, activation, routing, top_k):
     torch.manual_seed(0)
-    layer = Layer(hidden, inter, experts=16, top_k=top_k, activation=activation, tokens=64, seed=7)
+    oai = activation == "swiglu_oai"
+    layer = Layer(hidden, inter, experts=16, top_k=top_k, activation=activation, tokens=64, seed=7, biases=oai)
     dev = torch.device("cuda")
     assert ft.available(dev)
     prepared = registry.MoEWeights(*(t.to(dev) for t in layer.prepared))
     extra = dict(n_group=4, topk_group=2, routed_scaling_factor=2.5) if routing == "deepseek_v3" else {}
     bias = layer.bias if routing == "deepseek_v3" else None
+    biases, ref_extra = {}, {}
+    if oai:  # the units of the bias / beta / limit mapping are settled here (docs/kernels.md)
+        b13, b2 = ft.prepare_biases(layer.w13_bias, layer.w2_bias, layer.shape)
+        biases = dict(w13_bias=b13.to(dev), w2_bias=b2.to(dev))
+        extra["activation_params"] = (1.702, 1.0, 7.0)
+        ref_extra = dict(w13_bias=layer.w13_bias, w2_bias=layer.w2_bias)
     out = ft.run(layer.xp.to(dev), layer.logits.to(dev), prepared, layer.gs_a.to(dev), layer.gs_c.to(dev),
-                 None if bias is None else bias.to(dev), layer.args(routing, **extra))
-    ref = layer.reference(routing, routing_bias=bias, **extra)
+                 None if bias is None else bias.to(dev), layer.args(routing, **extra), **biases)
+    if oai:
+        extra["activation_params"] = list(extra["activation_params"])
+    ref = layer.reference(routing, routing_bias=bias, **extra, **ref_extra)
     torch.testing.assert_close(out[:, :hidden].float().cpu(), ref.float(), atol=0.1, rtol=0.1)
 
 

@@ -91,6 +91,11 @@ FAMILIES = {
                     dict(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32,
                          shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
                          layer_types=["full_attention", "full_attention"])),  # hybrid: see nemotron_h
+    # gpt-oss: top-k on the logits (router with a bias), softmax over the k; experts with biases in both GEMMs
+    # and the clamped SwiGLU with alpha (swiglu_oai); gate_up_proj stored [E, H, 2I] with gate/up interleaved.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=8,
+                     num_experts_per_tok=2, layer_types=["full_attention", "full_attention"])),
     # Llama4: top-1 sigmoid score multiplies the experts' input; experts run on [E * T, H], no routing args.
     "llama4": ("Llama4TextConfig", "Llama4ForCausalLM",
                dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, intermediate_size_mlp=64,
@@ -131,11 +136,17 @@ def _tiny_model(family: str, seed: int, dtype=torch.float32, **overrides):
             for pname in ("gate_up_proj", "up_proj", "down_proj"):
                 p = getattr(module, pname, None)
                 if isinstance(p, torch.nn.Parameter) and p.ndim == 3:
-                    # on the grid along the reduction dimension (Llama4 stores [E, K, N], the others [E, N, K])
-                    flip = type(module).__name__ == "Llama4TextExperts"
+                    # on the grid along the reduction dimension (Llama4 and gpt-oss store [E, K, N], the
+                    # others [E, N, K])
+                    flip = type(module).__name__ in ("Llama4TextExperts", "GptOssExperts")
                     shape = (p.shape[0], p.shape[2], p.shape[1]) if flip else p.shape
                     w = dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(shape, generator=gen) * 0.2))
                     p.copy_(w.transpose(1, 2) if flip else w)
+            if type(module).__name__ == "GptOssExperts":  # biases that matter, gate values beyond the clamp
+                module.gate_up_proj_bias.copy_(torch.randn(module.gate_up_proj_bias.shape, generator=gen) * 0.5)
+                module.down_proj_bias.copy_(torch.randn(module.down_proj_bias.shape, generator=gen) * 0.5)
+            if type(module).__name__ == "GptOssTopKRouter":
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.3)
             if type(module).__name__ == "Llama4Router":
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.15)
             if type(module).__name__.endswith(("TopKRouter", "TopkRouter")):
@@ -177,6 +188,12 @@ def _emulate_nvfp4(experts, gs_in, gs_mid, quantize_activations: bool = True):
         for t in range(x.shape[0]):
             for k in range(top_k_index.shape[1]):
                 e = int(top_k_index[t, k])
+                if hasattr(self, "gate_up_proj_bias"):  # gpt-oss: its own layout, biases and _apply_gate
+                    gate_up = x[t] @ self.gate_up_proj[e].float() + self.gate_up_proj_bias[e].float()
+                    h = rnd(self._apply_gate(gate_up[None]), gs_mid)[0]
+                    y = h @ self.down_proj[e].float() + self.down_proj_bias[e].float()
+                    out[t] += float(top_k_weights[t, k]) * y
+                    continue
                 if hasattr(self, "gate_up_proj"):
                     gate, up = (x[t] @ self.gate_up_proj[e].float().t()).chunk(2)
                     h = self.act_fn(gate) * up
@@ -406,6 +423,49 @@ def test_qwen3_5_moe_with_gated_shared_expert():
     assert all(c.routing == "renormalize" and c.shared_expert for c in report.converted)
 
 
+@_needs("gpt_oss")
+def test_gpt_oss_expert_biases_and_clamped_swiglu():
+    """gpt-oss: biases on both GEMMs (the down bias before the routing weight), swiglu_oai with the experts'
+    own alpha and limit, interleaved gate/up de-interleaved; hidden 64 pads to 256 with w2_bias padded."""
+    report = _check("gpt_oss")
+    assert all((c.routing, c.activation, c.expert_bias, c.hidden) == ("renormalize", "swiglu_oai", True, 64)
+               for c in report.converted)
+
+
+@_needs("gpt_oss")
+def test_gpt_oss_other_alpha_and_limit_are_read_from_the_experts():
+    """The parameters come from the experts module, not from defaults: another alpha / limit converts with
+    those values (and still matches the emulation, which runs the experts' own _apply_gate)."""
+    from moe_passes.contract import SwigluOAI
+    model = _tiny_model("gpt_oss", 2)
+    for m in model.modules():
+        if type(m).__name__ == "GptOssExperts":
+            m.alpha, m.limit = 1.1, 3.0
+    convert(model)
+    moes = [m.moe for m in model.modules() if isinstance(m, TransformersMoE)]
+    assert len(moes) == 2 and all(m.activation_params == SwigluOAI(1.1, 1.0, 3.0).as_list() for m in moes)
+
+
+@_needs("gpt_oss")
+def test_gpt_oss_with_a_different_gate_is_left_alone():
+    """An _apply_gate that is not the clamped SwiGLU (here: no + 1 on up) is refused, not approximated."""
+    model = _tiny_model("gpt_oss", 3)
+    experts_cls = type(model.model.layers[0].mlp.experts)
+
+    def other_gate(self, gate_up):
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        return gate * torch.sigmoid(gate * self.alpha) * up.clamp(-self.limit, self.limit)
+
+    original = experts_cls._apply_gate
+    experts_cls._apply_gate = other_gate
+    try:
+        report = convert(model)
+    finally:
+        experts_cls._apply_gate = original
+    assert not report.converted and all("other than swiglu_oai" in s.reason for s in report.skipped), report
+
+
 @_needs("llama4")
 def test_llama4_top1_sigmoid_score_on_the_experts_input():
     report = _check("llama4")
@@ -427,9 +487,6 @@ def test_unsupported_blocks_are_left_alone_with_a_logged_reason(caplog):
 
 # Families left alone, each with the piece the kernels lack (the reason must name it).
 LEFT_ALONE = {
-    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
-                dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=4,
-                     num_experts_per_tok=2), "experts carry biases"),
     "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
                dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
                "match none of the routing methods"),
@@ -521,6 +578,7 @@ def test_block_level_shapes_dtype_and_router_logits_hook(dtype):
     assert _rel(got, want) < 0.3  # one block: ~13% NVFP4 activation rounding (module docstring)
 
 
+# gpt-oss is not here: the Triton kernel has no expert biases or swiglu_oai yet (registry: it is refused).
 CONVERTED = ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "nemotron_h", "gemma4", "olmoe",
              "granitemoe", "qwen3_5_moe", "llama4"]
 

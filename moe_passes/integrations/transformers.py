@@ -26,9 +26,11 @@ inputs against the router's own top-k weights and ids:
 
 A block whose experts take no routing arguments because the block scales their input by the router's
 top-1 sigmoid score (Llama4) is replaced whole by :class:`InputScaledMoE`, which scales the input
-itself and lets the kernel route top-1 with weight 1.  No match, or anything else unexpected, leaves
-the block alone with the reason logged; so do experts with biases (gpt-oss) or a custom gated
-activation.  Two more checks run
+itself and lets the kernel route top-1 with weight 1.  Experts with biases (gpt-oss's
+``gate_up_proj_bias`` / ``down_proj_bias``) keep them as FusedMoE expert biases, and a custom gated activation
+(``_apply_gate``) that computes gpt-oss's clamped SwiGLU maps to ``swiglu_oai`` with the experts' own
+``alpha`` and ``limit``.  No match, or anything else unexpected, leaves the block alone with the reason
+logged; so does any other custom gated activation.  Two more checks run
 before a block is converted: the experts' own forward against the weights read (every expert at weight
 1), and, where the block runs on its own, the whole block against the same block with the router and
 experts replaced by a float emulation of the conversion.  A block is converted completely or not at
@@ -46,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_passes.contract import SwigluOAI
 from moe_passes.errors import MoEError
 from moe_passes.kernels.reference import apply_activation, route
 from moe_passes.layer import FusedMoE
@@ -79,6 +82,7 @@ class ConvertedBlock:
     # "logits", or "log_probs" when the router returns probabilities and the kernel takes their log
     router_output: str = "logits"
     expert_scale: bool = False
+    expert_bias: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +157,10 @@ class TransformersMoE(nn.Module):
 class _FloatMoE(nn.Module):
     """The conversion in float, unquantized: what the block must compute after conversion, up to NVFP4."""
 
-    def __init__(self, w13, w2, activation, top_k, routing):
+    def __init__(self, w13, w2, activation, top_k, routing, extras: Optional["_Extras"] = None):
         super().__init__()
         self.w13, self.w2, self.activation, self.top_k, self.routing = w13.float(), w2.float(), activation, top_k, routing
+        self.extras = extras or _Extras()
 
     def forward(self, x, router_logits):
         weights, ids = route(router_logits.float(), self.top_k, **self.routing)
@@ -163,9 +168,34 @@ class _FloatMoE(nn.Module):
         for k in range(self.top_k):
             for e in ids[:, k].unique().tolist():
                 rows = (ids[:, k] == e).nonzero()[:, 0]
-                h = apply_activation(x[rows].float() @ self.w13[e].t(), self.activation) @ self.w2[e].t()
+                h = _expert_forward(x[rows].float(), self.w13[e], self.w2[e], self.activation, self.extras, e)
                 out.index_add_(0, rows, h * weights[rows, k, None])
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Extras:
+    """What an experts module adds to ``w13`` / ``w2``: biases (fp32, ``[E, N1]`` gate half then up half, and
+    ``[E, H]``) and the parameters of a parametric activation."""
+    w13_bias: Optional[torch.Tensor] = None
+    w2_bias: Optional[torch.Tensor] = None
+    activation_params: Optional[SwigluOAI] = None
+
+    @property
+    def has_bias(self) -> bool:
+        return self.w13_bias is not None or self.w2_bias is not None
+
+
+def _expert_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, activation: str, extras: _Extras,
+                    e: int) -> torch.Tensor:
+    """One expert in fp32: ``act(x w13^T + b13) w2^T + b2`` (the bias of w2 before any routing weight)."""
+    h = x @ w13.float().t()
+    if extras.w13_bias is not None:
+        h = h + extras.w13_bias[e].to(h.device)
+    y = apply_activation(h, activation, extras.activation_params) @ w2.float().t()
+    if extras.w2_bias is not None:
+        y = y + extras.w2_bias[e].to(y.device)
+    return y
 
 
 class InputScaledMoE(nn.Module):
@@ -235,22 +265,7 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
     if not _takes_routing(experts):
         raise _Unsupported("the experts' forward takes no top-k ids and weights, and the block is not an "
                            "input-scaled top-1 block")
-    biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
-    if biases:
-        raise _Unsupported(f"experts carry biases ({', '.join(biases)}); the kernels have no expert-bias path "
-                           "(gpt-oss also needs its clamped SwiGLU with alpha)")
-    flags = {k: getattr(experts, k, None) for k in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
-                                                     "has_post_expert_norm")}
-    if flags["has_gate"] is None:
-        raise _Unsupported(f"experts module {type(experts).__name__} does not store fused 3-D expert weights "
-                           "(no @use_experts_implementation layout flags)")
-    if flags["has_bias"]:
-        raise _Unsupported("experts carry biases; FusedMoE experts have none")
-    if flags["has_post_expert_norm"]:
-        raise _Unsupported("experts apply a post-expert norm; FusedMoE has no such step")
-    apply_gate = getattr(type(experts), "_apply_gate", None)
-    if apply_gate is not None and apply_gate is not _default_apply_gate():
-        raise _Unsupported(f"{type(experts).__name__} overrides the gated activation (_apply_gate)")
+    flags = _layout_flags(experts)
     gated = bool(flags["has_gate"])
     w13 = getattr(experts, "gate_up_proj" if gated else "up_proj", None)
     w2 = getattr(experts, "down_proj", None)
@@ -261,8 +276,79 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
         w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
     if gated and flags["is_concatenated"] is False:  # interleaved rows gate0, up0, gate1, up1, ...
         w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
-    activation = _activation_of(experts, gated)
+    activation = _custom_gate(experts, flags)[0] if _overrides_gate(experts) else _activation_of(experts, gated)
     return w13.contiguous(), w2.contiguous(), activation
+
+
+def _layout_flags(experts: nn.Module) -> dict:
+    flags = {k: getattr(experts, k, None) for k in ("has_gate", "has_bias", "is_transposed", "is_concatenated",
+                                                     "has_post_expert_norm")}
+    if flags["has_gate"] is None:
+        raise _Unsupported(f"experts module {type(experts).__name__} does not store fused 3-D expert weights "
+                           "(no @use_experts_implementation layout flags)")
+    if flags["has_post_expert_norm"]:
+        raise _Unsupported("experts apply a post-expert norm; FusedMoE has no such step")
+    if not flags["has_bias"]:
+        biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
+        if biases:  # biases outside the layout transformers declares: not read, so not converted
+            raise _Unsupported(f"experts carry biases ({', '.join(biases)}) their layout flags do not declare")
+    return flags
+
+
+def _overrides_gate(experts: nn.Module) -> bool:
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    return apply_gate is not None and apply_gate is not _default_apply_gate()
+
+
+@torch.no_grad()
+def _custom_gate(experts: nn.Module, flags: dict) -> tuple[str, SwigluOAI]:
+    """An overridden ``_apply_gate`` that computes gpt-oss's clamped SwiGLU, read by what it does: its
+    ``alpha`` and ``limit`` attributes (beta: the ``+ 1`` on up) give ``swiglu_oai``'s parameters, which must
+    reproduce ``_apply_gate`` on random values reaching well past the limit."""
+    name = type(experts).__name__
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    if not flags["has_gate"] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        for v in (alpha, limit)):
+        raise _Unsupported(f"{name} overrides the gated activation (_apply_gate) with no alpha / limit attributes "
+                           "to read it as swiglu_oai")
+    params = SwigluOAI(alpha=float(alpha), beta=1.0, limit=float(limit))
+    inter = 64
+    h = torch.randn(16, 2 * inter, generator=torch.Generator().manual_seed(5)) * (2 * params.limit)
+    want = apply_activation(h, "swiglu_oai", params)
+    laid_out = h  # in the experts' own layout: interleaved gate0, up0, ... unless concatenated
+    if flags["is_concatenated"] is False:
+        laid_out = torch.stack([h[:, :inter], h[:, inter:]], dim=-1).reshape(16, 2 * inter)
+    try:
+        got = experts._apply_gate(laid_out).float()
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot read it
+        raise _Unsupported(f"{name}._apply_gate fails on a probe ({type(exc).__name__}: {exc})") from None
+    if tuple(got.shape) != tuple(want.shape) or not _rel_err(got, want) <= 1e-5:
+        raise _Unsupported(f"{name} overrides the gated activation (_apply_gate) with something other than "
+                           f"swiglu_oai (alpha={params.alpha}, beta=1, limit={params.limit})")
+    return "swiglu_oai", params
+
+
+def _expert_extras(experts: nn.Module, activation: str) -> _Extras:
+    """Biases (``gate_up_proj_bias`` / ``up_proj_bias``, ``down_proj_bias``, de-interleaved like the weights)
+    and activation parameters of a fused 3-D experts module."""
+    flags = _layout_flags(experts)
+    params = _custom_gate(experts, flags)[1] if activation == "swiglu_oai" else None
+    if not flags["has_bias"]:
+        return _Extras(activation_params=params)
+    gated = bool(flags["has_gate"])
+    b13 = getattr(experts, "gate_up_proj_bias" if gated else "up_proj_bias", None)
+    b2 = getattr(experts, "down_proj_bias", None)
+    for bname, b in (("gate_up_proj_bias" if gated else "up_proj_bias", b13), ("down_proj_bias", b2)):
+        if b is not None and (not isinstance(b, torch.Tensor) or b.ndim != 2):
+            raise _Unsupported(f"expert bias {bname} is not a 2-D [experts, features] tensor")
+    if b13 is None and b2 is None:
+        raise _Unsupported("experts declare biases (has_bias) but have no gate_up_proj_bias / down_proj_bias")
+    if b13 is not None:
+        b13 = b13.detach().float()
+        if gated and flags["is_concatenated"] is False:  # interleaved like the rows of gate_up_proj
+            b13 = torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)
+        b13 = b13.contiguous()
+    return _Extras(b13, None if b2 is None else b2.detach().float().contiguous(), params)
 
 
 def _takes_routing(experts: nn.Module) -> bool:
@@ -338,9 +424,12 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activation: str) -> None:
+def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activation: str,
+                  extras: Optional[_Extras] = None) -> None:
     """Run the original experts on a few random tokens, every expert with weight 1, and compare with
-    the float computation on the extracted ``w13`` / ``w2``: catches a misread layout before conversion."""
+    the float computation on the extracted ``w13`` / ``w2`` (and biases): catches a misread layout before
+    conversion."""
+    extras = extras or _Extras()
     num_experts, _, hidden = w13.shape
     dtype = w13.dtype
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -350,7 +439,7 @@ def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activ
     got = experts(x, index, weights).float()
     want = torch.zeros(3, hidden, device=w13.device)
     for e in range(num_experts):
-        want += apply_activation(x.float() @ w13[e].float().t(), activation) @ w2[e].float().t()
+        want += _expert_forward(x.float(), w13[e], w2[e], activation, extras, e)
     tol = _tolerance(dtype)
     err = _rel_err(got, want)
     if not err <= tol:
@@ -622,23 +711,29 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
         return _build_input_scaled(name, block, router_attr, router, family=family, calibration=calibration,
                                    kernel=kernel, check_layout=check_layout, parallel=parallel)
     w13, w2, activation = expert_weights(experts)
+    extras = _expert_extras(experts, activation)
     routing = _read_routing(router, w13.shape[0], block)
     if check_layout:
-        _check_layout(experts, w13, w2, activation)
+        _check_layout(experts, w13, w2, activation, extras)
     if routing.expert_scale is not None:  # out_e * s_e == (s_e * w2_e) applied to the intermediate
-        w2 = (w2.float() * routing.expert_scale.to(w2.device)[:, None, None]).to(w2.dtype)
+        scale = routing.expert_scale.to(w2.device)
+        w2 = (w2.float() * scale[:, None, None]).to(w2.dtype)
+        if extras.w2_bias is not None:  # the scale multiplies the expert's whole output, bias included
+            extras = dataclasses.replace(extras, w2_bias=extras.w2_bias * scale[:, None])
     # Where the logits reach the experts: through the router's second output, or the block's routing step.
     if routing.block_routes:
         hand_on = {"route_tokens_to_experts": _PassLogits()}
     else:
         hand_on = {router_attr: RouterLogits(router, log_probs=routing.log_probs, scores_at=routing.scores_at)}
     if check_layout:
-        emulated = TransformersMoE(_FloatMoE(w13, w2, activation, routing.top_k, routing.kwargs),
+        emulated = TransformersMoE(_FloatMoE(w13, w2, activation, routing.top_k, routing.kwargs, extras),
                                    compute_dtype=torch.float32)
         _check_block(block, {**hand_on, "experts": emulated}, _router_input_size(router, w13.shape[0]))
     try:
         moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
-                                  top_k=routing.top_k, parallel=parallel, **routing.kwargs)
+                                  top_k=routing.top_k, parallel=parallel, w13_bias=extras.w13_bias,
+                                  w2_bias=extras.w2_bias, activation_params=extras.activation_params,
+                                  **routing.kwargs)
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
     shared = any(n.startswith("shared_expert") for n, _ in block.named_children())
@@ -646,7 +741,7 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
                           top_k=routing.top_k, hidden=w13.shape[2], intermediate=w2.shape[2], activation=activation,
                           routing=routing.kwargs["routing"], shared_expert=shared, kernel=moe.kernel,
                           router_output="log_probs" if routing.log_probs else "logits",
-                          expert_scale=routing.expert_scale is not None)
+                          expert_scale=routing.expert_scale is not None, expert_bias=extras.has_bias)
     return _Built(name, block, {**hand_on, "experts": TransformersMoE(moe, family=family)}, None, info)
 
 
