@@ -66,8 +66,7 @@ class FusedMoE(nn.Module):
             raise MoEConfigError(f"unknown routing {routing!r}; supported: {', '.join(ROUTING_METHODS)}")
         self.shape = MoEShape(hidden=hidden_size, intermediate=intermediate_size, experts=weights.w13.shape[0],
                               top_k=top_k, activation=activation)
-        if routing == "llama4" and top_k != 1:
-            raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={top_k}")
+        registry.check_routing(routing, top_k, self.shape.experts)
         self.hidden_size, self.intermediate_size, self.top_k = hidden_size, intermediate_size, top_k
         self.activation, self.routing, self.name = activation, routing, name
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
