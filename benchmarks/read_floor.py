@@ -97,7 +97,7 @@ def time_read(name: str, sms: int) -> tuple:
         for p in (0, parts - 1):
             if not torch.equal(got[:, p], xor_rows(ref[:, p * chunk:(p + 1) * chunk])):
                 raise SystemExit(f"read kernel: wrong xor for {name}, config {(mult, block, warps)}")
-        t = bench._time_graph(call, REPS, REPLAYS)
+        t = bench.time_graph(call, REPS, REPLAYS)
         if best is None or t < best[0]:
             best = (t, dict(programs=top_k * parts, block=block, warps=warps))
     del blob
@@ -107,7 +107,7 @@ def time_read(name: str, sms: int) -> tuple:
 
 def time_empty(sms: int) -> float:
     out = torch.empty(sms, dtype=torch.int32, device="cuda")
-    return bench._time_graph(lambda r: _empty_kernel[(sms,)](out), REPS, REPLAYS)
+    return bench.time_graph(lambda r: _empty_kernel[(sms,)](out), REPS, REPLAYS)
 
 
 def time_layer(name: str) -> float:
@@ -120,7 +120,7 @@ def time_layer(name: str) -> float:
     def call(r):
         return spec.run(xs[r], ls[r], weights, None, None, bias, args)
 
-    return bench._time_graph(call, REPS, REPLAYS)
+    return bench.time_graph(call, REPS, REPLAYS)
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ Writes ``bench_moe.json`` and ``bench_moe.png`` (matplotlib, when it is installe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -80,7 +81,7 @@ def random_nvfp4(e, n, k, device):
     return w, s, gs
 
 
-def _time_graph(fn: Callable[[int], torch.Tensor], reps: int, replays: int) -> float:
+def time_graph(fn: Callable[[int], torch.Tensor], reps: int, replays: int) -> float:
     """Capture ``reps`` calls ``fn(0..reps-1)`` in one graph; median seconds per call over ``replays``."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -145,11 +146,15 @@ def triton_layer(name, device):
     return spec, weights, args, bias, hp
 
 
-def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print):
+def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print, options=None):
+    """Time one shape at each token count; ``options`` (a ``KernelOptions``, None: the default) reach the kernel
+    through its ``RunArgs``."""
     h, i, e, k, activation, routing, extra = SHAPES[name]
     device = torch.device("cuda")
     n1 = (2 if activation != "relu2" else 1) * i
     spec, weights, args, bias, hp = triton_layer(name, device)
+    if options is not None:
+        args = dataclasses.replace(args, options=options)
     peer = None
     if do_peer:
         # bf16 weights stored [E, N, K] (K contiguous), handed to _grouped_mm transposed.
@@ -171,12 +176,12 @@ def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print):
         ls = [torch.randn(t, e, device=device) for _ in range(reps)]
         row = dict(shape=name, tokens=t, hidden=h, intermediate=i, experts=e, top_k=k, activation=activation,
                    routing=routing, floor_us=floor_seconds(h, i, e, k, activation, t, bandwidth) * 1e6)
-        row["triton_us"] = _time_graph(
+        row["triton_us"] = time_graph(
             lambda r: spec.run(xs[r], ls[r], weights, None, None, bias, args), reps, replays) * 1e6
         if peer is not None:
             xb = [x[:, :h].contiguous() for x in xs]
             try:
-                row["grouped_mm_us"] = _time_graph(
+                row["grouped_mm_us"] = time_graph(
                     lambda r: _grouped_mm_moe(xb[r], ls[r], peer[0], peer[1], k, activation, routing, bias, extra),
                     reps, replays) * 1e6
             except Exception as exc:  # report, keep measuring the kernel
