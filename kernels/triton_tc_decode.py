@@ -478,9 +478,9 @@ def _word_aligned(hidden_states: torch.Tensor, weights) -> torch.Tensor:
 
 
 def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeConfig, *, pairs, experts, hidden,
-              inter, top_k, gated, activation, k_per_split2, pdl=False, one_program=False):
+              inter, top_k, gated, activation, k_per_split, pdl=False, one_program=False):
     """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
-    K split in steps of ``k_per_split2`` (a multiple of 128) elements.
+    K split in steps of ``k_per_split`` (a multiple of 128) elements.
 
     ``cfg.grouped``: the pairs first grouped by expert into 8-row blocks (``counts``: int32 ``[experts]``
     zeroed by the routing; ``one_program``: the grouping in one program), else one program per pair.
@@ -514,7 +514,7 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeCo
                                                       PDL=pdl, LAUNCH_FIRST=early > 0, num_warps=4, launch_pdl=pdl)
     _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * cfg.warps2), y.shape[0])](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
-        k_per_split2 // 16,
+        k_per_split // 16,
         H=hidden, I=inter, GROUPED=cfg.grouped, WARPS=cfg.warps2, PF=cfg.prefetch,
         VEC=cfg.vec2 and _vec_ok(inter, w2, w2_scale), XVEC=cfg.vec2 and _rows_aligned(inter_buf), PDL=pdl,
         EARLY=early, num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)
