@@ -122,7 +122,9 @@ def use_api(api: FlashInferAPI) -> Iterator[FlashInferAPI]:
         _api_override = previous
 
 
-class _Enums:
+class FlashInferEnums:
+    """The FlashInfer enums a call needs, each from the first module that has it (None where none does)."""
+
     def __init__(self, *modules):
         for name in ("RoutingMethodType", "ActivationType", "GatedActType", "SfLayout"):
             setattr(self, name, next((getattr(m, name) for m in modules if hasattr(m, name)), None))
@@ -156,7 +158,7 @@ def _load_flashinfer() -> FlashInferAPI:
         fused_moe=fused,
         routed_moe=getattr(fused_moe_mod, "trtllm_fp4_block_scale_routed_moe", None),
         quantize=_flashinfer_quantize,
-        enums=_Enums(*(m for m in (enums_mod, fused_moe_mod) if m is not None)),
+        enums=FlashInferEnums(*(m for m in (enums_mod, fused_moe_mod) if m is not None)),
     )
 
 

@@ -331,7 +331,7 @@ def make_api(mode="emulate", **kwargs) -> tuple[ft.FlashInferAPI, RecordingKerne
     fused = RecordingKernel(mode, **kwargs)
     routed = RecordingKernel(mode, routed=True, **kwargs)
     api = ft.FlashInferAPI(fused_moe=fused, routed_moe=routed, quantize=ft.torch_quantize_input,
-                           enums=ft._Enums(fi_enums))
+                           enums=ft.FlashInferEnums(fi_enums))
     return api, fused, routed
 
 
