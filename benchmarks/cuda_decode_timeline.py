@@ -24,6 +24,7 @@ import torch
 from moe_passes import bench
 from moe_passes.contract import is_gated
 from moe_passes.kernels import cuda_decode
+from moe_passes.kernels.options import KernelOptions
 
 PHASES = {1: "routed", 3: "first stage in", 4: "GEMM1 done (last segment)", 9: "last GEMM2 stage in",
           5: "GEMM2 done", 6: "at the grid barrier", 8: "arrived (fence, add)", 7: "barrier passed",
@@ -38,11 +39,11 @@ def _classes(plan) -> dict:
     for cta, row in enumerate(plan.segments):
         segs = cuda_decode.row_segments(row)
         if segs:
-            out[(sum(n for _, _, n in segs), max(cuda_decode._pieces(j0, n) for _, j0, n in segs))].append(cta)
+            out[(sum(n for _, _, n in segs), max(cuda_decode.piece_count(j0, n) for _, j0, n in segs))].append(cta)
     return out
 
 
-def timeline(name: str, sets: int, warm: bool) -> None:
+def timeline(name: str, sets: int, warm: bool, options: KernelOptions) -> None:
     spec, weights, args, bias, hidden = bench.triton_layer(name, "cuda")
     experts = bench.SHAPES[name][2]
     n = 1 if warm else sets
@@ -53,15 +54,15 @@ def timeline(name: str, sets: int, warm: bool) -> None:
     traces = [torch.zeros(sms * 16, dtype=torch.int64, device="cuda") for _ in range(sets)]
     kw = dict(top_k=args.top_k, activation=args.activation, routing=args.routing, routing_bias=bias,
               n_group=args.n_group, topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
-              out=out)
+              out=out, options=options)
     for _ in range(3):  # warm-up rounds; the last one's stamps are kept
         for i in range(sets):
             traces[i].zero_()
             cuda_decode.decode_one_token(xs[i % n], logits[i % n], weights, trace=traces[i], **kw)
     torch.cuda.synchronize()
     groups = (args.n_group or 1) if args.routing == "deepseek_v3" else 1
-    plan = cuda_decode._plan(out.device, hidden, weights[3].shape[2] * 2, experts, args.top_k,
-                             is_gated(args.activation), groups)
+    plan = cuda_decode.plan_for(out.device, hidden, weights[3].shape[2] * 2, experts, args.top_k,
+                                is_gated(args.activation), groups, options)
     calls = [t.view(sms, 16).cpu().double() for t in traces]
     used = calls[0][:, 0] != 0
     us = lambda v: v / (CLOCK_GHZ * 1e3)  # noqa: E731
@@ -92,6 +93,5 @@ if __name__ == "__main__":
     parser.add_argument("--sets", type=int, default=8, help="input sets the calls rotate over (default 8)")
     parser.add_argument("--warm", action="store_true", help="one input set: the weights stay in L2")
     ns = parser.parse_args()
-    cuda_decode.ENABLED = True
     for shape in [s for arg in ns.shapes for s in arg]:
-        timeline(shape, max(1, ns.sets), ns.warm)
+        timeline(shape, max(1, ns.sets), ns.warm, KernelOptions.from_env())

@@ -5,7 +5,9 @@ combine launched twice or not at all (their work then cached or skipped), whole 
 
 Twice: the marginal cost of one more such launch in the chain.  Not at all: an upper bound on what fusing
 it away can save (the routing's ids and weights come from a first eager call; without the combine the
-output is not written).  Only a measurement: the outputs of the variants are not meaningful.
+output is not written).  Only a measurement: the outputs of the variants are not meaningful.  It is
+instrumentation, not an option of the kernels: it wraps the entry module's routing and combine and the
+decode's activation kernel while it runs, and puts them back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from moe_passes import bench
 from moe_passes.kernels import triton_moe as tm
 from moe_passes.kernels import triton_tc_decode as td
 
-ORIGINAL = dict(route=tm._route, act=tm._act_kernel, combine=tm._combine_kernel)
+ORIGINAL = dict(route=tm.route, act=td.act_kernel, combine=tm.combine_kernel)
 VARIANTS = {"base": {}, "route2": {"route": 2}, "route0": {"route": 0}, "act2": {"act": 2},
             "combine2": {"combine": 2}, "combine0": {"combine": 0}, "bare": {"route": 0, "combine": 0}}
 
@@ -55,9 +57,9 @@ def routing(n, cache):
 
 
 def install(variant, cache):
-    tm._route = routing(variant.get("route", 1), cache)
-    tm._act_kernel = td._act_kernel = Repeated(ORIGINAL["act"], variant.get("act", 1))
-    tm._combine_kernel = Repeated(ORIGINAL["combine"], variant.get("combine", 1))
+    tm.route = routing(variant.get("route", 1), cache)
+    td.act_kernel = Repeated(ORIGINAL["act"], variant.get("act", 1))
+    tm.combine_kernel = Repeated(ORIGINAL["combine"], variant.get("combine", 1))
 
 
 def main(argv=None) -> None:
@@ -81,7 +83,7 @@ def main(argv=None) -> None:
                 for _ in range(args.rounds):
                     for vname, variant in VARIANTS.items():
                         install(variant, cache)
-                        us = bench._time_graph(
+                        us = bench.time_graph(
                             lambda r: spec.run(xs[r], ls[r], weights, None, None, bias, run_args), 16, 20) * 1e6
                         row.setdefault(vname, []).append(round(us, 2))
                 install({}, cache)
@@ -89,8 +91,8 @@ def main(argv=None) -> None:
             weights = None  # the next shape's weights may need the memory
             torch.cuda.empty_cache()
     finally:
-        tm._route, tm._combine_kernel = ORIGINAL["route"], ORIGINAL["combine"]
-        tm._act_kernel = td._act_kernel = ORIGINAL["act"]
+        tm.route, tm.combine_kernel = ORIGINAL["route"], ORIGINAL["combine"]
+        td.act_kernel = ORIGINAL["act"]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "launch_chain.json"), "w") as f:
         json.dump(results, f, indent=1)

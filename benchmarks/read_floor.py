@@ -12,9 +12,6 @@
   The best over a few grid sizes and block shapes.  This is what streaming the bytes costs as one launch
   among back-to-back captured launches: the practical floor of any one-token layer.
 * ``empty``: a kernel of one CTA per SM that writes one word each: the per-launch cost in the chain.
-* ``skeleton``: the one-launch CUDA decode built with ``SKELETON``: it routes, streams every stage of the
-  real kernel and meets the grid barrier and the fixed-order sum, but its consumers skip the MMAs (its
-  output is not meaningful).  The real kernel's structure with the decode free.
 * ``layer``: the layer as ``moe-nvfp4 bench`` times it at one token.
 
 Everything is timed like the benchmark: CUDA-graph captured, 16 back-to-back calls on 16 input sets
@@ -34,7 +31,6 @@ import triton
 import triton.language as tl
 
 from moe_passes import bench
-from moe_passes.kernels import cuda_decode
 
 REPS, REPLAYS = 16, 20
 # (programs per expert as a multiple of the SM count / top_k, words per loop step, warps)
@@ -103,7 +99,7 @@ def time_read(name: str, sms: int) -> tuple:
         for p in (0, parts - 1):
             if not torch.equal(got[:, p], xor_rows(ref[:, p * chunk:(p + 1) * chunk])):
                 raise SystemExit(f"read kernel: wrong xor for {name}, config {(mult, block, warps)}")
-        t = bench._time_graph(call, REPS, REPLAYS)
+        t = bench.time_graph(call, REPS, REPLAYS)
         if best is None or t < best[0]:
             best = (t, dict(programs=top_k * parts, block=block, warps=warps))
     del blob
@@ -113,12 +109,11 @@ def time_read(name: str, sms: int) -> tuple:
 
 def time_empty(sms: int) -> float:
     out = torch.empty(sms, dtype=torch.int32, device="cuda")
-    return bench._time_graph(lambda r: _empty_kernel[(sms,)](out), REPS, REPLAYS)
+    return bench.time_graph(lambda r: _empty_kernel[(sms,)](out), REPS, REPLAYS)
 
 
-def time_layers(name: str) -> tuple:
-    """Per-call seconds of the whole layer at one token: the CUDA decode built with SKELETON (no MMAs), then
-    as it is."""
+def time_layer(name: str) -> float:
+    """Per-call seconds of the whole layer at one token."""
     spec, weights, args, bias, hidden = bench.triton_layer(name, "cuda")
     experts = bench.SHAPES[name][2]
     xs = [(torch.randn(1, hidden, device="cuda") / 10).to(torch.bfloat16) for _ in range(REPS)]
@@ -127,13 +122,7 @@ def time_layers(name: str) -> tuple:
     def call(r):
         return spec.run(xs[r], ls[r], weights, None, None, bias, args)
 
-    original = cuda_decode._kernel
-    cuda_decode._kernel = lambda index, defines, smem: original(index, defines + (("SKELETON", 1),), smem)
-    try:
-        skeleton = bench._time_graph(call, REPS, REPLAYS)
-    finally:
-        cuda_decode._kernel = original
-    return skeleton, bench._time_graph(call, REPS, REPLAYS)
+    return bench.time_graph(call, REPS, REPLAYS)
 
 
 def main(argv=None) -> int:
@@ -144,8 +133,6 @@ def main(argv=None) -> int:
     shapes = args.shapes
     if not torch.cuda.is_available():
         raise SystemExit("read_floor.py measures on a CUDA GPU")
-    if not cuda_decode.ENABLED:
-        raise SystemExit("the skeleton is a build of the one-launch CUDA decode: unset MOE_NVFP4_CUDA_DECODE=0")
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy_bandwidth = bench.measure_copy_bandwidth()
@@ -161,15 +148,13 @@ def main(argv=None) -> int:
                    empty_us=empty * 1e6)
         read, config = time_read(name, sms)
         row.update(read_us=read * 1e6, read_config=config)
-        skeleton, layer = time_layers(name)
-        row.update(skeleton_us=skeleton * 1e6, layer_us=layer * 1e6)
+        row.update(layer_us=time_layer(name) * 1e6)
         torch.cuda.empty_cache()
-        for key in ("read", "skeleton", "layer"):
+        for key in ("read", "layer"):
             row[f"{key}_over_floor"] = row[f"{key}_us"] / row["floor_us"]
         rows.append(row)
         print(f"{name:18s} floor {row['floor_us']:6.2f}  read {row['read_us']:6.2f} ({row['read_over_floor']:.2f}x, "
-              f"{config})  skeleton {row['skeleton_us']:6.2f} ({row['skeleton_over_floor']:.2f}x)  "
-              f"layer {row['layer_us']:6.2f} ({row['layer_over_floor']:.2f}x)", flush=True)
+              f"{config})  layer {row['layer_us']:6.2f} ({row['layer_over_floor']:.2f}x)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "read_floor.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(0), sms=sms, read_bandwidth=bandwidth,

@@ -18,7 +18,9 @@ one register allocation).  :file:`cuda_decode1.cu` does it by hand:
   partial in a fixed order, so the result does not depend on timing.
 
 On by default for one token: on the H200 it is at least as fast as the Triton decode on all four benchmark
-shapes, and its output does not depend on timing (docs/performance.md); ``MOE_NVFP4_CUDA_DECODE=0`` turns it off.  ``benchmarks/cuda_decode_timeline.py`` shows where its time goes.
+shapes, and its output does not depend on timing (docs/performance.md); ``KernelOptions.cuda_decode``
+(``MOE_NVFP4_CUDA_DECODE=0``) turns it off, and its other knobs are ``KernelOptions.cuda_decode_*``.
+``benchmarks/cuda_decode_timeline.py`` shows where its time goes.
 
 The weights are the Triton path's prepared tensors (:func:`triton_moe.prepare_weights`), read as they are.
 Numerics are those of ``fused_moe_reference(..., quantize_activations=False)``, like the Triton path.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -44,37 +45,20 @@ import torch
 
 from moe_passes.contract import is_gated
 from moe_passes.kernels import registry
-from moe_passes.kernels.triton_common import _ACT_CODES
+from moe_passes.kernels.options import KernelOptions, current
+from moe_passes.kernels.triton_common import ACT_CODES
 from moe_passes.kernels.triton_layout import BAND_ROWS as _BAND, PIECE_GROUPS
-from moe_passes.kernels.triton_route import _METHOD_CODES
+from moe_passes.kernels.triton_route import FUSED_ROUTING, METHOD_CODES
 
-__all__ = ["DecodePlan", "plan_decode", "segments", "unsupported_reason", "decode_one_token", "ENABLED",
-           "enabled_by"]
+__all__ = ["DecodePlan", "plan_decode", "segments", "row_segments", "piece_count", "static_refusal",
+           "unsupported_reason", "decode_one_token", "prepare_state", "plan_for", "SOURCE"]
 
-
-def enabled_by(environ) -> bool:
-    """On unless ``MOE_NVFP4_CUDA_DECODE=0`` (it is at least as fast as the Triton decode on every benchmark
-    shape)."""
-    return environ.get("MOE_NVFP4_CUDA_DECODE", "1").strip() != "0"
-
-
-ENABLED = enabled_by(os.environ)
-CONSUMER_WARPS = 12  # warps that decode and multiply (one more streams the weights); 12 measured best
-# Knobs for A/B runs (benchmarks/ab_decode.py): the most intermediate bands in one segment (its
-# GEMM1 sums and intermediate stay in shared memory until its GEMM2 is done), a cap on the ring's stages.
-MAX_UNITS = 8
-STAGE_CAP: Optional[int] = None
-# w2 by tensor copies (one piece of 16 bands each) where every piece is whole; else (and with False) one bulk
-# copy per piece block, which measured 2x slower (a CTA's bytes in flight are bounded by its copies in flight).
-W2_TMA = True
-# Programmatic dependent launch: the launch may start while the stream's previous kernel finishes (the kernel
-# waits for it before touching memory), hiding the launch latency between back-to-back kernels.
-PDL = True
-_SOURCE = Path(__file__).with_name("cuda_decode1.cu")
+SOURCE = Path(__file__).with_name("cuda_decode1.cu")
 _NAME = "moe_nvfp4_decode1"
 _FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_MAX_EXPERTS = 512
-_MAX_TOP_K = 32
+# What the kernel's routing takes (its shared-memory arrays), within what the fused routing takes.
+ROUTING = registry.RoutingLimits(max_experts=min(512, FUSED_ROUTING.max_experts),
+                                 max_top_k=min(32, FUSED_ROUTING.max_top_k))
 _MAX_STAGES = 16
 _PIECE = 16 * PIECE_GROUPS  # elements per piece of the prepared layout's rows
 _BLOCK2 = 576  # a stage's room for one w2 piece block: 16 rows x 4 groups of codes (512 B) and scales (64 B)
@@ -102,7 +86,7 @@ class DecodePlan:
         return 32 * (self.consumer_warps + 1)
 
 
-def _pieces(j0: int, n: int) -> int:
+def piece_count(j0: int, n: int) -> int:
     """How many 64-element pieces (4 groups) the bands ``[j0, j0 + n)`` of a w2 row touch."""
     return (j0 + n + PIECE_GROUPS - 1) // PIECE_GROUPS - j0 // PIECE_GROUPS
 
@@ -155,8 +139,8 @@ def _dynamic_extra(hidden: int, gated: bool, max_units: int, consumer_warps: int
 
 
 def plan_decode(hidden: int, inter: int, experts: int, top_k: int, gated: bool, n_group: int, sm_count: int,
-                smem_limit: int, consumer_warps: int = CONSUMER_WARPS, grid: Optional[int] = None, max_units: int = 8,
-                stage_cap: Optional[int] = None) -> DecodePlan:
+                smem_limit: int, consumer_warps: int = KernelOptions.cuda_decode_warps, grid: Optional[int] = None,
+                max_units: int = KernelOptions.cuda_decode_max_units, stage_cap: Optional[int] = None) -> DecodePlan:
     """The stages that fit in ``smem_limit`` bytes (the device's per-block opt-in limit), or ValueError."""
     if hidden % _BAND or inter % _BAND:
         raise ValueError(f"hidden ({hidden}) and intermediate ({inter}) must be multiples of {_BAND}")
@@ -169,7 +153,7 @@ def plan_decode(hidden: int, inter: int, experts: int, top_k: int, gated: bool, 
     rows = segments(inter, top_k, grid, max_units)
     segs = [seg for row in rows for seg in row_segments(row)]
     units = max(n for _, _, n in segs)
-    pieces = max(_pieces(j0, n) for _, j0, n in segs)
+    pieces = max(piece_count(j0, n) for _, j0, n in segs)
     most = max(row[0] for row in rows)
     # a 16-row band is 16 * K/2 code bytes and 16 * K/16 scale bytes: 9 K
     stage = -(-max(9 * hidden, _BOXB * pieces * _BLOCK2) // 128) * 128
@@ -187,33 +171,57 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.is_contiguous() and t.data_ptr() % 16 == 0
 
 
+def _groups(routing: str, n_group: Optional[int]) -> int:
+    return (n_group or 1) if routing == "deepseek_v3" else 1
+
+
+def static_refusal(hidden: int, inter: int, experts: int, top_k: int, gated: bool, routing: str, n_group, topk_group,
+                   sm_count: int, smem_limit: Optional[int], options: KernelOptions) -> Optional[str]:
+    """Why no call of this layer shape can take the kernel, whatever its tensors, or None: routing limits and,
+    when ``smem_limit`` is known, the pipeline's fit (the planner asks this; :func:`unsupported_reason` too)."""
+    refusal = ROUTING.refusal(routing, top_k, experts, n_group, topk_group)
+    if refusal is not None:
+        return f"routing the kernel does not take: {refusal}"
+    if smem_limit is not None:
+        try:
+            _plan_decode_cached(hidden, inter, experts, top_k, gated, _groups(routing, n_group), sm_count, smem_limit,
+                                options.cuda_decode_warps, None, options.cuda_decode_max_units,
+                                options.cuda_decode_stage_cap)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _plan_decode_cached(*args) -> DecodePlan:
+    return plan_decode(*args)
+
+
 def unsupported_reason(hidden_states: torch.Tensor, router_logits: torch.Tensor, weights: registry.MoEWeights,
                        top_k: int, activation: str, routing: str, routing_bias, n_group, topk_group,
-                       routed_scaling_factor) -> Optional[str]:
+                       routed_scaling_factor, options: Optional[KernelOptions] = None) -> Optional[str]:
     """None when :func:`decode_one_token` takes this call, else why not (the Triton path takes it then)."""
-    from moe_passes.kernels.triton_route import _route_spec
-
-    if not ENABLED:
-        return "turned off (MOE_NVFP4_CUDA_DECODE=0)"
+    options = current(options)
+    if not options.cuda_decode:
+        return "turned off (KernelOptions.cuda_decode, MOE_NVFP4_CUDA_DECODE=0)"
     device = hidden_states.device
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return "needs a compute capability 9.x GPU"
     if hidden_states.shape[0] != 1:
         return "one token only"
     experts = router_logits.shape[1]
-    if experts > _MAX_EXPERTS or top_k > _MAX_TOP_K:
-        return f"at most {_MAX_EXPERTS} experts and top_k {_MAX_TOP_K}"
-    if _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor) is None:
-        return "routing arguments the fused routing does not take"
+    w13, s13, g13, w2, s2, g2 = weights
+    hidden, inter = w13.shape[2] * 2, w2.shape[2] * 2
+    refusal = static_refusal(hidden, inter, experts, top_k, is_gated(activation), routing, n_group, topk_group, 0,
+                             None, options)
+    if refusal is not None:
+        return refusal
     if router_logits.dtype not in _FLOAT_KIND or (routing_bias is not None and routing_bias.dtype not in _FLOAT_KIND):
         return "logits and bias must be float32, bfloat16 or float16"
-    w13, s13, g13, w2, s2, g2 = weights
     if not all(_aligned(t) for t in (w13, s13, w2, s2)) or g13.dtype != torch.float32 or g2.dtype != torch.float32:
         return "weights must be contiguous and 16-byte aligned, global scales float32"
-    hidden, inter = w13.shape[2] * 2, w2.shape[2] * 2
     try:
-        _plan(device, hidden, inter, experts, top_k, is_gated(activation),
-              (n_group or 1) if routing == "deepseek_v3" else 1)
+        plan_for(device, hidden, inter, experts, top_k, is_gated(activation), _groups(routing, n_group), options)
     except ValueError as exc:
         return str(exc)
     try:
@@ -226,7 +234,8 @@ def unsupported_reason(hidden_states: torch.Tensor, router_logits: torch.Tensor,
 
 
 @functools.lru_cache(maxsize=None)
-def _device_limits(index: int):
+def device_limits(index: int):
+    """``(SM count, per-block opt-in shared memory)`` of a CUDA device."""
     props = torch.cuda.get_device_properties(index)
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 232448)
 
@@ -234,18 +243,19 @@ def _device_limits(index: int):
 _PLANS: dict = {}
 
 
-def _plan(device, hidden, inter, experts, top_k, gated, n_group, consumer_warps=None, grid=None) -> DecodePlan:
-    """:func:`plan_decode` for this device and the module's knobs, made once per shape (its segment table
-    is Python loops over every CTA; the call path must not pay them again), refusals included."""
+def plan_for(device, hidden, inter, experts, top_k, gated, n_group, options: KernelOptions,
+             grid=None) -> DecodePlan:
+    """:func:`plan_decode` for this device and these options, made once per shape (its segment table is
+    Python loops over every CTA; the call path must not pay them again), refusals included."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, hidden, inter, experts, top_k, gated, n_group, consumer_warps or CONSUMER_WARPS, grid,
-           MAX_UNITS, STAGE_CAP)
+    key = (index, hidden, inter, experts, top_k, gated, n_group, options.cuda_decode_warps, grid,
+           options.cuda_decode_max_units, options.cuda_decode_stage_cap)
     plan = _PLANS.get(key)
     if plan is None:
-        sms, smem = _device_limits(index)
+        sms, smem = device_limits(index)
         try:
             plan = plan_decode(hidden, inter, experts, top_k, gated, n_group, sms, smem, key[7], grid,
-                               MAX_UNITS, STAGE_CAP)
+                               key[9], key[10])
         except ValueError as exc:
             plan = str(exc)
         _PLANS[key] = plan
@@ -285,7 +295,7 @@ def _make_arena(index: int) -> None:
 
 
 def prepare_state(device: torch.device, hidden: int, inter: int, experts: int, top_k: int, gated: bool,
-                  n_group: int) -> None:
+                  n_group: int, options: Optional[KernelOptions] = None) -> None:
     """The state calls of this layer shape keep on ``device``: the barrier counters' arena and the segment table.
 
     Called when a layer's weights are prepared (outside any CUDA graph capture or memory pool), so that no call
@@ -294,7 +304,7 @@ def prepare_state(device: torch.device, hidden: int, inter: int, experts: int, t
     if index not in _ARENAS:
         _make_arena(index)
     try:
-        plan = _plan(torch.device("cuda", index), hidden, inter, experts, top_k, gated, n_group)
+        plan = plan_for(torch.device("cuda", index), hidden, inter, experts, top_k, gated, n_group, current(options))
     except ValueError:
         return  # this shape takes the Triton path
     _segment_table(index, plan.segments, 1 + 3 * plan.max_segments)
@@ -318,7 +328,7 @@ def _segment_table(index: int, rows: tuple, width: int) -> Optional[torch.Tensor
 
 @functools.lru_cache(maxsize=None)
 def _source() -> str:
-    return _SOURCE.read_text()
+    return SOURCE.read_text()
 
 
 @functools.lru_cache(maxsize=None)
@@ -364,7 +374,7 @@ def _warn_once(msg: str) -> None:
 
 def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, weights: registry.MoEWeights, *,
                      top_k: int, activation: str, routing: str, routing_bias=None, n_group=None, topk_group=None,
-                     routed_scaling_factor=None, out: torch.Tensor, consumer_warps: Optional[int] = None,
+                     routed_scaling_factor=None, out: torch.Tensor, options: Optional[KernelOptions] = None,
                      grid: Optional[int] = None, routing_out=None,
                      trace: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The layer for ``hidden_states [1, H]`` into ``out [1, H]`` (bf16), or None when the kernel cannot be
@@ -372,7 +382,8 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     :func:`unsupported_reason` first.
 
     ``routing_out``: optional ``(weights float32 [k], ids int32 [k])`` that receive the routing the kernel
-    chose.  ``consumer_warps`` and ``grid`` override the pipeline (tests).  ``trace`` (int64 ``[grid, 16]``, a
+    chose.  ``options``: the ``cuda_decode_*`` knobs (None: ``options.current()``); ``grid`` overrides the
+    CTA count (tests).  ``trace`` (int64 ``[grid, 16]``, a
     diagnostic): build with the kernel's TRACE stamps, which land there (phase cycles per CTA, see the source)."""
     from moe_passes.kernels.cuda_rtc import RtcError
 
@@ -383,18 +394,20 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     gated = is_gated(activation)
     deepseek = routing == "deepseek_v3"
     groups = (n_group or 1) if deepseek else 1
-    plan = _plan(device, hidden, inter, experts, top_k, gated, groups, consumer_warps, grid)
+    options = current(options)
+    plan = plan_for(device, hidden, inter, experts, top_k, gated, groups, options, grid)
     has_bias = deepseek and routing_bias is not None
     scale = float(routed_scaling_factor) if (deepseek and routed_scaling_factor is not None) else 1.0
     logits = router_logits.contiguous()
     bias = routing_bias.contiguous() if has_bias else logits
     defines = dict(
-        H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=_ACT_CODES[activation],
-        METHOD=_METHOD_CODES[routing], NGROUP=groups, TOPKGROUP=(topk_group or groups) if deepseek else 1,
+        H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=ACT_CODES[activation],
+        METHOD=METHOD_CODES[routing], NGROUP=groups, TOPKGROUP=(topk_group or groups) if deepseek else 1,
         HAS_BIAS=int(has_bias),
         RSCALE=f"((float){scale!r})", LOGIT_KIND=_FLOAT_KIND[logits.dtype], BIAS_KIND=_FLOAT_KIND[bias.dtype],
         NCW=plan.consumer_warps, NSTAGE=plan.stages, STAGE_BYTES=plan.stage_bytes, MAXU=plan.max_units,
-        MAXSEG=plan.max_segments, W2TMA=int(W2_TMA and inter % _PIECE == 0), PDL=int(PDL))
+        MAXSEG=plan.max_segments, W2TMA=int(options.cuda_decode_w2_tma and inter % _PIECE == 0),
+        PDL=int(options.cuda_decode_pdl))
     if trace is not None:
         if trace.dtype != torch.int64 or trace.numel() < 16 * plan.grid or not trace.is_contiguous():
             raise ValueError(f"trace must be a contiguous int64 tensor of at least {16 * plan.grid} elements")

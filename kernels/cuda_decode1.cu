@@ -27,9 +27,7 @@
 // (0 f32, 1 bf16, 2 f16) NCW (consumer warps) NSTAGE STAGE_BYTES MAXU (bands per segment, at most) MAXSEG
 // (segments per CTA, at most) W2TMA (0/1: w2 by tensor maps, passed as the last two parameters) PDL (0/1:
 // launched as a programmatic dependent launch, see the kernel's start).
-// Diagnostics: TRACE (phase stamps, below); SKELETON (the consumers wait for and release every stage but
-// skip the MMAs: the routing, streaming and cross-CTA sum alone, for benchmarks/read_floor.py; the output is
-// not meaningful).
+// Diagnostics: TRACE (phase stamps, below).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -555,10 +553,8 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
 #pragma unroll
                 for (int k = 0; k < PPW1; ++k) {
                     const int p = w0 + k * NCW;
-#ifndef SKELETON
                     if (p < P1)  // warp-uniform
                         piece_mma<KG1>(acc, stage, stage + CODE1, xs + 16 * (4 * p + c), p, g, c);
-#endif
                 }
                 __syncwarp();
                 if (lane == 0) mbar_arrive(smem_u32(&empty_bar[st]));
@@ -633,12 +629,10 @@ moe_nvfp4_decode1(const u16* __restrict__ x, const void* __restrict__ logits, co
                 float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int gi = 0; gi < MAXU; ++gi) {
-#ifndef SKELETON
                     if (gi < n) {  // warp-uniform
                         const int oc = ca[gi] + 2048 * qd, os = sq[gi] + 256 * qd;
                         quad_mma(acc, stage, oc, oc + 8 * w8[gi], os, os + w8[gi], live, xa[gi], xb[gi]);
                     }
-#endif
                 }
                 const int b = b0 + 4 * qd + 2 * c;  // lanes c < 2 hold D's columns 2c and 2c + 1
                 if (c < 2 && 4 * qd + 2 * c < cnt) {

@@ -51,6 +51,7 @@ from moe_passes.contract import activation_params as contract_params
 from moe_passes.errors import KernelUnavailableError, MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import BLOCK_SIZE, quantize_nvfp4, swizzle_scales
+from moe_passes.kernels.options import KernelOptions, current
 
 __all__ = [
     "EPILOGUE_TILE_M",
@@ -92,10 +93,6 @@ GELU_TANH_REASON = (
     "'reference' kernel or a kernel that lists gelu_tanh"
 )
 
-# Tests lower this to exercise chunking; None means the kernel's limit (trtllm_chunk_size).
-CHUNK_SIZE_OVERRIDE: Optional[int] = None
-
-
 # --------------------------------------------------------------------------------------------------
 # The FlashInfer entry points, loaded lazily (or substituted by tests)
 
@@ -135,7 +132,9 @@ def use_api(api: FlashInferAPI) -> Iterator[FlashInferAPI]:
         _api_override = previous
 
 
-class _Enums:
+class FlashInferEnums:
+    """The FlashInfer enums a call needs, each from the first module that has it (None where none does)."""
+
     def __init__(self, *modules):
         for name in ("RoutingMethodType", "ActivationType", "GatedActType", "SfLayout"):
             setattr(self, name, next((getattr(m, name) for m in modules if hasattr(m, name)), None))
@@ -169,7 +168,7 @@ def _load_flashinfer() -> FlashInferAPI:
         fused_moe=fused,
         routed_moe=getattr(fused_moe_mod, "trtllm_fp4_block_scale_routed_moe", None),
         quantize=_flashinfer_quantize,
-        enums=_Enums(*(m for m in (enums_mod, fused_moe_mod) if m is not None)),
+        enums=FlashInferEnums(*(m for m in (enums_mod, fused_moe_mod) if m is not None)),
     )
 
 
@@ -374,13 +373,10 @@ def output_scales(w13_global_scale: torch.Tensor, w2_global_scale: torch.Tensor,
 # The call
 
 
-def chunk_size(num_experts: int, top_k: int) -> int:
-    """Most tokens per launch: ``CHUNK_SIZE_OVERRIDE`` when set (tests), else ``trtllm_chunk_size``."""
-    if CHUNK_SIZE_OVERRIDE is not None:
-        if CHUNK_SIZE_OVERRIDE <= 0:
-            raise MoEConfigError(f"CHUNK_SIZE_OVERRIDE must be positive, got {CHUNK_SIZE_OVERRIDE}")
-        return CHUNK_SIZE_OVERRIDE
-    return trtllm_chunk_size(num_experts, top_k)
+def chunk_size(num_experts: int, top_k: int, options: Optional[KernelOptions] = None) -> int:
+    """Most tokens per launch: ``KernelOptions.trtllm_chunk_size`` when set (tests), else ``trtllm_chunk_size``."""
+    override = current(options).trtllm_chunk_size
+    return override if override is not None else trtllm_chunk_size(num_experts, top_k)
 
 
 def _check_args(args: registry.RunArgs, num_experts: int) -> None:
@@ -388,10 +384,7 @@ def _check_args(args: registry.RunArgs, num_experts: int) -> None:
         registry.check_supported(TRTLLM, activation=args.activation, routing=args.routing)
     if args.routing not in ROUTING_NAMES:
         raise MoEConfigError(f"kernel 'trtllm' does not support routing {args.routing!r}; it supports {sorted(ROUTING_NAMES)}")
-    if not 0 < args.top_k <= num_experts:
-        raise MoEConfigError(f"top_k={args.top_k} must be between 1 and the number of experts ({num_experts})")
-    if args.routing == "llama4" and args.top_k != 1:
-        raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={args.top_k}")
+    registry.check_routing(args.routing, args.top_k, num_experts, args.n_group, args.topk_group)
 
 
 def _enum_member(enum_cls, name: str, what: str):
@@ -563,7 +556,7 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
     )
     # A bias or activation parameter the installed signature lacks must be an error, never silently dropped.
     essential = _ESSENTIAL | {k for k, v in extras.items() if v is not None}
-    step = chunk_size(num_experts, args.top_k)
+    step = chunk_size(num_experts, args.top_k, args.options)
     for start in range(0, tokens, step):
         stop = min(tokens, start + step)
         kwargs = dict(common, hidden_states=x_q[start:stop], hidden_states_scale=x_sf[start:stop])

@@ -30,6 +30,8 @@ from typing import Callable, Optional
 
 import torch
 
+from moe_passes.kernels import options as kernel_options
+
 # Graphs kept per process before the least recently used is dropped (each holds its static buffers).
 MAX_GRAPHS = 4096
 
@@ -68,15 +70,15 @@ class CallGraphs:
             router_logits: torch.Tensor, weights, scales: tuple, args) -> torch.Tensor:
         """``fn(hidden_states, router_logits, weights, *scales, args)``, replayed from a graph when one exists.
 
-        ``scales``: the remaining tensor (or None) arguments in ``fn``'s order; ``args``: a hashable,
-        frozen description of the call's other arguments.
+        ``scales``: the remaining tensor (or None) arguments in ``fn``'s order; ``args``: the call's
+        ``RunArgs`` (hashable); the options in force (``args.options`` or the scoped default) are part of the key.
         """
         if torch.cuda.is_current_stream_capturing() or not (hidden_states.is_contiguous() and router_logits.is_contiguous()):
             return fn(hidden_states, router_logits, weights, *scales, args)
         stream = torch.cuda.current_stream(hidden_states.device)
         key = (name, hidden_states.device.index, stream.cuda_stream, hidden_states.shape, hidden_states.dtype,
                router_logits.shape, router_logits.dtype, tuple(_tensor_key(t) for t in weights),
-               tuple(_tensor_key(t) for t in scales), args)
+               tuple(_tensor_key(t) for t in scales), args, kernel_options.current(args.options))
         entry = self._graphs.get(key)
         if entry is None:
             self._remember(key, _WARMED)

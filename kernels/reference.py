@@ -34,33 +34,24 @@ def route(router_logits: torch.Tensor, top_k: int, routing: str = "renormalize",
           routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
           topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None):
     """Expert choice per token: ``(topk_weights float32 [T, k], topk_ids int64 [T, k])``."""
-    if routing not in ROUTING_METHODS:
-        raise MoEConfigError(f"unknown routing {routing!r}; supported: {', '.join(ROUTING_METHODS)}")
     if router_logits.ndim != 2:
         raise MoEConfigError(f"router_logits must be [tokens, experts], got shape {tuple(router_logits.shape)}")
     num_experts = router_logits.shape[1]
-    if not 0 < top_k <= num_experts:
-        raise MoEConfigError(f"top_k={top_k} must be between 1 and the number of experts ({num_experts})")
+    registry.check_routing(routing, top_k, num_experts, n_group, topk_group)
     logits = router_logits.float()
     if routing == "default":
         weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
     elif routing == "renormalize":
         top, ids = torch.topk(logits, top_k, dim=-1)
         weights = torch.softmax(top, dim=-1)
-    elif routing == "llama4":
-        if top_k != 1:
-            raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={top_k}")
+    elif routing == "llama4":  # top_k == 1 (check_routing)
         top, ids = torch.topk(logits, 1, dim=-1)
         weights = torch.sigmoid(top)
     else:  # deepseek_v3
         scores = torch.sigmoid(logits)
         biased = scores + (routing_bias.float() if routing_bias is not None else 0.0)
         groups = n_group or 1
-        if num_experts % groups:
-            raise MoEConfigError(f"n_group={groups} must divide the number of experts ({num_experts})")
         keep = topk_group or groups
-        if not 0 < keep <= groups:
-            raise MoEConfigError(f"topk_group={keep} must be between 1 and n_group={groups}")
         if groups > 1:
             per_group = biased.view(-1, groups, num_experts // groups)
             group_score = per_group.topk(min(2, num_experts // groups), dim=-1).values.sum(-1)

@@ -18,9 +18,11 @@ import torch
 
 from moe_passes.contract import ACTIVATIONS, PARAMETRIC_ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape
 from moe_passes.errors import KernelUnavailableError, MoEConfigError
+from moe_passes.kernels.options import KernelOptions
 
 __all__ = ["MoEWeights", "RunArgs", "KernelSpec", "register", "get", "names", "select", "check_supported",
-           "KernelFallbackWarning"]
+           "KernelFallbackWarning", "ROUTING_TOP_K", "routing_error", "check_routing", "RoutingLimits",
+           "alignment_error"]
 
 
 class MoEWeights(NamedTuple):
@@ -56,6 +58,8 @@ class RunArgs:
     global_num_experts: Optional[int] = None
     # The activation's parameters ([alpha, beta, limit] for swiglu_oai; contract.activation_params), or None.
     activation_params: Optional[tuple] = None
+    # The kernels' knobs for this call (None: ``options.current()``, the scoped or environment default).
+    options: Optional[KernelOptions] = None
 
 
 # run(hidden_states [T, Hp], router_logits [T, E], weights, input_global_scale, intermediate_global_scale,
@@ -80,7 +84,8 @@ class KernelSpec:
     prepare_state: Optional[Callable[[torch.device, MoEShape, RunArgs], None]] = None
     # Most tokens per launch for (experts, top_k), or None for no limit; the op chunks above it.
     max_tokens: Optional[Callable[[int, int], int]] = None
-    # Does the kernel quantize activations to NVFP4 (TRTLLM) or keep them in bf16 (Hopper path)?
+    # Does the kernel quantize activations to NVFP4 (TRTLLM) or keep them in bf16 (Hopper path)? The op warns
+    # about activations beyond the calibrated range only where they are quantized.
     quantizes_activations: bool = True
     # Calls of at most this many tokens replay from CUDA graphs the kernel captures itself (kernels.graphed):
     # worth it where the host's launches outlast the GPU work.  0: never (the kernel is not capture-safe).
@@ -205,3 +210,69 @@ def select(device: torch.device, *, activation: str, routing: str, name: Optiona
             for s in passed_over) + f", so this layer runs on {best.name!r} ({best.description})",
             KernelFallbackWarning, stacklevel=3)
     return best
+
+
+# Routing methods whose semantics fix top_k: llama4 picks one expert per token.
+ROUTING_TOP_K = {"llama4": 1}
+
+
+def routing_error(routing: str, top_k: int, experts: int, n_group: Optional[int] = None,
+                  topk_group: Optional[int] = None) -> Optional[str]:
+    """Why these routing arguments mean nothing for any kernel (the methods' own rules), or None."""
+    if routing not in ROUTING_METHODS:
+        return f"unknown routing {routing!r}; supported: {', '.join(ROUTING_METHODS)}"
+    if not 0 < top_k <= experts:
+        return f"top_k={top_k} must be between 1 and the number of experts ({experts})"
+    fixed = ROUTING_TOP_K.get(routing, top_k)
+    if top_k != fixed:
+        count = "one expert" if fixed == 1 else f"{fixed} experts"
+        return f"{routing} routing picks {count} per token, got top_k={top_k}"
+    if routing == "deepseek_v3":
+        groups = n_group or 1
+        if experts % groups:
+            return f"n_group={groups} must divide the number of experts ({experts})"
+        keep = topk_group or groups
+        if not 0 < keep <= groups:
+            return f"topk_group={keep} must be between 1 and n_group={groups}"
+    return None
+
+
+def check_routing(routing: str, top_k: int, experts: int, n_group: Optional[int] = None,
+                  topk_group: Optional[int] = None) -> None:
+    """:func:`routing_error` as a :class:`MoEConfigError`: every kernel and the layer refuse the same calls."""
+    error = routing_error(routing, top_k, experts, n_group, topk_group)
+    if error is not None:
+        raise MoEConfigError(error)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingLimits:
+    """What a fused routing implementation takes beyond the methods' rules (its registers and index bits):
+    at most ``max_experts`` and ``max_top_k``, a power-of-two group count, and ``topk_group`` only as groups
+    of deepseek_v3 allow.  Calls outside them take another implementation (the torch routing)."""
+
+    max_experts: int
+    max_top_k: int
+
+    def refusal(self, routing: str, top_k: int, experts: int, n_group: Optional[int] = None,
+                topk_group: Optional[int] = None) -> Optional[str]:
+        error = routing_error(routing, top_k, experts, n_group, topk_group)
+        if error is not None:
+            return error
+        groups = (n_group or 1) if routing == "deepseek_v3" else 1
+        if not 0 < (topk_group or groups) <= groups:
+            return f"topk_group={topk_group} without deepseek_v3 groups"
+        if groups & (groups - 1):
+            return f"n_group={groups} is not a power of two"
+        if top_k > self.max_top_k or experts > self.max_experts:
+            return f"at most {self.max_experts} experts and top_k {self.max_top_k}"
+        return None
+
+
+def alignment_error(alignment: Alignment, hidden: int, inter: int, activation: str) -> Optional[str]:
+    """Why a kernel of ``alignment`` cannot take these (padded) sizes, or None."""
+    h, i = alignment.hidden, alignment.intermediate(activation)
+    if hidden % h or inter % i:
+        need = f"multiples of {h}" if h == i else f"multiples of {h} and {i}"
+        return f"hidden ({hidden}) and intermediate ({inter}) must be {need}"
+    return None

@@ -1,5 +1,5 @@
 """What the Triton kernels of the Hopper path share (:mod:`triton_moe`, :mod:`triton_tc_decode`,
-:mod:`triton_route`): the optional Triton import, the programmatic-dependent-launch wait, the PTX that cuts
+:mod:`triton_tiles`, :mod:`triton_group`, :mod:`triton_route`): the optional Triton import, the programmatic-dependent-launch wait, the PTX that cuts
 an E2M1 word, the banded weight addressing, the fused activations and the kernel that finishes a split
 GEMM1.
 
@@ -20,10 +20,12 @@ try:  # programmatic dependent launch (Triton >= 3.4); without it the kernels ju
 except ImportError:  # pragma: no cover
     gdc_launch_dependents = gdc_wait = None
 
-_ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
+# The activation codes of the Triton epilogues (``apply_act``) and of the CUDA decode's ``ACT`` define.
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n`` <= 1): Triton's block sizes."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -61,7 +63,7 @@ if triton is not None:
             pass
 
     @triton.jit
-    def _band_off(g, rr, KG):
+    def band_off(g, rr, KG):
         """Offset, in groups, of group ``g`` of band row ``rr`` (0..15) from its band's start, for rows of
         ``KG`` groups: ``triton_layout.band_offset`` (pieces of 4 groups, the last one narrower)."""
         p = g // 4
@@ -69,7 +71,7 @@ if triton is not None:
         return p * 64 + rr * width + (g - p * 4)
 
     @triton.jit
-    def _gdc(PDL: tl.constexpr, LAUNCH: tl.constexpr = True, LAUNCH_FIRST: tl.constexpr = False):
+    def gdc(PDL: tl.constexpr, LAUNCH: tl.constexpr = True, LAUNCH_FIRST: tl.constexpr = False):
         """With PDL: wait until the previous kernel has finished and its writes are visible, then let the next
         kernel's programs launch.  Every program passes here before its first write and before it reads
         what the previous kernel wrote: its programs may start while that kernel still runs (and this
@@ -87,7 +89,7 @@ if triton is not None:
                 gdc_launch_dependents()
 
     @triton.jit
-    def _activation(g, u, ACT: tl.constexpr):
+    def apply_act(g, u, ACT: tl.constexpr):
         if ACT == 0:  # SwiGLU
             return g * tl.sigmoid(g) * u
         elif ACT == 1:  # GeGLU, erf GELU
@@ -100,12 +102,12 @@ if triton is not None:
             return r * r
 
     @triton.jit
-    def _act_kernel(part_ptr, out_ptr, num_pairs, I, GATED: tl.constexpr, ACT: tl.constexpr,
+    def act_kernel(part_ptr, out_ptr, num_pairs, I, GATED: tl.constexpr, ACT: tl.constexpr,
                     SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
                     LAUNCH_FIRST: tl.constexpr = False):
         """Sum the split-K partials of GEMM1 and apply the activation: bf16 intermediate ``[pairs, I]``.
-        LAUNCH_FIRST (see ``_gdc``): the GEMM2 after it loads weights before its wait."""
-        _gdc(PDL, LAUNCH_FIRST=LAUNCH_FIRST)
+        LAUNCH_FIRST (see ``gdc``): the GEMM2 after it loads weights before its wait."""
+        gdc(PDL, LAUNCH_FIRST=LAUNCH_FIRST)
         pair = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < I
@@ -117,4 +119,4 @@ if triton is not None:
             g += tl.load(base, mask=ok, other=0.0)
             if GATED:
                 u += tl.load(base + I, mask=ok, other=0.0)
-        tl.store(out_ptr + pair * I + offs, _activation(g, u, ACT).to(tl.bfloat16), mask=ok)
+        tl.store(out_ptr + pair * I + offs, apply_act(g, u, ACT).to(tl.bfloat16), mask=ok)

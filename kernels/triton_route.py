@@ -1,6 +1,6 @@
 """Routing on the GPU: ``reference.route``'s semantics (softmax / renormalize / deepseek_v3 / llama4 top-k)
-as one Triton device function, run by its own launch (one program per token) or by the decode GEMM1
-programs themselves (:func:`_pair_expert`, no launch)."""
+in one Triton launch, one program per token (:func:`route`); what it does not take
+(:data:`FUSED_ROUTING`) the torch routing does."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from moe_passes.kernels.reference import route
-from moe_passes.kernels.triton_common import _next_pow2, tl, triton
+from moe_passes.kernels import reference, registry
+from moe_passes.kernels.triton_common import next_pow2, tl, triton
+
+__all__ = ["METHOD_CODES", "FUSED_ROUTING", "RouteSpec", "route_spec", "route"]
 
 if triton is not None:
-    from moe_passes.kernels.triton_common import _gdc
+    from moe_passes.kernels.triton_common import gdc
 
     @triton.jit
     def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, zero_ptr, n_zero, stride_l, E, scale,
@@ -22,14 +24,14 @@ if triton is not None:
         """One program per token: the routing of ``reference.route`` (:func:`_route_token`) in one launch.
         Program 0 also zeroes ``n_zero`` int32 at ``zero_ptr`` (the grouping's expert counters: one launch
         fewer)."""
-        _gdc(PDL)
+        gdc(PDL)
         t = tl.program_id(0).to(tl.int64)
         if t == 0:
             for z0 in range(0, n_zero, 1024):
                 zo = z0 + tl.arange(0, 1024)
                 tl.store(zero_ptr + zo, tl.zeros([1024], dtype=tl.int32), mask=zo < n_zero)
         ids, v = _route_token(logits_ptr, bias_ptr, t, stride_l, E, scale, K, KP, METHOD, NG, EG, TOPK_GROUP,
-                              HAS_BIAS, "")
+                              HAS_BIAS)
         kr = tl.arange(0, KP)
         tl.store(ids_ptr + t * K + kr, ids, mask=kr < K)
         tl.store(w_ptr + t * K + kr, v, mask=kr < K)
@@ -37,9 +39,8 @@ if triton is not None:
     @triton.jit
     def _route_token(logits_ptr, bias_ptr, t, stride_l, E, scale, K: tl.constexpr, KP: tl.constexpr,
                      METHOD: tl.constexpr, NG: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, CACHE: tl.constexpr):
+                     HAS_BIAS: tl.constexpr):
         """Token ``t``'s top-k ``(expert ids int64 [KP], weights fp32 [KP])``, entries past ``K`` unused.
-        ``CACHE``: the logits loads' cache modifier.
 
         METHOD 0 default (softmax, top-k), 1 renormalize (top-k, softmax), 2 deepseek_v3 (sigmoid + bias,
         best ``TOPK_GROUP`` of ``NG`` groups by their top-2 sum, top-k, renormalize, scale), 3 llama4.
@@ -50,8 +51,7 @@ if triton is not None:
         EPG = E // NG
         ok = (ji < EPG)[None, :] & (gi < NG)[:, None]
         e_idx = gi[:, None] * EPG + ji[None, :]
-        logits = tl.load(logits_ptr + t * stride_l + e_idx, mask=ok, other=float("-inf"),
-                         cache_modifier=CACHE).to(tl.float32)
+        logits = tl.load(logits_ptr + t * stride_l + e_idx, mask=ok, other=float("-inf")).to(tl.float32)
         neg = float("-inf")
         if METHOD == 0:
             mx = tl.max(tl.max(logits, axis=1), axis=0)
@@ -94,7 +94,7 @@ if triton is not None:
             ids = tl.where(kr == j, 65535 - (best & 0xFFFF), ids)
             key = tl.where(key == best, -1, key)
         k_ok = kr < K
-        lg = tl.load(logits_ptr + t * stride_l + ids, mask=k_ok, other=0.0, cache_modifier=CACHE).to(tl.float32)
+        lg = tl.load(logits_ptr + t * stride_l + ids, mask=k_ok, other=0.0).to(tl.float32)
         if METHOD == 0:
             v = tl.exp(lg - mx) / tl.sum(tl.sum(ex, axis=1), axis=0)
         elif METHOD == 1:
@@ -107,37 +107,14 @@ if triton is not None:
             v = tl.sigmoid(lg)
         return ids, v
 
-    @triton.jit
-    def _pair_expert(pair, ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale, TOP_K: tl.constexpr,
-                     ROUTE: tl.constexpr, KP: tl.constexpr, METHOD: tl.constexpr, NG: tl.constexpr,
-                     EG: tl.constexpr, TOPK_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, EARLY: tl.constexpr = False):
-        """The expert (int64) of a decode program's (token, expert) pair.  ROUTE: the program routes its
-        token itself (no routing launch before it) and the programs of the pair's first tile and split
-        write the pair's id and weight for the kernels after it; else the id the routing launch wrote.
 
-        EARLY: called before the program's PDL wait (a GEMM2 that loads weights early, see
-        ``triton_moe._qgemv2_kernel``): nothing is stored and every load bypasses L1 (``.cg``), so that no
-        line an earlier kernel left in this SM's L1 can be read."""
-        if ROUTE:
-            ids, v = _route_token(lg_ptr, bias_ptr, (pair // TOP_K).to(tl.int64), stride_l, E, rscale, TOP_K, KP,
-                                  METHOD, NG, EG, TOPK_GROUP, HAS_BIAS, ".cg" if EARLY else "")
-            pick = tl.arange(0, KP) == pair % TOP_K
-            e = tl.sum(tl.where(pick, ids, 0), axis=0)
-            if not EARLY:
-                if (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-                    tl.store(ids_ptr + pair, e)
-                    tl.store(tw_ptr + pair, tl.sum(tl.where(pick, v, 0.0), axis=0))
-            return e
-        elif EARLY:
-            return tl.load(ids_ptr + pair, cache_modifier=".cg").to(tl.int64)
-        else:
-            return tl.load(ids_ptr + pair).to(tl.int64)
+# The routing codes of ``_route_token``'s METHOD and of the CUDA decode's METHOD define.
+METHOD_CODES = {"default": 0, "renormalize": 1, "deepseek_v3": 2, "llama4": 3}
+# What ``_route_token`` takes: its top-k keys hold a 16-bit expert index, its registers at most 64 picks.
+FUSED_ROUTING = registry.RoutingLimits(max_experts=65535, max_top_k=64)
 
 
-_METHOD_CODES = {"default": 0, "renormalize": 1, "deepseek_v3": 2, "llama4": 3}
-
-
-class _RouteSpec(NamedTuple):
+class RouteSpec(NamedTuple):
     """What a Triton kernel needs to route: ``logits`` (unit stride over experts), ``bias`` (the logits when
     there is none), the deepseek_v3 scaling factor and the kernel's routing constants."""
     logits: torch.Tensor
@@ -146,45 +123,35 @@ class _RouteSpec(NamedTuple):
     consts: dict
 
 
-def _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group,
-                routed_scaling_factor) -> Optional[_RouteSpec]:
+def route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group,
+               routed_scaling_factor) -> Optional[RouteSpec]:
     """The routing as :func:`_route_token` takes it, or None for what it does not take (the reference then
     routes, and raises the errors)."""
     experts = router_logits.shape[1]
+    if FUSED_ROUTING.refusal(routing, top_k, experts, n_group, topk_group) is not None:
+        return None
     groups = (n_group or 1) if routing == "deepseek_v3" else 1
     keep = topk_group or groups
-    if (routing not in _METHOD_CODES or not 0 < top_k <= experts or experts % groups or not 0 < keep <= groups
-            or (routing == "llama4" and top_k != 1) or groups & (groups - 1) or top_k > 64 or experts > 65535):
-        return None
     if router_logits.stride(1) != 1:
         router_logits = router_logits.contiguous()
     has_bias = routing == "deepseek_v3" and routing_bias is not None
     scale = routed_scaling_factor if (routing == "deepseek_v3" and routed_scaling_factor is not None) else 1.0
-    consts = dict(KP=_next_pow2(top_k), METHOD=_METHOD_CODES[routing], NG=groups,
-                  EG=_next_pow2(experts // groups), TOPK_GROUP=keep, HAS_BIAS=has_bias)
-    return _RouteSpec(router_logits, routing_bias if has_bias else router_logits, float(scale), consts)
+    consts = dict(KP=next_pow2(top_k), METHOD=METHOD_CODES[routing], NG=groups,
+                  EG=next_pow2(experts // groups), TOPK_GROUP=keep, HAS_BIAS=has_bias)
+    return RouteSpec(router_logits, routing_bias if has_bias else router_logits, float(scale), consts)
 
 
-def _route_args(spec: Optional[_RouteSpec], ids: torch.Tensor, weights: torch.Tensor) -> dict:
-    """Keyword arguments of a decode GEMM1 kernel that routes its pairs itself (``spec``), or that reads the
-    routing launch's ids (``spec`` None: the routing arguments are unused)."""
-    if spec is None:
-        return dict(lg_ptr=ids, bias_ptr=ids, tw_ptr=weights, stride_l=0, E=1, rscale=1.0)
-    return dict(lg_ptr=spec.logits, bias_ptr=spec.bias, tw_ptr=weights, stride_l=spec.logits.stride(0),
-                E=spec.logits.shape[1], rscale=spec.scale, ROUTE=True, **spec.consts)
-
-
-def _route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor,
-           zero: Optional[torch.Tensor] = None, pdl: bool = False):
+def route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor,
+          zero: Optional[torch.Tensor] = None, pdl: bool = False):
     """``(weights float32 [T, k], ids int64 [T, k])``: one Triton launch, same semantics as ``reference.route``.
 
     ``zero`` (int32, optional) is zeroed on the way (the grouping's counters).
     """
     tokens, experts = router_logits.shape
-    spec = _route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor)
+    spec = route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor)
     if spec is None:
-        w, ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
-                       topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+        w, ids = reference.route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
+                                 topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
         if zero is not None:
             zero.zero_()
         return w.float().contiguous(), ids.contiguous()

@@ -1,9 +1,8 @@
 """Tensor-core decode GEMVs: the dequantized weight registers are the A fragments of ``mma.sync``.
 
 The decode GEMMs (a handful of tokens per expert) read every weight once and do little arithmetic per
-byte, so what limits them after the memory system is the instruction issue of the E2M1 decode.  The
-CUDA-core GEMVs of :mod:`triton_moe` spend ~3.5 instructions per weight element (cut, widen to fp32,
-FMA).  Here one warp owns 16 weight rows and runs ``mma.sync.m16n8k16`` (bf16 in, fp32 accumulate) with
+byte, so what limits them after the memory system is the instruction issue of the E2M1 decode.  CUDA-core
+GEMVs spend ~3.5 instructions per weight element (cut, widen to fp32, FMA).  Here one warp owns 16 weight rows and runs ``mma.sync.m16n8k16`` (bf16 in, fp32 accumulate) with
 the weights as A (M = 16 rows) and up to 8 tokens as B (N = 8): the cut and one bf16x2 FMA with the block
 scale per pair stay, the 8 FMAs per word become a quarter of an MMA (the gated GEMM1 loop compiles to 374
 SASS instructions per thread for 128 weight elements, ~2.9 each, for up to 8 tokens at once).
@@ -38,28 +37,29 @@ their 16 rows contiguous, addressed through ``_band_off``) the 8 rows' piece is 
 ``VEC`` (an even number of groups per row, aligned tensors) a thread's groups are always ``2c, 2c + 1``
 and each row's pair is one 16-byte load (its two scales one 2-byte load; a narrow last piece of a band
 then holds 2 groups, so the pair stays contiguous); ``XVEC`` does the same for the activation words.  That
-halves the load instructions; where it pays is measured (``select_config``).
+halves the load instructions; where it pays is measured (the planner, :mod:`triton_plan`).
 
 Two ways to pick the tokens (B columns) of a program:
 
 - per pair (``GROUPED=False``): one program per (token, expert) pair, only column 0 is live (2-15 tokens:
   no grouping pass needed, most pairs have their own expert);
-- grouped (``GROUPED=True``): the pairs bucketed by expert into blocks of 8 (``_align`` of
-  :mod:`triton_moe`), each expert's weights decoded once for all of its tokens.
+- grouped (``GROUPED=True``): the pairs bucketed by expert into blocks of 8 (:mod:`triton_group`), each
+  expert's weights decoded once for all of its tokens.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_passes.kernels.triton_common import _ACT_CODES, tl, triton
-from moe_passes.kernels.triton_route import _route_args
+from moe_passes.errors import MoEConfigError
+from moe_passes.kernels.triton_common import ACT_CODES, tl, triton
+from moe_passes.kernels.triton_group import align
+from moe_passes.kernels.triton_plan import DECODE_CHUNK, DecodeConfig, k_split
 
 __all__ = ["decode_tc"]
 
 if triton is not None:
-    from moe_passes.kernels.triton_common import _act_kernel, _activation, _band_off, _gdc, word_cut_asm
-    from moe_passes.kernels.triton_route import _pair_expert
+    from moe_passes.kernels.triton_common import act_kernel, apply_act, band_off, gdc, word_cut_asm
 
     _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
     # Two MMAs for one weight word of rows g ($4) and g+8 ($5): scale pairs $6 / $7 (``_scales``),
@@ -95,7 +95,7 @@ if triton is not None:
             dtype=(tl.float32,) * 4, is_pure=True, pack=1)
 
     # Two E4M3 block scales (bits 0-7 and 16-23 of $2) -> ``bf16(scale * 2^119)`` twice in $0 (the first) and
-    # $1 (the second), as ``_scale_pair`` of :mod:`triton_moe` does for one, with packed conversions.
+    # $1 (the second), as ``_scale_pair`` of :mod:`triton_tiles` does for one, with packed conversions.
     _SCALES_ASM = tl.constexpr("""{
     .reg .b32 h, t, p;
     .reg .f16 hl, hh;
@@ -167,8 +167,8 @@ if triton is not None:
         if VEC:
             G0 = tl.minimum(G0, KG - 2)
             live = (c >= 0) & live  # a tensor also when ``live`` is the constant True
-            A0 = _band_off(G0, rr0, KG)
-            B0 = _band_off(G0, rr1, KG)
+            A0 = band_off(G0, rr0, KG)
+            B0 = band_off(G0, rr1, KG)
             a0, a1 = _ld16(w0 + A0, live)
             b0, b1 = _ld16(w1 + B0, live)
             s16 = tl.pointer_type(tl.uint16)
@@ -178,10 +178,10 @@ if triton is not None:
         else:
             G0 = tl.minimum(G0, KG - 1)
             G1 = tl.minimum(G1, KG - 1)
-            A0 = _band_off(G0, rr0, KG)
-            A1 = _band_off(G1, rr0, KG)
-            B0 = _band_off(G0, rr1, KG)
-            B1 = _band_off(G1, rr1, KG)
+            A0 = band_off(G0, rr0, KG)
+            A1 = band_off(G1, rr0, KG)
+            B0 = band_off(G0, rr1, KG)
+            B1 = band_off(G1, rr1, KG)
             return (tl.load(w0 + A0, mask=live), tl.load(w0 + A1, mask=live), tl.load(w1 + B0, mask=live),
                     tl.load(w1 + B1, mask=live), tl.load(sb0 + A0, mask=live), tl.load(sb0 + A1, mask=live),
                     tl.load(sb1 + B0, mask=live), tl.load(sb1 + B1, mask=live))
@@ -275,27 +275,23 @@ if triton is not None:
 
     @triton.jit
     def _tgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, out_ptr, part_ptr,
-                       num_pairs, stride_x8, groups_per_split, lg_ptr, bias_ptr, tw_ptr, stride_l, E, rscale,
+                       num_pairs, stride_x8, groups_per_split,
                        H: tl.constexpr, I: tl.constexpr,
                        TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
                        WARPS: tl.constexpr, SPLIT: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
-                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, ROUTE: tl.constexpr = False,
-                       KP: tl.constexpr = 1, METHOD: tl.constexpr = 0, NG: tl.constexpr = 1, EG: tl.constexpr = 1,
-                       TOPK_GROUP: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False, KS: tl.constexpr = 1):
+                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, KS: tl.constexpr = 1):
         """Decode GEMM1 (+ activation when not split): program = (pair or block, 16 * WARPS rows, K split).
 
         PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
-        ROUTE (per pair only): each program routes its token (``triton_route._pair_expert``).
         KS > 1 (per pair, WARPS == KS, no PF, no grid split): the program's warps share one 16-row tile and
         split its K; their sums meet in shared memory and the activation is applied here, so no partial sums
         leave the program and no activation launch follows.
         """
-        _gdc(PDL)
+        gdc(PDL)
         if GROUPED:
             pair_expert = 0
-        else:
-            pair_expert = _pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
-                                       TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS)
+        else:  # the routing launch's id of this program's pair
+            pair_expert = tl.load(ids_ptr + tl.program_id(0)).to(tl.int64)
         tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS, "")
         if e < 0:
             return
@@ -324,8 +320,8 @@ if triton is not None:
             inv = 128.0 / tl.load(gs_ptr + e64)
             # column 0 (the pair) of rows g / g+8 sits at lanes c == 0; element index = thread (the default
             # layout of these one-element-per-thread tensors), so the sums over the warps are reductions
-            lo = _activation(_col0_rows(ag0, c, KS) * inv, _col0_rows(au0, c, KS) * inv, ACT).to(tl.bfloat16)
-            hi = _activation(_col0_rows(ag2, c, KS) * inv, _col0_rows(au2, c, KS) * inv, ACT).to(tl.bfloat16)
+            lo = apply_act(_col0_rows(ag0, c, KS) * inv, _col0_rows(au0, c, KS) * inv, ACT).to(tl.bfloat16)
+            hi = apply_act(_col0_rows(ag2, c, KS) * inv, _col0_rows(au2, c, KS) * inv, ACT).to(tl.bfloat16)
             r = tl.program_id(1) * 16 + tl.arange(0, 8)
             orow = out_ptr + tl.program_id(0).to(tl.int64) * I
             tl.store(orow + r, lo, mask=r < I)
@@ -360,11 +356,11 @@ if triton is not None:
         ok_r0 = row < I
         ok_r1 = row + 8 < I
         if SPLIT == 1:
-            tl.store(out_ptr + q0 * I + row, _activation(ag0 * inv, au0 * inv, ACT).to(tl.bfloat16), mask=ok0 & ok_r0)
-            tl.store(out_ptr + q1 * I + row, _activation(ag1 * inv, au1 * inv, ACT).to(tl.bfloat16), mask=ok1 & ok_r0)
-            tl.store(out_ptr + q0 * I + row + 8, _activation(ag2 * inv, au2 * inv, ACT).to(tl.bfloat16),
+            tl.store(out_ptr + q0 * I + row, apply_act(ag0 * inv, au0 * inv, ACT).to(tl.bfloat16), mask=ok0 & ok_r0)
+            tl.store(out_ptr + q1 * I + row, apply_act(ag1 * inv, au1 * inv, ACT).to(tl.bfloat16), mask=ok1 & ok_r0)
+            tl.store(out_ptr + q0 * I + row + 8, apply_act(ag2 * inv, au2 * inv, ACT).to(tl.bfloat16),
                      mask=ok0 & ok_r1)
-            tl.store(out_ptr + q1 * I + row + 8, _activation(ag3 * inv, au3 * inv, ACT).to(tl.bfloat16),
+            tl.store(out_ptr + q1 * I + row + 8, apply_act(ag3 * inv, au3 * inv, ACT).to(tl.bfloat16),
                      mask=ok1 & ok_r1)
         else:
             base = tl.program_id(2).to(tl.int64) * num_pairs
@@ -382,27 +378,23 @@ if triton is not None:
 
     @triton.jit
     def _tgemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
-                       num_pairs, groups_per_split, lg_ptr, bias_ptr, stride_l, E, rscale,
+                       num_pairs, groups_per_split,
                        H: tl.constexpr, I: tl.constexpr,
                        GROUPED: tl.constexpr, WARPS: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
-                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = 0,
-                       TOP_K: tl.constexpr = 1, ROUTE: tl.constexpr = False, KP: tl.constexpr = 1,
-                       METHOD: tl.constexpr = 0, NG: tl.constexpr = 1, EG: tl.constexpr = 1,
-                       TOPK_GROUP: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False):
+                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = 0):
         """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
         fp32 rows ``y[split, pair]`` for the combine.
 
         EARLY: the expert, the rows and the first chunk's weights (without PF, the first ``EARLY`` chunks')
-        are read before the PDL wait, as in ``triton_moe._qgemv2_kernel`` (the grouping's block map and the
-        routing launch's ids were final before GEMM1's programs passed their waits; ROUTE routes again where
-        GEMM1 routed)."""
+        are read before the PDL wait: the grouping's block map and the routing launch's ids were final before
+        GEMM1's programs passed their waits, which is before this kernel can launch.  Those reads bypass L1
+        (``.cg``), so that no line an earlier kernel left in this SM's L1 can be read."""
         if EARLY:
             pair_expert = 0
             if not GROUPED:
-                pair_expert = _pair_expert(tl.program_id(0), ids_ptr, tw_ptr, lg_ptr, bias_ptr, stride_l, E, rscale,
-                                           TOP_K, ROUTE, KP, METHOD, NG, EG, TOPK_GROUP, HAS_BIAS, EARLY=True)
+                pair_expert = tl.load(ids_ptr + tl.program_id(0), cache_modifier=".cg").to(tl.int64)
         else:
-            _gdc(PDL)
+            gdc(PDL)
             pair_expert = 0 if GROUPED else tl.load(ids_ptr + tl.program_id(0))
         tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS,
                                            ".cg" if EARLY else "")
@@ -423,14 +415,14 @@ if triton is not None:
         if PF:
             wc = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if EARLY:
-                _gdc(PDL)
+                gdc(PDL)
             xs = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
         elif EARLY:
             cw = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if EARLY > 1:  # the second chunk too (nothing past the split's end: its products are zeros)
                 cw2 = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin + 8, c, KG, g_begin + 8 < g_end,
                              GROUPED, VEC)
-            _gdc(PDL)
+            gdc(PDL)
             cx = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
             a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
             if EARLY > 1:
@@ -472,57 +464,57 @@ def _rows_aligned(x: torch.Tensor) -> bool:
     return x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
 
 
-def _groups_per_split(k: int, split: int):
-    """K split at 128-element (8-group) chunks: ``(groups per split, splits actually used)``."""
-    groups = k // 16
-    per = triton.cdiv(triton.cdiv(groups, split), 8) * 8
-    return per, triton.cdiv(groups, per)
+def _word_aligned(hidden_states: torch.Tensor, weights) -> torch.Tensor:
+    """The kernels read activations and weights as 8-byte words: rows of the activations start on 8-byte
+    boundaries (at worst one copy, proportional to the tokens); unaligned weights are an error."""
+    if hidden_states.stride(0) % 4 or hidden_states.data_ptr() % 8:
+        hidden_states = hidden_states.contiguous()
+        if hidden_states.data_ptr() % 8:  # a view at an odd offset
+            hidden_states = hidden_states.clone()
+    for t in weights:
+        if t.data_ptr() % 8:
+            raise MoEConfigError("the decode kernels need 8-byte aligned weights")
+    return hidden_states
 
 
-def decode_tc(hidden_states, weights, flat_ids, topk_w, inter_buf, y, *, blocks, sorted_ids, bexp, pairs, hidden,
-              inter, top_k, gated, activation, warps1, warps2, split1, k_per_split2, pf1=False, pf2=False, pdl=False,
-              vec1=False, vec2=False, route=None, early2=0, ks1=1):
+def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeConfig, *, pairs, experts, hidden,
+              inter, top_k, gated, activation, k_per_split, pdl=False, one_program=False):
     """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
-    K split in steps of ``k_per_split2`` (a multiple of 128) elements.
+    K split in steps of ``k_per_split`` (a multiple of 128) elements.
 
-    ``sorted_ids``/``bexp`` None: one program per pair (``blocks == pairs``); else the 8-row expert blocks.
-    ``vec1``/``vec2``: GEMM1's / GEMM2's 16-byte loads wherever the sizes and addresses allow them (``_vec_ok``).
-    ``route`` (per pair only): a ``triton_route._RouteSpec``; GEMM1 then routes and fills ``flat_ids``/``topk_w``.
-    ``early2`` (with ``pdl``): GEMM2 reads its first chunk(s) of weights before waiting on GEMM1 (``_tgemv2_kernel``).
-    ``ks1`` > 1 (per pair): GEMM1 programs of ``ks1`` warps that split K among themselves (``warps1`` and
-    ``split1`` are then not used): no partial sums in memory, no activation launch.
+    ``cfg.grouped``: the pairs first grouped by expert into 8-row blocks (``counts``: int32 ``[experts]``
+    zeroed by the routing; ``one_program``: the grouping in one program), else one program per pair.
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
-    grouped = sorted_ids is not None
-    if grouped and route is not None:
-        raise ValueError("decode_tc: only per-pair programs route their tokens themselves")
-    if not grouped:  # the kernels take them as unused pointers
+    device = hidden_states.device
+    hidden_states = _word_aligned(hidden_states, (w13, w2))
+    inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
+    if cfg.grouped:
+        blocks = triton.cdiv(pairs, cfg.bm) + min(pairs, experts)
+        sorted_ids, bexp, _ = align(flat_ids, counts, cfg.bm, blocks * cfg.bm, blocks, pdl, one_program=one_program)
+    else:  # the kernels take them as unused pointers
+        blocks = pairs
         sorted_ids = bexp = flat_ids
-    if ks1 > 1:
-        if grouped or pf1:
-            raise ValueError("decode_tc: GEMM1's in-program K split (ks1) is for per-pair programs without prefetch")
-        split1, warps1 = 1, ks1
-    per1, split1 = _groups_per_split(hidden, split1)
+    # ks1 > 1: GEMM1 programs of ks1 warps that split one tile's K among themselves (no grid split)
+    warps1, split1 = (cfg.ks1, 1) if cfg.ks1 > 1 else (cfg.warps1, cfg.split1)
+    per1, split1 = k_split(hidden, split1, DECODE_CHUNK)
     direct = split1 == 1
-    part = inter_buf if direct else torch.empty(split1, pairs, w13.shape[1], dtype=torch.float32,
-                                                device=hidden_states.device)
-    _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 if ks1 > 1 else 16 * warps1), split1)](
+    part = inter_buf if direct else torch.empty(split1, pairs, w13.shape[1], dtype=torch.float32, device=device)
+    _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 if cfg.ks1 > 1 else 16 * warps1), split1)](
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
-        inter_buf, part, pairs, hidden_states.stride(0) // 4, per1, **_route_args(route, flat_ids, topk_w),
-        H=hidden, I=inter, TOP_K=top_k, GATED=gated, ACT=_ACT_CODES[activation], GROUPED=grouped, WARPS=warps1, SPLIT=split1,
-        PF=pf1, VEC=vec1 and _vec_ok(hidden, w13, w13_scale),
-        XVEC=vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=ks1, num_warps=warps1, num_stages=1,
+        inter_buf, part, pairs, hidden_states.stride(0) // 4, per1 // 16,
+        H=hidden, I=inter, TOP_K=top_k, GATED=gated, ACT=ACT_CODES[activation], GROUPED=cfg.grouped, WARPS=warps1,
+        SPLIT=split1, PF=cfg.prefetch, VEC=cfg.vec1 and _vec_ok(hidden, w13, w13_scale),
+        XVEC=cfg.vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=cfg.ks1, num_warps=warps1, num_stages=1,
         launch_pdl=pdl)
-    early = early2 if pdl else 0
+    early = cfg.early2 if pdl else 0
     if not direct:
-        _act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
-                                                      ACT=_ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
+        act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
+                                                      ACT=ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
                                                       PDL=pdl, LAUNCH_FIRST=early > 0, num_warps=4, launch_pdl=pdl)
-    rargs = _route_args(route if early else None, flat_ids, topk_w)
-    del rargs["tw_ptr"]
-    _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * warps2), y.shape[0])](
+    _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * cfg.warps2), y.shape[0])](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
-        k_per_split2 // 16, **rargs,
-        H=hidden, I=inter, GROUPED=grouped, WARPS=warps2, PF=pf2, VEC=vec2 and _vec_ok(inter, w2, w2_scale),
-        XVEC=vec2 and _rows_aligned(inter_buf), PDL=pdl, EARLY=early, TOP_K=top_k, num_warps=warps2, num_stages=1,
-        launch_pdl=pdl)
+        k_per_split // 16,
+        H=hidden, I=inter, GROUPED=cfg.grouped, WARPS=cfg.warps2, PF=cfg.prefetch,
+        VEC=cfg.vec2 and _vec_ok(inter, w2, w2_scale), XVEC=cfg.vec2 and _rows_aligned(inter_buf), PDL=pdl,
+        EARLY=early, num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)

@@ -25,6 +25,7 @@ replays).  Writes ``bench_moe.json`` after every row, and ``bench_moe.png`` / ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -143,7 +144,7 @@ def random_nvfp4(e, n, k, device):
     return w, s, gs
 
 
-def _time_graph(fn: Callable[[int], torch.Tensor], reps: int, replays: int) -> float:
+def time_graph(fn: Callable[[int], torch.Tensor], reps: int, replays: int) -> float:
     """Capture ``reps`` calls ``fn(0..reps-1)`` in one graph; median seconds per call over ``replays``."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -268,9 +269,11 @@ def _reps_replays(tokens):
 class Settings:
     """What one run measures (from the command line; :func:`run_shape` builds its own for the A/B scripts)."""
 
-    def __init__(self, grouped_mm=True, tk=None, peer_experts=True, check="all", tol=2e-2, deadline=None):
+    def __init__(self, grouped_mm=True, tk=None, peer_experts=True, check="all", tol=2e-2, deadline=None,
+                 options=None):
         self.grouped_mm, self.tk, self.peer_experts = grouped_mm, tk, peer_experts
         self.check, self.tol, self.deadline = check, tol, deadline
+        self.options = options  # a KernelOptions for our kernel (None: the default), through its RunArgs
 
 
 def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: Settings, emit, note=print, seed=0):
@@ -290,6 +293,8 @@ def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: S
     bias = (torch.randn(e, device=device, generator=torch.Generator(device=device).manual_seed(seed + 1)) / 10
             if routing == "deepseek_v3" else None)
     spec, prepared, args, canonical = triton_layer_from_float(name, w13, w2)
+    if settings.options is not None:
+        args = dataclasses.replace(args, options=settings.options)
     checking = settings.check != "none"
     peer = None
     if settings.tk is not None:
@@ -342,7 +347,7 @@ def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: S
                 row[key + "_error"] = "not timed: its output failed the reference check"
                 return
             try:
-                row[key + "_us"] = _time_graph(fn, reps, replays) * 1e6
+                row[key + "_us"] = time_graph(fn, reps, replays) * 1e6
             except Exception as exc:  # report it and keep measuring the others
                 row[key + "_error"] = f"{type(exc).__name__}: {exc}"[:400]
                 note(f"{name} T={t} {key}: {row[key + '_error']}")
@@ -417,11 +422,12 @@ def add_ratios(row):
     return row
 
 
-def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print):
+def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print, options=None):
     """Ours (and the bf16 grouped_mm unless ``do_peer`` is False) at each token count, unchecked, with the floor at
-    ``bandwidth``: the quick timer ``benchmarks/ab_decode.py`` calls between variants."""
-    return measure_shape(name, tokens_list, bandwidth, bandwidth, Settings(grouped_mm=do_peer, check="none"),
-                         log, log_note)
+    ``bandwidth``: the quick timer ``benchmarks/ab_decode.py`` calls between variants, with its ``options`` (a
+    ``KernelOptions``)."""
+    return measure_shape(name, tokens_list, bandwidth, bandwidth,
+                         Settings(grouped_mm=do_peer, check="none", options=options), log, log_note)
 
 
 # ------------------------------------------------------------------------------------------------------------

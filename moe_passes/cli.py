@@ -2,6 +2,8 @@
 
     moe-nvfp4 demo [--tokens 64] [--inner inductor|eager] [--device cpu]
     moe-nvfp4 plan --hidden 2688 --intermediate 1856 --experts 128 --top-k 6 --tokens 4096 [--activation relu2]
+                                 (per kernel: padded sizes, chunking, weight bytes; for the Hopper kernel the
+                                 variant each token count takes and why)
     moe-nvfp4 bench [--shapes a,b] [--tokens sweep|1,16,...] [--peer-path DIR] [--budget-s S] [--out DIR]
                                  (GPU: the layer against triton_kernels' MXFP4 MoE, bf16 and the floor)
     moe-nvfp4 bench --merge a.json b.json --out DIR   (no GPU: join split runs, plot)
@@ -195,15 +197,14 @@ def demo(args) -> int:
 
 def plan(args) -> int:
     from moe_passes.contract import MoEShape
-    from moe_passes.errors import MoEConfigError, MoEError
+    from moe_passes.errors import MoEError
     from moe_passes.kernels import registry
 
     # A layer no kernel could ever run is an error of the command, not a line in its report.
     try:
         MoEShape(hidden=args.hidden, intermediate=args.intermediate, experts=args.experts, top_k=args.top_k,
                  activation=args.activation)
-        if args.routing == "llama4" and args.top_k != 1:
-            raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={args.top_k}")
+        registry.check_routing(args.routing, args.top_k, args.experts)
     except MoEError as exc:
         print(f"moe-nvfp4 plan: error: impossible MoE layer: {exc}", file=sys.stderr)
         return 2
@@ -233,6 +234,8 @@ def plan(args) -> int:
                             alignment=type(spec.alignment)(16, 16, 16))
         print(f"    weight bytes  {shape.weight_bytes() / 2**20:.1f} MiB "
               f"({shape.weight_bytes() / unpadded.weight_bytes() - 1:+.1%} from padding)")
+        if name == "triton":
+            _print_hopper_plan(args, shape)
         if shape.needs_hidden_pad:
             warnings_.append(f"hidden is padded by {shape.hidden_padded - shape.hidden}: activations move "
                              f"{shape.hidden_padded / shape.hidden - 1:.1%} more bytes per call")
@@ -246,6 +249,27 @@ def plan(args) -> int:
         print("moe-nvfp4 plan: error: no registered kernel can run this layer (reasons above)", file=sys.stderr)
         return 1
     return 0
+
+
+PLAN_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
+
+
+def _print_hopper_plan(args, shape) -> None:
+    """The Hopper planner's variant, config and reason for each token count (``kernels/triton_plan.py``)."""
+    from moe_passes.contract import is_gated
+    from moe_passes.kernels.options import current
+    from moe_passes.kernels.triton_moe import device_info
+    from moe_passes.kernels.triton_plan import H200, Problem, plan
+
+    if torch.cuda.is_available():
+        device, where = device_info("cuda"), torch.cuda.get_device_name()
+    else:
+        device, where = H200, "an H200 (no GPU here: 132 SMs, SM90)"
+    print(f"    plan          per token count on {where}: variant [config]: why")
+    for tokens in sorted({*PLAN_TOKENS, args.tokens}):
+        problem = Problem(tokens, args.top_k, args.experts, shape.hidden_padded, shape.intermediate_padded,
+                          is_gated(args.activation), args.routing)
+        print(f"    {tokens:>13}  {plan(problem, device, current()).describe()}")
 
 
 def bench(argv) -> int:
@@ -299,7 +323,8 @@ def _main(argv=None) -> int:
     p_demo.add_argument("--device", default="cpu")
     p_demo.add_argument("--repeats", type=int, default=3)
     p_demo.add_argument("--seed", type=int, default=0)
-    p_plan = sub.add_parser("plan", help="padded sizes, chunking and weight bytes of a layer for each kernel")
+    p_plan = sub.add_parser("plan", help="padded sizes, chunking and weight bytes of a layer for each kernel, and "
+                                         "the Hopper kernel's variant per token count")
     p_plan.add_argument("--hidden", type=int, required=True)
     p_plan.add_argument("--intermediate", type=int, required=True)
     p_plan.add_argument("--experts", type=int, required=True)

@@ -99,8 +99,7 @@ class FusedMoE(nn.Module):
         if parallel is not None and (w13_bias is not None or w2_bias is not None):
             raise MoEConfigError("expert biases are not supported with parallel= yet: a tensor-parallel w2_bias "
                                  "must be added once, not once per rank; shard a layer without biases")
-        if routing == "llama4" and top_k != 1:
-            raise MoEConfigError(f"llama4 routing picks one expert per token, got top_k={top_k}")
+        registry.check_routing(routing, top_k, self.shape.experts)
         self.hidden_size, self.intermediate_size, self.top_k = hidden_size, intermediate_size, top_k
         self.activation, self.routing, self.name = activation, routing, name
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor

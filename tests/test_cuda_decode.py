@@ -6,11 +6,14 @@ compute capability 9.x GPU) run the kernel through NVRTC.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS
-from moe_passes.kernels import cuda_decode
+from moe_passes.kernels import cuda_decode, options
+from moe_passes.kernels.options import KernelOptions
 from moe_passes.kernels.cuda_decode import plan_decode, segments
 from moe_passes.kernels.reference import fused_moe_reference, route
 from nvfp4_layers import make_layer
@@ -84,23 +87,26 @@ def test_unsupported_reason_on_cpu():
     assert reason is not None and ("9.x" in reason or "turned off" in reason)
 
 
-def test_off_when_asked(monkeypatch):
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
+def test_off_when_asked():
     x = torch.zeros(1, 64, dtype=torch.bfloat16)
     weights = make_layer(64, 32, 4, "silu", torch.device("cpu"), 0)
     reason = cuda_decode.unsupported_reason(x, torch.zeros(1, 4), weights, 2, "silu", "renormalize", None, None,
-                                            None, None)
+                                            None, None, options=KernelOptions(cuda_decode=False))
     assert "MOE_NVFP4_CUDA_DECODE=0" in reason
+    with options.use(KernelOptions(cuda_decode=False)):  # the scoped default, for calls that name no options
+        assert "turned off" in cuda_decode.unsupported_reason(x, torch.zeros(1, 4), weights, 2, "silu", "renormalize",
+                                                              None, None, None, None)
 
 
 def test_on_by_default_and_off_by_environment():
-    assert cuda_decode.enabled_by({}) and cuda_decode.enabled_by({"MOE_NVFP4_CUDA_DECODE": "1"})
-    assert not cuda_decode.enabled_by({"MOE_NVFP4_CUDA_DECODE": "0"})
-    assert not cuda_decode.enabled_by({"MOE_NVFP4_CUDA_DECODE": " 0\n"})
+    assert KernelOptions().cuda_decode and KernelOptions.from_env({}).cuda_decode
+    assert KernelOptions.from_env({"MOE_NVFP4_CUDA_DECODE": "1"}).cuda_decode
+    assert not KernelOptions.from_env({"MOE_NVFP4_CUDA_DECODE": "0"}).cuda_decode
+    assert not KernelOptions.from_env({"MOE_NVFP4_CUDA_DECODE": " 0\n"}).cuda_decode
 
 
 def test_cuda_source_ships_with_the_package():
-    src = cuda_decode._SOURCE
+    src = cuda_decode.SOURCE
     assert src.exists() and "moe_nvfp4_decode1" in src.read_text()
 
 
@@ -112,10 +118,13 @@ needs_hopper = pytest.mark.skipif(not _hopper(), reason="needs a compute capabil
 
 
 @pytest.fixture(autouse=True)
-def _opted_in(monkeypatch, request):
+def _opted_in(request):
     """The GPU tests run the kernel even where MOE_NVFP4_CUDA_DECODE=0 turned it off."""
-    if request.node.get_closest_marker("gpu"):
-        monkeypatch.setattr(cuda_decode, "ENABLED", True)
+    if not request.node.get_closest_marker("gpu"):
+        yield
+        return
+    with options.use(dataclasses.replace(options.current(), cuda_decode=True)):
+        yield
 
 
 def _routing(routing, experts, g, top_k=4):
@@ -151,7 +160,8 @@ def _run(hidden, inter, experts, activation, routing, seed, *, grid=None, warps=
     res = cuda_decode.decode_one_token(x, logits, prepared, top_k=kw["top_k"], activation=activation, routing=routing,
                                        routing_bias=bias, n_group=kw.get("n_group"), topk_group=kw.get("topk_group"),
                                        routed_scaling_factor=kw.get("routed_scaling_factor"), out=out,
-                                       consumer_warps=warps, grid=grid, routing_out=(rw, rid))
+                                       options=KernelOptions(cuda_decode_warps=warps) if warps else None, grid=grid,
+                                       routing_out=(rw, rid))
     assert res is not None and res.data_ptr() == out.data_ptr()
     torch.cuda.synchronize()
     want_w, want_ids = route(logits, kw["top_k"], routing, routing_bias=bias, n_group=kw.get("n_group"),
@@ -278,7 +288,7 @@ def test_cuda_graph_replays_follow_fresh_inputs():
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("pdl", [True, False])
-def test_chained_layers_wait_for_what_they_read(pdl, monkeypatch):
+def test_chained_layers_wait_for_what_they_read(pdl):
     """Calls in a row that read what the call before wrote: each call's router logits are the first experts'
     entries of the previous output (a view: the kernel reads them straight from the previous kernel's output),
     and every other call's token adds the previous output through a torch op (so the kernel follows itself,
@@ -287,7 +297,7 @@ def test_chained_layers_wait_for_what_they_read(pdl, monkeypatch):
     chain give the bits of calls with a synchronize between each, and those match the reference call by call."""
     from moe_passes.kernels.triton_moe import prepare_weights
 
-    monkeypatch.setattr(cuda_decode, "PDL", pdl)
+    opts = KernelOptions(cuda_decode_pdl=pdl)
     hidden, inter, experts, top_k, steps = 1024, 256, 32, 4, 6
     weights = make_layer(hidden, inter, experts, "silu", torch.device("cuda"), 31)
     prepared = prepare_weights(weights)
@@ -305,7 +315,7 @@ def test_chained_layers_wait_for_what_they_read(pdl, monkeypatch):
         for i in range(steps):
             x, logits = inputs(i, prev)
             done = cuda_decode.decode_one_token(x, logits, prepared, top_k=top_k, activation="silu",
-                                                routing="renormalize", out=outs[i])
+                                                routing="renormalize", out=outs[i], options=opts)
             assert done is not None, "the CUDA decode did not launch"
             if sync:
                 torch.cuda.synchronize()
@@ -353,8 +363,7 @@ def test_fused_moe_triton_takes_it_at_one_token_only(monkeypatch):
     one = fused_moe_triton(x[:1], logits[:1], prepared, **kw)
     two = fused_moe_triton(x, logits, prepared, **kw)
     assert calls == [1]
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
-    triton_one = fused_moe_triton(x[:1], logits[:1], prepared, **kw)
+    triton_one = fused_moe_triton(x[:1], logits[:1], prepared, options=KernelOptions(cuda_decode=False), **kw)
     assert calls == [1]
     torch.cuda.synchronize()
     torch.testing.assert_close(one.float(), triton_one.float(), atol=2e-2, rtol=2e-2)

@@ -29,6 +29,7 @@ from moe_passes.contract import (  # noqa: E402
 from moe_passes.errors import KernelUnavailableError, MoEConfigError  # noqa: E402
 from moe_passes.kernels import flashinfer_trtllm as ft  # noqa: E402
 from moe_passes.kernels import registry  # noqa: E402
+from moe_passes.kernels.options import KernelOptions, use  # noqa: E402
 from moe_passes.kernels.nvfp4 import (  # noqa: E402
     default_global_scale, dequantize_nvfp4, quantize_nvfp4, quantize_nvfp4_experts, unpack_e2m1,
 )
@@ -351,7 +352,7 @@ def make_api(mode="emulate", **kwargs) -> tuple[ft.FlashInferAPI, RecordingKerne
     fused = RecordingKernel(mode, **kwargs)
     routed = RecordingKernel(mode, routed=True, **kwargs)
     api = ft.FlashInferAPI(fused_moe=fused, routed_moe=routed, quantize=ft.torch_quantize_input,
-                           enums=ft._Enums(fi_enums))
+                           enums=ft.FlashInferEnums(fi_enums))
     return api, fused, routed
 
 
@@ -441,12 +442,12 @@ def test_output_scale_vectors():
     assert all(t.dtype == torch.float32 and t.shape == (2,) for t in (out1, gate, out2))
 
 
-def test_chunking_stitches_tokens_in_order(monkeypatch):
+def test_chunking_stitches_tokens_in_order():
     layer = Layer(2048, 192, experts=4, top_k=2, activation="silu", tokens=23, seed=1)
-    monkeypatch.setattr(ft, "CHUNK_SIZE_OVERRIDE", 5)
     api, fused, _ = make_api("echo", max_tokens=5)
     with ft.use_api(api):
-        out = ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None, layer.args("renormalize"))
+        out = ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None,
+                     layer.args("renormalize", options=KernelOptions(trtllm_chunk_size=5)))
     assert [c["hidden_states"].shape[0] for c in fused.calls] == [5, 5, 5, 5, 3]
     # Each call saw its own slice of the routing logits, in order.
     assert torch.equal(torch.cat([c["routing_logits"] for c in fused.calls]), layer.logits)
@@ -458,19 +459,23 @@ def test_chunking_stitches_tokens_in_order(monkeypatch):
     assert ptrs == [out.data_ptr() + i * 5 * out.shape[1] * out.element_size() for i in range(5)]
 
 
-def test_chunked_emulation_equals_unchunked(monkeypatch):
+def test_chunked_emulation_equals_unchunked():
     layer = Layer(2048, 192, experts=4, top_k=2, activation="silu", tokens=11, seed=2)
     api, _, _ = make_api("emulate")
     with ft.use_api(api):
         whole = ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None, layer.args("renormalize"))
-        monkeypatch.setattr(ft, "CHUNK_SIZE_OVERRIDE", 4)
-        chunked = ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None, layer.args("renormalize"))
+        with use(KernelOptions(trtllm_chunk_size=4)):  # the scoped default: for calls whose args name none
+            chunked = ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None,
+                             layer.args("renormalize"))
     torch.testing.assert_close(chunked, whole, atol=1e-2, rtol=1e-2)
 
 
 def test_default_chunk_size_is_the_grid_formula():
     assert ft.chunk_size(512, 22) == trtllm_chunk_size(512, 22) == min(300_000, (512 + (65535 - 512 + 1) * 128 - 1) // 22)
     assert ft.chunk_size(128, 6) == 300_000
+    assert ft.chunk_size(128, 6, KernelOptions(trtllm_chunk_size=7)) == 7
+    with pytest.raises(MoEConfigError, match="positive"):
+        KernelOptions(trtllm_chunk_size=0)
     assert ft.TRTLLM.max_tokens(512, 22) == trtllm_chunk_size(512, 22)
 
 
@@ -489,13 +494,13 @@ def test_narrow_output_buffer():
                      router_logits=layer.logits, output=torch.empty(5, 4000, dtype=torch.bfloat16))
 
 
-def test_routed_variant_matches_reference(monkeypatch):
+def test_routed_variant_matches_reference():
     layer = Layer(2688, 256, experts=4, top_k=2, activation="relu2", tokens=7, seed=4)
     weights, ids = route(layer.logits.float(), 2, "renormalize")
-    monkeypatch.setattr(ft, "CHUNK_SIZE_OVERRIDE", 3)
     api, fused, routed = make_api("emulate", max_tokens=3)
     with ft.use_api(api):
-        out = ft.run_routed(layer.xp, weights, ids, layer.prepared, layer.gs_a, layer.gs_c, layer.args("renormalize"))
+        out = ft.run_routed(layer.xp, weights, ids, layer.prepared, layer.gs_a, layer.gs_c,
+                            layer.args("renormalize", options=KernelOptions(trtllm_chunk_size=3)))
     assert not fused.calls and [c["hidden_states"].shape[0] for c in routed.calls] == [3, 3, 1]
     packed = torch.cat([c["topk_ids"] for c in routed.calls])
     assert torch.equal((packed >> 16).long(), ids)
@@ -751,7 +756,7 @@ def test_real_kernel_matches_reference(hidden, inter, activation, routing, top_k
 # Through the real lowering: torch.compile(FusedMoE, backend="moe_nvfp4") dispatching to "trtllm"
 
 
-def test_compiled_fused_moe_dispatches_to_trtllm(monkeypatch):
+def test_compiled_fused_moe_dispatches_to_trtllm():
     from moe_passes import FusedMoE
 
     torch._dynamo.reset()
@@ -762,7 +767,6 @@ def test_compiled_fused_moe_dispatches_to_trtllm(monkeypatch):
     calib = torch.randn(32, hidden, generator=g) / 2
     shared = torch.nn.Linear(hidden, hidden, bias=False).to(torch.bfloat16)
     api, fused, _ = make_api("emulate", max_tokens=3)
-    monkeypatch.setattr(ft, "CHUNK_SIZE_OVERRIDE", 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PerformanceWarning)
         reference = FusedMoE.from_float(w13, w2, top_k=top_k, activation="silu", calibration=calib,
@@ -788,7 +792,7 @@ def test_compiled_fused_moe_dispatches_to_trtllm(monkeypatch):
         x = (torch.randn(tokens, hidden, generator=g) / 2).to(torch.bfloat16)
         logits = torch.randn(tokens, experts, generator=g).to(torch.bfloat16)
         before = len(fused.calls)
-        with ft.use_api(api), torch.no_grad():
+        with ft.use_api(api), torch.no_grad(), use(KernelOptions(trtllm_chunk_size=3)):
             out = compiled(x, logits)
             eager = layer(x, logits)
         with torch.no_grad():

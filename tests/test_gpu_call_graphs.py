@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from moe_passes import FusedMoE
-from moe_passes.kernels import cuda_decode, graphed, registry
+from moe_passes.kernels import graphed, registry
+from moe_passes.kernels.options import KernelOptions, use
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -36,18 +37,34 @@ def _call(moe: FusedMoE, graphs, x, logits):
 
 
 @pytest.mark.parametrize("cuda_decode_on", [True, False])
-def test_replays_equal_direct_calls(cuda_decode_on, monkeypatch):
-    if not cuda_decode_on:
-        monkeypatch.setattr(cuda_decode, "ENABLED", False)
+def test_replays_equal_direct_calls(cuda_decode_on):
     moe = _layer(seed=int(cuda_decode_on))
     graphs = graphed.CallGraphs()
-    for captured, tokens in enumerate((1, 2, 16, 64), start=1):
-        for _ in range(4):
-            x = torch.randn(tokens, H, device="cuda").bfloat16()
-            logits = torch.randn(tokens, E, device="cuda")
-            got = _call(moe, graphs, x, logits)
-            assert torch.equal(got, _call(moe, None, x, logits))
-        assert len(graphs) == captured  # the calls after the first replayed one graph per token count
+    with use(KernelOptions(cuda_decode=cuda_decode_on)):
+        for captured, tokens in enumerate((1, 2, 16, 64), start=1):
+            for _ in range(4):
+                x = torch.randn(tokens, H, device="cuda").bfloat16()
+                logits = torch.randn(tokens, E, device="cuda")
+                got = _call(moe, graphs, x, logits)
+                assert torch.equal(got, _call(moe, None, x, logits))
+            assert len(graphs) == captured  # the calls after the first replayed one graph per token count
+
+
+def test_options_are_part_of_the_key_and_can_turn_graphs_off():
+    moe = _layer(seed=14)
+    graphs = graphed.CallGraphs()
+    x = torch.randn(1, H, device="cuda").bfloat16()
+    logits = torch.randn(1, E, device="cuda")
+    for cuda_decode_on in (True, False):
+        with use(KernelOptions(cuda_decode=cuda_decode_on)):
+            for _ in range(3):
+                assert torch.equal(_call(moe, graphs, x, logits), _call(moe, None, x, logits))
+    assert len(graphs) == 2
+    before = len(graphed.CALL_GRAPHS)
+    with use(KernelOptions(call_graphs=False)), torch.inference_mode():
+        for _ in range(3):
+            moe(x, logits)
+    assert len(graphed.CALL_GRAPHS) == before
 
 
 def test_graphs_are_keyed_by_weights():

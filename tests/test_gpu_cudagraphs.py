@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moe_passes import FusedMoE
-from moe_passes.kernels import cuda_decode
+from moe_passes.kernels import options
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -48,14 +48,14 @@ def _replay(compiled, make_inputs, expected, rounds=3, exact=True):
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("cuda_decode_on", [True, False])
-def test_fused_moe_replays_match_eager(shared, cuda_decode_on, monkeypatch):
-    if not cuda_decode_on:
-        monkeypatch.setattr(cuda_decode, "ENABLED", False)
+def test_fused_moe_replays_match_eager(shared, cuda_decode_on):
     moe = _layer(shared, seed=int(shared) + 2 * int(cuda_decode_on))
     torch._dynamo.reset()
     skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
     compiled = torch.compile(moe, backend="moe_nvfp4", mode="reduce-overhead")
-    with torch.inference_mode():
+    # the op names no options: the scoped default reaches the kernel (eager and captured calls alike)
+    scoped = options.current() if cuda_decode_on else options.KernelOptions(cuda_decode=False)
+    with torch.inference_mode(), options.use(scoped):
         for tokens in TOKENS:
             def make_inputs(tokens=tokens):
                 return (torch.randn(tokens, H, device="cuda").bfloat16(),

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, MoEShape, is_gated
+from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
+from moe_passes.kernels.options import KernelOptions
 from moe_passes.kernels.reference import fused_moe_reference
+from moe_passes.kernels.triton_plan import DecodeConfig, TileConfig
 from nvfp4_layers import make_layer
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -34,126 +37,43 @@ def test_module_imports_and_registers_on_cpu():
     assert registry.select(torch.device("cpu"), activation="silu", routing="default").name != "triton"
 
 
-def test_select_config_regimes():
-    """The measured regime boundaries (docs/architecture.md, "Dispatch"): tensor-core decode per pair at 1-15 tokens,
-    grouped by expert at 16-64 tokens, 16-row swapped tiles with weight prefetch above, then 64/128-row
-    prefill tiles; ungated layers leave the decode earlier.  The packed decode is no longer chosen."""
-    from moe_passes.kernels.triton_moe import _check_config, select_config
-
-    qwen3 = dict(top_k=8, experts=128, hidden=2048, inter=768, gated=True)
-    nemotron = dict(top_k=6, experts=128, hidden=2688, inter=1856, gated=False)
-    deepseek = dict(top_k=8, experts=256, hidden=7168, inter=2048, gated=True)
-    few_experts = dict(top_k=4, experts=8, hidden=2048, inter=768, gated=True)
-
-    def kind(cfg):
-        return ("tc" if cfg.tc else "packed" if cfg.bm == 1 else "tiles", cfg.bm)
-
-    for shape in (qwen3, nemotron, deepseek):
-        assert kind(select_config(1, **shape)) == ("tc", 1)
-        for tokens in (16, 32, 64):
-            assert kind(select_config(tokens, **shape)) == ("tc", 8), (shape, tokens)
-    for tokens in (2, 4, 8, 15):
-        assert kind(select_config(tokens, **qwen3)) == ("tc", 1)
-    for tokens in (4, 8):
-        assert kind(select_config(tokens, **nemotron)) == ("tc", 1)
-        assert kind(select_config(tokens, **deepseek)) == ("tc", 1)
-    # 8 tokens on 8 experts: 4 pairs per expert, past the decode: 16-row tiles
-    assert kind(select_config(8, **few_experts)) == ("tiles", 16)
-    # the tensor-core decode splits K until ~16 (per pair) / ~8 (grouped) warps per SM are launched
-    one = select_config(4, **qwen3)  # 32 pairs x 48 GEMM1 tiles = 1536 warps -> split 2 (3072 >= 2112)
-    assert (one.split1, one.split2, one.prefetch) == (2, 1, False)
-    grouped = select_config(16, **qwen3)  # 128 blocks x 48 tiles >= 1056: no split
-    assert (grouped.split1, grouped.split2, grouped.prefetch) == (1, 1, True)
-    # 16-byte loads in both GEMMs of the tensor-core decode (measured faster on the banded weights)
-    for shape in (qwen3, nemotron, deepseek):
-        for tokens in (1, 4, 16, 32):
-            cfg = select_config(tokens, **shape)
-            assert (cfg.vec1, cfg.vec2) == (True, True), (shape, tokens)
-    assert not select_config(128, **qwen3).vec2  # not the tiles
-    # GEMM2 loads its first chunk before its PDL wait on both tensor-core decodes (measured), not on the tiles
-    assert [select_config(t, **qwen3).early2 for t in (1, 2, 3, 4, 16, 64, 128)] == [1, 1, 1, 1, 1, 1, 0]
-    # GEMM1's warps split K inside the program on DeepSeek-V3's long hidden at 1-4 tokens only (measured)
-    assert [select_config(t, **deepseek).ks1 for t in (1, 2, 4, 8, 16)] == [8, 4, 4, 1, 1]
-    assert all(select_config(t, **shape).ks1 == 1 for t in (1, 2, 4) for shape in (qwen3, nemotron))
-    for t in (1, 2, 4):
-        _check_config(select_config(t, **deepseek))
-    # the routing keeps its own launch (routing in GEMM1's programs measured slower on the banded weights)
-    assert not any(select_config(t, **shape).fused_route for t in (1, 2, 4, 16, 128)
-                   for shape in (qwen3, nemotron, deepseek))
-    for shape, tokens in ((qwen3, 128), (nemotron, 128)):
-        cfg = select_config(tokens, **shape)
-        assert (cfg.bm, cfg.swap, cfg.wprefetch, cfg.tc) == (16, True, True, False), (tokens, cfg)
-    assert select_config(1024, **qwen3).bm == 64
-    big = select_config(4096, **qwen3)
-    assert big.bm == 128 and big.wprefetch and not big.swap
-    # 64-row blocks up to 96 rows per expert: DeepSeek-V3's 32 at 1024 tokens and 64 at 2048, not its 128 at
-    # 4096 tokens or Nemotron-Nano's 192
-    assert [select_config(t, **deepseek).bm for t in (1024, 2048, 4096)] == [64, 64, 128]
-    assert select_config(4096, **nemotron).bm == 128
-    # an expert's last rows in tail blocks on the prefill tiles (measured faster at 1024-4096 tokens): 16 rows
-    # behind 64-row blocks, 32 behind 128-row blocks, 64 where hidden is long; none on the 16-row tiles
-    assert [select_config(t, **deepseek).tail for t in (1024, 2048, 4096)] == [16, 16, 64]
-    assert [select_config(t, **qwen3).tail for t in (128, 1024, 4096)] == [0, 16, 32]
-    assert select_config(4096, **nemotron).tail == 32
-    for t in (1024, 4096):
-        for shape in (qwen3, nemotron, deepseek):
-            _check_config(select_config(t, **shape))
-    # column tiles first in the grid on every grouped tile config (measured faster), not on the decodes
-    assert [select_config(t, **qwen3).nfirst for t in (1, 4, 16, 128, 1024, 4096)] == [False] * 3 + [True] * 3
-    assert select_config(8, **few_experts).nfirst
-
-
-_QDEC = dict(bm=1, bk1=0, stages1=1, bk2=0, stages2=1)
-
-
 @pytest.mark.parametrize("bk1, bk2", [(32, 64), (64, 32), (96, 128), (0, 64)])
 def test_tile_k_steps_off_the_band_pieces_are_config_errors(bk1, bk2):
     """The tiles read the banded weights a 64-element piece at a time: another K step is refused, not read
     from the wrong bytes."""
-    from moe_passes.errors import MoEConfigError
-    from moe_passes.kernels.triton_moe import TileConfig, _check_config
-
-    cfg = TileConfig(bm=64, bn1=128, bk1=bk1, warps1=4, stages1=3, bn2=128, bk2=bk2, warps2=4, stages2=3)
+    good = TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=128, warps2=4, stages2=3)
     with pytest.raises(MoEConfigError, match="multiples of 64"):
-        _check_config(cfg)
-    for good in (dataclasses.replace(cfg, bk1=64, bk2=128), dataclasses.replace(cfg, bm=1, tc=True)):
-        _check_config(good)  # the decode configs have no K step
+        dataclasses.replace(good, bk1=bk1, bk2=bk2)
 
 
-@pytest.mark.parametrize("change", [dict(ks1=4, bm=8), dict(ks1=4, prefetch=True), dict(ks1=4, tc=False),
-                                    dict(ks1=3), dict(ks1=32), dict(ks1=0)])
+@pytest.mark.parametrize("change", [dict(ks1=4, grouped=True), dict(ks1=4, prefetch=True), dict(ks1=3),
+                                    dict(ks1=32), dict(ks1=0)])
 def test_gemm1_in_program_k_split_only_where_its_kernel_exists(change):
     """``ks1`` (warps of one per-pair GEMM1 program splitting its K) on a config without that kernel, or a
     warp count Triton cannot launch, is a config error, not a silently different kernel."""
-    from moe_passes.errors import MoEConfigError
-    from moe_passes.kernels.triton_moe import TileConfig, _check_config
-
-    good = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, ks1=4, **_QDEC)
-    _check_config(good)
+    good = DecodeConfig(grouped=False, ks1=4)
     with pytest.raises(MoEConfigError, match="ks1"):
-        _check_config(dataclasses.replace(good, **change))
+        dataclasses.replace(good, **change)
+
+
+@pytest.mark.parametrize("change", [dict(early2=3), dict(early2=-1), dict(split1=0), dict(warps2=0)])
+def test_decode_config_refuses_what_its_kernels_do_not_do(change):
+    with pytest.raises(MoEConfigError, match="DecodeConfig"):
+        dataclasses.replace(DecodeConfig(grouped=True), **change)
 
 
 @pytest.mark.parametrize("change", [dict(tail=64), dict(tail=48), dict(tail=8), dict(tail=16, split2=2),
-                                    dict(tail=16, bm=16, swap=True), dict(tail=16, bm=8, tc=True),
-                                    dict(tail=32, bm=1, tc=True)])
+                                    dict(tail=16, bm=16, swap=True)])
 def test_tail_blocks_only_behind_the_prefill_tiles(change):
     """Tail blocks (an expert's last rows in smaller tiles) exist behind the 64- and 128-row tiles, in sizes
     of 16, 32 or 64 rows below the block's and without a GEMM2 K split (the tails share its output rows):
     anything else is a config error."""
-    from moe_passes.errors import MoEConfigError
-    from moe_passes.kernels.triton_moe import TileConfig, _check_config, _tail_config
-
     good = TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3, tail=32)
-    _check_config(good)
     for tail in (16, 32, 64):
-        cfg = dataclasses.replace(good, bm=128, tail=tail)
-        _check_config(cfg)
-        tiles = _tail_config(cfg)
-        _check_config(tiles)
+        tiles = dataclasses.replace(good, bm=128, tail=tail).tail_tiles()
         assert (tiles.bm, tiles.tail, tiles.swap) == (tail, 0, tail < 64)
     with pytest.raises(MoEConfigError, match="tail"):
-        _check_config(dataclasses.replace(good, **change))
+        dataclasses.replace(good, **change)
 
 
 def _routing_kwargs(routing, experts, device, g):
@@ -165,7 +85,10 @@ def _routing_kwargs(routing, experts, device, g):
     return dict(top_k=4), None
 
 
-def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec=False):
+NO_CUDA_DECODE = KernelOptions(cuda_decode=False)
+
+
+def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec=False, options=None):
     from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
@@ -186,12 +109,12 @@ def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec
         assert not torch.equal(prepared.w13, weights.w13)  # ... and here it does (the Triton layout)
         args = registry.RunArgs(top_k=kw["top_k"], activation=activation, routing=routing,
                                 n_group=kw.get("n_group"), topk_group=kw.get("topk_group"),
-                                routed_scaling_factor=kw.get("routed_scaling_factor"))
+                                routed_scaling_factor=kw.get("routed_scaling_factor"), options=options)
         out = spec.run(x, logits, prepared, None, None, bias, args)
     else:
         out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned
         res = fused_moe_triton(x, logits, prepare_weights(weights), activation=activation, routing=routing,
-                               routing_bias=bias, out=out, **kw)
+                               routing_bias=bias, out=out, options=options, **kw)
         assert res.data_ptr() == out.data_ptr()
     torch.cuda.synchronize()
     assert out.shape == (tokens, hidden) and out.dtype == torch.bfloat16
@@ -210,14 +133,13 @@ def test_activations_and_routings(activation, routing):
            seed=ACTIVATIONS.index(activation) * 10 + ROUTING_METHODS.index(routing))
 
 
-def _cuda_decode_off(monkeypatch):
-    """Turn the one-launch CUDA decode off, and fail the test if it runs anyway."""
+def _refuse_cuda_decode(monkeypatch):
+    """Fail the test if the one-launch CUDA decode runs although its options turned it off."""
     from moe_passes.kernels import cuda_decode
 
     def refuse(*args, **kwargs):
         raise AssertionError("the one-launch CUDA decode ran although it is turned off")
 
-    monkeypatch.setattr(cuda_decode, "ENABLED", False)
     monkeypatch.setattr(cuda_decode, "decode_one_token", refuse)
 
 
@@ -228,12 +150,12 @@ def _cuda_decode_off(monkeypatch):
                          + [(4608, 256, "silu", "deepseek_v3"), (4608, 256, "relu2", "renormalize")])
 def test_one_token_on_the_triton_path(hidden, inter, activation, routing, monkeypatch):
     """One token on SM90 goes to the one-launch CUDA decode (test_cuda_decode.py).  The Triton path stays the
-    fallback (other GPUs, shapes that kernel does not take, ``MOE_NVFP4_CUDA_DECODE=0``), so it is checked with
-    that kernel off: every activation and routing on rows with a narrow last piece (46 groups of hidden, 15 of
-    intermediate), and a hidden size past 4096, where one token takes GEMM1's in-program K split."""
-    _cuda_decode_off(monkeypatch)
+    fallback (other GPUs, shapes that kernel does not take, ``KernelOptions(cuda_decode=False)``), so it is
+    checked with that kernel off: every activation and routing on rows with a narrow last piece (46 groups of
+    hidden, 15 of intermediate), and a hidden size past 4096, where one token takes GEMM1's in-program K split."""
+    _refuse_cuda_decode(monkeypatch)
     _check(hidden=hidden, inter=inter, experts=16, tokens=1, activation=activation, routing=routing,
-           seed=hidden + 10 * ACTIVATIONS.index(activation) + ROUTING_METHODS.index(routing))
+           seed=hidden + 10 * ACTIVATIONS.index(activation) + ROUTING_METHODS.index(routing), options=NO_CUDA_DECODE)
 
 
 @pytest.mark.gpu
@@ -313,7 +235,7 @@ def test_cuda_graph_capture_and_workspace(tokens):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", ["qdec", "qdec_split", "qdec_wide", "qdec_prefetch", "mma16", "mma16_swap",
+@pytest.mark.parametrize("variant", ["mma16", "mma16_swap",
                                      "mma16_split_pf", "mma16_swap_pf_split", "mma64", "mma64_pf_swap",
                                      "mma128_w8", "mma128_pf", "mma128_pf_tail32", "mma64_pf_tail16", "mma128_tail64",
                                      "tc_pair", "tc_pair_split_pf", "tc_group",
@@ -321,18 +243,12 @@ def test_cuda_graph_capture_and_workspace(tokens):
                                      "tc_pair_ks8_vec"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
-    """Every code path: decode GEMV with and without split GEMM1, tensor-core tiles of every size with and
-    without swap, prefetch and K split, the tensor-core decode per pair and grouped (two 8-token blocks per
-    expert), with K splits, prefetch and two warps per program."""
-    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
+    """Every code path: tensor-core tiles of every size with and without swap, prefetch and K split, the
+    tensor-core decode per pair and grouped (two 8-token blocks per expert), with K splits, prefetch and two
+    warps per program."""
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     configs = {
-        "qdec": TileConfig(bm=1, bn1=8, bk1=0, warps1=2, stages1=1, bn2=16, bk2=0, warps2=1, stages2=1, split2=2),
-        "qdec_split": TileConfig(bm=1, bn1=4, bk1=0, warps1=1, stages1=1, bn2=8, bk2=0, warps2=2, stages2=1, split2=3,
-                                 split1=3),
-        "qdec_wide": TileConfig(bm=1, bn1=16, bk1=0, warps1=4, stages1=1, bn2=32, bk2=0, warps2=4, stages2=1, split2=1),
-        "qdec_prefetch": TileConfig(bm=1, bn1=2, bk1=0, warps1=1, stages1=1, bn2=4, bk2=0, warps2=1, stages2=1,
-                                    split2=2, prefetch=True),
         "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4, split2=2),
         "mma16_swap": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4,
                                  split2=2, swap=True),
@@ -356,21 +272,16 @@ def test_tile_variants(variant, activation):
                                       stages2=3, wprefetch=True, tail=16),
         "mma128_tail64": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                     stages2=3, nfirst=True, tail=64),
-        "tc_pair": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, **_QDEC),
-        "tc_pair_split_pf": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=3, split2=2,
-                                       prefetch=True, **_QDEC),
-        "tc_group": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, **dict(_QDEC, bm=8)),
-        "tc_group_split_pf_w2": TileConfig(tc=True, bn1=32, warps1=2, bn2=32, warps2=2, split1=2, split2=3,
-                                           prefetch=True, **dict(_QDEC, bm=8)),
+        "tc_pair": DecodeConfig(grouped=False),
+        "tc_pair_split_pf": DecodeConfig(grouped=False, split1=3, split2=2, prefetch=True),
+        "tc_group": DecodeConfig(grouped=True),
+        "tc_group_split_pf_w2": DecodeConfig(grouped=True, warps1=2, warps2=2, split1=2, split2=3, prefetch=True),
         # 16-byte loads: GEMM1's K (180 groups) takes them, GEMM2's (65 groups, odd) falls back
-        "tc_pair_vec_split": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=3, split2=2, vec1=True,
-                                        vec2=True, **_QDEC),
-        "tc_group_vec_pf": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, prefetch=True, vec1=True,
-                                      vec2=True, **dict(_QDEC, bm=8)),
+        "tc_pair_vec_split": DecodeConfig(grouped=False, split1=3, split2=2, vec1=True, vec2=True),
+        "tc_group_vec_pf": DecodeConfig(grouped=True, prefetch=True, vec1=True, vec2=True),
         # GEMM1's warps splitting one tile's K (22.5 chunks: 4 warps take 6, 6, 6 and 4.5, 8 warps 3 each and 1.5)
-        "tc_pair_ks4": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split2=2, ks1=4, **_QDEC),
-        "tc_pair_ks8_vec": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, ks1=8, vec1=True, vec2=True,
-                                      early2=1, **_QDEC),
+        "tc_pair_ks4": DecodeConfig(grouped=False, split2=2, ks1=4),
+        "tc_pair_ks8_vec": DecodeConfig(grouped=False, ks1=8, vec1=True, vec2=True, early2=1),
     }
     device = torch.device("cuda")
     # 2880 = 22.5 chunks of 128 and 1040 = 65 groups: K tails inside a chunk and inside a thread's group pair
@@ -428,7 +339,7 @@ def _graph_of_calls(xs, logits, hidden, call):
 @needs_gpu
 @pytest.mark.parametrize("tokens", [1, 6, 64, 100, 300])
 @pytest.mark.parametrize("routing", ["renormalize", "deepseek_v3"])
-def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
+def test_pdl_chain_matches_serial_launches(tokens, routing):
     """Programmatic dependent launch: each kernel of a call is launched while the previous one drains and
     waits for it in-kernel.  In a graph of back-to-back calls, each on its own inputs, the outputs must be
     bit-identical to serial launches and match the reference.  1 and 6 tokens run the tensor-core decode per
@@ -438,9 +349,7 @@ def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
     itself."""
     from moe_passes.kernels import triton_moe
 
-    _cuda_decode_off(monkeypatch)
-
-    if not triton_moe._use_pdl("cuda"):
+    if not triton_moe.pdl_supported("cuda"):
         pytest.skip("needs compute capability >= 9.0 and Triton's PDL intrinsics")
     device = torch.device("cuda")
     hidden, inter, experts, calls = 1040, 528, 48, 6
@@ -454,9 +363,10 @@ def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
     ls = [torch.randn(tokens, experts, generator=g).to(device) for _ in range(calls)]
 
     def run_graph(pdl):
-        monkeypatch.setattr(triton_moe, "PDL", pdl)
+        options = KernelOptions(pdl=pdl, cuda_decode=False)
         return _graph_of_calls(xs, ls, hidden, lambda x, lg, o: triton_moe.fused_moe_triton(
-            x, lg, kernel_weights, activation="silu", routing=routing, routing_bias=bias, out=o, **kwargs))
+            x, lg, kernel_weights, activation="silu", routing=routing, routing_bias=bias, out=o, options=options,
+            **kwargs))
 
     chained = run_graph(True)
     serial = run_graph(False)
@@ -471,76 +381,25 @@ def test_pdl_chain_matches_serial_launches(tokens, routing, monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("routing", ROUTING_METHODS)
-@pytest.mark.parametrize("tokens,tc", [(1, False), (3, False), (3, True), (6, True)])
-def test_routing_fused_into_gemm1(routing, tokens, tc):
-    """Per-pair decode programs route their own token (no routing launch).  Against the same layer with the
-    routing launch: bit-identical outputs (so the same experts and routing weights); and against the
-    reference.  Packed decode (split GEMM1 at 3 tokens) and tensor-core decode per pair, every routing
-    method (deepseek_v3 with 4 groups of 4)."""
-
-    from moe_passes.kernels import triton_moe
-
-    device = torch.device("cuda")
-    hidden, inter, experts = 1040, 208, 16
-    weights = make_layer(hidden, inter, experts, "silu", device, seed=tokens + 7 * tc)
-    kernel_weights = triton_moe.prepare_weights(weights)
-    g = torch.Generator(device="cpu").manual_seed(31 + tokens)
-    kw, bias = _routing_kwargs(routing, experts, device, g)
-    x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
-    logits = torch.randn(tokens, experts, generator=g).to(device)
-    if tc:
-        base = triton_moe._tc_config(tokens * kw["top_k"], hidden, inter, grouped=False, target=2048, vec1=False)
-    else:
-        base = triton_moe.TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, split1=tokens // 2 + 1, **_QDEC)
-    assert base.bm == 1 and base.tc == tc
-    outs = []
-    for fused in (True, False):
-        cfg = dataclasses.replace(base, fused_route=fused)
-        out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)
-        triton_moe.fused_moe_triton(x, logits, kernel_weights, activation="silu", routing=routing,
-                                    routing_bias=bias, out=out, config=cfg, **kw)
-        outs.append(out)
-    torch.cuda.synchronize()
-    assert not outs[0].isnan().any()
-    assert torch.equal(outs[0], outs[1])
-    ref = fused_moe_reference(x, logits, *weights, activation="silu", routing=routing, routing_bias=bias,
-                              quantize_activations=False, **kw)
-    rel = ((outs[0].float() - ref.float()).norm() / ref.float().norm()).item()
-    assert rel < 1e-2, rel
-
-
-@pytest.mark.gpu
-@needs_gpu
 @pytest.mark.parametrize("routing", ["renormalize", "deepseek_v3"])
-@pytest.mark.parametrize("variant", ["packed_route", "packed_split", "tc_pair_split", "tc_pair_route", "tc_group",
-                                     "tc_group_prefetch"])
+@pytest.mark.parametrize("variant", ["tc_pair_split", "tc_group", "tc_group_prefetch"])
 def test_gemm2_early_weight_loads(variant, routing):
-    """``TileConfig.early2``: GEMM2 reads its expert and first K step(s) of weights before its PDL wait (after
-    a split GEMM1 the activation kernel releases it before its own wait; after a GEMM1 that routed, GEMM2
-    routes again).  In a CUDA graph of back-to-back calls, each on its own inputs, every output must be
+    """``DecodeConfig.early2``: GEMM2 reads its expert and first K step(s) of weights before its PDL wait (after
+    a split GEMM1 the activation kernel releases it before its own wait).  In a CUDA graph of back-to-back calls, each on its own inputs, every output must be
     bit-identical to the same configs without it (the same sums in the same order), match the reference,
     and leave no poisoned element.  Odd group counts (1040 = 65 groups, 208 = 13) and a GEMM2 K split, so
     early loads start inside a row and end in a partial step."""
 
     from moe_passes.kernels import triton_moe
 
-    if not triton_moe._use_pdl("cuda"):
+    if not triton_moe.pdl_supported("cuda"):
         pytest.skip("needs compute capability >= 9.0 and Triton's PDL intrinsics")
     device = torch.device("cuda")
     hidden, inter, experts, calls = 1040, 208, 16, 5
     tokens, cfg = {
-        "packed_route": (1, triton_moe.TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, split2=2, fused_route=True,
-                                                  **_QDEC)),
-        "packed_split": (3, triton_moe.TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, split1=2, **_QDEC)),
-        "tc_pair_split": (5, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=2, split2=1,
-                                                   **_QDEC)),
-        "tc_pair_route": (5, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split2=2,
-                                                   fused_route=True, **_QDEC)),
-        "tc_group": (24, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split2=2,
-                                               **dict(_QDEC, bm=8))),
-        "tc_group_prefetch": (24, triton_moe.TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, prefetch=True,
-                                                        **dict(_QDEC, bm=8))),
+        "tc_pair_split": (5, DecodeConfig(grouped=False, split1=2, split2=1)),
+        "tc_group": (24, DecodeConfig(grouped=True, split2=2)),
+        "tc_group_prefetch": (24, DecodeConfig(grouped=True, prefetch=True)),
     }[variant]
     weights = make_layer(hidden, inter, experts, "silu", device, seed=41)
     kernel_weights = triton_moe.prepare_weights(weights)
@@ -552,10 +411,11 @@ def test_gemm2_early_weight_loads(variant, routing):
     def run_graph(early):
         c = dataclasses.replace(cfg, early2=early)
         return _graph_of_calls(xs, ls, hidden, lambda x, lg, o: triton_moe.fused_moe_triton(
-            x, lg, kernel_weights, activation="silu", routing=routing, routing_bias=bias, out=o, config=c, **kw))
+            x, lg, kernel_weights, activation="silu", routing=routing, routing_bias=bias, out=o, config=c,
+            options=KernelOptions(pdl=True), **kw))
 
     plain = run_graph(0)
-    for level in (1, 2) if cfg.tc and not cfg.prefetch else (1,):  # two chunks: the tensor-core decode only
+    for level in (1, 2) if not cfg.prefetch else (1,):  # two chunks: without prefetch only
         early = run_graph(level)
         for e, p in zip(early, plain):
             assert not e.isnan().any()
@@ -575,7 +435,8 @@ def test_grid_order_is_bit_identical(tokens, activation, monkeypatch):
     the output is bit-identical to row blocks first (16-, 64- and 128-row tiles) and matches the reference;
     with more row blocks than grid axis 1 takes, the call falls back to row blocks first."""
 
-    from moe_passes.kernels import triton_moe
+    from moe_passes.kernels import triton_moe, triton_tiles
+    from moe_passes.kernels.triton_plan import H200, Problem, plan
 
     device = torch.device("cuda")
     hidden, inter, experts, top_k = 704, 208, 16, 4
@@ -584,8 +445,8 @@ def test_grid_order_is_bit_identical(tokens, activation, monkeypatch):
     g = torch.Generator(device="cpu").manual_seed(tokens + 1)
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
-    base = triton_moe.select_config(tokens, top_k, experts, hidden, inter, is_gated(activation))
-    assert base.nfirst and not base.tc and base.bm > 1, base
+    base = plan(Problem(tokens, top_k, experts, hidden, inter, is_gated(activation)), H200).config
+    assert isinstance(base, TileConfig) and base.nfirst, base
 
     def run(cfg):
         out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)
@@ -594,7 +455,7 @@ def test_grid_order_is_bit_identical(tokens, activation, monkeypatch):
 
     first_n = run(base)
     first_m = run(dataclasses.replace(base, nfirst=False))
-    monkeypatch.setattr(triton_moe, "_GRID_Y_MAX", 2)  # every call here has more row blocks than that
+    monkeypatch.setattr(triton_tiles, "GRID_Y_MAX", 2)  # every call here has more row blocks than that
     fallback = run(base)
     torch.cuda.synchronize()
     assert torch.equal(first_n, first_m) and torch.equal(fallback, first_m)
@@ -622,8 +483,8 @@ def test_tail_blocks_are_bit_identical_to_whole_blocks(bm, tail, activation):
     g = torch.Generator(device="cpu").manual_seed(tail)
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
-    cfg = triton_moe.TileConfig(bm=bm, bn1=128 if bm == 64 else 64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64,
-                                warps2=4, stages2=3, wprefetch=True, nfirst=True, tail=tail)
+    cfg = TileConfig(bm=bm, bn1=128 if bm == 64 else 64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64,
+                     warps2=4, stages2=3, wprefetch=True, nfirst=True, tail=tail)
     with_tails = triton_moe.fused_moe_triton(x, logits, kernel_weights, top_k=top_k, activation=activation,
                                              config=cfg)
     without = triton_moe.fused_moe_triton(x, logits, kernel_weights, top_k=top_k, activation=activation,
@@ -653,21 +514,6 @@ def test_bad_out_and_logits_are_errors():
         with pytest.raises(MoEConfigError, match="router_logits must be"):
             triton_moe.fused_moe_triton(x, bad, weights, top_k=2)
     assert not triton_moe.fused_moe_triton(x, logits, weights, top_k=2).isnan().any()
-
-
-@pytest.mark.gpu
-@needs_gpu
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("hidden,inter,split1,split2", [(720, 208, 1, 1), (2880, 464, 2, 3), (1040, 1040, 3, 2)])
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_packed_decode_edges(activation, hidden, inter, split1, split2, prefetch):
-    """The packed-decode GEMV kernels: odd group counts, K splits that end between a thread's two groups,
-    every activation, a strided (non-contiguous) activation input; fresh inputs, poisoned output."""
-    from moe_passes.kernels.triton_moe import TileConfig
-
-    cfg = TileConfig(bn1=4, warps1=1, bn2=8, warps2=2, split1=split1, split2=split2, prefetch=prefetch, **_QDEC)
-    seed = 100 + ACTIVATIONS.index(activation) * 7 + hidden
-    _check_strided_decode(cfg, activation, hidden, inter, tokens=3, seed=seed)
 
 
 def _check_strided_decode(cfg, activation, hidden, inter, tokens, seed, x_offset=8):
@@ -708,10 +554,7 @@ def test_tensor_core_decode_edges(activation, hidden, inter, split1, split2, vec
     programs, a strided activation input; fresh inputs, poisoned output.  With ``vec`` the 16-byte loads
     (even group counts, 2880 = 180 and 1056 = 66, whose last chunks are partial), on activation rows that
     are 16-byte aligned (one K split) or only 8-byte aligned (then the activations keep 8-byte loads)."""
-    from moe_passes.kernels.triton_moe import TileConfig
-
-    cfg = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=split1, split2=split2, prefetch=prefetch,
-                     vec1=vec, vec2=vec, **dict(_QDEC, bm=8 if grouped else 1))
+    cfg = DecodeConfig(grouped=grouped, split1=split1, split2=split2, prefetch=prefetch, vec1=vec, vec2=vec)
     seed = 300 + ACTIVATIONS.index(activation) * 7 + hidden + split1
     _check_strided_decode(cfg, activation, hidden, inter, tokens=5, seed=seed, x_offset=4 if split1 > 1 else 8)
 
@@ -725,9 +568,7 @@ def test_gemm1_in_program_k_split_edges(activation, hidden, inter, ks1, vec):
     """GEMM1 programs whose warps split one tile's K (``ks1``): warps with no chunk at all (720 = 6 chunks on
     16 warps), a last chunk that ends inside a thread's pair of groups (2896 = 181 groups), 16-byte loads;
     strided activations, fresh inputs, poisoned output, against the reference."""
-    from moe_passes.kernels.triton_moe import TileConfig
-
-    cfg = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, ks1=ks1, vec1=vec, vec2=vec, **_QDEC)
+    cfg = DecodeConfig(grouped=False, ks1=ks1, vec1=vec, vec2=vec)
     _check_strided_decode(cfg, activation, hidden, inter, tokens=5, seed=500 + hidden + ks1,
                           x_offset=8 if vec else 4)
 
@@ -743,7 +584,8 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
     exactly one row of a block of its own expert, each expert in the fewest blocks (with tails: its last
     ``tail`` rows or fewer past whole blocks in a tail block of its own), padding rows and unused blocks
     marked, and the counters left at the experts' pair counts."""
-    from moe_passes.kernels.triton_moe import _align
+    from moe_passes.kernels.triton_group import align
+    from moe_passes.kernels.triton_plan import one_program_grouping
 
     device = torch.device("cuda")
     g = torch.Generator(device="cpu").manual_seed(pairs + experts)
@@ -757,8 +599,9 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
     max_tails = min(pairs, experts) if tail else 0
     main_rows = max_blocks * bm
     counts = torch.zeros(experts, dtype=torch.int32, device=device)
-    sorted_ids, bexp, texp = _align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks,
-                                    tail=tail, max_tails=max_tails)
+    sorted_ids, bexp, texp = align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks,
+                                   tail=tail, max_tails=max_tails,
+                                   one_program=one_program_grouping(pairs, bm, tail, KernelOptions()))
     rows, blocks = sorted_ids.cpu()[:main_rows].view(max_blocks, bm), bexp.cpu()
     per_expert = torch.bincount(ids, minlength=experts)
     rest = per_expert % bm
@@ -791,10 +634,9 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_decode_gemv_matches_tensor_core_tiles():
-    """The CUDA-core decode, the tensor-core decode and the tensor-core tiles all sum exact products in fp32:
-    they agree closely."""
-    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
+def test_decode_matches_tensor_core_tiles():
+    """The tensor-core decode and the tensor-core tiles both sum exact products in fp32: they agree closely."""
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
     hidden, inter, experts, top_k, tokens = 2048, 768, 32, 8, 2
@@ -803,11 +645,10 @@ def test_decode_gemv_matches_tensor_core_tiles():
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
     mma = TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4, split2=2)
-    gemv = TileConfig(bn1=8, warps1=2, bn2=16, warps2=1, split2=2, **_QDEC)
-    tc_pair = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=2, **_QDEC)
-    tc_group = TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split2=2, **dict(_QDEC, bm=8))
+    tc_pair = DecodeConfig(grouped=False, split1=2)
+    tc_group = DecodeConfig(grouped=True, split2=2)
     a = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=mma)
-    for cfg in (gemv, tc_pair, tc_group):
+    for cfg in (tc_pair, tc_group):
         b = fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", routing="renormalize", config=cfg)
         torch.cuda.synchronize()
         rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
@@ -816,11 +657,11 @@ def test_decode_gemv_matches_tensor_core_tiles():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", ["decode", "decode_split", "tc_pair", "tc_group", "mma16", "mma128"])
+@pytest.mark.parametrize("variant", ["tc_pair", "tc_group", "mma16", "mma128"])
 def test_subnormal_codes_are_not_flushed(variant):
     """Weights made only of +-0.5 (E2M1 code 1, an fp32/bf16 subnormal in the kernels' bit tricks): a flush
     to zero anywhere would zero the whole output."""
-    from moe_passes.kernels.triton_moe import TileConfig, fused_moe_triton, prepare_weights
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     device = torch.device("cuda")
     hidden, inter, experts, top_k = 512, 256, 8, 2
@@ -837,10 +678,8 @@ def test_subnormal_codes_are_not_flushed(variant):
     x = torch.randn(tokens, hidden, generator=g).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
     configs = {
-        "decode": TileConfig(bn1=4, warps1=1, bn2=8, warps2=1, **_QDEC),
-        "decode_split": TileConfig(bn1=4, warps1=1, bn2=8, warps2=2, split1=2, split2=3, **_QDEC),
-        "tc_pair": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, **_QDEC),
-        "tc_group": TileConfig(tc=True, bn1=16, warps1=1, bn2=16, warps2=1, split1=2, **dict(_QDEC, bm=8)),
+        "tc_pair": DecodeConfig(grouped=False, split2=3),
+        "tc_group": DecodeConfig(grouped=True, split1=2),
         "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4),
         "mma128": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
                              wprefetch=True),
@@ -862,7 +701,7 @@ def test_subnormal_codes_are_not_flushed(variant):
 def test_routing_kernel_matches_reference(routing, experts, tokens):
     """The one-launch routing against ``reference.route``: same experts in the same order, same weights."""
     from moe_passes.kernels.reference import route
-    from moe_passes.kernels.triton_route import _route
+    from moe_passes.kernels.triton_route import route as triton_route
 
     g = torch.Generator(device="cpu").manual_seed(experts + tokens)
     logits = torch.randn(tokens, experts, generator=g).cuda()
@@ -875,8 +714,8 @@ def test_routing_kernel_matches_reference(routing, experts, tokens):
         kw.update(n_group=8 if experts > 16 else 4, topk_group=4 if experts > 16 else 2, routed_scaling_factor=2.5)
     want_w, want_ids = route(logits, kw["top_k"], routing, routing_bias=bias, n_group=kw.get("n_group"),
                              topk_group=kw.get("topk_group"), routed_scaling_factor=kw.get("routed_scaling_factor"))
-    w, ids = _route(logits, kw["top_k"], routing, bias, kw.get("n_group"), kw.get("topk_group"),
-                    kw.get("routed_scaling_factor"))
+    w, ids = triton_route(logits, kw["top_k"], routing, bias, kw.get("n_group"), kw.get("topk_group"),
+                         kw.get("routed_scaling_factor"))
     torch.cuda.synchronize()
     assert torch.equal(ids.cpu(), want_ids.cpu())
     torch.testing.assert_close(w.cpu(), want_w.float().cpu(), rtol=1e-5, atol=1e-6)
@@ -885,11 +724,11 @@ def test_routing_kernel_matches_reference(routing, experts, tokens):
 @pytest.mark.gpu
 @needs_gpu
 def test_routing_kernel_breaks_ties_by_lowest_expert():
-    from moe_passes.kernels.triton_route import _route
+    from moe_passes.kernels.triton_route import route
 
     logits = torch.zeros(3, 64, device="cuda")
     logits[1, 40:] = 1.0  # 24 tied best experts: the lowest four win
-    w, ids = _route(logits, 4, "renormalize", None, None, None, None)
+    w, ids = route(logits, 4, "renormalize", None, None, None, None)
     torch.cuda.synchronize()
     assert ids[0].tolist() == [0, 1, 2, 3] and ids[1].tolist() == [40, 41, 42, 43]
     torch.testing.assert_close(w.cpu(), torch.full((3, 4), 0.25))

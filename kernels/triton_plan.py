@@ -1,0 +1,362 @@
+"""The Hopper path's planner: which kernel variant runs a call, with which config, and why.
+
+:func:`plan` is a pure function of the problem (:class:`Problem`), the device's properties
+(:class:`DeviceInfo`) and the options (:class:`KernelOptions`); it makes no CUDA call and needs no Triton,
+so it runs on a CPU (tests, ``moe-nvfp4 plan``).  The entry point (:func:`triton_moe.fused_moe_triton`)
+validates, plans, allocates and launches.
+
+The choice is a table (:data:`REGIMES`): one token on SM90 goes to the one-launch CUDA decode where it takes
+the call; otherwise the first row whose token range and rows per expert (``rows = pairs / touched``, the
+expected experts touched ``E (1 - (1 - k/E)^T)``) hold.  The measurements behind each row are in
+docs/architecture.md ("Dispatch") and the results JSON it links.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional, Union
+
+from moe_passes.errors import MoEConfigError
+from moe_passes.kernels.options import KernelOptions
+
+__all__ = ["DecodeConfig", "TileConfig", "Problem", "DeviceInfo", "Plan", "Regime", "REGIMES", "VARIANTS", "plan",
+           "cached_plan", "k_split", "doubled_split", "one_program_grouping", "rows_per_expert"]
+
+# The tensor-core decode steps K in 128-element chunks (8 NVFP4 groups): its splits start on chunks.
+DECODE_CHUNK = 128
+# The tiles address the banded weights (triton_layout) a 64-element piece at a time.
+PIECE = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def k_split(k: int, split: int, step: int) -> tuple:
+    """``(elements per split, splits used)``: ``k`` cut into ``split`` parts rounded up to whole ``step``s
+    (the last part may be shorter; fewer parts when rounding leaves one empty)."""
+    per = _cdiv(_cdiv(k, split), step) * step
+    return per, _cdiv(k, per)
+
+
+def doubled_split(units: int, target: int, k: int, most: int) -> int:
+    """A K split doubled while ``units`` programs (or warps) times the split stay under ``target`` and each part
+    keeps at least 256 elements of ``k``, up to ``most``."""
+    split = 1
+    while split < most and units * split < target and k // (256 * split) >= 2:
+        split *= 2
+    return split
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """The tensor-core decode (:mod:`triton_tc_decode`): one warp per 16 weight rows, inline ``mma.sync``.
+
+    ``grouped``: pairs grouped by expert into 8-token blocks, else one program per (token, expert) pair.
+    ``warps1``/``warps2``: warps (16-row tiles) per program; ``split1``/``split2``: K splits of GEMM1 / GEMM2
+    over the grid (GEMM1's partial sums then meet in an activation launch).  ``prefetch``: the next chunk
+    loaded before this one's MMAs.  ``vec1``/``vec2``: 16-byte loads where sizes and addresses allow.
+    ``early2``: GEMM2 loads its first ``early2`` chunks before its PDL wait (0, 1 or 2).  ``ks1`` > 1
+    (per pair, no prefetch): GEMM1 programs of ``ks1`` warps splitting one tile's K among themselves.
+    """
+
+    grouped: bool
+    warps1: int = 1
+    warps2: int = 1
+    split1: int = 1
+    split2: int = 1
+    prefetch: bool = False
+    vec1: bool = False
+    vec2: bool = False
+    early2: int = 0
+    ks1: int = 1
+
+    def __post_init__(self):
+        if min(self.warps1, self.warps2, self.split1, self.split2) < 1:
+            raise MoEConfigError(f"DecodeConfig warps and splits must be positive: {self}")
+        if self.early2 not in (0, 1, 2):
+            raise MoEConfigError(f"DecodeConfig early2={self.early2}: GEMM2 loads 0, 1 or 2 chunks before its wait")
+        if self.ks1 != 1 and not (not self.grouped and not self.prefetch and self.ks1 in (2, 4, 8, 16)):
+            raise MoEConfigError(f"DecodeConfig ks1={self.ks1}: GEMM1's in-program K split is a power of two up to "
+                                 "16 warps, for the per-pair decode (grouped=False) without prefetch")
+
+    @property
+    def bm(self) -> int:
+        """Rows (tokens) per program: the grouping's block size, 1 per pair."""
+        return 8 if self.grouped else 1
+
+    chains = True  # its launches are chained by programmatic dependent launch
+    k_step2 = DECODE_CHUNK  # GEMM2's K split starts on whole chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """The tensor-core tiles (:mod:`triton_tiles`): pairs grouped by expert into ``bm``-row blocks, ``tl.dot``.
+
+    ``bn*``/``bk*``/``warps*``/``stages*``: each GEMM's column tile, K step (whole 64-element pieces), warps and
+    pipeline stages.  ``split2``: GEMM2's K split.  ``swap``: the weights as the MMA's register operand (tokens
+    as N).  ``wprefetch``: weight words loaded one K step ahead.  ``nfirst``: column tiles on grid axis 0,
+    so the programs resident together share activation rows in L2.  ``tail`` (16, 32 or 64; 0 off): an
+    expert's last rows, when at most ``tail`` remain past its whole blocks, go to a tail block run by a second
+    launch of smaller tiles (:meth:`tail_tiles`): a program costs what its weight tiles cost, not its rows.
+    """
+
+    bm: int
+    bn1: int
+    bk1: int
+    warps1: int
+    stages1: int
+    bn2: int
+    bk2: int
+    warps2: int
+    stages2: int
+    split2: int = 1
+    swap: bool = False
+    wprefetch: bool = False
+    nfirst: bool = False
+    tail: int = 0
+
+    def __post_init__(self):
+        if self.bk1 % PIECE or self.bk2 % PIECE or self.bk1 <= 0 or self.bk2 <= 0:
+            raise MoEConfigError(f"TileConfig bk1={self.bk1}, bk2={self.bk2}: the tensor-core tiles need K steps that "
+                                 "are positive multiples of 64 (one piece of the banded weight layout)")
+        if self.tail and not (self.bm >= 64 and self.tail in (16, 32, 64) and self.tail < self.bm
+                              and self.split2 == 1):
+            raise MoEConfigError(f"TileConfig tail={self.tail}: tail blocks of 16, 32 or 64 rows, fewer than bm, go "
+                                 f"with tiles of 64 rows or more and no GEMM2 K split (got bm={self.bm}, "
+                                 f"split2={self.split2})")
+
+    @property
+    def chains(self) -> bool:
+        """Launches chained by programmatic dependent launch: the 16-row tiles; prefill calls (0.5-12 ms)
+        launch serially, where chaining gave no consistent gain."""
+        return self.bm <= 16
+
+    @property
+    def k_step2(self) -> int:
+        return self.bk2
+
+    def tail_tiles(self) -> "TileConfig":
+        """The tail blocks' tiles: the 16-row tiles' shapes for tails of 16 or 32 rows, the 64-row tiles' for
+        64; warps, stages, prefetch and grid order as the main blocks'."""
+        shape = _SWAPPED_TILES if self.tail <= 32 else _TILES_64
+        return dataclasses.replace(self, bm=self.tail if self.tail <= 32 else 64, tail=0, **shape)
+
+
+# Column tiles and K steps of the 16-row tiles (weights as the MMA's A operand) and of the 64-row tiles.
+_SWAPPED_TILES = dict(bn1=64, bk1=128, bn2=64, bk2=128, swap=True)
+_TILES_64 = dict(bn1=128, bk1=64, bn2=128, bk2=64, swap=False)
+_PREFILL = dict(warps1=4, stages1=3, warps2=4, stages2=3, wprefetch=True, nfirst=True)
+
+Config = Union[DecodeConfig, TileConfig]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One call as the planner sees it (sizes as the weights hold them: padded, this rank's experts)."""
+
+    tokens: int
+    top_k: int
+    experts: int
+    hidden: int
+    inter: int
+    gated: bool
+    routing: str = "renormalize"
+    n_group: Optional[int] = None
+    topk_group: Optional[int] = None
+    local: bool = False  # expert parallel: the weights hold a slice of the experts
+
+    @property
+    def pairs(self) -> int:
+        return self.tokens * self.top_k
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    """What the planner needs of the GPU: SM count, compute capability, per-block opt-in shared memory (None:
+    unknown, so the CUDA decode's shared-memory fit is left to the call)."""
+
+    sm_count: int = 132
+    capability: tuple = (9, 0)
+    smem_optin: Optional[int] = None
+
+
+H200 = DeviceInfo(sm_count=132, capability=(9, 0), smem_optin=232448)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+    """A row of the table: the variant a call takes when its tokens lie in ``tokens`` (inclusive) and its rows
+    per expert are at most ``max_rows`` (gated, ungated); ``why`` is the measurement that chose it."""
+
+    variant: str
+    tokens: tuple
+    max_rows: tuple
+    why: str
+
+    def takes(self, tokens: int, rows: float, gated: bool) -> bool:
+        lo, hi = self.tokens
+        return lo <= tokens <= hi and rows <= self.max_rows[0 if gated else 1]
+
+
+_ANY = (1, math.inf)
+# First match wins.  Figures: H200, whole layer, CUDA-graph captured (docs/architecture.md, "Dispatch").
+REGIMES = (
+    Regime("grouped_decode", (16, 64), (8, 8),
+           "pairs grouped into 8-token expert blocks, each expert's weights read once: 1.13-1.42x the 16-row tiles "
+           "at 16-64 tokens, slower from 128 (two blocks per expert)"),
+    Regime("pair_decode", _ANY, (1.15, 1.15),
+           "about one pair per expert: one program per pair, no grouping launch; the routing keeps its own launch "
+           "(routing in GEMM1's programs measured slower)"),
+    Regime("pair_decode", (1, 16), (2.0, 1.3),
+           "few tokens: per-pair programs still beat the 16-row tiles up to 2 rows per expert (1.3 ungated, whose "
+           "tiles win sooner)"),
+    Regime("tiles16", _ANY, (16, 16),
+           "16-row tiles, weights as the MMA's register operand and loaded a K step ahead: faster than either "
+           "alone at 32-128 tokens, every 32-row variant slower"),
+    Regime("tiles64", _ANY, (96, 96),
+           "64-row prefill tiles up to 96 rows per expert, column tiles first (4-10% at 1024-4096 tokens), "
+           "16-row tail blocks"),
+    Regime("tiles128", _ANY, (math.inf, math.inf),
+           "128-row prefill tiles, tails of 32 rows (64 on hidden > 4096, where swapped 32-row tails are slower)"),
+)
+CUDA_DECODE_WHY = ("one token on SM90: the whole layer in one persistent CUDA launch, at least as fast as the "
+                   "Triton decode on the four benchmark layers (Qwen3 16.0 against 16.9 us)")
+VARIANTS = ("cuda_decode",) + tuple(dict.fromkeys(r.variant for r in REGIMES))
+
+
+def rows_per_expert(tokens: int, top_k: int, experts: int) -> float:
+    """Expected pairs per touched expert: ``tokens * top_k`` over ``E (1 - (1 - k/E)^T)``."""
+    touched = experts * (1.0 - (1.0 - top_k / experts) ** tokens)
+    return tokens * top_k / max(1.0, touched)
+
+
+def _decode(p: Problem, d: DeviceInfo, grouped: bool) -> DecodeConfig:
+    # K split until ~8 (grouped) / ~16 (per pair) warps per SM are launched; the register prefetch pays on the
+    # grouped blocks only; 16-byte loads in both GEMMs and GEMM2's early first chunk measured never slower.
+    blocks = min(p.pairs, p.experts) if grouped else p.pairs
+    target = (8 if grouped else 16) * d.sm_count
+    split1 = doubled_split(blocks * _cdiv(p.inter, 16), target, p.hidden, 8)
+    split2 = doubled_split(blocks * _cdiv(p.hidden, 16), target, p.inter, 8)
+    cfg = DecodeConfig(grouped=grouped, split1=split1, split2=split2, prefetch=grouped, vec1=True, vec2=True,
+                       early2=1)
+    if not grouped and p.hidden > 4096 and p.tokens <= 4:
+        # a long hidden at 1-4 tokens: GEMM1's K split among one program's warps (no partial sums in memory,
+        # no activation launch); equal or slower on the small layers
+        cfg = dataclasses.replace(cfg, ks1=8 if p.tokens == 1 else 4, split1=1)
+    return cfg
+
+
+def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
+    # GEMM2's K split until two column tiles per SM (at most 4)
+    split2 = doubled_split(min(p.experts, p.pairs) * ((p.hidden + 63) // 64), 2 * d.sm_count, p.inter, 4)
+    return TileConfig(bm=16, split2=split2, **_PREFILL, **_SWAPPED_TILES)
+
+
+def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
+    return TileConfig(bm=64, tail=16, **_PREFILL, **_TILES_64)
+
+
+def _tiles128(p: Problem, d: DeviceInfo) -> TileConfig:
+    return TileConfig(bm=128, bn1=64 if p.gated else 128, bk1=64, bn2=128, bk2=64, **_PREFILL,
+                      tail=64 if p.hidden > 4096 else 32)
+
+
+_BUILD = {
+    "grouped_decode": lambda p, d: _decode(p, d, grouped=True),
+    "pair_decode": lambda p, d: _decode(p, d, grouped=False),
+    "tiles16": _tiles16,
+    "tiles64": _tiles64,
+    "tiles128": _tiles128,
+}
+
+
+def one_program_grouping(pairs: int, bm: int, tail: int, options: KernelOptions) -> bool:
+    """The expert grouping in one program (``triton_group``) rather than three launches: up to
+    ``options.one_program_pairs`` pairs in blocks of at most 16 rows, without tails (2.4-4 us a call faster at
+    16-128 tokens on Qwen3 and Gemma-4).  False where nothing is grouped (one program per pair, ``bm`` 1)."""
+    return 1 < bm <= 16 and pairs <= options.one_program_pairs and not tail
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one call runs: ``variant`` (one of :data:`VARIANTS`), its ``config`` (None for the CUDA decode),
+    ``why`` in a line, whether the grouping is one program, and for the CUDA decode the Triton plan taken
+    where it refuses the call at run time (``fallback``: dtypes, alignment, no NVRTC, a refused launch)."""
+
+    variant: str
+    config: Optional[Config]
+    why: str
+    one_program_grouping: bool = False
+    fallback: Optional["Plan"] = None
+
+    def knobs(self) -> str:
+        """The config's fields that differ from their defaults, ``name=value`` (a true flag by its name)."""
+        if self.config is None:
+            return ""
+        out = []
+        for f in dataclasses.fields(self.config):
+            value = getattr(self.config, f.name)
+            if f.name in ("grouped", "bm") or value == f.default:
+                continue
+            out.append(f.name if value is True else f"{f.name}={value}")
+        return " ".join(out)
+
+    def describe(self) -> str:
+        """``variant [knobs]: why`` in one line (``moe-nvfp4 plan``)."""
+        if self.config is None:
+            return f"{self.variant} (else {self.fallback.variant} [{self.fallback.knobs()}]): {self.why}"
+        return f"{self.variant} [{self.knobs()}]: {self.why}"
+
+
+def _with_overrides(cfg: Config, options: KernelOptions) -> Config:
+    overrides = dict(options.decode_overrides if isinstance(cfg, DecodeConfig) else options.tile_overrides)
+    if not overrides:
+        return cfg
+    known = {f.name for f in dataclasses.fields(cfg)}
+    if set(overrides) - known:
+        raise MoEConfigError(f"{type(cfg).__name__} has no fields {sorted(set(overrides) - known)}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def plan_config(config: Config, problem: Problem, options: KernelOptions) -> Plan:
+    """The plan of a caller's own config (tests, experiments): run as given, never the CUDA decode."""
+    variant = ("grouped_decode" if config.grouped else "pair_decode") if isinstance(config, DecodeConfig) else (
+        f"tiles{config.bm}")
+    return Plan(variant, config, "the caller's config",
+                one_program_grouping(problem.pairs, config.bm, getattr(config, "tail", 0), options))
+
+
+def plan(problem: Problem, device: DeviceInfo, options: Optional[KernelOptions] = None) -> Plan:
+    """The variant, config and reason for ``problem`` on ``device`` (see the module docstring)."""
+    options = options if options is not None else KernelOptions()
+    p = problem
+    rows = rows_per_expert(p.tokens, p.top_k, p.experts)
+    regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated))
+    cfg = _with_overrides(_BUILD[regime.variant](p, device), options)
+    triton = Plan(regime.variant, cfg, f"{rows:.2f} rows per expert; {regime.why}",
+                  one_program_grouping(p.pairs, cfg.bm, getattr(cfg, "tail", 0), options))
+    if _cuda_decode_refusal(p, device, options) is None:
+        return Plan("cuda_decode", None, CUDA_DECODE_WHY, fallback=triton)
+    return triton
+
+
+@functools.lru_cache(maxsize=4096)
+def cached_plan(problem: Problem, device: DeviceInfo, options: KernelOptions) -> Plan:
+    """:func:`plan`, made once per (problem, device, options): the call path does not pay it again."""
+    return plan(problem, device, options)
+
+
+def _cuda_decode_refusal(p: Problem, d: DeviceInfo, options: KernelOptions) -> Optional[str]:
+    """Why the one-launch CUDA decode cannot take this problem whatever the tensors, or None (it may still
+    refuse at run time: dtypes, alignment, NVRTC)."""
+    if not options.cuda_decode:
+        return "turned off"
+    if p.tokens != 1 or p.local or d.capability[0] != 9:
+        return "one token, all experts, on a compute capability 9.x GPU"
+    from moe_passes.kernels import cuda_decode
+
+    return cuda_decode.static_refusal(p.hidden, p.inter, p.experts, p.top_k, p.gated, p.routing, p.n_group,
+                                      p.topk_group, d.sm_count, d.smem_optin, options)

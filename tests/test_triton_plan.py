@@ -1,0 +1,200 @@
+"""The Hopper planner (kernels/triton_plan.py) on the CPU: properties of its plans over many shapes, token
+counts and devices, the regime table it follows, the options it takes, and ``moe-nvfp4 plan``."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import pathlib
+import random
+import re
+
+import pytest
+
+from moe_passes.bench import SHAPES
+from moe_passes.errors import MoEConfigError
+from moe_passes.kernels import options as kernel_options
+from moe_passes.kernels.options import KernelOptions
+from moe_passes.kernels.triton_plan import (H200, REGIMES, VARIANTS, DecodeConfig, DeviceInfo, Problem, TileConfig,
+                                            cached_plan, k_split, one_program_grouping, plan, rows_per_expert)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH = [Problem(1, k, e, h, i, a != "relu2", r, x.get("n_group"), x.get("topk_group"))
+         for h, i, e, k, a, r, x in SHAPES.values()]
+DEVICES = [H200, DeviceInfo(114, (9, 0), 232448), DeviceInfo(78, (9, 0), None), DeviceInfo(108, (8, 0), None)]
+TOKENS = list(range(1, 300)) + [512, 1000, 1024, 2048, 4096, 8192]
+
+
+def _random_shapes(n, seed=0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        experts = rng.choice([4, 8, 16, 60, 64, 128, 256, 512])
+        yield Problem(1, rng.randint(1, min(experts, 16)), experts, 16 * rng.randint(4, 600),
+                      16 * rng.randint(2, 300), rng.random() < 0.6)
+
+
+SHAPES_UNDER_TEST = BENCH + list(_random_shapes(24))
+
+
+def _first_regime(tokens, top_k, experts, gated):
+    """The table read independently: the first row whose declared token range and row limit hold."""
+    touched = experts * (1.0 - (1.0 - top_k / experts) ** tokens)
+    rows = tokens * top_k / max(1.0, touched)
+    for regime in REGIMES:
+        lo, hi = regime.tokens
+        if lo <= tokens <= hi and rows <= regime.max_rows[0 if gated else 1]:
+            return regime
+    raise AssertionError("the table has no catch-all row")
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=lambda d: f"{d.sm_count}sm-sm{d.capability[0]}0")
+def test_every_plan_follows_the_table_and_its_config_fits(device):
+    for shape in SHAPES_UNDER_TEST:
+        for tokens in TOKENS:
+            problem = dataclasses.replace(shape, tokens=tokens)
+            p = plan(problem, device)
+            assert p.variant in VARIANTS and p.why
+            if p.variant == "cuda_decode":
+                assert tokens == 1 and device.capability[0] == 9 and p.config is None
+                p = p.fallback
+            assert p.variant == _first_regime(tokens, shape.top_k, shape.experts, shape.gated).variant
+            cfg = p.config
+            assert isinstance(cfg, DecodeConfig if p.variant.endswith("decode") else TileConfig)
+            assert cfg == dataclasses.replace(cfg)  # re-validates (__post_init__)
+            assert cfg.bm == {"pair_decode": 1, "grouped_decode": 8}.get(p.variant, cfg.bm)
+            assert p.variant not in ("tiles16", "tiles64", "tiles128") or cfg.bm == int(p.variant[5:])
+            # K splits are powers of two, capped, and leave every part at least 256 elements
+            for split, k, most in ((getattr(cfg, "split1", 1), problem.hidden, 8), (cfg.split2, problem.inter, 8)):
+                assert split & (split - 1) == 0 and split <= most and (split == 1 or k >= 256 * split)
+            if isinstance(cfg, TileConfig):
+                assert cfg.split2 <= 4 and cfg.bk1 % 64 == 0 and cfg.bk2 % 64 == 0
+                if cfg.tail:
+                    tail = cfg.tail_tiles()
+                    assert tail.bm == min(cfg.tail, 64) and tail.tail == 0 and tail.split2 == cfg.split2
+            if isinstance(cfg, DecodeConfig) and cfg.ks1 > 1:
+                assert problem.hidden > 4096 and tokens <= 4 and cfg.split1 == 1 and not cfg.grouped
+            assert p.one_program_grouping == (problem.pairs <= 1024 and cfg.bm in (8, 16) and not
+                                              getattr(cfg, "tail", 0))
+
+
+def test_the_variant_changes_only_at_the_declared_boundaries():
+    """Along the token counts of a shape the variant changes exactly where the first table row taking the call
+    changes, rows per expert never fall, and the tiles never get smaller."""
+    for shape in SHAPES_UNDER_TEST:
+        previous = None
+        for tokens in range(2, 5000):
+            p = plan(dataclasses.replace(shape, tokens=tokens), H200)
+            regime = _first_regime(tokens, shape.top_k, shape.experts, shape.gated)
+            rows = rows_per_expert(tokens, shape.top_k, shape.experts)
+            if previous is not None:
+                prev_p, prev_regime, prev_rows = previous
+                assert (p.variant != prev_p.variant) <= (regime.variant != prev_regime.variant)
+                assert rows >= prev_rows - 1e-9
+                if prev_p.variant.startswith("tiles") and p.variant.startswith("tiles"):
+                    assert p.config.bm >= prev_p.config.bm
+            previous = p, regime, rows
+
+
+def test_benchmark_shapes_take_the_documented_variants():
+    """docs/architecture.md's dispatch table for the four benchmark layers on an H200."""
+    want = {1: "cuda_decode", 2: "pair_decode", 8: "pair_decode", 16: "grouped_decode", 64: "grouped_decode",
+            128: "tiles16", 1024: "tiles64", 4096: "tiles128"}
+    for shape in BENCH:
+        got = {t: plan(dataclasses.replace(shape, tokens=t), H200).variant for t in want}
+        assert got == want, shape
+
+
+def test_cuda_decode_only_where_it_can_take_the_call():
+    qwen3 = dataclasses.replace(BENCH[1], tokens=1)
+    assert plan(qwen3, H200).variant == "cuda_decode"
+    off = plan(qwen3, H200, KernelOptions(cuda_decode=False))
+    assert off.variant == "pair_decode" and off == plan(qwen3, H200).fallback
+    assert plan(dataclasses.replace(qwen3, local=True), H200).variant == "pair_decode"  # expert parallel
+    assert plan(qwen3, DeviceInfo(132, (10, 0), 232448)).variant == "pair_decode"  # not SM90
+    assert plan(dataclasses.replace(qwen3, experts=1024), H200).variant == "pair_decode"  # past its routing limits
+    assert plan(dataclasses.replace(qwen3, tokens=2), H200).variant == "pair_decode"
+    # a hidden size whose w13 band leaves no room for two shared-memory stages: refused when the limit is known
+    huge = dataclasses.replace(qwen3, hidden=12800)
+    assert plan(huge, H200).variant == "pair_decode"
+    assert plan(huge, DeviceInfo(132, (9, 0), None)).variant == "cuda_decode"  # left to the call
+
+
+def test_overrides_reach_only_their_family_and_unknown_fields_are_errors():
+    opts = KernelOptions(decode_overrides=(("vec1", False), ("split2", 2)), tile_overrides=(("nfirst", False),))
+    qwen3 = BENCH[1]
+    decode = plan(dataclasses.replace(qwen3, tokens=16), H200, opts).config
+    assert (decode.vec1, decode.split2) == (False, 2)
+    tiles = plan(dataclasses.replace(qwen3, tokens=1024), H200, opts).config
+    assert tiles.nfirst is False and tiles.split2 == plan(dataclasses.replace(qwen3, tokens=1024), H200).config.split2
+    with pytest.raises(MoEConfigError, match="no fields"):
+        plan(dataclasses.replace(qwen3, tokens=16), H200, KernelOptions(decode_overrides=(("tail", 16),)))
+    with pytest.raises(MoEConfigError, match="ks1"):  # an override still makes a config that validates
+        plan(dataclasses.replace(qwen3, tokens=16), H200, KernelOptions(decode_overrides=(("ks1", 4),)))
+
+
+def test_one_program_grouping_follows_its_option():
+    qwen3 = dataclasses.replace(BENCH[1], tokens=64)  # 512 pairs, grouped decode
+    assert plan(qwen3, H200).one_program_grouping
+    assert not plan(qwen3, H200, KernelOptions(one_program_pairs=0)).one_program_grouping
+    assert not one_program_grouping(100, 64, 0, KernelOptions())  # blocks of more than 16 rows
+    assert not one_program_grouping(100, 16, 16, KernelOptions())  # tails
+
+
+@pytest.mark.parametrize("k, split, step", [(768, 2, 128), (2880, 3, 128), (1040, 3, 64), (208, 4, 64),
+                                            (7168, 8, 128), (16, 1, 128), (1856, 4, 128)])
+def test_k_split_covers_k_in_whole_steps(k, split, step):
+    per, used = k_split(k, split, step)
+    assert per % step == 0 and used <= split and per * used >= k > per * (used - 1)
+
+
+def test_plans_are_cached_per_problem_device_and_options():
+    qwen3 = dataclasses.replace(BENCH[1], tokens=16)
+    opts = KernelOptions()
+    assert cached_plan(qwen3, H200, opts) is cached_plan(dataclasses.replace(qwen3), H200, KernelOptions())
+    assert cached_plan(qwen3, H200, KernelOptions(pdl=False)) == cached_plan(qwen3, H200, opts)
+    assert len({KernelOptions(), KernelOptions(), KernelOptions(pdl=False)}) == 2  # hashable, by value
+
+
+def test_options_come_from_the_environment_once_and_can_be_scoped():
+    assert KernelOptions.from_env({}) == KernelOptions()
+    assert not KernelOptions.from_env({"MOE_NVFP4_PDL": "0"}).pdl
+    assert not KernelOptions.from_env({"MOE_NVFP4_CUDA_DECODE": "0"}).cuda_decode
+    base = kernel_options.current()
+    with kernel_options.use(KernelOptions(one_program_pairs=7)) as scoped:
+        assert kernel_options.current() is scoped
+        assert kernel_options.current(base) is base  # a call's own options win
+    assert kernel_options.current() is base
+    for bad in (dict(cuda_decode_warps=0), dict(one_program_pairs=-1), dict(cuda_decode_stage_cap=1),
+                dict(decode_overrides=("vec1", False))):
+        with pytest.raises(MoEConfigError):
+            KernelOptions(**bad)
+
+
+def test_environment_read_only_in_the_options_module():
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        if path.name != "options.py":
+            assert not re.search(r"os\.environ|getenv", path.read_text()), path.name
+
+
+def test_the_planner_needs_neither_triton_nor_a_gpu():
+    tree = ast.parse((ROOT / "kernels" / "triton_plan.py").read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not any(m.split(".")[0] == "triton" or m.endswith("triton_common") for m in imported), imported
+    assert "torch.cuda" not in (ROOT / "kernels" / "triton_plan.py").read_text()
+
+
+def test_cli_plan_names_each_token_counts_variant(capsys):
+    from moe_passes.cli import PLAN_TOKENS, main
+
+    h, i, e, k, activation, routing, extra = SHAPES["nemotron-3-nano"]
+    assert main(["plan", "--hidden", str(h), "--intermediate", str(i), "--experts", str(e), "--top-k", str(k),
+                 "--activation", activation, "--routing", routing, "--tokens", "300"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\s+(\d+)  (\w+)", out, flags=re.M))
+    assert sorted(int(t) for t in rows) == sorted({*PLAN_TOKENS, 300})
+    for tokens, variant in rows.items():
+        want = plan(Problem(int(tokens), k, e, h, i, False, routing), H200).variant  # the CPU plans for an H200
+        assert variant == want and variant in VARIANTS
+    assert math.isclose(rows_per_expert(1, k, e), 1.0)
