@@ -5,7 +5,8 @@
 Per token count: the wall time of issuing ``--calls`` calls back to back (the GPU queue stays shallow, so
 this is the host's time) against the GPU time per call from CUDA events, for the eager layer
 (``FusedMoE.__call__``: the custom op's dispatch, its checks and, up to the kernel's ``graph_tokens``, the
-replay of the call's own CUDA graph, else the kernel's launches) and for the bare kernel entry
+replay of the call's own CUDA graph, else the kernel's launches), for the same layer with
+``KernelOptions(call_graphs=False)`` (``direct``: every launch from the host) and for the bare kernel entry
 (:func:`fused_moe_triton`: planning and launches, never graphed).  ``--profile`` prints cProfile's top
 functions of the eager calls.
 """
@@ -21,6 +22,7 @@ import torch
 
 from moe_passes import FusedMoE
 from moe_passes.bench import SHAPES, shape_list
+from moe_passes.kernels.options import KernelOptions, use
 from moe_passes.kernels.triton_moe import fused_moe_triton
 
 
@@ -62,6 +64,8 @@ def main(argv=None):
             logits = torch.randn(tokens, experts, device="cuda")
             with torch.inference_mode():
                 layer = _host_and_gpu(lambda: moe(x, logits), args.calls)
+                with use(KernelOptions(call_graphs=False)):
+                    direct = _host_and_gpu(lambda: moe(x, logits), args.calls)
                 bare = _host_and_gpu(lambda: fused_moe_triton(x, logits, moe.kernel_weights(),
                                                               **run_kwargs), args.calls)
                 if args.profile:
@@ -73,11 +77,11 @@ def main(argv=None):
                     torch.cuda.synchronize()
                     print(f"--- {name} {tokens} tokens: cProfile of {args.calls} eager calls")
                     pstats.Stats(prof).sort_stats("tottime").print_stats(18)
-            rows.append((name, tokens, *layer, *bare))
-    print(f"{'shape':>12} {'tokens':>6} {'layer host us':>14} {'layer gpu us':>13} {'kernel host us':>15} "
-          f"{'kernel gpu us':>14}")
-    for name, tokens, lh, lg, kh, kg in rows:
-        print(f"{name:>12} {tokens:>6} {lh:14.1f} {lg:13.1f} {kh:15.1f} {kg:14.1f}")
+            rows.append((name, tokens, *layer, *direct, *bare))
+    print(f"{'shape':>12} {'tokens':>6} {'layer host us':>14} {'layer gpu us':>13} {'direct host us':>15} "
+          f"{'direct gpu us':>14} {'kernel host us':>15} {'kernel gpu us':>14}")
+    for name, tokens, lh, lg, dh, dg, kh, kg in rows:
+        print(f"{name:>12} {tokens:>6} {lh:14.1f} {lg:13.1f} {dh:15.1f} {dg:14.1f} {kh:15.1f} {kg:14.1f}")
 
 
 if __name__ == "__main__":
