@@ -209,6 +209,8 @@ def unsupported_reason(hidden_states: torch.Tensor, router_logits: torch.Tensor,
         return "needs a compute capability 9.x GPU"
     if hidden_states.shape[0] != 1:
         return "one token only"
+    if activation not in ACT_CODES:
+        return f"no epilogue for activation {activation!r}"
     experts = router_logits.shape[1]
     w13, s13, g13, w2, s2, g2 = weights
     hidden, inter = w13.shape[2] * 2, w2.shape[2] * 2

@@ -34,7 +34,7 @@ from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShap
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import cuda_decode, registry
 from moe_passes.kernels.options import KernelOptions, current
-from moe_passes.kernels.triton_common import gdc_wait, tl, triton
+from moe_passes.kernels.triton_common import ACT_CODES, gdc_wait, tl, triton
 from moe_passes.kernels.triton_layout import to_band_layout, to_triton_layout
 from moe_passes.kernels.triton_plan import (Config, DecodeConfig, DeviceInfo, Plan, Problem, cached_plan, k_split,
                                             plan_config)
@@ -119,6 +119,9 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     ``options`` (None: ``options.current()``) carry the knobs.
     """
     options = current(options)
+    if activation not in ACT_CODES:  # the registry sends such layers elsewhere; a direct call must not guess
+        raise MoEConfigError(f"the triton kernel has no epilogue for activation {activation!r}; it runs "
+                             f"{', '.join(ACT_CODES)}")
     if triton is None:
         raise MoEConfigError("the triton MoE kernel needs the 'triton' package")
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights

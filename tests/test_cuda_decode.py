@@ -16,7 +16,11 @@ from moe_passes.kernels import cuda_decode, options
 from moe_passes.kernels.options import KernelOptions
 from moe_passes.kernels.cuda_decode import plan_decode, segments
 from moe_passes.kernels.reference import fused_moe_reference, route
+from moe_passes.kernels.triton_common import ACT_CODES
 from nvfp4_layers import make_layer
+
+# The activations the Hopper kernels have epilogues for (swiglu_oai goes to the reference: registry).
+TRITON_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a in ACT_CODES)
 
 H200_SMEM = 232448  # per-block opt-in shared memory of an H100 / H200
 BENCH_SHAPES = {  # hidden, intermediate, experts, top_k, gated
@@ -179,11 +183,11 @@ def _run(hidden, inter, experts, activation, routing, seed, *, grid=None, warps=
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation", TRITON_ACTIVATIONS)
 @pytest.mark.parametrize("routing", ROUTING_METHODS)
 def test_activations_and_routings(activation, routing):
     # hidden 720 and intermediate 208: 45 and 13 groups per row, so every band ends in a narrow piece
-    _run(720, 208, 16, activation, routing, seed=ACTIVATIONS.index(activation) * 10 + ROUTING_METHODS.index(routing))
+    _run(720, 208, 16, activation, routing, seed=TRITON_ACTIVATIONS.index(activation) * 10 + ROUTING_METHODS.index(routing))
 
 
 @pytest.mark.gpu

@@ -20,6 +20,11 @@ from moe_passes.kernels.reference import fused_moe_reference
 from moe_passes.kernels.triton_plan import DecodeConfig, TileConfig
 from nvfp4_layers import make_layer
 
+from moe_passes.kernels.triton_common import ACT_CODES
+
+# The activations the Hopper kernels have epilogues for (swiglu_oai goes to the reference: registry).
+TRITON_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a in ACT_CODES)
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
 
@@ -35,6 +40,20 @@ def test_module_imports_and_registers_on_cpu():
     assert spec.alignment.hidden == 16
     assert spec.available(torch.device("cpu")) is False
     assert registry.select(torch.device("cpu"), activation="silu", routing="default").name != "triton"
+
+
+def test_a_direct_call_with_an_activation_it_has_no_epilogue_for_is_refused():
+    from moe_passes.kernels.triton_moe import fused_moe_triton
+
+    missing = [a for a in ACTIVATIONS if a not in ACT_CODES]
+    assert missing  # swiglu_oai runs on the reference only; without this case the check below tests nothing
+    w = registry.MoEWeights(torch.zeros(2, 64, 16, dtype=torch.uint8), torch.zeros(2, 64, 2).to(torch.float8_e4m3fn),
+                            torch.ones(2), torch.zeros(2, 32, 8, dtype=torch.uint8),
+                            torch.zeros(2, 32, 1).to(torch.float8_e4m3fn), torch.ones(2))
+    for activation in missing:
+        with pytest.raises(MoEConfigError, match=f"no epilogue for activation '{activation}'"):
+            fused_moe_triton(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(1, 2), w, top_k=1,
+                             activation=activation)
 
 
 @pytest.mark.parametrize("bk1, bk2", [(32, 64), (64, 32), (96, 128), (0, 64)])
@@ -126,11 +145,11 @@ def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation", TRITON_ACTIVATIONS)
 @pytest.mark.parametrize("routing", ROUTING_METHODS)
 def test_activations_and_routings(activation, routing):
     _check(hidden=720, inter=208, experts=16, tokens=37, activation=activation, routing=routing,
-           seed=ACTIVATIONS.index(activation) * 10 + ROUTING_METHODS.index(routing))
+           seed=TRITON_ACTIVATIONS.index(activation) * 10 + ROUTING_METHODS.index(routing))
 
 
 def _refuse_cuda_decode(monkeypatch):
@@ -146,7 +165,7 @@ def _refuse_cuda_decode(monkeypatch):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("hidden, inter, activation, routing",
-                         [(736, 240, a, r) for a in ACTIVATIONS for r in ROUTING_METHODS]
+                         [(736, 240, a, r) for a in TRITON_ACTIVATIONS for r in ROUTING_METHODS]
                          + [(4608, 256, "silu", "deepseek_v3"), (4608, 256, "relu2", "renormalize")])
 def test_one_token_on_the_triton_path(hidden, inter, activation, routing, monkeypatch):
     """One token on SM90 goes to the one-launch CUDA decode (test_cuda_decode.py).  The Triton path stays the
@@ -155,7 +174,7 @@ def test_one_token_on_the_triton_path(hidden, inter, activation, routing, monkey
     hidden, 15 of intermediate), and a hidden size past 4096, where one token takes GEMM1's in-program K split."""
     _refuse_cuda_decode(monkeypatch)
     _check(hidden=hidden, inter=inter, experts=16, tokens=1, activation=activation, routing=routing,
-           seed=hidden + 10 * ACTIVATIONS.index(activation) + ROUTING_METHODS.index(routing), options=NO_CUDA_DECODE)
+           seed=hidden + 10 * TRITON_ACTIVATIONS.index(activation) + ROUTING_METHODS.index(routing), options=NO_CUDA_DECODE)
 
 
 @pytest.mark.gpu
@@ -542,7 +561,7 @@ def _check_strided_decode(cfg, activation, hidden, inter, tokens, seed, x_offset
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation", TRITON_ACTIVATIONS)
 @pytest.mark.parametrize("hidden,inter,split1,split2,vec", [(720, 208, 1, 1, False), (2896, 464, 2, 3, False),
                                                           (1040, 1040, 3, 2, False), (2880, 1056, 1, 1, True),
                                                           (2880, 1056, 2, 3, True)])
@@ -555,7 +574,7 @@ def test_tensor_core_decode_edges(activation, hidden, inter, split1, split2, vec
     (even group counts, 2880 = 180 and 1056 = 66, whose last chunks are partial), on activation rows that
     are 16-byte aligned (one K split) or only 8-byte aligned (then the activations keep 8-byte loads)."""
     cfg = DecodeConfig(grouped=grouped, split1=split1, split2=split2, prefetch=prefetch, vec1=vec, vec2=vec)
-    seed = 300 + ACTIVATIONS.index(activation) * 7 + hidden + split1
+    seed = 300 + TRITON_ACTIVATIONS.index(activation) * 7 + hidden + split1
     _check_strided_decode(cfg, activation, hidden, inter, tokens=5, seed=seed, x_offset=4 if split1 > 1 else 8)
 
 
