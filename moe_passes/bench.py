@@ -460,17 +460,22 @@ def measured(rows) -> list:
     return [r for r in rows if "skipped" not in r]
 
 
-def plot(rows, path) -> bool:
-    """Times against tokens, one panel per shape."""
+def _pyplot():
+    """matplotlib's pyplot on a file-only backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    rows = measured(rows)
+        return None
+    return plt
+
+
+def plot(rows, path) -> bool:
+    """Times against tokens, one panel per shape."""
+    plt, rows = _pyplot(), measured(rows)
     names = list(dict.fromkeys(r["shape"] for r in rows))
-    if not names:
+    if plt is None or not names:
         return False
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -496,15 +501,9 @@ def plot(rows, path) -> bool:
 def plot_ratios(rows, path) -> bool:
     """Issue 31's plot: peer / ours (above 1: ours faster; targets 1.0 and 1.2 drawn) and ours / floor against
     tokens, one line per shape."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = measured(rows)
+    plt, rows = _pyplot(), measured(rows)
     names = list(dict.fromkeys(r["shape"] for r in rows))
-    if not names:
+    if plt is None or not names:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in names:
