@@ -26,6 +26,7 @@ any capture); the second captures and replays.
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -58,6 +59,8 @@ class CallGraphs:
         self._graphs: collections.OrderedDict = collections.OrderedDict()
         self._streams: dict = {}  # (device index, caller stream id) -> (capture stream, memory pool)
         self.max_graphs = max_graphs
+        # Copy in, replay and copy out of one graph must not interleave with another thread's on the same stream.
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return sum(1 for v in self._graphs.values() if v is not _WARMED)
@@ -73,24 +76,27 @@ class CallGraphs:
         ``scales``: the remaining tensor (or None) arguments in ``fn``'s order; ``args``: the call's
         ``RunArgs`` (hashable); the options in force (``args.options`` or the scoped default) are part of the key.
         """
-        if torch.cuda.is_current_stream_capturing() or not (hidden_states.is_contiguous() and router_logits.is_contiguous()):
+        contiguous = hidden_states.is_contiguous() and router_logits.is_contiguous()
+        if torch.cuda.is_current_stream_capturing() or not contiguous:
             return fn(hidden_states, router_logits, weights, *scales, args)
         stream = torch.cuda.current_stream(hidden_states.device)
         key = (name, hidden_states.device.index, stream.cuda_stream, hidden_states.shape, hidden_states.dtype,
                router_logits.shape, router_logits.dtype, tuple(_tensor_key(t) for t in weights),
                tuple(_tensor_key(t) for t in scales), args, kernel_options.current(args.options))
-        entry = self._graphs.get(key)
-        if entry is None:
-            self._remember(key, _WARMED)
-            return fn(hidden_states, router_logits, weights, *scales, args)
-        if entry is _WARMED:
-            entry = self._capture(key, stream, fn, hidden_states, router_logits, weights, scales, args)
-        else:
-            self._graphs.move_to_end(key)
-        entry.hidden_states.copy_(hidden_states)
-        entry.router_logits.copy_(router_logits)
-        entry.graph.replay()
-        return entry.out.clone()
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is None:
+                self._remember(key, _WARMED)
+            elif entry is _WARMED:
+                entry = self._capture(key, stream, fn, hidden_states, router_logits, weights, scales, args)
+            else:
+                self._graphs.move_to_end(key)
+            if entry is not None:
+                entry.hidden_states.copy_(hidden_states)
+                entry.router_logits.copy_(router_logits)
+                entry.graph.replay()
+                return entry.out.clone()
+        return fn(hidden_states, router_logits, weights, *scales, args)
 
     def _remember(self, key, value) -> None:
         self._graphs[key] = value
