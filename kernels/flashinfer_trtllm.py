@@ -52,8 +52,9 @@ from moe_passes.errors import KernelUnavailableError, MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import BLOCK_SIZE, quantize_nvfp4
 from moe_passes.kernels.options import KernelOptions, current
-from moe_passes.kernels.trtllm_layout import (ACTIVATION_NAMES, EPILOGUE_TILE_M, GELU_TANH_REASON, check_tensor, gated_interleave_row_indices, prepare,
-                                              prepare_biases, shuffle_row_indices, w2_row_indices, w13_row_indices)
+from moe_passes.kernels.trtllm_layout import (ACTIVATION_NAMES, EPILOGUE_TILE_M, GELU_TANH_REASON, check_tensor,
+                                              gated_interleave_row_indices, prepare, prepare_biases,
+                                              shuffle_row_indices, w2_row_indices, w13_row_indices)
 
 __all__ = [
     "EPILOGUE_TILE_M",
@@ -82,7 +83,8 @@ __all__ = [
 SUPPORTED_CAPABILITIES = frozenset({(10, 0), (10, 3)})
 
 # Our gated activations and routing names -> FlashInfer enum member names (looked up by name: values moved
-# between releases; ACTIVATION_NAMES, the activations the kernel runs, is with the layout).  Older releases name the gated activation ``gated_act_type`` with GatedActType.
+# between releases; ACTIVATION_NAMES, the activations the kernel runs, is with the layout).  Older releases
+# name the gated activation ``gated_act_type`` with GatedActType.
 # swiglu_oai is FlashInfer's Swiglu with gemm1_alpha / gemm1_beta / gemm1_clamp_limit set.
 _GATED_ACT_NAMES = {"silu": "SwiGlu", "gelu": "GeGlu", "swiglu_oai": "SwiGlu"}
 ROUTING_NAMES = {"default": "Default", "renormalize": "Renormalize", "deepseek_v3": "DeepSeekV3", "llama4": "Llama4"}
