@@ -24,6 +24,8 @@ import warnings
 import torch
 from torch import nn
 
+from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS
+
 __all__ = ["main", "NemotronNanoBlock", "build_demo_block"]
 
 
@@ -330,8 +332,8 @@ def _main(argv=None) -> int:
     p_plan.add_argument("--experts", type=int, required=True)
     p_plan.add_argument("--top-k", type=int, required=True)
     p_plan.add_argument("--tokens", type=int, default=1)
-    p_plan.add_argument("--activation", default="silu", choices=("silu", "gelu", "gelu_tanh", "relu2"))
-    p_plan.add_argument("--routing", default="renormalize", choices=("default", "renormalize", "deepseek_v3", "llama4"))
+    p_plan.add_argument("--activation", default="silu", choices=ACTIVATIONS)
+    p_plan.add_argument("--routing", default="renormalize", choices=ROUTING_METHODS)
     sub.add_parser("bench", help="GPU benchmarks (see benchmarks/)", add_help=False)
     if argv and argv[0] == "bench":
         return bench(argv[1:])
