@@ -2,8 +2,8 @@
 
 Without CUDA graphs, a one-token call spends far more time on the host (routing set-up, planning, a handful of
 Triton and driver launches: 150-550 us measured on an H100 host) than on the GPU (tens of us), so a model
-compiled in the default mode ran its MoE layers at the host's pace.  For calls of at most
-``max_tokens`` tokens, :class:`CallGraphs` captures the whole kernel call once per (stream, token count,
+compiled in the default mode ran its MoE layers at the host's pace.  For calls of at most the kernel's
+``KernelSpec.graph_tokens`` tokens, :class:`CallGraphs` captures the whole kernel call once per (stream, token count,
 weights) and afterwards replays it: a copy of the inputs into the graph's static buffers, one graph launch,
 a copy of the output out.
 
@@ -74,15 +74,17 @@ class CallGraphs:
         """``fn(hidden_states, router_logits, weights, *scales, args)``, replayed from a graph when one exists.
 
         ``scales``: the remaining tensor (or None) arguments in ``fn``'s order; ``args``: the call's
-        ``RunArgs`` (hashable); the options in force (``args.options`` or the scoped default) are part of the key.
+        ``RunArgs`` (hashable).  The options in force (``args.options`` or the scoped default) are part of the
+        key; with ``call_graphs`` off, or while the stream is capturing, ``fn`` runs directly.
         """
+        options = kernel_options.current(args.options)
         contiguous = hidden_states.is_contiguous() and router_logits.is_contiguous()
-        if torch.cuda.is_current_stream_capturing() or not contiguous:
+        if not options.call_graphs or torch.cuda.is_current_stream_capturing() or not contiguous:
             return fn(hidden_states, router_logits, weights, *scales, args)
         stream = torch.cuda.current_stream(hidden_states.device)
         key = (name, hidden_states.device.index, stream.cuda_stream, hidden_states.shape, hidden_states.dtype,
                router_logits.shape, router_logits.dtype, tuple(_tensor_key(t) for t in weights),
-               tuple(_tensor_key(t) for t in scales), args, kernel_options.current(args.options))
+               tuple(_tensor_key(t) for t in scales), args, options)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:

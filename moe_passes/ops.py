@@ -22,7 +22,6 @@ from moe_passes.contract import MoEShape, round_up
 from moe_passes.contract import activation_params as _params_of
 from moe_passes.errors import MoEConfigError, MoEError, MoENonFiniteError, MoERangeWarning, MoEShapeError
 from moe_passes.kernels import graphed, registry
-from moe_passes.kernels import options as kernel_options
 from moe_passes.kernels.nvfp4 import E2M1_MAX, E4M3_MAX
 
 __all__ = ["fused_moe", "trtllm_nvfp4_moe", "check_moe_call", "check_layer_inputs", "FUSED_MOE", "KERNEL_OP",
@@ -264,8 +263,7 @@ def _run_kernel(hidden_states, router_logits, weights, input_global_scale, inter
     biases = {k: v for k, v in (("w13_bias", w13_bias), ("w2_bias", w2_bias)) if v is not None}
     scales = (input_global_scale, intermediate_global_scale, routing_bias)
     try:
-        if (not biases and hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens
-                and kernel_options.current(args.options).call_graphs):
+        if not biases and hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
             return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales, args)
         return spec.run(hidden_states, router_logits, weights, *scales, args, **biases)
     except MoENonFiniteError as exc:
