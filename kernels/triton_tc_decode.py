@@ -62,24 +62,29 @@ if triton is not None:
     from moe_passes.kernels.triton_common import act_kernel, apply_act, band_off, gdc, word_cut_asm
 
     _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-    # Two MMAs for one weight word of rows g ($4) and g+8 ($5): scale pairs $6 / $7 (``_scales``),
-    # activation words $8 (elements 0-3 of the word) and $9 (4-7), accumulators in $10-$13, out $0-$3.
-    _WORD_MMA_ASM = tl.constexpr("{" + word_cut_asm("$4", "a") + word_cut_asm("$5", "b") + f"""
-    .reg .b32 z, x0, x1, x2, x3;
-    .reg .f32 d0, d1, d2, d3;
+    # One weight word of rows g ($8) and g+8 ($9) -> the A fragments of its two MMAs ($0-$3, $4-$7): each
+    # bf16x2 pair times its row's scale pair ($10 / $11, ``_scales``) with one FMA (adding -0 leaves it alone).
+    _FRAGS_ASM = tl.constexpr("{" + word_cut_asm("$8", "a") + word_cut_asm("$9", "b") + """
+    .reg .b32 z;
     mov.b32 z, 0x80008000;
-    fma.rn.bf16x2 a0, a0, $6, z;
-    fma.rn.bf16x2 a1, a1, $6, z;
-    fma.rn.bf16x2 a2, a2, $6, z;
-    fma.rn.bf16x2 a3, a3, $6, z;
-    fma.rn.bf16x2 b0, b0, $7, z;
-    fma.rn.bf16x2 b1, b1, $7, z;
-    fma.rn.bf16x2 b2, b2, $7, z;
-    fma.rn.bf16x2 b3, b3, $7, z;
-    mov.b64 {{x0, x1}}, $8;
-    mov.b64 {{x2, x3}}, $9;
-    {_MMA} {{d0, d1, d2, d3}}, {{a0, b0, a1, b1}}, {{x0, x1}}, {{$10, $11, $12, $13}};
-    {_MMA} {{$0, $1, $2, $3}}, {{a2, b2, a3, b3}}, {{x2, x3}}, {{d0, d1, d2, d3}};
+    fma.rn.bf16x2 $0, a0, $10, z;
+    fma.rn.bf16x2 $1, b0, $11, z;
+    fma.rn.bf16x2 $2, a1, $10, z;
+    fma.rn.bf16x2 $3, b1, $11, z;
+    fma.rn.bf16x2 $4, a2, $10, z;
+    fma.rn.bf16x2 $5, b2, $11, z;
+    fma.rn.bf16x2 $6, a3, $10, z;
+    fma.rn.bf16x2 $7, b3, $11, z;
+    }""")
+    # The two MMAs of one word: A fragments $4-$7 and $8-$11, the B column's activation words $12 (the word's
+    # elements 0-3) and $13 (4-7), accumulators $14-$17, out $0-$3.
+    _WORD_MMA_ASM = tl.constexpr(f"""{{
+    .reg .b32 x0, x1, x2, x3;
+    .reg .f32 d0, d1, d2, d3;
+    mov.b64 {{x0, x1}}, $12;
+    mov.b64 {{x2, x3}}, $13;
+    {_MMA} {{d0, d1, d2, d3}}, {{$4, $5, $6, $7}}, {{x0, x1}}, {{$14, $15, $16, $17}};
+    {_MMA} {{$0, $1, $2, $3}}, {{$8, $9, $10, $11}}, {{x2, x3}}, {{d0, d1, d2, d3}};
     }}""")
 
     @triton.jit
@@ -89,9 +94,17 @@ if triton is not None:
                                          pack=1)
 
     @triton.jit
-    def _word_mma(w0, w1, s0, s1, xa, xb, c0, c1, c2, c3):
+    def _word_frags(w0, w1, s0, s1):
+        """The 8 scaled A-fragment registers of one weight word of rows g (``w0``) and g+8 (``w1``)."""
+        return tl.inline_asm_elementwise(_FRAGS_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w0, w1, s0, s1],
+                                         dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+
+    @triton.jit
+    def _word_mma(f, xa, xb, c0, c1, c2, c3):
+        """One word's fragments ``f`` (8, ``_word_frags``) against a B column's activation words ``xa``/``xb``."""
         return tl.inline_asm_elementwise(
-            _WORD_MMA_ASM, "=f,=f,=f,=f,r,r,r,r,l,l,f,f,f,f", [w0, w1, s0, s1, xa, xb, c0, c1, c2, c3],
+            _WORD_MMA_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,r,r,l,l,f,f,f,f",
+            [f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7], xa, xb, c0, c1, c2, c3],
             dtype=(tl.float32,) * 4, is_pure=True, pack=1)
 
     # Two E4M3 block scales (bits 0-7 and 16-23 of $2) -> ``bf16(scale * 2^119)`` twice in $0 (the first) and
@@ -122,12 +135,6 @@ if triton is not None:
         s = (s0.to(tl.int32) & 0xFF) | ((s1.to(tl.int32) & 0xFF) << 16)
         return tl.inline_asm_elementwise(_SCALES_ASM, "=r,=r,r", [s], dtype=(tl.int32, tl.int32), is_pure=True,
                                          pack=1)
-
-    @triton.jit
-    def _group_mma(w0, w1, s0, s1, x0, x1, x2, x3, c0, c1, c2, c3):
-        """One NVFP4 group (an int64 of two words) of rows g / g+8 against activation words x0..x3."""
-        c0, c1, c2, c3 = _word_mma(w0.to(tl.int32), w1.to(tl.int32), s0, s1, x0, x1, c0, c1, c2, c3)
-        return _word_mma((w0 >> 32).to(tl.int32), (w1 >> 32).to(tl.int32), s0, s1, x2, x3, c0, c1, c2, c3)
 
     @triton.jit
     def _groups(g0, c, GROUPED: tl.constexpr, VEC: tl.constexpr):
@@ -206,35 +213,78 @@ if triton is not None:
                     tl.load(xp + 4 * G1 + 2, mask=m1, other=0), tl.load(xp + 4 * G1 + 3, mask=m1, other=0))
 
     @triton.jit
-    def _chunk_mma(wa0, wa1, wb0, wb1, sa0, sa1, sb0, sb1, x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3):
-        """This thread's share of one 128-element chunk: its two groups of rows g and g+8."""
+    def _chunk_frags(wa0, wa1, wb0, wb1, sa0, sa1, sb0, sb1):
+        """The A fragments (32: 4 words x 8) of this thread's share of one 128-element chunk: its two groups of
+        rows g (``wa*``) and g+8 (``wb*``), an int64 of two words each, and their scale bytes.  Made once per
+        chunk, whatever the number of column tiles it meets."""
         pa0, pa1 = _scales(sa0, sa1)
         pb0, pb1 = _scales(sb0, sb1)
-        c0, c1, c2, c3 = _group_mma(wa0, wb0, pa0, pb0, x0, x1, x2, x3, c0, c1, c2, c3)
-        return _group_mma(wa1, wb1, pa1, pb1, x4, x5, x6, x7, c0, c1, c2, c3)
+        return (_word_frags(wa0.to(tl.int32), wb0.to(tl.int32), pa0, pb0)
+                + _word_frags((wa0 >> 32).to(tl.int32), (wb0 >> 32).to(tl.int32), pa0, pb0)
+                + _word_frags(wa1.to(tl.int32), wb1.to(tl.int32), pa1, pb1)
+                + _word_frags((wa1 >> 32).to(tl.int32), (wb1 >> 32).to(tl.int32), pa1, pb1))
+
+    @triton.jit
+    def _cols_mma(f, xs, acc, COLS: tl.constexpr):
+        """The chunk's fragments ``f`` against each of the COLS column tiles: ``xs`` holds 8 activation words
+        per tile (``_xloads``: words 0-3 the first group's, 4-7 the second's), ``acc`` 4 accumulators per tile."""
+        out = ()
+        for j in tl.static_range(COLS):
+            x = xs[8 * j:8 * j + 8]
+            c0, c1, c2, c3 = _word_mma(f[0:8], x[0], x[1], acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3])
+            c0, c1, c2, c3 = _word_mma(f[8:16], x[2], x[3], c0, c1, c2, c3)
+            c0, c1, c2, c3 = _word_mma(f[16:24], x[4], x[5], c0, c1, c2, c3)
+            out = out + _word_mma(f[24:32], x[6], x[7], c0, c1, c2, c3)
+        return out
+
+    @triton.jit
+    def _xloads(xps, g0, c, g_end, okbs, GROUPED: tl.constexpr, VEC: tl.constexpr, XVEC: tl.constexpr,
+                COLS: tl.constexpr):
+        """``_xload`` for each column tile's B column (row pointers ``xps``, live ``okbs``): 8 words per tile."""
+        out = ()
+        for j in tl.static_range(COLS):
+            out = out + _xload(xps[j], g0, c, g_end, okbs[j], GROUPED, VEC, XVEC)
+        return out
 
     @triton.jit
     def _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED: tl.constexpr, WARPS: tl.constexpr,
-                 CACHE: tl.constexpr):
-        """``(tid, c, expert, pair of B column g, pairs of D columns 2c and 2c+1)`` of this thread (lane
-        ``4g + c``); a pair >= num_pairs is no pair, an expert < 0 an empty block.  ``pair_expert``: the
-        expert of a per-pair program (unused when grouped).  CACHE: the block map's load modifier, ".cg"
-        (skip L1) where it is read before a PDL wait, "" otherwise."""
+                 CACHE: tl.constexpr, COLS: tl.constexpr = 1):
+        """``(tid, c, expert, B pairs, D pairs)`` of this thread (lane ``4g + c``): per column tile ``j`` of
+        the program's COLS, the pair of its B column ``g`` (``B pairs[j]``) and of its D columns ``2c`` and
+        ``2c + 1`` (``D pairs[2j]``, ``[2j + 1]``); a pair >= num_pairs is no pair, an expert < 0 an empty
+        block.  A grouped block is ``8 * COLS`` rows of the grouping, tile ``j`` its rows ``8j .. 8j + 7``.
+        ``pair_expert``: the expert of a per-pair program (unused when grouped).  CACHE: the block map's load
+        modifier, ".cg" (skip L1) where it is read before a PDL wait, "" otherwise."""
         blk = tl.program_id(0)
         tid = _thread_ids(tl.arange(0, 32 * WARPS))
         g = (tid & 31) >> 2
         c = tid & 3
         if GROUPED:
             e = tl.load(bexp_ptr + blk, cache_modifier=CACHE)
-            pb = tl.load(sorted_ptr + blk * 8 + g, cache_modifier=CACHE)
-            p0 = tl.load(sorted_ptr + blk * 8 + 2 * c, cache_modifier=CACHE)
-            p1 = tl.load(sorted_ptr + blk * 8 + 2 * c + 1, cache_modifier=CACHE)
+            base = sorted_ptr + blk * (8 * COLS)
+            pbs = ()
+            pds = ()
+            for j in tl.static_range(COLS):
+                pbs = pbs + (tl.load(base + 8 * j + g, cache_modifier=CACHE),)
+                pds = pds + (tl.load(base + 8 * j + 2 * c, cache_modifier=CACHE),
+                             tl.load(base + 8 * j + 2 * c + 1, cache_modifier=CACHE))
         else:
             e = pair_expert.to(tl.int32)
-            pb = tl.where(g == 0, blk, num_pairs)
-            p0 = tl.where(c == 0, blk, num_pairs)
-            p1 = tl.zeros_like(c) + num_pairs
-        return tid, c, e, pb, p0, p1
+            pbs = (tl.where(g == 0, blk, num_pairs),)
+            pds = (tl.where(c == 0, blk, num_pairs), tl.zeros_like(c) + num_pairs)
+        return tid, c, e, pbs, pds
+
+    @triton.jit
+    def _row_ptrs(base64, pbs, num_pairs, words_per_row, TOP_K: tl.constexpr, COLS: tl.constexpr):
+        """Per column tile: the row pointer (int64 words) of its B column's activations and whether it is a
+        pair (pair ``p`` reads row ``p // TOP_K``)."""
+        ptrs = ()
+        oks = ()
+        for j in tl.static_range(COLS):
+            ok = pbs[j] < num_pairs
+            oks = oks + (ok,)
+            ptrs = ptrs + (base64 + tl.where(ok, pbs[j] // TOP_K, 0).to(tl.int64) * words_per_row,)
+        return ptrs, oks
 
     @triton.jit
     def _rows(e64, tid, N: tl.constexpr, KG: tl.constexpr, WARPS: tl.constexpr, ROWS: tl.constexpr,
@@ -252,20 +302,19 @@ if triton is not None:
         return r0, (R0 - R0 % 16) * KG, (R1 - R1 % 16) * KG, R0 % 16, R1 % 16
 
     @triton.jit
-    def _step1(wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, rr0, rr1, g0, c, KG: tl.constexpr, xp, okb,
-               ag0, ag1, ag2, ag3, au0, au1, au2, au3, GATED: tl.constexpr, GROUPED: tl.constexpr,
-               VEC: tl.constexpr, XVEC: tl.constexpr, live, g_end):
+    def _step1(wgp, wup, rr0, rr1, g0, c, KG: tl.constexpr, xps, okbs, ag, au, GATED: tl.constexpr,
+               GROUPED: tl.constexpr, VEC: tl.constexpr, XVEC: tl.constexpr, live, g_end, COLS: tl.constexpr):
         """One 128-element chunk of GEMM1 at group ``g0`` (a scalar, or a tensor when the warps split K):
         load (weights only where ``live``; activations of groups at or past ``g_end`` count zero), then the
-        gate (and up) MMAs."""
-        cg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g0, c, KG, live, GROUPED, VEC)
+        gate (and up) MMAs of every column tile.  ``wgp``/``wup``: the gate / up rows' ``_wload`` pointers."""
+        cg = _wload(*wgp, rr0, rr1, g0, c, KG, live, GROUPED, VEC)
         if GATED:
-            cu = _wload(wu0, wu1, su0, su1, rr0, rr1, g0, c, KG, live, GROUPED, VEC)
-        cx = _xload(xp, g0, c, g_end, okb, GROUPED, VEC, XVEC)
-        ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
+            cu = _wload(*wup, rr0, rr1, g0, c, KG, live, GROUPED, VEC)
+        cx = _xloads(xps, g0, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
+        ag = _cols_mma(_chunk_frags(*cg), cx, ag, COLS)
         if GATED:
-            au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
-        return ag0, ag1, ag2, ag3, au0, au1, au2, au3
+            au = _cols_mma(_chunk_frags(*cu), cx, au, COLS)
+        return ag, au
 
     @triton.jit
     def _col0_rows(acc, c, KS: tl.constexpr):
@@ -279,10 +328,12 @@ if triton is not None:
                        H: tl.constexpr, I: tl.constexpr,
                        TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
                        WARPS: tl.constexpr, SPLIT: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
-                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, KS: tl.constexpr = 1):
+                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, KS: tl.constexpr = 1,
+                       COLS: tl.constexpr = 1):
         """Decode GEMM1 (+ activation when not split): program = (pair or block, 16 * WARPS rows, K split).
 
         PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
+        COLS (grouped): column tiles of 8 tokens per program, each chunk's weights dequantized once for all.
         KS > 1 (per pair, WARPS == KS, no PF, no grid split): the program's warps share one 16-row tile and
         split its K; their sums meet in shared memory and the activation is applied here, so no partial sums
         leave the program and no activation launch follows.
@@ -292,7 +343,7 @@ if triton is not None:
             pair_expert = 0
         else:  # the routing launch's id of this program's pair
             pair_expert = tl.load(ids_ptr + tl.program_id(0)).to(tl.int64)
-        tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS, "")
+        tid, c, e, pbs, pds = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS, "", COLS)
         if e < 0:
             return
         e64 = e.to(tl.int64)
@@ -301,89 +352,80 @@ if triton is not None:
         UP: tl.constexpr = I * KG  # gate row r -> up row I + r
         row, o0, o1, rr0, rr1 = _rows(e64, tid, I, KG, WARPS, N1, KS)
         w64 = w_ptr.to(tl.pointer_type(tl.int64))
-        wg0, wg1, sg0, sg1 = w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1
-        wu0, wu1, su0, su1 = wg0 + UP, wg1 + UP, sg0 + UP, sg1 + UP
-        okb = pb < num_pairs
-        xp = x_ptr.to(tl.pointer_type(tl.int64)) + tl.where(okb, pb // TOP_K, 0).to(tl.int64) * stride_x8
+        wgp = (w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1)
+        wup = (w64 + o0 + UP, w64 + o1 + UP, s_ptr + o0 + UP, s_ptr + o1 + UP)
+        xps, okbs = _row_ptrs(x_ptr.to(tl.pointer_type(tl.int64)), pbs, num_pairs, stride_x8, TOP_K, COLS)
         g_begin = tl.program_id(2) * groups_per_split
         g_end = tl.minimum(g_begin + groups_per_split, KG)
-        zero = tl.zeros([32 * WARPS], dtype=tl.float32)
-        ag0, ag1, ag2, ag3 = zero, zero, zero, zero
-        au0, au1, au2, au3 = zero, zero, zero, zero
+        ag = (tl.zeros([32 * WARPS], dtype=tl.float32),) * (4 * COLS)
+        au = ag
         if KS > 1:  # this warp's share of the chunks (a tensor: the warp index comes from %tid.x)
             CPW: tl.constexpr = ((KG + 7) // 8 + KS - 1) // KS
             g_first = (tid >> 5) * (8 * CPW)
             for i in range(CPW):
-                ag0, ag1, ag2, ag3, au0, au1, au2, au3 = _step1(
-                    wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, rr0, rr1, g_first + 8 * i, c, KG, xp, okb,
-                    ag0, ag1, ag2, ag3, au0, au1, au2, au3, GATED, GROUPED, VEC, XVEC, g_first + 8 * i < KG, KG)
+                ag, au = _step1(wgp, wup, rr0, rr1, g_first + 8 * i, c, KG, xps, okbs, ag, au, GATED, GROUPED,
+                                VEC, XVEC, g_first + 8 * i < KG, KG, COLS)
             inv = 128.0 / tl.load(gs_ptr + e64)
             # column 0 (the pair) of rows g / g+8 sits at lanes c == 0; element index = thread (the default
             # layout of these one-element-per-thread tensors), so the sums over the warps are reductions
-            lo = apply_act(_col0_rows(ag0, c, KS) * inv, _col0_rows(au0, c, KS) * inv, ACT).to(tl.bfloat16)
-            hi = apply_act(_col0_rows(ag2, c, KS) * inv, _col0_rows(au2, c, KS) * inv, ACT).to(tl.bfloat16)
+            lo = apply_act(_col0_rows(ag[0], c, KS) * inv, _col0_rows(au[0], c, KS) * inv, ACT).to(tl.bfloat16)
+            hi = apply_act(_col0_rows(ag[2], c, KS) * inv, _col0_rows(au[2], c, KS) * inv, ACT).to(tl.bfloat16)
             r = tl.program_id(1) * 16 + tl.arange(0, 8)
             orow = out_ptr + tl.program_id(0).to(tl.int64) * I
             tl.store(orow + r, lo, mask=r < I)
             tl.store(orow + r + 8, hi, mask=r + 8 < I)
             return
         if PF:
-            wg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
+            wg = _wload(*wgp, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if GATED:
-                wu = _wload(wu0, wu1, su0, su1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
-            xs = _xload(xp, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
+                wu = _wload(*wup, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
+            xs = _xloads(xps, g_begin, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
         for g0 in range(g_begin, g_end, 8):
             if PF:
                 cg, cx = wg, xs
                 more = g0 + 8 < g_end
-                wg = _wload(wg0, wg1, sg0, sg1, rr0, rr1, g0 + 8, c, KG, more, GROUPED, VEC)
-                xs = _xload(xp, g0 + 8, c, g_end, okb, GROUPED, VEC, XVEC)
+                wg = _wload(*wgp, rr0, rr1, g0 + 8, c, KG, more, GROUPED, VEC)
+                xs = _xloads(xps, g0 + 8, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
                 if GATED:
                     cu = wu
-                    wu = _wload(wu0, wu1, su0, su1, rr0, rr1, g0 + 8, c, KG, more, GROUPED, VEC)
-                ag0, ag1, ag2, ag3 = _chunk_mma(*cg, *cx, ag0, ag1, ag2, ag3)
+                    wu = _wload(*wup, rr0, rr1, g0 + 8, c, KG, more, GROUPED, VEC)
+                ag = _cols_mma(_chunk_frags(*cg), cx, ag, COLS)
                 if GATED:
-                    au0, au1, au2, au3 = _chunk_mma(*cu, *cx, au0, au1, au2, au3)
+                    au = _cols_mma(_chunk_frags(*cu), cx, au, COLS)
             else:
-                ag0, ag1, ag2, ag3, au0, au1, au2, au3 = _step1(
-                    wg0, wg1, sg0, sg1, wu0, wu1, su0, su1, rr0, rr1, g0, c, KG, xp, okb,
-                    ag0, ag1, ag2, ag3, au0, au1, au2, au3, GATED, GROUPED, VEC, XVEC, True, g_end)
+                ag, au = _step1(wgp, wup, rr0, rr1, g0, c, KG, xps, okbs, ag, au, GATED, GROUPED, VEC, XVEC, True,
+                                g_end, COLS)
         inv = 128.0 / tl.load(gs_ptr + e64)  # 2^7: the dequantized A fragments carry 2^-7
-        ok0 = p0 < num_pairs
-        ok1 = p1 < num_pairs
-        q0 = tl.where(ok0, p0, 0).to(tl.int64)
-        q1 = tl.where(ok1, p1, 0).to(tl.int64)
         ok_r0 = row < I
         ok_r1 = row + 8 < I
-        if SPLIT == 1:
-            tl.store(out_ptr + q0 * I + row, apply_act(ag0 * inv, au0 * inv, ACT).to(tl.bfloat16), mask=ok0 & ok_r0)
-            tl.store(out_ptr + q1 * I + row, apply_act(ag1 * inv, au1 * inv, ACT).to(tl.bfloat16), mask=ok1 & ok_r0)
-            tl.store(out_ptr + q0 * I + row + 8, apply_act(ag2 * inv, au2 * inv, ACT).to(tl.bfloat16),
-                     mask=ok0 & ok_r1)
-            tl.store(out_ptr + q1 * I + row + 8, apply_act(ag3 * inv, au3 * inv, ACT).to(tl.bfloat16),
-                     mask=ok1 & ok_r1)
-        else:
-            base = tl.program_id(2).to(tl.int64) * num_pairs
-            pp0 = part_ptr + (base + q0) * N1 + row
-            pp1 = part_ptr + (base + q1) * N1 + row
-            tl.store(pp0, ag0 * inv, mask=ok0 & ok_r0)
-            tl.store(pp1, ag1 * inv, mask=ok1 & ok_r0)
-            tl.store(pp0 + 8, ag2 * inv, mask=ok0 & ok_r1)
-            tl.store(pp1 + 8, ag3 * inv, mask=ok1 & ok_r1)
-            if GATED:
-                tl.store(pp0 + I, au0 * inv, mask=ok0 & ok_r0)
-                tl.store(pp1 + I, au1 * inv, mask=ok1 & ok_r0)
-                tl.store(pp0 + I + 8, au2 * inv, mask=ok0 & ok_r1)
-                tl.store(pp1 + I + 8, au3 * inv, mask=ok1 & ok_r1)
+        # accumulator 4j + h: tile j, row g, D column 2c + h; 4j + 2 + h: row g + 8
+        for j in tl.static_range(COLS):
+            for h in tl.static_range(2):
+                ok = pds[2 * j + h] < num_pairs
+                q = tl.where(ok, pds[2 * j + h], 0).to(tl.int64)
+                if SPLIT == 1:
+                    o = out_ptr + q * I + row
+                    tl.store(o, apply_act(ag[4 * j + h] * inv, au[4 * j + h] * inv, ACT).to(tl.bfloat16),
+                             mask=ok & ok_r0)
+                    tl.store(o + 8, apply_act(ag[4 * j + 2 + h] * inv, au[4 * j + 2 + h] * inv, ACT).to(tl.bfloat16),
+                             mask=ok & ok_r1)
+                else:
+                    pp = part_ptr + (tl.program_id(2).to(tl.int64) * num_pairs + q) * N1 + row
+                    tl.store(pp, ag[4 * j + h] * inv, mask=ok & ok_r0)
+                    tl.store(pp + 8, ag[4 * j + 2 + h] * inv, mask=ok & ok_r1)
+                    if GATED:
+                        tl.store(pp + I, au[4 * j + h] * inv, mask=ok & ok_r0)
+                        tl.store(pp + I + 8, au[4 * j + 2 + h] * inv, mask=ok & ok_r1)
 
     @triton.jit
     def _tgemv2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr,
                        num_pairs, groups_per_split,
                        H: tl.constexpr, I: tl.constexpr,
                        GROUPED: tl.constexpr, WARPS: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
-                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = 0):
+                       XVEC: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = 0,
+                       COLS: tl.constexpr = 1):
         """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
-        fp32 rows ``y[split, pair]`` for the combine.
+        fp32 rows ``y[split, pair]`` for the combine; COLS as in GEMM1.
 
         EARLY: the expert, the rows and the first chunk's weights (without PF, the first ``EARLY`` chunks')
         are read before the PDL wait: the grouping's block map and the routing launch's ids were final before
@@ -396,61 +438,55 @@ if triton is not None:
         else:
             gdc(PDL)
             pair_expert = 0 if GROUPED else tl.load(ids_ptr + tl.program_id(0))
-        tid, c, e, pb, p0, p1 = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS,
-                                           ".cg" if EARLY else "")
+        tid, c, e, pbs, pds = _program(pair_expert, sorted_ptr, bexp_ptr, num_pairs, GROUPED, WARPS,
+                                       ".cg" if EARLY else "", COLS)
         if e < 0:
             return
         e64 = e.to(tl.int64)
         KG: tl.constexpr = I // 16
         row, o0, o1, rr0, rr1 = _rows(e64, tid, H, KG, WARPS, H)
         w64 = w_ptr.to(tl.pointer_type(tl.int64))
-        wp0, wp1, sp0, sp1 = w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1
-        okb = pb < num_pairs
-        ap = a_ptr.to(tl.pointer_type(tl.int64)) + tl.where(okb, pb, 0).to(tl.int64) * (I // 4)
+        wp = (w64 + o0, w64 + o1, s_ptr + o0, s_ptr + o1)
+        # GEMM1's output rows are per pair (TOP_K 1 here)
+        aps, okbs = _row_ptrs(a_ptr.to(tl.pointer_type(tl.int64)), pbs, num_pairs, I // 4, 1, COLS)
         g_begin = tl.program_id(2) * groups_per_split
         g_end = tl.minimum(g_begin + groups_per_split, KG)
-        zero = tl.zeros([32 * WARPS], dtype=tl.float32)
-        a0, a1, a2, a3 = zero, zero, zero, zero
+        acc = (tl.zeros([32 * WARPS], dtype=tl.float32),) * (4 * COLS)
         g_loop = g_begin
         if PF:
-            wc = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
+            wc = _wload(*wp, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if EARLY:
                 gdc(PDL)
-            xs = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
+            xs = _xloads(aps, g_begin, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
         elif EARLY:
-            cw = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
+            cw = _wload(*wp, rr0, rr1, g_begin, c, KG, True, GROUPED, VEC)
             if EARLY > 1:  # the second chunk too (nothing past the split's end: its products are zeros)
-                cw2 = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g_begin + 8, c, KG, g_begin + 8 < g_end,
-                             GROUPED, VEC)
+                cw2 = _wload(*wp, rr0, rr1, g_begin + 8, c, KG, g_begin + 8 < g_end, GROUPED, VEC)
             gdc(PDL)
-            cx = _xload(ap, g_begin, c, g_end, okb, GROUPED, VEC, XVEC)
-            a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
+            cx = _xloads(aps, g_begin, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
+            acc = _cols_mma(_chunk_frags(*cw), cx, acc, COLS)
             if EARLY > 1:
-                cx = _xload(ap, g_begin + 8, c, g_end, okb, GROUPED, VEC, XVEC)
-                a0, a1, a2, a3 = _chunk_mma(*cw2, *cx, a0, a1, a2, a3)
+                cx = _xloads(aps, g_begin + 8, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
+                acc = _cols_mma(_chunk_frags(*cw2), cx, acc, COLS)
             g_loop = g_begin + 8 * EARLY
         for g0 in range(g_loop, g_end, 8):
             if PF:
                 cw, cx = wc, xs
-                wc = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g0 + 8, c, KG, g0 + 8 < g_end, GROUPED, VEC)
-                xs = _xload(ap, g0 + 8, c, g_end, okb, GROUPED, VEC, XVEC)
+                wc = _wload(*wp, rr0, rr1, g0 + 8, c, KG, g0 + 8 < g_end, GROUPED, VEC)
+                xs = _xloads(aps, g0 + 8, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
             else:
-                cw = _wload(wp0, wp1, sp0, sp1, rr0, rr1, g0, c, KG, True, GROUPED, VEC)
-                cx = _xload(ap, g0, c, g_end, okb, GROUPED, VEC, XVEC)
-            a0, a1, a2, a3 = _chunk_mma(*cw, *cx, a0, a1, a2, a3)
+                cw = _wload(*wp, rr0, rr1, g0, c, KG, True, GROUPED, VEC)
+                cx = _xloads(aps, g0, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
+            acc = _cols_mma(_chunk_frags(*cw), cx, acc, COLS)
         inv = 128.0 / tl.load(gs_ptr + e64)
-        ok0 = p0 < num_pairs
-        ok1 = p1 < num_pairs
-        q0 = tl.where(ok0, p0, 0).to(tl.int64)
-        q1 = tl.where(ok1, p1, 0).to(tl.int64)
-        sc0 = tl.load(tw_ptr + q0, mask=ok0, other=0.0) * inv
-        sc1 = tl.load(tw_ptr + q1, mask=ok1, other=0.0) * inv
-        yp0 = y_ptr + (tl.program_id(2).to(tl.int64) * num_pairs + q0) * H + row
-        yp1 = y_ptr + (tl.program_id(2).to(tl.int64) * num_pairs + q1) * H + row
-        tl.store(yp0, a0 * sc0, mask=ok0 & (row < H))
-        tl.store(yp1, a1 * sc1, mask=ok1 & (row < H))
-        tl.store(yp0 + 8, a2 * sc0, mask=ok0 & (row + 8 < H))
-        tl.store(yp1 + 8, a3 * sc1, mask=ok1 & (row + 8 < H))
+        for j in tl.static_range(COLS):
+            for h in tl.static_range(2):
+                ok = pds[2 * j + h] < num_pairs
+                q = tl.where(ok, pds[2 * j + h], 0).to(tl.int64)
+                sc = tl.load(tw_ptr + q, mask=ok, other=0.0) * inv
+                yp = y_ptr + (tl.program_id(2).to(tl.int64) * num_pairs + q) * H + row
+                tl.store(yp, acc[4 * j + h] * sc, mask=ok & (row < H))
+                tl.store(yp + 8, acc[4 * j + 2 + h] * sc, mask=ok & (row + 8 < H))
 
 
 def _vec_ok(k: int, w: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -482,8 +518,9 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeCo
     """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
     K split in steps of ``k_per_split`` (a multiple of 128) elements.
 
-    ``cfg.grouped``: the pairs first grouped by expert into 8-row blocks (``counts``: int32 ``[experts]``
-    zeroed by the routing; ``one_program``: the grouping in one program), else one program per pair.
+    ``cfg.grouped``: the pairs first grouped by expert into ``cfg.bm``-row blocks (``8 * cfg.cols``;
+    ``counts``: int32 ``[experts]`` zeroed by the routing; ``one_program``: the grouping in one program), else
+    one program per pair.
     """
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     device = hidden_states.device
@@ -505,8 +542,8 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeCo
         inter_buf, part, pairs, hidden_states.stride(0) // 4, per1 // 16,
         H=hidden, I=inter, TOP_K=top_k, GATED=gated, ACT=ACT_CODES[activation], GROUPED=cfg.grouped, WARPS=warps1,
         SPLIT=split1, PF=cfg.prefetch, VEC=cfg.vec1 and _vec_ok(hidden, w13, w13_scale),
-        XVEC=cfg.vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=cfg.ks1, num_warps=warps1, num_stages=1,
-        launch_pdl=pdl)
+        XVEC=cfg.vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=cfg.ks1, COLS=cfg.cols, num_warps=warps1,
+        num_stages=1, launch_pdl=pdl)
     early = cfg.early2 if pdl else 0
     if not direct:
         act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
@@ -517,4 +554,4 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeCo
         k_per_split // 16,
         H=hidden, I=inter, GROUPED=cfg.grouped, WARPS=cfg.warps2, PF=cfg.prefetch,
         VEC=cfg.vec2 and _vec_ok(inter, w2, w2_scale), XVEC=cfg.vec2 and _rows_aligned(inter_buf), PDL=pdl,
-        EARLY=early, num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)
+        EARLY=early, COLS=cfg.cols, num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)

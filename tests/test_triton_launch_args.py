@@ -29,6 +29,7 @@ from nvfp4_layers import make_layer
 
 configs = [None, DecodeConfig(grouped=False, ks1=4), DecodeConfig(grouped=False, split1=3, split2=2, early2=2),
            DecodeConfig(grouped=True, split1=2, split2=3, prefetch=True, warps1=2, warps2=2, vec1=True, vec2=True),
+           DecodeConfig(grouped=True, cols=2, prefetch=True, early2=1), DecodeConfig(grouped=True, cols=2, split1=2),
            TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3, tail=32),
            TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=3, bn2=64, bk2=128, warps2=4, stages2=3, split2=3,
                       swap=True)]

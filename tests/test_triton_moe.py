@@ -75,7 +75,8 @@ def test_gemm1_in_program_k_split_only_where_its_kernel_exists(change):
         dataclasses.replace(good, **change)
 
 
-@pytest.mark.parametrize("change", [dict(early2=3), dict(early2=-1), dict(split1=0), dict(warps2=0)])
+@pytest.mark.parametrize("change", [dict(early2=3), dict(early2=-1), dict(split1=0), dict(warps2=0), dict(cols=3),
+                                    dict(cols=4), dict(cols=0), dict(cols=2, grouped=False)])
 def test_decode_config_refuses_what_its_kernels_do_not_do(change):
     with pytest.raises(MoEConfigError, match="DecodeConfig"):
         dataclasses.replace(DecodeConfig(grouped=True), **change)
@@ -259,7 +260,7 @@ def test_cuda_graph_capture_and_workspace(tokens):
                                      "mma128_w8", "mma128_pf", "mma128_pf_tail32", "mma64_pf_tail16", "mma128_tail64",
                                      "tc_pair", "tc_pair_split_pf", "tc_group",
                                      "tc_group_split_pf_w2", "tc_pair_vec_split", "tc_group_vec_pf", "tc_pair_ks4",
-                                     "tc_pair_ks8_vec"])
+                                     "tc_pair_ks8_vec", "tc_group16_vec_pf", "tc_group16", "tc_group16_split_pf_w2"])
 @pytest.mark.parametrize("activation", ["silu", "relu2"])
 def test_tile_variants(variant, activation):
     """Every code path: tensor-core tiles of every size with and without swap, prefetch and K split, the
@@ -301,12 +302,19 @@ def test_tile_variants(variant, activation):
         # GEMM1's warps splitting one tile's K (22.5 chunks: 4 warps take 6, 6, 6 and 4.5, 8 warps 3 each and 1.5)
         "tc_pair_ks4": DecodeConfig(grouped=False, split2=2, ks1=4),
         "tc_pair_ks8_vec": DecodeConfig(grouped=False, ks1=8, vec1=True, vec2=True, early2=1),
+        # 16-token blocks: each chunk's dequantized weights meet two 8-token column tiles
+        "tc_group16_vec_pf": DecodeConfig(grouped=True, cols=2, prefetch=True, vec1=True, vec2=True, early2=1),
+        "tc_group16": DecodeConfig(grouped=True, cols=2, early2=2),
+        "tc_group16_split_pf_w2": DecodeConfig(grouped=True, cols=2, warps1=2, warps2=2, split1=2, split2=3,
+                                               prefetch=True),
     }
     device = torch.device("cuda")
     # 2880 = 22.5 chunks of 128 and 1040 = 65 groups: K tails inside a chunk and inside a thread's group pair
     hidden, inter, experts, top_k = 2880, 1040, 16, 4
-    # 60 tokens: ~15 pairs per expert, so the grouped decode runs two 8-token blocks of most experts
-    tokens = 700 if variant.startswith("mma128") else 60 if variant.startswith("tc_group") else 9
+    # 60 tokens: ~15 pairs per expert, so the grouped decode runs two 8-token blocks of most experts; 150
+    # tokens: ~37, two or three 16-token blocks (the last one partly empty)
+    tokens = (700 if variant.startswith("mma128") else 150 if variant.startswith("tc_group16")
+              else 60 if variant.startswith("tc_group") else 9)
     if "tail" in variant:  # ~bm + tail / 2 rows per expert: some experts' last rows go to tail blocks, some not
         cfg = configs[variant]
         tokens = (cfg.bm + cfg.tail // 2) * experts // top_k
@@ -576,6 +584,42 @@ def test_tensor_core_decode_edges(activation, hidden, inter, split1, split2, vec
     cfg = DecodeConfig(grouped=grouped, split1=split1, split2=split2, prefetch=prefetch, vec1=vec, vec2=vec)
     seed = 300 + TRITON_ACTIVATIONS.index(activation) * 7 + hidden + split1
     _check_strided_decode(cfg, activation, hidden, inter, tokens=5, seed=seed, x_offset=4 if split1 > 1 else 8)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("activation", TRITON_ACTIVATIONS)
+@pytest.mark.parametrize("hidden,inter,split1,split2,vec", [(720, 208, 1, 1, False), (2896, 464, 2, 3, False),
+                                                          (2880, 1056, 2, 3, True)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_grouped_decode_column_tiles_edges(activation, hidden, inter, split1, split2, vec, prefetch):
+    """The grouped decode with 16-token blocks (two column tiles of 8 tokens sharing each chunk's dequantized
+    weights): 70 tokens at top-4 of 16 experts (~17 pairs each), so blocks with both tiles live, with the
+    second empty and with a partial last tile; the K edges and splits of the edge test above."""
+    cfg = DecodeConfig(grouped=True, cols=2, split1=split1, split2=split2, prefetch=prefetch, vec1=vec, vec2=vec)
+    seed = 700 + TRITON_ACTIVATIONS.index(activation) * 7 + hidden + prefetch
+    _check_strided_decode(cfg, activation, hidden, inter, tokens=70, seed=seed, x_offset=4 if split1 > 1 else 8)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+@pytest.mark.parametrize("tokens", [9, 100, 600])
+def test_column_tiles_are_bit_identical_to_8_token_blocks(activation, tokens):
+    """A pair's products and their K order do not depend on which column tile of which block it lands in, so
+    16-token blocks must give the 8-token blocks' output bit for bit (fresh inputs, 64 experts)."""
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
+
+    device = torch.device("cuda")
+    hidden, inter, experts, top_k = 1024, 320, 64, 6
+    weights = prepare_weights(make_layer(hidden, inter, experts, activation, device, seed=tokens))
+    x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
+    logits = torch.randn(tokens, experts, device=device)
+    outs = [fused_moe_triton(x, logits, weights, top_k=top_k, activation=activation, routing="renormalize",
+                             config=DecodeConfig(grouped=True, cols=cols, prefetch=prefetch, vec1=True, vec2=True))
+            for cols, prefetch in ((1, True), (2, True), (2, False))]
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
 @pytest.mark.gpu
