@@ -7,7 +7,7 @@ config has the field), of the grouping's one-program limit, or of the one-token 
     python benchmarks/ab_decode.py --tokens 4,16,64 --rounds 2 \\
         --mode base --mode novec=vec1:0,vec2:0 --mode gemm1vec=vec1:1 --mode three_launch_grouping=group1:0
 
-``group1:N`` sets the one-program grouping limit to N pairs (0: always three launches); ``cuda1:0`` turns
+``variant:NAME`` runs the Triton variant NAME (``triton_plan.VARIANTS``) at every token count; ``group1:N`` sets the one-program grouping limit to N pairs (0: always three launches); ``cuda1:0`` turns
 the one-launch CUDA decode of one token off, ``cwarps:N`` gives it N consumer warps, ``cunits:N`` at most
 N intermediate bands per segment, ``cstages:N`` at most N stages, ``ctma:0`` w2 by one bulk copy per piece
 block, ``cpdl:0`` no programmatic dependent launch; ``pdl:0`` unchains the Triton launches.  Prints one row
@@ -54,6 +54,9 @@ def parse_mode(text: str):
         every = key == "all"
         if every:
             key, _, value = value.partition(":")
+        if key == "variant":
+            fields["variant"] = value
+            continue
         if key in _OPTION_KEYS:
             option = _OPTION_KEYS[key]
             kind = {f.name: f.type for f in dataclasses.fields(KernelOptions)}[option]

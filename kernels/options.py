@@ -50,6 +50,9 @@ class KernelOptions:
     # tensor-core decode (``DecodeConfig``) and for the tiles (``TileConfig``); a caller's own config is kept.
     decode_overrides: tuple = ()
     tile_overrides: tuple = ()
+    # A/B experiments: the Triton variant (``triton_plan.VARIANTS``, not the CUDA decode) every call takes
+    # instead of the table's; "" keeps the table.
+    variant: str = ""
     # Calls of at most their kernel's ``graph_tokens`` replay a CUDA graph the kernel captured (kernels.graphed).
     call_graphs: bool = True
     # TRTLLM: most tokens per launch (None: the kernel's limit, ``contract.trtllm_chunk_size``); tests lower it.
@@ -66,6 +69,8 @@ class KernelOptions:
             raise MoEConfigError(f"one_program_pairs must not be negative, got {self.one_program_pairs}")
         if self.trtllm_chunk_size is not None and self.trtllm_chunk_size <= 0:
             raise MoEConfigError(f"trtllm_chunk_size must be positive, got {self.trtllm_chunk_size}")
+        if not isinstance(self.variant, str):
+            raise MoEConfigError(f"variant must be a variant name or '', got {self.variant!r}")
         for name in ("decode_overrides", "tile_overrides"):
             pairs = getattr(self, name)
             if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):

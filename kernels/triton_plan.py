@@ -54,7 +54,9 @@ def doubled_split(units: int, target: int, k: int, most: int) -> int:
 class DecodeConfig:
     """The tensor-core decode (:mod:`triton_tc_decode`): one warp per 16 weight rows, inline ``mma.sync``.
 
-    ``grouped``: pairs grouped by expert into 8-token blocks, else one program per (token, expert) pair.
+    ``grouped``: pairs grouped by expert into blocks of ``8 * cols`` tokens, else one program per (token,
+    expert) pair.  ``cols`` (grouped): 8-token column tiles per program (1 or 2); each weight chunk is
+    dequantized once and multiplied with both tiles, so a 16-token block costs little more than an 8-token one.
     ``warps1``/``warps2``: warps (16-row tiles) per program; ``split1``/``split2``: K splits of GEMM1 / GEMM2
     over the grid (GEMM1's partial sums then meet in an activation launch).  ``prefetch``: the next chunk
     loaded before this one's MMAs.  ``vec1``/``vec2``: 16-byte loads where sizes and addresses allow.
@@ -72,12 +74,17 @@ class DecodeConfig:
     vec2: bool = False
     early2: int = 0
     ks1: int = 1
+    cols: int = 1
 
     def __post_init__(self):
         if min(self.warps1, self.warps2, self.split1, self.split2) < 1:
             raise MoEConfigError(f"DecodeConfig warps and splits must be positive: {self}")
         if self.early2 not in (0, 1, 2):
             raise MoEConfigError(f"DecodeConfig early2={self.early2}: GEMM2 loads 0, 1 or 2 chunks before its wait")
+        if self.cols not in (1, 2) or (self.cols > 1 and not self.grouped):
+            # 4 tiles (32-token blocks) measured slower than 2 everywhere: 170-240 registers a thread
+            raise MoEConfigError(f"DecodeConfig cols={self.cols}: 1 or 2 column tiles of 8 tokens, 2 only for the "
+                                 "grouped decode (grouped=True)")
         if self.ks1 != 1 and not (not self.grouped and not self.prefetch and self.ks1 in (2, 4, 8, 16)):
             raise MoEConfigError(f"DecodeConfig ks1={self.ks1}: GEMM1's in-program K split is a power of two up to "
                                  "16 warps, for the per-pair decode (grouped=False) without prefetch")
@@ -85,7 +92,7 @@ class DecodeConfig:
     @property
     def bm(self) -> int:
         """Rows (tokens) per program: the grouping's block size, 1 per pair."""
-        return 8 if self.grouped else 1
+        return 8 * self.cols if self.grouped else 1
 
     chains = True  # its launches are chained by programmatic dependent launch
     k_step2 = DECODE_CHUNK  # GEMM2's K split starts on whole chunks
@@ -213,9 +220,16 @@ REGIMES = (
     Regime("pair_decode", (1, 16), (2.0, 1.3),
            "few tokens: per-pair programs still beat the 16-row tiles up to 2 rows per expert (1.3 ungated, whose "
            "tiles win sooner)"),
-    Regime("tiles16", _ANY, (16, 16),
+    Regime("grouped_decode", (65, 128), (7, 7),
+           "8-token blocks still at 65-128 tokens where experts average at most 7 rows (Nemotron-3-Nano, 128 "
+           "tokens: 283 against 308 us with 16-token blocks, H100)"),
+    Regime("grouped_decode16", (16, 384), (24, 8),
+           "16-token blocks (two column tiles per dequantized weight chunk), gated: at 128-384 tokens 1.03-1.4x "
+           "the 16-row and 64-row tiles on the three gated benchmark layers (H100); ungated, the 64-row tiles "
+           "win from 9 rows per expert"),
+    Regime("tiles16", _ANY, (16, 8),
            "16-row tiles, weights as the MMA's register operand and loaded a K step ahead: faster than either "
-           "alone at 32-128 tokens, every 32-row variant slower"),
+           "alone at 32-128 tokens, every 32-row variant slower; ungated, the 64-row tiles win from 9 rows"),
     Regime("tiles64", _ANY, (96, 96),
            "64-row prefill tiles up to 96 rows per expert, column tiles first (4-10% at 1024-4096 tokens), "
            "16-row tail blocks"),
@@ -224,7 +238,6 @@ REGIMES = (
 )
 CUDA_DECODE_WHY = ("one token on SM90: the whole layer in one persistent CUDA launch, at least as fast as the "
                    "Triton decode on the four benchmark layers (Qwen3 16.0 against 16.9 us)")
-VARIANTS = ("cuda_decode",) + tuple(dict.fromkeys(r.variant for r in REGIMES))
 
 
 def rows_per_expert(tokens: int, top_k: int, experts: int) -> float:
@@ -233,15 +246,16 @@ def rows_per_expert(tokens: int, top_k: int, experts: int) -> float:
     return tokens * top_k / max(1.0, touched)
 
 
-def _decode(p: Problem, d: DeviceInfo, grouped: bool) -> DecodeConfig:
+def _decode(p: Problem, d: DeviceInfo, grouped: bool, cols: int = 1) -> DecodeConfig:
     # K split until ~8 (grouped) / ~16 (per pair) warps per SM are launched; the register prefetch pays on the
-    # grouped blocks only; 16-byte loads in both GEMMs and GEMM2's early first chunk measured never slower.
+    # 8-token blocks only (on 16-token blocks it measured 1-4% slower: twice the activation registers);
+    # 16-byte loads in both GEMMs and GEMM2's early first chunk measured never slower.
     blocks = min(p.pairs, p.experts) if grouped else p.pairs
     target = (8 if grouped else 16) * d.sm_count
     split1 = doubled_split(blocks * _cdiv(p.inter, 16), target, p.hidden, 8)
     split2 = doubled_split(blocks * _cdiv(p.hidden, 16), target, p.inter, 8)
-    cfg = DecodeConfig(grouped=grouped, split1=split1, split2=split2, prefetch=grouped, vec1=True, vec2=True,
-                       early2=1)
+    cfg = DecodeConfig(grouped=grouped, split1=split1, split2=split2, prefetch=grouped and cols == 1, vec1=True,
+                       vec2=True, early2=1, cols=cols)
     if not grouped and p.hidden > 4096 and p.tokens <= 4:
         # a long hidden at 1-4 tokens: GEMM1's K split among one program's warps (no partial sums in memory,
         # no activation launch); equal or slower on the small layers
@@ -266,11 +280,15 @@ def _tiles128(p: Problem, d: DeviceInfo) -> TileConfig:
 
 _BUILD = {
     "grouped_decode": lambda p, d: _decode(p, d, grouped=True),
+    "grouped_decode16": lambda p, d: _decode(p, d, grouped=True, cols=2),
     "pair_decode": lambda p, d: _decode(p, d, grouped=False),
     "tiles16": _tiles16,
     "tiles64": _tiles64,
     "tiles128": _tiles128,
 }
+# Every variant a plan can name: the CUDA decode, then the Triton ones (the table's, and any a caller forces
+# through ``KernelOptions.variant``).
+VARIANTS = ("cuda_decode",) + tuple(_BUILD)
 
 
 def one_program_grouping(pairs: int, bm: int, tail: int, options: KernelOptions) -> bool:
@@ -334,11 +352,17 @@ def plan(problem: Problem, device: DeviceInfo, options: Optional[KernelOptions] 
     options = options if options is not None else KernelOptions()
     p = problem
     rows = rows_per_expert(p.tokens, p.top_k, p.experts)
-    regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated))
+    if options.variant:
+        if options.variant not in _BUILD:
+            raise MoEConfigError(f"KernelOptions.variant={options.variant!r}: the Triton variants are "
+                                 f"{', '.join(_BUILD)} ('' for the planner's table)")
+        regime = Regime(options.variant, _ANY, (math.inf, math.inf), "KernelOptions.variant")
+    else:
+        regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated))
     cfg = _with_overrides(_BUILD[regime.variant](p, device), options)
     triton = Plan(regime.variant, cfg, f"{rows:.2f} rows per expert; {regime.why}",
                   one_program_grouping(p.pairs, cfg.bm, getattr(cfg, "tail", 0), options))
-    if _cuda_decode_refusal(p, device, options) is None:
+    if not options.variant and _cuda_decode_refusal(p, device, options) is None:
         return Plan("cuda_decode", None, CUDA_DECODE_WHY, fallback=triton)
     return triton
 

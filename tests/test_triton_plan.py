@@ -60,9 +60,9 @@ def test_every_plan_follows_the_table_and_its_config_fits(device):
                 p = p.fallback
             assert p.variant == _first_regime(tokens, shape.top_k, shape.experts, shape.gated).variant
             cfg = p.config
-            assert isinstance(cfg, DecodeConfig if p.variant.endswith("decode") else TileConfig)
+            assert isinstance(cfg, TileConfig if p.variant.startswith("tiles") else DecodeConfig)
             assert cfg == dataclasses.replace(cfg)  # re-validates (__post_init__)
-            assert cfg.bm == {"pair_decode": 1, "grouped_decode": 8}.get(p.variant, cfg.bm)
+            assert cfg.bm == {"pair_decode": 1, "grouped_decode": 8, "grouped_decode16": 16}.get(p.variant, cfg.bm)
             assert p.variant not in ("tiles16", "tiles64", "tiles128") or cfg.bm == int(p.variant[5:])
             # K splits are powers of two, capped, and leave every part at least 256 elements
             for split, k, most in ((getattr(cfg, "split1", 1), problem.hidden, 8), (cfg.split2, problem.inter, 8)):
@@ -98,11 +98,17 @@ def test_the_variant_changes_only_at_the_declared_boundaries():
 
 def test_benchmark_shapes_take_the_documented_variants():
     """docs/architecture.md's dispatch table for the four benchmark layers on an H200."""
-    want = {1: "cuda_decode", 2: "pair_decode", 8: "pair_decode", 16: "grouped_decode", 64: "grouped_decode",
-            128: "tiles16", 1024: "tiles64", 4096: "tiles128"}
-    for shape in BENCH:
+    common = {1: "cuda_decode", 2: "pair_decode", 8: "pair_decode", 16: "grouped_decode", 64: "grouped_decode",
+              1024: "tiles64", 4096: "tiles128"}
+    # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above
+    by_shape = {"nemotron-3-nano": {128: "grouped_decode", 256: "tiles64"},
+                "qwen3-30b-a3b": {128: "grouped_decode16", 256: "grouped_decode16"},
+                "gemma-4-26b-a4b": {128: "grouped_decode16", 256: "grouped_decode16"},
+                "deepseek-v3": {128: "grouped_decode", 256: "grouped_decode16"}}
+    for name, shape in zip(SHAPES, BENCH):
+        want = {**common, **by_shape[name]}
         got = {t: plan(dataclasses.replace(shape, tokens=t), H200).variant for t in want}
-        assert got == want, shape
+        assert got == want, name
 
 
 def test_cuda_decode_only_where_it_can_take_the_call():
