@@ -463,6 +463,7 @@ def test_grid_order_is_bit_identical(tokens, activation, monkeypatch):
     with more row blocks than grid axis 1 takes, the call falls back to row blocks first."""
 
     from moe_passes.kernels import triton_moe, triton_tiles
+    from moe_passes.kernels.options import KernelOptions
     from moe_passes.kernels.triton_plan import H200, Problem, plan
 
     device = torch.device("cuda")
@@ -472,8 +473,11 @@ def test_grid_order_is_bit_identical(tokens, activation, monkeypatch):
     g = torch.Generator(device="cpu").manual_seed(tokens + 1)
     x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
-    base = plan(Problem(tokens, top_k, experts, hidden, inter, is_gated(activation)), H200).config
-    assert isinstance(base, TileConfig) and base.nfirst, base
+    # the tiles the table gives these rows per expert (16-row tiles where 40 tokens plan the grouped decode)
+    variant = "tiles16" if tokens < 100 else ""
+    base = plan(Problem(tokens, top_k, experts, hidden, inter, is_gated(activation)), H200,
+                KernelOptions(variant=variant)).config
+    assert isinstance(base, TileConfig) and base.nfirst and base.bm == (16 if tokens < 100 else base.bm), base
 
     def run(cfg):
         out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)
