@@ -43,8 +43,11 @@ Two ways to pick the tokens (B columns) of a program:
 
 - per pair (``GROUPED=False``): one program per (token, expert) pair, only column 0 is live (2-15 tokens:
   no grouping pass needed, most pairs have their own expert);
-- grouped (``GROUPED=True``): the pairs bucketed by expert into blocks of 8 (:mod:`triton_group`), each
-  expert's weights decoded once for all of its tokens.
+- grouped (``GROUPED=True``): the pairs bucketed by expert into blocks of ``8 * COLS`` (:mod:`triton_group`),
+  each expert's weights decoded once for all of its tokens.  With ``COLS = 2`` a thread's dequantized A
+  fragments of a chunk (``_chunk_frags``) feed the MMAs of two 8-token column tiles (``_cols_mma``): the
+  decode's cost is the dequantization, so a 16-token block costs little more than an 8-token one.  The
+  accumulators, activation words and pairs of the tiles are Triton tuples indexed by tile.
 """
 
 from __future__ import annotations
