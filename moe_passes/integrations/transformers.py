@@ -609,6 +609,9 @@ def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Rou
     # sigmoid of a softmax, for sigmoid-score routing on softmax probabilities (ERNIE-4.5).
     transforms = ["logits", "log_probs" if probabilities else "logit_of_softmax"]
     tol = _tolerance(weights.dtype)
+    if top_k < num_experts and bool((first.float().amax(-1) == first.float().amin(-1)).all()):
+        raise _Unsupported(f"router {name} scores every expert the same on every probe token (untrained, zero "
+                           "weights?): its routing method cannot be read")
     tried = []
     for transform in transforms:
         logits = kernel_logits(first.float(), transform)
@@ -817,6 +820,9 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
     if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)) and not _takes_routing(experts):
         return _build_input_scaled(name, block, router_attr, router, family=family, calibration=calibration,
                                    kernel=kernel, check_layout=check_layout, parallel=parallel)
+    down = getattr(experts, "down_proj", None)
+    if isinstance(down, torch.Tensor) and down.ndim == 3:  # zero-computation experts first, whatever the layout
+        _router_input_size(router, down.shape[0])
     w13, w2, activation = expert_weights(experts)
     extras = _expert_extras(experts, activation)
     routing = _read_routing(router, w13.shape[0], block)
