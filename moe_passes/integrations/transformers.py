@@ -16,13 +16,16 @@ Gemma-4's MoE inside its decoder layer) stays the block's own code.
 The routing is read from the router and mapped onto a kernel routing method, then checked on random
 inputs against the router's own top-k weights and ids:
 
-* routers with a correction bias or routed scaling factor (DeepSeek-V3, GLM4-MoE, dots1, NemotronH):
+* routers with a correction bias (DeepSeek-V3, GLM4-MoE, dots1, NemotronH, AFMoE, MiniMax-M2, ...):
   ``deepseek_v3`` with the router's groups, bias and scale; ``norm_topk_prob=False`` is refused (the
-  kernels always normalize);
-* softmax routers: ``renormalize`` (top-k, softmax over the k: the same experts and weights as softmax,
-  top-k, renormalize) or ``default`` (softmax, top-k), whichever the router's outputs match;
+  kernels always normalize).  A bias the block hands its router as an argument is read from the block;
+* routers without one: ``renormalize`` (top-k, softmax over the k: the same experts and weights as softmax,
+  top-k, renormalize) or ``default`` (softmax, top-k), a routed scale folded into ``w2`` (DeepSeek-V2);
+  ``deepseek_v3`` with one group (sigmoid, normalize); ``llama4`` at top-1: whichever matches;
 * a router whose first output is probabilities (Gemma-4) gives the kernel their logarithm, which routes
-  identically; a per-expert output scale (Gemma-4's ``per_expert_scale``) is folded into ``w2``.
+  identically, and one that biases softmax probabilities (ERNIE-4.5) their inverse sigmoid, on which
+  ``deepseek_v3`` routes identically (:func:`kernel_logits`); a per-expert output scale (Gemma-4's
+  ``per_expert_scale``) is folded into ``w2``.
 
 A block whose experts take no routing arguments because the block scales their input by the router's
 top-1 sigmoid score (Llama4) is replaced whole by :class:`InputScaledMoE`, which scales the input
