@@ -16,13 +16,16 @@ Gemma-4's MoE inside its decoder layer) stays the block's own code.
 The routing is read from the router and mapped onto a kernel routing method, then checked on random
 inputs against the router's own top-k weights and ids:
 
-* routers with a correction bias or routed scaling factor (DeepSeek-V3, GLM4-MoE, dots1, NemotronH):
+* routers with a correction bias (DeepSeek-V3, GLM4-MoE, dots1, NemotronH, AFMoE, MiniMax-M2, ...):
   ``deepseek_v3`` with the router's groups, bias and scale; ``norm_topk_prob=False`` is refused (the
-  kernels always normalize);
-* softmax routers: ``renormalize`` (top-k, softmax over the k: the same experts and weights as softmax,
-  top-k, renormalize) or ``default`` (softmax, top-k), whichever the router's outputs match;
+  kernels always normalize).  A bias the block hands its router as an argument is read from the block;
+* routers without one: ``renormalize`` (top-k, softmax over the k: the same experts and weights as softmax,
+  top-k, renormalize) or ``default`` (softmax, top-k), a routed scale folded into ``w2`` (DeepSeek-V2);
+  ``deepseek_v3`` with one group (sigmoid, normalize); ``llama4`` at top-1: whichever matches;
 * a router whose first output is probabilities (Gemma-4) gives the kernel their logarithm, which routes
-  identically; a per-expert output scale (Gemma-4's ``per_expert_scale``) is folded into ``w2``.
+  identically, and one that biases softmax probabilities (ERNIE-4.5) their inverse sigmoid, on which
+  ``deepseek_v3`` routes identically (:func:`kernel_logits`); a per-expert output scale (Gemma-4's
+  ``per_expert_scale``) is folded into ``w2``.
 
 A block whose experts take no routing arguments because the block scales their input by the router's
 top-1 sigmoid score (Llama4) is replaced whole by :class:`InputScaledMoE`, which scales the input
@@ -54,7 +57,7 @@ from moe_passes.kernels.reference import apply_activation, route
 from moe_passes.layer import FusedMoE
 
 __all__ = ["convert", "ConversionReport", "ConvertedBlock", "SkippedBlock", "TransformersMoE", "RouterLogits",
-           "InputScaledMoE", "expert_weights"]
+           "InputScaledMoE", "expert_weights", "kernel_logits"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +82,8 @@ class ConvertedBlock:
     routing: str
     shared_expert: bool
     kernel: str
-    # "logits", or "log_probs" when the router returns probabilities and the kernel takes their log
+    # what the kernel takes of the router's scores (kernel_logits): "logits", "log_probs", "logit_of_softmax";
+    # "input_scaled" for a block replaced whole (InputScaledMoE)
     router_output: str = "logits"
     expert_scale: bool = False
     expert_bias: bool = False
@@ -113,23 +117,39 @@ class ConversionReport:
 class RouterLogits(nn.Module):
     """Wraps a block's router: returns its outputs with the second one (the top-k weights) replaced by the
     router logits the kernel routes on, which the block then passes to its experts (a
-    :class:`TransformersMoE`).  ``log_probs``: the router's first output is probabilities; the kernel
-    takes their logarithm (same top-k, same renormalized weights)."""
+    :class:`TransformersMoE`).  ``scores``: what the kernel takes of the router's scores (see
+    :func:`kernel_logits`): ``"logits"`` as they are, ``"log_probs"`` (the router returns probabilities: their
+    logarithm, same top-k and renormalized weights), ``"logit_of_softmax"`` (a softmax router whose
+    probabilities the block treats as DeepSeek-V3 treats sigmoid scores: their inverse sigmoid)."""
 
-    def __init__(self, router: nn.Module, *, log_probs: bool = False, scores_at: int = 0):
+    def __init__(self, router: nn.Module, *, scores: str = "logits", scores_at: int = 0, log_probs: bool = False):
         super().__init__()
         self.router = router
-        self.log_probs = log_probs
+        self.scores = "log_probs" if log_probs else scores
         self.scores_at = scores_at
 
     def forward(self, *args, **kwargs):
         out = self.router(*args, **kwargs)
-        scores = out[self.scores_at]
-        logits = torch.log(scores) if self.log_probs else scores
-        return (out[0], logits, *out[2:])
+        return (out[0], kernel_logits(out[self.scores_at], self.scores), *out[2:])
 
     def extra_repr(self) -> str:
-        return f"log_probs={self.log_probs}"
+        return f"scores={self.scores!r}"
+
+
+def kernel_logits(scores: torch.Tensor, transform: str) -> torch.Tensor:
+    """The router logits the kernel routes on, from a router's scores.  ``"log_probs"``: ``log p``, whose
+    softmax is ``p`` again.  ``"logit_of_softmax"``: ``log p - log(1 - p)`` for ``p = softmax(scores)``, whose
+    sigmoid is ``p`` again, so that ``deepseek_v3`` routing (sigmoid, bias, top-k, normalize) works on the
+    probabilities themselves (ERNIE-4.5's router).  It is clamped to +-100 (fp32 sigmoid 1 and 4e-44), which
+    only touches ``p == 1`` and ``p < 4e-44``, instead of handing the kernel infinities."""
+    if transform == "logits":
+        return scores
+    if transform == "log_probs":
+        return torch.log(scores)
+    if transform == "logit_of_softmax":
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        return (logp - torch.log1p(-logp.exp())).clamp(-100.0, 100.0)
+    raise ValueError(f"unknown router score transform {transform!r}")
 
 
 class TransformersMoE(nn.Module):
@@ -241,7 +261,8 @@ def _default_apply_gate():
 
 def _activation_of(experts: nn.Module, gated: bool) -> str:
     act = getattr(experts, "act_fn", None)
-    kind = type(act).__name__
+    # a module (transformers' ACT2FN), or the torch function itself (LFM2-MoE's F.silu)
+    kind = {F.silu: "SiLU", F.gelu: "GELUActivation", F.relu: "ReLU"}.get(act, type(act).__name__)
     if gated:
         if kind in ("SiLUActivation", "SiLU"):
             return "silu"
@@ -452,15 +473,24 @@ def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activ
 class _Routing:
     kwargs: dict                       # FusedMoE routing arguments (routing, n_group, ...), top_k excluded
     top_k: int
-    log_probs: bool                    # the router returns probabilities: the kernel takes their log
+    scores: str                        # what the kernel takes of the router's scores (kernel_logits)
     block_routes: bool                 # the router returns logits only; the block's route_tokens_to_experts routes
     expert_scale: Optional[torch.Tensor]  # per-expert output scale [E], folded into w2
     scores_at: int = 0                 # where the router's scores are among its outputs (0, or 2 after the ids)
 
 
-def _router_candidates(*sources: nn.Module) -> list[dict]:
-    """The kernel routing methods the routing attributes allow, most specific first; each attribute is
-    read from the first of ``sources`` (router, then block) that has it."""
+# Attribute names of the routing parameters, read from the router (and its children), then the block.
+_BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
+_SCALE_NAMES = ("routed_scaling_factor", "route_scale")
+
+
+def _router_candidates(router: nn.Module, block: nn.Module, num_experts: int, top_k: int) -> list[tuple[dict, float]]:
+    """The kernel routing methods the routing attributes allow, most specific first, each with the uniform
+    scale to fold into ``w2`` (1 when the method applies it itself).  An attribute is read from the router,
+    its children (ERNIE-4.5 keeps its bias in ``moe_statics``), then the block (AFMoE, MiniMax-M2 and
+    LFM2-MoE keep it there and hand it to the router)."""
+    sources = (*router.modules(), block)
+
     def attr(*names):
         for src in sources:
             for n in names:
@@ -468,17 +498,26 @@ def _router_candidates(*sources: nn.Module) -> list[dict]:
                     return getattr(src, n)
         return None
 
-    if attr("e_score_correction_bias") is not None or attr("routed_scaling_factor") is not None:
-        norm = attr("norm_topk_prob")
+    bias, scale, norm = attr(*_BIAS_NAMES), attr(*_SCALE_NAMES), attr("norm_topk_prob")
+    scale = 1.0 if scale is None else float(scale)
+    groups = int(attr("num_group", "n_group") or 1)
+    deepseek = dict(routing="deepseek_v3", n_group=groups, topk_group=int(attr("topk_group") or groups),
+                    routed_scaling_factor=scale, routing_bias=None)
+    if bias is not None:
         if norm is not None and not norm:
             raise _Unsupported("DeepSeek-style routing with norm_topk_prob=False: the kernel's DeepSeekV3 routing "
                                "always normalizes the top-k weights, and no other routing method matches")
-        groups = attr("num_group", "n_group") or 1
-        bias, scale = attr("e_score_correction_bias"), attr("routed_scaling_factor")
-        return [dict(routing="deepseek_v3", n_group=int(groups), topk_group=int(attr("topk_group") or groups),
-                     routed_scaling_factor=float(scale) if scale is not None else 1.0,
-                     routing_bias=None if bias is None else bias.detach().float().clone())]
-    return [dict(routing="renormalize"), dict(routing="default")]
+        if not isinstance(bias, torch.Tensor) or bias.numel() != num_experts:
+            raise _Unsupported(f"the routing bias is not one value per expert ({num_experts})")
+        return [(dict(deepseek, routing_bias=bias.detach().float().reshape(num_experts).clone()), 1.0)]
+    # No bias: softmax routers (a routed scale, as DeepSeek-V2's, folded into w2: it multiplies every expert's
+    # output), sigmoid routers that normalize (DeepSeek-V3 routing with one group and no bias), top-1 sigmoid.
+    out = [(dict(routing="renormalize"), scale), (dict(routing="default"), scale)]
+    if norm is None or norm:
+        out.append((deepseek, 1.0))
+    if top_k == 1 and scale == 1.0:
+        out.append((dict(routing="llama4"), 1.0))
+    return out
 
 
 class _PassLogits:
@@ -486,15 +525,42 @@ class _PassLogits:
     older transformers 5 releases, where the router returns logits only): hands the logits on in the
     weights' place, for the experts (a :class:`TransformersMoE`) to route."""
 
-    def __call__(self, router_logits):
-        return router_logits, router_logits
+    def __init__(self, scores: str = "logits"):
+        self.scores = scores
+
+    def __call__(self, *args):  # (router_logits) or (hidden_states, router_logits)
+        logits = kernel_logits(args[-1], self.scores)
+        return logits, logits
 
 
 def _router_input_size(router: nn.Module, num_experts: int) -> int:
     for p in router.parameters():
         if p.ndim == 2 and p.shape[0] == num_experts:
             return p.shape[1]
+    wider = [tuple(p.shape) for p in router.parameters() if p.ndim == 2 and p.shape[0] > num_experts]
+    if wider:  # LongCat-Flash: zero-computation experts, which pass the token through scaled by its weight
+        raise _Unsupported(f"router {type(router).__name__} scores {wider[0][0]} choices for {num_experts} experts: "
+                           "the others are experts without weights (zero-computation experts, which return the "
+                           "token scaled by its routing weight); FusedMoE routes only over experts it holds")
     raise _Unsupported(f"router {type(router).__name__} has no [experts, hidden] projection weight")
+
+
+def _router_args(router: nn.Module, block: nn.Module) -> tuple:
+    """Tensors the router's forward takes after the hidden states, which the block hands it from its own
+    attributes of the same names (AFMoE's and LFM2-MoE's ``expert_bias``, MiniMax-M2's
+    ``e_score_correction_bias``)."""
+    args = []
+    for p in list(inspect.signature(router.forward).parameters.values())[1:]:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        value = getattr(block, p.name, None)
+        if isinstance(value, torch.Tensor):
+            args.append(value)
+        elif p.default is p.empty:
+            raise _Unsupported(f"router {type(router).__name__} takes {p.name!r}, which the block does not hold")
+        else:
+            break
+    return tuple(args)
 
 
 @torch.no_grad()
@@ -502,15 +568,20 @@ def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Rou
     """Map the router onto a kernel routing method and check it on random tokens against the router's own
     top-k weights and ids (or, where the router returns logits only, the block's ``route_tokens_to_experts``)."""
     name = type(router).__name__
-    candidates = _router_candidates(router, block)
     param = next(router.parameters())
     gen = torch.Generator(device="cpu").manual_seed(1)
     tokens = 64
     x = torch.randn(tokens, _router_input_size(router, num_experts), generator=gen).to(param.device, param.dtype)
-    out = router(x)
+    args = _router_args(router, block)
+    try:
+        out = router(x, *args)
+    except Exception:  # noqa: BLE001 - a router that takes the block's [B, S, H] input (AFMoE)
+        out = router(x[None], *args)
     block_routes = isinstance(out, torch.Tensor) and callable(getattr(block, "route_tokens_to_experts", None))
     if block_routes:
-        pair = block.route_tokens_to_experts(out)
+        # route_tokens_to_experts(router_logits), or (hidden_states, router_logits) in some releases (Jamba)
+        takes_x = len(inspect.signature(block.route_tokens_to_experts).parameters) == 2
+        pair = block.route_tokens_to_experts(*((x,) if takes_x else ()), out)
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise _Unsupported("the block's route_tokens_to_experts does not return (top-k ids, top-k weights)")
         ids, weights = pair if not pair[0].is_floating_point() else pair[::-1]
@@ -529,33 +600,47 @@ def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Rou
             or tuple(weights.shape) != (tokens, top_k)):
         raise _Unsupported(f"router {name} returns shapes {tuple(first.shape)}, {tuple(weights.shape)}, "
                            f"{tuple(ids.shape)}; expected [T, {num_experts}], [T, {top_k}], [T, {top_k}]")
+    candidates = _router_candidates(router, block, num_experts, top_k)
     want = torch.zeros(tokens, num_experts, device=x.device).scatter(1, ids.long(), weights.float())
-    scale = getattr(router, "per_expert_scale", None)
-    if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (num_experts,):
-        scale = None
-    inputs = [(False, first.float())]
-    if bool((first >= 0).all()) and bool(torch.allclose(first.float().sum(-1), torch.ones(tokens, device=x.device),
-                                                         atol=1e-3)):
-        inputs.append((True, torch.log(first.float())))
+    expert_scale = getattr(router, "per_expert_scale", None)
+    if not isinstance(expert_scale, torch.Tensor) or tuple(expert_scale.shape) != (num_experts,):
+        expert_scale = None
+    ones = torch.ones(num_experts, device=x.device)
+    probabilities = bool((first >= 0).all()) and bool(
+        torch.allclose(first.float().sum(-1), torch.ones(tokens, device=x.device), atol=1e-3))
+    # What the kernel may take of the scores: the logits; the log of probabilities (Gemma-4); the inverse
+    # sigmoid of a softmax, for sigmoid-score routing on softmax probabilities (ERNIE-4.5).
+    transforms = ["logits", "log_probs" if probabilities else "logit_of_softmax"]
     tol = _tolerance(weights.dtype)
+    if top_k < num_experts and bool((first.float().amax(-1) == first.float().amin(-1)).all()):
+        raise _Unsupported(f"router {name} scores every expert the same on every probe token (untrained, zero "
+                           "weights?): its routing method cannot be read")
     tried = []
-    for log_probs, logits in inputs:
+    for transform in transforms:
+        logits = kernel_logits(first.float(), transform)
         # Tokens whose k-th and (k+1)-th logits are equal (bf16 logits over many experts tie now and then)
         # may pick either expert on either side: they say nothing about the method, so they are not compared.
         clear = torch.ones(tokens, dtype=torch.bool, device=x.device)
         if top_k < num_experts:
             ranked = logits.topk(top_k + 1, dim=-1).values
             clear = ranked[:, top_k - 1] != ranked[:, top_k]
-        for cand in candidates:
-            w, i = route(logits, top_k, **cand)
-            if scale is not None:
-                w = w * scale.detach().float()[i]
+        for cand, fold in candidates:
+            if transform == "logit_of_softmax" and cand["routing"] != "deepseek_v3":
+                continue  # the inverse sigmoid only serves sigmoid-score routing
+            scale = (ones if expert_scale is None else expert_scale.detach().float().to(x.device)) * fold
+            try:
+                w, i = route(logits, top_k, **cand)
+            except MoEError:  # arguments this method refuses (groups that do not divide the experts)
+                continue
+            w = w * scale[i]
             got = torch.zeros_like(want).scatter(1, i, w)
             if bool(clear.any()) and _rel_err(got[clear], want[clear]) <= tol:
-                return _Routing({k: v for k, v in cand.items()}, top_k, log_probs, block_routes,
-                                None if scale is None else scale.detach().float().clone(), scores_at)
-            tried.append(f"{cand['routing']} on {'log-probabilities' if log_probs else 'logits'}"
-                         + (" with per-expert scale" if scale is not None else ""))
+                keep = expert_scale is not None or fold != 1.0
+                return _Routing(dict(cand), top_k, transform, block_routes, scale.clone() if keep else None,
+                                scores_at)
+            tried.append(f"{cand['routing']} on {transform.replace('_', ' ')}"
+                         + (" with per-expert scale" if expert_scale is not None else "")
+                         + (f" scaled by {fold:g}" if fold != 1.0 else ""))
     raise _Unsupported(f"router {name}: its top-k weights match none of the routing methods the kernels support "
                        f"(tried {', '.join(tried)})")
 
@@ -627,7 +712,9 @@ def _collect_calibration(model: nn.Module, experts: dict[str, nn.Module], calibr
 
 # -- conversion -------------------------------------------------------------------------------------------
 def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """MoE blocks: modules with an ``experts`` child (outermost only; converted ones are not listed)."""
+    """MoE blocks: modules with an ``experts`` child (outermost only; converted ones are not listed), and,
+    to be reported as left alone, modules with a router child and stacked 3-D expert weights in other
+    children but no ``experts`` child (JetMoE's MLP)."""
     found, claimed = [], []
     for name, module in model.named_modules():
         if any(name.startswith(c + ".") for c in claimed):
@@ -637,7 +724,20 @@ def _find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
             claimed.append(name)
             if not isinstance(experts, TransformersMoE):
                 found.append((name, module))
+        elif _stacked_without_experts(module):
+            claimed.append(name)
+            found.append((name, module))
     return found
+
+
+def _stacked_without_experts(module: nn.Module) -> list[str]:
+    """Children other than the router that hold 3-D (stacked expert) parameters, in a module that has a
+    router child and no ``experts`` child; empty otherwise."""
+    routers = [getattr(module, a, None) for a in _ROUTER_NAMES]
+    if isinstance(getattr(module, "experts", None), nn.Module) or not any(isinstance(r, nn.Module) for r in routers):
+        return []
+    return [n for n, child in module.named_children() if child not in routers
+            and any(p.ndim == 3 for p in child.parameters(recurse=False))]
 
 
 def _router_of(block: nn.Module) -> tuple[str, nn.Module]:
@@ -645,6 +745,10 @@ def _router_of(block: nn.Module) -> tuple[str, nn.Module]:
         router = getattr(block, attr, None)
         if isinstance(router, nn.Module):
             return attr, router
+    experts = block.experts
+    if any(isinstance(getattr(experts, a, None), nn.Module) for a in _ROUTER_NAMES):
+        raise _Unsupported(f"its experts module {type(experts).__name__} holds the router itself and is not called "
+                           "as experts(x, top-k ids, top-k weights) (JetMoE's mixture of attention heads is one)")
     raise _Unsupported(f"block has no router child named {' or '.join(_ROUTER_NAMES)}")
 
 
@@ -703,13 +807,25 @@ def _build_input_scaled(name: str, block: nn.Module, router_attr: str, router: n
 
 def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[torch.Tensor], kernel: Optional[str],
            check_layout: bool, parallel=None) -> _Built:
+    stacked = _stacked_without_experts(block)
+    if stacked:
+        raise _Unsupported(f"a router and stacked expert weights ({', '.join(stacked)}) but no experts module: the "
+                           "block runs its experts its own way, and convert reads only transformers' experts "
+                           "modules, called as experts(x, top-k ids, top-k weights)")
     router_attr, router = _router_of(block)
+    capacity = getattr(router, "expert_capacity", None)
+    if capacity is not None:  # Switch Transformers, NLLB-MoE
+        raise _Unsupported(f"router {type(router).__name__} drops the tokens beyond an expert capacity "
+                           f"(expert_capacity={capacity}); FusedMoE sends every token to its top-k experts")
     experts = block.experts
     if getattr(experts, "_is_expert_parallel", False):
         raise _Unsupported("experts are expert-parallel (sharded); convert the unsharded model")
     if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)) and not _takes_routing(experts):
         return _build_input_scaled(name, block, router_attr, router, family=family, calibration=calibration,
                                    kernel=kernel, check_layout=check_layout, parallel=parallel)
+    down = getattr(experts, "down_proj", None)
+    if isinstance(down, torch.Tensor) and down.ndim == 3:  # zero-computation experts first, whatever the layout
+        _router_input_size(router, down.shape[0])
     w13, w2, activation = expert_weights(experts)
     extras = _expert_extras(experts, activation)
     routing = _read_routing(router, w13.shape[0], block)
@@ -722,9 +838,9 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
             extras = dataclasses.replace(extras, w2_bias=extras.w2_bias * scale[:, None])
     # Where the logits reach the experts: through the router's second output, or the block's routing step.
     if routing.block_routes:
-        hand_on = {"route_tokens_to_experts": _PassLogits()}
+        hand_on = {"route_tokens_to_experts": _PassLogits(routing.scores)}
     else:
-        hand_on = {router_attr: RouterLogits(router, log_probs=routing.log_probs, scores_at=routing.scores_at)}
+        hand_on = {router_attr: RouterLogits(router, scores=routing.scores, scores_at=routing.scores_at)}
     if check_layout:
         emulated = TransformersMoE(_FloatMoE(w13, w2, activation, routing.top_k, routing.kwargs, extras),
                                    compute_dtype=torch.float32)
@@ -736,11 +852,11 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
                                   **routing.kwargs)
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
-    shared = any(n.startswith("shared_expert") for n, _ in block.named_children())
+    shared = any(n.startswith(("shared_expert", "shared_mlp")) for n, _ in block.named_children())
     info = ConvertedBlock(name=name, block=type(block).__name__, family=family, experts=w13.shape[0],
                           top_k=routing.top_k, hidden=w13.shape[2], intermediate=w2.shape[2], activation=activation,
                           routing=routing.kwargs["routing"], shared_expert=shared, kernel=moe.kernel,
-                          router_output="log_probs" if routing.log_probs else "logits",
+                          router_output=routing.scores,
                           expert_scale=routing.expert_scale is not None, expert_bias=extras.has_bias)
     return _Built(name, block, {**hand_on, "experts": TransformersMoE(moe, family=family)}, None, info)
 
@@ -773,7 +889,8 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
             candidates[name] = block
     calib = {}
     if calibration is not None:
-        calib = _collect_calibration(model, {n: b.experts for n, b in candidates.items()}, calibration)
+        calib = _collect_calibration(model, {n: b.experts for n, b in candidates.items()
+                                             if isinstance(getattr(b, "experts", None), nn.Module)}, calibration)
     built = []
     for name, block in candidates.items():
         try:
