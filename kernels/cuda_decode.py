@@ -43,7 +43,8 @@ from typing import Optional
 
 import torch
 
-from moe_passes.contract import is_gated
+from moe_passes.contract import PARAMETRIC_ACTIVATIONS, is_gated
+from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.options import KernelOptions, current
 from moe_passes.kernels.triton_common import ACT_CODES
@@ -176,9 +177,13 @@ def _groups(routing: str, n_group: Optional[int]) -> int:
 
 
 def static_refusal(hidden: int, inter: int, experts: int, top_k: int, gated: bool, routing: str, n_group, topk_group,
-                   sm_count: int, smem_limit: Optional[int], options: KernelOptions) -> Optional[str]:
-    """Why no call of this layer shape can take the kernel, whatever its tensors, or None: routing limits and,
-    when ``smem_limit`` is known, the pipeline's fit (the planner asks this; :func:`unsupported_reason` too)."""
+                   sm_count: int, smem_limit: Optional[int], options: KernelOptions, *, biases: bool = False,
+                   activation_params: bool = False) -> Optional[str]:
+    """Why no call of this layer shape can take the kernel, whatever its tensors, or None: expert biases or a
+    parametric activation (gpt-oss: its epilogue has neither), routing limits and, when ``smem_limit`` is
+    known, the pipeline's fit (the planner asks this; :func:`unsupported_reason` too)."""
+    if biases or activation_params:
+        return "no expert biases or activation parameters in its epilogue (the Triton decode takes them)"
     refusal = ROUTING.refusal(routing, top_k, experts, n_group, topk_group)
     if refusal is not None:
         return f"routing the kernel does not take: {refusal}"
@@ -199,8 +204,10 @@ def _plan_decode_cached(*args) -> DecodePlan:
 
 def unsupported_reason(hidden_states: torch.Tensor, router_logits: torch.Tensor, weights: registry.MoEWeights,
                        top_k: int, activation: str, routing: str, routing_bias, n_group, topk_group,
-                       routed_scaling_factor, options: Optional[KernelOptions] = None) -> Optional[str]:
-    """None when :func:`decode_one_token` takes this call, else why not (the Triton path takes it then)."""
+                       routed_scaling_factor, options: Optional[KernelOptions] = None,
+                       biases: bool = False) -> Optional[str]:
+    """None when :func:`decode_one_token` takes this call, else why not (the Triton path takes it then).
+    ``biases``: the call has expert biases."""
     options = current(options)
     if not options.cuda_decode:
         return "turned off (KernelOptions.cuda_decode, MOE_NVFP4_CUDA_DECODE=0)"
@@ -215,7 +222,7 @@ def unsupported_reason(hidden_states: torch.Tensor, router_logits: torch.Tensor,
     w13, s13, g13, w2, s2, g2 = weights
     hidden, inter = w13.shape[2] * 2, w2.shape[2] * 2
     refusal = static_refusal(hidden, inter, experts, top_k, is_gated(activation), routing, n_group, topk_group, 0,
-                             None, options)
+                             None, options, biases=biases, activation_params=activation in PARAMETRIC_ACTIVATIONS)
     if refusal is not None:
         return refusal
     if router_logits.dtype not in _FLOAT_KIND or (routing_bias is not None and routing_bias.dtype not in _FLOAT_KIND):
@@ -389,6 +396,8 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     diagnostic): build with the kernel's TRACE stamps, which land there (phase cycles per CTA, see the source)."""
     from moe_passes.kernels.cuda_rtc import RtcError
 
+    if activation in PARAMETRIC_ACTIVATIONS:  # its ACT chain would run the code as ReLU^2
+        raise MoEConfigError(f"the one-launch CUDA decode has no epilogue for {activation!r}")
     device = hidden_states.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     w13, s13, g13, w2, s2, g2 = weights

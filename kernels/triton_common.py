@@ -9,6 +9,8 @@ kernel is defined.
 
 from __future__ import annotations
 
+from moe_passes.contract import PARAMETRIC_ACTIVATIONS, activation_params
+
 try:  # Triton is optional: CPU-only installs do not have it.
     import triton
     import triton.language as tl
@@ -20,8 +22,19 @@ try:  # programmatic dependent launch (Triton >= 3.4); without it the kernels ju
 except ImportError:  # pragma: no cover
     gdc_launch_dependents = gdc_wait = None
 
-# The activation codes of the Triton epilogues (``apply_act``) and of the CUDA decode's ``ACT`` define.
-ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3}
+# The activation codes of the Triton epilogues (``apply_act``) and of the CUDA decode's ``ACT`` define (which
+# has no branch for swiglu_oai: ``cuda_decode`` refuses it).
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3, "swiglu_oai": 4}
+
+
+def act_constexprs(activation: str, params=None) -> dict:
+    """The activation's constexpr launch arguments of a GEMM1 epilogue: ``ACT``, and for ``swiglu_oai`` its
+    ``ALPHA``, ``BETA``, ``LIMIT`` (``params`` as ``contract.activation_params`` takes them).  The parameters
+    are compiled in: a model has one set, and the other activations' kernels keep their code and cache key."""
+    if activation not in PARAMETRIC_ACTIVATIONS:
+        return dict(ACT=ACT_CODES[activation])
+    alpha, beta, limit = activation_params(activation, params)
+    return dict(ACT=ACT_CODES[activation], ALPHA=alpha, BETA=beta, LIMIT=limit)
 
 
 def next_pow2(n: int) -> int:
@@ -89,8 +102,14 @@ if triton is not None:
                 gdc_launch_dependents()
 
     @triton.jit
-    def apply_act(g, u, ACT: tl.constexpr):
-        if ACT == 0:  # SwiGLU
+    def apply_act(g, u, ACT: tl.constexpr, ALPHA: tl.constexpr = 1.702, BETA: tl.constexpr = 1.0,
+                  LIMIT: tl.constexpr = 7.0):
+        """The activation of fp32 gate ``g`` and up ``u`` (``ALPHA``/``BETA``/``LIMIT``: swiglu_oai's only)."""
+        if ACT == 4:  # gpt-oss's clamped SwiGLU (contract.SwigluOAI)
+            gc = tl.minimum(g, LIMIT)
+            uc = tl.minimum(tl.maximum(u, -LIMIT), LIMIT)
+            return gc * tl.sigmoid(ALPHA * gc) * (uc + BETA)
+        elif ACT == 0:  # SwiGLU
             return g * tl.sigmoid(g) * u
         elif ACT == 1:  # GeGLU, erf GELU
             return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
@@ -104,9 +123,11 @@ if triton is not None:
     @triton.jit
     def act_kernel(part_ptr, out_ptr, num_pairs, I, GATED: tl.constexpr, ACT: tl.constexpr,
                     SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
-                    LAUNCH_FIRST: tl.constexpr = False):
+                    LAUNCH_FIRST: tl.constexpr = False, ids_ptr=None, b13_ptr=None, HAS_B1: tl.constexpr = False,
+                    ALPHA: tl.constexpr = 1.702, BETA: tl.constexpr = 1.0, LIMIT: tl.constexpr = 7.0):
         """Sum the split-K partials of GEMM1 and apply the activation: bf16 intermediate ``[pairs, I]``.
-        LAUNCH_FIRST (see ``gdc``): the GEMM2 after it loads weights before its wait."""
+        LAUNCH_FIRST (see ``gdc``): the GEMM2 after it loads weights before its wait.  HAS_B1: add the pair's
+        expert's (``ids_ptr``) row of ``b13_ptr [E, N1]`` fp32 before the activation (None pointers without)."""
         gdc(PDL, LAUNCH_FIRST=LAUNCH_FIRST)
         pair = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -119,4 +140,9 @@ if triton is not None:
             g += tl.load(base, mask=ok, other=0.0)
             if GATED:
                 u += tl.load(base + I, mask=ok, other=0.0)
-        tl.store(out_ptr + pair * I + offs, apply_act(g, u, ACT).to(tl.bfloat16), mask=ok)
+        if HAS_B1:
+            b = b13_ptr + tl.load(ids_ptr + pair).to(tl.int64) * N1 + offs
+            g += tl.load(b, mask=ok, other=0.0)
+            if GATED:
+                u += tl.load(b + I, mask=ok, other=0.0)
+        tl.store(out_ptr + pair * I + offs, apply_act(g, u, ACT, ALPHA, BETA, LIMIT).to(tl.bfloat16), mask=ok)

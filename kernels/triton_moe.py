@@ -17,7 +17,8 @@ dtypes are the canonical ones; nothing proportional to the weights is allocated 
 per-call workspace grows with the tokens.
 
 Numerics match ``fused_moe_reference(..., quantize_activations=False)``: bf16 activations, weights
-dequantized exactly, fp32 accumulation, the intermediate rounded to bf16, fp32 combine, bf16 out.
+dequantized exactly, fp32 accumulation (plus the fp32 expert biases where a layer has them: gpt-oss), the
+intermediate rounded to bf16, fp32 combine, bf16 out.
 
 Triton is imported behind a guard: this module imports (and registers an unavailable kernel) on a
 CPU-only machine without Triton.
@@ -30,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from moe_passes.contract import ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape, is_gated
+from moe_passes.contract import ACTIVATIONS, PARAMETRIC_ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape, is_gated
+from moe_passes.contract import activation_params as _params_of
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import cuda_decode, registry
 from moe_passes.kernels.options import KernelOptions, current
@@ -109,19 +111,25 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                      topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
                      out: Optional[torch.Tensor] = None, config: Optional[Config] = None,
                      local_expert_offset: int = 0, global_num_experts: Optional[int] = None,
-                     options: Optional[KernelOptions] = None) -> torch.Tensor:
+                     options: Optional[KernelOptions] = None, activation_params=None,
+                     w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The NVFP4 MoE layer on bf16 ``hidden_states [T, Hp]`` (``Hp`` = the weights' hidden size).
 
     ``weights`` must come from :func:`prepare_weights` (or the registry's ``prepare``): the E2M1 bytes
     are read in the Triton layout, not the canonical one.  Expert parallelism: with ``global_num_experts``
     the weights hold experts ``[local_expert_offset, +E_local)`` and ``router_logits`` score all of them.
     ``config`` (a ``DecodeConfig`` or ``TileConfig``) runs that variant instead of the planner's choice;
-    ``options`` (None: ``options.current()``) carry the knobs.
+    ``options`` (None: ``options.current()``) carry the knobs.  ``activation_params``: ``swiglu_oai``'s
+    ``[alpha, beta, limit]`` (or a ``SwigluOAI``; None: its defaults).  Expert biases (gpt-oss), fp32, in
+    the canonical row order (the Triton layout keeps rows where they are): ``w13_bias [E_local, N1]`` added
+    to GEMM1's output before the activation, ``w2_bias [E_local, Hp]`` to GEMM2's before the routing
+    weight; a narrower ``w2_bias`` (``[E_local, H]``) counts as zero-padded, as in the reference.
     """
     options = current(options)
-    if activation not in ACT_CODES:  # the registry sends such layers elsewhere; a direct call must not guess
+    if activation not in ACT_CODES:  # a direct call must not guess
         raise MoEConfigError(f"the triton kernel has no epilogue for activation {activation!r}; it runs "
                              f"{', '.join(ACT_CODES)}")
+    params = _params_of(activation, activation_params)  # refuses parameters for an activation without any
     if triton is None:
         raise MoEConfigError("the triton MoE kernel needs the 'triton' package")
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
@@ -139,6 +147,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     misaligned = registry.alignment_error(TRITON_ALIGNMENT, hidden, inter, activation)
     if misaligned is not None:
         raise MoEConfigError(misaligned)
+    w13_bias, w2_bias = _check_biases(w13_bias, w2_bias, experts, n1, hidden, hidden_states.device)
     local = global_num_experts is not None
     routed_experts = global_num_experts if local else experts
     if local and not 0 <= local_expert_offset <= routed_experts - experts:
@@ -159,11 +168,13 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                              f"{device}, got {out.dtype} {tuple(out.shape)} stride {out.stride()} on {out.device}")
     if tokens == 0:
         return out
-    problem = Problem(tokens, top_k, experts, hidden, inter, gated, routing, n_group, topk_group, local)
+    biases = w13_bias is not None or w2_bias is not None
+    problem = Problem(tokens, top_k, experts, hidden, inter, gated, routing, n_group, topk_group, local,
+                      biases=biases, activation_params=activation in PARAMETRIC_ACTIVATIONS)
     plan = plan_call(problem, device, options) if config is None else plan_config(config, problem, options)
     if plan.variant == "cuda_decode":
         done = _cuda_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias,
-                            n_group, topk_group, routed_scaling_factor, out, options)
+                            n_group, topk_group, routed_scaling_factor, out, options, biases)
         if done is not None:
             return done
         plan = plan.fallback
@@ -181,12 +192,30 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     variant = decode_tc if isinstance(cfg, DecodeConfig) else run_tiles
     variant(hidden_states, weights, flat_ids, topk_w, counts, y, cfg, pairs=pairs, experts=experts, hidden=hidden,
             inter=inter, top_k=top_k, gated=gated, activation=activation, k_per_split=k_per_split, pdl=pdl,
-            one_program=plan.one_program_grouping)
+            one_program=plan.one_program_grouping, activation_params=params, w13_bias=w13_bias, w2_bias=w2_bias)
     block = 1024
     combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),
                                                          TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl,
                                                          num_warps=4, launch_pdl=pdl)
     return out
+
+
+def _check_biases(w13_bias, w2_bias, experts: int, n1: int, hidden: int, device):
+    """The expert biases as the kernels read them: contiguous fp32 ``[E, N1]`` and ``[E, hidden]`` (a narrower
+    ``w2_bias`` zero-padded, a copy; the layer's are padded once, at preparation), or a MoEConfigError."""
+    for name, t, rows in (("w13_bias", w13_bias, (n1,)), ("w2_bias", w2_bias, range(1, hidden + 1))):
+        if t is None:
+            continue
+        if t.ndim != 2 or t.shape[0] != experts or t.shape[1] not in rows or not t.is_floating_point():
+            want = f"[{experts}, {n1}]" if name == "w13_bias" else f"[{experts}, {hidden}] (or narrower: zero-padded)"
+            raise MoEConfigError(f"{name} must be a float {want} tensor, got {t.dtype} {tuple(t.shape)}")
+        if t.device != device:
+            raise MoEConfigError(f"{name} is on {t.device}, the hidden states on {device}")
+    if w13_bias is not None:
+        w13_bias = w13_bias.float().contiguous()
+    if w2_bias is not None:
+        w2_bias = torch.nn.functional.pad(w2_bias.float(), (0, hidden - w2_bias.shape[1])).contiguous()
+    return w13_bias, w2_bias
 
 
 def _localize(topk_w: torch.Tensor, topk_ids: torch.Tensor, offset: int, experts: int):
@@ -198,12 +227,12 @@ def _localize(topk_w: torch.Tensor, topk_ids: torch.Tensor, offset: int, experts
 
 
 def _cuda_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group,
-                 topk_group, routed_scaling_factor, out, options) -> Optional[torch.Tensor]:
+                 topk_group, routed_scaling_factor, out, options, biases=False) -> Optional[torch.Tensor]:
     """The one-launch CUDA decode of one token, or None where it refuses this call at run time (dtypes,
     alignment, no NVRTC, a refused launch: the caller takes the plan's Triton fallback)."""
     args = (hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group, topk_group,
             routed_scaling_factor)
-    if cuda_decode.unsupported_reason(*args, options=options) is not None:
+    if cuda_decode.unsupported_reason(*args, options=options, biases=biases) is not None:
         return None
     return cuda_decode.decode_one_token(hidden_states, router_logits, weights, top_k=top_k, activation=activation,
                                         routing=routing, routing_bias=routing_bias, n_group=n_group,
@@ -247,13 +276,14 @@ def _prepare_state(device: torch.device, shape: MoEShape, args: registry.RunArgs
 
 
 def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_global_scale, intermediate_global_scale,
-         routing_bias, args: registry.RunArgs) -> torch.Tensor:
+         routing_bias, args: registry.RunArgs, *, w13_bias=None, w2_bias=None) -> torch.Tensor:
     # Activations stay bf16 on this path: the activation global scales are not used.
     return fused_moe_triton(hidden_states, router_logits, weights, top_k=args.top_k, activation=args.activation,
                             routing=args.routing, routing_bias=routing_bias, n_group=args.n_group,
                             topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
                             local_expert_offset=args.local_expert_offset, global_num_experts=args.global_num_experts,
-                            options=args.options)
+                            options=args.options, activation_params=args.activation_params, w13_bias=w13_bias,
+                            w2_bias=w2_bias)
 
 
 TRITON = registry.register(registry.KernelSpec(
@@ -270,4 +300,8 @@ TRITON = registry.register(registry.KernelSpec(
     quantizes_activations=False,
     graph_tokens=64,  # an H100 host takes 150-550 us to set up a call that runs 20-200 us on the GPU
     priority=10,
+    # gpt-oss: expert biases in the GEMM epilogues and swiglu_oai's parameters; the layout keeps rows in
+    # place, so the biases need no prepare_biases
+    expert_bias=True,
+    activation_params=True,
 ))

@@ -174,6 +174,8 @@ class Problem:
     n_group: Optional[int] = None
     topk_group: Optional[int] = None
     local: bool = False  # expert parallel: the weights hold a slice of the experts
+    biases: bool = False  # expert biases in the GEMM epilogues (gpt-oss)
+    activation_params: bool = False  # a parametric activation (swiglu_oai)
 
     @property
     def pairs(self) -> int:
@@ -383,4 +385,5 @@ def _cuda_decode_refusal(p: Problem, d: DeviceInfo, options: KernelOptions) -> O
     from moe_passes.kernels import cuda_decode
 
     return cuda_decode.static_refusal(p.hidden, p.inter, p.experts, p.top_k, p.gated, p.routing, p.n_group,
-                                      p.topk_group, d.sm_count, d.smem_optin, options)
+                                      p.topk_group, d.sm_count, d.smem_optin, options, biases=p.biases,
+                                      activation_params=p.activation_params)

@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 
 from moe_passes.errors import MoEConfigError
-from moe_passes.kernels.triton_common import ACT_CODES, tl, triton
+from moe_passes.kernels.triton_common import act_constexprs, tl, triton
 from moe_passes.kernels.triton_group import align
 from moe_passes.kernels.triton_plan import DECODE_CHUNK, DecodeConfig, k_split
 
@@ -326,20 +326,33 @@ if triton is not None:
         return tl.sum(tl.sum(v, axis=2), axis=0)
 
     @triton.jit
+    def _bias1(b13_ptr, e64, row, I, N1: tl.constexpr, GATED: tl.constexpr):
+        """The gate (and up) biases of GEMM1 rows ``row`` of expert ``e64`` (``b13 [E, N1]`` fp32); 0 past I."""
+        p = b13_ptr + e64 * N1 + row
+        bg = tl.load(p, mask=row < I, other=0.0)
+        bu = bg
+        if GATED:
+            bu = tl.load(p + I, mask=row < I, other=0.0)
+        return bg, bu
+
+    @triton.jit
     def _tgemv1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, ids_ptr, sorted_ptr, bexp_ptr, out_ptr, part_ptr,
                        num_pairs, stride_x8, groups_per_split,
                        H: tl.constexpr, I: tl.constexpr,
                        TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
                        WARPS: tl.constexpr, SPLIT: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
                        XVEC: tl.constexpr = False, PDL: tl.constexpr = False, KS: tl.constexpr = 1,
-                       COLS: tl.constexpr = 1):
+                       COLS: tl.constexpr = 1, b13_ptr=None, HAS_B1: tl.constexpr = False,
+                       ALPHA: tl.constexpr = 1.702, BETA: tl.constexpr = 1.0, LIMIT: tl.constexpr = 7.0):
         """Decode GEMM1 (+ activation when not split): program = (pair or block, 16 * WARPS rows, K split).
 
         PF loads the next chunk's weights and activations before this chunk's MMAs (register double buffer).
         COLS (grouped): column tiles of 8 tokens per program, each chunk's weights dequantized once for all.
         KS > 1 (per pair, WARPS == KS, no PF, no grid split): the program's warps share one 16-row tile and
         split its K; their sums meet in shared memory and the activation is applied here, so no partial sums
-        leave the program and no activation launch follows.
+        leave the program and no activation launch follows.  HAS_B1 (no grid split: a split GEMM1's
+        ``act_kernel`` adds them): the expert's biases ``b13_ptr [E, N1]`` before the activation;
+        ALPHA/BETA/LIMIT: swiglu_oai's parameters.
         """
         gdc(PDL)
         if GROUPED:
@@ -371,8 +384,18 @@ if triton is not None:
             inv = 128.0 / tl.load(gs_ptr + e64)
             # column 0 (the pair) of rows g / g+8 sits at lanes c == 0; element index = thread (the default
             # layout of these one-element-per-thread tensors), so the sums over the warps are reductions
-            lo = apply_act(_col0_rows(ag[0], c, KS) * inv, _col0_rows(au[0], c, KS) * inv, ACT).to(tl.bfloat16)
-            hi = apply_act(_col0_rows(ag[2], c, KS) * inv, _col0_rows(au[2], c, KS) * inv, ACT).to(tl.bfloat16)
+            g_lo = _col0_rows(ag[0], c, KS) * inv
+            u_lo = _col0_rows(au[0], c, KS) * inv
+            if HAS_B1:
+                bg, bu = _bias1(b13_ptr, e64, tl.program_id(1) * 16 + tl.arange(0, 8), I, N1, GATED)
+                g_lo, u_lo = g_lo + bg, u_lo + bu
+            lo = apply_act(g_lo, u_lo, ACT, ALPHA, BETA, LIMIT).to(tl.bfloat16)
+            g_hi = _col0_rows(ag[2], c, KS) * inv
+            u_hi = _col0_rows(au[2], c, KS) * inv
+            if HAS_B1:
+                bg, bu = _bias1(b13_ptr, e64, tl.program_id(1) * 16 + 8 + tl.arange(0, 8), I, N1, GATED)
+                g_hi, u_hi = g_hi + bg, u_hi + bu
+            hi = apply_act(g_hi, u_hi, ACT, ALPHA, BETA, LIMIT).to(tl.bfloat16)
             r = tl.program_id(1) * 16 + tl.arange(0, 8)
             orow = out_ptr + tl.program_id(0).to(tl.int64) * I
             tl.store(orow + r, lo, mask=r < I)
@@ -401,6 +424,9 @@ if triton is not None:
         inv = 128.0 / tl.load(gs_ptr + e64)  # 2^7: the dequantized A fragments carry 2^-7
         ok_r0 = row < I
         ok_r1 = row + 8 < I
+        if HAS_B1 and SPLIT == 1:  # rows g and g + 8: the same for every column of the program
+            bg0, bu0 = _bias1(b13_ptr, e64, row, I, N1, GATED)
+            bg1, bu1 = _bias1(b13_ptr, e64, row + 8, I, N1, GATED)
         # accumulator 4j + h: tile j, row g, D column 2c + h; 4j + 2 + h: row g + 8
         for j in tl.static_range(COLS):
             for h in tl.static_range(2):
@@ -408,10 +434,16 @@ if triton is not None:
                 q = tl.where(ok, pds[2 * j + h], 0).to(tl.int64)
                 if SPLIT == 1:
                     o = out_ptr + q * I + row
-                    tl.store(o, apply_act(ag[4 * j + h] * inv, au[4 * j + h] * inv, ACT).to(tl.bfloat16),
-                             mask=ok & ok_r0)
-                    tl.store(o + 8, apply_act(ag[4 * j + 2 + h] * inv, au[4 * j + 2 + h] * inv, ACT).to(tl.bfloat16),
-                             mask=ok & ok_r1)
+                    g0 = ag[4 * j + h] * inv
+                    u0 = au[4 * j + h] * inv
+                    if HAS_B1:
+                        g0, u0 = g0 + bg0, u0 + bu0
+                    tl.store(o, apply_act(g0, u0, ACT, ALPHA, BETA, LIMIT).to(tl.bfloat16), mask=ok & ok_r0)
+                    g1 = ag[4 * j + 2 + h] * inv
+                    u1 = au[4 * j + 2 + h] * inv
+                    if HAS_B1:
+                        g1, u1 = g1 + bg1, u1 + bu1
+                    tl.store(o + 8, apply_act(g1, u1, ACT, ALPHA, BETA, LIMIT).to(tl.bfloat16), mask=ok & ok_r1)
                 else:
                     pp = part_ptr + (tl.program_id(2).to(tl.int64) * num_pairs + q) * N1 + row
                     tl.store(pp, ag[4 * j + h] * inv, mask=ok & ok_r0)
@@ -426,9 +458,10 @@ if triton is not None:
                        H: tl.constexpr, I: tl.constexpr,
                        GROUPED: tl.constexpr, WARPS: tl.constexpr, PF: tl.constexpr, VEC: tl.constexpr = False,
                        XVEC: tl.constexpr = False, PDL: tl.constexpr = False, EARLY: tl.constexpr = 0,
-                       COLS: tl.constexpr = 1):
+                       COLS: tl.constexpr = 1, b2_ptr=None, HAS_B2: tl.constexpr = False):
         """Decode GEMM2 with the routing weight: program = (pair or block, 16 * WARPS hidden rows, K split);
-        fp32 rows ``y[split, pair]`` for the combine; COLS as in GEMM1.
+        fp32 rows ``y[split, pair]`` for the combine; COLS as in GEMM1.  HAS_B2: the expert's bias
+        ``b2_ptr [E, H]`` fp32 added before the routing weight, by the first K split only.
 
         EARLY: the expert, the rows and the first chunk's weights (without PF, the first ``EARLY`` chunks')
         are read before the PDL wait: the grouping's block map and the routing launch's ids were final before
@@ -482,14 +515,25 @@ if triton is not None:
                 cx = _xloads(aps, g0, c, g_end, okbs, GROUPED, VEC, XVEC, COLS)
             acc = _cols_mma(_chunk_frags(*cw), cx, acc, COLS)
         inv = 128.0 / tl.load(gs_ptr + e64)
+        if HAS_B2:
+            first = tl.program_id(2) == 0
+            b0 = tl.load(b2_ptr + e64 * H + row, mask=first & (row < H), other=0.0)
+            b1 = tl.load(b2_ptr + e64 * H + row + 8, mask=first & (row + 8 < H), other=0.0)
         for j in tl.static_range(COLS):
             for h in tl.static_range(2):
                 ok = pds[2 * j + h] < num_pairs
                 q = tl.where(ok, pds[2 * j + h], 0).to(tl.int64)
-                sc = tl.load(tw_ptr + q, mask=ok, other=0.0) * inv
+                tw = tl.load(tw_ptr + q, mask=ok, other=0.0)
+                sc = tw * inv
                 yp = y_ptr + (tl.program_id(2).to(tl.int64) * num_pairs + q) * H + row
-                tl.store(yp, acc[4 * j + h] * sc, mask=ok & (row < H))
-                tl.store(yp + 8, acc[4 * j + 2 + h] * sc, mask=ok & (row + 8 < H))
+                y0 = acc[4 * j + h] * sc
+                if HAS_B2:
+                    y0 += b0 * tw
+                tl.store(yp, y0, mask=ok & (row < H))
+                y1 = acc[4 * j + 2 + h] * sc
+                if HAS_B2:
+                    y1 += b1 * tw
+                tl.store(yp + 8, y1, mask=ok & (row + 8 < H))
 
 
 def _vec_ok(k: int, w: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -517,9 +561,11 @@ def _word_aligned(hidden_states: torch.Tensor, weights) -> torch.Tensor:
 
 
 def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeConfig, *, pairs, experts, hidden,
-              inter, top_k, gated, activation, k_per_split, pdl=False, one_program=False):
+              inter, top_k, gated, activation, k_per_split, pdl=False, one_program=False, activation_params=None,
+              w13_bias=None, w2_bias=None):
     """Both decode GEMMs on the tensor cores; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's
-    K split in steps of ``k_per_split`` (a multiple of 128) elements.
+    K split in steps of ``k_per_split`` (a multiple of 128) elements.  ``w13_bias [E, N1]`` / ``w2_bias [E,
+    hidden]``: contiguous fp32 expert biases or None.
 
     ``cfg.grouped``: the pairs first grouped by expert into ``cfg.bm``-row blocks (``8 * cfg.cols``;
     ``counts``: int32 ``[experts]`` zeroed by the routing; ``one_program``: the grouping in one program), else
@@ -540,21 +586,27 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeCo
     per1, split1 = k_split(hidden, split1, DECODE_CHUNK)
     direct = split1 == 1
     part = inter_buf if direct else torch.empty(split1, pairs, w13.shape[1], dtype=torch.float32, device=device)
+    act = act_constexprs(activation, activation_params)
+    # the biases' pointers and flags only where there are biases: the other launches stay as they were
+    bias1 = {} if w13_bias is None else dict(b13_ptr=w13_bias, HAS_B1=True)
+    bias2 = {} if w2_bias is None else dict(b2_ptr=w2_bias, HAS_B2=True)
     _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 if cfg.ks1 > 1 else 16 * warps1), split1)](
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
         inter_buf, part, pairs, hidden_states.stride(0) // 4, per1 // 16,
-        H=hidden, I=inter, TOP_K=top_k, GATED=gated, ACT=ACT_CODES[activation], GROUPED=cfg.grouped, WARPS=warps1,
+        H=hidden, I=inter, TOP_K=top_k, GATED=gated, GROUPED=cfg.grouped, WARPS=warps1,
         SPLIT=split1, PF=cfg.prefetch, VEC=cfg.vec1 and _vec_ok(hidden, w13, w13_scale),
-        XVEC=cfg.vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=cfg.ks1, COLS=cfg.cols, num_warps=warps1,
-        num_stages=1, launch_pdl=pdl)
+        XVEC=cfg.vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=cfg.ks1, COLS=cfg.cols, **act,
+        **(bias1 if direct else {}), num_warps=warps1, num_stages=1, launch_pdl=pdl)
     early = cfg.early2 if pdl else 0
     if not direct:
-        act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated,
-                                                      ACT=ACT_CODES[activation], SPLIT=split1, BLOCK=1024,
-                                                      PDL=pdl, LAUNCH_FIRST=early > 0, num_warps=4, launch_pdl=pdl)
+        if bias1:
+            bias1 = dict(bias1, ids_ptr=flat_ids)
+        act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated, SPLIT=split1,
+                                                      BLOCK=1024, PDL=pdl, LAUNCH_FIRST=early > 0, **act, **bias1,
+                                                      num_warps=4, launch_pdl=pdl)
     _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * cfg.warps2), y.shape[0])](
         inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
         k_per_split // 16,
         H=hidden, I=inter, GROUPED=cfg.grouped, WARPS=cfg.warps2, PF=cfg.prefetch,
         VEC=cfg.vec2 and _vec_ok(inter, w2, w2_scale), XVEC=cfg.vec2 and _rows_aligned(inter_buf), PDL=pdl,
-        EARLY=early, COLS=cfg.cols, num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)
+        EARLY=early, COLS=cfg.cols, **bias2, num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)

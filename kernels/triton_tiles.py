@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from moe_passes.kernels.options import TRITON_INTERPRET
-from moe_passes.kernels.triton_common import ACT_CODES, tl, triton
+from moe_passes.kernels.triton_common import act_constexprs, tl, triton
 from moe_passes.kernels.triton_group import align
 from moe_passes.kernels.triton_plan import TileConfig
 
@@ -141,12 +141,15 @@ if triton is not None:
                       TOP_K: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
                       SWAP: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False,
-                      NFIRST: tl.constexpr = False, NARROW: tl.constexpr = False):
+                      NFIRST: tl.constexpr = False, NARROW: tl.constexpr = False, b13_ptr=None,
+                      HAS_B1: tl.constexpr = False, ALPHA: tl.constexpr = 1.702, BETA: tl.constexpr = 1.0,
+                      LIMIT: tl.constexpr = 7.0):
         """GEMM1 + activation on tensor cores: one program per (row block of one expert, BN columns).
 
         SWAP computes (W X^T): the dequantized weights are then the register operand of the MMA.  PF loads
         the next K step's weight words and scales into registers before this step's math: Triton's
-        pipeliner only stages loads that feed a dot directly, and these feed the dequantization.
+        pipeliner only stages loads that feed a dot directly, and these feed the dequantization.  HAS_B1:
+        the expert's biases ``b13_ptr [E, N1]`` fp32 before the activation; ALPHA/BETA/LIMIT: swiglu_oai's.
         """
         gdc(PDL)
         e, rows, pair, valid, pid_n = _block(bexp_ptr, sorted_ptr, num_pairs, BM, NFIRST)
@@ -191,10 +194,19 @@ if triton is not None:
             if GATED:
                 acc_u = _dequant_mma(wu_c, su_c, x, acc_u, BN, BK, SWAP, F32)
         inv = 128.0 / tl.load(gs_ptr + e)  # 2^7: the dequantized tiles carry 2^-7
+        g = acc_g * inv
+        u = acc_u * inv
+        if HAS_B1:  # one bias per column (weight row), along axis 0 of the swapped tile
+            bp = b13_ptr + e64 * N1 + offs_n
+            bg = tl.load(bp, mask=n_ok, other=0.0)
+            g += bg[:, None] if SWAP else bg[None, :]
+            if GATED:
+                bu = tl.load(bp + I, mask=n_ok, other=0.0)
+                u += bu[:, None] if SWAP else bu[None, :]
         if SWAP:
-            h = tl.trans(apply_act(acc_g * inv, acc_u * inv, ACT))
+            h = tl.trans(apply_act(g, u, ACT, ALPHA, BETA, LIMIT))
         else:
-            h = apply_act(acc_g * inv, acc_u * inv, ACT)
+            h = apply_act(g, u, ACT, ALPHA, BETA, LIMIT)
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * I + offs_n[None, :]
         tl.store(out_ptrs, h.to(tl.bfloat16), mask=n_ok[None, :])
 
@@ -203,8 +215,10 @@ if triton is not None:
                       num_pairs, H, I, k_per_split,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
                       SWAP: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False,
-                      NFIRST: tl.constexpr = False, NARROW: tl.constexpr = False):
-        """GEMM2 on tensor cores, routing weight in the epilogue, fp32 rows per (pair, K split); PF as in GEMM1."""
+                      NFIRST: tl.constexpr = False, NARROW: tl.constexpr = False, b2_ptr=None,
+                      HAS_B2: tl.constexpr = False):
+        """GEMM2 on tensor cores, routing weight in the epilogue, fp32 rows per (pair, K split); PF as in GEMM1.
+        HAS_B2: the expert's bias ``b2_ptr [E, H]`` fp32 added before the routing weight, by K split 0 only."""
         gdc(PDL)
         e, rows, pair, valid, pid_n = _block(bexp_ptr, sorted_ptr, num_pairs, BM, NFIRST)
         if e < 0:
@@ -241,8 +255,12 @@ if triton is not None:
             acc = _dequant_mma(w_c, s_c, a, acc, BN, BK, SWAP, F32)
         if SWAP:
             acc = tl.trans(acc)
-        scale = tl.load(tw_ptr + pair, mask=valid, other=0.0) * 128.0 / tl.load(gs_ptr + e)
+        tw = tl.load(tw_ptr + pair, mask=valid, other=0.0)
+        scale = tw * 128.0 / tl.load(gs_ptr + e)
         y = acc * scale[:, None]
+        if HAS_B2:
+            b = tl.load(b2_ptr + e64 * H + offs_n, mask=n_ok & (pid_s == 0), other=0.0)
+            y += b[None, :] * tw[:, None]
         y_ptrs = y_ptr + (pid_s * num_pairs + pair).to(tl.int64)[:, None] * H + offs_n[None, :]
         tl.store(y_ptrs, y, mask=valid[:, None] & n_ok[None, :])
 
@@ -255,10 +273,12 @@ def tile_grid(cfg: TileConfig, blocks: int, tiles: int, *rest: int):
 
 
 def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConfig, *, pairs, experts, hidden,
-              inter, top_k, gated, activation, k_per_split, pdl=False, one_program=False):
+              inter, top_k, gated, activation, k_per_split, pdl=False, one_program=False, activation_params=None,
+              w13_bias=None, w2_bias=None):
     """Group the pairs into ``cfg.bm``-row blocks (and tail blocks), then GEMM1 and GEMM2 over them, each once
     per block size; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's K split in steps of
-    ``k_per_split`` elements.  ``counts``: int32 ``[experts]``, zeroed by the routing."""
+    ``k_per_split`` elements.  ``counts``: int32 ``[experts]``, zeroed by the routing.  ``w13_bias [E, N1]`` /
+    ``w2_bias [E, hidden]``: contiguous fp32 expert biases or None."""
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     bm = cfg.bm
     max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
@@ -272,18 +292,22 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     launches = [(cfg, sorted_ids, inter_buf, bexp, max_blocks)]
     if cfg.tail:
         launches.append((cfg.tail_tiles(), sorted_ids[main_rows:], inter_buf[main_rows:], texp, max_tails))
+    act = act_constexprs(activation, activation_params)
+    # the biases' pointers and flags only where there are biases: the other launches stay as they were
+    bias1 = {} if w13_bias is None else dict(b13_ptr=w13_bias, HAS_B1=True)
+    bias2 = {} if w2_bias is None else dict(b2_ptr=w2_bias, HAS_B2=True)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
                              rows_inter, pairs, hidden, inter, hidden_states.stride(0),
-                             TOP_K=top_k, GATED=gated, ACT=ACT_CODES[activation],
-                             BM=c.bm, BN=c.bn1, BK=c.bk1, F32=TRITON_INTERPRET, SWAP=c.swap, PF=c.wprefetch,
-                             PDL=pdl, NFIRST=nfirst, NARROW=hidden % 64 != 0, num_warps=c.warps1,
+                             TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, F32=TRITON_INTERPRET,
+                             SWAP=c.swap, PF=c.wprefetch, PDL=pdl, NFIRST=nfirst, NARROW=hidden % 64 != 0, **act,
+                             **bias1, num_warps=c.warps1,
                              num_stages=c.stages1, launch_pdl=pdl)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2), y.shape[0])
         _gemm2_kernel[grid2](rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
                              pairs, hidden, inter, k_per_split,
                              BM=c.bm, BN=c.bn2, BK=c.bk2, F32=TRITON_INTERPRET, SWAP=c.swap, PF=c.wprefetch,
-                             PDL=pdl, NFIRST=nfirst, NARROW=inter % 64 != 0, num_warps=c.warps2,
+                             PDL=pdl, NFIRST=nfirst, NARROW=inter % 64 != 0, **bias2, num_warps=c.warps2,
                              num_stages=c.stages2, launch_pdl=pdl)

@@ -258,7 +258,7 @@ PLAN_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096)
 
 def _print_hopper_plan(args, shape) -> None:
     """The Hopper planner's variant, config and reason for each token count (``kernels/triton_plan.py``)."""
-    from moe_passes.contract import is_gated
+    from moe_passes.contract import PARAMETRIC_ACTIVATIONS, is_gated
     from moe_passes.kernels.options import current
     from moe_passes.kernels.triton_moe import device_info
     from moe_passes.kernels.triton_plan import H200, Problem, plan
@@ -270,7 +270,8 @@ def _print_hopper_plan(args, shape) -> None:
     print(f"    plan          per token count on {where}: variant [config]: why")
     for tokens in sorted({*PLAN_TOKENS, args.tokens}):
         problem = Problem(tokens, args.top_k, args.experts, shape.hidden_padded, shape.intermediate_padded,
-                          is_gated(args.activation), args.routing)
+                          is_gated(args.activation), args.routing,
+                          activation_params=args.activation in PARAMETRIC_ACTIVATIONS)
         print(f"    {tokens:>13}  {plan(problem, device, current()).describe()}")
 
 

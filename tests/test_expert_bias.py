@@ -216,29 +216,37 @@ def test_align_biases_pads_each_half():
 
 
 def test_registry_declares_who_takes_biases_and_swiglu_oai(monkeypatch):
-    triton = registry.get("triton")
-    # The Triton spec lists every activation name, but takes neither parameters nor biases yet.
-    assert "swiglu_oai" in triton.activations and not triton.supports_activation("swiglu_oai")
-    assert "activation parameters" in triton.lacks(activation="swiglu_oai", routing="renormalize")
-    assert "expert biases" in triton.lacks(activation="silu", routing="renormalize", biases=True)
-    with pytest.raises(MoEConfigError, match=r"kernel 'triton' does not support expert biases.*'reference', 'trtllm'"):
-        registry.check_supported(triton, activation="silu", routing="renormalize", biases=True)
-    with pytest.raises(MoEConfigError, match=r"'triton' does not support activation 'swiglu_oai'.*'reference', 'trtllm'"):
-        registry.check_supported(triton, activation="swiglu_oai", routing="renormalize")
-    for name in ("reference", "trtllm"):
+    import dataclasses
+
+    for name in ("reference", "triton", "trtllm"):
         spec = registry.get(name)
-        assert spec.expert_bias and spec.supports_activation("swiglu_oai")
+        assert spec.expert_bias and spec.supports_activation("swiglu_oai"), name
+        assert spec.lacks(activation="swiglu_oai", routing="renormalize", biases=True) is None
+    assert registry.get("triton").prepare_biases is None  # its layout keeps rows in place
+
+    # On a Hopper GPU (Triton available, TRTLLM not) gpt-oss's layers take the Triton kernel, with no warning.
+    hopper = {**registry._REGISTRY, "triton": dataclasses.replace(registry.get("triton"), available=lambda d: True),
+              "trtllm": dataclasses.replace(registry.get("trtllm"), available=lambda d: False)}
+    monkeypatch.setattr(registry, "_REGISTRY", hopper)
+    monkeypatch.setattr(registry, "_FALLBACK_WARNED", set())
+    device = torch.device("cuda")  # a device name only: nothing runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert registry.select(device, activation="swiglu_oai", routing="renormalize", biases=True).name == "triton"
 
     # A faster kernel that lacks biases is passed over, with one warning naming it and what it lacks.
     fast = registry.KernelSpec(name="fast", description="test", alignment=registry.get("reference").alignment,
                                activations=frozenset({"silu", "swiglu_oai"}), routings=frozenset({"renormalize"}),
                                available=lambda d: True, prepare=lambda w, s: w, run=None, priority=99)
-    monkeypatch.setattr(registry, "_REGISTRY", {**registry._REGISTRY, "fast": fast})
-    monkeypatch.setattr(registry, "_FALLBACK_WARNED", set())
-    device = torch.device("cuda")  # a device name only: nothing runs
+    assert "activation parameters" in fast.lacks(activation="swiglu_oai", routing="renormalize")
+    assert "expert biases" in fast.lacks(activation="silu", routing="renormalize", biases=True)
+    with pytest.raises(MoEConfigError, match=r"kernel 'fast' does not support expert biases.*'reference', 'triton', "
+                                             r"'trtllm'"):
+        registry.check_supported(fast, activation="silu", routing="renormalize", biases=True)
+    monkeypatch.setattr(registry, "_REGISTRY", {**hopper, "fast": fast})
     assert registry.select(device, activation="silu", routing="renormalize") is fast
-    with pytest.warns(registry.KernelFallbackWarning, match="'fast' lacks expert biases.*runs on 'reference'"):
-        assert registry.select(device, activation="silu", routing="renormalize", biases=True).name == "reference"
+    with pytest.warns(registry.KernelFallbackWarning, match="'fast' lacks expert biases.*runs on 'triton'"):
+        assert registry.select(device, activation="silu", routing="renormalize", biases=True).name == "triton"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per combination
         registry.select(device, activation="silu", routing="renormalize", biases=True)
