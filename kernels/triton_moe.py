@@ -214,7 +214,9 @@ def _check_biases(w13_bias, w2_bias, experts: int, n1: int, hidden: int, device)
     if w13_bias is not None:
         w13_bias = w13_bias.float().contiguous()
     if w2_bias is not None:
-        w2_bias = torch.nn.functional.pad(w2_bias.float(), (0, hidden - w2_bias.shape[1])).contiguous()
+        w2_bias = w2_bias.float().contiguous()
+        if w2_bias.shape[1] < hidden:
+            w2_bias = torch.nn.functional.pad(w2_bias, (0, hidden - w2_bias.shape[1]))
     return w13_bias, w2_bias
 
 

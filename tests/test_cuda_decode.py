@@ -103,6 +103,22 @@ def test_off_when_asked():
                                                               None, None, None, None)
 
 
+def test_refuses_expert_biases_and_swiglu_oai():
+    """gpt-oss's epilogue (expert biases, swiglu_oai's parameters) is not in the CUDA decode: the planner and
+    the run-time check refuse it, so one token takes the Triton decode; a direct call is an error."""
+    from moe_passes.errors import MoEConfigError
+
+    args = (720, 208, 16, 4, True, "renormalize", None, None, 132, 232448, KernelOptions())
+    assert cuda_decode.static_refusal(*args) is None
+    for kw in (dict(biases=True), dict(activation_params=True)):
+        assert "expert biases or activation parameters" in cuda_decode.static_refusal(*args, **kw)
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    weights = make_layer(64, 32, 4, "swiglu_oai", torch.device("cpu"), 0)
+    with pytest.raises(MoEConfigError, match="no epilogue for 'swiglu_oai'"):
+        cuda_decode.decode_one_token(x, torch.zeros(1, 4), weights, top_k=2, activation="swiglu_oai",
+                                     routing="renormalize", out=torch.empty_like(x))
+
+
 def test_on_by_default_and_off_by_environment():
     assert KernelOptions().cuda_decode and KernelOptions.from_env({}).cuda_decode
     assert KernelOptions.from_env({"MOE_NVFP4_CUDA_DECODE": "1"}).cuda_decode

@@ -1,12 +1,16 @@
 """Every Triton launch of the Hopper path binds to its kernel's signature, for every variant and option the
 planner or a caller can pick, checked on a CPU: a subprocess swaps in a stand-in ``triton``
-(tests/fake_triton.py) whose kernels record their launches instead of running."""
+(tests/fake_triton.py) whose kernels record their launches instead of running.  Layers with expert biases
+and swiglu_oai (gpt-oss) are checked apart: their flags reach every epilogue, and no other layer's launch
+gets them."""
 
 from __future__ import annotations
 
 import pathlib
 import subprocess
 import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,9 +37,44 @@ configs = [None, DecodeConfig(grouped=False, ks1=4), DecodeConfig(grouped=False,
            TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3, tail=32),
            TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=3, bn2=64, bk2=128, warps2=4, stages2=3, split2=3,
                       swap=True)]
+EPILOGUE = {"_tgemv1_kernel", "act_kernel", "_gemm1_kernel", "_tgemv2_kernel", "_gemm2_kernel"}
+
+
+def check_epilogues(calls, act, b13, b2, params):
+    """Bias pointers and flags exactly where the layer has biases (GEMM1's where it applies the activation),
+    swiglu_oai's parameters on every launch that applies it, nothing new on any other launch."""
+    for name, _, a, _ in calls:
+        if name not in EPILOGUE:
+            continue
+        applies = name in ("act_kernel", "_gemm1_kernel") or (name == "_tgemv1_kernel" and a["SPLIT"] == 1)
+        if name in ("_tgemv2_kernel", "_gemm2_kernel"):
+            got = a.get("b2_ptr")
+            assert a.get("HAS_B2", False) == (b2 is not None) and (got is None) == (b2 is None), (name, a.keys())
+            if b2 is not None:  # as given, or a narrower one zero-padded to the hidden size
+                assert got is b2 or (got.shape[1] == a["H"] > b2.shape[1] and torch.equal(got[:, :b2.shape[1]], b2)
+                                     and not got[:, b2.shape[1]:].any()), name
+        else:
+            want = b13 if applies else None
+            assert a.get("b13_ptr") is want and a.get("HAS_B1", False) == (want is not None), (name, a.keys())
+            if name == "act_kernel":
+                assert ("ids_ptr" in a) == (b13 is not None)
+            assert a["ACT"] == tm.ACT_CODES[act]
+            if act == "swiglu_oai":
+                assert [a["ALPHA"], a["BETA"], a["LIMIT"]] == params, a
+            else:
+                assert not {"ALPHA", "BETA", "LIMIT"} & set(a), a
+
+
+LAYERS = {"plain": [(720, 208, 16, 4, "silu", False), (4608, 256, 12, 3, "relu2", False)],
+          # 4608: one to four tokens plan GEMM1's in-program K split (ks1)
+          "gpt-oss": [(720, 208, 16, 4, "swiglu_oai", True), (4608, 256, 12, 3, "relu2", True)]}[CASE]
 seen = set()
-for hidden, inter, experts, top_k, act in [(720, 208, 16, 4, "silu"), (4608, 256, 12, 3, "relu2")]:
+for hidden, inter, experts, top_k, act, biased in LAYERS:
     weights = tm.prepare_weights(make_layer(hidden, inter, experts, act, torch.device("cpu"), 0))
+    n1 = weights.w13.shape[1]
+    b13 = torch.randn(experts, n1) if biased else None
+    b2 = torch.randn(experts, hidden - 16 * (hidden < 1024)) if biased else None  # 720: a narrower w2_bias
+    params = [1.5, 0.25, 3.0] if act == "swiglu_oai" else None
     for routing, kw in [("renormalize", {}), ("deepseek_v3", dict(n_group=4, topk_group=2)),
                         ("deepseek_v3", dict(n_group=3, topk_group=1))]:
         if experts % kw.get("n_group", 1):
@@ -47,20 +86,48 @@ for hidden, inter, experts, top_k, act in [(720, 208, 16, 4, "silu"), (4608, 256
                 for opts in (KernelOptions(), KernelOptions(one_program_pairs=0)):
                     fake_triton.CALLS.clear()
                     tm.fused_moe_triton(x, logits, weights, top_k=top_k, activation=act, routing=routing,
-                                        routing_bias=bias, config=cfg, options=opts, **kw)
+                                        routing_bias=bias, config=cfg, options=opts, activation_params=params,
+                                        w13_bias=b13, w2_bias=b2, **kw)
                     names = [c[0] for c in fake_triton.CALLS]
                     assert names[-1] == "combine_kernel", names
+                    check_epilogues(fake_triton.CALLS, act, b13, b2, params)
                     seen.update(names)
             half = tm.prepare_weights(make_layer(hidden, inter, experts // 2, act, torch.device("cpu"), 1))
             tm.fused_moe_triton(x, logits, half, top_k=top_k, activation=act, routing=routing, routing_bias=bias,
-                                local_expert_offset=experts // 2, global_num_experts=experts, **kw)
+                                local_expert_offset=experts // 2, global_num_experts=experts,
+                                activation_params=params, w13_bias=None if b13 is None else b13[: experts // 2],
+                                w2_bias=None if b2 is None else b2[: experts // 2], **kw)
+if CASE == "gpt-oss":  # what the entry point refuses before any launch
+    from moe_passes.errors import MoEConfigError
+    hidden, inter, experts, top_k, act, _ = LAYERS[0]
+    weights = tm.prepare_weights(make_layer(hidden, inter, experts, act, torch.device("cpu"), 0))
+    x, logits = torch.randn(3, hidden).bfloat16(), torch.randn(3, experts)
+    good = dict(w13_bias=torch.zeros(experts, 2 * inter), w2_bias=torch.zeros(experts, hidden))
+    for bad, match in ((dict(w13_bias=torch.zeros(experts, inter)), "w13_bias must be"),
+                       (dict(w2_bias=torch.zeros(experts, hidden + 16)), "w2_bias must be"),
+                       (dict(w2_bias=torch.zeros(experts - 1, hidden)), "w2_bias must be"),
+                       (dict(w13_bias=torch.zeros(experts, 2 * inter, dtype=torch.int32)), "w13_bias must be a float"),
+                       (dict(activation_params=[1.0]), "alpha, beta, limit")):
+        try:
+            tm.fused_moe_triton(x, logits, weights, top_k=top_k, activation=act, **{**good, **bad})
+        except MoEConfigError as exc:
+            assert match in str(exc), (match, str(exc))
+        else:
+            raise AssertionError(f"accepted {bad}")
+    try:
+        tm.fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", activation_params=[1.0, 1.0, 1.0])
+    except MoEConfigError as exc:
+        assert "takes no parameters" in str(exc), str(exc)
+    else:
+        raise AssertionError("silu took parameters")
 print(" ".join(sorted(seen)))
 '''
 
 
-def test_every_launch_binds_to_its_kernel():
-    result = subprocess.run([sys.executable, "-c", SCRIPT.replace("ROOT", repr(str(ROOT)))], capture_output=True,
-                            text=True, cwd=ROOT, timeout=600)
+@pytest.mark.parametrize("case", ["plain", "gpt-oss"])
+def test_every_launch_binds_to_its_kernel(case):
+    script = SCRIPT.replace("ROOT", repr(str(ROOT))).replace("CASE", repr(case))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     launched = set(result.stdout.split())
     assert launched == {"_route_kernel", "_group_kernel", "_rank_kernel", "_starts_kernel", "_scatter_kernel",

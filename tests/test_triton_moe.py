@@ -803,3 +803,173 @@ def test_routing_kernel_breaks_ties_by_lowest_expert():
     torch.cuda.synchronize()
     assert ids[0].tolist() == [0, 1, 2, 3] and ids[1].tolist() == [40, 41, 42, 43]
     torch.testing.assert_close(w.cpu(), torch.full((3, 4), 0.25))
+
+
+# -- gpt-oss: expert biases and swiglu_oai -------------------------------------------------------------------
+
+# Not gpt-oss's defaults (1.702, 1.0, 7.0), so that a kernel that ignored them would fail; a limit the
+# biased GEMM1 outputs pass on both sides.
+OAI_PARAMS = [1.5, 0.25, 2.0]
+
+
+def _gpt_oss_layer(hidden, inter, experts, activation, seed):
+    """Weights and biases on the GPU: ``w13_bias`` ~ N(0, 2), so that about a third of the gate and up values
+    lie past the clamp limit, and ``w2_bias`` ~ N(0, 1), as large as GEMM2's output."""
+    device = torch.device("cuda")
+    weights = make_layer(hidden, inter, experts, activation, device, seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 7)
+    b13 = (torch.randn(experts, weights.w13.shape[1], generator=g) * 2).to(device)
+    b2 = torch.randn(experts, hidden, generator=g).to(device)
+    assert (b13.abs() > OAI_PARAMS[2]).float().mean() > 0.25
+    return weights, b13, b2
+
+
+def _gpt_oss_check(weights, b13, b2, activation, x, logits, top_k, **call):
+    """``fused_moe_triton`` with the biases (and swiglu_oai's parameters) into a poisoned output, against the
+    reference; returns the output."""
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
+
+    params = OAI_PARAMS if activation == "swiglu_oai" else None
+    ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation=activation, routing="renormalize",
+                              w13_bias=b13, w2_bias=b2, activation_params=params, quantize_activations=False)
+    out = torch.full_like(ref, float("nan"))
+    fused_moe_triton(x, logits, prepare_weights(weights), top_k=top_k, activation=activation, routing="renormalize",
+                     out=out, activation_params=params, w13_bias=b13, w2_bias=b2, **call)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), "unwritten (poisoned) or NaN output elements"
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, f"relative error {rel:.2e}"
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=5e-2)
+    no_bias = fused_moe_reference(x, logits, *weights, top_k=top_k, activation=activation, routing="renormalize",
+                                  activation_params=params, quantize_activations=False)
+    assert ((no_bias.float() - ref.float()).norm() / ref.float().norm()).item() > 0.3  # the biases matter
+    return out
+
+
+_OAI_CONFIGS = {
+    "tc_pair": DecodeConfig(grouped=False, vec1=True, vec2=True, early2=1),
+    # GEMM1 split over the grid: the biases and swiglu_oai in act_kernel; GEMM2's bias in K split 0 only
+    "tc_pair_split": DecodeConfig(grouped=False, split1=3, split2=2, vec1=True, vec2=True, early2=2),
+    # GEMM1's warps splitting one tile's K (ks1)
+    "tc_pair_ks4": DecodeConfig(grouped=False, split2=2, ks1=4),
+    "tc_pair_ks8_vec": DecodeConfig(grouped=False, ks1=8, vec1=True, vec2=True, early2=1),
+    "tc_group_pf": DecodeConfig(grouped=True, prefetch=True, vec1=True, vec2=True, early2=1),
+    "tc_group_split_w2": DecodeConfig(grouped=True, warps1=2, warps2=2, split1=2, split2=3, prefetch=True),
+    "tc_group16": DecodeConfig(grouped=True, cols=2, vec1=True, vec2=True, early2=2),
+    "tc_group16_split": DecodeConfig(grouped=True, cols=2, split1=2, split2=3),
+    "mma16_swap_pf_split": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=3, bn2=64, bk2=128, warps2=4,
+                                      stages2=3, split2=3, swap=True, wprefetch=True, nfirst=True),
+    "mma64": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3),
+    "mma64_pf_tail16": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                  stages2=3, wprefetch=True, nfirst=True, tail=16),
+    "mma128_pf_tail32": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                   stages2=3, wprefetch=True, nfirst=True, tail=32),
+    "mma128_tail64": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
+                                stages2=3, nfirst=True, tail=64),
+}
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("variant,activation", [(v, "swiglu_oai") for v in _OAI_CONFIGS]
+                         + [(v, "relu2") for v in ("tc_pair_split", "tc_pair_ks4", "tc_group16", "mma16_swap_pf_split",
+                                                   "mma128_pf_tail32")])
+def test_gpt_oss_variants(variant, activation):
+    """Expert biases and swiglu_oai (other parameters than gpt-oss's, values past the clamp limit) in every
+    epilogue the planner can pick: per-pair and grouped decode (with the in-program K split, a GEMM1 split
+    through the activation launch, a GEMM2 split, 16-token blocks), the 16-, 64- and 128-row tiles and their
+    tail blocks; biases on an ungated (relu2) layer too.  2880 = gpt-oss's hidden, 1040 = 65 groups."""
+    cfg = _OAI_CONFIGS[variant]
+    hidden, inter, experts, top_k = 2880, 1040, 16, 4
+    tokens = (700 if variant.startswith("mma128") else 150 if variant.startswith("tc_group16")
+              else 60 if variant.startswith(("tc_group", "mma16")) else 9)
+    if cfg.__class__ is TileConfig and cfg.tail:  # some experts' last rows in tail blocks
+        tokens = (cfg.bm + cfg.tail // 2) * experts // top_k
+    weights, b13, b2 = _gpt_oss_layer(hidden, inter, experts, activation, seed=len(variant))
+    g = torch.Generator(device="cpu").manual_seed(tokens)
+    x = (torch.randn(tokens, hidden, generator=g) / 10).to("cuda", torch.bfloat16)
+    logits = torch.randn(tokens, experts, generator=g).cuda()
+    out = _gpt_oss_check(weights, b13, b2, activation, x, logits, top_k, config=cfg)
+    if variant.startswith(("mma", "tc_group")):  # grouping order must not matter, biases included
+        from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
+
+        again = fused_moe_triton(x, logits, prepare_weights(weights), top_k=top_k, activation=activation,
+                                 routing="renormalize", config=cfg, w13_bias=b13, w2_bias=b2,
+                                 activation_params=OAI_PARAMS if activation == "swiglu_oai" else None)
+        assert torch.equal(again, out)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("hidden,inter", [(2880, 1040), (4608, 256)])
+def test_gpt_oss_one_token_takes_the_triton_decode(hidden, inter, monkeypatch):
+    """One token of a layer with biases or swiglu_oai is refused by the one-launch CUDA decode (statically,
+    by the planner, and at run time) and runs the planned Triton decode (4608: GEMM1's ks1 split)."""
+    from moe_passes.kernels import cuda_decode
+    from moe_passes.kernels.triton_moe import plan_call, prepare_weights
+    from moe_passes.kernels.triton_plan import Problem
+
+    device = torch.device("cuda")
+    for biases, params in ((True, True), (True, False), (False, True)):
+        problem = Problem(1, 4, 16, hidden, inter, True, biases=biases, activation_params=params)
+        assert plan_call(problem, device, KernelOptions(cuda_decode=True)).variant == "pair_decode"
+    weights, b13, b2 = _gpt_oss_layer(hidden, inter, 16, "swiglu_oai", seed=hidden)
+    g = torch.Generator(device="cpu").manual_seed(hidden + 1)
+    x = (torch.randn(1, hidden, generator=g) / 10).to(device, torch.bfloat16)
+    logits = torch.randn(1, 16, generator=g).to(device)
+    args = (x, logits, prepare_weights(weights), 4, "swiglu_oai", "renormalize", None, None, None, None)
+    on = KernelOptions(cuda_decode=True)
+    assert cuda_decode.unsupported_reason(*args, options=on) is not None
+    assert cuda_decode.unsupported_reason(*args[:4], "silu", *args[5:], options=on, biases=True) is not None
+    if torch.cuda.get_device_capability(device)[0] == 9:
+        assert "expert biases" in cuda_decode.unsupported_reason(*args[:4], "silu", *args[5:], options=on,
+                                                                 biases=True)
+        assert "activation parameters" in cuda_decode.unsupported_reason(*args, options=on)
+    with pytest.raises(MoEConfigError, match="no epilogue for 'swiglu_oai'"):
+        cuda_decode.decode_one_token(x, logits, args[2], top_k=4, activation="swiglu_oai", routing="renormalize",
+                                     out=torch.empty_like(x))
+    _refuse_cuda_decode(monkeypatch)
+    _gpt_oss_check(weights, b13, b2, "swiglu_oai", x, logits, 4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 5, 40, 300])
+def test_gpt_oss_layer_runs_on_the_triton_kernel(tokens, monkeypatch):
+    """A gpt-oss-like FusedMoE (hidden and intermediate that pad, biases padded with the weights) on the GPU:
+    the registry picks the Triton kernel without a fallback warning, eager and compiled agree with the
+    reference; one token does not take the CUDA decode."""
+    import warnings
+
+    from moe_passes import FusedMoE
+    from moe_passes.contract import SwigluOAI
+
+    device = torch.device("cuda")
+    if registry.get("trtllm").available(device):
+        pytest.skip("Blackwell: the TRTLLM kernel runs gpt-oss here (test_flashinfer_trtllm.py)")
+    g = torch.Generator().manual_seed(tokens)
+    hidden, inter, experts, top_k = 360, 72, 8, 4  # 360 pads to 368, 72 to 80 (each half)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=g) * 0.1
+    w2 = torch.randn(experts, hidden, inter, generator=g) * 0.1
+    b13 = torch.randn(experts, 2 * inter, generator=g) * 2
+    b2 = torch.randn(experts, hidden, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", registry.KernelFallbackWarning)
+        moe = FusedMoE.from_float(w13, w2, top_k=top_k, activation="swiglu_oai", w13_bias=b13, w2_bias=b2,
+                                  activation_params=SwigluOAI(*OAI_PARAMS),
+                                  calibration=torch.randn(32, hidden, generator=g)).to(device)
+    assert moe.kernel == "triton"
+    _refuse_cuda_decode(monkeypatch)
+    x = (torch.randn(tokens, hidden, generator=g) / 3).to(device, torch.bfloat16)
+    logits = torch.randn(tokens, experts, generator=g).to(device)
+    ref = fused_moe_reference(x, logits, *moe.canonical_weights(), top_k=top_k, activation="swiglu_oai",
+                              w13_bias=moe.w13_bias.to(device), w2_bias=moe.w2_bias.to(device),
+                              activation_params=moe.activation_params, quantize_activations=False)
+    with torch.no_grad():
+        eager = moe(x, logits)
+        compiled = torch.compile(moe, backend="moe_nvfp4", options={"inner": "eager"})(x, logits)
+    torch.cuda.synchronize()
+    for out in (eager, compiled):
+        rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        assert rel < 1e-2, f"relative error {rel:.2e}"
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=5e-2)

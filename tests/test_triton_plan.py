@@ -120,6 +120,9 @@ def test_cuda_decode_only_where_it_can_take_the_call():
     assert plan(qwen3, DeviceInfo(132, (10, 0), 232448)).variant == "pair_decode"  # not SM90
     assert plan(dataclasses.replace(qwen3, experts=1024), H200).variant == "pair_decode"  # past its routing limits
     assert plan(dataclasses.replace(qwen3, tokens=2), H200).variant == "pair_decode"
+    # gpt-oss: the CUDA decode's epilogue has no expert biases nor swiglu_oai's parameters
+    assert plan(dataclasses.replace(qwen3, biases=True), H200).variant == "pair_decode"
+    assert plan(dataclasses.replace(qwen3, activation_params=True), H200).variant == "pair_decode"
     # a hidden size whose w13 band leaves no room for two shared-memory stages: refused when the limit is known
     huge = dataclasses.replace(qwen3, hidden=12800)
     assert plan(huge, H200).variant == "pair_decode"
@@ -204,3 +207,12 @@ def test_cli_plan_names_each_token_counts_variant(capsys):
         want = plan(Problem(int(tokens), k, e, h, i, False, routing), H200).variant  # the CPU plans for an H200
         assert variant == want and variant in VARIANTS
     assert math.isclose(rows_per_expert(1, k, e), 1.0)
+
+
+def test_cli_plan_of_gpt_oss_takes_the_triton_decode_at_one_token(capsys):
+    from moe_passes.cli import main
+
+    assert main(["plan", "--hidden", "2880", "--intermediate", "2880", "--experts", "32", "--top-k", "4",
+                 "--activation", "swiglu_oai"]) == 0
+    rows = dict(re.findall(r"^\s+(\d+)  (\w+)", capsys.readouterr().out, flags=re.M))
+    assert rows["1"] == "pair_decode" and "cuda_decode" not in rows.values()
