@@ -182,8 +182,7 @@ def select(device: torch.device, *, activation: str, routing: str, name: Optiona
            biases: bool = False) -> KernelSpec:
     """The kernel to use on ``device``: ``name`` if given (checked), else the best available one that
     supports the activation, the routing and (``biases``) expert biases.  When a higher-priority kernel
-    available there lacks one of them, warn once naming it and what it lacks (gpt-oss on Hopper runs on the
-    plain-torch ``reference`` until the Triton kernel takes biases and ``swiglu_oai``)."""
+    available there lacks one of them, warn once naming it and what it lacks."""
     device = torch.device(device)
     if name is not None:
         spec = get(name)
