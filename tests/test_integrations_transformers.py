@@ -750,9 +750,8 @@ def test_block_level_shapes_dtype_and_router_logits_hook(dtype):
     assert _rel(got, want) < 0.3  # one block: ~13% NVFP4 activation rounding (module docstring)
 
 
-# gpt-oss is not here: the Triton kernel has no expert biases or swiglu_oai yet (registry: it is refused).
 CONVERTED = ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "nemotron_h", "gemma4", "olmoe",
-             "granitemoe", "qwen3_5_moe", "llama4"]
+             "granitemoe", "qwen3_5_moe", "llama4", "gpt_oss"] + sorted(MORE)
 
 
 @pytest.mark.gpu
@@ -787,9 +786,7 @@ def test_family_on_the_triton_path(family):
                              options={"inner": "eager", "extra_passes": [
                                  lambda gm: kernel_nodes.append(sum(n.target is KERNEL_OP for n in gm.graph.nodes))]})
     with torch.no_grad():
-        out = compiled(ids, use_cache=False).logits
-        emu = emulated(ids, use_cache=False).logits
-        eager = model(ids, use_cache=False).logits
+        out, emu, eager = (_final(m(ids, use_cache=False)) for m in (compiled, emulated, model))
     assert kernel_nodes == [len(blocks)]
     err_emu, err_eager = _rel(out, emu), _rel(out, eager)
     print(f"{family} (triton): logits rel err vs bf16-activation emulation {err_emu:.4f}, vs eager {err_eager:.2e}")
