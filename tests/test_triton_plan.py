@@ -216,3 +216,19 @@ def test_cli_plan_of_gpt_oss_takes_the_triton_decode_at_one_token(capsys):
                  "--activation", "swiglu_oai"]) == 0
     rows = dict(re.findall(r"^\s+(\d+)  (\w+)", capsys.readouterr().out, flags=re.M))
     assert rows["1"] == "pair_decode" and "cuda_decode" not in rows.values()
+
+
+def test_a_forced_variant_runs_at_every_token_count_and_a_bad_one_is_refused():
+    """``KernelOptions.variant`` (A/B runs): that Triton variant wherever the table would pick another, the CUDA
+    decode included; an unknown name or a non-string is a MoEConfigError naming the choices."""
+    qwen3 = BENCH[1]
+    for variant in VARIANTS[1:]:
+        for tokens in (1, 40, 700):
+            p = plan(dataclasses.replace(qwen3, tokens=tokens), H200, KernelOptions(variant=variant))
+            assert p.variant == variant and p.fallback is None
+            assert p.config.bm == {"pair_decode": 1, "grouped_decode": 8, "grouped_decode16": 16}.get(
+                variant, p.config.bm)
+    with pytest.raises(MoEConfigError, match="grouped_decode16"):
+        plan(qwen3, H200, KernelOptions(variant="grouped_decode32"))
+    with pytest.raises(MoEConfigError, match="variant"):
+        KernelOptions(variant=3)
