@@ -226,9 +226,9 @@ REGIMES = (
            "8-token blocks still at 65-128 tokens where experts average at most 7 rows (Nemotron-3-Nano, 128 "
            "tokens: 283 against 308 us with 16-token blocks, H100)"),
     Regime("grouped_decode16", (16, 384), (24, 8),
-           "16-token blocks (two column tiles per dequantized weight chunk), gated: at 128-384 tokens 1.03-1.4x "
-           "the 16-row and 64-row tiles on the three gated benchmark layers (H100); ungated, the 64-row tiles "
-           "win from 9 rows per expert"),
+           "16-token blocks (two column tiles per dequantized weight chunk), gated: 1.17-1.36x the 16-row tiles "
+           "at 128-256 tokens and 0.99-1.08x the 64-row tiles at 384 on the three gated benchmark layers (H100); "
+           "ungated, the 64-row tiles win from 9 rows per expert"),
     Regime("tiles16", _ANY, (16, 8),
            "16-row tiles, weights as the MMA's register operand and loaded a K step ahead: faster than either "
            "alone at 32-128 tokens, every 32-row variant slower; ungated, the 64-row tiles win from 9 rows"),
