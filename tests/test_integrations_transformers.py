@@ -169,6 +169,11 @@ FAMILIES = {
               dict(num_key_value_heads=2, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                    attn_layer_period=1, attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0,
                    use_mamba_kernels=False)),
+    # DBRX: experts stacked as 2-D w1 / v1 / w2 [E * I, H]; the block routes (softmax, top-k, p-norm with p=1)
+    # and hands its experts the [B, S, H] input
+    "dbrx": ("DbrxConfig", "DbrxForCausalLM",
+             dict(d_model=64, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                  ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2))),
     # the text models of vision-language families (no LM head: their last hidden states are compared)
     "qwen3_vl_moe": ("Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel",
                      dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
@@ -199,6 +204,7 @@ MORE = {
     "minimax_m2": ("deepseek_v3", "logits", False, False),
     "flex_olmo": ("default", "logits", False, False),
     "jamba": ("default", "logits", False, False),
+    "dbrx": ("renormalize", "logits", False, False),
     "qwen3_vl_moe": ("renormalize", "logits", False, False),
     "qwen3_omni_moe": ("renormalize", "logits", False, False),
 }
@@ -243,6 +249,14 @@ def _tiny_model(family: str, seed: int, dtype=torch.float32, **overrides):
                     shape = (p.shape[0], p.shape[2], p.shape[1]) if flip else p.shape
                     w = dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(shape, generator=gen) * 0.2))
                     p.copy_(w.transpose(1, 2) if flip else w)
+            if type(module).__name__ == "DbrxExpertGLU":  # [E * I, H] each; w2 reduces along I
+                e, i, h = module.moe_num_experts, module.ffn_hidden_size, module.hidden_size
+                # gate and up on one grid (one global scale per expert), as the kernel's w13 holds them
+                w13 = dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(e, 2 * i, h, generator=gen) * 0.2))
+                w2 = dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(e, h, i, generator=gen) * 0.2))
+                module.w1.copy_(w13[:, :i].reshape(-1, h))
+                module.v1.copy_(w13[:, i:].reshape(-1, h))
+                module.w2.copy_(w2.transpose(1, 2).reshape(-1, h))
             if type(module).__name__ == "GptOssExperts":  # biases that matter, gate values beyond the clamp
                 module.gate_up_proj_bias.copy_(torch.randn(module.gate_up_proj_bias.shape, generator=gen) * 0.5)
                 module.down_proj_bias.copy_(torch.randn(module.down_proj_bias.shape, generator=gen) * 0.5)
@@ -293,11 +307,18 @@ def _emulate_nvfp4(experts, gs_in, gs_mid, quantize_activations: bool = True):
         return qdq_nvfp4(t, gs) if quantize_activations else t.to(torch.bfloat16).float()
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        x = rnd(hidden_states.to(torch.bfloat16).float(), gs_in)
+        # DBRX hands [B, S, H] and takes it back
+        x = rnd(hidden_states.reshape(-1, hidden_states.shape[-1]).to(torch.bfloat16).float(), gs_in)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for t in range(x.shape[0]):
             for k in range(top_k_index.shape[1]):
                 e = int(top_k_index[t, k])
+                if hasattr(self, "mlp"):  # DBRX: gate w1, up v1, down w2 [I, H] per expert
+                    rows = slice(e * self.ffn_hidden_size, (e + 1) * self.ffn_hidden_size)
+                    gate, up = x[t] @ self.mlp.w1[rows].float().t(), x[t] @ self.mlp.v1[rows].float().t()
+                    h = self.mlp.activation_fn(gate) * up
+                    out[t] += float(top_k_weights[t, k]) * (rnd(h[None], gs_mid)[0] @ self.mlp.w2[rows].float())
+                    continue
                 if hasattr(self, "gate_up_proj_bias"):  # gpt-oss: its own layout, biases and _apply_gate
                     gate_up = x[t] @ self.gate_up_proj[e].float() + self.gate_up_proj_bias[e].float()
                     h = rnd(self._apply_gate(gate_up[None]), gs_mid)[0]
@@ -311,7 +332,7 @@ def _emulate_nvfp4(experts, gs_in, gs_mid, quantize_activations: bool = True):
                     h = self.act_fn(x[t] @ self.up_proj[e].float().t())
                 h = rnd(h[None], gs_mid)[0]
                 out[t] += float(top_k_weights[t, k]) * (h @ self.down_proj[e].float().t())
-        return out.to(torch.bfloat16).to(hidden_states.dtype)
+        return out.to(torch.bfloat16).to(hidden_states.dtype).reshape(hidden_states.shape)
     experts.forward = types.MethodType(forward, experts)
 
 

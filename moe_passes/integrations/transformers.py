@@ -168,7 +168,10 @@ class TransformersMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,
                 router_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.moe(hidden_states.to(self.compute_dtype), router_logits).to(hidden_states.dtype)
+        # DBRX hands its experts the block's [B, S, H] input and takes [B, S, H] back; the kernel takes [T, H]
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = self.moe(x.to(self.compute_dtype), router_logits).to(hidden_states.dtype)
+        return out.reshape(hidden_states.shape)
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}"
@@ -183,6 +186,7 @@ class _FloatMoE(nn.Module):
         self.extras = extras or _Extras()
 
     def forward(self, x, router_logits):
+        x = x.reshape(-1, x.shape[-1])  # TransformersMoE hands [T, H]; kept for a direct call on [B, S, H]
         weights, ids = route(router_logits.float(), self.top_k, **self.routing)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for k in range(self.top_k):
@@ -259,8 +263,8 @@ def _default_apply_gate():
     return default
 
 
-def _activation_of(experts: nn.Module, gated: bool) -> str:
-    act = getattr(experts, "act_fn", None)
+def _activation_of(experts: nn.Module, gated: bool, act: Any = None) -> str:
+    act = getattr(experts, "act_fn", None) if act is None else act
     # a module (transformers' ACT2FN), or the torch function itself (LFM2-MoE's F.silu)
     kind = {F.silu: "SiLU", F.gelu: "GELUActivation", F.relu: "ReLU"}.get(act, type(act).__name__)
     if gated:
@@ -286,6 +290,9 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
     if not _takes_routing(experts):
         raise _Unsupported("the experts' forward takes no top-k ids and weights, and the block is not an "
                            "input-scaled top-1 block")
+    split = _split_glu_weights(experts)
+    if split is not None:
+        return split
     flags = _layout_flags(experts)
     gated = bool(flags["has_gate"])
     w13 = getattr(experts, "gate_up_proj" if gated else "up_proj", None)
@@ -299,6 +306,38 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
         w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
     activation = _custom_gate(experts, flags)[0] if _overrides_gate(experts) else _activation_of(experts, gated)
     return w13.contiguous(), w2.contiguous(), activation
+
+
+def _split_glu(experts: nn.Module) -> Optional[nn.Module]:
+    """The child holding DBRX's layout: 2-D ``w1`` (gate), ``v1`` (up) and ``w2`` (down), each ``[E * I, H]``."""
+    mlp = getattr(experts, "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        return None
+    ws = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    if not all(isinstance(w, torch.Tensor) and w.ndim == 2 for w in ws) or len({tuple(w.shape) for w in ws}) != 1:
+        return None
+    return mlp
+
+
+def _split_glu_weights(experts: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, str]]:
+    """DBRX's experts, read as ``w13 [E, 2I, H]`` / ``w2 [E, H, I]``: expert ``e`` owns rows ``e*I .. e*I+I-1``
+    of ``w1`` / ``v1`` / ``w2`` and computes ``(act(x w1_e^T) * x v1_e^T) w2_e`` (``w2`` is not transposed).
+    None when the experts are not laid out so."""
+    mlp = _split_glu(experts)
+    if mlp is None:
+        return None
+    biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
+    if biases:
+        raise _Unsupported(f"experts carry biases ({', '.join(biases)}) beside their w1 / v1 / w2 weights")
+    rows, hidden = mlp.w1.shape
+    num_experts = getattr(experts, "num_experts", None) or getattr(mlp, "moe_num_experts", None)
+    if not isinstance(num_experts, int) or num_experts <= 0 or rows % num_experts:
+        raise _Unsupported(f"experts stack w1 / v1 / w2 as [{rows}, {hidden}] with no expert count that divides "
+                           f"{rows}")
+    shape = (num_experts, rows // num_experts, hidden)
+    w1, v1, w2 = (getattr(mlp, n).detach().reshape(shape) for n in ("w1", "v1", "w2"))
+    activation = _activation_of(mlp, True, getattr(mlp, "activation_fn", None))
+    return torch.cat([w1, v1], dim=1).contiguous(), w2.transpose(1, 2).contiguous(), activation
 
 
 def _layout_flags(experts: nn.Module) -> dict:
@@ -352,6 +391,8 @@ def _custom_gate(experts: nn.Module, flags: dict) -> tuple[str, SwigluOAI]:
 def _expert_extras(experts: nn.Module, activation: str) -> _Extras:
     """Biases (``gate_up_proj_bias`` / ``up_proj_bias``, ``down_proj_bias``, de-interleaved like the weights)
     and activation parameters of a fused 3-D experts module."""
+    if _split_glu(experts) is not None:  # DBRX: no biases (refused when read), no parametric activation
+        return _Extras()
     flags = _layout_flags(experts)
     params = _custom_gate(experts, flags)[1] if activation == "swiglu_oai" else None
     if not flags["has_bias"]:
@@ -461,6 +502,8 @@ def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activ
     want = torch.zeros(3, hidden, device=w13.device)
     for e in range(num_experts):
         want += _expert_forward(x.float(), w13[e], w2[e], activation, extras, e)
+    if got.numel() == want.numel():  # DBRX's experts return [3, 1, H] for [3, H]
+        got = got.reshape(want.shape)
     tol = _tolerance(dtype)
     err = _rel_err(got, want)
     if not err <= tol:
