@@ -46,6 +46,14 @@ VOCAB = 128
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=64)
+# One tiny MoE config in the names most families read (DeepSeek-style, Qwen-style and Mixtral-style counts);
+# a config keeps the names it does not read as plain attributes.
+_GENERIC_MOE = dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                    num_experts=8, n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2,
+                    first_k_dense_replace=0)
+# multi-head latent attention (DeepSeek-V3's), for the families above that use it
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=16)
 FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
@@ -174,6 +182,22 @@ FAMILIES = {
     "dbrx": ("DbrxConfig", "DbrxForCausalLM",
              dict(d_model=64, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                   ffn_config=dict(ffn_hidden_size=32, moe_num_experts=8, moe_top_k=2))),
+    # -- families read by the same names (one tiny config; each family reads the names it knows) --
+    "aria": ("AriaTextConfig", "AriaTextForCausalLM", dict(_GENERIC_MOE)),
+    "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(_GENERIC_MOE, **_MLA)),
+    "glm4v_moe": ("Glm4vMoeTextConfig", "Glm4vMoeTextModel",
+                  dict(_GENERIC_MOE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5})),
+    "laguna": ("LagunaConfig", "LagunaForCausalLM", dict(_GENERIC_MOE)),
+    "lara_mini": ("LaraMiniConfig", "LaraMiniForCausalLM", dict(_GENERIC_MOE)),
+    "mellum": ("MellumConfig", "MellumForCausalLM", dict(_GENERIC_MOE)),
+    "mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", dict(_GENERIC_MOE)),
+    "minicpm5_moe": ("MiniCPM5MoeConfig", "MiniCPM5MoeForCausalLM", dict(_GENERIC_MOE)),
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(_GENERIC_MOE, **_MLA)),
+    "mistral_large4": ("MistralLarge4TextConfig", "MistralLarge4TextModel",
+                       dict(_GENERIC_MOE, **_MLA)),
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(_GENERIC_MOE)),
+    "unlimited_ocr": ("UnlimitedOcrTextConfig", "UnlimitedOcrTextModel", dict(_GENERIC_MOE)),
     # the text models of vision-language families (no LM head: their last hidden states are compared)
     "qwen3_vl_moe": ("Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel",
                      dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
@@ -206,6 +230,18 @@ MORE = {
     "jamba": ("default", "logits", False, False),
     "dbrx": ("renormalize", "logits", False, False),
     "qwen3_vl_moe": ("renormalize", "logits", False, False),
+    "aria": ("renormalize", "logits", False, True),
+    "axk2": ("deepseek_v3", "logits", False, True),
+    "glm4v_moe": ("deepseek_v3", "logits", False, True),
+    "mistral4": ("renormalize", "logits", False, True),
+    "mistral_large4": ("renormalize", "logits", False, True),
+    "laguna": ("deepseek_v3", "logits", False, True),
+    "lara_mini": ("renormalize", "logits", False, True),
+    "mellum": ("renormalize", "logits", False, False),
+    "mimo_v2_flash": ("deepseek_v3", "logits", False, False),
+    "minicpm5_moe": ("deepseek_v3", "logits", False, True),
+    "solar_open": ("deepseek_v3", "logits", False, True),
+    "unlimited_ocr": ("default", "logits", False, True),
     "qwen3_omni_moe": ("renormalize", "logits", False, False),
 }
 
@@ -245,7 +281,8 @@ def _tiny_model(family: str, seed: int, dtype=torch.float32, **overrides):
                 if isinstance(p, torch.nn.Parameter) and p.ndim == 3:
                     # on the grid along the reduction dimension (Llama4 and gpt-oss store [E, K, N], the
                     # others [E, N, K])
-                    flip = type(module).__name__ in ("Llama4TextExperts", "GptOssExperts")
+                    flip = (type(module).__name__ in ("Llama4TextExperts", "GptOssExperts")
+                            or bool(getattr(module, "is_transposed", False)))
                     shape = (p.shape[0], p.shape[2], p.shape[1]) if flip else p.shape
                     w = dequantize_nvfp4_experts(*quantize_nvfp4_experts(torch.randn(shape, generator=gen) * 0.2))
                     p.copy_(w.transpose(1, 2) if flip else w)
@@ -325,13 +362,15 @@ def _emulate_nvfp4(experts, gs_in, gs_mid, quantize_activations: bool = True):
                     y = h @ self.down_proj[e].float() + self.down_proj_bias[e].float()
                     out[t] += float(top_k_weights[t, k]) * y
                     continue
+                # [E, N, K] as most store them, or [E, K, N] where the layout flags say transposed (Aria)
+                flip = (lambda w: w) if getattr(self, "is_transposed", False) else (lambda w: w.t())
                 if hasattr(self, "gate_up_proj"):
-                    gate, up = (x[t] @ self.gate_up_proj[e].float().t()).chunk(2)
+                    gate, up = (x[t] @ flip(self.gate_up_proj[e].float())).chunk(2)
                     h = self.act_fn(gate) * up
                 else:  # not gated (ReLU^2)
-                    h = self.act_fn(x[t] @ self.up_proj[e].float().t())
+                    h = self.act_fn(x[t] @ flip(self.up_proj[e].float()))
                 h = rnd(h[None], gs_mid)[0]
-                out[t] += float(top_k_weights[t, k]) * (h @ self.down_proj[e].float().t())
+                out[t] += float(top_k_weights[t, k]) * (h @ flip(self.down_proj[e].float()))
         return out.to(torch.bfloat16).to(hidden_states.dtype).reshape(hidden_states.shape)
     experts.forward = types.MethodType(forward, experts)
 
