@@ -2,7 +2,8 @@
 
 ``convert(model)`` finds MoE blocks by what they are, not by class name: a module with an ``experts``
 child whose weights read as ``w13 [E, 2I | I, H]`` / ``w2 [E, H, I]`` (transformers 5 stacks them as
-``gate_up_proj`` / ``up_proj`` and ``down_proj`` parameters) and a router child (``gate`` or ``router``)
+``gate_up_proj`` / ``up_proj`` and ``down_proj`` parameters; DBRX as 2-D ``w1`` / ``v1`` / ``w2`` in its experts'
+``mlp``) and a router child (``gate`` or ``router``)
 that returns ``(logits or probabilities, top-k weights, top-k ids)``, the protocol every transformers 5
 block follows: ``_, w, ids = router(x); experts(x', ids, w)``.
 
@@ -366,7 +367,11 @@ def _custom_gate(experts: nn.Module, flags: dict) -> tuple[str, SwigluOAI]:
     ``alpha`` and ``limit`` attributes (beta: the ``+ 1`` on up) give ``swiglu_oai``'s parameters, which must
     reproduce ``_apply_gate`` on random values reaching well past the limit."""
     name = type(experts).__name__
-    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+
+    def first(*names):  # gpt-oss names them alpha / limit, MiniMax-M3 swiglu_alpha / swiglu_limit
+        return next((getattr(experts, n) for n in names if getattr(experts, n, None) is not None), None)
+
+    alpha, limit = first("alpha", "swiglu_alpha"), first("limit", "swiglu_limit")
     if not flags["has_gate"] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                         for v in (alpha, limit)):
         raise _Unsupported(f"{name} overrides the gated activation (_apply_gate) with no alpha / limit attributes "
@@ -524,7 +529,7 @@ class _Routing:
 
 # Attribute names of the routing parameters, read from the router (and its children), then the block.
 _BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
-_SCALE_NAMES = ("routed_scaling_factor", "route_scale")
+_SCALE_NAMES = ("routed_scaling_factor", "route_scale", "router_scaling_factor")
 
 
 def _router_candidates(router: nn.Module, block: nn.Module, num_experts: int, top_k: int) -> list[tuple[dict, float]]:
@@ -552,7 +557,10 @@ def _router_candidates(router: nn.Module, block: nn.Module, num_experts: int, to
                                "always normalizes the top-k weights, and no other routing method matches")
         if not isinstance(bias, torch.Tensor) or bias.numel() != num_experts:
             raise _Unsupported(f"the routing bias is not one value per expert ({num_experts})")
-        return [(dict(deepseek, routing_bias=bias.detach().float().reshape(num_experts).clone()), 1.0)]
+        biased = dict(deepseek, routing_bias=bias.detach().float().reshape(num_experts).clone())
+        # A scale the router does not apply may be the block's own step after the experts (MiniMax-M3): then the
+        # router matches unscaled routing, and the block keeps its step (the whole-block check confirms it).
+        return [(biased, 1.0)] + ([(dict(biased, routed_scaling_factor=1.0), 1.0)] if scale != 1.0 else [])
     # No bias: softmax routers (a routed scale, as DeepSeek-V2's, folded into w2: it multiplies every expert's
     # output), sigmoid routers that normalize (DeepSeek-V3 routing with one group and no bias), top-1 sigmoid.
     out = [(dict(routing="renormalize"), scale), (dict(routing="default"), scale)]
