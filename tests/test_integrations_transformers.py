@@ -202,6 +202,7 @@ FAMILIES = {
     "minimax_m3_vl": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", dict(_GENERIC_MOE)),
     # sigmoid + the block's correction bias (a router argument), normalize, router_scaling_factor
     "hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(_GENERIC_MOE)),
+    "dots3_note": ("Dots3NoteTextConfig", "Dots3NoteForCausalLM", dict(_GENERIC_MOE, num_key_value_heads=4, pad_token_id=0)),
     # the text models of vision-language families (no LM head: their last hidden states are compared)
     "qwen3_vl_moe": ("Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel",
                      dict(num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
@@ -239,6 +240,7 @@ MORE = {
     "glm4v_moe": ("deepseek_v3", "logits", False, True),
     "mistral4": ("renormalize", "logits", False, True),
     "mistral_large4": ("renormalize", "logits", False, True),
+    "dots3_note": ("deepseek_v3", "logits", False, True),
     "hy_v3": ("deepseek_v3", "logits", False, True),
     "laguna": ("deepseek_v3", "logits", False, True),
     "minimax_m3_vl": ("deepseek_v3", "logits", False, True),
