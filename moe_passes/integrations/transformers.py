@@ -2,7 +2,8 @@
 
 ``convert(model)`` finds MoE blocks by what they are, not by class name: a module with an ``experts``
 child whose weights read as ``w13 [E, 2I | I, H]`` / ``w2 [E, H, I]`` (transformers 5 stacks them as
-``gate_up_proj`` / ``up_proj`` and ``down_proj`` parameters) and a router child (``gate`` or ``router``)
+``gate_up_proj`` / ``up_proj`` and ``down_proj`` parameters; DBRX as 2-D ``w1`` / ``v1`` / ``w2`` in its experts'
+``mlp``) and a router child (``gate`` or ``router``)
 that returns ``(logits or probabilities, top-k weights, top-k ids)``, the protocol every transformers 5
 block follows: ``_, w, ids = router(x); experts(x', ids, w)``.
 
@@ -168,7 +169,10 @@ class TransformersMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: Optional[torch.Tensor] = None,
                 router_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.moe(hidden_states.to(self.compute_dtype), router_logits).to(hidden_states.dtype)
+        # DBRX hands its experts the block's [B, S, H] input and takes [B, S, H] back; the kernel takes [T, H]
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        out = self.moe(x.to(self.compute_dtype), router_logits).to(hidden_states.dtype)
+        return out.reshape(hidden_states.shape)
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}"
@@ -183,6 +187,7 @@ class _FloatMoE(nn.Module):
         self.extras = extras or _Extras()
 
     def forward(self, x, router_logits):
+        x = x.reshape(-1, x.shape[-1])  # TransformersMoE hands [T, H]; kept for a direct call on [B, S, H]
         weights, ids = route(router_logits.float(), self.top_k, **self.routing)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for k in range(self.top_k):
@@ -259,8 +264,8 @@ def _default_apply_gate():
     return default
 
 
-def _activation_of(experts: nn.Module, gated: bool) -> str:
-    act = getattr(experts, "act_fn", None)
+def _activation_of(experts: nn.Module, gated: bool, act: Any = None) -> str:
+    act = getattr(experts, "act_fn", None) if act is None else act
     # a module (transformers' ACT2FN), or the torch function itself (LFM2-MoE's F.silu)
     kind = {F.silu: "SiLU", F.gelu: "GELUActivation", F.relu: "ReLU"}.get(act, type(act).__name__)
     if gated:
@@ -286,6 +291,9 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
     if not _takes_routing(experts):
         raise _Unsupported("the experts' forward takes no top-k ids and weights, and the block is not an "
                            "input-scaled top-1 block")
+    split = _split_glu_weights(experts)
+    if split is not None:
+        return split
     flags = _layout_flags(experts)
     gated = bool(flags["has_gate"])
     w13 = getattr(experts, "gate_up_proj" if gated else "up_proj", None)
@@ -299,6 +307,38 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
         w13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
     activation = _custom_gate(experts, flags)[0] if _overrides_gate(experts) else _activation_of(experts, gated)
     return w13.contiguous(), w2.contiguous(), activation
+
+
+def _split_glu(experts: nn.Module) -> Optional[nn.Module]:
+    """The child holding DBRX's layout: 2-D ``w1`` (gate), ``v1`` (up) and ``w2`` (down), each ``[E * I, H]``."""
+    mlp = getattr(experts, "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        return None
+    ws = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    if not all(isinstance(w, torch.Tensor) and w.ndim == 2 for w in ws) or len({tuple(w.shape) for w in ws}) != 1:
+        return None
+    return mlp
+
+
+def _split_glu_weights(experts: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, str]]:
+    """DBRX's experts, read as ``w13 [E, 2I, H]`` / ``w2 [E, H, I]``: expert ``e`` owns rows ``e*I .. e*I+I-1``
+    of ``w1`` / ``v1`` / ``w2`` and computes ``(act(x w1_e^T) * x v1_e^T) w2_e`` (``w2`` is not transposed).
+    None when the experts are not laid out so."""
+    mlp = _split_glu(experts)
+    if mlp is None:
+        return None
+    biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
+    if biases:
+        raise _Unsupported(f"experts carry biases ({', '.join(biases)}) beside their w1 / v1 / w2 weights")
+    rows, hidden = mlp.w1.shape
+    num_experts = getattr(experts, "num_experts", None) or getattr(mlp, "moe_num_experts", None)
+    if not isinstance(num_experts, int) or num_experts <= 0 or rows % num_experts:
+        raise _Unsupported(f"experts stack w1 / v1 / w2 as [{rows}, {hidden}] with no expert count that divides "
+                           f"{rows}")
+    shape = (num_experts, rows // num_experts, hidden)
+    w1, v1, w2 = (getattr(mlp, n).detach().reshape(shape) for n in ("w1", "v1", "w2"))
+    activation = _activation_of(mlp, True, getattr(mlp, "activation_fn", None))
+    return torch.cat([w1, v1], dim=1).contiguous(), w2.transpose(1, 2).contiguous(), activation
 
 
 def _layout_flags(experts: nn.Module) -> dict:
@@ -327,7 +367,11 @@ def _custom_gate(experts: nn.Module, flags: dict) -> tuple[str, SwigluOAI]:
     ``alpha`` and ``limit`` attributes (beta: the ``+ 1`` on up) give ``swiglu_oai``'s parameters, which must
     reproduce ``_apply_gate`` on random values reaching well past the limit."""
     name = type(experts).__name__
-    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+
+    def first(*names):  # gpt-oss names them alpha / limit, MiniMax-M3 swiglu_alpha / swiglu_limit
+        return next((getattr(experts, n) for n in names if getattr(experts, n, None) is not None), None)
+
+    alpha, limit = first("alpha", "swiglu_alpha"), first("limit", "swiglu_limit")
     if not flags["has_gate"] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                         for v in (alpha, limit)):
         raise _Unsupported(f"{name} overrides the gated activation (_apply_gate) with no alpha / limit attributes "
@@ -352,6 +396,8 @@ def _custom_gate(experts: nn.Module, flags: dict) -> tuple[str, SwigluOAI]:
 def _expert_extras(experts: nn.Module, activation: str) -> _Extras:
     """Biases (``gate_up_proj_bias`` / ``up_proj_bias``, ``down_proj_bias``, de-interleaved like the weights)
     and activation parameters of a fused 3-D experts module."""
+    if _split_glu(experts) is not None:  # DBRX: no biases (refused when read), no parametric activation
+        return _Extras()
     flags = _layout_flags(experts)
     params = _custom_gate(experts, flags)[1] if activation == "swiglu_oai" else None
     if not flags["has_bias"]:
@@ -461,6 +507,8 @@ def _check_layout(experts: nn.Module, w13: torch.Tensor, w2: torch.Tensor, activ
     want = torch.zeros(3, hidden, device=w13.device)
     for e in range(num_experts):
         want += _expert_forward(x.float(), w13[e], w2[e], activation, extras, e)
+    if got.numel() == want.numel():  # DBRX's experts return [3, 1, H] for [3, H]
+        got = got.reshape(want.shape)
     tol = _tolerance(dtype)
     err = _rel_err(got, want)
     if not err <= tol:
@@ -481,7 +529,7 @@ class _Routing:
 
 # Attribute names of the routing parameters, read from the router (and its children), then the block.
 _BIAS_NAMES = ("e_score_correction_bias", "expert_bias")
-_SCALE_NAMES = ("routed_scaling_factor", "route_scale")
+_SCALE_NAMES = ("routed_scaling_factor", "route_scale", "router_scaling_factor")
 
 
 def _router_candidates(router: nn.Module, block: nn.Module, num_experts: int, top_k: int) -> list[tuple[dict, float]]:
@@ -509,7 +557,10 @@ def _router_candidates(router: nn.Module, block: nn.Module, num_experts: int, to
                                "always normalizes the top-k weights, and no other routing method matches")
         if not isinstance(bias, torch.Tensor) or bias.numel() != num_experts:
             raise _Unsupported(f"the routing bias is not one value per expert ({num_experts})")
-        return [(dict(deepseek, routing_bias=bias.detach().float().reshape(num_experts).clone()), 1.0)]
+        biased = dict(deepseek, routing_bias=bias.detach().float().reshape(num_experts).clone())
+        # A scale the router does not apply may be the block's own step after the experts (MiniMax-M3): then the
+        # router matches unscaled routing, and the block keeps its step (the whole-block check confirms it).
+        return [(biased, 1.0)] + ([(dict(biased, routed_scaling_factor=1.0), 1.0)] if scale != 1.0 else [])
     # No bias: softmax routers (a routed scale, as DeepSeek-V2's, folded into w2: it multiplies every expert's
     # output), sigmoid routers that normalize (DeepSeek-V3 routing with one group and no bias), top-1 sigmoid.
     out = [(dict(routing="renormalize"), scale), (dict(routing="default"), scale)]
