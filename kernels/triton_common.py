@@ -37,6 +37,15 @@ def act_constexprs(activation: str, params=None) -> dict:
     return dict(ACT=ACT_CODES[activation], ALPHA=alpha, BETA=beta, LIMIT=limit)
 
 
+def epilogue_args(activation: str, params, w13_bias, w2_bias) -> tuple:
+    """``(act, bias1, bias2)``: the launch keywords of the GEMM epilogues (``act_constexprs``), and of the expert
+    biases for GEMM1 (``b13_ptr``, ``HAS_B1``) and GEMM2 (``b2_ptr``, ``HAS_B2``), empty where a layer has none so
+    that its launches stay as they were."""
+    bias1 = {} if w13_bias is None else dict(b13_ptr=w13_bias, HAS_B1=True)
+    bias2 = {} if w2_bias is None else dict(b2_ptr=w2_bias, HAS_B2=True)
+    return act_constexprs(activation, params), bias1, bias2
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n`` <= 1): Triton's block sizes."""
     return 1 << max(0, (n - 1).bit_length())

@@ -55,7 +55,7 @@ from __future__ import annotations
 import torch
 
 from moe_passes.errors import MoEConfigError
-from moe_passes.kernels.triton_common import act_constexprs, tl, triton
+from moe_passes.kernels.triton_common import epilogue_args, tl, triton
 from moe_passes.kernels.triton_group import align
 from moe_passes.kernels.triton_plan import DECODE_CHUNK, DecodeConfig, k_split
 
@@ -586,10 +586,7 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeCo
     per1, split1 = k_split(hidden, split1, DECODE_CHUNK)
     direct = split1 == 1
     part = inter_buf if direct else torch.empty(split1, pairs, w13.shape[1], dtype=torch.float32, device=device)
-    act = act_constexprs(activation, activation_params)
-    # the biases' pointers and flags only where there are biases: the other launches stay as they were
-    bias1 = {} if w13_bias is None else dict(b13_ptr=w13_bias, HAS_B1=True)
-    bias2 = {} if w2_bias is None else dict(b2_ptr=w2_bias, HAS_B2=True)
+    act, bias1, bias2 = epilogue_args(activation, activation_params, w13_bias, w2_bias)
     _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 if cfg.ks1 > 1 else 16 * warps1), split1)](
         hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
         inter_buf, part, pairs, hidden_states.stride(0) // 4, per1 // 16,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from moe_passes.kernels.options import TRITON_INTERPRET
-from moe_passes.kernels.triton_common import act_constexprs, tl, triton
+from moe_passes.kernels.triton_common import epilogue_args, tl, triton
 from moe_passes.kernels.triton_group import align
 from moe_passes.kernels.triton_plan import TileConfig
 
@@ -292,10 +292,7 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     launches = [(cfg, sorted_ids, inter_buf, bexp, max_blocks)]
     if cfg.tail:
         launches.append((cfg.tail_tiles(), sorted_ids[main_rows:], inter_buf[main_rows:], texp, max_tails))
-    act = act_constexprs(activation, activation_params)
-    # the biases' pointers and flags only where there are biases: the other launches stay as they were
-    bias1 = {} if w13_bias is None else dict(b13_ptr=w13_bias, HAS_B1=True)
-    bias2 = {} if w2_bias is None else dict(b2_ptr=w2_bias, HAS_B2=True)
+    act, bias1, bias2 = epilogue_args(activation, activation_params, w13_bias, w2_bias)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
