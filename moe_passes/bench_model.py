@@ -119,7 +119,7 @@ PRESETS: dict[str, Preset] = {
                     sliding_window=1024, vocab_size=262144),
         tiny=dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, enable_moe_block=True,
                   num_experts=8, top_k_experts=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                  sliding_window=16, vocab_size=512, vocab_size_per_layer_input=512, hidden_size_per_layer_input=16),
+                  sliding_window=256, vocab_size=512, vocab_size_per_layer_input=512, hidden_size_per_layer_input=16),
         layer_pattern=("layer_types", ("sliding_attention",) * 5 + ("full_attention",)),
         note="attention and dense-MLP sizes are from public model cards, not checked against config.json"),
 }
@@ -180,7 +180,30 @@ def make_static_cache(config, max_cache_len: int, batch: int, device: torch.devi
     for key, value in (("max_batch_size", batch), ("batch_size", batch), ("device", device), ("dtype", dtype)):
         if key in params:
             kwargs[key] = value
-    return StaticCache(**kwargs)
+    cache = StaticCache(**kwargs)
+    window = getattr(config.get_text_config(), "sliding_window", None)
+    if window is not None and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+        if window < max_cache_len:
+            raise ValueError(f"a static cache of {max_cache_len} tokens outgrows the sliding window ({window}): "
+                             "transformers' sliding static layers would recompile the model every decode step; "
+                             "lower --cache-len or --prompt/--steps")
+        _unslide(cache, max_cache_len)
+    return cache
+
+
+def _unslide(cache, max_cache_len: int) -> None:
+    """Replace the sliding-window layers of a cache that their window covers with plain static layers.
+
+    Exact: a window at least ``max_cache_len`` long never drops a cached token.  Needed because transformers'
+    sliding static layer counts its length in a Python int, so every decode step is a new Dynamo guard (a
+    recompile per step, then the recompile limit) and rewinding cannot reset it.
+    """
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    for i, layer in enumerate(layers if isinstance(layers, list) else ()):
+        if getattr(layer, "is_sliding", False) and isinstance(layer, StaticLayer):
+            layers[i] = StaticLayer(max_cache_len=max_cache_len)
 
 
 def _rewind(cache, length: int) -> None:
@@ -266,7 +289,7 @@ def _gpu_activity(trace_path: str, steps: int) -> dict:
         entry = per_name.setdefault(e.get("name", "?"), [0, 0.0])
         entry[0] += 1
         entry[1] += float(e.get("dur", 0))
-    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:10]
+    top = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:15]
     return dict(kernels_per_step=len(kernels) / steps, copies_per_step=(len(gpu) - len(kernels)) / steps,
                 gpu_busy_ms_per_step=busy_us / 1e3 / steps,
                 kernel_ms_per_step=sum(float(e.get("dur", 0)) for e in kernels) / 1e3 / steps,
@@ -422,6 +445,16 @@ def run_variant(label: str, model, backend: str, settings: Settings, device: tor
         result["prefill"] = dict(tokens=settings.prefill, batch=1, **_summary(times))
         log(f"  {label:6s} prefill {settings.prefill} tokens: {result['prefill']['median_ms']:8.3f} ms "
             f"(first call {first_calls[0]:.1f} s)")
+        if device.type == "cuda" and settings.profile_steps > 0:
+            def prefills():
+                for _ in range(3):
+                    prefill()
+                    clock.sync()
+
+            try:
+                result["prefill"]["profile"] = _traced(prefills, 3, clock, result["prefill"]["median_ms"])
+            except Exception as exc:
+                result["prefill"]["profile"] = dict(error=f"{type(exc).__name__}: {exc}"[:500])
     result["compile_s"] = result["first_calls_s"][f"decode_b{settings.batches[0]}"][0]
     result["counters"] = {k: v - counters_before[k] for k, v in _compile_counters().items()}
     log(f"  {label:6s} {result['counters']}")
@@ -435,8 +468,6 @@ def run_variant(label: str, model, backend: str, settings: Settings, device: tor
 def _profile(step, cache, out, settings: Settings, device: torch.device, clock: _Clock, step_ms: float):
     if device.type != "cuda" or settings.profile_steps <= 0:
         return None
-    from torch.profiler import ProfilerActivity, profile
-
     _rewind(cache, settings.prompt)
     holder = [out]
 
@@ -446,16 +477,23 @@ def _profile(step, cache, out, settings: Settings, device: torch.device, clock: 
             holder[0] = step(token, cache)
             clock.sync()
 
+    return _traced(steps, settings.profile_steps, clock, step_ms)
+
+
+def _traced(calls: Callable[[], Any], count: int, clock: _Clock, call_ms: float) -> dict:
+    """:func:`_gpu_activity` of ``calls()`` (``count`` calls) under the profiler; GPU busy over ``call_ms``."""
+    from torch.profiler import ProfilerActivity, profile
+
     with tempfile.TemporaryDirectory() as tmp:
         clock.sync()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            _, wall = clock.wall(steps)
+            _, wall = clock.wall(calls)
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
-        activity = _gpu_activity(path, settings.profile_steps)
-    activity["steps"] = settings.profile_steps
-    activity["wall_ms_per_step_profiled"] = wall * 1e3 / settings.profile_steps
-    activity["gpu_busy_fraction"] = activity["gpu_busy_ms_per_step"] / step_ms
+        activity = _gpu_activity(path, count)
+    activity["steps"] = count
+    activity["wall_ms_per_step_profiled"] = wall * 1e3 / count
+    activity["gpu_busy_fraction"] = activity["gpu_busy_ms_per_step"] / call_ms
     return activity
 
 

@@ -138,3 +138,30 @@ def test_gpu_activity_counts_kernels_and_the_union_of_busy_time(tmp_path):
     assert activity["kernel_ms_per_step"] == pytest.approx(26 / 1e3 / 2)
     assert [k["name"] for k in activity["top_kernels"]] == ["moe", "gemv"]
     assert activity["top_kernels"][0]["calls_per_step"] == 1.0
+
+
+def test_static_cache_for_a_sliding_window_model_decodes_as_transformers_does():
+    """Gemma-4's sliding static layers count their length in a Python int (a recompile every step), so the
+    benchmark gives them plain static layers when the window covers the cache: the logits of eager decode steps
+    must equal those with transformers' own cache, and a cache that outgrows the window is a clear error."""
+    import transformers
+
+    if not hasattr(transformers, bench_model.PRESETS["gemma-4-26b-a4b"].config_class):
+        pytest.skip("this transformers has no Gemma-4")
+    config = bench_model.build_config("gemma-4-26b-a4b", 2, tiny=True)
+    model = bench_model.build_model("gemma-4-26b-a4b", config, torch.device("cpu"), torch.float32)
+    cache_kw = bench_model._cache_kwarg(model)
+    ids = torch.randint(0, config.vocab_size, (1, 12))
+    ours = bench_model.make_static_cache(config, 32, 1, torch.device("cpu"), torch.float32)
+    assert not any(layer.is_sliding for layer in ours.layers)
+    theirs = transformers.StaticCache(config=config, max_cache_len=32)
+    assert any(layer.is_sliding for layer in theirs.layers)
+    with torch.no_grad():
+        for cache in (ours, theirs):
+            model(input_ids=ids, **{cache_kw: cache}, use_cache=True)
+        for step in range(3):
+            token = torch.randint(0, config.vocab_size, (1, 1))
+            a, b = (model(input_ids=token, **{cache_kw: c}, use_cache=True).logits for c in (ours, theirs))
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="outgrows the sliding window"):
+        bench_model.make_static_cache(config, config.sliding_window + 1, 1, torch.device("cpu"), torch.float32)
