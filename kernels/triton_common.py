@@ -150,7 +150,8 @@ if triton is not None:
             if GATED:
                 u += tl.load(base + I, mask=ok, other=0.0)
         if HAS_B1:
-            b = b13_ptr + tl.load(ids_ptr + pair).to(tl.int64) * N1 + offs
+            # another rank's pair (id -1, expert parallel) reads expert 0's row: its output is never read
+            b = b13_ptr + tl.maximum(tl.load(ids_ptr + pair), 0).to(tl.int64) * N1 + offs
             g += tl.load(b, mask=ok, other=0.0)
             if GATED:
                 u += tl.load(b + I, mask=ok, other=0.0)

@@ -23,8 +23,8 @@ if triton is not None:
         gdc(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(sorted_ptr + offs, tl.zeros([BLOCK], dtype=tl.int32) + num_pairs, mask=offs < max_rows)
-        ok = offs < num_pairs
-        ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+        ok = ids >= 0  # -1: another rank's pair (expert parallel), left out
         rank = tl.atomic_add(counts_ptr + ids, 1, mask=ok, sem="relaxed")
         tl.store(rank_ptr + offs, rank, mask=ok)
 
@@ -76,8 +76,8 @@ if triton is not None:
         the expert's main rows, ``tail0 + BT * its tail's index + rank past the main rows``."""
         gdc(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < num_pairs
-        ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1)
+        ok = ids >= 0
         rank = tl.load(rank_ptr + offs, mask=ok, other=0)
         row = tl.load(starts_ptr + ids, mask=ok, other=0) + rank
         if BT > 0:
@@ -103,8 +103,8 @@ if triton is not None:
         the phases' global writes for the whole program (one CTA)."""
         gdc(PDL)
         offs = tl.arange(0, P)
-        ok = offs < num_pairs
-        ids = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+        ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
+        ok = ids >= 0  # -1: another rank's pair (expert parallel), left out
         rank = tl.atomic_add(counts_ptr + ids, 1, mask=ok, sem="relaxed")
         counts = tl.histogram(ids, EP, mask=ok)
         padded = (counts + BM - 1) // BM * BM
@@ -134,7 +134,8 @@ def align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, 
     (``one_program``: the planner's ``one_program_grouping``) or in three short launches (atomic ranks,
     block map, scatter); no sort.
 
-    ``counts`` (int32 ``[experts]``) must be zero (the routing launch zeroes it).  With ``tail`` > 0 an
+    ``counts`` (int32 ``[experts]``) must be zero (the routing launch zeroes it).  Pairs of id -1 (another
+    rank's expert, expert parallel) are left out: no row holds them.  With ``tail`` > 0 an
     expert's last ``tail`` rows or fewer go to a tail block instead: the tail blocks' rows follow the
     ``max_blocks * bm`` main rows, and ``texp`` (``[max_tails]``, None without tails) maps them to experts.
 

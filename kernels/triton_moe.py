@@ -92,8 +92,10 @@ if triton is not None:
 
     @triton.jit
     def combine_kernel(y_ptr, out_ptr, num_pairs, H, stride_out,
-                       TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        """Each token's ``TOP_K`` pairs times ``SPLIT`` K splits of fp32 rows, summed in a fixed order, to bf16."""
+                       TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+                       ids_ptr=None, LOCAL: tl.constexpr = False):
+        """Each token's ``TOP_K`` pairs times ``SPLIT`` K splits of fp32 rows, summed in a fixed order, to bf16.
+        LOCAL (expert parallel): pairs whose id (``ids_ptr``) is -1 belong to another rank and add nothing."""
         gdc(PDL, LAUNCH=False)  # whatever follows the layer is not ours: it starts after this kernel ends
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -101,7 +103,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for s in tl.static_range(SPLIT):
             for j in tl.static_range(TOP_K):
-                acc += tl.load(y_ptr + (s * num_pairs + t * TOP_K + j) * H + offs, mask=ok, other=0.0)
+                live = ok
+                if LOCAL:
+                    live = ok & (tl.load(ids_ptr + t * TOP_K + j) >= 0)
+                acc += tl.load(y_ptr + (s * num_pairs + t * TOP_K + j) * H + offs, mask=live, other=0.0)
         tl.store(out_ptr + t * stride_out + offs, acc.to(tl.bfloat16), mask=ok)
 
 
@@ -196,6 +201,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     block = 1024
     combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),
                                                          TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl,
+                                                         **(dict(ids_ptr=flat_ids, LOCAL=True) if local else {}),
                                                          num_warps=4, launch_pdl=pdl)
     return out
 
@@ -221,11 +227,12 @@ def _check_biases(w13_bias, w2_bias, experts: int, n1: int, hidden: int, device)
 
 
 def _localize(topk_w: torch.Tensor, topk_ids: torch.Tensor, offset: int, experts: int):
-    """Global expert ids to this rank's local ones.  A pair of another rank's expert keeps a valid local id (0)
-    with weight 0, so the kernels below need no change and it adds nothing (its rows are still computed)."""
+    """Global expert ids to this rank's local ones; a pair of another rank's expert gets id -1 and weight 0.
+    The kernels skip such pairs: the grouping leaves them out, a per-pair program returns at once and the
+    combine adds nothing for them (their ``y`` rows are never written)."""
     local = topk_ids - offset
     mine = (local >= 0) & (local < experts)
-    return torch.where(mine, topk_w, 0.0).contiguous(), torch.where(mine, local, 0).contiguous()
+    return torch.where(mine, topk_w, 0.0).contiguous(), torch.where(mine, local, -1).contiguous()
 
 
 def _cuda_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group,

@@ -973,3 +973,75 @@ def test_gpt_oss_layer_runs_on_the_triton_kernel(tokens, monkeypatch):
         rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         assert rel < 1e-2, f"relative error {rel:.2e}"
         torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=5e-2)
+
+
+# -- expert parallel: a rank computes only its own pairs -----------------------------------------------------
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("variant", list(_OAI_CONFIGS))
+def test_expert_parallel_rank_against_the_reference_of_its_experts(variant):
+    """Every config shape with local experts (``local_expert_offset`` / ``global_num_experts``), the biases and
+    swiglu_oai included: each of 4 ranks' outputs, written into a poisoned tensor, matches the reference of its
+    own experts, and the ranks sum to the unsharded layer.  Other ranks' pairs (id -1) must be skipped by the
+    grouping, the per-pair programs, the activation launch's bias read and the combine."""
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
+    from moe_passes.parallel import expert_block
+
+    cfg = _OAI_CONFIGS[variant]
+    hidden, inter, experts, top_k, ranks = 2880, 1040, 16, 4, 4
+    tokens = (700 if variant.startswith("mma128") else 150 if variant.startswith("tc_group16")
+              else 60 if variant.startswith(("tc_group", "mma16")) else 9)
+    weights, b13, b2 = _gpt_oss_layer(hidden, inter, experts, "swiglu_oai", seed=len(variant) + 1)
+    g = torch.Generator(device="cpu").manual_seed(tokens + 3)
+    x = (torch.randn(tokens, hidden, generator=g) / 10).to("cuda", torch.bfloat16)
+    logits = torch.randn(tokens, experts, generator=g).cuda()
+    common = dict(top_k=top_k, activation="swiglu_oai", routing="renormalize", activation_params=OAI_PARAMS)
+    full = fused_moe_reference(x, logits, *weights, w13_bias=b13, w2_bias=b2, quantize_activations=False,
+                               **common).float()
+    total = torch.zeros_like(full)
+    for rank in range(ranks):
+        offset, count = expert_block(experts, ranks, rank)
+        local = registry.MoEWeights(*(t[offset:offset + count] for t in weights))
+        lb13, lb2 = b13[offset:offset + count], b2[offset:offset + count]
+        ep = dict(local_expert_offset=offset, global_num_experts=experts)
+        ref = fused_moe_reference(x, logits, *local, w13_bias=lb13, w2_bias=lb2, quantize_activations=False,
+                                  **common, **ep).float()
+        out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device="cuda")
+        fused_moe_triton(x, logits, prepare_weights(local), out=out, config=cfg, w13_bias=lb13, w2_bias=lb2,
+                         **common, **ep)
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), f"rank {rank}: unwritten or NaN output elements"
+        rel = ((out.float() - ref).norm() / ref.norm()).item()
+        assert rel < 1e-2, f"rank {rank}: relative error {rel:.2e} against the reference of its experts"
+        total += out.float()
+    rel = ((total - full).norm() / full.norm()).item()
+    assert rel < 1e-2, f"the ranks sum to the layer within {rel:.2e}"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bm,tail,one_program", [(8, 0, True), (16, 0, True), (16, 0, False), (64, 16, False),
+                                                 (128, 32, False)])
+def test_grouping_leaves_other_ranks_pairs_out(bm, tail, one_program):
+    """Pairs of id -1 (another rank's expert) get no row: the grouped rows hold exactly this rank's pairs, each
+    in a block (or tail block) of its own expert."""
+    from moe_passes.kernels.triton_group import align
+
+    experts, pairs = 8, 600
+    g = torch.Generator(device="cpu").manual_seed(bm + tail)
+    ids = torch.randint(-1, experts, (pairs,), generator=g, dtype=torch.int32)
+    ids[torch.rand(pairs, generator=g) < 0.5] = -1  # most pairs are other ranks'
+    counts = torch.zeros(experts, dtype=torch.int32, device="cuda")
+    max_blocks = -(-pairs // bm) + min(pairs, experts)
+    max_tails = min(pairs, experts) if tail else 0
+    main_rows = max_blocks * bm
+    sorted_ids, bexp, texp = align(ids.cuda(), counts, bm, main_rows + max_tails * tail, max_blocks, tail=tail,
+                                   max_tails=max_tails, one_program=one_program)
+    rows = sorted_ids.cpu()
+    placed = torch.nonzero(rows < pairs).flatten()
+    assert sorted(rows[placed].tolist()) == torch.nonzero(ids >= 0).flatten().tolist()
+    bexp, texp = bexp.cpu(), (texp.cpu() if texp is not None else None)
+    for row in placed.tolist():
+        expert = bexp[row // bm] if row < main_rows else texp[(row - main_rows) // tail]
+        assert expert == ids[rows[row]], f"row {row} holds pair {rows[row]} of expert {ids[rows[row]]}"
