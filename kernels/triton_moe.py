@@ -174,7 +174,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     if tokens == 0:
         return out
     biases = w13_bias is not None or w2_bias is not None
-    problem = Problem(tokens, top_k, experts, hidden, inter, gated, routing, n_group, topk_group, local,
+    problem = Problem(tokens, top_k, experts, hidden, inter, gated, routing, n_group, topk_group,
+                      routed_experts if local else None,
                       biases=biases, activation_params=activation in PARAMETRIC_ACTIVATIONS)
     plan = plan_call(problem, device, options) if config is None else plan_config(config, problem, options)
     if plan.variant == "cuda_decode":

@@ -173,13 +173,29 @@ class Problem:
     routing: str = "renormalize"
     n_group: Optional[int] = None
     topk_group: Optional[int] = None
-    local: bool = False  # expert parallel: the weights hold a slice of the experts
+    # expert parallel: the experts the router scores when the weights hold a slice of them (None: all)
+    routed_experts: Optional[int] = None
     biases: bool = False  # expert biases in the GEMM epilogues (gpt-oss)
     activation_params: bool = False  # a parametric activation (swiglu_oai)
 
     @property
     def pairs(self) -> int:
         return self.tokens * self.top_k
+
+    @property
+    def local(self) -> bool:
+        return self.routed_experts is not None
+
+    @property
+    def rows(self) -> float:
+        """Expected pairs per touched expert, over the experts the router scores: an expert-parallel rank's
+        experts get their share of the pairs, not all of them."""
+        return rows_per_expert(self.tokens, self.top_k, self.routed_experts or self.experts)
+
+    @property
+    def local_pairs(self) -> int:
+        """Expected pairs of this rank's experts (all pairs without expert parallelism)."""
+        return self.pairs if self.routed_experts is None else _cdiv(self.pairs * self.experts, self.routed_experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +268,7 @@ def _decode(p: Problem, d: DeviceInfo, grouped: bool, cols: int = 1) -> DecodeCo
     # K split until ~8 (grouped) / ~16 (per pair) warps per SM are launched; the register prefetch pays on the
     # 8-token blocks only (on 16-token blocks it measured 1-4% slower: twice the activation registers);
     # 16-byte loads in both GEMMs and GEMM2's early first chunk measured never slower.
-    blocks = min(p.pairs, p.experts) if grouped else p.pairs
+    blocks = min(p.local_pairs, p.experts) if grouped else p.local_pairs
     target = (8 if grouped else 16) * d.sm_count
     split1 = doubled_split(blocks * _cdiv(p.inter, 16), target, p.hidden, 8)
     split2 = doubled_split(blocks * _cdiv(p.hidden, 16), target, p.inter, 8)
@@ -267,7 +283,7 @@ def _decode(p: Problem, d: DeviceInfo, grouped: bool, cols: int = 1) -> DecodeCo
 
 def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
     # GEMM2's K split until two column tiles per SM (at most 4)
-    split2 = doubled_split(min(p.experts, p.pairs) * ((p.hidden + 63) // 64), 2 * d.sm_count, p.inter, 4)
+    split2 = doubled_split(min(p.experts, p.local_pairs) * ((p.hidden + 63) // 64), 2 * d.sm_count, p.inter, 4)
     return TileConfig(bm=16, split2=split2, **_PREFILL, **_SWAPPED_TILES)
 
 
@@ -353,7 +369,7 @@ def plan(problem: Problem, device: DeviceInfo, options: Optional[KernelOptions] 
     """The variant, config and reason for ``problem`` on ``device`` (see the module docstring)."""
     options = options if options is not None else KernelOptions()
     p = problem
-    rows = rows_per_expert(p.tokens, p.top_k, p.experts)
+    rows = p.rows
     if options.variant:
         if options.variant not in _BUILD:
             raise MoEConfigError(f"KernelOptions.variant={options.variant!r}: the Triton variants are "

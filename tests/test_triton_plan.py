@@ -116,7 +116,7 @@ def test_cuda_decode_only_where_it_can_take_the_call():
     assert plan(qwen3, H200).variant == "cuda_decode"
     off = plan(qwen3, H200, KernelOptions(cuda_decode=False))
     assert off.variant == "pair_decode" and off == plan(qwen3, H200).fallback
-    assert plan(dataclasses.replace(qwen3, local=True), H200).variant == "pair_decode"  # expert parallel
+    assert plan(dataclasses.replace(qwen3, routed_experts=4 * qwen3.experts), H200).variant == "pair_decode"  # expert parallel
     assert plan(qwen3, DeviceInfo(132, (10, 0), 232448)).variant == "pair_decode"  # not SM90
     assert plan(dataclasses.replace(qwen3, experts=1024), H200).variant == "pair_decode"  # past its routing limits
     assert plan(dataclasses.replace(qwen3, tokens=2), H200).variant == "pair_decode"
@@ -232,3 +232,17 @@ def test_a_forced_variant_runs_at_every_token_count_and_a_bad_one_is_refused():
         plan(qwen3, H200, KernelOptions(variant="grouped_decode32"))
     with pytest.raises(MoEConfigError, match="variant"):
         KernelOptions(variant=3)
+
+
+def test_an_expert_parallel_rank_plans_for_its_share_of_the_pairs():
+    """A rank holding 16 of 128 experts sees 1/8 of the pairs on its experts, as many per expert as the whole
+    layer: the same variant as the unsharded layer (not the one for 8x the rows), and its decode K splits sized
+    for its own blocks."""
+    qwen3 = BENCH[1]
+    for tokens in (2, 16, 64, 128, 256, 1024, 4096):
+        whole = plan(dataclasses.replace(qwen3, tokens=tokens), H200)
+        rank = plan(dataclasses.replace(qwen3, tokens=tokens, experts=16, routed_experts=128), H200)
+        assert rank.variant == whole.variant, tokens
+        assert rank.why.split(";")[0] == whole.why.split(";")[0]  # "N rows per expert"
+    unsharded = dataclasses.replace(qwen3, tokens=1024, experts=16)  # 16 experts taking every pair
+    assert plan(unsharded, H200).variant == "tiles128"
