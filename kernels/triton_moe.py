@@ -94,7 +94,8 @@ if triton is not None:
     def combine_kernel(y_ptr, out_ptr, num_pairs, H, stride_out,
                        TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False,
                        ids_ptr=None, LOCAL: tl.constexpr = False):
-        """Each token's ``TOP_K`` pairs times ``SPLIT`` K splits of fp32 rows, summed in a fixed order, to bf16.
+        """Each token's ``TOP_K`` pairs times ``SPLIT`` K splits of rows (fp32 or bf16), summed in fp32 in a fixed
+        order, to bf16.
         LOCAL (expert parallel): pairs whose id (``ids_ptr``) is -1 belong to another rank and add nothing."""
         gdc(PDL, LAUNCH=False)  # whatever follows the layer is not ours: it starts after this kernel ends
         t = tl.program_id(0).to(tl.int64)
@@ -106,7 +107,8 @@ if triton is not None:
                 live = ok
                 if LOCAL:
                     live = ok & (tl.load(ids_ptr + t * TOP_K + j) >= 0)
-                acc += tl.load(y_ptr + (s * num_pairs + t * TOP_K + j) * H + offs, mask=live, other=0.0)
+                acc += tl.load(y_ptr + (s * num_pairs + t * TOP_K + j) * H + offs, mask=live,
+                               other=0.0).to(tl.float32)
         tl.store(out_ptr + t * stride_out + offs, acc.to(tl.bfloat16), mask=ok)
 
 
@@ -194,7 +196,10 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     flat_ids = topk_ids.reshape(-1)
     pairs = flat_ids.numel()
     k_per_split, split = k_split(inter, cfg.split2, cfg.k_step2)
-    y = torch.empty(split, pairs, hidden, dtype=torch.float32, device=device)
+    # Prefill tiles without a K split write each pair's weighted row in bf16 (one rounding; the combine still
+    # sums in fp32): at 2048 tokens y is 100-200 MB, written once and read once.  Partial K sums stay fp32.
+    bf16_rows = not isinstance(cfg, DecodeConfig) and cfg.bm >= 64 and split == 1
+    y = torch.empty(split, pairs, hidden, dtype=torch.bfloat16 if bf16_rows else torch.float32, device=device)
     variant = decode_tc if isinstance(cfg, DecodeConfig) else run_tiles
     variant(hidden_states, weights, flat_ids, topk_w, counts, y, cfg, pairs=pairs, experts=experts, hidden=hidden,
             inter=inter, top_k=top_k, gated=gated, activation=activation, k_per_split=k_per_split, pdl=pdl,

@@ -217,7 +217,8 @@ if triton is not None:
                       SWAP: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False,
                       NFIRST: tl.constexpr = False, NARROW: tl.constexpr = False, b2_ptr=None,
                       HAS_B2: tl.constexpr = False):
-        """GEMM2 on tensor cores, routing weight in the epilogue, fp32 rows per (pair, K split); PF as in GEMM1.
+        """GEMM2 on tensor cores, routing weight in the epilogue, rows per (pair, K split) in ``y``'s dtype (fp32,
+        or bf16 where nothing splits K: see ``fused_moe_triton``); PF as in GEMM1.
         HAS_B2: the expert's bias ``b2_ptr [E, H]`` fp32 added before the routing weight, by K split 0 only."""
         gdc(PDL)
         e, rows, pair, valid, pid_n = _block(bexp_ptr, sorted_ptr, num_pairs, BM, NFIRST)
@@ -262,7 +263,7 @@ if triton is not None:
             b = tl.load(b2_ptr + e64 * H + offs_n, mask=n_ok & (pid_s == 0), other=0.0)
             y += b[None, :] * tw[:, None]
         y_ptrs = y_ptr + (pid_s * num_pairs + pair).to(tl.int64)[:, None] * H + offs_n[None, :]
-        tl.store(y_ptrs, y, mask=valid[:, None] & n_ok[None, :])
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
 def tile_grid(cfg: TileConfig, blocks: int, tiles: int, *rest: int):
