@@ -839,7 +839,24 @@ def _gpt_oss_check(weights, b13, b2, activation, x, logits, top_k, **call):
     assert not out.isnan().any(), "unwritten (poisoned) or NaN output elements"
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert rel < 1e-2, f"relative error {rel:.2e}"
-    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=5e-2)
+    cfg = call.get("config")
+    if isinstance(cfg, TileConfig) and cfg.bm >= 64 and cfg.split2 == 1:
+        # The prefill tiles round each pair's weighted row to bf16 before the fp32 sum, so an element's error
+        # grows with the sum of its pairs' magnitudes, not with the (possibly cancelling) output: each expert's
+        # contribution from the reference alone (its one-expert slice) gives that sum.
+        experts = weights.w13.shape[0]
+        mags = torch.zeros_like(ref, dtype=torch.float32)
+        for e in range(experts):
+            one = registry.MoEWeights(*(t[e:e + 1] for t in weights))
+            mags += fused_moe_reference(x, logits, *one, top_k=top_k, activation=activation, routing="renormalize",
+                                        w13_bias=b13[e:e + 1], w2_bias=b2[e:e + 1], activation_params=params,
+                                        quantize_activations=False, local_expert_offset=e,
+                                        global_num_experts=experts).float().abs()
+        err = (out.float() - ref.float()).abs()
+        allowed = 3e-2 + 5e-2 * ref.float().abs() + 2.0 ** -8 * mags
+        assert (err <= allowed).all(), f"{int((err > allowed).sum())} elements past the bf16-row bound"
+    else:
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=5e-2)
     no_bias = fused_moe_reference(x, logits, *weights, top_k=top_k, activation=activation, routing="renormalize",
                                   activation_params=params, quantize_activations=False)
     assert ((no_bias.float() - ref.float()).norm() / ref.float().norm()).item() > 0.3  # the biases matter
