@@ -9,8 +9,8 @@ a copy of the output out.
 
 Safety rests on three rules:
 
-* every tensor a captured call reads is either a key of the graph (the weights, the scales and the routing
-  bias, by address, shape and dtype; the inputs, by shape and dtype, copied in) or state the kernel keeps for
+* every tensor a captured call reads is either a key of the graph (the weights, the scales, the routing
+  bias and the expert biases, by address, shape and dtype; the inputs, by shape and dtype, copied in) or state the kernel keeps for
   the life of the process (``KernelSpec.prepare_state``); so a graph is replayed only on the memory it
   captured, or on memory at the same address and of the same shape, which it reads exactly as a fresh call
   would;
@@ -70,27 +70,31 @@ class CallGraphs:
         self._streams.clear()
 
     def run(self, fn: Callable[..., torch.Tensor], name: str, hidden_states: torch.Tensor,
-            router_logits: torch.Tensor, weights, scales: tuple, args) -> torch.Tensor:
-        """``fn(hidden_states, router_logits, weights, *scales, args)``, replayed from a graph when one exists.
+            router_logits: torch.Tensor, weights, scales: tuple, args, biases: Optional[dict] = None) -> torch.Tensor:
+        """``fn(hidden_states, router_logits, weights, *scales, args, **biases)``, replayed from a graph when one
+        exists.
 
         ``scales``: the remaining tensor (or None) arguments in ``fn``'s order; ``args``: the call's
-        ``RunArgs`` (hashable).  The options in force (``args.options`` or the scoped default) are part of the
-        key; with ``call_graphs`` off, or while the stream is capturing, ``fn`` runs directly.
+        ``RunArgs`` (hashable); ``biases``: keyword tensors (the expert biases), keys of the graph like the
+        weights.  The options in force (``args.options`` or the scoped default) are part of the key; with
+        ``call_graphs`` off, or while the stream is capturing, ``fn`` runs directly.
         """
+        biases = biases or {}
         options = kernel_options.current(args.options)
         contiguous = hidden_states.is_contiguous() and router_logits.is_contiguous()
         if not options.call_graphs or torch.cuda.is_current_stream_capturing() or not contiguous:
-            return fn(hidden_states, router_logits, weights, *scales, args)
+            return fn(hidden_states, router_logits, weights, *scales, args, **biases)
         stream = torch.cuda.current_stream(hidden_states.device)
         key = (name, hidden_states.device.index, stream.cuda_stream, hidden_states.shape, hidden_states.dtype,
                router_logits.shape, router_logits.dtype, tuple(_tensor_key(t) for t in weights),
-               tuple(_tensor_key(t) for t in scales), args, options)
+               tuple(_tensor_key(t) for t in scales), tuple((k, _tensor_key(v)) for k, v in sorted(biases.items())),
+               args, options)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
                 self._remember(key, _WARMED)
             elif entry is _WARMED:
-                entry = self._capture(key, stream, fn, hidden_states, router_logits, weights, scales, args)
+                entry = self._capture(key, stream, fn, hidden_states, router_logits, weights, scales, args, biases)
             else:
                 self._graphs.move_to_end(key)
             if entry is not None:
@@ -98,7 +102,7 @@ class CallGraphs:
                 entry.router_logits.copy_(router_logits)
                 entry.graph.replay()
                 return entry.out.clone()
-        return fn(hidden_states, router_logits, weights, *scales, args)
+        return fn(hidden_states, router_logits, weights, *scales, args, **biases)
 
     def _remember(self, key, value) -> None:
         self._graphs[key] = value
@@ -106,7 +110,7 @@ class CallGraphs:
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
 
-    def _capture(self, key, stream, fn, hidden_states, router_logits, weights, scales, args) -> _Captured:
+    def _capture(self, key, stream, fn, hidden_states, router_logits, weights, scales, args, biases) -> _Captured:
         device = hidden_states.device
         side = self._streams.get((device.index, stream.cuda_stream))
         if side is None:
@@ -120,7 +124,7 @@ class CallGraphs:
         with torch.cuda.stream(capture_stream):
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
-                out = fn(static_x, static_logits, weights, *scales, args)
+                out = fn(static_x, static_logits, weights, *scales, args, **biases)
             finally:
                 graph.capture_end()
         stream.wait_stream(capture_stream)

@@ -263,8 +263,9 @@ def _run_kernel(hidden_states, router_logits, weights, input_global_scale, inter
     biases = {k: v for k, v in (("w13_bias", w13_bias), ("w2_bias", w2_bias)) if v is not None}
     scales = (input_global_scale, intermediate_global_scale, routing_bias)
     try:
-        if not biases and hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
-            return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales, args)
+        if hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
+            return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales, args,
+                                           biases)
         return spec.run(hidden_states, router_logits, weights, *scales, args, **biases)
     except MoENonFiniteError as exc:
         raise MoENonFiniteError(f"{_where(layer)}: {exc}") from None

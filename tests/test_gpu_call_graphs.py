@@ -116,3 +116,36 @@ def test_layer_and_compiled_default_mode_use_the_graphs():
             assert torch.equal(got, moe(x, logits))
             assert torch.equal(got, _call(moe, None, x, logits))
     assert len(graphed.CALL_GRAPHS) > before
+
+
+def test_expert_biases_are_keys_of_the_graph():
+    """A gpt-oss-like layer (expert biases, swiglu_oai): calls of the layer replay graphs that equal direct
+    kernel calls, and a graph captured with one layer's biases is never replayed with another's (same weights,
+    other biases: other outputs)."""
+    from moe_passes.contract import SwigluOAI
+
+    g = torch.Generator().manual_seed(21)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5, torch.randn(E, H, I, generator=g) / 16
+    layers = [FusedMoE.from_float(w13, w2, top_k=4, activation="swiglu_oai", w13_bias=torch.randn(E, 2 * I, generator=g),
+                                  w2_bias=torch.randn(E, H, generator=g), activation_params=SwigluOAI(1.5, 0.25, 2.0),
+                                  calibration=torch.randn(32, H, generator=g)).cuda().requires_grad_(False)
+              for _ in range(2)]
+    spec = registry.get(layers[0].kernel)
+    graphs = graphed.CallGraphs()
+    for _ in range(3):
+        x = torch.randn(5, H, device="cuda").bfloat16()
+        logits = torch.randn(5, E, device="cuda")
+        outs = []
+        for moe in layers:
+            scales = (moe.input_global_scale, moe.intermediate_global_scale, moe.routing_bias)
+            biases = {k: v for k, v in moe._bias_args().items() if k in ("w13_bias", "w2_bias")}
+            assert set(biases) == {"w13_bias", "w2_bias"}
+            args = (spec.run, spec.name, x, logits, moe.kernel_weights(), scales, moe._run_args())
+            got = graphs.run(*args, biases=biases)
+            with use(KernelOptions(call_graphs=False)):
+                assert torch.equal(got, graphs.run(*args, biases=biases))
+            with torch.no_grad():
+                assert torch.equal(got, moe(x, logits))
+            outs.append(got)
+        assert not torch.equal(outs[0], outs[1])
+    assert len(graphs) == 2
