@@ -651,21 +651,35 @@ def test_gpt_oss_other_alpha_and_limit_are_read_from_the_experts():
 
 @_needs("gpt_oss")
 def test_gpt_oss_with_a_different_gate_is_left_alone():
-    """An _apply_gate that is not the clamped SwiGLU (here: no + 1 on up) is refused, not approximated."""
-    model = _tiny_model("gpt_oss", 3)
-    experts_cls = type(model.model.layers[0].mlp.experts)
+    """The gate is read by what it does: without the + 1 on up it is swiglu_oai with beta 0 (converted with
+    those parameters); with up unclamped no activation matches and it is refused, not approximated."""
+    from moe_passes.contract import SwigluOAI
+    experts_cls = type(_tiny_model("gpt_oss", 3).model.layers[0].mlp.experts)
 
-    def other_gate(self, gate_up):
+    def no_plus_one(self, gate_up):
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]
         gate = gate.clamp(max=self.limit)
         return gate * torch.sigmoid(gate * self.alpha) * up.clamp(-self.limit, self.limit)
 
+    def unclamped_up(self, gate_up):
+        gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+        gate = gate.clamp(max=self.limit)
+        return gate * torch.sigmoid(gate * self.alpha) * (up + 1)
+
     original = experts_cls._apply_gate
-    experts_cls._apply_gate = other_gate
+    reports = {}
     try:
-        report = convert(model)
+        for gate in (no_plus_one, unclamped_up):
+            experts_cls._apply_gate = gate
+            model = _tiny_model("gpt_oss", 3)
+            reports[gate.__name__] = convert(model), model
     finally:
         experts_cls._apply_gate = original
+    report, model = reports["no_plus_one"]
+    moes = [m.moe for m in model.modules() if isinstance(m, TransformersMoE)]
+    assert not report.skipped and len(moes) == 2, report
+    assert all(m.activation_params == SwigluOAI(1.702, 0.0, 7.0).as_list() for m in moes)
+    report, _ = reports["unclamped_up"]
     assert not report.converted and all("other than swiglu_oai" in s.reason for s in report.skipped), report
 
 
@@ -727,10 +741,10 @@ LEFT_ALONE = {
                dict(num_key_value_heads=2, kv_channels=16, intermediate_size=32, num_local_experts=4,
                     num_experts_per_tok=2),
                "called as experts(x, top-k ids, top-k weights)", 4),
-    # custom gated activations: a clamped SwiGLU without gpt-oss's alpha and + 1 (DeepSeek-V4), a softcapped
-    # SwiGLU (Inkling-2)
-    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(_GENERIC_MOE),
-                    "overrides the gated activation", 2),
+    # hash routing: the first layers pick experts by token id (its clamped SwiGLU is swiglu_oai with alpha 1 and
+    # beta 0, and its other layers score with sqrt(softplus), which no routing method matches)
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(_GENERIC_MOE), "takes 'input_ids'", 2),
+    # custom gated activations: a softcapped SwiGLU (Inkling-2)
     "inkling2": ("Inkling2TextConfig", "Inkling2ForCausalLM", dict(_GENERIC_MOE), "overrides the gated activation", 2),
     "inkling2_loop": ("Inkling2LoopTextConfig", "Inkling2LoopForCausalLM", dict(_GENERIC_MOE),
                       "overrides the gated activation", 2),
