@@ -22,7 +22,9 @@ inputs against the router's own top-k weights and ids:
   kernels always normalize).  A bias the block hands its router as an argument is read from the block;
 * routers without one: ``renormalize`` (top-k, softmax over the k: the same experts and weights as softmax,
   top-k, renormalize) or ``default`` (softmax, top-k), a routed scale folded into ``w2`` (DeepSeek-V2);
-  ``deepseek_v3`` with one group (sigmoid, normalize); ``llama4`` at top-1: whichever matches;
+  ``deepseek_v3`` with one group (sigmoid, normalize); ``llama4`` at top-1: whichever matches; failing all,
+  the same methods times one uniform scale no attribute names, measured and folded into ``w2`` (OpenAI's
+  privacy filter divides its weights by top-k);
 * a router whose first output is probabilities (Gemma-4) gives the kernel their logarithm, which routes
   identically, and one that biases softmax probabilities (ERNIE-4.5) their inverse sigmoid, on which
   ``deepseek_v3`` routes identically (:func:`kernel_logits`); a per-expert output scale (Gemma-4's
@@ -32,9 +34,10 @@ A block whose experts take no routing arguments because the block scales their i
 top-1 sigmoid score (Llama4) is replaced whole by :class:`InputScaledMoE`, which scales the input
 itself and lets the kernel route top-1 with weight 1.  Experts with biases (gpt-oss's
 ``gate_up_proj_bias`` / ``down_proj_bias``) keep them as FusedMoE expert biases, and a custom gated activation
-(``_apply_gate``) that computes gpt-oss's clamped SwiGLU maps to ``swiglu_oai`` with the experts' own
-``alpha`` and ``limit``.  No match, or anything else unexpected, leaves the block alone with the reason
-logged; so does any other custom gated activation.  Two more checks run
+(``_apply_gate``) is read by what it does: the experts' own activation of the gate times up, gpt-oss's clamped
+SwiGLU (``swiglu_oai`` with the experts' own ``alpha`` and ``limit``) or that without alpha and ``+ 1``
+(``swiglu_oai`` with alpha 1, beta 0).  No match, or anything else unexpected, leaves the block alone with the
+reason logged; so does any other custom gated activation.  Two more checks run
 before a block is converted: the experts' own forward against the weights read (every expert at weight
 1), and, where the block runs on its own, the whole block against the same block with the router and
 experts replaced by a float emulation of the conversion.  A block is converted completely or not at
@@ -347,7 +350,8 @@ def _layout_flags(experts: nn.Module) -> dict:
     if flags["has_gate"] is None:
         raise _Unsupported(f"experts module {type(experts).__name__} does not store fused 3-D expert weights "
                            "(no @use_experts_implementation layout flags)")
-    if flags["has_post_expert_norm"]:
+    # Ergo declares no such flag: its experts subclass the decorated projections and add the norm around them.
+    if flags["has_post_expert_norm"] or isinstance(getattr(experts, "post_expert_norm", None), nn.Module):
         raise _Unsupported("experts apply a post-expert norm; FusedMoE has no such step")
     if not flags["has_bias"]:
         biases = sorted(n for n, _ in experts.named_parameters() if "bias" in n)
@@ -362,24 +366,34 @@ def _overrides_gate(experts: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _custom_gate(experts: nn.Module, flags: dict) -> tuple[str, SwigluOAI]:
-    """An overridden ``_apply_gate`` that computes gpt-oss's clamped SwiGLU, read by what it does: its
-    ``alpha`` and ``limit`` attributes (beta: the ``+ 1`` on up) give ``swiglu_oai``'s parameters, which must
-    reproduce ``_apply_gate`` on random values reaching well past the limit."""
+def _custom_gate(experts: nn.Module, flags: dict) -> tuple[str, Optional[SwigluOAI]]:
+    """An overridden ``_apply_gate``, read by what it does on random values reaching well past any limit: the
+    experts' own activation of the gate times up (Beam's, which only computes it in fp32; Step-3.7's without a
+    limit), gpt-oss's clamped SwiGLU (``swiglu_oai`` with the experts' ``alpha`` and ``limit``, beta 1: the ``+ 1``
+    on up) or a clamped SiLU gate times the clamped up (``swiglu_oai`` with alpha 1 and beta 0: HY-V4's).  The
+    first that reproduces ``_apply_gate`` is taken; none: refused."""
     name = type(experts).__name__
 
     def first(*names):  # gpt-oss names them alpha / limit, MiniMax-M3 swiglu_alpha / swiglu_limit
         return next((getattr(experts, n) for n in names if getattr(experts, n, None) is not None), None)
 
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not flags["has_gate"]:
+        raise _Unsupported(f"{name} overrides the activation (_apply_gate) of experts without a gate")
     alpha, limit = first("alpha", "swiglu_alpha"), first("limit", "swiglu_limit")
-    if not flags["has_gate"] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                        for v in (alpha, limit)):
-        raise _Unsupported(f"{name} overrides the gated activation (_apply_gate) with no alpha / limit attributes "
-                           "to read it as swiglu_oai")
-    params = SwigluOAI(alpha=float(alpha), beta=1.0, limit=float(limit))
+    candidates = []
+    try:
+        candidates.append((_activation_of(experts, True), None))
+    except _Unsupported:
+        pass
+    if number(limit) and limit > 0:
+        candidates += [("swiglu_oai", SwigluOAI(alpha=float(alpha) if number(alpha) else 1.0, beta=beta,
+                                                limit=float(limit))) for beta in (1.0, 0.0)]
     inter = 64
-    h = torch.randn(16, 2 * inter, generator=torch.Generator().manual_seed(5)) * (2 * params.limit)
-    want = apply_activation(h, "swiglu_oai", params)
+    reach = 2 * float(limit) if number(limit) and limit > 0 else 20.0
+    h = torch.randn(16, 2 * inter, generator=torch.Generator().manual_seed(5)) * reach
     laid_out = h  # in the experts' own layout: interleaved gate0, up0, ... unless concatenated
     if flags["is_concatenated"] is False:
         laid_out = torch.stack([h[:, :inter], h[:, inter:]], dim=-1).reshape(16, 2 * inter)
@@ -387,10 +401,18 @@ def _custom_gate(experts: nn.Module, flags: dict) -> tuple[str, SwigluOAI]:
         got = experts._apply_gate(laid_out).float()
     except Exception as exc:  # noqa: BLE001 - any failure means we cannot read it
         raise _Unsupported(f"{name}._apply_gate fails on a probe ({type(exc).__name__}: {exc})") from None
-    if tuple(got.shape) != tuple(want.shape) or not _rel_err(got, want) <= 1e-5:
-        raise _Unsupported(f"{name} overrides the gated activation (_apply_gate) with something other than "
-                           f"swiglu_oai (alpha={params.alpha}, beta=1, limit={params.limit})")
-    return "swiglu_oai", params
+    tried = []
+    for activation, params in candidates:
+        want = apply_activation(h, activation, params)
+        if tuple(got.shape) == tuple(want.shape) and _rel_err(got, want) <= 1e-5:
+            return activation, params
+        tried.append(f"{activation}(gate) * up" if params is None else
+                     f"swiglu_oai (alpha={params.alpha:g}, beta={params.beta:g}, limit={params.limit:g})")
+    if not tried:
+        raise _Unsupported(f"{name} overrides the gated activation (_apply_gate) with no activation FusedMoE has and "
+                           "no limit attribute to read it as swiglu_oai")
+    raise _Unsupported(f"{name} overrides the gated activation (_apply_gate) with something other than "
+                       f"{' or '.join(tried)}")
 
 
 def _expert_extras(experts: nn.Module, activation: str) -> _Extras:
@@ -399,7 +421,7 @@ def _expert_extras(experts: nn.Module, activation: str) -> _Extras:
     if _split_glu(experts) is not None:  # DBRX: no biases (refused when read), no parametric activation
         return _Extras()
     flags = _layout_flags(experts)
-    params = _custom_gate(experts, flags)[1] if activation == "swiglu_oai" else None
+    params = _custom_gate(experts, flags)[1] if _overrides_gate(experts) else None
     if not flags["has_bias"]:
         return _Extras(activation_params=params)
     gated = bool(flags["has_gate"])
@@ -588,11 +610,14 @@ def _router_input_size(router: nn.Module, num_experts: int) -> int:
     for p in router.parameters():
         if p.ndim == 2 and p.shape[0] == num_experts:
             return p.shape[1]
-    wider = [tuple(p.shape) for p in router.parameters() if p.ndim == 2 and p.shape[0] > num_experts]
-    if wider:  # LongCat-Flash: zero-computation experts, which pass the token through scaled by its weight
-        raise _Unsupported(f"router {type(router).__name__} scores {wider[0][0]} choices for {num_experts} experts: "
+    # LongCat-Flash: zero-computation experts, which pass the token through scaled by its weight; ZAYA: a skip
+    # expert, which returns nothing (its scoring projection is the narrowest; wider ones are hidden layers)
+    wider = sorted(p.shape[0] for p in router.parameters() if p.ndim == 2 and p.shape[0] > num_experts)
+    if wider:
+        raise _Unsupported(f"router {type(router).__name__} scores {wider[0]} choices for {num_experts} experts: "
                            "the others are experts without weights (zero-computation experts, which return the "
-                           "token scaled by its routing weight); FusedMoE routes only over experts it holds")
+                           "token scaled by its routing weight, or nothing); FusedMoE routes only over experts it "
+                           "holds")
     raise _Unsupported(f"router {type(router).__name__} has no [experts, hidden] projection weight")
 
 
@@ -667,33 +692,47 @@ def _read_routing(router: nn.Module, num_experts: int, block: nn.Module) -> _Rou
         raise _Unsupported(f"router {name} scores every expert the same on every probe token (untrained, zero "
                            "weights?): its routing method cannot be read")
     tried = []
-    for transform in transforms:
-        logits = kernel_logits(first.float(), transform)
-        # Tokens whose k-th and (k+1)-th logits are equal (bf16 logits over many experts tie now and then)
-        # may pick either expert on either side: they say nothing about the method, so they are not compared.
-        clear = torch.ones(tokens, dtype=torch.bool, device=x.device)
-        if top_k < num_experts:
-            ranked = logits.topk(top_k + 1, dim=-1).values
-            clear = ranked[:, top_k - 1] != ranked[:, top_k]
-        for cand, fold in candidates:
-            if transform == "logit_of_softmax" and cand["routing"] != "deepseek_v3":
-                continue  # the inverse sigmoid only serves sigmoid-score routing
-            scale = (ones if expert_scale is None else expert_scale.detach().float().to(x.device)) * fold
-            try:
-                w, i = route(logits, top_k, **cand)
-            except MoEError:  # arguments this method refuses (groups that do not divide the experts)
+    # Second pass: the same methods up to one uniform scale that no attribute names (OpenAI's privacy filter
+    # divides its weights by top_k, and its block multiplies the experts' output back): measured on the probe
+    # tokens, checked on every one of them, and folded into w2 like a routed scale.
+    for measured in (False, True):
+        for transform in transforms:
+            logits = kernel_logits(first.float(), transform)
+            # Tokens whose k-th and (k+1)-th logits are equal (bf16 logits over many experts tie now and then)
+            # may pick either expert on either side: they say nothing about the method, so they are not compared.
+            clear = torch.ones(tokens, dtype=torch.bool, device=x.device)
+            if top_k < num_experts:
+                ranked = logits.topk(top_k + 1, dim=-1).values
+                clear = ranked[:, top_k - 1] != ranked[:, top_k]
+            if not bool(clear.any()):
                 continue
-            w = w * scale[i]
-            got = torch.zeros_like(want).scatter(1, i, w)
-            if bool(clear.any()) and _rel_err(got[clear], want[clear]) <= tol:
-                keep = expert_scale is not None or fold != 1.0
-                return _Routing(dict(cand), top_k, transform, block_routes, scale.clone() if keep else None,
-                                scores_at)
-            tried.append(f"{cand['routing']} on {transform.replace('_', ' ')}"
-                         + (" with per-expert scale" if expert_scale is not None else "")
-                         + (f" scaled by {fold:g}" if fold != 1.0 else ""))
-    raise _Unsupported(f"router {name}: its top-k weights match none of the routing methods the kernels support "
-                       f"(tried {', '.join(tried)})")
+            for cand, fold in candidates:
+                if transform == "logit_of_softmax" and cand["routing"] != "deepseek_v3":
+                    continue  # the inverse sigmoid only serves sigmoid-score routing
+                if measured and (fold != 1.0 or expert_scale is not None):
+                    continue  # a scale is already applied: no second one
+                scale = (ones if expert_scale is None else expert_scale.detach().float().to(x.device)) * fold
+                try:
+                    w, i = route(logits, top_k, **cand)
+                except MoEError:  # arguments this method refuses (groups that do not divide the experts)
+                    continue
+                w = w * scale[i]
+                got = torch.zeros_like(want).scatter(1, i, w)
+                if measured:
+                    uniform = float(want[clear].sum() / got[clear].sum())
+                    if not uniform > 0:
+                        continue
+                    scale, got = scale * uniform, got * uniform
+                if _rel_err(got[clear], want[clear]) <= tol:
+                    keep = expert_scale is not None or fold != 1.0 or measured
+                    return _Routing(dict(cand), top_k, transform, block_routes, scale.clone() if keep else None,
+                                    scores_at)
+                if not measured:
+                    tried.append(f"{cand['routing']} on {transform.replace('_', ' ')}"
+                                 + (" with per-expert scale" if expert_scale is not None else "")
+                                 + (f" scaled by {fold:g}" if fold != 1.0 else ""))
+    raise _Unsupported(f"router {name}: its top-k weights match none of the routing methods the kernels support, "
+                       f"nor any of them times one uniform scale (tried {', '.join(tried)})")
 
 
 # -- the whole-block check --------------------------------------------------------------------------------
