@@ -100,9 +100,16 @@ def test_tail_blocks_only_behind_the_prefill_tiles(change):
         dataclasses.replace(good, **change)
 
 
+# sparsemixer's jitter_eps in the layer tests: larger than PhiMoE's 0.01, so that on random logits both of a
+# token's weights come from several unmasked experts (at 0.01 most are exactly 1).
+SPARSEMIXER_EPS = 0.2
+
+
 def _routing_kwargs(routing, experts, device, g):
     if routing == "llama4":
         return dict(top_k=1), None
+    if routing == "sparsemixer":
+        return dict(top_k=2, routing_params=[SPARSEMIXER_EPS]), None
     if routing == "deepseek_v3":
         bias = (torch.randn(experts, generator=g) / 10).to(device)
         return dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5), bias
@@ -133,7 +140,8 @@ def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec
         assert not torch.equal(prepared.w13, weights.w13)  # ... and here it does (the Triton layout)
         args = registry.RunArgs(top_k=kw["top_k"], activation=activation, routing=routing,
                                 n_group=kw.get("n_group"), topk_group=kw.get("topk_group"),
-                                routed_scaling_factor=kw.get("routed_scaling_factor"), options=options)
+                                routed_scaling_factor=kw.get("routed_scaling_factor"), options=options,
+                                routing_params=None if "routing_params" not in kw else tuple(kw["routing_params"]))
         out = spec.run(x, logits, prepared, None, None, bias, args)
     else:
         out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned
@@ -779,14 +787,17 @@ def test_routing_kernel_matches_reference(routing, experts, tokens):
     kw = dict(top_k=8 if experts > 16 else 4)
     if routing == "llama4":
         kw = dict(top_k=1)
+    if routing == "sparsemixer":
+        kw = dict(top_k=2, routing_params=[SPARSEMIXER_EPS])
     bias = None
     if routing == "deepseek_v3":
         bias = (torch.randn(experts, generator=g) / 10).cuda()
         kw.update(n_group=8 if experts > 16 else 4, topk_group=4 if experts > 16 else 2, routed_scaling_factor=2.5)
     want_w, want_ids = route(logits, kw["top_k"], routing, routing_bias=bias, n_group=kw.get("n_group"),
-                             topk_group=kw.get("topk_group"), routed_scaling_factor=kw.get("routed_scaling_factor"))
+                             topk_group=kw.get("topk_group"), routed_scaling_factor=kw.get("routed_scaling_factor"),
+                             routing_params=kw.get("routing_params"))
     w, ids = triton_route(logits, kw["top_k"], routing, bias, kw.get("n_group"), kw.get("topk_group"),
-                         kw.get("routed_scaling_factor"))
+                         kw.get("routed_scaling_factor"), routing_params=kw.get("routing_params"))
     torch.cuda.synchronize()
     assert torch.equal(ids.cpu(), want_ids.cpu())
     torch.testing.assert_close(w.cpu(), want_w.float().cpu(), rtol=1e-5, atol=1e-6)
