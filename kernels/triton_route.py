@@ -109,9 +109,10 @@ if triton is not None:
             v = tl.where(k_ok, tl.sigmoid(lg), 0.0)
             v = v * (param / tl.maximum(tl.sum(v, axis=0), 1e-20))
         elif METHOD == 4:
-            # pick j's mask drops the experts whose (m_j - s) / max(|s|, m_j) exceeds param (IEEE division, as
-            # in torch: the threshold is sharp); its softmax runs over the rest, without the picks before j,
-            # and takes m_j's term exp(0) = 1.  K == 2.
+            # pick j's mask drops the experts whose (m_j - s) / max(|s|, m_j) exceeds param (round-to-nearest
+            # division, as torch's: the threshold is sharp; only subnormal quotients, far below any threshold,
+            # flush to 0); its softmax runs over the rest, without the picks before j, and takes m_j's term
+            # exp(0) = 1.  K == 2.
             mag = tl.abs(logits)
             first = tl.sum(tl.where(kr == 0, ids, 0), axis=0)
             v = tl.zeros([KP], dtype=tl.float32)
