@@ -26,7 +26,7 @@ The weights are the Triton path's prepared tensors (:func:`triton_moe.prepare_we
 Numerics are those of ``fused_moe_reference(..., quantize_activations=False)``, like the Triton path.
 
 Limits: one token; a CUDA GPU of compute capability 9.x; routing as :mod:`triton_route` takes it with at
-most 512 experts and top-k <= 32; hidden and intermediate multiples of 16; two stages of one w13 band
+most 512 experts and top-k <= 32, and not sparsemixer (PhiMoE); hidden and intermediate multiples of 16; two stages of one w13 band
 (9 bytes per hidden element) and the token's buffers must fit in shared memory.  Other calls take the
 Triton path.  Every CTA must be resident at once (one per SM; the grid barrier waits for all of them): the
 launch is cooperative, whose contract that is.  Two launches of this decode running at the same time must
@@ -58,8 +58,10 @@ SOURCE = Path(__file__).with_name("cuda_decode1.cu")
 _NAME = "moe_nvfp4_decode1"
 _FLOAT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # What the kernel's routing takes (its shared-memory arrays), within what the fused routing takes.
+# Its routing code has the methods without parameters (sparsemixer takes the Triton path).
 ROUTING = registry.RoutingLimits(max_experts=min(512, FUSED_ROUTING.max_experts),
-                                 max_top_k=min(32, FUSED_ROUTING.max_top_k))
+                                 max_top_k=min(32, FUSED_ROUTING.max_top_k),
+                                 methods=frozenset({"default", "renormalize", "deepseek_v3", "llama4"}))
 _MAX_STAGES = 16
 _PIECE = 16 * PIECE_GROUPS  # elements per piece of the prepared layout's rows
 _BLOCK2 = 576  # a stage's room for one w2 piece block: 16 rows x 4 groups of codes (512 B) and scales (64 B)
@@ -398,6 +400,9 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
 
     if activation in PARAMETRIC_ACTIVATIONS:  # its ACT chain would run the code as ReLU^2
         raise MoEConfigError(f"the one-launch CUDA decode has no epilogue for {activation!r}")
+    if routing not in ROUTING.methods:  # its METHOD chain would route sparsemixer as llama4
+        raise MoEConfigError(f"the one-launch CUDA decode does not route {routing!r}; it routes "
+                             f"{', '.join(sorted(ROUTING.methods))}")
     device = hidden_states.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     w13, s13, g13, w2, s2, g2 = weights

@@ -28,6 +28,10 @@
 // (segments per CTA, at most) W2TMA (0/1: w2 by tensor maps, passed as the last two parameters) PDL (0/1:
 // launched as a programmatic dependent launch, see the kernel's start).
 // Diagnostics: TRACE (phase stamps, below).
+// Routing methods past 3 (sparsemixer, 4, of triton_route.METHOD_CODES) have no code here: refused at build.
+#if METHOD < 0 || METHOD > 3
+#error "METHOD: this decode routes default, renormalize, deepseek_v3 and llama4 only"
+#endif
 
 typedef unsigned int u32;
 typedef unsigned short u16;

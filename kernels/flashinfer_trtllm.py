@@ -482,7 +482,8 @@ TRTLLM = registry.register(registry.KernelSpec(
     description="FlashInfer TRTLLM-gen NVFP4 fused MoE; needs an SM100/SM103 (Blackwell) GPU and flashinfer-python",
     alignment=TRTLLM_ALIGNMENT,
     activations=frozenset(ACTIVATION_NAMES),
-    routings=frozenset(ROUTING_METHODS),
+    # sparsemixer (PhiMoE) has no RoutingMethodType: its layers take the Triton path (Hopper) or the reference
+    routings=frozenset(ROUTING_NAMES),
     available=available,
     prepare=prepare,
     run=run,

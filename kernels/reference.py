@@ -3,7 +3,8 @@
 This is the correctness oracle of the project and the CPU implementation of the lowered op.  Steps:
 
 1. routing (``default`` softmax->top-k, ``renormalize`` top-k->softmax, ``deepseek_v3`` sigmoid with
-   correction bias, group selection and routed scaling, ``llama4`` top-1 sigmoid);
+   correction bias, group selection and routed scaling, ``llama4`` top-1 sigmoid, ``sparsemixer``
+   PhiMoE's masked top-2 softmaxes, ``contract.SparseMixer``);
 2. the input quantized to NVFP4 with its per-tensor global scale (or kept in bf16, the Hopper mode);
 3. GEMM1 against dequantized NVFP4 ``w13`` in fp32, plus the expert's ``w13_bias`` (fp32) if any;
 4. the activation: ``silu`` = SwiGLU, ``gelu`` / ``gelu_tanh`` = GeGLU (erf / tanh GELU), with
@@ -23,22 +24,28 @@ import torch.nn.functional as F
 
 from moe_passes.contract import (ACTIVATIONS, ROUTING_METHODS, TRTLLM_ALIGNMENT, SwigluOAI, is_gated)
 from moe_passes.contract import activation_params as _params_of
+from moe_passes.contract import routing_params as _routing_params_of
 from moe_passes.errors import MoEConfigError, MoENonFiniteError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import dequantize_nvfp4, default_global_scale, quantize_nvfp4
 
-__all__ = ["route", "apply_activation", "fused_moe_reference", "qdq_nvfp4"]
+__all__ = ["route", "sparsemixer", "apply_activation", "fused_moe_reference", "qdq_nvfp4"]
 
 
 def route(router_logits: torch.Tensor, top_k: int, routing: str = "renormalize", *,
           routing_bias: Optional[torch.Tensor] = None, n_group: Optional[int] = None,
-          topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None):
-    """Expert choice per token: ``(topk_weights float32 [T, k], topk_ids int64 [T, k])``."""
+          topk_group: Optional[int] = None, routed_scaling_factor: Optional[float] = None,
+          routing_params=None):
+    """Expert choice per token: ``(topk_weights float32 [T, k], topk_ids int64 [T, k])``.  ``routing_params``:
+    the parameters of a parametric routing method (``sparsemixer``: ``[jitter_eps]`` or a ``SparseMixer``)."""
     if router_logits.ndim != 2:
         raise MoEConfigError(f"router_logits must be [tokens, experts], got shape {tuple(router_logits.shape)}")
     num_experts = router_logits.shape[1]
     registry.check_routing(routing, top_k, num_experts, n_group, topk_group)
+    params = _routing_params_of(routing, routing_params)
     logits = router_logits.float()
+    if routing == "sparsemixer":  # top_k == 2 (check_routing)
+        return sparsemixer(logits, params[0])
     if routing == "default":
         weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
     elif routing == "renormalize":
@@ -63,6 +70,26 @@ def route(router_logits: torch.Tensor, top_k: int, routing: str = "renormalize",
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
         weights = weights * (routed_scaling_factor if routed_scaling_factor is not None else 1.0)
     return weights, ids
+
+
+def sparsemixer(logits: torch.Tensor, jitter_eps: float):
+    """PhiMoE's inference routing (``contract.SparseMixer``) on float32 ``logits [T, E]``: ``(weights [T, 2],
+    ids [T, 2])``.  Ties go to the lowest expert; the masks compare in float32 against ``2 * jitter_eps``."""
+    threshold = torch.tensor(2 * jitter_eps, dtype=torch.float32)
+    magnitude = logits.abs()
+    weights, ids = [], []
+    removed = torch.zeros_like(logits, dtype=torch.bool)
+    for _ in range(2):
+        # the best expert not picked yet (the lowest index among equals), then the mask against its logit,
+        # measured on every logit; the softmax runs over the unmasked experts not picked before
+        candidates = logits.masked_fill(removed, float("-inf"))
+        best, pick = candidates.max(dim=-1, keepdim=True)
+        masked = (best - logits) / torch.maximum(magnitude, best) > threshold
+        probs = torch.softmax(candidates.masked_fill(masked, float("-inf")), dim=-1)
+        weights.append(probs.gather(1, pick))
+        ids.append(pick)
+        removed = removed.scatter(1, pick, True)
+    return torch.cat(weights, dim=1), torch.cat(ids, dim=1)
 
 
 def apply_activation(h: torch.Tensor, activation: str, params=None) -> torch.Tensor:
@@ -122,12 +149,14 @@ def fused_moe_reference(
     w13_bias: Optional[torch.Tensor] = None,
     w2_bias: Optional[torch.Tensor] = None,
     activation_params=None,
+    routing_params=None,
 ) -> torch.Tensor:
     """The NVFP4 MoE layer on ``hidden_states [T, H]``; returns bf16 ``[T, H]``.
 
     Expert biases: ``w13_bias [E_local, N1]`` is added to GEMM1's output before the activation and
     ``w2_bias [E_local, Hp]`` (or ``[E_local, H]``) to GEMM2's before the routing weight, both in fp32.
-    ``activation_params``: the parameters of a parametric activation (``swiglu_oai``).
+    ``activation_params``: the parameters of a parametric activation (``swiglu_oai``); ``routing_params``
+    those of a parametric routing method (``sparsemixer``).
 
     Expert parallelism: with ``global_num_experts`` the weights hold only experts
     ``[local_expert_offset, local_expert_offset + E_local)``; routing runs on the global ``router_logits``
@@ -164,7 +193,8 @@ def fused_moe_reference(
     params = _params_of(activation, activation_params)
 
     weights, ids = route(router_logits, top_k, routing, routing_bias=routing_bias, n_group=n_group,
-                         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor)
+                         topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                         routing_params=routing_params)
     x = F.pad(hidden_states.float(), (0, hidden_padded - hidden))
     if quantize_activations:
         if input_global_scale is None:
@@ -221,6 +251,7 @@ def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_globa
         routed_scaling_factor=args.routed_scaling_factor, quantize_activations=True,
         local_expert_offset=args.local_expert_offset, global_num_experts=args.global_num_experts,
         w13_bias=w13_bias, w2_bias=w2_bias, activation_params=args.activation_params,
+        routing_params=args.routing_params,
     )
 
 

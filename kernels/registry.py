@@ -58,6 +58,8 @@ class RunArgs:
     global_num_experts: Optional[int] = None
     # The activation's parameters ([alpha, beta, limit] for swiglu_oai; contract.activation_params), or None.
     activation_params: Optional[tuple] = None
+    # The routing method's parameters ([jitter_eps] for sparsemixer; contract.routing_params), or None.
+    routing_params: Optional[tuple] = None
     # The kernels' knobs for this call (None: ``options.current()``, the scoped or environment default).
     options: Optional[KernelOptions] = None
 
@@ -211,8 +213,8 @@ def select(device: torch.device, *, activation: str, routing: str, name: Optiona
     return best
 
 
-# Routing methods whose semantics fix top_k: llama4 picks one expert per token.
-ROUTING_TOP_K = {"llama4": 1}
+# Routing methods whose semantics fix top_k: llama4 picks one expert per token, sparsemixer two.
+ROUTING_TOP_K = {"llama4": 1, "sparsemixer": 2}
 
 
 def routing_error(routing: str, top_k: int, experts: int, n_group: Optional[int] = None,
@@ -248,16 +250,20 @@ def check_routing(routing: str, top_k: int, experts: int, n_group: Optional[int]
 class RoutingLimits:
     """What a fused routing implementation takes beyond the methods' rules (its registers and index bits):
     at most ``max_experts`` and ``max_top_k``, a power-of-two group count, and ``topk_group`` only as groups
-    of deepseek_v3 allow.  Calls outside them take another implementation (the torch routing)."""
+    of deepseek_v3 allow; ``methods``, the routing methods it implements (None: every one).  Calls outside
+    them take another implementation (the torch routing)."""
 
     max_experts: int
     max_top_k: int
+    methods: Optional[frozenset] = None
 
     def refusal(self, routing: str, top_k: int, experts: int, n_group: Optional[int] = None,
                 topk_group: Optional[int] = None) -> Optional[str]:
         error = routing_error(routing, top_k, experts, n_group, topk_group)
         if error is not None:
             return error
+        if self.methods is not None and routing not in self.methods:
+            return f"routing {routing!r} is not implemented (it implements {', '.join(sorted(self.methods))})"
         groups = (n_group or 1) if routing == "deepseek_v3" else 1
         if not 0 < (topk_group or groups) <= groups:
             return f"topk_group={topk_group} without deepseek_v3 groups"

@@ -33,6 +33,7 @@ import torch
 
 from moe_passes.contract import ACTIVATIONS, PARAMETRIC_ACTIVATIONS, ROUTING_METHODS, Alignment, MoEShape, is_gated
 from moe_passes.contract import activation_params as _params_of
+from moe_passes.contract import routing_params as routing_params_of
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import cuda_decode, registry
 from moe_passes.kernels.options import KernelOptions, current
@@ -119,7 +120,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
                      out: Optional[torch.Tensor] = None, config: Optional[Config] = None,
                      local_expert_offset: int = 0, global_num_experts: Optional[int] = None,
                      options: Optional[KernelOptions] = None, activation_params=None,
-                     w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None,
+                     routing_params=None) -> torch.Tensor:
     """The NVFP4 MoE layer on bf16 ``hidden_states [T, Hp]`` (``Hp`` = the weights' hidden size).
 
     ``weights`` must come from :func:`prepare_weights` (or the registry's ``prepare``): the E2M1 bytes
@@ -131,12 +133,14 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     the canonical row order (the Triton layout keeps rows where they are): ``w13_bias [E_local, N1]`` added
     to GEMM1's output before the activation, ``w2_bias [E_local, Hp]`` to GEMM2's before the routing
     weight; a narrower ``w2_bias`` (``[E_local, H]``) counts as zero-padded, as in the reference.
+    ``routing_params``: a parametric routing method's parameters (``sparsemixer``: ``[jitter_eps]``).
     """
     options = current(options)
     if activation not in ACT_CODES:  # a direct call must not guess
         raise MoEConfigError(f"the triton kernel has no epilogue for activation {activation!r}; it runs "
                              f"{', '.join(ACT_CODES)}")
     params = _params_of(activation, activation_params)  # refuses parameters for an activation without any
+    routing_params = routing_params_of(routing, routing_params)  # sparsemixer's must be there, others' not
     if triton is None:
         raise MoEConfigError("the triton MoE kernel needs the 'triton' package")
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
@@ -190,7 +194,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     pdl = cfg.chains and options.pdl and pdl_supported(device)
     counts = None if cfg.bm == 1 else torch.empty(experts, dtype=torch.int32, device=device)  # zeroed by route
     topk_w, topk_ids = route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor,
-                             zero=counts, pdl=pdl)
+                             zero=counts, pdl=pdl, routing_params=routing_params)
     if local:
         topk_w, topk_ids = _localize(topk_w, topk_ids, local_expert_offset, experts)
     flat_ids = topk_ids.reshape(-1)
@@ -298,7 +302,7 @@ def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_globa
                             topk_group=args.topk_group, routed_scaling_factor=args.routed_scaling_factor,
                             local_expert_offset=args.local_expert_offset, global_num_experts=args.global_num_experts,
                             options=args.options, activation_params=args.activation_params, w13_bias=w13_bias,
-                            w2_bias=w2_bias)
+                            w2_bias=w2_bias, routing_params=args.routing_params)
 
 
 TRITON = registry.register(registry.KernelSpec(

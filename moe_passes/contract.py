@@ -7,6 +7,7 @@ padded sizes from :class:`MoEShape`, so they cannot drift apart.  Nothing here t
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import torch
@@ -20,6 +21,9 @@ __all__ = [
     "SwigluOAI",
     "activation_params",
     "ROUTING_METHODS",
+    "PARAMETRIC_ROUTINGS",
+    "SparseMixer",
+    "routing_params",
     "Alignment",
     "MoEShape",
     "round_up",
@@ -41,7 +45,10 @@ GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
 # Activations with parameters: a kernel supports one only if it says so explicitly
 # (KernelSpec.activation_params), never through a blanket ``frozenset(ACTIVATIONS)``.
 PARAMETRIC_ACTIVATIONS = ("swiglu_oai",)
-ROUTING_METHODS = ("default", "renormalize", "deepseek_v3", "llama4")
+# sparsemixer = PhiMoE's top-2 routing with its jitter_eps (see SparseMixer).
+ROUTING_METHODS = ("default", "renormalize", "deepseek_v3", "llama4", "sparsemixer")
+# Routing methods with parameters (the ops carry them as ``routing_params``, see routing_params()).
+PARAMETRIC_ROUTINGS = ("sparsemixer",)
 
 # CUDA's grid.Y limit and the token cap beyond which the TRTLLM kernel was seen to fault (FACTS.md).
 _GRID_Y_LIMIT = 65535
@@ -92,6 +99,49 @@ def activation_params(activation: str, params=None):
     if len(values) != 3:
         raise MoEConfigError(f"{activation} parameters must be [alpha, beta, limit], got {params!r}")
     return SwigluOAI(*values).as_list()
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseMixer:
+    """The parameter of ``sparsemixer`` routing (PhiMoE, inference, top-2).  Per token with logits ``s``:
+    ``i1 = argmax s``; experts with ``(s[i1] - s) / max(|s|, s[i1]) > 2 * jitter_eps`` are masked, and
+    ``w1`` is the softmax of the rest at ``i1``.  Then ``i2`` = the argmax with ``i1`` removed, the mask is
+    taken again against ``s[i2]`` (on all of ``s``), and ``w2`` is the softmax at ``i2`` of what is neither
+    masked nor ``i1``.  The weights are not renormalized.  PhiMoE's ``config.router_jitter_noise`` is
+    ``jitter_eps``; there is no default: a layer must say it.  The ops carry it as ``[jitter_eps]``."""
+
+    jitter_eps: float
+
+    def __post_init__(self):
+        value = self.jitter_eps
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise MoEConfigError(f"SparseMixer.jitter_eps must be a finite number >= 0, got {value!r}")
+
+    def as_list(self) -> list:
+        return [float(self.jitter_eps)]
+
+
+def routing_params(routing: str, params=None):
+    """The parameters of ``routing`` as the ops carry them (``[jitter_eps]`` for ``sparsemixer``), or None
+    for a routing method without parameters.  ``params``: a :class:`SparseMixer`, a sequence of one float, or
+    None (refused for a parametric method: its parameter has no default)."""
+    if routing not in ROUTING_METHODS:
+        raise MoEConfigError(f"unknown routing {routing!r}; supported: {', '.join(ROUTING_METHODS)}")
+    if routing not in PARAMETRIC_ROUTINGS:
+        if params is not None:
+            raise MoEConfigError(f"routing {routing!r} takes no parameters, got {params!r}")
+        return None
+    if params is None:
+        raise MoEConfigError(f"{routing} routing needs its parameter [jitter_eps] (PhiMoE: config.router_jitter_noise)")
+    if isinstance(params, SparseMixer):
+        return params.as_list()
+    try:
+        values = [float(v) for v in params]
+    except (TypeError, ValueError):
+        raise MoEConfigError(f"{routing} parameters must be [jitter_eps], got {params!r}") from None
+    if len(values) != 1:
+        raise MoEConfigError(f"{routing} parameters must be [jitter_eps], got {params!r}")
+    return SparseMixer(*values).as_list()
 
 
 def round_up(x: int, multiple: int) -> int:

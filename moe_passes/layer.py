@@ -18,6 +18,7 @@ from torch import nn
 from moe_passes.contract import (ACTIVATIONS, NVFP4_BLOCK, ROUTING_METHODS, MoEShape, align_biases,
                                  align_hidden_dim, align_intermediate_dim, is_gated, pad_dim, round_up)
 from moe_passes.contract import activation_params as _params_of
+from moe_passes.contract import routing_params as _routing_params_of
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import default_global_scale, quantize_nvfp4_experts
@@ -85,7 +86,7 @@ class FusedMoE(nn.Module):
                  intermediate_global_scale: Optional[torch.Tensor] = None,
                  kernel: Optional[str] = None, name: str = "", parallel: Optional[ParallelConfig] = None,
                  w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None,
-                 activation_params=None):
+                 activation_params=None, routing_params=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise MoEConfigError(f"unknown activation {activation!r}; supported: {', '.join(ACTIVATIONS)}")
@@ -95,6 +96,8 @@ class FusedMoE(nn.Module):
                               top_k=top_k, activation=activation)
         # [alpha, beta, limit] for swiglu_oai (its defaults when not given); None for the others
         self.activation_params = _params_of(activation, activation_params)
+        # [jitter_eps] for sparsemixer (required); None for the others
+        self.routing_params = _routing_params_of(routing, routing_params)
         w13_bias, w2_bias = _check_biases(w13_bias, w2_bias, weights, hidden_size)
         if parallel is not None and (w13_bias is not None or w2_bias is not None):
             raise MoEConfigError("expert biases are not supported with parallel= yet: a tensor-parallel w2_bias "
@@ -153,7 +156,7 @@ class FusedMoE(nn.Module):
                    calibration: Optional[torch.Tensor] = None, kernel: Optional[str] = None,
                    name: str = "", parallel: Optional[ParallelConfig] = None,
                    w13_bias: Optional[torch.Tensor] = None, w2_bias: Optional[torch.Tensor] = None,
-                   activation_params=None) -> "FusedMoE":
+                   activation_params=None, routing_params=None) -> "FusedMoE":
         """Quantize float expert weights to NVFP4 (one global scale per expert) and prepare them.
 
         ``w13 [E, 2I, H]`` is gate rows then up rows for gated activations (``[E, I, H]`` for relu2);
@@ -163,7 +166,8 @@ class FusedMoE(nn.Module):
         layer, as the unsharded one, then keep this rank's shard.  ``w13_bias [E, 2I]`` (gate half then up
         half; ``[E, I]`` for relu2) and ``w2_bias [E, H]``: expert biases, kept in fp32 (a bf16 checkpoint's
         values exactly; FlashInfer takes fp32).  ``activation_params``: ``contract.SwigluOAI`` (or
-        ``[alpha, beta, limit]``) for ``swiglu_oai``.
+        ``[alpha, beta, limit]``) for ``swiglu_oai``; ``routing_params``: ``contract.SparseMixer`` (or
+        ``[jitter_eps]``) for ``sparsemixer``.
         """
         for name_, t in (("w13", w13), ("w2", w2)):
             if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.dtype.is_floating_point:
@@ -206,7 +210,8 @@ class FusedMoE(nn.Module):
                    routing_bias=routing_bias, n_group=n_group, topk_group=topk_group,
                    routed_scaling_factor=routed_scaling_factor, input_global_scale=gs_in,
                    intermediate_global_scale=gs_mid, kernel=kernel, name=name, parallel=parallel,
-                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params)
+                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params,
+                   routing_params=routing_params)
 
     @staticmethod
     def _calibrate(calibration: torch.Tensor, w13: torch.Tensor, activation: str, hidden: int,
@@ -264,7 +269,8 @@ class FusedMoE(nn.Module):
                                 n_group=self.n_group, topk_group=self.topk_group,
                                 routed_scaling_factor=self.routed_scaling_factor,
                                 activation_params=None if self.activation_params is None
-                                else tuple(self.activation_params))
+                                else tuple(self.activation_params),
+                                routing_params=None if self.routing_params is None else tuple(self.routing_params))
 
     @property
     def device(self) -> torch.device:
@@ -331,6 +337,8 @@ class FusedMoE(nn.Module):
                 if self._buffers.get(b) is not None}
         if self.activation_params is not None:
             args["activation_params"] = list(self.activation_params)
+        if self.routing_params is not None:
+            args["routing_params"] = list(self.routing_params)
         return args
 
     def _parallel_args(self) -> tuple:
@@ -346,5 +354,6 @@ class FusedMoE(nn.Module):
                 f"(padded {s.intermediate_padded}), top_k={self.top_k}, activation={self.activation!r}, "
                 f"routing={self.routing!r}, kernel={self.kernel!r}"
                 + (f", activation_params={self.activation_params}" if self.activation_params is not None else "")
+                + (f", routing_params={self.routing_params}" if self.routing_params is not None else "")
                 + (", biases" if self.has_bias else "")
                 + (f", parallel={self.parallel.describe()}" if self.parallel is not None else ""))

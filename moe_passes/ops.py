@@ -20,6 +20,7 @@ from torch import Tensor
 
 from moe_passes.contract import MoEShape, round_up
 from moe_passes.contract import activation_params as _params_of
+from moe_passes.contract import routing_params as _routing_params_of
 from moe_passes.errors import MoEConfigError, MoEError, MoENonFiniteError, MoERangeWarning, MoEShapeError
 from moe_passes.kernels import graphed, registry
 from moe_passes.kernels.nvfp4 import E2M1_MAX, E4M3_MAX
@@ -136,7 +137,8 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
                    intermediate_global_scale: Optional[Tensor] = None, routing_bias: Optional[Tensor] = None,
                    local_expert_offset: int = 0, global_num_experts: Optional[int] = None,
                    w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
-                   activation_params: Optional[List[float]] = None) -> MoEShape:
+                   activation_params: Optional[List[float]] = None,
+                   routing_params: Optional[List[float]] = None) -> MoEShape:
     """Validate one MoE call against the shape contract and the kernel's capabilities.
 
     Used by the fake functions (compile time) and the real ones (eager), so both reject the same input
@@ -180,6 +182,7 @@ def check_moe_call(hidden_states: Tensor, router_logits: Tensor, weights: regist
     biases = w13_bias is not None or w2_bias is not None
     registry.check_supported(spec, activation=activation, routing=routing, biases=biases)
     _params_of(activation, activation_params)  # parameters only for a parametric activation, three of them
+    _routing_params_of(routing, routing_params)  # sparsemixer's jitter_eps, and nothing for the others
     if hidden_padded % spec.alignment.hidden:
         raise MoEShapeError(
             f"{where}: padded hidden size {hidden_padded} breaks kernel {kernel!r}'s alignment of "
@@ -249,15 +252,17 @@ def _weights(*tensors) -> registry.MoEWeights:
 def _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
                 top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
                 local_expert_offset=0, global_num_experts=None, w13_bias=None, w2_bias=None,
-                activation_params=None):
+                activation_params=None, routing_params=None):
     spec = registry.get(kernel)
     if spec.quantizes_activations and hidden_states.device.type == "cpu" and layer not in _RANGE_WARNED:
         _warn_if_beyond_calibration(hidden_states, input_global_scale, layer)
     params = _params_of(activation, activation_params)
+    route_params = _routing_params_of(routing, routing_params)
     args = registry.RunArgs(top_k=top_k, activation=activation, routing=routing, n_group=n_group,
                             topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
                             local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
-                            activation_params=None if params is None else tuple(params))
+                            activation_params=None if params is None else tuple(params),
+                            routing_params=None if route_params is None else tuple(route_params))
     # Only kernels that declare expert_bias ever get here with biases (check_moe_call); the others keep
     # their run signature.
     biases = {k: v for k, v in (("w13_bias", w13_bias), ("w2_bias", w2_bias)) if v is not None}
@@ -301,7 +306,7 @@ def trtllm_nvfp4_moe(
     routed_scaling_factor: Optional[float], kernel: str, layer: str,
     local_expert_offset: int = 0, global_num_experts: Optional[int] = None, group_name: str = "",
     data_parallel: bool = False, w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
-    activation_params: Optional[List[float]] = None,
+    activation_params: Optional[List[float]] = None, routing_params: Optional[List[float]] = None,
 ) -> Tensor:
     """The lowered MoE kernel call: padded ``[T, Hp]`` bf16 in, ``[T, Hp]`` bf16 out.
 
@@ -313,10 +318,12 @@ def trtllm_nvfp4_moe(
                    kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
                    intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias,
                    local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
-                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params)
+                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params,
+                   routing_params=routing_params)
     out = _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
                       routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
-                      layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params)
+                      layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
+                      routing_params)
     return out
 
 
@@ -325,13 +332,14 @@ def _trtllm_nvfp4_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_glo
                            w2_global_scale, input_global_scale, intermediate_global_scale, routing_bias, top_k,
                            activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
                            local_expert_offset=0, global_num_experts=None, group_name="", data_parallel=False,
-                           w13_bias=None, w2_bias=None, activation_params=None):
+                           w13_bias=None, w2_bias=None, activation_params=None, routing_params=None):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
                    intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias,
                    local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
-                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params)
+                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params,
+                   routing_params=routing_params)
     return hidden_states.new_empty((hidden_states.shape[0], w2.shape[1]), dtype=torch.bfloat16)
 
 
@@ -344,7 +352,7 @@ def fused_moe(
     routed_scaling_factor: Optional[float], kernel: str, layer: str,
     local_expert_offset: int = 0, global_num_experts: Optional[int] = None, group_name: str = "",
     data_parallel: bool = False, w13_bias: Optional[Tensor] = None, w2_bias: Optional[Tensor] = None,
-    activation_params: Optional[List[float]] = None,
+    activation_params: Optional[List[float]] = None, routing_params: Optional[List[float]] = None,
 ) -> Tensor:
     """The FusedMoE node: unpadded ``[T, H]`` in, routed-expert output ``[T, H]`` out.
 
@@ -359,7 +367,7 @@ def fused_moe(
                    input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
                    routing_bias=routing_bias, local_expert_offset=local_expert_offset,
                    global_num_experts=global_num_experts, w13_bias=w13_bias, w2_bias=w2_bias,
-                   activation_params=activation_params)
+                   activation_params=activation_params, routing_params=routing_params)
     if group_name and data_parallel:
         hidden_states = parallel.all_gather(hidden_states, group_name)
         router_logits = parallel.all_gather(router_logits, group_name)
@@ -368,7 +376,8 @@ def fused_moe(
     padded = torch.nn.functional.pad(hidden_states, (0, pad)) if pad else hidden_states
     out = _run_kernel(padded, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
                       top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
-                      local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params)
+                      local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
+                      routing_params)
     if pad:
         out = out[:, :hidden_size].contiguous()
     if group_name:
@@ -381,14 +390,14 @@ def _fused_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_sca
                     input_global_scale, intermediate_global_scale, routing_bias, hidden_size, top_k, activation,
                     routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset=0,
                     global_num_experts=None, group_name="", data_parallel=False, w13_bias=None, w2_bias=None,
-                    activation_params=None):
+                    activation_params=None, routing_params=None):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
                    input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
                    routing_bias=routing_bias, local_expert_offset=local_expert_offset,
                    global_num_experts=global_num_experts, w13_bias=w13_bias, w2_bias=w2_bias,
-                   activation_params=activation_params)
+                   activation_params=activation_params, routing_params=routing_params)
     return hidden_states.new_empty((hidden_states.shape[0], hidden_size), dtype=torch.bfloat16)
 
 

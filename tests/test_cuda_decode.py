@@ -22,6 +22,8 @@ from nvfp4_layers import make_layer
 # The activations the CUDA decode has epilogues for (it refuses swiglu_oai and expert biases: the Triton
 # decode takes those calls).
 TRITON_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a in ACT_CODES and a not in PARAMETRIC_ACTIVATIONS)
+# The routing methods the decode routes itself (sparsemixer, PhiMoE, takes the Triton path).
+DECODE_ROUTINGS = tuple(r for r in ROUTING_METHODS if r in cuda_decode.ROUTING.methods)
 
 H200_SMEM = 232448  # per-block opt-in shared memory of an H100 / H200
 BENCH_SHAPES = {  # hidden, intermediate, experts, top_k, gated
@@ -119,6 +121,30 @@ def test_refuses_expert_biases_and_swiglu_oai():
                                      routing="renormalize", out=torch.empty_like(x))
 
 
+def test_refuses_sparsemixer_routing():
+    """PhiMoE's sparsemixer routing has no code in the decode (its METHOD chain would route it as llama4): the
+    planner and the run-time check refuse it, so one token takes the Triton decode; a direct call is an error,
+    and the source itself refuses a METHOD it does not know."""
+    from moe_passes.errors import MoEConfigError
+    from moe_passes.kernels.triton_plan import H200, Problem, plan
+
+    assert set(DECODE_ROUTINGS) == set(ROUTING_METHODS) - {"sparsemixer"}
+    args = (720, 208, 16, 2, True, "sparsemixer", None, None, 132, 232448, KernelOptions())
+    assert "routing 'sparsemixer' is not implemented" in cuda_decode.static_refusal(*args)
+    assert cuda_decode.static_refusal(*args[:5], "renormalize", *args[6:]) is None
+    problem = Problem(tokens=1, top_k=2, experts=16, hidden=720, inter=208, gated=True, routing="sparsemixer")
+    chosen = plan(problem, H200)
+    assert chosen.variant != "cuda_decode" and chosen.config is not None
+    assert plan(dataclasses.replace(problem, routing="renormalize"), H200).variant == "cuda_decode"
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    weights = make_layer(64, 32, 4, "silu", torch.device("cpu"), 0)
+    with pytest.raises(MoEConfigError, match="does not route 'sparsemixer'"):
+        cuda_decode.decode_one_token(x, torch.zeros(1, 4), weights, top_k=2, activation="silu",
+                                     routing="sparsemixer", out=torch.empty_like(x))
+    source = cuda_decode.SOURCE.read_text()
+    assert "#if METHOD < 0 || METHOD > 3" in source and "#error" in source
+
+
 def test_on_by_default_and_off_by_environment():
     assert KernelOptions().cuda_decode and KernelOptions.from_env({}).cuda_decode
     assert KernelOptions.from_env({"MOE_NVFP4_CUDA_DECODE": "1"}).cuda_decode
@@ -201,7 +227,7 @@ def _run(hidden, inter, experts, activation, routing, seed, *, grid=None, warps=
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("activation", TRITON_ACTIVATIONS)
-@pytest.mark.parametrize("routing", ROUTING_METHODS)
+@pytest.mark.parametrize("routing", DECODE_ROUTINGS)
 def test_activations_and_routings(activation, routing):
     # hidden 720 and intermediate 208: 45 and 13 groups per row, so every band ends in a narrow piece
     _run(720, 208, 16, activation, routing, seed=TRITON_ACTIVATIONS.index(activation) * 10 + ROUTING_METHODS.index(routing))

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import warnings
 
@@ -549,6 +551,28 @@ def test_run_argument_errors():
             ft.run(layer.x[:, :100], layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None, layer.args("default"))
         with pytest.raises(MoEConfigError, match="static"):
             ft.run(layer.xp, layer.logits, layer.prepared, None, layer.gs_c, None, layer.args("default"))
+
+
+def test_sparsemixer_is_refused_not_routed_another_way(monkeypatch):
+    """PhiMoE's sparsemixer has no RoutingMethodType: the spec does not declare it, a direct call is a clear error
+    before any launch, and on a Blackwell device the layer's kernel is the Triton one (with a fallback warning)."""
+    with pytest.raises(MoEConfigError, match="does not support routing 'sparsemixer'"):
+        registry.check_supported(ft.TRTLLM, activation="silu", routing="sparsemixer")
+    assert ft.TRTLLM.lacks(activation="silu", routing="sparsemixer") == "routing 'sparsemixer'"
+    layer = Layer(2048, 192, experts=4, top_k=2, activation="silu", tokens=2)
+    api, fused, _ = make_api()
+    with ft.use_api(api), pytest.raises(MoEConfigError, match="does not support routing 'sparsemixer'"):
+        ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None,
+               registry.RunArgs(top_k=2, activation="silu", routing="sparsemixer", routing_params=(0.01,)))
+    assert not fused.calls
+    blackwell = torch.device("cuda:0")
+    for name in ("trtllm", "triton"):  # both available on a (pretended) Blackwell GPU
+        monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(registry.get(name),
+                                                                           available=lambda d: d.type == "cuda"))
+    registry._FALLBACK_WARNED.clear()
+    with pytest.warns(registry.KernelFallbackWarning, match="'trtllm' lacks routing 'sparsemixer'"):
+        assert registry.select(blackwell, activation="silu", routing="sparsemixer").name == "triton"
+    assert registry.select(blackwell, activation="silu", routing="renormalize").name == "trtllm"
 
 
 def test_available_needs_sm100_and_flashinfer(monkeypatch):

@@ -44,6 +44,15 @@ def test_compiled_eager_inner_matches_eager_and_reference(problem, tokens):
     _check_compiled(problem, [1, *tokens], inner="eager")
 
 
+@mst.fuzz_settings(8)
+@given(problem=mst.moe_problems(routing=["sparsemixer"]), tokens=st.lists(mst.token_counts(), min_size=1, max_size=2))
+def test_sparsemixer_layers_compile_and_match_the_reference(problem, tokens):
+    """PhiMoE's routing: its jitter_eps reaches the lowered kernel node (without it the op refuses the call) and
+    routes as the reference does."""
+    assert problem.top_k == 2 and problem.routing_params is not None
+    _check_compiled(problem, [1, *tokens], inner="eager")
+
+
 INDUCTOR_CASES = [
     pytest.param(MoEProblem(hidden=2688, intermediate=64, experts=4, top_k=2, activation="relu2", routing="deepseek_v3",
                             n_group=2, topk_group=1, routing_bias=True, routed_scaling_factor=2.5, shared=32, seed=7),

@@ -61,6 +61,11 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=8,
                      num_experts_per_tok=2)),
+    # router_jitter_noise 0.1 (PhiMoE's default is 0.01): on a tiny random model most tokens then keep a few
+    # experts in each softmax, so that a weight read wrongly shows
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
+               dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                    router_jitter_noise=0.1)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
                   dict(num_key_value_heads=2, intermediate_size=128, moe_intermediate_size=32,
                        shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2,
@@ -586,6 +591,19 @@ def test_mixtral():
     assert {(c.routing, c.activation) for c in report.converted} == {("renormalize", "silu")}
 
 
+def test_phimoe_sparsemixer_routing():
+    """PhiMoE's sparsemixer routing with the config's router_jitter_noise as jitter_eps; the default 0.01 too."""
+    for overrides in ({}, dict(router_jitter_noise=0.01)):
+        torch._dynamo.reset()
+        report = _check("phimoe", **overrides)
+        assert {(c.routing, c.activation, c.top_k) for c in report.converted} == {("sparsemixer", "silu", 2)}
+        want = overrides.get("router_jitter_noise", 0.1)
+        model = _tiny_model("phimoe", 0, **overrides)
+        convert(model)
+        layers = [m.moe for m in model.modules() if isinstance(m, TransformersMoE)]
+        assert layers and all(layer.routing_params == [want] for layer in layers)
+
+
 def test_qwen2_moe_sigmoid_gated_shared_expert_without_renormalization():
     report = _check("qwen2_moe")
     assert all(c.routing == "default" and c.shared_expert for c in report.converted)
@@ -823,9 +841,6 @@ def test_unsupported_blocks_are_left_alone_with_a_logged_reason(caplog):
 # Families left alone, each with the piece the kernels or convert lack (the reason must name it), and the
 # number of MoE blocks the tiny model has.
 LEFT_ALONE = {
-    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM",
-               dict(num_key_value_heads=2, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
-               "match none of the routing methods", 2),
     # zero-computation experts: router choices past the experts, which return the token scaled by its weight
     "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM",
                       dict(num_key_value_heads=4, num_layers=1, n_routed_experts=8, zero_expert_num=4, moe_topk=2,
@@ -995,7 +1010,7 @@ def test_block_level_shapes_dtype_and_router_logits_hook(dtype):
 
 
 CONVERTED = ["qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "nemotron_h", "gemma4", "olmoe",
-             "granitemoe", "qwen3_5_moe", "llama4", "gpt_oss"] + sorted(MORE)
+             "granitemoe", "qwen3_5_moe", "llama4", "gpt_oss", "phimoe"] + sorted(MORE)
 
 
 @pytest.mark.gpu

@@ -164,3 +164,45 @@ def test_unknown_backend_option():
         compiled(*_inputs())
     assert isinstance(unwrap_moe_error(info.value), MoEConfigError)
     assert "inner='tvm'" in str(info.value)
+
+
+def test_sparsemixer_layer_errors_and_op_parameter():
+    """PhiMoE's routing: the layer needs its jitter_eps and top_k 2; the ops carry jitter_eps as
+    ``routing_params`` (only where the layer has one), check it eagerly and in the fake, and route with it."""
+    from moe_passes.kernels.reference import fused_moe_reference
+
+    with pytest.raises(MoEConfigError, match=r"sparsemixer routing needs its parameter \[jitter_eps\]"):
+        _layer(routing="sparsemixer")
+    for bad, match in (([-1.0], ">= 0"), ([float("nan")], "finite"), ([0.1, 0.2], r"\[jitter_eps\]")):
+        with pytest.raises(MoEConfigError, match=match):
+            _layer(routing="sparsemixer", routing_params=bad)
+    with pytest.raises(MoEConfigError, match="picks 2 experts per token, got top_k=3"):
+        g = torch.Generator().manual_seed(0)
+        FusedMoE.from_float(torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g), top_k=3,
+                            routing="sparsemixer", routing_params=[0.01])
+    with pytest.raises(MoEConfigError, match="takes no parameters"):
+        _layer(routing="renormalize", routing_params=[0.01])
+    moe = _layer(routing="sparsemixer", routing_params=[0.2])
+    assert moe.routing_params == [0.2] and "routing_params=[0.2]" in repr(moe)
+    assert _layer()._bias_args() == {} and moe._bias_args() == {"routing_params": [0.2]}
+    x, logits = _inputs()
+    want = fused_moe_reference(x, logits, *moe.canonical_weights(), top_k=2, routing="sparsemixer",
+                               routing_params=[0.2], input_global_scale=moe.input_global_scale,
+                               intermediate_global_scale=moe.intermediate_global_scale)
+    # the layer's weights are padded to 512 (the reference's are not): the same up to summation order
+    close = dict(atol=1e-3, rtol=1e-2)
+    torch.testing.assert_close(moe(x, logits), want, **close)
+    other = fused_moe_reference(x, logits, *moe.canonical_weights(), top_k=2, routing="sparsemixer",
+                                routing_params=[0.0], input_global_scale=moe.input_global_scale,
+                                intermediate_global_scale=moe.intermediate_global_scale)
+    assert (want.float() - other.float()).abs().max() > 0.01  # the parameter matters on these inputs
+    args = _fused_args(moe, x, logits)
+    with pytest.raises(MoEConfigError, match="needs its parameter"):
+        torch.ops.moe_nvfp4.fused_moe(*args)
+    with pytest.raises(MoEConfigError, match="finite"):
+        torch.ops.moe_nvfp4.fused_moe(*args, routing_params=[float("inf")])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(MoEConfigError, match="needs its parameter"):
+            torch.ops.moe_nvfp4.fused_moe(*args)
+    torch.testing.assert_close(torch.ops.moe_nvfp4.fused_moe(*args, routing_params=[0.2]), want, **close)

@@ -10,6 +10,7 @@ from moe_passes.contract import align_hidden_dim
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels.nvfp4 import dequantize_nvfp4_experts, quantize_nvfp4, dequantize_nvfp4, quantize_nvfp4_experts
 from moe_passes.kernels.reference import apply_activation, fused_moe_reference, route
+from routing_cases import sparsemixer_fp64, sparsemixer_logits
 
 
 # ---------------------------------------------------------------------------------------------- routing
@@ -65,6 +66,77 @@ def test_routing_errors():
         route(torch.randn(2, 4), 5, "renormalize")
     with pytest.raises(MoEConfigError, match="divide"):
         route(torch.randn(2, 6), 2, "deepseek_v3", n_group=4, topk_group=1)
+
+
+# ----------------------------------------------------------------------------- sparsemixer (PhiMoE)
+def test_sparsemixer_by_hand():
+    # best 2.0 at expert 1; jitter_eps 0.1 (threshold 0.2): the first mask keeps 2.0, 1.9 and 1.7 ((2 - 1.7) / 2
+    # = 0.15) and drops 1.0 and -3.0 ((2 + 3) / 3); the second, against 1.9, keeps 1.7 ((1.9 - 1.7) / 1.9 = 0.105)
+    # and drops 1.0, and expert 1 is out of its softmax
+    logits = torch.tensor([[1.0, 2.0, 1.9, 1.7, -3.0]])
+    w, ids = route(logits, 2, "sparsemixer", routing_params=[0.1])
+    assert ids.tolist() == [[1, 2]]
+    assert w[0, 0].item() == pytest.approx(1 / (1 + math.exp(-0.1) + math.exp(-0.3)), rel=1e-6)
+    assert w[0, 1].item() == pytest.approx(1 / (1 + math.exp(-0.2)), rel=1e-6)
+
+
+@pytest.mark.parametrize("jitter_eps", [0.01, 0.0, 0.05, 0.3, 0.7])
+@pytest.mark.parametrize("experts", [2, 3, 16, 60])
+def test_sparsemixer_matches_an_independent_fp64_formula(jitter_eps, experts):
+    """Ties, all-negative rows, zero rows and experts just either side of each pick's threshold, against the
+    formula evaluated token by token in float64."""
+    logits = sparsemixer_logits(96, experts, jitter_eps, seed=1000 * experts + int(jitter_eps * 100))
+    w, ids = route(logits, 2, "sparsemixer", routing_params=[jitter_eps])
+    want_w, want_ids = sparsemixer_fp64(logits, jitter_eps)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int64 and w.shape == ids.shape == (96, 2)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w.double(), want_w, rtol=2e-6, atol=1e-7)
+    if experts > 3:  # the masks were exercised: some tokens' first weight is above the unmasked softmax's
+        unmasked = torch.softmax(logits, dim=-1).gather(1, ids[:, :1])[:, 0]
+        assert bool((w[:, 0] > unmasked + 1e-4).any()) and bool((w < 0.999).any())
+
+
+def test_sparsemixer_margin_decides_the_mask():
+    """An expert just inside the threshold counts in the softmax, one just outside does not."""
+    for sign, counted in ((-1, True), (1, False)):
+        s = 1.0 - 0.02 * (1 + sign * 1e-3)
+        w, _ = route(torch.tensor([[1.0, s, -5.0]]), 2, "sparsemixer", routing_params=[0.01])
+        want = 1 / (1 + math.exp(s - 1.0)) if counted else 1.0
+        assert w[0, 0].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_sparsemixer_matches_transformers_phimoe():
+    """transformers' own PhiMoE routing (inference mode) on the same float32 logits: same experts, same weights."""
+    phimoe = pytest.importorskip("transformers.models.phimoe.modeling_phimoe")
+    for jitter_eps, experts in ((0.01, 16), (0.0, 8), (0.2, 32), (0.05, 5)):
+        logits = sparsemixer_logits(64, experts, jitter_eps, seed=experts)
+        want_w, want_ids = phimoe.sparsemixer(logits.clone(), jitter_eps=jitter_eps, training=False, top_k=2)
+        w, ids = route(logits, 2, "sparsemixer", routing_params=[jitter_eps])
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(w, want_w.float(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("params, match", [(None, "needs its parameter"), ([], r"\[jitter_eps\]"),
+                                           ([0.01, 0.02], r"\[jitter_eps\]"), (["x"], r"\[jitter_eps\]"),
+                                           (0.01, r"\[jitter_eps\]"), ([-0.01], ">= 0"),
+                                           ([float("nan")], "finite"), ([float("inf")], "finite")])
+def test_sparsemixer_parameter_errors(params, match):
+    with pytest.raises(MoEConfigError, match=match):
+        route(torch.randn(2, 4), 2, "sparsemixer", routing_params=params)
+
+
+def test_sparsemixer_routing_errors():
+    for top_k in (1, 3):
+        with pytest.raises(MoEConfigError, match="sparsemixer routing picks 2 experts per token"):
+            route(torch.randn(2, 4), top_k, "sparsemixer", routing_params=[0.01])
+    with pytest.raises(MoEConfigError, match="takes no parameters"):
+        route(torch.randn(2, 4), 2, "renormalize", routing_params=[0.01])
+    from moe_passes.contract import SparseMixer, routing_params
+    assert routing_params("sparsemixer", SparseMixer(0.01)) == [0.01]
+    assert routing_params("sparsemixer", (0,)) == [0.0]
+    assert routing_params("llama4") is None
+    with pytest.raises(MoEConfigError, match="finite number"):
+        SparseMixer(True)
 
 
 # ------------------------------------------------------------------------------------------ activations

@@ -2,7 +2,7 @@
 planner or a caller can pick, checked on a CPU: a subprocess swaps in a stand-in ``triton``
 (tests/fake_triton.py) whose kernels record their launches instead of running.  Layers with expert biases
 and swiglu_oai (gpt-oss) are checked apart: their flags reach every epilogue, and no other layer's launch
-gets them."""
+gets them; so are sparsemixer layers (PhiMoE): the routing launch gets its method code and threshold."""
 
 from __future__ import annotations
 
@@ -67,7 +67,26 @@ def check_epilogues(calls, act, b13, b2, params):
 
 LAYERS = {"plain": [(720, 208, 16, 4, "silu", False), (4608, 256, 12, 3, "relu2", False)],
           # 4608: one to four tokens plan GEMM1's in-program K split (ks1)
-          "gpt-oss": [(720, 208, 16, 4, "swiglu_oai", True), (4608, 256, 12, 3, "relu2", True)]}[CASE]
+          "gpt-oss": [(720, 208, 16, 4, "swiglu_oai", True), (4608, 256, 12, 3, "relu2", True)],
+          "phimoe": [(720, 208, 16, 2, "silu", False), (4608, 256, 12, 2, "relu2", False)]}[CASE]
+ROUTINGS = ([("sparsemixer", dict(routing_params=[0.01]))] if CASE == "phimoe" else
+            [("renormalize", {}), ("deepseek_v3", dict(n_group=4, topk_group=2)),
+             ("deepseek_v3", dict(n_group=3, topk_group=1))])
+
+
+def check_route(calls, routing, kw, experts, top_k):
+    """The routing launch gets the method's code and scalar: sparsemixer's mask threshold 2 * jitter_eps.  No
+    launch where the fused routing refuses the call (3 groups: the torch routing)."""
+    from moe_passes.kernels.triton_route import FUSED_ROUTING
+    launches = [a for name, _, a, _ in calls if name == "_route_kernel"]
+    refused = FUSED_ROUTING.refusal(routing, top_k, experts, kw.get("n_group"), kw.get("topk_group"))
+    assert len(launches) == (refused is None), (routing, kw, len(launches))
+    if refused is not None:
+        return
+    (a,) = launches
+    assert a["METHOD"] == {"renormalize": 1, "deepseek_v3": 2, "sparsemixer": 4}[routing], a["METHOD"]
+    if routing == "sparsemixer":
+        assert a["param"] == 2 * kw["routing_params"][0] and a["K"] == 2 and a["NG"] == 1, a
 seen = set()
 for hidden, inter, experts, top_k, act, biased in LAYERS:
     weights = tm.prepare_weights(make_layer(hidden, inter, experts, act, torch.device("cpu"), 0))
@@ -75,8 +94,7 @@ for hidden, inter, experts, top_k, act, biased in LAYERS:
     b13 = torch.randn(experts, n1) if biased else None
     b2 = torch.randn(experts, hidden - 16 * (hidden < 1024)) if biased else None  # 720: a narrower w2_bias
     params = [1.5, 0.25, 3.0] if act == "swiglu_oai" else None
-    for routing, kw in [("renormalize", {}), ("deepseek_v3", dict(n_group=4, topk_group=2)),
-                        ("deepseek_v3", dict(n_group=3, topk_group=1))]:
+    for routing, kw in ROUTINGS:
         if experts % kw.get("n_group", 1):
             continue
         bias = torch.randn(experts) if routing == "deepseek_v3" else None
@@ -91,6 +109,7 @@ for hidden, inter, experts, top_k, act, biased in LAYERS:
                     names = [c[0] for c in fake_triton.CALLS]
                     assert names[-1] == "combine_kernel", names
                     check_epilogues(fake_triton.CALLS, act, b13, b2, params)
+                    check_route(fake_triton.CALLS, routing, kw, experts, top_k)
                     seen.update(names)
             half = tm.prepare_weights(make_layer(hidden, inter, experts // 2, act, torch.device("cpu"), 1))
             tm.fused_moe_triton(x, logits, half, top_k=top_k, activation=act, routing=routing, routing_bias=bias,
@@ -120,11 +139,26 @@ if CASE == "gpt-oss":  # what the entry point refuses before any launch
         assert "takes no parameters" in str(exc), str(exc)
     else:
         raise AssertionError("silu took parameters")
+if CASE == "phimoe":  # what the entry point refuses before any launch
+    from moe_passes.errors import MoEConfigError
+    hidden, inter, experts, top_k, act, _ = LAYERS[0]
+    weights = tm.prepare_weights(make_layer(hidden, inter, experts, act, torch.device("cpu"), 0))
+    x, logits = torch.randn(3, hidden).bfloat16(), torch.randn(3, experts)
+    for bad, match in ((dict(top_k=2), "needs its parameter"), (dict(top_k=2, routing_params=[-1.0]), ">= 0"),
+                       (dict(top_k=3, routing_params=[0.01]), "picks 2 experts per token")):
+        fake_triton.CALLS.clear()
+        try:
+            tm.fused_moe_triton(x, logits, weights, activation=act, routing="sparsemixer", **bad)
+        except MoEConfigError as exc:
+            assert match in str(exc), (match, str(exc))
+        else:
+            raise AssertionError(f"accepted {bad}")
+        assert "_route_kernel" not in [c[0] for c in fake_triton.CALLS], bad
 print(" ".join(sorted(seen)))
 '''
 
 
-@pytest.mark.parametrize("case", ["plain", "gpt-oss"])
+@pytest.mark.parametrize("case", ["plain", "gpt-oss", "phimoe"])
 def test_every_launch_binds_to_its_kernel(case):
     script = SCRIPT.replace("ROOT", repr(str(ROOT))).replace("CASE", repr(case))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -133,3 +167,33 @@ def test_every_launch_binds_to_its_kernel(case):
     assert launched == {"_route_kernel", "_group_kernel", "_rank_kernel", "_starts_kernel", "_scatter_kernel",
                         "_tgemv1_kernel", "_tgemv2_kernel", "act_kernel", "_gemm1_kernel", "_gemm2_kernel",
                         "combine_kernel"}, launched
+
+
+@pytest.mark.parametrize("method", ["default", "renormalize", "deepseek_v3", "llama4", "sparsemixer"])
+def test_route_kernel_compiles_for_sm90_without_a_gpu(method):
+    """Where triton is installed, the routing kernel lowers to SM90 machine code for every method (the compiler
+    needs no GPU): a Triton error in a method's branch shows here, not first on a GPU."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this triton has no ASTSource / GPUTarget")
+    from moe_passes.kernels import triton_route
+
+    k = {"llama4": 1, "sparsemixer": 2}.get(method, 8)
+    groups = 4 if method == "deepseek_v3" else 1
+    sig = dict(logits_ptr="*fp32", bias_ptr="*fp32", w_ptr="*fp32", ids_ptr="*i64", zero_ptr="*i32", n_zero="i32",
+               stride_l="i32", E="i32", param="fp32", K="constexpr", KP="constexpr", METHOD="constexpr",
+               NG="constexpr", EG="constexpr", TOPK_GROUP="constexpr", HAS_BIAS="constexpr", PDL="constexpr")
+    consts = dict(K=k, KP=triton.next_power_of_2(k), METHOD=triton_route.METHOD_CODES[method], NG=groups,
+                  EG=128 // groups, TOPK_GROUP=max(1, groups // 2), HAS_BIAS=method == "deepseek_v3", PDL=False)
+    names = list(sig)
+    try:
+        src = ASTSource(triton_route._route_kernel, sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    except TypeError as exc:  # another triton's ASTSource signature
+        pytest.skip(f"this triton's ASTSource takes other arguments: {exc}")
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+    assert compiled.asm.get("ptx")
+    if method == "sparsemixer":  # the mask's division is IEEE round-to-nearest, as torch's
+        assert "div.rn" in compiled.asm["ptx"]

@@ -19,6 +19,7 @@ from moe_passes.kernels.options import KernelOptions
 from moe_passes.kernels.reference import fused_moe_reference
 from moe_passes.kernels.triton_plan import DecodeConfig, TileConfig
 from nvfp4_layers import make_layer
+from routing_cases import sparsemixer_logits
 
 from moe_passes.kernels.triton_common import ACT_CODES
 
@@ -100,9 +101,16 @@ def test_tail_blocks_only_behind_the_prefill_tiles(change):
         dataclasses.replace(good, **change)
 
 
+# sparsemixer's jitter_eps in the layer tests: larger than PhiMoE's 0.01, so that on random logits both of a
+# token's weights come from several unmasked experts (at 0.01 most are exactly 1).
+SPARSEMIXER_EPS = 0.2
+
+
 def _routing_kwargs(routing, experts, device, g):
     if routing == "llama4":
         return dict(top_k=1), None
+    if routing == "sparsemixer":
+        return dict(top_k=2, routing_params=[SPARSEMIXER_EPS]), None
     if routing == "deepseek_v3":
         bias = (torch.randn(experts, generator=g) / 10).to(device)
         return dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5), bias
@@ -133,7 +141,8 @@ def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec
         assert not torch.equal(prepared.w13, weights.w13)  # ... and here it does (the Triton layout)
         args = registry.RunArgs(top_k=kw["top_k"], activation=activation, routing=routing,
                                 n_group=kw.get("n_group"), topk_group=kw.get("topk_group"),
-                                routed_scaling_factor=kw.get("routed_scaling_factor"), options=options)
+                                routed_scaling_factor=kw.get("routed_scaling_factor"), options=options,
+                                routing_params=None if "routing_params" not in kw else tuple(kw["routing_params"]))
         out = spec.run(x, logits, prepared, None, None, bias, args)
     else:
         out = torch.full((tokens, hidden), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned
@@ -779,14 +788,17 @@ def test_routing_kernel_matches_reference(routing, experts, tokens):
     kw = dict(top_k=8 if experts > 16 else 4)
     if routing == "llama4":
         kw = dict(top_k=1)
+    if routing == "sparsemixer":
+        kw = dict(top_k=2, routing_params=[SPARSEMIXER_EPS])
     bias = None
     if routing == "deepseek_v3":
         bias = (torch.randn(experts, generator=g) / 10).cuda()
         kw.update(n_group=8 if experts > 16 else 4, topk_group=4 if experts > 16 else 2, routed_scaling_factor=2.5)
     want_w, want_ids = route(logits, kw["top_k"], routing, routing_bias=bias, n_group=kw.get("n_group"),
-                             topk_group=kw.get("topk_group"), routed_scaling_factor=kw.get("routed_scaling_factor"))
+                             topk_group=kw.get("topk_group"), routed_scaling_factor=kw.get("routed_scaling_factor"),
+                             routing_params=kw.get("routing_params"))
     w, ids = triton_route(logits, kw["top_k"], routing, bias, kw.get("n_group"), kw.get("topk_group"),
-                         kw.get("routed_scaling_factor"))
+                         kw.get("routed_scaling_factor"), routing_params=kw.get("routing_params"))
     torch.cuda.synchronize()
     assert torch.equal(ids.cpu(), want_ids.cpu())
     torch.testing.assert_close(w.cpu(), want_w.float().cpu(), rtol=1e-5, atol=1e-6)
@@ -803,6 +815,72 @@ def test_routing_kernel_breaks_ties_by_lowest_expert():
     torch.cuda.synchronize()
     assert ids[0].tolist() == [0, 1, 2, 3] and ids[1].tolist() == [40, 41, 42, 43]
     torch.testing.assert_close(w.cpu(), torch.full((3, 4), 0.25))
+
+
+# -- sparsemixer (PhiMoE) -------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("jitter_eps", [0.01, 0.0, 0.2])
+@pytest.mark.parametrize("experts", [16, 100, 512])
+def test_sparsemixer_routing_kernel_matches_reference(jitter_eps, experts):
+    """The Triton routing of sparsemixer against ``reference.route`` (run on the CPU) on logits with ties at the
+    top, all-negative and all-zero rows, and experts either side of each pick's mask threshold: same experts,
+    same weights (the mask's division is IEEE in both)."""
+    from moe_passes.kernels.reference import route
+    from moe_passes.kernels.triton_route import route as triton_route
+
+    logits = sparsemixer_logits(200, experts, jitter_eps, seed=experts + int(100 * jitter_eps))
+    want_w, want_ids = route(logits, 2, "sparsemixer", routing_params=[jitter_eps])
+    counts = torch.full((experts,), 7, dtype=torch.int32, device="cuda")
+    w, ids = triton_route(logits.cuda(), 2, "sparsemixer", None, None, None, None, zero=counts,
+                          routing_params=[jitter_eps])
+    torch.cuda.synchronize()
+    assert not counts.any()  # the grouping's counters, zeroed on the way
+    assert torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+    # and the fp32 logits the Triton path would get from bf16 ones route the same
+    half = logits.bfloat16()
+    w, ids = triton_route(half.cuda(), 2, "sparsemixer", None, None, None, None, routing_params=[jitter_eps])
+    want_w, want_ids = route(half, 2, "sparsemixer", routing_params=[jitter_eps])
+    assert torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(w.cpu(), want_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tokens", [1, 5, 64, 300])
+@pytest.mark.parametrize("activation", ["silu", "relu2"])
+def test_sparsemixer_layer_matches_reference(tokens, activation, monkeypatch):
+    """The whole Triton layer with sparsemixer routing (PhiMoE's jitter_eps 0.01) on near-threshold logits, through
+    the registry's ``run`` (as the op calls it), against the bf16-activation reference.  One token takes the
+    Triton path although the one-launch CUDA decode is on: it refuses sparsemixer."""
+    from moe_passes.kernels import cuda_decode
+
+    _refuse_cuda_decode(monkeypatch)
+    assert cuda_decode.static_refusal(720, 208, 16, 2, True, "sparsemixer", None, None, 132, None,
+                                      KernelOptions()) is not None
+    device = torch.device("cuda")
+    hidden, inter, experts = 720, 208, 16
+    weights = make_layer(hidden, inter, experts, activation, device, tokens)
+    g = torch.Generator(device="cpu").manual_seed(tokens)
+    x = (torch.randn(tokens, hidden, generator=g) / 10).to(device, torch.bfloat16)
+    logits = sparsemixer_logits(tokens, experts, 0.01, seed=tokens + 3).to(device)
+    ref = fused_moe_reference(x, logits, *weights, activation=activation, top_k=2, routing="sparsemixer",
+                              routing_params=[0.01], quantize_activations=False)
+    spec = registry.get("triton")
+    shape = MoEShape(hidden=hidden, intermediate=inter, experts=experts, top_k=2, activation=activation,
+                     alignment=spec.alignment)
+    args = registry.RunArgs(top_k=2, activation=activation, routing="sparsemixer", routing_params=(0.01,))
+    out = spec.run(x, logits, spec.prepare(weights, shape), None, None, None, args)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, f"relative error {rel:.2e}"
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=5e-2)
+    with pytest.raises(MoEConfigError, match="needs its parameter"):
+        spec.run(x, logits, spec.prepare(weights, shape), None, None, None,
+                 dataclasses.replace(args, routing_params=None))
 
 
 # -- gpt-oss: expert biases and swiglu_oai -------------------------------------------------------------------

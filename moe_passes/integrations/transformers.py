@@ -22,8 +22,9 @@ inputs against the router's own top-k weights and ids:
   kernels always normalize).  A bias the block hands its router as an argument is read from the block;
 * routers without one: ``renormalize`` (top-k, softmax over the k: the same experts and weights as softmax,
   top-k, renormalize) or ``default`` (softmax, top-k), a routed scale folded into ``w2`` (DeepSeek-V2);
-  ``deepseek_v3`` with one group (sigmoid, normalize); ``llama4`` at top-1: whichever matches; failing all,
-  the same methods times one uniform scale no attribute names, measured and folded into ``w2`` (OpenAI's
+  ``deepseek_v3`` with one group (sigmoid, normalize); ``llama4`` at top-1: whichever matches;
+  ``sparsemixer`` with the router's ``router_jitter_noise`` first where it has one (PhiMoE, top-2); failing
+  all, the same methods times one uniform scale no attribute names, measured and folded into ``w2`` (OpenAI's
   privacy filter divides its weights by top-k);
 * a router whose first output is probabilities (Gemma-4) gives the kernel their logarithm, which routes
   identically, and one that biases softmax probabilities (ERNIE-4.5) their inverse sigmoid, on which
@@ -586,6 +587,10 @@ def _router_candidates(router: nn.Module, block: nn.Module, num_experts: int, to
     # No bias: softmax routers (a routed scale, as DeepSeek-V2's, folded into w2: it multiplies every expert's
     # output), sigmoid routers that normalize (DeepSeek-V3 routing with one group and no bias), top-1 sigmoid.
     out = [(dict(routing="renormalize"), scale), (dict(routing="default"), scale)]
+    # PhiMoE's top-2 sparsemixer, with the router's jitter_eps (config.router_jitter_noise), tried first
+    jitter = attr("router_jitter_noise")
+    if jitter is not None and top_k == 2:
+        out.insert(0, (dict(routing="sparsemixer", routing_params=[jitter]), scale))
     if norm is None or norm:
         out.append((deepseek, 1.0))
     if top_k == 1 and scale == 1.0:

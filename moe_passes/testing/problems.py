@@ -60,6 +60,7 @@ class MoEProblem:
     topk_group: Optional[int] = None
     routed_scaling_factor: Optional[float] = None
     routing_bias: bool = False
+    routing_params: Optional[tuple] = None  # a parametric routing's (sparsemixer: (jitter_eps,))
     shared: Optional[int] = None
     weight_dtype: torch.dtype = torch.float32
     logits_dtype: torch.dtype = torch.float32
@@ -100,7 +101,7 @@ class MoEProblem:
             moe = FusedMoE.from_float(w13, w2, top_k=self.top_k, activation=self.activation, routing=self.routing,
                                       shared_expert=shared, routing_bias=bias, n_group=self.n_group,
                                       topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
-                                      calibration=calibration, name=self.name)
+                                      calibration=calibration, name=self.name, routing_params=self.routing_params)
         block = MoEBlock(moe)
         block.requires_grad_(False)
         return block
@@ -126,7 +127,7 @@ def moe_reference(module: nn.Module, hidden_states: torch.Tensor, router_logits:
         hidden_states, router_logits, *canonical, top_k=layer.top_k, activation=layer.activation, routing=layer.routing,
         input_global_scale=layer.input_global_scale, intermediate_global_scale=layer.intermediate_global_scale,
         routing_bias=layer.routing_bias, n_group=layer.n_group, topk_group=layer.topk_group,
-        routed_scaling_factor=layer.routed_scaling_factor)
+        routed_scaling_factor=layer.routed_scaling_factor, routing_params=layer.routing_params)
     if layer.shared_expert is not None:
         out = out + layer.shared_expert(hidden_states)
     return out

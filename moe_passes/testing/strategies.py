@@ -34,7 +34,8 @@ import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
-from moe_passes.contract import ACTIVATIONS, PARAMETRIC_ACTIVATIONS, ROUTING_METHODS, TRTLLM_ALIGNMENT
+from moe_passes.contract import (ACTIVATIONS, PARAMETRIC_ACTIVATIONS, PARAMETRIC_ROUTINGS, ROUTING_METHODS,
+                                 TRTLLM_ALIGNMENT)
 from moe_passes.testing.problems import MoEProblem
 
 __all__ = ["fuzz_examples", "fuzz_settings", "full_sizes", "hidden_sizes", "intermediate_sizes", "expert_counts",
@@ -115,8 +116,12 @@ def activations() -> st.SearchStrategy[str]:
     return st.sampled_from(_PLAIN_ACTIVATIONS)
 
 
+# Every kernel's routing takes these; a parametric one (sparsemixer) is drawn only when asked for by name.
+_PLAIN_ROUTINGS = tuple(r for r in ROUTING_METHODS if r not in PARAMETRIC_ROUTINGS)
+
+
 def routings() -> st.SearchStrategy[str]:
-    return st.sampled_from(ROUTING_METHODS)
+    return st.sampled_from(_PLAIN_ROUTINGS)
 
 
 def weight_dtypes() -> st.SearchStrategy[torch.dtype]:
@@ -138,18 +143,23 @@ def moe_problems(draw, *, hidden: Optional[st.SearchStrategy[int]] = None, align
 
     ``aligned`` restricts the hidden size (see :func:`hidden_sizes`), ``shared`` forces a shared expert on or
     off, ``activation`` / ``routing`` restrict those choices, ``experts`` replaces :func:`expert_counts`.  Routing arguments are always consistent:
-    ``llama4`` gets ``top_k=1``; ``deepseek_v3`` gets ``n_group`` dividing the experts, ``topk_group <=
+    ``llama4`` gets ``top_k=1``; ``sparsemixer`` (only when named in ``routing``) ``top_k=2``, at least
+    two experts and a ``jitter_eps``; ``deepseek_v3`` gets ``n_group`` dividing the experts, ``topk_group <=
     n_group`` with enough experts in the kept groups for ``top_k``, optionally a correction bias and a
     routed scaling factor.
     """
     h = draw(hidden if hidden is not None else hidden_sizes(aligned))
     act = draw(st.sampled_from(list(activation or _PLAIN_ACTIVATIONS)))
-    method = draw(st.sampled_from(list(routing or ROUTING_METHODS)))
+    method = draw(st.sampled_from(list(routing or _PLAIN_ROUTINGS)))
     experts = draw(experts if experts is not None else expert_counts())
-    n_group = topk_group = scaling = None
+    n_group = topk_group = scaling = params = None
     bias = False
     if method == "llama4":
         top_k = 1
+    elif method == "sparsemixer":
+        experts = max(experts, 2)
+        top_k = 2
+        params = (draw(st.sampled_from([0.0, 0.01, 0.1, 0.5])),)
     elif method == "deepseek_v3":
         n_group = draw(st.sampled_from([g for g in (1, 2, 4) if experts % g == 0]))
         topk_group = draw(st.integers(1, n_group))
@@ -162,5 +172,6 @@ def moe_problems(draw, *, hidden: Optional[st.SearchStrategy[int]] = None, align
     return MoEProblem(
         hidden=h, intermediate=draw(intermediate_sizes()), experts=experts, top_k=top_k, activation=act,
         routing=method, n_group=n_group, topk_group=topk_group, routed_scaling_factor=scaling, routing_bias=bias,
+        routing_params=params,
         shared=draw(st.sampled_from([32, 64])) if with_shared else None, weight_dtype=draw(weight_dtypes()),
         logits_dtype=draw(logits_dtypes()), seed=draw(st.integers(0, 2 ** 16)), name=name)
