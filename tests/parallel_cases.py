@@ -16,6 +16,9 @@ from typing import Callable
 
 import torch
 
+import moe_passes
+from moe_passes.contract import SparseMixer
+
 # Tiny shapes: H = 48 pads to 256 (so the pad and the slice are in the graph), E = 8, I = 64.
 HIDDEN, INTER, EXPERTS = 48, 64, 8
 TOKENS = (1, 7, 300)
@@ -25,6 +28,7 @@ ROUTINGS = {
     "renormalize": dict(top_k=2),
     "deepseek_v3": dict(top_k=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, bias=True),
     "llama4": dict(top_k=1),
+    "sparsemixer": dict(top_k=2, routing_params=SparseMixer(jitter_eps=0.1)),
 }
 # Relative Frobenius error allowed against the unsharded layer: each rank's partial output is rounded to
 # bf16 and the ranks' partials are summed in bf16 (2^-8 relative each); measured 1e-3 to 3e-3.
@@ -423,7 +427,8 @@ def transformers_qwen3_moe_ep(ctx):
         expected = model(ids, use_cache=False).logits
         eager = sharded(ids, use_cache=False).logits
         torch._dynamo.reset()
-        compiled = torch.compile(sharded, backend="moe_nvfp4", options={"inner": "eager", "parallel": parallel})
+        # moe_passes.compile's parallel= is the backend option (dynamic left to torch.compile's default)
+        compiled = moe_passes.compile(sharded, inner="eager", parallel=parallel, dynamic=None)
         got = compiled(ids, use_cache=False).logits
     errs = (assert_sum_close(eager, expected, "Qwen3-MoE EP eager"),
             assert_sum_close(got, expected, "Qwen3-MoE EP compiled"))
