@@ -162,3 +162,28 @@ def test_malformed_checkpoints_are_rejected_with_the_key():
     missing = {k: v for k, v in tensors.items() if k != "experts.2.down_proj.input_scale"}
     with pytest.raises(MoEConfigError, match=r"no tensor 'experts\.2\.down_proj\.input_scale'"):
         load_modelopt_moe(missing, "experts", top_k=2)
+
+
+def test_sparsemixer_layer_loads_with_its_jitter_eps():
+    """A PhiMoE-style layer from a checkpoint: the routing and its parameter are constructor keywords, and the
+    loaded layer routes and computes as the one built from the same floats (its output against that layer's on
+    fresh inputs, and a different jitter_eps changes the output, so the parameter really arrives)."""
+    from moe_passes.contract import SparseMixer
+
+    w13, w2, gen = _weights(3)
+    routing = dict(top_k=2, routing="sparsemixer", routing_params=SparseMixer(0.3))
+    built = FusedMoE.from_float(w13, w2, calibration=torch.randn(64, H, generator=gen), **routing)
+    in_amax, mid_amax = _amaxes(built)
+    tensors = modelopt_expert_tensors("experts", w13, w2, input_amax=in_amax, intermediate_amax=mid_amax)
+    loaded = load_modelopt_moe(tensors, "experts", **routing)
+    assert loaded.routing == "sparsemixer" and list(loaded.routing_params) == [0.3]
+    x = torch.randn(16, H, generator=gen).to(torch.bfloat16)
+    logits = torch.randn(16, E, generator=gen)
+    with torch.no_grad():
+        out = loaded(x, logits)
+        torch.testing.assert_close(out, built(x, logits), rtol=0, atol=0)
+        other = load_modelopt_moe(tensors, "experts", top_k=2, routing="sparsemixer",
+                                  routing_params=SparseMixer(0.0))(x, logits)
+    assert not torch.equal(out, other)
+    with pytest.raises(MoEConfigError, match="jitter_eps"):
+        load_modelopt_moe(tensors, "experts", top_k=2, routing="sparsemixer")
