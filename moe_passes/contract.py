@@ -90,15 +90,22 @@ def activation_params(activation: str, params=None):
         return None
     if params is None:
         return SwigluOAI().as_list()
-    if isinstance(params, SwigluOAI):
+    return _param_list(activation, SwigluOAI, params)
+
+
+def _param_list(name: str, cls, params) -> list:
+    """``params`` (a ``cls``, or a sequence of its fields' values) as the float list the ops carry, checked by
+    ``cls``; ``name``: the activation or routing method, for the error."""
+    if isinstance(params, cls):
         return params.as_list()
+    fields = [f.name for f in dataclasses.fields(cls)]
     try:
         values = [float(v) for v in params]
     except (TypeError, ValueError):
-        raise MoEConfigError(f"{activation} parameters must be [alpha, beta, limit], got {params!r}") from None
-    if len(values) != 3:
-        raise MoEConfigError(f"{activation} parameters must be [alpha, beta, limit], got {params!r}")
-    return SwigluOAI(*values).as_list()
+        values = None
+    if values is None or len(values) != len(fields):
+        raise MoEConfigError(f"{name} parameters must be [{', '.join(fields)}], got {params!r}")
+    return cls(*values).as_list()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,15 +140,7 @@ def routing_params(routing: str, params=None):
         return None
     if params is None:
         raise MoEConfigError(f"{routing} routing needs its parameter [jitter_eps] (PhiMoE: config.router_jitter_noise)")
-    if isinstance(params, SparseMixer):
-        return params.as_list()
-    try:
-        values = [float(v) for v in params]
-    except (TypeError, ValueError):
-        raise MoEConfigError(f"{routing} parameters must be [jitter_eps], got {params!r}") from None
-    if len(values) != 1:
-        raise MoEConfigError(f"{routing} parameters must be [jitter_eps], got {params!r}")
-    return SparseMixer(*values).as_list()
+    return _param_list(routing, SparseMixer, params)
 
 
 def round_up(x: int, multiple: int) -> int:
