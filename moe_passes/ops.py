@@ -249,13 +249,36 @@ def _weights(*tensors) -> registry.MoEWeights:
     return registry.MoEWeights(*tensors)
 
 
-def _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
-                local_expert_offset=0, global_num_experts=None, w13_bias=None, w2_bias=None,
-                activation_params=None, routing_params=None):
-    spec = registry.get(kernel)
-    if spec.quantizes_activations and hidden_states.device.type == "cpu" and layer not in _RANGE_WARNED:
-        _warn_if_beyond_calibration(hidden_states, input_global_scale, layer)
+# Calls that passed check_moe_call, keyed by everything it reads (each tensor's shape, dtype and device, and
+# the non-tensor arguments), mapped to the kernel spec and RunArgs: a repeated eager call skips the checks.
+_CHECKED: dict = {}
+_CHECKED_MAX = 4096
+
+
+def _meta(t: Optional[Tensor]):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _checked_call(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
+                  routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                  layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
+                  routing_params, *, padded_input: bool, hidden_size: Optional[int] = None):
+    """check_moe_call for a real (not fake) call, memoized; returns the kernel's spec and the call's RunArgs."""
+    key = (_meta(hidden_states), _meta(router_logits), *map(_meta, weights), _meta(input_global_scale),
+           _meta(intermediate_global_scale), _meta(routing_bias), _meta(w13_bias), _meta(w2_bias), top_k,
+           activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
+           global_num_experts, padded_input, hidden_size,
+           None if activation_params is None else tuple(activation_params),
+           None if routing_params is None else tuple(routing_params))
+    hit = _CHECKED.get(key)
+    if hit is not None:
+        return hit
+    check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
+                   kernel=kernel, layer=layer, padded_input=padded_input, hidden_size=hidden_size,
+                   input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
+                   routing_bias=routing_bias, local_expert_offset=local_expert_offset,
+                   global_num_experts=global_num_experts, w13_bias=w13_bias, w2_bias=w2_bias,
+                   activation_params=activation_params, routing_params=routing_params)
     params = _params_of(activation, activation_params)
     route_params = _routing_params_of(routing, routing_params)
     args = registry.RunArgs(top_k=top_k, activation=activation, routing=routing, n_group=n_group,
@@ -263,6 +286,16 @@ def _run_kernel(hidden_states, router_logits, weights, input_global_scale, inter
                             local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
                             activation_params=None if params is None else tuple(params),
                             routing_params=None if route_params is None else tuple(route_params))
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = hit = (registry.get(kernel), args)
+    return hit
+
+
+def _run_kernel(spec: registry.KernelSpec, args: registry.RunArgs, hidden_states, router_logits, weights,
+                input_global_scale, intermediate_global_scale, routing_bias, layer, w13_bias=None, w2_bias=None):
+    if spec.quantizes_activations and hidden_states.device.type == "cpu" and layer not in _RANGE_WARNED:
+        _warn_if_beyond_calibration(hidden_states, input_global_scale, layer)
     # Only kernels that declare expert_bias ever get here with biases (check_moe_call); the others keep
     # their run signature.
     biases = {k: v for k, v in (("w13_bias", w13_bias), ("w2_bias", w2_bias)) if v is not None}
@@ -314,17 +347,12 @@ def trtllm_nvfp4_moe(
     the graph must combine it over that group (``data_parallel``: by a reduce-scatter); the op never does.
     """
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
-    check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
-                   intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias,
-                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
-                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params,
-                   routing_params=routing_params)
-    out = _run_kernel(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                      routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
-                      layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
-                      routing_params)
-    return out
+    spec, args = _checked_call(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
+                               routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor,
+                               kernel, layer, local_expert_offset, global_num_experts, w13_bias, w2_bias,
+                               activation_params, routing_params, padded_input=True)
+    return _run_kernel(spec, args, hidden_states, router_logits, weights, input_global_scale,
+                       intermediate_global_scale, routing_bias, layer, w13_bias, w2_bias)
 
 
 @trtllm_nvfp4_moe.register_fake
@@ -362,22 +390,18 @@ def fused_moe(
     from moe_passes import parallel
 
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
-    check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
-                   input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
-                   routing_bias=routing_bias, local_expert_offset=local_expert_offset,
-                   global_num_experts=global_num_experts, w13_bias=w13_bias, w2_bias=w2_bias,
-                   activation_params=activation_params, routing_params=routing_params)
+    spec, args = _checked_call(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
+                               routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor,
+                               kernel, layer, local_expert_offset, global_num_experts, w13_bias, w2_bias,
+                               activation_params, routing_params, padded_input=False, hidden_size=hidden_size)
     if group_name and data_parallel:
         hidden_states = parallel.all_gather(hidden_states, group_name)
         router_logits = parallel.all_gather(router_logits, group_name)
     pad = w2.shape[1] - hidden_size
     # pad and slice only where the lowering would (a zero-width pad still copies the activations)
     padded = torch.nn.functional.pad(hidden_states, (0, pad)) if pad else hidden_states
-    out = _run_kernel(padded, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias,
-                      top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
-                      local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
-                      routing_params)
+    out = _run_kernel(spec, args, padded, router_logits, weights, input_global_scale, intermediate_global_scale,
+                      routing_bias, layer, w13_bias, w2_bias)
     if pad:
         out = out[:, :hidden_size].contiguous()
     if group_name:

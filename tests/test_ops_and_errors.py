@@ -112,6 +112,30 @@ def test_unsupported_dtype():
     _both_ways(moe, x, logits.to(torch.int32), MoEConfigError, r"router_logits must be a 2-D float32")
 
 
+def test_a_passed_check_never_lets_a_different_bad_call_through():
+    # Eager calls remember the calls that passed their checks (ops._checked_call); a later call that differs in
+    # any checked property (a shape, a dtype, an argument) must still be checked, and fail as a first call would.
+    from moe_passes import ops
+
+    moe = _layer()
+    x, logits = _inputs()
+    args = _kernel_args(moe, torch.nn.functional.pad(x, (0, 512 - H)), logits)
+    good = torch.ops.moe_nvfp4.trtllm_nvfp4_moe(*args)
+    assert any("layer0" in k for k in ops._CHECKED), "the passing call was not remembered"
+    bad_calls = {
+        r"must be bfloat16": (args[0].float(),) + args[1:],
+        r"score 5 experts": args[:1] + (torch.randn(5, E + 1),) + args[2:],
+        r"w13 must be a 3-D torch.uint8": args[:2] + (args[2].view(torch.int8),) + args[3:],
+        r"top_k=5 must be between 1": args[:11] + (5,) + args[12:],
+        r"input_global_scale must be a float32": args[:8] + (args[8].double(),) + args[9:],
+    }
+    for match, bad in bad_calls.items():
+        with pytest.raises((MoEConfigError, MoEShapeError), match=match):
+            torch.ops.moe_nvfp4.trtllm_nvfp4_moe(*bad)
+    # and the remembered call still runs, with the same result
+    assert torch.equal(torch.ops.moe_nvfp4.trtllm_nvfp4_moe(*args), good)
+
+
 def test_padded_size_breaking_kernel_alignment():
     moe = _layer()
     x, logits = _inputs()
