@@ -122,6 +122,16 @@ PRESETS: dict[str, Preset] = {
                   sliding_window=256, vocab_size=512, vocab_size_per_layer_input=512, hidden_size_per_layer_input=16),
         layer_pattern=("layer_types", ("sliding_attention",) * 5 + ("full_attention",)),
         note="attention and dense-MLP sizes are from public model cards, not checked against config.json"),
+    "gpt-oss-20b": Preset(
+        "GptOssConfig", "GptOssForCausalLM",
+        shapes=dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+                    num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+                    vocab_size=201088, swiglu_limit=7.0, tie_word_embeddings=False),
+        tiny=dict(hidden_size=64, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=128, vocab_size=512,
+                  tie_word_embeddings=False),
+        layer_pattern=("layer_types", ("sliding_attention", "full_attention")),
+        note="a decode cache longer than the 128-token window is refused (--prompt plus --steps at most 128)"),
 }
 
 # Issue 26's targets: nvfp4 over bf16 decode speed-up per batch size, prefill speed-up, the share of nvfp4's
