@@ -330,7 +330,45 @@ def _warn_if_beyond_calibration(hidden_states: Tensor, input_global_scale: Tenso
                       MoERangeWarning, stacklevel=2)
 
 
-@torch.library.custom_op("moe_nvfp4::trtllm_nvfp4_moe", mutates_args=())
+# The ops are defined on a plain Library rather than with torch.library.custom_op: custom_op's Python autograd
+# wrapper, redispatch and aliasing checks cost ~25 us a call on a fast host, more than the rest of a checked,
+# graph-replayed call.  Autograd falls through (a C++ no-op); the impl itself refuses to be differentiated.
+_LIB = torch.library.Library("moe_nvfp4", "FRAGMENT")
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Runs an op whose inputs require grad; the output requires grad too, and its backward is a clear error
+    (the NVFP4 kernels have no backward), never silently missing gradients."""
+
+    @staticmethod
+    def forward(ctx, name, run, hidden_states, router_logits):
+        ctx.name = name
+        return run()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise MoEConfigError(f"moe_nvfp4::{ctx.name} has no backward: the NVFP4 MoE ops are inference-only; run "
+                             f"the model under torch.no_grad() or torch.inference_mode()")
+
+
+def _op(fn):
+    """Define ``moe_nvfp4::<fn name>`` with the schema of ``fn``'s annotations and ``fn`` as its kernel on every
+    device; its fake is registered separately (torch.library.register_fake on the name)."""
+    name = fn.__name__
+    _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+
+    def impl(hidden_states, router_logits, *args, **kwargs):
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or router_logits.requires_grad):
+            return _InferenceOnly.apply(name, lambda: fn(hidden_states, router_logits, *args, **kwargs),
+                                        hidden_states, router_logits)
+        return fn(hidden_states, router_logits, *args, **kwargs)
+
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    return fn
+
+
+@_op
 def trtllm_nvfp4_moe(
     hidden_states: Tensor, router_logits: Tensor,
     w13: Tensor, w13_scale: Tensor, w13_global_scale: Tensor, w2: Tensor, w2_scale: Tensor, w2_global_scale: Tensor,
@@ -355,7 +393,7 @@ def trtllm_nvfp4_moe(
                        intermediate_global_scale, routing_bias, layer, w13_bias, w2_bias)
 
 
-@trtllm_nvfp4_moe.register_fake
+@torch.library.register_fake("moe_nvfp4::trtllm_nvfp4_moe", lib=_LIB)
 def _trtllm_nvfp4_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_scale, w2, w2_scale,
                            w2_global_scale, input_global_scale, intermediate_global_scale, routing_bias, top_k,
                            activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
@@ -371,7 +409,7 @@ def _trtllm_nvfp4_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_glo
     return hidden_states.new_empty((hidden_states.shape[0], w2.shape[1]), dtype=torch.bfloat16)
 
 
-@torch.library.custom_op("moe_nvfp4::fused_moe", mutates_args=())
+@_op
 def fused_moe(
     hidden_states: Tensor, router_logits: Tensor,
     w13: Tensor, w13_scale: Tensor, w13_global_scale: Tensor, w2: Tensor, w2_scale: Tensor, w2_global_scale: Tensor,
@@ -409,7 +447,7 @@ def fused_moe(
     return out
 
 
-@fused_moe.register_fake
+@torch.library.register_fake("moe_nvfp4::fused_moe", lib=_LIB)
 def _fused_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale,
                     input_global_scale, intermediate_global_scale, routing_bias, hidden_size, top_k, activation,
                     routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset=0,

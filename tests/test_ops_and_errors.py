@@ -66,6 +66,20 @@ def test_opcheck_kernel_op():
     assert torch.equal(torch.ops.moe_nvfp4.fused_moe(*_fused_args(moe, x, logits)), out[:, :H])
 
 
+def test_eager_call_with_inputs_needing_grad_refuses_backward_clearly():
+    # The ops have no backward: the output still requires grad (so no gradient goes silently missing) and
+    # backward raises our error; the forward value is the same as without grad.
+    moe = _layer()
+    x, logits = _inputs()
+    x.requires_grad_(True)
+    out = moe(x, logits)
+    assert out.requires_grad
+    with torch.no_grad():
+        assert torch.equal(out, moe(x, logits))
+    with pytest.raises(MoEConfigError, match=r"fused_moe has no backward.*torch.no_grad\(\)"):
+        out.float().sum().backward()
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 class Block(nn.Module):
     def __init__(self, moe):
