@@ -1042,12 +1042,13 @@ def test_family_on_the_triton_path(family):
     for name, _ in blocks:
         _emulate(emulated.get_submodule(name).experts, None, None, quantize_activations=False)
     kernel_nodes: list[int] = []
-    compiled = torch.compile(model, backend="moe_nvfp4", fullgraph=True,
+    fullgraph = MORE_CHECK.get(family, {}).get("fullgraph", True)  # as the CPU check compiles it
+    compiled = torch.compile(model, backend="moe_nvfp4", fullgraph=fullgraph,
                              options={"inner": "eager", "extra_passes": [
                                  lambda gm: kernel_nodes.append(sum(n.target is KERNEL_OP for n in gm.graph.nodes))]})
     with torch.no_grad():
         out, emu, eager = (_final(m(ids, use_cache=False)) for m in (compiled, emulated, model))
-    assert kernel_nodes == [len(ran)]
+    assert (kernel_nodes if fullgraph else [sum(kernel_nodes)]) == [len(ran)]
     err_emu, err_eager = _rel(out, emu), _rel(out, eager)
     print(f"{family} (triton): logits rel err vs bf16-activation emulation {err_emu:.4f}, vs eager {err_eager:.2e}")
     assert err_eager <= 1e-3, err_eager
