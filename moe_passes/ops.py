@@ -263,7 +263,7 @@ def _checked_call(hidden_states, router_logits, weights, input_global_scale, int
                   routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
                   layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
                   routing_params, *, padded_input: bool, hidden_size: Optional[int] = None):
-    """check_moe_call for a real (not fake) call, memoized; returns the kernel's spec and the call's RunArgs."""
+    """:func:`_check_and_args`, memoized: for real calls only (a fake call's sizes may be symbolic)."""
     key = (_meta(hidden_states), _meta(router_logits), *map(_meta, weights), _meta(input_global_scale),
            _meta(intermediate_global_scale), _meta(routing_bias), _meta(w13_bias), _meta(w2_bias), top_k,
            activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
@@ -271,8 +271,21 @@ def _checked_call(hidden_states, router_logits, weights, input_global_scale, int
            None if activation_params is None else tuple(activation_params),
            None if routing_params is None else tuple(routing_params))
     hit = _CHECKED.get(key)
-    if hit is not None:
-        return hit
+    if hit is None:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = hit = _check_and_args(
+            hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias, top_k,
+            activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
+            global_num_experts, w13_bias, w2_bias, activation_params, routing_params, padded_input, hidden_size)
+    return hit
+
+
+def _check_and_args(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
+                    routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                    layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
+                    routing_params, padded_input, hidden_size=None):
+    """check_moe_call, then the kernel's spec and the call's RunArgs."""
     check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
                    kernel=kernel, layer=layer, padded_input=padded_input, hidden_size=hidden_size,
                    input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
@@ -286,10 +299,7 @@ def _checked_call(hidden_states, router_logits, weights, input_global_scale, int
                             local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
                             activation_params=None if params is None else tuple(params),
                             routing_params=None if route_params is None else tuple(route_params))
-    if len(_CHECKED) >= _CHECKED_MAX:
-        _CHECKED.clear()
-    _CHECKED[key] = hit = (registry.get(kernel), args)
-    return hit
+    return registry.get(kernel), args
 
 
 def _run_kernel(spec: registry.KernelSpec, args: registry.RunArgs, hidden_states, router_logits, weights,
@@ -400,12 +410,10 @@ def _trtllm_nvfp4_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_glo
                            local_expert_offset=0, global_num_experts=None, group_name="", data_parallel=False,
                            w13_bias=None, w2_bias=None, activation_params=None, routing_params=None):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
-    check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=True, input_global_scale=input_global_scale,
-                   intermediate_global_scale=intermediate_global_scale, routing_bias=routing_bias,
-                   local_expert_offset=local_expert_offset, global_num_experts=global_num_experts,
-                   w13_bias=w13_bias, w2_bias=w2_bias, activation_params=activation_params,
-                   routing_params=routing_params)
+    _check_and_args(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
+                    routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                    layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
+                    routing_params, True)
     return hidden_states.new_empty((hidden_states.shape[0], w2.shape[1]), dtype=torch.bfloat16)
 
 
@@ -454,12 +462,10 @@ def _fused_moe_fake(hidden_states, router_logits, w13, w13_scale, w13_global_sca
                     global_num_experts=None, group_name="", data_parallel=False, w13_bias=None, w2_bias=None,
                     activation_params=None, routing_params=None):
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
-    check_moe_call(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
-                   kernel=kernel, layer=layer, padded_input=False, hidden_size=hidden_size,
-                   input_global_scale=input_global_scale, intermediate_global_scale=intermediate_global_scale,
-                   routing_bias=routing_bias, local_expert_offset=local_expert_offset,
-                   global_num_experts=global_num_experts, w13_bias=w13_bias, w2_bias=w2_bias,
-                   activation_params=activation_params, routing_params=routing_params)
+    _check_and_args(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
+                    routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
+                    layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
+                    routing_params, False, hidden_size)
     return hidden_states.new_empty((hidden_states.shape[0], hidden_size), dtype=torch.bfloat16)
 
 
