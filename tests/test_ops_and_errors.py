@@ -126,7 +126,7 @@ def test_unsupported_dtype():
     _both_ways(moe, x, logits.to(torch.int32), MoEConfigError, r"router_logits must be a 2-D float32")
 
 
-def test_a_passed_check_never_lets_a_different_bad_call_through():
+def test_a_passed_check_never_lets_a_different_bad_call_through(monkeypatch):
     # Eager calls remember the calls that passed their checks (ops._checked_call); a later call that differs in
     # any checked property (a shape, a dtype, an argument) must still be checked, and fail as a first call would.
     from moe_passes import ops
@@ -148,6 +148,13 @@ def test_a_passed_check_never_lets_a_different_bad_call_through():
             torch.ops.moe_nvfp4.trtllm_nvfp4_moe(*bad)
     # and the remembered call still runs, with the same result
     assert torch.equal(torch.ops.moe_nvfp4.trtllm_nvfp4_moe(*args), good)
+    # a kernel spec swapped under the same name is checked again (its capabilities are part of the check)
+    import dataclasses
+
+    spec = registry.get(moe.kernel)
+    monkeypatch.setitem(registry._REGISTRY, moe.kernel, dataclasses.replace(spec, activations=frozenset({"relu2"})))
+    with pytest.raises(MoEConfigError, match=r"does not support activation 'silu'"):
+        torch.ops.moe_nvfp4.trtllm_nvfp4_moe(*args)
 
 
 def test_padded_size_breaking_kernel_alignment():
