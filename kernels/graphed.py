@@ -10,10 +10,10 @@ a copy of the output out.
 Safety rests on three rules:
 
 * every tensor a captured call reads is either a key of the graph (the weights, the scales, the routing
-  bias and the expert biases, by address, shape and dtype; the inputs, by shape and dtype, copied in) or state the kernel keeps for
-  the life of the process (``KernelSpec.prepare_state``); so a graph is replayed only on the memory it
-  captured, or on memory at the same address and of the same shape, which it reads exactly as a fresh call
-  would;
+  bias and the expert biases, by address, shape and dtype; the inputs, by shape and dtype, copied in) or
+  state the kernel keeps for the life of the process (``KernelSpec.prepare_state``); so a graph is replayed
+  only on the memory it captured, or on memory at the same address and of the same shape, which it reads
+  exactly as a fresh call would;
 * each (device, caller stream) has its own capture stream and memory pool, and its graphs replay in that
   stream's order, never concurrently, so intermediates that graphs of one pool share are dead between calls;
 * a call made while the stream is already being captured (``mode="reduce-overhead"``) runs the kernel
