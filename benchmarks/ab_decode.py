@@ -14,7 +14,8 @@ block, ``cpdl:0`` no programmatic dependent launch; ``pdl:0`` unchains the Trito
 per shape and token count with every mode's per-round times in us, and writes ``ab.json`` to ``--out``.
 Before timing, every mode's output is checked against the first mode's: the same exact products, summed in
 another order where a mode changes K splits or which groups a thread takes, so they must agree to ``2e-3``
-in relative norm (the GPU tests' bound between the kernel paths).
+in relative norm (the GPU tests' bound between the kernel paths), ``4e-3`` where one of them writes its pair rows
+in bf16.
 """
 
 from __future__ import annotations
@@ -88,10 +89,39 @@ def check(modes, shapes, tokens) -> int:
             ref = outs[0].float()
             for mode, out in zip(modes[1:], outs[1:]):
                 rel = ((out.float() - ref).norm() / ref.norm()).item()
-                if not rel < 2e-3:  # also catches NaN
+                # 2e-3: the same products summed in another order; 4e-3 where one mode writes the pair rows in
+                # bf16 (the prefill tiles above triton_moe.bf16_rows' size) and the other in fp32
+                if not rel < 4e-3:  # also catches NaN
                     bad += 1
                     print(f"MISMATCH {name} {t} tokens: {mode[0]} vs {modes[0][0]}: relative {rel:.2e}", flush=True)
     return bad
+
+
+def time_modes(name, tokens, modes, rounds, seed=0):
+    """Yield ``(tokens, {mode: [us per round]})`` for one shape: one layer built as ``moe-nvfp4 bench`` builds
+    it (the same float weights, quantizer and seeded routing bias, so the same routing skew), the same inputs
+    for every mode, the modes alternated inside each round."""
+    h, _, e, _, _, routing, _ = bench.SHAPES[name]
+    seed = seed * 1000 + list(bench.SHAPES).index(name)
+    w13, w2 = bench.float_weights(name, "cuda", seed)
+    spec, prepared, args, _ = bench.triton_layer_from_float(name, w13, w2)
+    w13 = w2 = None
+    bias = (torch.randn(e, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed + 1)) / 10
+            if routing == "deepseek_v3" else None)
+    for t in tokens:
+        reps, replays = bench._reps_replays(t)
+        gen = torch.Generator(device="cuda").manual_seed(seed * 7919 + t)
+        xs = [torch.randn(t, h, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(reps)]
+        ls = [torch.randn(t, e, device="cuda", generator=gen) for _ in range(reps)]
+        times = {}
+        for _ in range(rounds):
+            for mode, options in modes:
+                a = dataclasses.replace(args, options=options)
+                us = bench.time_graph(lambda r: spec.run(xs[r], ls[r], prepared, None, None, bias, a), reps,
+                                      replays) * 1e6
+                times.setdefault(mode, []).append(us)
+        yield t, times
+    torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -115,16 +145,14 @@ def main(argv=None) -> int:
         if bad:
             return 1
     torch.manual_seed(0)
-    bandwidth = bench.measure_copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    bandwidth = bench.measure_read_bandwidth()
+    print(f"read bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     results = {}
-    for rnd in range(args.rounds):
-        for mode_name, options in modes:
-            for name in shapes:
-                for row in bench.run_shape(name, tokens, bandwidth, lambda r: None, do_peer=False, options=options):
-                    entry = results.setdefault((name, row["tokens"]), {"floor_us": row["floor_us"]})
-                    entry.setdefault(mode_name, []).append(row["triton_us"])
-        print(f"round {rnd + 1} done", flush=True)
+    for name in shapes:
+        for t, times in time_modes(name, tokens, modes, args.rounds):
+            entry = results.setdefault((name, t), bench.row_floors(name, t, bandwidth, bandwidth))
+            entry.update(times)
+            print(f"{name} {t}: " + " ".join(f"{m}={sum(v) / len(v):.1f}" for m, v in times.items()), flush=True)
     names = [m[0] for m in modes]
     print(f"{'shape':18s} {'T':>5s} {'floor':>7s} " + " ".join(f"{n:>16s}" for n in names))
     for (name, t), entry in results.items():

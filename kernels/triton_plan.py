@@ -82,7 +82,8 @@ class DecodeConfig:
         if self.early2 not in (0, 1, 2):
             raise MoEConfigError(f"DecodeConfig early2={self.early2}: GEMM2 loads 0, 1 or 2 chunks before its wait")
         if self.cols not in (1, 2) or (self.cols > 1 and not self.grouped):
-            # 4 tiles (32-token blocks) measured slower than 2 everywhere: 170-240 registers a thread
+            # 4 tiles (32-token blocks) measured slower than 2 everywhere, also with the MMAs of a block's empty
+            # tiles skipped: 150-200 registers a thread
             raise MoEConfigError(f"DecodeConfig cols={self.cols}: 1 or 2 column tiles of 8 tokens, 2 only for the "
                                  "grouped decode (grouped=True)")
         if self.ks1 != 1 and not (not self.grouped and not self.prefetch and self.ks1 in (2, 4, 8, 16)):
@@ -213,17 +214,19 @@ H200 = DeviceInfo(sm_count=132, capability=(9, 0), smem_optin=232448)
 
 @dataclasses.dataclass(frozen=True)
 class Regime:
-    """A row of the table: the variant a call takes when its tokens lie in ``tokens`` (inclusive) and its rows
-    per expert are at most ``max_rows`` (gated, ungated); ``why`` is the measurement that chose it."""
+    """A row of the table: the variant a call takes when its tokens lie in ``tokens`` (inclusive), its rows
+    per expert are at most ``max_rows`` (gated, ungated) and its hidden size at most ``max_hidden``; ``why`` is
+    the measurement that chose it."""
 
     variant: str
     tokens: tuple
     max_rows: tuple
     why: str
+    max_hidden: float = math.inf
 
-    def takes(self, tokens: int, rows: float, gated: bool) -> bool:
+    def takes(self, tokens: int, rows: float, gated: bool, hidden: int) -> bool:
         lo, hi = self.tokens
-        return lo <= tokens <= hi and rows <= self.max_rows[0 if gated else 1]
+        return lo <= tokens <= hi and rows <= self.max_rows[0 if gated else 1] and hidden <= self.max_hidden
 
 
 _ANY = (1, math.inf)
@@ -239,15 +242,23 @@ REGIMES = (
            "few tokens: per-pair programs still beat the 16-row tiles up to 2 rows per expert (1.3 ungated, whose "
            "tiles win sooner)"),
     Regime("grouped_decode", (65, 128), (7, 7),
-           "8-token blocks still at 65-128 tokens where experts average at most 7 rows (Nemotron-3-Nano, 128 "
-           "tokens: 283 against 308 us with 16-token blocks, H100)"),
-    Regime("grouped_decode16", (16, 384), (24, 8),
+           "8-token blocks still at 65-128 tokens where experts average at most 7 rows (Qwen3-30B-A3B, 96 tokens: "
+           "149 against 173 us with 16-token blocks, H100); from a hidden size of 4096 the 16-token blocks win "
+           "(DeepSeek-V3, 96 / 128 tokens: 1418 / 1592 against 1457 / 1694 us)", max_hidden=4096),
+    Regime("grouped_decode16", (16, 384), (20, 8),
            "16-token blocks (two column tiles per dequantized weight chunk), gated: 1.17-1.36x the 16-row tiles "
-           "at 128-256 tokens and 0.99-1.08x the 64-row tiles at 384 on the three gated benchmark layers (H100); "
-           "ungated, the 64-row tiles win from 9 rows per expert"),
+           "at 128-256 tokens on the three gated benchmark layers (H100); past 20 rows (Qwen3-30B-A3B and Gemma-4 "
+           "at 384 tokens) the 64-row tiles with 8-warp GEMM1 programs are 1.05-1.14x faster; ungated, the 64-row "
+           "tiles win from 9 rows per expert", max_hidden=4096),
+    Regime("grouped_decode16", (16, 384), (10, 8),
+           "a hidden size over 4096: 16-token blocks up to about 8 rows per expert (DeepSeek-V3, 256 tokens: 2124 "
+           "against 2365 us for the 64-row tiles), the 64-row tiles from 12 (384 tokens: 2659 against 2803 us, "
+           "H100)"),
     Regime("tiles16", _ANY, (16, 8),
            "16-row tiles, weights as the MMA's register operand and loaded a K step ahead: faster than either "
-           "alone at 32-128 tokens, every 32-row variant slower; ungated, the 64-row tiles win from 9 rows"),
+           "alone at 32-128 tokens, every 32-row variant slower; ungated, the 64-row tiles win from 9 rows; over "
+           "a hidden of 4096 the 64-row tiles win (DeepSeek-V3, 192-384 tokens: 1.19-1.39x faster)",
+           max_hidden=4096),
     Regime("tiles64", _ANY, (96, 96),
            "64-row prefill tiles up to 96 rows per expert, column tiles first (4-10% at 1024-4096 tokens), "
            "16-row tail blocks"),
@@ -288,7 +299,13 @@ def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
 
 
 def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
-    return TileConfig(bm=64, tail=16, **_PREFILL, **_TILES_64)
+    cfg = TileConfig(bm=64, tail=16, **_PREFILL, **_TILES_64)
+    if p.gated and p.hidden <= 4096 and p.rows <= 56:
+        # half-filled blocks (384-768 tokens on 128 experts, top-8): GEMM1 programs of 8 warps dequantize each
+        # weight tile in half the time; 1.05-1.14x the 4-warp ones on Qwen3-30B-A3B and Gemma-4, and slower
+        # from 64 rows, on the ungated Nemotron-3-Nano and on DeepSeek-V3's hidden of 7168 (H100)
+        cfg = dataclasses.replace(cfg, warps1=8)
+    return cfg
 
 
 def _tiles128(p: Problem, d: DeviceInfo) -> TileConfig:
@@ -376,7 +393,7 @@ def plan(problem: Problem, device: DeviceInfo, options: Optional[KernelOptions] 
                                  f"{', '.join(_BUILD)} ('' for the planner's table)")
         regime = Regime(options.variant, _ANY, (math.inf, math.inf), "KernelOptions.variant")
     else:
-        regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated))
+        regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated, p.hidden))
     cfg = _with_overrides(_BUILD[regime.variant](p, device), options)
     triton = Plan(regime.variant, cfg, f"{rows:.2f} rows per expert; {regime.why}",
                   one_program_grouping(p.pairs, cfg.bm, getattr(cfg, "tail", 0), options))

@@ -270,6 +270,7 @@ def test_cuda_graph_capture_and_workspace(tokens):
 @needs_gpu
 @pytest.mark.parametrize("variant", ["mma16", "mma16_swap",
                                      "mma16_split_pf", "mma16_swap_pf_split", "mma64", "mma64_pf_swap",
+                                     "mma64_w8g1_pf_tail16",
                                      "mma128_w8", "mma128_pf", "mma128_pf_tail32", "mma64_pf_tail16", "mma128_tail64",
                                      "tc_pair", "tc_pair_split_pf", "tc_group",
                                      "tc_group_split_pf_w2", "tc_pair_vec_split", "tc_group_vec_pf", "tc_pair_ks4",
@@ -303,6 +304,9 @@ def test_tile_variants(variant, activation):
                                        stages2=3, wprefetch=True, nfirst=True, tail=32),
         "mma64_pf_tail16": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                       stages2=3, wprefetch=True, tail=16),
+        # the half-filled 64-row default of gated layers: 8-warp GEMM1 programs, 4-warp GEMM2
+        "mma64_w8g1_pf_tail16": TileConfig(bm=64, bn1=128, bk1=64, warps1=8, stages1=3, bn2=128, bk2=64,
+                                           warps2=4, stages2=3, wprefetch=True, nfirst=True, tail=16),
         "mma128_tail64": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                     stages2=3, nfirst=True, tail=64),
         "tc_pair": DecodeConfig(grouped=False),

@@ -37,13 +37,14 @@ def _random_shapes(n, seed=0):
 SHAPES_UNDER_TEST = BENCH + list(_random_shapes(24))
 
 
-def _first_regime(tokens, top_k, experts, gated):
-    """The table read independently: the first row whose declared token range and row limit hold."""
+def _first_regime(tokens, top_k, experts, gated, hidden):
+    """The table read independently: the first row whose declared token range, row limit and hidden limit
+    hold."""
     touched = experts * (1.0 - (1.0 - top_k / experts) ** tokens)
     rows = tokens * top_k / max(1.0, touched)
     for regime in REGIMES:
         lo, hi = regime.tokens
-        if lo <= tokens <= hi and rows <= regime.max_rows[0 if gated else 1]:
+        if lo <= tokens <= hi and rows <= regime.max_rows[0 if gated else 1] and hidden <= regime.max_hidden:
             return regime
     raise AssertionError("the table has no catch-all row")
 
@@ -58,7 +59,7 @@ def test_every_plan_follows_the_table_and_its_config_fits(device):
             if p.variant == "cuda_decode":
                 assert tokens == 1 and device.capability[0] == 9 and p.config is None
                 p = p.fallback
-            assert p.variant == _first_regime(tokens, shape.top_k, shape.experts, shape.gated).variant
+            assert p.variant == _first_regime(tokens, shape.top_k, shape.experts, shape.gated, shape.hidden).variant
             cfg = p.config
             assert isinstance(cfg, TileConfig if p.variant.startswith("tiles") else DecodeConfig)
             assert cfg == dataclasses.replace(cfg)  # re-validates (__post_init__)
@@ -85,7 +86,7 @@ def test_the_variant_changes_only_at_the_declared_boundaries():
         previous = None
         for tokens in range(2, 5000):
             p = plan(dataclasses.replace(shape, tokens=tokens), H200)
-            regime = _first_regime(tokens, shape.top_k, shape.experts, shape.gated)
+            regime = _first_regime(tokens, shape.top_k, shape.experts, shape.gated, shape.hidden)
             rows = rows_per_expert(tokens, shape.top_k, shape.experts)
             if previous is not None:
                 prev_p, prev_regime, prev_rows = previous
@@ -100,15 +101,22 @@ def test_benchmark_shapes_take_the_documented_variants():
     """docs/architecture.md's dispatch table for the four benchmark layers on an H200."""
     common = {1: "cuda_decode", 2: "pair_decode", 8: "pair_decode", 16: "grouped_decode", 64: "grouped_decode",
               1024: "tiles64", 4096: "tiles128"}
-    # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above
-    by_shape = {"nemotron-3-nano": {128: "grouped_decode", 256: "tiles64"},
-                "qwen3-30b-a3b": {128: "grouped_decode16", 256: "grouped_decode16"},
-                "gemma-4-26b-a4b": {128: "grouped_decode16", 256: "grouped_decode16"},
-                "deepseek-v3": {128: "grouped_decode", 256: "grouped_decode16"}}
+    # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above and
+    # for DeepSeek-V3's long hidden; at 384 tokens the 64-row tiles (8-warp GEMM1 on the gated short hiddens)
+    by_shape = {"nemotron-3-nano": {128: "grouped_decode", 256: "tiles64", 384: "tiles64"},
+                "qwen3-30b-a3b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64"},
+                "gemma-4-26b-a4b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64"},
+                "deepseek-v3": {96: "grouped_decode16", 128: "grouped_decode16", 256: "grouped_decode16",
+                                384: "tiles64"}}
     for name, shape in zip(SHAPES, BENCH):
         want = {**common, **by_shape[name]}
         got = {t: plan(dataclasses.replace(shape, tokens=t), H200).variant for t in want}
         assert got == want, name
+        # GEMM1's 8-warp programs: gated, hidden <= 4096, 24-56 rows per expert (384-768 tokens here)
+        for t in (384, 512, 768, 1024):
+            cfg = plan(dataclasses.replace(shape, tokens=t), H200).config
+            want_warps = 8 if shape.gated and shape.hidden <= 4096 and t <= 768 else 4
+            assert cfg.warps1 == want_warps and cfg.warps2 == 4, (name, t)
 
 
 def test_cuda_decode_only_where_it_can_take_the_call():
