@@ -103,11 +103,14 @@ def test_benchmark_shapes_take_the_documented_variants():
               1024: "tiles64", 4096: "tiles128"}
     # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above and
     # for DeepSeek-V3's long hidden; at 384 tokens the 64-row tiles (8-warp GEMM1 on the gated short hiddens)
-    by_shape = {"nemotron-3-nano": {128: "grouped_decode", 256: "tiles64", 384: "tiles64"},
-                "qwen3-30b-a3b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64"},
-                "gemma-4-26b-a4b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64"},
+    # the 128-row tiles from 57 rows per expert (49 ungated)
+    by_shape = {"nemotron-3-nano": {128: "grouped_decode", 256: "tiles64", 384: "tiles64", 1536: "tiles128"},
+                "qwen3-30b-a3b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64",
+                                  1024: "tiles128"},
+                "gemma-4-26b-a4b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64",
+                                    1024: "tiles128"},
                 "deepseek-v3": {96: "grouped_decode16", 128: "grouped_decode16", 256: "grouped_decode16",
-                                384: "tiles64"}}
+                                384: "tiles64", 2048: "tiles128"}}
     for name, shape in zip(SHAPES, BENCH):
         want = {**common, **by_shape[name]}
         got = {t: plan(dataclasses.replace(shape, tokens=t), H200).variant for t in want}
