@@ -18,6 +18,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from moe_passes import parallel
 from moe_passes.contract import MoEShape, round_up
 from moe_passes.contract import activation_params as _params_of
 from moe_passes.contract import routing_params as _routing_params_of
@@ -435,8 +436,6 @@ def fused_moe(
     Eagerly it does what the lowered graph does (pad, kernel, slice, and for a layer sharded over
     ``group_name`` the same functional collectives), so eager and compiled agree.
     """
-    from moe_passes import parallel
-
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
     spec, args = _checked_call(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
                                routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor,
