@@ -6,8 +6,8 @@ so it runs on a CPU (tests, ``moe-nvfp4 plan``).  The entry point (:func:`triton
 validates, plans, allocates and launches.
 
 The choice is a table (:data:`REGIMES`): one token on SM90 goes to the one-launch CUDA decode where it takes
-the call; otherwise the first row whose token range and rows per expert (``rows = pairs / touched``, the
-expected experts touched ``E (1 - (1 - k/E)^T)``) hold.  The measurements behind each row are in
+the call; otherwise the first row whose token range, rows per expert (``rows = pairs / touched``, the
+expected experts touched ``E (1 - (1 - k/E)^T)``) and hidden size hold.  The measurements behind each row are in
 docs/architecture.md ("Dispatch") and the results JSON it links.
 """
 
@@ -280,7 +280,7 @@ def _decode(p: Problem, d: DeviceInfo, grouped: bool, cols: int = 1) -> DecodeCo
     # K split until ~8 (grouped) / ~16 (per pair) warps per SM are launched; the register prefetch pays on the
     # 8-token blocks only (on 16-token blocks it measured 1-4% slower: twice the activation registers);
     # 16-byte loads in both GEMMs and GEMM2's early first chunk measured never slower.
-    # grouped programs of two warps (two 16-row tiles of the same block): 1-6% faster than one warp at 32-256
+    # grouped programs of two warps (two 16-row tiles of the same block): 1-6% faster than one warp at 16-256
     # tokens on the four benchmark layers (H100)
     blocks = min(p.local_pairs, p.experts) if grouped else p.local_pairs
     target = (8 if grouped else 16) * d.sm_count

@@ -102,7 +102,7 @@ def test_benchmark_shapes_take_the_documented_variants():
     common = {1: "cuda_decode", 2: "pair_decode", 8: "pair_decode", 16: "grouped_decode", 64: "grouped_decode",
               1024: "tiles64", 4096: "tiles128"}
     # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above and
-    # for DeepSeek-V3's long hidden; at 384 tokens the 64-row tiles (8-warp GEMM1 on the gated short hiddens)
+    # for DeepSeek-V3's long hidden; at 384 tokens the 64-row tiles (8-warp GEMM1 on the gated short hiddens);
     # the 128-row tiles from 57 rows per expert (49 ungated)
     by_shape = {"nemotron-3-nano": {128: "grouped_decode", 256: "tiles64", 384: "tiles64", 1536: "tiles128"},
                 "qwen3-30b-a3b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64",
