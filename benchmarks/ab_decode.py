@@ -101,18 +101,14 @@ def time_modes(name, tokens, modes, rounds, seed=0):
     """Yield ``(tokens, {mode: [us per round]})`` for one shape: one layer built as ``moe-nvfp4 bench`` builds
     it (the same float weights, quantizer and seeded routing bias, so the same routing skew), the same inputs
     for every mode, the modes alternated inside each round."""
-    h, _, e, _, _, routing, _ = bench.SHAPES[name]
-    seed = seed * 1000 + list(bench.SHAPES).index(name)
+    seed = bench.shape_seed(name, seed)
     w13, w2 = bench.float_weights(name, "cuda", seed)
     spec, prepared, args, _ = bench.triton_layer_from_float(name, w13, w2)
     w13 = w2 = None
-    bias = (torch.randn(e, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed + 1)) / 10
-            if routing == "deepseek_v3" else None)
+    bias = bench.routing_bias(name, "cuda", seed)
     for t in tokens:
         reps, replays = bench._reps_replays(t)
-        gen = torch.Generator(device="cuda").manual_seed(seed * 7919 + t)
-        xs = [torch.randn(t, h, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(reps)]
-        ls = [torch.randn(t, e, device="cuda", generator=gen) for _ in range(reps)]
+        xs, ls = bench.token_inputs(name, t, reps, "cuda", seed)
         times = {}
         for _ in range(rounds):
             for mode, options in modes:

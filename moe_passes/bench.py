@@ -25,14 +25,13 @@ replays).  Writes ``bench_moe.json`` after every row, and ``bench_moe.png`` / ``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -267,13 +266,36 @@ def _reps_replays(tokens):
 
 
 class Settings:
-    """What one run measures (from the command line; :func:`run_shape` builds its own for the A/B scripts)."""
+    """What one run measures (from the command line)."""
 
-    def __init__(self, grouped_mm=True, tk=None, peer_experts=True, check="all", tol=2e-2, deadline=None,
-                 options=None):
+    def __init__(self, grouped_mm=True, tk=None, peer_experts=True, check="all", tol=2e-2, deadline=None):
         self.grouped_mm, self.tk, self.peer_experts = grouped_mm, tk, peer_experts
         self.check, self.tol, self.deadline = check, tol, deadline
-        self.options = options  # a KernelOptions for our kernel (None: the default), through its RunArgs
+
+
+def shape_seed(name, seed=0) -> int:
+    """The seed of shape ``name``'s weights, routing bias and inputs in a run seeded ``seed``."""
+    return seed * 1000 + list(SHAPES).index(name)
+
+
+def routing_bias(name, device, seed: int):
+    """The shape's routing correction bias (``deepseek_v3`` routing; None otherwise) for its ``shape_seed``:
+    random, std 0.1, which concentrates the routing on fewer experts than uniform routing would touch (what the
+    planner's rows per expert and the floor assume)."""
+    e, routing = SHAPES[name][2], SHAPES[name][5]
+    if routing != "deepseek_v3":
+        return None
+    return torch.randn(e, device=device, generator=torch.Generator(device=device).manual_seed(seed + 1)) / 10
+
+
+def token_inputs(name, tokens, reps, device, seed: int):
+    """``reps`` sets of bf16 hidden states ``[tokens, H]`` and fp32 router logits ``[tokens, E]`` for the shape's
+    ``shape_seed``."""
+    h, e = SHAPES[name][0], SHAPES[name][2]
+    gen = torch.Generator(device=device).manual_seed(seed * 7919 + tokens)
+    xs = [torch.randn(tokens, h, device=device, generator=gen).to(torch.bfloat16) for _ in range(reps)]
+    ls = [torch.randn(tokens, e, device=device, generator=gen) for _ in range(reps)]
+    return xs, ls
 
 
 def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: Settings, emit, note=print, seed=0):
@@ -287,14 +309,11 @@ def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: S
 
     h, i, e, k, activation, routing, extra = SHAPES[name]
     device = torch.device("cuda")
-    seed = seed * 1000 + list(SHAPES).index(name)
+    seed = shape_seed(name, seed)
     started = time.time()
     w13, w2 = float_weights(name, device, seed)
-    bias = (torch.randn(e, device=device, generator=torch.Generator(device=device).manual_seed(seed + 1)) / 10
-            if routing == "deepseek_v3" else None)
+    bias = routing_bias(name, device, seed)
     spec, prepared, args, canonical = triton_layer_from_float(name, w13, w2)
-    if settings.options is not None:
-        args = dataclasses.replace(args, options=settings.options)
     checking = settings.check != "none"
     peer = None
     if settings.tk is not None:
@@ -332,9 +351,7 @@ def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: S
             emit(row)
             continue
         reps, replays = _reps_replays(t)
-        gen = torch.Generator(device=device).manual_seed(seed * 7919 + t)
-        xs = [torch.randn(t, h, device=device, generator=gen).to(torch.bfloat16) for _ in range(reps)]
-        ls = [torch.randn(t, e, device=device, generator=gen) for _ in range(reps)]
+        xs, ls = token_inputs(name, t, reps, device, seed)
         row = dict(shape=name, tokens=t, hidden=h, intermediate=i, experts=e, top_k=k, activation=activation,
                    routing=routing, reps=reps, replays=replays, read_bandwidth_TBps=read_bandwidth / 1e12,
                    copy_bandwidth_TBps=copy_bandwidth / 1e12, **row_floors(name, t, read_bandwidth, copy_bandwidth))
@@ -420,14 +437,6 @@ def add_ratios(row):
     if "peer_us" in row:
         row["peer_over_mxfp4_floor"] = row["peer_us"] / row["floor_mxfp4_us"]
     return row
-
-
-def run_shape(name, tokens_list, bandwidth, log, do_peer=True, log_note=print, options=None):
-    """Ours (and the bf16 grouped_mm unless ``do_peer`` is False) at each token count, unchecked, with the floor at
-    ``bandwidth``: the quick timer ``benchmarks/ab_decode.py`` calls between variants, with its ``options`` (a
-    ``KernelOptions``)."""
-    return measure_shape(name, tokens_list, bandwidth, bandwidth,
-                         Settings(grouped_mm=do_peer, check="none", options=options), log, log_note)
 
 
 # ------------------------------------------------------------------------------------------------------------

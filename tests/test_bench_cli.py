@@ -1,6 +1,7 @@
 """``moe-nvfp4 bench``'s arguments and its floor, on the CPU (the timing itself needs the GPU)."""
 
 import pytest
+import torch
 
 from moe_passes import bench
 
@@ -34,3 +35,23 @@ def test_floor_counts_the_touched_experts_bytes(name):
     # and the time scales inversely with the bandwidth
     assert bench.floor_seconds(h, i, e, k, activation, 4, 2e12) == pytest.approx(
         bench.floor_seconds(h, i, e, k, activation, 4, 1.0) / 2e12)
+
+
+def test_bench_inputs_are_seeded_per_shape_and_token_count():
+    """``moe-nvfp4 bench`` and ``benchmarks/ab_decode.py`` draw a shape's routing bias and inputs from these
+    helpers, so the A/B script times the routing skew the bench reports: the same seed gives the same tensors,
+    another token count, shape or run seed gives others, and only ``deepseek_v3`` routing has a bias."""
+    seed = bench.shape_seed("deepseek-v3")
+    assert len({seed, bench.shape_seed("deepseek-v3", 1), bench.shape_seed("qwen3-30b-a3b")}) == 3
+    bias = bench.routing_bias("deepseek-v3", "cpu", seed)
+    assert bias.shape == (256,) and torch.equal(bias, bench.routing_bias("deepseek-v3", "cpu", seed))
+    assert 0.05 < bias.std().item() < 0.2
+    assert bench.routing_bias("qwen3-30b-a3b", "cpu", bench.shape_seed("qwen3-30b-a3b")) is None
+    xs, ls = bench.token_inputs("deepseek-v3", 3, 2, "cpu", seed)
+    assert [tuple(x.shape) for x in xs] == [(3, 7168)] * 2 and xs[0].dtype == torch.bfloat16
+    assert [tuple(lg.shape) for lg in ls] == [(3, 256)] * 2 and ls[0].dtype == torch.float32
+    assert not torch.equal(xs[0], xs[1])
+    again, _ = bench.token_inputs("deepseek-v3", 3, 2, "cpu", seed)
+    assert all(torch.equal(a, b) for a, b in zip(xs, again))
+    other, _ = bench.token_inputs("deepseek-v3", 4, 1, "cpu", seed)
+    assert not torch.equal(other[0][:3], xs[0])
