@@ -150,6 +150,9 @@ def names() -> list[str]:
 
 
 def get(name: str) -> KernelSpec:
+    spec = _REGISTRY.get(name)  # every call of the op looks its kernel up: skip the import check on a hit
+    if spec is not None:
+        return spec
     _ensure_builtin()
     try:
         return _REGISTRY[name]
