@@ -230,7 +230,8 @@ def test_sparsemixer_layer_errors_and_op_parameter():
     moe = _layer(routing="sparsemixer", routing_params=[0.2])
     assert moe.routing_params == [0.2] and "routing_params=[0.2]" in repr(moe)
     assert _layer()._bias_args() == {} and moe._bias_args() == {"routing_params": [0.2]}
-    x, logits = _inputs()
+    # 64 tokens: with 5 tokens the jitter eps changed no choice on 2 of 40 draws, and the check below failed
+    x, logits = _inputs(tokens=64)
     want = fused_moe_reference(x, logits, *moe.canonical_weights(), top_k=2, routing="sparsemixer",
                                routing_params=[0.2], input_global_scale=moe.input_global_scale,
                                intermediate_global_scale=moe.intermediate_global_scale)
@@ -240,7 +241,8 @@ def test_sparsemixer_layer_errors_and_op_parameter():
     other = fused_moe_reference(x, logits, *moe.canonical_weights(), top_k=2, routing="sparsemixer",
                                 routing_params=[0.0], input_global_scale=moe.input_global_scale,
                                 intermediate_global_scale=moe.intermediate_global_scale)
-    assert (want.float() - other.float()).abs().max() > 0.01  # the parameter matters on these inputs
+    # the parameter matters on these inputs (0.21-0.5 relative over 200 draws)
+    assert ((want.float() - other.float()).norm() / want.float().norm()).item() > 0.1
     args = _fused_args(moe, x, logits)
     with pytest.raises(MoEConfigError, match="needs its parameter"):
         torch.ops.moe_nvfp4.fused_moe(*args)
