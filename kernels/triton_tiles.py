@@ -21,7 +21,7 @@ from moe_passes.kernels.triton_common import epilogue_args, tl, triton
 from moe_passes.kernels.triton_group import align
 from moe_passes.kernels.triton_plan import TileConfig
 
-__all__ = ["GRID_Y_MAX", "tile_grid", "run_tiles"]
+__all__ = ["GRID_Y_MAX", "tile_grid", "gemm1_constexprs", "gemm2_constexprs", "run_tiles"]
 
 GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
 
@@ -273,6 +273,19 @@ def tile_grid(cfg: TileConfig, blocks: int, tiles: int, *rest: int):
     return ((tiles, blocks, *rest) if nfirst else (blocks, tiles, *rest)), nfirst
 
 
+def gemm1_constexprs(c: TileConfig, *, top_k: int, gated: bool, hidden: int, pdl: bool, nfirst: bool,
+                     act: dict) -> dict:
+    """GEMM1's compile-time arguments for tile config ``c`` (``act``: ``epilogue_args``' activation keywords)."""
+    return dict(TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, F32=TRITON_INTERPRET, SWAP=c.swap,
+                PF=c.wprefetch, PDL=pdl, NFIRST=nfirst, NARROW=hidden % 64 != 0, **act)
+
+
+def gemm2_constexprs(c: TileConfig, *, inter: int, pdl: bool, nfirst: bool) -> dict:
+    """GEMM2's compile-time arguments for tile config ``c``."""
+    return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, F32=TRITON_INTERPRET, SWAP=c.swap, PF=c.wprefetch, PDL=pdl,
+                NFIRST=nfirst, NARROW=inter % 64 != 0)
+
+
 def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConfig, *, pairs, experts, hidden,
               inter, top_k, gated, activation, k_per_split, pdl=False, one_program=False, activation_params=None,
               w13_bias=None, w2_bias=None):
@@ -298,14 +311,12 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
                              rows_inter, pairs, hidden, inter, hidden_states.stride(0),
-                             TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, F32=TRITON_INTERPRET,
-                             SWAP=c.swap, PF=c.wprefetch, PDL=pdl, NFIRST=nfirst, NARROW=hidden % 64 != 0, **act,
-                             **bias1, num_warps=c.warps1,
-                             num_stages=c.stages1, launch_pdl=pdl)
+                             **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=nfirst,
+                                                act=act),
+                             **bias1, num_warps=c.warps1, num_stages=c.stages1, launch_pdl=pdl)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2), y.shape[0])
         _gemm2_kernel[grid2](rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
                              pairs, hidden, inter, k_per_split,
-                             BM=c.bm, BN=c.bn2, BK=c.bk2, F32=TRITON_INTERPRET, SWAP=c.swap, PF=c.wprefetch,
-                             PDL=pdl, NFIRST=nfirst, NARROW=inter % 64 != 0, **bias2, num_warps=c.warps2,
-                             num_stages=c.stages2, launch_pdl=pdl)
+                             **gemm2_constexprs(c, inter=inter, pdl=pdl, nfirst=nfirst),
+                             **bias2, num_warps=c.warps2, num_stages=c.stages2, launch_pdl=pdl)
