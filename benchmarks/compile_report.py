@@ -3,10 +3,10 @@
     python benchmarks/compile_report.py [--shapes qwen3-30b-a3b,deepseek-v3] [--tokens 384,1024,4096] \
         [--tile swap=1,warps1=8]
 
-For every shape and token count whose plan (``triton_plan.plan`` on an H100) takes the tensor-core tiles, GEMM1
-and GEMM2 of the main blocks and of the tail blocks are compiled with Triton's own compiler for ``sm_90a``
-(``triton.compile`` on the kernels' source, no driver needed) and their cubins read with the ``cuobjdump``
-that ships with Triton.  The arguments are specialized as a launch specializes them: pointers 16-byte aligned,
+For every shape and token count whose plan (``triton_plan.plan`` for a 132-SM SM90: H100, H200) takes the
+tensor-core tiles, GEMM1 and GEMM2 of the main blocks and of the tail blocks are compiled with Triton's own
+compiler for ``sm_90a`` (``triton.compile`` on the kernels' source, no driver needed) and their cubins read
+with the ``cuobjdump`` that ships with Triton.  The arguments are specialized as a launch specializes them: pointers 16-byte aligned,
 integers that are multiples of 16 marked so (without that, Triton sees unaligned rows and emits scalar loads
 and no async copies, a different kernel).  Per kernel it prints registers a thread, spill bytes, shared memory,
 the programs an SM holds by registers and by shared memory, and the main loop's wgmma ops and how many of
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     for item in filter(None, args.tile.split(",")):
         key, _, value = item.partition("=")
         if key not in fields or not value.lstrip("-").isdigit():
-            parser.error(f"--tile {item!r}: expected field=integer with a TileConfig field ({', '.join(sorted(fields))})")
+            parser.error(f"--tile {item!r}: expected field=integer with a TileConfig field "
+                         f"({', '.join(sorted(fields))})")
         overrides.append((key, int(value)))
     if importlib.util.find_spec("triton") is None:
         raise SystemExit("compile_report.py needs triton importable (pip install triton); no GPU is needed")

@@ -241,7 +241,7 @@ def test_sparsemixer_layer_errors_and_op_parameter():
     other = fused_moe_reference(x, logits, *moe.canonical_weights(), top_k=2, routing="sparsemixer",
                                 routing_params=[0.0], input_global_scale=moe.input_global_scale,
                                 intermediate_global_scale=moe.intermediate_global_scale)
-    # the parameter matters on these inputs (0.21-0.5 relative over 200 draws)
+    # the parameter matters on these inputs (at least 0.2 relative on each of 200 draws)
     assert ((want.float() - other.float()).norm() / want.float().norm()).item() > 0.1
     args = _fused_args(moe, x, logits)
     with pytest.raises(MoEConfigError, match="needs its parameter"):
