@@ -6,13 +6,14 @@
 For every shape and token count whose plan (``triton_plan.plan`` for a 132-SM SM90: H100, H200) takes the
 tensor-core tiles, GEMM1 and GEMM2 of the main blocks and of the tail blocks are compiled with Triton's own
 compiler for ``sm_90a`` (``triton.compile`` on the kernels' source, no driver needed) and their cubins read
-with the ``cuobjdump`` that ships with Triton.  The arguments are specialized as a launch specializes them: pointers 16-byte aligned,
-integers that are multiples of 16 marked so (without that, Triton sees unaligned rows and emits scalar loads
-and no async copies, a different kernel).  Per kernel it prints registers a thread, spill bytes, shared memory,
-the programs an SM holds by registers and by shared memory, and the main loop's wgmma ops and how many of
-their waits drain every MMA in flight (``pendings = 0``): a wait after each MMA means the next K step's
-dequantization does not overlap it.  ``--tile`` overrides fields of the planned ``TileConfig`` (what
-``KernelOptions.tile_overrides`` does at a call).  Needs ``triton`` (3.6 measured) importable, not a GPU.
+with the ``cuobjdump`` that ships with Triton.  The arguments are specialized as a launch specializes them:
+pointers 16-byte aligned, integers that are multiples of 16 marked so (without that, Triton sees unaligned
+rows and emits scalar loads and no async copies, a different kernel).  Per kernel it prints registers a
+thread, spill bytes, shared memory, the programs an SM holds by registers and by shared memory, and the main
+loop's wgmma ops and how many of their waits drain every MMA in flight (``pendings = 0``): a wait after each
+MMA means the next K step's dequantization does not overlap it.  ``--tile`` overrides fields of the planned
+``TileConfig`` (what ``KernelOptions.tile_overrides`` does at a call).  Needs ``triton`` (3.6 measured)
+importable, not a GPU.
 """
 
 from __future__ import annotations
