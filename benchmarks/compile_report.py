@@ -28,6 +28,7 @@ import sys
 import tempfile
 
 from moe_passes import bench
+from moe_passes.contract import is_gated
 from moe_passes.kernels.options import KernelOptions
 from moe_passes.kernels.triton_plan import H200, Problem, TileConfig, plan
 
@@ -90,7 +91,7 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     from moe_passes.kernels.triton_plan import k_split
 
     hidden, inter, experts, top_k, activation, routing, extra = bench.SHAPES[name]
-    gated = activation != "relu2"
+    gated = is_gated(activation)
     problem = Problem(tokens=tokens, top_k=top_k, experts=experts, hidden=hidden, inter=inter, gated=gated,
                       routing=routing, n_group=extra.get("n_group"), topk_group=extra.get("topk_group"))
     p = plan(problem, H200, KernelOptions(tile_overrides=overrides))
