@@ -1,0 +1,135 @@
+"""Where the host's time goes in one synchronized decode step, bf16 against the converted model (CUDA graphs).
+
+    python benchmarks/step_host.py [--model qwen3-30b-a3b] [--batch 1] [--layers 8] [--out DIR]
+
+Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`` with
+``mode="reduce-overhead"`` (bf16 under ``backend="inductor"``, then, after ``convert``, under
+``backend="moe_nvfp4"``) and, after a warm-up, times 2 x 60 decode steps one by one:
+
+* ``issue_ms``: the host's time inside the step call (Dynamo's guards, the AOT and CUDA-graph-tree wrappers,
+  the graph launch), not waiting for the GPU;
+* ``event_ms``: CUDA events recorded before and after the call, what ``moe-nvfp4 bench`` reports per step: the
+  GPU waits for the host's issue, then runs the graph;
+* ``wall_ms``: the call until its end event completes.
+
+Then a cProfile of 40 synchronized steps (the top functions by own time and by cumulative time, one text file per
+variant), and the number of inputs of the CUDA-graph tree's node (parameters and buffers count: each is guarded
+and checked at every replay).  Medians; writes ``step_host_<model>_b<batch>.json`` and the two profiles to
+``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+from moe_passes import bench_model as bm
+
+
+def _graph_inputs():
+    # The first root node of the current device's CUDA-graph tree (private: None where the layout differs).
+    try:
+        from torch._inductor.cudagraph_trees import get_container
+
+        tree = get_container(torch.cuda.current_device()).tree_manager
+        node = next(iter(tree.roots.values()))[0]
+        return len(node.static_input_data_ptrs), len(node.static_input_idxs)
+    except Exception:
+        return None, None
+
+
+def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend=backend, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    kw = bm._cache_kwarg(model)
+    vocab = model.config.get_text_config().vocab_size
+    cache = bm.make_static_cache(model.config, 256, batch, torch.device("cuda"), torch.bfloat16)
+    result: dict = {}
+    with torch.no_grad():
+        model(input_ids=bm._inputs(vocab, batch, 64, 0).cuda(), **{kw: cache}, use_cache=True, logits_to_keep=1)
+
+        def step(ids):
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(input_ids=ids, **{kw: cache}, use_cache=True)
+
+        out = step(bm._inputs(vocab, batch, 1, 1).cuda())
+        for _ in range(8):
+            out = step(out.logits[:, -1].argmax(-1, keepdim=True))
+        for _ in range(2):  # the second round's medians are kept
+            bm._rewind(cache, 64)
+            issue, event, wall = [], [], []
+            for _ in range(steps):
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter()
+                start.record()
+                out = step(token)
+                t1 = time.perf_counter()
+                end.record()
+                end.synchronize()
+                t2 = time.perf_counter()
+                issue.append((t1 - t0) * 1e3)
+                event.append(start.elapsed_time(end))
+                wall.append((t2 - t0) * 1e3)
+            result.update(issue_ms=statistics.median(issue), event_ms=statistics.median(event),
+                          wall_ms=statistics.median(wall))
+        bm._rewind(cache, 64)
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(40):
+            out = step(out.logits[:, -1].argmax(-1, keepdim=True))
+            torch.cuda.synchronize()
+        profile.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profile, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(45)
+    result["graph_inputs"], result["static_inputs"] = _graph_inputs()
+    result["profile"] = text.getvalue()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(bm.PRESETS))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("step_host.py times CUDA-graph replays: it needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from moe_passes.integrations.transformers import convert
+
+    config = bm.build_config(args.model, args.layers)
+    model = bm.build_model(args.model, config, torch.device("cuda"))
+    vocab = config.get_text_config().vocab_size
+    results = {"bf16": variant(model, "inductor", args.batch)}
+    with torch.no_grad():
+        convert(model, calibration=bm._inputs(vocab, 4, 64, 3).cuda())
+    results["nvfp4"] = variant(model, "moe_nvfp4", args.batch)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"step_host_{args.model}_b{args.batch}")
+    for label, r in results.items():
+        with open(f"{stem}_{label}.txt", "w") as f:
+            f.write(r.pop("profile"))
+        print(f"{label:6s} issue {r['issue_ms']:.3f} ms  event {r['event_ms']:.3f} ms  wall {r['wall_ms']:.3f} ms  "
+              f"graph inputs {r['graph_inputs']}")
+    with open(f"{stem}.json", "w") as f:
+        json.dump(dict(model=args.model, batch=args.batch, layers=args.layers, command=" ".join(sys.argv),
+                       device=torch.cuda.get_device_name(), torch=torch.__version__, variants=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
