@@ -14,7 +14,7 @@ Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`
 
 Then a cProfile of 40 synchronized steps (the top functions by own time and by cumulative time, one text file per
 variant), and the number of inputs of the CUDA-graph tree's node (parameters and buffers count: each is guarded
-and checked at every replay).  Medians; writes ``step_host_<model>_b<batch>.json`` and the two profiles to
+and checked at every replay).  Medians of the second 60 steps; writes ``step_host_<model>_b<batch>.json`` and the two profiles to
 ``--out``.
 """
 
@@ -34,6 +34,9 @@ import torch
 
 from moe_passes import bench_model as bm
 
+PROMPT = 64  # prompt tokens before decoding, as moe-nvfp4 bench; every timed round rewinds the cache to it
+CACHE_LEN = 256
+
 
 def _graph_inputs():
     # The first root node of the current device's CUDA-graph tree (private: None where the layout differs).
@@ -52,10 +55,10 @@ def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
     compiled = torch.compile(model.forward, backend=backend, mode="reduce-overhead", fullgraph=True, dynamic=False)
     kw = bm._cache_kwarg(model)
     vocab = model.config.get_text_config().vocab_size
-    cache = bm.make_static_cache(model.config, 256, batch, torch.device("cuda"), torch.bfloat16)
+    cache = bm.make_static_cache(model.config, CACHE_LEN, batch, torch.device("cuda"), torch.bfloat16)
     result: dict = {}
     with torch.no_grad():
-        model(input_ids=bm._inputs(vocab, batch, 64, 0).cuda(), **{kw: cache}, use_cache=True, logits_to_keep=1)
+        model(input_ids=bm._inputs(vocab, batch, PROMPT, 0).cuda(), **{kw: cache}, use_cache=True, logits_to_keep=1)
 
         def step(ids):
             torch.compiler.cudagraph_mark_step_begin()
@@ -65,7 +68,7 @@ def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
         for _ in range(8):
             out = step(out.logits[:, -1].argmax(-1, keepdim=True))
         for _ in range(2):  # the second round's medians are kept
-            bm._rewind(cache, 64)
+            bm._rewind(cache, PROMPT)
             issue, event, wall = [], [], []
             for _ in range(steps):
                 token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -83,7 +86,7 @@ def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
                 wall.append((t2 - t0) * 1e3)
             result.update(issue_ms=statistics.median(issue), event_ms=statistics.median(event),
                           wall_ms=statistics.median(wall))
-        bm._rewind(cache, 64)
+        bm._rewind(cache, PROMPT)
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(40):
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     vocab = config.get_text_config().vocab_size
     results = {"bf16": variant(model, "inductor", args.batch)}
     with torch.no_grad():
-        convert(model, calibration=bm._inputs(vocab, 4, 64, 3).cuda())
+        convert(model, calibration=bm._inputs(vocab, 4, PROMPT, 3).cuda())
     results["nvfp4"] = variant(model, "moe_nvfp4", args.batch)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"step_host_{args.model}_b{args.batch}")
