@@ -14,8 +14,8 @@ Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`
 
 Then a cProfile of 40 synchronized steps (the top functions by own time and by cumulative time, one text file per
 variant), and the number of inputs of the CUDA-graph tree's node (parameters and buffers count: each is guarded
-and checked at every replay).  Medians of the second 60 steps; writes ``step_host_<model>_b<batch>.json`` and the two profiles to
-``--out``.
+and checked at every replay).  Medians of the second 60 steps; writes ``step_host_<model>_b<batch>.json`` and
+the two profiles to ``--out``.
 """
 
 from __future__ import annotations
