@@ -52,7 +52,7 @@ from moe_passes.kernels.triton_layout import BAND_ROWS as _BAND, PIECE_GROUPS
 from moe_passes.kernels.triton_route import FUSED_ROUTING, METHOD_CODES
 
 __all__ = ["DecodePlan", "plan_decode", "segments", "row_segments", "piece_count", "static_refusal",
-           "unsupported_reason", "decode_one_token", "prepare_state", "plan_for", "SOURCE"]
+           "unsupported_reason", "decode_one_token", "bind_decode", "DecodeCall", "prepare_state", "plan_for", "SOURCE"]
 
 SOURCE = Path(__file__).with_name("cuda_decode1.cu")
 _NAME = "moe_nvfp4_decode1"
@@ -396,6 +396,80 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     chose.  ``options``: the ``cuda_decode_*`` knobs (None: ``options.current()``); ``grid`` overrides the
     CTA count (tests).  ``trace`` (int64 ``[grid, 16]``, a
     diagnostic): build with the kernel's TRACE stamps, which land there (phase cycles per CTA, see the source)."""
+    call = bind_decode(hidden_states, router_logits, weights, top_k=top_k, activation=activation, routing=routing,
+                       routing_bias=routing_bias, n_group=n_group, topk_group=topk_group,
+                       routed_scaling_factor=routed_scaling_factor, options=options, grid=grid, trace=trace)
+    if call is None:
+        return None
+    return call(hidden_states, router_logits, out=out, routing_out=routing_out)
+
+
+class DecodeCall:
+    """The CUDA decode of one layer on one stream with everything but its per-call addresses resolved once
+    (plan, compiled kernel, segment table, barrier counter, tensor maps, marshalled launch): repeating a
+    call this way costs a fraction of the host time of :func:`decode_one_token`.  Valid while the weights,
+    the routing bias and the stream it was bound to are the same memory (the caller keys it on them)."""
+
+    def __init__(self, kernel, plan: DecodePlan, args: tuple, pdl: bool, hidden: int, top_k: int,
+                 bias_is_logits: bool, device: torch.device):
+        self._kernel, self._plan, self._args = kernel, plan, args
+        self._launch = kernel.bind(plan.grid, plan.threads, args, pdl=pdl)
+        self._hidden, self._top_k, self._bias_is_logits, self._device = hidden, top_k, bias_is_logits, device
+        # the CTAs' fp32 partial outputs, then the routing's weights (fp32) and ids (int32): one allocation
+        self._partials = plan.grid * hidden * 4
+        self._scratch = self._partials + 8 * top_k
+
+    def __call__(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, out: Optional[torch.Tensor] = None,
+                 routing_out=None) -> Optional[torch.Tensor]:
+        """``out`` (None: a new ``[1, H]`` bf16 tensor) for this token, or None when the launch was refused
+        (warned once; the caller takes the Triton path).  The inputs must have the bound call's shapes and
+        dtypes."""
+        if not _aligned(hidden_states):  # the kernel's 16-byte vector loads
+            hidden_states = hidden_states.contiguous().clone()
+        router_logits = router_logits.contiguous()
+        if out is None:
+            out = torch.empty(1, self._hidden, dtype=torch.bfloat16, device=self._device)
+        held = torch.empty(self._scratch, dtype=torch.uint8, device=self._device)  # freed after the launch
+        scratch = held.data_ptr()
+        if routing_out is None:
+            weights, ids = scratch + self._partials, scratch + self._partials + 4 * self._top_k
+        else:
+            weights, ids = routing_out[0].data_ptr(), routing_out[1].data_ptr()
+        x, logits = hidden_states.data_ptr(), router_logits.data_ptr()
+        pointers = ((x, logits, logits) if self._bias_is_logits else (x, logits)) + (scratch, out.data_ptr(), ids,
+                                                                                       weights)
+        try:
+            self._launch(*pointers)
+        except Exception as exc:  # RtcError; rare, so its import stays off the call path
+            return self._refused(exc, pointers, out)
+        return out
+
+    def _refused(self, exc: Exception, pointers: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
+        from moe_passes.kernels.cuda_rtc import RtcError
+
+        if not isinstance(exc, RtcError):
+            raise exc
+        index = self._device.index
+        try:
+            if not self._launch.pdl:
+                raise exc
+            # without the attribute the kernel's griddepcontrol instructions do nothing: a plain launch
+            _NO_PDL.add(index)
+            _warn_once(f"one-launch CUDA decode: programmatic dependent launch refused, launching without it: {exc}")
+            self._launch = self._kernel.bind(self._plan.grid, self._plan.threads, self._args)
+            self._launch(*pointers)
+        except RtcError as again:  # e.g. a cooperative grid the device cannot hold at once (MIG, other work)
+            _warn_once(f"one-launch CUDA decode could not launch, using the Triton decode: {again}")
+            return None
+        return out
+
+
+def bind_decode(hidden_states: torch.Tensor, router_logits: torch.Tensor, weights: registry.MoEWeights, *,
+                top_k: int, activation: str, routing: str, routing_bias=None, n_group=None, topk_group=None,
+                routed_scaling_factor=None, options: Optional[KernelOptions] = None, grid: Optional[int] = None,
+                trace: Optional[torch.Tensor] = None) -> Optional[DecodeCall]:
+    """A :class:`DecodeCall` for calls shaped like this one on the current stream (the arguments of
+    :func:`decode_one_token`), or None when the kernel cannot be built here (warned once)."""
     from moe_passes.kernels.cuda_rtc import RtcError
 
     if activation in PARAMETRIC_ACTIVATIONS:  # its ACT chain would run the code as ReLU^2
@@ -414,13 +488,13 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     plan = plan_for(device, hidden, inter, experts, top_k, gated, groups, options, grid)
     has_bias = deepseek and routing_bias is not None
     scale = float(routed_scaling_factor) if (deepseek and routed_scaling_factor is not None) else 1.0
-    logits = router_logits.contiguous()
-    bias = routing_bias.contiguous() if has_bias else logits
+    bias = routing_bias.contiguous() if has_bias else None
     defines = dict(
         H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=ACT_CODES[activation],
         METHOD=METHOD_CODES[routing], NGROUP=groups, TOPKGROUP=(topk_group or groups) if deepseek else 1,
         HAS_BIAS=int(has_bias),
-        RSCALE=f"((float){scale!r})", LOGIT_KIND=_FLOAT_KIND[logits.dtype], BIAS_KIND=_FLOAT_KIND[bias.dtype],
+        RSCALE=f"((float){scale!r})", LOGIT_KIND=_FLOAT_KIND[router_logits.dtype],
+        BIAS_KIND=_FLOAT_KIND[(router_logits if bias is None else bias).dtype],
         NCW=plan.consumer_warps, NSTAGE=plan.stages, STAGE_BYTES=plan.stage_bytes, MAXU=plan.max_units,
         MAXSEG=plan.max_segments, W2TMA=int(options.cuda_decode_w2_tma and inter % _PIECE == 0),
         PDL=int(options.cuda_decode_pdl))
@@ -438,31 +512,15 @@ def decode_one_token(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
         _warn_once("one-launch CUDA decode: first call inside a CUDA-graph capture, using the Triton decode "
                    "there (call the layer once before capturing)")
         return None
-    x = hidden_states if _aligned(hidden_states) else hidden_states.contiguous().clone()
-    partials = torch.empty(plan.grid * hidden, dtype=torch.float32, device=device)  # every CTA writes its own
     sync = _counters(index, plan.grid)
     if sync is None:
         _warn_once("one-launch CUDA decode: no barrier counter on this device and stream (prepare the layer on the "
                    f"device first; at most {_ARENA_SLOTS} streams), using the Triton decode")
         return None
-    if routing_out is None:
-        routing_out = (torch.empty(top_k, dtype=torch.float32, device=device),
-                       torch.empty(top_k, dtype=torch.int32, device=device))
     maps = _w2_maps(w2, s2, hidden, inter) if defines["W2TMA"] else (bytes(128), bytes(128))
-    args = (x, logits, bias, w13, s13, g13, w2, s2, g2, table, partials, sync, out, routing_out[1], routing_out[0],
+    # None: the addresses each call gives (x, logits, [the bias: the logits again], partials, out, routing ids,
+    # routing weights); a kernel without a bias never reads its bias pointer
+    args = (None, None, bias, w13, s13, g13, w2, s2, g2, table, None, sync, None, None, None,
             sync if trace is None else trace, *maps)
-    pdl = bool(defines["PDL"]) and index not in _NO_PDL
-    try:
-        try:
-            kernel(plan.grid, plan.threads, *args, pdl=pdl)
-        except RtcError as exc:
-            if not pdl:
-                raise
-            # without the attribute the kernel's griddepcontrol instructions do nothing: a plain launch
-            _NO_PDL.add(index)
-            _warn_once(f"one-launch CUDA decode: programmatic dependent launch refused, launching without it: {exc}")
-            kernel(plan.grid, plan.threads, *args)
-    except RtcError as exc:  # e.g. a cooperative grid the device cannot hold at once (MIG, other work)
-        _warn_once(f"one-launch CUDA decode could not launch, using the Triton decode: {exc}")
-        return None
-    return out
+    return DecodeCall(kernel, plan, args, bool(defines["PDL"]) and index not in _NO_PDL, hidden, top_k, bias is None,
+                      device)

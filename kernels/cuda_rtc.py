@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["RtcError", "CudaKernel", "compile_kernel", "rtc_available", "tensor_map"]
+__all__ = ["RtcError", "CudaKernel", "BoundLaunch", "compile_kernel", "rtc_available", "tensor_map"]
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _CU_LAUNCH_ATTRIBUTE_COOPERATIVE = 2
@@ -151,30 +151,66 @@ class CudaKernel:
                                                  dynamic_smem), f"raising {name}'s shared memory to {dynamic_smem}")
 
     def __call__(self, grid: int, block: int, *args, pdl: bool = False) -> None:
-        values = []
+        self.bind(grid, block, args, pdl=pdl)()
+
+    def bind(self, grid: int, block: int, args: Sequence, *, pdl: bool = False, stream=None) -> "BoundLaunch":
+        """This kernel's launch with ``args`` marshalled once, on ``stream`` (a raw ``cudaStream_t``; None: the
+        device's current torch stream).  A ``None`` in ``args`` is a pointer given per launch
+        (:meth:`BoundLaunch.__call__`); every other tensor's address is fixed in the launch."""
+        if stream is None:
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+        return BoundLaunch(self, grid, block, args, pdl, stream)
+
+
+class BoundLaunch:
+    """One launch of a :class:`CudaKernel` whose arguments, grid and stream are marshalled once, for a call
+    repeated with new addresses in a few places: marshalling some twenty arguments through ctypes costs more
+    host time than the launch itself."""
+
+    __slots__ = ("kernel", "pdl", "_values", "_slots", "_params", "_attrs", "_config", "_config_ref", "_launch",
+                 "_func")
+
+    def __init__(self, kernel: CudaKernel, grid: int, block: int, args: Sequence, pdl: bool, stream: int):
+        self.kernel, self.pdl = kernel, pdl
+        values, slots = [], []
         for a in args:
-            if isinstance(a, torch.Tensor):
-                values.append(ctypes.c_void_p(a.data_ptr()))
+            if a is None:
+                v = ctypes.c_void_p(0)
+                slots.append(v)
+            elif isinstance(a, torch.Tensor):
+                v = ctypes.c_void_p(a.data_ptr())
             elif isinstance(a, int):
-                values.append(ctypes.c_int32(a))
+                v = ctypes.c_int32(a)
             elif isinstance(a, bytes):
-                values.append(ctypes.create_string_buffer(a, len(a)))
+                v = ctypes.create_string_buffer(a, len(a))
             else:
-                raise TypeError(f"{self.name}: unsupported kernel argument {type(a).__name__}")
-        params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-        wanted = [(_CU_LAUNCH_ATTRIBUTE_COOPERATIVE, self.cooperative),
-                  (_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, pdl)]
-        attrs = (_LaunchAttribute * 2)()
+                raise TypeError(f"{kernel.name}: unsupported kernel argument {type(a).__name__}")
+            values.append(v)
+        self._values, self._slots = values, tuple(slots)  # the values own the memory the params point at
+        self._params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        self._attrs = (_LaunchAttribute * 2)()
         count = 0
-        for key, on in wanted:
+        for key, on in ((_CU_LAUNCH_ATTRIBUTE_COOPERATIVE, kernel.cooperative),
+                        (_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, pdl)):
             if on:
-                attrs[count].id, attrs[count].value = key, 1
+                self._attrs[count].id, self._attrs[count].value = key, 1
                 count += 1
-        config = _LaunchConfig((grid, 1, 1), (block, 1, 1), self.dynamic_smem,
-                               ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream), attrs, count)
-        result = _driver().cuLaunchKernelEx(ctypes.byref(config), self._func, params, None)
-        what = " (cooperative)" if self.cooperative else ""
-        _check_cu(result, f"launching {self.name}{what}{' with programmatic dependent launch' if pdl else ''}")
+        self._config = _LaunchConfig((grid, 1, 1), (block, 1, 1), kernel.dynamic_smem, ctypes.c_void_p(stream),
+                                     self._attrs, count)
+        self._config_ref = ctypes.byref(self._config)
+        self._launch, self._func = _driver().cuLaunchKernelEx, kernel._func
+
+    def __call__(self, *pointers: int) -> None:
+        """Launch with ``pointers`` (device addresses, ints) in the ``None`` places of the bound arguments."""
+        if len(pointers) != len(self._slots):
+            raise TypeError(f"{self.kernel.name}: {len(self._slots)} per-launch pointers, got {len(pointers)}")
+        for slot, p in zip(self._slots, pointers):
+            slot.value = p
+        result = self._launch(self._config_ref, self._func, self._params, None)
+        if result:
+            what = " (cooperative)" if self.kernel.cooperative else ""
+            _check_cu(result, f"launching {self.kernel.name}{what}"
+                              f"{' with programmatic dependent launch' if self.pdl else ''}")
 
 
 def compile_kernel(source: str, name: str, device: torch.device, dynamic_smem: int = 0,

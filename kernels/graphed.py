@@ -21,6 +21,11 @@ Safety rests on three rules:
 
 The first call with a new key runs eagerly (it compiles the kernels and makes lazily created state outside
 any capture); the second captures and replays.
+
+A kernel whose call is a single launch gains nothing from a graph: the copies in and out cost more host time
+than the launch.  Its ``KernelSpec.direct`` returns, at the second call, a repeat of the call with its launch
+bound once (the one-token CUDA decode, ``cuda_decode.DecodeCall``), kept under the same key and the same rules
+in place of a graph.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ class _Captured:
     def __init__(self, graph, hidden_states, router_logits, out):
         self.graph, self.hidden_states, self.router_logits, self.out = graph, hidden_states, router_logits, out
 
+    def __call__(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        self.hidden_states.copy_(hidden_states)
+        self.router_logits.copy_(router_logits)
+        self.graph.replay()
+        return self.out.clone()
+
 
 class CallGraphs:
     """A process-wide cache of captured kernel calls (see the module docstring)."""
@@ -70,14 +81,17 @@ class CallGraphs:
         self._streams.clear()
 
     def run(self, fn: Callable[..., torch.Tensor], name: str, hidden_states: torch.Tensor,
-            router_logits: torch.Tensor, weights, scales: tuple, args, biases: Optional[dict] = None) -> torch.Tensor:
+            router_logits: torch.Tensor, weights, scales: tuple, args, biases: Optional[dict] = None,
+            direct: Optional[Callable] = None) -> torch.Tensor:
         """``fn(hidden_states, router_logits, weights, *scales, args, **biases)``, replayed from a graph when one
         exists.
 
         ``scales``: the remaining tensor (or None) arguments in ``fn``'s order; ``args``: the call's
         ``RunArgs`` (hashable); ``biases``: keyword tensors (the expert biases), keys of the graph like the
         weights.  The options in force (``args.options`` or the scoped default) are part of the key; with
-        ``call_graphs`` off, or while the stream is capturing, ``fn`` runs directly.
+        ``call_graphs`` off, or while the stream is capturing, ``fn`` runs directly.  ``direct`` (the kernel's
+        ``KernelSpec.direct``, same arguments as ``fn``) may return, instead of a graph, a cheaper repeat of
+        the call: ``repeat(hidden_states, router_logits)`` -> output, or None where it refuses (``fn`` runs).
         """
         biases = biases or {}
         options = kernel_options.current(args.options)
@@ -94,14 +108,20 @@ class CallGraphs:
             if entry is None:
                 self._remember(key, _WARMED)
             elif entry is _WARMED:
-                entry = self._capture(key, stream, fn, hidden_states, router_logits, weights, scales, args, biases)
+                entry = None if direct is None else direct(hidden_states, router_logits, weights, *scales, args,
+                                                           **biases)
+                if entry is None:
+                    entry = self._capture(key, stream, fn, hidden_states, router_logits, weights, scales, args,
+                                          biases)
+                else:
+                    self._remember(key, entry)
             else:
                 self._graphs.move_to_end(key)
             if entry is not None:
-                entry.hidden_states.copy_(hidden_states)
-                entry.router_logits.copy_(router_logits)
-                entry.graph.replay()
-                return entry.out.clone()
+                out = entry(hidden_states, router_logits)
+                if out is not None:
+                    return out
+                self._graphs.pop(key, None)  # a repeat that refused; the next call warms the key again
         return fn(hidden_states, router_logits, weights, *scales, args, **biases)
 
     def _remember(self, key, value) -> None:

@@ -92,6 +92,10 @@ class KernelSpec:
     # Calls of at most this many tokens replay from CUDA graphs the kernel captures itself (kernels.graphed):
     # worth it where the host's launches outlast the GPU work.  0: never (the kernel is not capture-safe).
     graph_tokens: int = 0
+    # For those calls: ``direct(same arguments as run)`` may return a repeat of the call cheaper than a graph's
+    # copies and replay (``repeat(hidden_states, router_logits) -> output or None``), or None (a graph is
+    # captured).  Valid while the call's key in kernels.graphed holds.
+    direct: Optional[Callable] = None
     # Preference when several kernels are available on a device (higher wins).
     priority: int = 0
     # Activations this kernel lacks, mapped to the reason shown to the user.

@@ -180,9 +180,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     if tokens == 0:
         return out
     biases = w13_bias is not None or w2_bias is not None
-    problem = Problem(tokens, top_k, experts, hidden, inter, gated, routing, n_group, topk_group,
-                      routed_experts if local else None,
-                      biases=biases, activation_params=activation in PARAMETRIC_ACTIVATIONS)
+    problem = _problem(tokens, weights, top_k, activation, routing, n_group, topk_group, global_num_experts, biases)
     plan = plan_call(problem, device, options) if config is None else plan_config(config, problem, options)
     if plan.variant == "cuda_decode":
         done = _cuda_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias,
@@ -256,6 +254,13 @@ def _localize(topk_w: torch.Tensor, topk_ids: torch.Tensor, offset: int, experts
     return torch.where(mine, topk_w, 0.0).contiguous(), torch.where(mine, local, -1).contiguous()
 
 
+def _problem(tokens: int, weights: registry.MoEWeights, top_k: int, activation: str, routing: str, n_group,
+             topk_group, global_num_experts: Optional[int], biases: bool) -> Problem:
+    experts, hidden, inter = weights.w13.shape[0], weights.w13.shape[2] * 2, weights.w2.shape[2] * 2
+    return Problem(tokens, top_k, experts, hidden, inter, is_gated(activation), routing, n_group, topk_group,
+                   global_num_experts, biases=biases, activation_params=activation in PARAMETRIC_ACTIVATIONS)
+
+
 def _cuda_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias, n_group,
                  topk_group, routed_scaling_factor, out, options, biases=False) -> Optional[torch.Tensor]:
     """The one-launch CUDA decode of one token, or None where it refuses this call at run time (dtypes,
@@ -316,6 +321,28 @@ def _run(hidden_states, router_logits, weights: registry.MoEWeights, input_globa
                             w2_bias=w2_bias, routing_params=args.routing_params)
 
 
+def _direct(hidden_states, router_logits, weights: registry.MoEWeights, input_global_scale, intermediate_global_scale,
+            routing_bias, args: registry.RunArgs, *, w13_bias=None, w2_bias=None):
+    """The call of :func:`_run` bound once where it is one launch of the CUDA decode (``KernelSpec.direct``;
+    the call already ran through :func:`fused_moe_triton`, so its checks passed); None for the others."""
+    biases = w13_bias is not None or w2_bias is not None
+    if hidden_states.shape[0] != 1 or biases or args.global_num_experts is not None:
+        return None
+    options = current(args.options)
+    problem = _problem(1, weights, args.top_k, args.activation, args.routing, args.n_group, args.topk_group, None,
+                       False)
+    if plan_call(problem, hidden_states.device, options).variant != "cuda_decode":
+        return None
+    decode_args = (hidden_states, router_logits, weights, args.top_k, args.activation, args.routing, routing_bias,
+                   args.n_group, args.topk_group, args.routed_scaling_factor)
+    if cuda_decode.unsupported_reason(*decode_args, options=options) is not None:
+        return None
+    return cuda_decode.bind_decode(hidden_states, router_logits, weights, top_k=args.top_k,
+                                   activation=args.activation, routing=args.routing, routing_bias=routing_bias,
+                                   n_group=args.n_group, topk_group=args.topk_group,
+                                   routed_scaling_factor=args.routed_scaling_factor, options=options)
+
+
 TRITON = registry.register(registry.KernelSpec(
     name="triton",
     description="Triton NVFP4-weight / bf16-activation fused MoE (CUDA, compute capability >= 8.0, tuned on "
@@ -327,6 +354,7 @@ TRITON = registry.register(registry.KernelSpec(
     prepare=_prepare,
     prepare_state=_prepare_state,
     run=_run,
+    direct=_direct,
     quantizes_activations=False,
     graph_tokens=64,  # an H100 host takes 150-550 us to set up a call that runs 20-200 us on the GPU
     priority=10,

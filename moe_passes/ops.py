@@ -316,7 +316,7 @@ def _run_kernel(spec: registry.KernelSpec, args: registry.RunArgs, hidden_states
     try:
         if hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
             return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales, args,
-                                           biases)
+                                           biases, spec.direct)
         return spec.run(hidden_states, router_logits, weights, *scales, args, **biases)
     except MoENonFiniteError as exc:
         raise MoENonFiniteError(f"{_where(layer)}: {exc}") from None

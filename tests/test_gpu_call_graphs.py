@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_passes import FusedMoE
-from moe_passes.kernels import graphed, registry
+from moe_passes.kernels import cuda_decode, graphed, registry
 from moe_passes.kernels.options import KernelOptions, use
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -28,16 +28,22 @@ def _layer(seed: int) -> FusedMoE:
     return moe.cuda().requires_grad_(False)
 
 
-def _call(moe: FusedMoE, graphs, x, logits):
+def _call(moe: FusedMoE, graphs, x, logits, direct=True):
     spec = registry.get(moe.kernel)
     scales = (moe.input_global_scale, moe.intermediate_global_scale, moe.routing_bias)
     if graphs is None:
         return spec.run(x, logits, moe.kernel_weights(), *scales, moe._run_args())
-    return graphs.run(spec.run, spec.name, x, logits, moe.kernel_weights(), scales, moe._run_args())
+    return graphs.run(spec.run, spec.name, x, logits, moe.kernel_weights(), scales, moe._run_args(),
+                      direct=spec.direct if direct else None)
 
 
+def _sm90() -> bool:
+    return torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["spec-direct", "graphs-only"])
 @pytest.mark.parametrize("cuda_decode_on", [True, False])
-def test_replays_equal_direct_calls(cuda_decode_on):
+def test_replays_equal_direct_calls(cuda_decode_on, direct):
     moe = _layer(seed=int(cuda_decode_on))
     graphs = graphed.CallGraphs()
     with use(KernelOptions(cuda_decode=cuda_decode_on)):
@@ -45,9 +51,39 @@ def test_replays_equal_direct_calls(cuda_decode_on):
             for _ in range(4):
                 x = torch.randn(tokens, H, device="cuda").bfloat16()
                 logits = torch.randn(tokens, E, device="cuda")
-                got = _call(moe, graphs, x, logits)
+                got = _call(moe, graphs, x, logits, direct)
                 assert torch.equal(got, _call(moe, None, x, logits))
             assert len(graphs) == captured  # the calls after the first replayed one graph per token count
+            # one token on the CUDA decode repeats its bound launch instead of a graph; all else is a graph
+            bound = direct and cuda_decode_on and tokens == 1 and _sm90()
+            entry = next(reversed(graphs._graphs.values()))
+            assert isinstance(entry, cuda_decode.DecodeCall) == bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the one-launch CUDA decode needs SM90")
+def test_bound_cuda_decode_repeats_equal_fresh_launches():
+    """The repeat of a one-token call with its launch bound once (``cuda_decode.DecodeCall``) equals a fresh
+    launch of the same kernel on fresh inputs: a DeepSeek-V3-routed layer (routing bias, scaling factor, bf16
+    logits: the bias is its own argument) and hidden states that are not 16-byte aligned (copied first)."""
+    g = torch.Generator().manual_seed(31)
+    experts, groups = 32, 4
+    moe = FusedMoE.from_float(torch.randn(experts, 2 * I, H, generator=g) / H ** 0.5,
+                              torch.randn(experts, H, I, generator=g) / 16, top_k=4, routing="deepseek_v3",
+                              n_group=groups, topk_group=2, routed_scaling_factor=2.5,
+                              routing_bias=torch.randn(experts, generator=g),
+                              calibration=torch.randn(32, H, generator=g)).cuda().requires_grad_(False)
+    graphs = graphed.CallGraphs()
+    spare = torch.empty(H + 1, device="cuda", dtype=torch.bfloat16)
+    for step in range(6):
+        logits = torch.randn(1, experts, device="cuda").bfloat16()
+        x = torch.randn(1, H, device="cuda").bfloat16()
+        if step % 2:
+            x = spare[1:].view(1, H).copy_(x)  # two bytes past an aligned address
+            assert x.data_ptr() % 16
+        got = _call(moe, graphs, x, logits)
+        assert torch.equal(got, _call(moe, None, x, logits))
+    assert isinstance(next(iter(graphs._graphs.values())), cuda_decode.DecodeCall)
 
 
 def test_options_are_part_of_the_key_and_can_turn_graphs_off():
