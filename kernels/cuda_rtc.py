@@ -5,7 +5,8 @@ machine and takes a minute per build.  Why not ``torch.cuda._compile_kernel``: i
 CUDA_HOME's headers, so it fails where only the pip CUDA libraries are installed.  NVRTC ships with every
 CUDA build of torch (the ``nvidia-cuda-nvrtc`` wheel), and the kernels here include no headers, so this
 module needs nothing but ``libnvrtc`` and the driver's ``libcuda``.  Compiling one kernel takes about a
-second, so callers keep what :func:`compile_kernel` returns.
+second, so callers keep what :func:`compile_kernel` returns, and its cubin is kept on disk beside inductor's
+caches for the next process.
 
 Launches go to the current torch stream with ``cuLaunchKernelEx`` (cooperative and programmatic-dependent
 launches are its attributes), so they are captured by CUDA graphs like any other kernel.
@@ -16,12 +17,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import hashlib
 import os
-from typing import Sequence
+import tempfile
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["RtcError", "CudaKernel", "BoundLaunch", "compile_kernel", "rtc_available", "tensor_map"]
+__all__ = ["RtcError", "CudaKernel", "BoundLaunch", "compile_kernel", "cached_cubin", "rtc_available", "tensor_map"]
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _CU_LAUNCH_ATTRIBUTE_COOPERATIVE = 2
@@ -213,16 +216,80 @@ class BoundLaunch:
                               f"{' with programmatic dependent launch' if self.pdl else ''}")
 
 
+def _nvrtc_version() -> tuple:
+    lib = _nvrtc()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check_nvrtc(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "version")
+    return major.value, minor.value
+
+
+def _cache_root() -> Optional[str]:
+    """Where cubins are kept between processes: beside inductor's own caches (``TORCHINDUCTOR_CACHE_DIR``), so
+    a fresh or shared inductor cache directory means the same for these; None where inductor's caches are
+    turned off (``force_disable_caches``)."""
+    from torch._inductor import config
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    if config.force_disable_caches:
+        return None
+    return os.path.join(cache_dir(), "moe_nvfp4_cubin")
+
+
+def _cubin_path(source: str, name: str, arch: str, options: Sequence[str]) -> Optional[str]:
+    root = _cache_root()
+    if root is None:
+        return None
+    key = hashlib.sha256(repr((source, name, arch, tuple(options), _nvrtc_version())).encode()).hexdigest()
+    return os.path.join(root, f"{name}-{key[:40]}.cubin")
+
+
+def _store(path: str, cubin: bytes) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), delete=False) as f:  # whole, then renamed
+            f.write(cubin)
+        os.replace(f.name, path)
+    except OSError:
+        pass
+
+
+def cached_cubin(source: str, name: str, arch: str, options: Sequence[str] = ()) -> tuple:
+    """``(cubin, from_disk)``: :func:`_nvrtc_cubin`'s result, kept on disk under a hash of everything that
+    decides it (source, kernel name, architecture, options and NVRTC's version), so a second process loads it
+    instead of compiling for a second.  A cache that cannot be read or written is skipped, never an error."""
+    path = _cubin_path(source, name, arch, options)
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                return f.read(), True
+        except OSError:
+            pass
+    cubin = _nvrtc_cubin(source, name, arch, options)
+    if path is not None:
+        _store(path, cubin)
+    return cubin, False
+
+
 def compile_kernel(source: str, name: str, device: torch.device, dynamic_smem: int = 0,
                    options: Sequence[str] = (), cooperative: bool = False) -> CudaKernel:
-    """Compile ``source`` for ``device``'s architecture (``sm_XY``) and load ``name`` from it.  Not cached:
-    a caller keeps the kernel (``cuda_decode`` keeps one per set of defines)."""
+    """Compile ``source`` for ``device``'s architecture (``sm_XY``), or take its cubin from the disk cache
+    (:func:`cached_cubin`), and load ``name`` from it.  A caller keeps the kernel (``cuda_decode`` keeps one per
+    set of defines)."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     device = torch.device("cuda", index)
     major, minor = torch.cuda.get_device_capability(device)
-    return CudaKernel(_nvrtc_cubin(source, name, f"sm_{major}{minor}", options), name, device, dynamic_smem,
-                      cooperative)
+    arch = f"sm_{major}{minor}"
+    cubin, from_disk = cached_cubin(source, name, arch, options)
+    try:
+        return CudaKernel(cubin, name, device, dynamic_smem, cooperative)
+    except RtcError:
+        if not from_disk:
+            raise
+    # a cached cubin the driver refuses (truncated, written for another driver): compile it afresh
+    cubin = _nvrtc_cubin(source, name, arch, options)
+    _store(_cubin_path(source, name, arch, options), cubin)
+    return CudaKernel(cubin, name, device, dynamic_smem, cooperative)
 
 
 _CU_TENSOR_MAP_DATA_TYPE_UINT32 = 2
