@@ -488,7 +488,7 @@ def bind_decode(hidden_states: torch.Tensor, router_logits: torch.Tensor, weight
     plan = plan_for(device, hidden, inter, experts, top_k, gated, groups, options, grid)
     has_bias = deepseek and routing_bias is not None
     scale = float(routed_scaling_factor) if (deepseek and routed_scaling_factor is not None) else 1.0
-    bias = routing_bias.contiguous() if has_bias else None
+    bias = routing_bias.contiguous() if has_bias else None  # the call keeps it alive (its args)
     defines = dict(
         H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=ACT_CODES[activation],
         METHOD=METHOD_CODES[routing], NGROUP=groups, TOPKGROUP=(topk_group or groups) if deepseek else 1,

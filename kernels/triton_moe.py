@@ -328,6 +328,8 @@ def _direct(hidden_states, router_logits, weights: registry.MoEWeights, input_gl
     biases = w13_bias is not None or w2_bias is not None
     if hidden_states.shape[0] != 1 or biases or args.global_num_experts is not None:
         return None
+    if routing_bias is not None and not routing_bias.is_contiguous():  # a bound copy would miss later writes
+        return None
     options = current(args.options)
     problem = _problem(1, weights, args.top_k, args.activation, args.routing, args.n_group, args.topk_group, None,
                        False)
