@@ -411,9 +411,13 @@ class DecodeCall:
     the routing bias and the stream it was bound to are the same memory (the caller keys it on them)."""
 
     def __init__(self, kernel, plan: DecodePlan, args: tuple, pdl: bool, hidden: int, top_k: int,
-                 bias_is_logits: bool, device: torch.device):
-        self._kernel, self._plan, self._args = kernel, plan, args
-        self._launch = kernel.bind(plan.grid, plan.threads, args, pdl=pdl)
+                 bias_is_logits: bool, device: torch.device, keep: Optional[torch.Tensor] = None):
+        import ctypes
+
+        # addresses, not tensors: a call kept in a process-wide cache must not keep a deleted layer's weights
+        self._kernel, self._plan, self._keep = kernel, plan, keep
+        self._args = tuple(ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
+        self._launch = kernel.bind(plan.grid, plan.threads, self._args, pdl=pdl)
         self._hidden, self._top_k, self._bias_is_logits, self._device = hidden, top_k, bias_is_logits, device
         # the CTAs' fp32 partial outputs, then the routing's weights (fp32) and ids (int32): one allocation
         self._partials = plan.grid * hidden * 4
@@ -488,7 +492,7 @@ def bind_decode(hidden_states: torch.Tensor, router_logits: torch.Tensor, weight
     plan = plan_for(device, hidden, inter, experts, top_k, gated, groups, options, grid)
     has_bias = deepseek and routing_bias is not None
     scale = float(routed_scaling_factor) if (deepseek and routed_scaling_factor is not None) else 1.0
-    bias = routing_bias.contiguous() if has_bias else None  # the call keeps it alive (its args)
+    bias = routing_bias.contiguous() if has_bias else None
     defines = dict(
         H_=hidden, I_=inter, E_=experts, TOPK=top_k, GATED=int(gated), ACT=ACT_CODES[activation],
         METHOD=METHOD_CODES[routing], NGROUP=groups, TOPKGROUP=(topk_group or groups) if deepseek else 1,
@@ -523,4 +527,4 @@ def bind_decode(hidden_states: torch.Tensor, router_logits: torch.Tensor, weight
     args = (None, None, bias, w13, s13, g13, w2, s2, g2, table, None, sync, None, None, None,
             sync if trace is None else trace, *maps)
     return DecodeCall(kernel, plan, args, bool(defines["PDL"]) and index not in _NO_PDL, hidden, top_k, bias is None,
-                      device)
+                      device, keep=bias if bias is not routing_bias else None)  # a copy lives with the call

@@ -159,7 +159,8 @@ class CudaKernel:
     def bind(self, grid: int, block: int, args: Sequence, *, pdl: bool = False, stream=None) -> "BoundLaunch":
         """This kernel's launch with ``args`` marshalled once, on ``stream`` (a raw ``cudaStream_t``; None: the
         device's current torch stream).  A ``None`` in ``args`` is a pointer given per launch
-        (:meth:`BoundLaunch.__call__`); every other tensor's address is fixed in the launch."""
+        (:meth:`BoundLaunch.__call__`); every tensor's address (or ``ctypes.c_void_p``) is fixed in the launch,
+        which keeps no reference to the tensor."""
         if stream is None:
             stream = torch.cuda.current_stream(self.device).cuda_stream
         return BoundLaunch(self, grid, block, args, pdl, stream)
@@ -182,6 +183,8 @@ class BoundLaunch:
                 slots.append(v)
             elif isinstance(a, torch.Tensor):
                 v = ctypes.c_void_p(a.data_ptr())
+            elif isinstance(a, ctypes.c_void_p):  # an address given as such (holds no reference to its memory)
+                v = ctypes.c_void_p(a.value)
             elif isinstance(a, int):
                 v = ctypes.c_int32(a)
             elif isinstance(a, bytes):
