@@ -5,7 +5,9 @@ so a replay must match it bit for bit, on fresh inputs every call, on every Hopp
 (the one-launch CUDA decode and the Triton decodes).
 """
 
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -84,6 +86,10 @@ def test_bound_cuda_decode_repeats_equal_fresh_launches():
         got = _call(moe, graphs, x, logits)
         assert torch.equal(got, _call(moe, None, x, logits))
     assert isinstance(next(iter(graphs._graphs.values())), cuda_decode.DecodeCall)
+    weights = weakref.ref(moe._buffers["_kernel_w13"])
+    del moe, got
+    gc.collect()
+    assert weights() is None  # the kept call holds addresses, not the layer's tensors
 
 
 def test_options_are_part_of_the_key_and_can_turn_graphs_off():
