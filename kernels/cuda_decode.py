@@ -35,6 +35,7 @@ use different streams: the barrier's counter is kept per (device, stream, grid).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import warnings
@@ -412,8 +413,6 @@ class DecodeCall:
 
     def __init__(self, kernel, plan: DecodePlan, args: tuple, pdl: bool, hidden: int, top_k: int,
                  bias_is_logits: bool, device: torch.device, keep: Optional[torch.Tensor] = None):
-        import ctypes
-
         # addresses, not tensors: a call kept in a process-wide cache must not keep a deleted layer's weights
         self._kernel, self._plan, self._keep = kernel, plan, keep
         self._args = tuple(ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
