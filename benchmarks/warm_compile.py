@@ -2,6 +2,7 @@
 
     python benchmarks/warm_compile.py [--model qwen3-30b-a3b] [--layers 8] [--out DIR]
     python benchmarks/warm_compile.py --tiny --device cpu          # the same mechanism on the CPU, tiny model
+    python benchmarks/warm_compile.py --profile 40                 # and where the warm process spends its time
 
 Runs ``moe-nvfp4 bench --model M --warm-cache`` twice, each in its own Python process, with one fresh cache
 directory for both (``TORCHINDUCTOR_CACHE_DIR``, and ``TRITON_CACHE_DIR`` inside it): the first process
@@ -24,9 +25,10 @@ import tempfile
 import time
 
 
-def _run(args, cache: str, out: str) -> dict:
+def _run(args, cache: str, out: str, profile: str = "") -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-    cmd = [sys.executable, "-m", "moe_passes.cli", "bench", "--model", args.model, "--layers", str(args.layers),
+    prof = ["-m", "cProfile", "-o", profile] if profile else []
+    cmd = [sys.executable, *prof, "-m", "moe_passes.cli", "bench", "--model", args.model, "--layers", str(args.layers),
            "--device", args.device, "--warm-cache", "--batches", "1", "--rounds", "1", "--steps", "2",
            "--warmup", "1", "--prefill", str(args.prefill), "--prefill-repeats", "1", "--profile-steps", "0",
            "--mode", args.mode, "--out", out] + (["--tiny"] if args.tiny else [])
@@ -52,10 +54,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=".")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="run the warm process under cProfile (warm.prof in --out) and print its top N functions "
+                             "of Triton, inductor and this package's kernels, ops and passes by cumulative time")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    profile = os.path.abspath(os.path.join(args.out, "warm.prof")) if args.profile else ""
     with tempfile.TemporaryDirectory(prefix="moe_nvfp4_warm_") as cache:
-        runs = [_run(args, cache, os.path.join(cache, f"run{i}.json")) for i in (1, 2)]
+        runs = [_run(args, cache, os.path.join(cache, f"run{i}.json"), profile if i == 2 else "") for i in (1, 2)]
     cold, warm = runs
     result = dict(model=args.model, layers=args.layers, tiny=args.tiny, device=cold["meta"]["device"],
                   date=cold["meta"].get("date"), torch=cold["meta"].get("torch"), command=" ".join(sys.argv),
@@ -69,6 +75,13 @@ def main(argv=None) -> int:
             print(f"{variant + ' ' + what[:-2]:16s}{c:9.2f}{w:9.2f}{w / c:11.2f}")
     with open(os.path.join(args.out, "warm_compile.json"), "w") as f:
         json.dump(result, f, indent=1)
+    if profile:
+        import pstats
+
+        print(f"\n# the warm process under cProfile ({profile}): where compile-time work remains, by cumulative time")
+        stats = pstats.Stats(profile)
+        stats.sort_stats("cumulative").print_stats(r"triton|_inductor|moe_passes/(kernels|ops|backend|passes)",
+                                                    args.profile)
     return 0
 
 
