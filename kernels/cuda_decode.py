@@ -47,6 +47,7 @@ import torch
 from moe_passes.contract import PARAMETRIC_ACTIVATIONS, is_gated
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import registry
+from moe_passes.kernels.cuda_rtc import RtcError
 from moe_passes.kernels.options import KernelOptions, current
 from moe_passes.kernels.triton_common import ACT_CODES
 from moe_passes.kernels.triton_layout import BAND_ROWS as _BAND, PIECE_GROUPS
@@ -443,15 +444,11 @@ class DecodeCall:
                                                                                        weights)
         try:
             self._launch(*pointers)
-        except Exception as exc:  # RtcError; rare, so its import stays off the call path
+        except RtcError as exc:
             return self._refused(exc, pointers, out)
         return out
 
-    def _refused(self, exc: Exception, pointers: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
-        from moe_passes.kernels.cuda_rtc import RtcError
-
-        if not isinstance(exc, RtcError):
-            raise exc
+    def _refused(self, exc: RtcError, pointers: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
         index = self._device.index
         try:
             if not self._launch.pdl:
@@ -473,8 +470,6 @@ def bind_decode(hidden_states: torch.Tensor, router_logits: torch.Tensor, weight
                 trace: Optional[torch.Tensor] = None) -> Optional[DecodeCall]:
     """A :class:`DecodeCall` for calls shaped like this one on the current stream (the arguments of
     :func:`decode_one_token`), or None when the kernel cannot be built here (warned once)."""
-    from moe_passes.kernels.cuda_rtc import RtcError
-
     if activation in PARAMETRIC_ACTIVATIONS:  # its ACT chain would run the code as ReLU^2
         raise MoEConfigError(f"the one-launch CUDA decode has no epilogue for {activation!r}")
     if routing not in ROUTING.methods:  # its METHOD chain would route sparsemixer as llama4

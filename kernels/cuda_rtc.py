@@ -130,13 +130,13 @@ def _nvrtc_cubin(source: str, name: str, arch: str, options: Sequence[str]) -> b
 
 
 class CudaKernel:
-    """A compiled ``extern "C"`` kernel of one device.  Call with pointers (tensors), 32-bit ints and
-    ``bytes`` (a by-value struct parameter such as a tensor map, :func:`tensor_map`).  ``cooperative``:
-    launched as a cooperative kernel, whose contract is that every CTA of the grid is resident at once (the
-    driver refuses a grid that cannot be), as a kernel that waits for all its CTAs needs.  A call with
-    ``pdl=True`` lets the launch start before the previous work in the stream has finished (programmatic
-    dependent launch): the kernel must then run ``griddepcontrol.wait`` before it touches memory that work
-    may write or read."""
+    """A compiled ``extern "C"`` kernel of one device, launched through :meth:`bind` with pointers (tensors,
+    addresses), 32-bit ints and ``bytes`` (a by-value struct parameter such as a tensor map,
+    :func:`tensor_map`).  ``cooperative``: launched as a cooperative kernel, whose contract is that every CTA of
+    the grid is resident at once (the driver refuses a grid that cannot be), as a kernel that waits for all its
+    CTAs needs.  A launch bound with ``pdl=True`` may start before the previous work in the stream has
+    finished (programmatic dependent launch): the kernel must then run ``griddepcontrol.wait`` before it
+    touches memory that work may write or read."""
 
     def __init__(self, cubin: bytes, name: str, device: torch.device, dynamic_smem: int, cooperative: bool = False):
         self.name, self.device, self.dynamic_smem, self.cooperative = name, device, dynamic_smem, cooperative
@@ -152,9 +152,6 @@ class CudaKernel:
             if dynamic_smem > 48 * 1024:
                 _check_cu(drv.cuFuncSetAttribute(self._func, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                                  dynamic_smem), f"raising {name}'s shared memory to {dynamic_smem}")
-
-    def __call__(self, grid: int, block: int, *args, pdl: bool = False) -> None:
-        self.bind(grid, block, args, pdl=pdl)()
 
     def bind(self, grid: int, block: int, args: Sequence, *, pdl: bool = False, stream=None) -> "BoundLaunch":
         """This kernel's launch with ``args`` marshalled once, on ``stream`` (a raw ``cudaStream_t``; None: the
