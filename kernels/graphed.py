@@ -82,7 +82,7 @@ class CallGraphs:
 
     def run(self, fn: Callable[..., torch.Tensor], name: str, hidden_states: torch.Tensor,
             router_logits: torch.Tensor, weights, scales: tuple, args, biases: Optional[dict] = None,
-            direct: Optional[Callable] = None) -> torch.Tensor:
+            direct: Optional[Callable] = None, key=None) -> torch.Tensor:
         """``fn(hidden_states, router_logits, weights, *scales, args, **biases)``, replayed from a graph when one
         exists.
 
@@ -92,17 +92,21 @@ class CallGraphs:
         ``call_graphs`` off, or while the stream is capturing, ``fn`` runs directly.  ``direct`` (the kernel's
         ``KernelSpec.direct``, same arguments as ``fn``) may return, instead of a graph, a cheaper repeat of
         the call: ``repeat(hidden_states, router_logits)`` -> output, or None where it refuses (``fn`` runs).
+        ``key``: a hashable the caller already built that determines all of the above but the stream and
+        options (the op's memoized-check key, ``ops._checked_call``); None builds one here.
         """
         biases = biases or {}
         options = kernel_options.current(args.options)
         contiguous = hidden_states.is_contiguous() and router_logits.is_contiguous()
         if not options.call_graphs or torch.cuda.is_current_stream_capturing() or not contiguous:
             return fn(hidden_states, router_logits, weights, *scales, args, **biases)
-        stream = torch.cuda.current_stream(hidden_states.device)
-        key = (name, hidden_states.device.index, stream.cuda_stream, hidden_states.shape, hidden_states.dtype,
-               router_logits.shape, router_logits.dtype, tuple(_tensor_key(t) for t in weights),
-               tuple(_tensor_key(t) for t in scales), tuple((k, _tensor_key(v)) for k, v in sorted(biases.items())),
-               args, options)
+        device = hidden_states.device.index
+        if key is None:
+            key = (name, device, hidden_states.shape, hidden_states.dtype, router_logits.shape, router_logits.dtype,
+                   tuple(_tensor_key(t) for t in weights), tuple(_tensor_key(t) for t in scales),
+                   tuple((k, _tensor_key(v)) for k, v in sorted(biases.items())), args)
+        # the raw handle, not a Stream object: building one costs more than the rest of a hit
+        key = (key, torch._C._cuda_getCurrentRawStream(device), options)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
@@ -111,8 +115,8 @@ class CallGraphs:
                 entry = None if direct is None else direct(hidden_states, router_logits, weights, *scales, args,
                                                            **biases)
                 if entry is None:
-                    entry = self._capture(key, stream, fn, hidden_states, router_logits, weights, scales, args,
-                                          biases)
+                    entry = self._capture(key, torch.cuda.current_stream(hidden_states.device), fn, hidden_states,
+                                          router_logits, weights, scales, args, biases)
                 else:
                     self._remember(key, entry)
             else:

@@ -250,8 +250,10 @@ def _weights(*tensors) -> registry.MoEWeights:
     return registry.MoEWeights(*tensors)
 
 
-# Calls that passed check_moe_call, keyed by everything it reads (each tensor's shape, dtype and device, and
-# the non-tensor arguments), mapped to the kernel spec and RunArgs: a repeated eager call skips the checks.
+# Calls that passed check_moe_call, keyed by everything it reads (the per-call inputs' shape, dtype and device;
+# every other tensor's address, shape and dtype; the non-tensor arguments), mapped to the kernel spec and
+# RunArgs: a repeated eager call skips the checks, and the key also names the call's record in
+# graphed.CALL_GRAPHS, so a hit builds one key per call, not two.
 _CHECKED: dict = {}
 _CHECKED_MAX = 4096
 
@@ -260,17 +262,22 @@ def _meta(t: Optional[Tensor]):
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
+def _held(t: Optional[Tensor]):
+    # Under unified virtual addressing an address names its device too (CPU memory included).
+    return None if t is None else (t.data_ptr(), t.shape, t.dtype)
+
+
 def _checked_call(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
                   routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
                   layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
                   routing_params, *, padded_input: bool, hidden_size: Optional[int] = None):
-    """:func:`_check_and_args`, memoized: for real calls only (a fake call's sizes may be symbolic)."""
+    """:func:`_check_and_args`, memoized: ``(spec, args, key)``, for real calls only (a fake call's sizes may
+    be symbolic)."""
     # the spec's identity too: its capabilities are part of the check (the entry keeps it alive, so no id reuse)
-    key = (id(registry.get(kernel)), _meta(hidden_states), _meta(router_logits), *map(_meta, weights),
-           _meta(input_global_scale),
-           _meta(intermediate_global_scale), _meta(routing_bias), _meta(w13_bias), _meta(w2_bias), top_k,
-           activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
-           global_num_experts, padded_input, hidden_size,
+    key = (id(registry.get(kernel)), _meta(hidden_states), _meta(router_logits), *map(_held, weights),
+           _held(input_global_scale), _held(intermediate_global_scale), _held(routing_bias), _held(w13_bias),
+           _held(w2_bias), top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
+           local_expert_offset, global_num_experts, padded_input, hidden_size,
            None if activation_params is None else tuple(activation_params),
            None if routing_params is None else tuple(routing_params))
     hit = _CHECKED.get(key)
@@ -281,7 +288,7 @@ def _checked_call(hidden_states, router_logits, weights, input_global_scale, int
             hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias, top_k,
             activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
             global_num_experts, w13_bias, w2_bias, activation_params, routing_params, padded_input, hidden_size)
-    return hit
+    return hit[0], hit[1], key
 
 
 def _check_and_args(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
@@ -305,7 +312,7 @@ def _check_and_args(hidden_states, router_logits, weights, input_global_scale, i
     return registry.get(kernel), args
 
 
-def _run_kernel(spec: registry.KernelSpec, args: registry.RunArgs, hidden_states, router_logits, weights,
+def _run_kernel(spec: registry.KernelSpec, args: registry.RunArgs, key, hidden_states, router_logits, weights,
                 input_global_scale, intermediate_global_scale, routing_bias, layer, w13_bias=None, w2_bias=None):
     if spec.quantizes_activations and hidden_states.device.type == "cpu" and layer not in _RANGE_WARNED:
         _warn_if_beyond_calibration(hidden_states, input_global_scale, layer)
@@ -316,7 +323,7 @@ def _run_kernel(spec: registry.KernelSpec, args: registry.RunArgs, hidden_states
     try:
         if hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
             return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales, args,
-                                           biases, spec.direct)
+                                           biases, spec.direct, key=key)
         return spec.run(hidden_states, router_logits, weights, *scales, args, **biases)
     except MoENonFiniteError as exc:
         raise MoENonFiniteError(f"{_where(layer)}: {exc}") from None
@@ -398,11 +405,11 @@ def trtllm_nvfp4_moe(
     the graph must combine it over that group (``data_parallel``: by a reduce-scatter); the op never does.
     """
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
-    spec, args = _checked_call(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                               routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor,
-                               kernel, layer, local_expert_offset, global_num_experts, w13_bias, w2_bias,
-                               activation_params, routing_params, padded_input=True)
-    return _run_kernel(spec, args, hidden_states, router_logits, weights, input_global_scale,
+    spec, args, key = _checked_call(
+        hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias, top_k,
+        activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
+        global_num_experts, w13_bias, w2_bias, activation_params, routing_params, padded_input=True)
+    return _run_kernel(spec, args, key, hidden_states, router_logits, weights, input_global_scale,
                        intermediate_global_scale, routing_bias, layer, w13_bias, w2_bias)
 
 
@@ -437,17 +444,17 @@ def fused_moe(
     ``group_name`` the same functional collectives), so eager and compiled agree.
     """
     weights = _weights(w13, w13_scale, w13_global_scale, w2, w2_scale, w2_global_scale)
-    spec, args = _checked_call(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
-                               routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor,
-                               kernel, layer, local_expert_offset, global_num_experts, w13_bias, w2_bias,
-                               activation_params, routing_params, padded_input=False, hidden_size=hidden_size)
+    spec, args, key = _checked_call(
+        hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias, top_k,
+        activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
+        global_num_experts, w13_bias, w2_bias, activation_params, routing_params, padded_input=False, hidden_size=hidden_size)
     if group_name and data_parallel:
         hidden_states = parallel.all_gather(hidden_states, group_name)
         router_logits = parallel.all_gather(router_logits, group_name)
     pad = w2.shape[1] - hidden_size
     # pad and slice only where the lowering would (a zero-width pad still copies the activations)
     padded = torch.nn.functional.pad(hidden_states, (0, pad)) if pad else hidden_states
-    out = _run_kernel(spec, args, padded, router_logits, weights, input_global_scale, intermediate_global_scale,
+    out = _run_kernel(spec, args, key, padded, router_logits, weights, input_global_scale, intermediate_global_scale,
                       routing_bias, layer, w13_bias, w2_bias)
     if pad:
         out = out[:, :hidden_size].contiguous()
