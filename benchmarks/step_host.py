@@ -1,6 +1,7 @@
 """Where the host's time goes in one synchronized decode step, bf16 against the converted model (CUDA graphs).
 
     python benchmarks/step_host.py [--model qwen3-30b-a3b] [--batch 1] [--layers 8] [--out DIR]
+                                   [--nvfp4-options pdl=0,cuda_decode_pdl=0 --nvfp4-options cuda_decode=0 ...]
 
 Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`` with
 ``mode="reduce-overhead"`` (bf16 under ``backend="inductor"``, then, after ``convert``, under
@@ -10,7 +11,13 @@ Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`
   the graph launch), not waiting for the GPU;
 * ``event_ms``: CUDA events recorded before and after the call, what ``moe-nvfp4 bench`` reports per step: the
   GPU waits for the host's issue, then runs the graph;
-* ``wall_ms``: the call until its end event completes.
+* ``wall_ms``: the call until its end event completes;
+* ``replay_ms``: the host's time in ``CUDAGraph.replay()`` of the tree's recorded graph alone (the driver's
+  graph launch, without Dynamo or the tree's wrappers).
+
+Each ``--nvfp4-options`` adds a converted variant compiled and captured under those ``KernelOptions`` fields
+(for instance without programmatic dependent launches, or without the cooperative CUDA decode), to tell which
+kernel nodes make a graph's launch cost host time.
 
 Then a cProfile of 40 synchronized steps (the top functions by own time and by cumulative time, one text file per
 variant), and the number of inputs of the CUDA-graph tree's node (parameters and buffers count: each is guarded
@@ -33,21 +40,36 @@ import time
 import torch
 
 from moe_passes import bench_model as bm
+from moe_passes.kernels import options as kernel_options
 
 PROMPT = 64  # prompt tokens before decoding, as moe-nvfp4 bench; every timed round rewinds the cache to it
 CACHE_LEN = 256
 
 
-def _graph_inputs():
+def _root_node():
     # The first root node of the current device's CUDA-graph tree (private: None where the layout differs).
     try:
         from torch._inductor.cudagraph_trees import get_container
 
         tree = get_container(torch.cuda.current_device()).tree_manager
-        node = next(iter(tree.roots.values()))[0]
-        return len(node.static_input_data_ptrs), len(node.static_input_idxs)
+        return next(iter(tree.roots.values()))[0]
     except Exception:
-        return None, None
+        return None
+
+
+def _replay_ms(node, replays: int = 60):
+    """Median host time of ``graph.replay()`` on the node's recorded graph, the GPU idle before each."""
+    graph = getattr(node, "graph", None)
+    if graph is None:
+        return None
+    times = []
+    for _ in range(replays):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
 
 
 def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
@@ -97,9 +119,26 @@ def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
     stats = pstats.Stats(profile, stream=text)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(45)
-    result["graph_inputs"], result["static_inputs"] = _graph_inputs()
+    node = _root_node()
+    result["graph_inputs"] = None if node is None else len(node.static_input_data_ptrs)
+    result["static_inputs"] = None if node is None else len(node.static_input_idxs)
+    result["replay_ms"] = _replay_ms(node)
+    bm._rewind(cache, PROMPT)
     result["profile"] = text.getvalue()
     return result
+
+
+def _options(text: str):
+    """``pdl=0,cuda_decode=1`` -> (label, {field: value}) with each value typed like the field's default."""
+    defaults = kernel_options.KernelOptions()
+    fields = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if not hasattr(defaults, name) or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: want FIELD=VALUE with a KernelOptions field")
+        kind = type(getattr(defaults, name))
+        fields[name] = value not in ("0", "false", "False") if kind is bool else kind(value)
+    return text, fields
 
 
 def main(argv=None) -> int:
@@ -108,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--out", default=".")
+    parser.add_argument("--nvfp4-options", action="append", default=[], type=_options,
+                        help="KernelOptions fields for one more converted variant, e.g. pdl=0,cuda_decode_pdl=0")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("step_host.py times CUDA-graph replays: it needs a CUDA GPU", file=sys.stderr)
@@ -121,13 +162,17 @@ def main(argv=None) -> int:
     with torch.no_grad():
         convert(model, calibration=bm._inputs(vocab, 4, PROMPT, 3).cuda())
     results["nvfp4"] = variant(model, "moe_nvfp4", args.batch)
+    for label, fields in args.nvfp4_options:
+        with kernel_options.use(kernel_options.KernelOptions(**fields)):
+            results[f"nvfp4[{label}]"] = variant(model, "moe_nvfp4", args.batch)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"step_host_{args.model}_b{args.batch}")
     for label, r in results.items():
-        with open(f"{stem}_{label}.txt", "w") as f:
+        with open(f"{stem}_{label.replace('[', '_').replace(']', '').replace(',', '_')}.txt", "w") as f:
             f.write(r.pop("profile"))
+        replay = "-" if r["replay_ms"] is None else f"{r['replay_ms']:.3f} ms"
         print(f"{label:6s} issue {r['issue_ms']:.3f} ms  event {r['event_ms']:.3f} ms  wall {r['wall_ms']:.3f} ms  "
-              f"graph inputs {r['graph_inputs']}")
+              f"replay {replay}  graph inputs {r['graph_inputs']}")
     with open(f"{stem}.json", "w") as f:
         json.dump(dict(model=args.model, batch=args.batch, layers=args.layers, command=" ".join(sys.argv),
                        device=torch.cuda.get_device_name(), torch=torch.__version__, variants=results), f, indent=1)
