@@ -11,9 +11,7 @@ Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`
   the graph launch), not waiting for the GPU;
 * ``event_ms``: CUDA events recorded before and after the call, what ``moe-nvfp4 bench`` reports per step: the
   GPU waits for the host's issue, then runs the graph;
-* ``wall_ms``: the call until its end event completes;
-* ``replay_ms``: the host's time in ``CUDAGraph.replay()`` of the tree's recorded graph alone (the driver's
-  graph launch, without Dynamo or the tree's wrappers).
+* ``wall_ms``: the call until its end event completes.
 
 Each ``--nvfp4-options`` adds a converted variant compiled and captured under those ``KernelOptions`` fields
 (for instance without programmatic dependent launches, or without the cooperative CUDA decode), to tell which
@@ -33,6 +31,7 @@ import io
 import json
 import os
 import pstats
+import re
 import statistics
 import sys
 import time
@@ -55,21 +54,6 @@ def _root_node():
         return next(iter(tree.roots.values()))[0]
     except Exception:
         return None
-
-
-def _replay_ms(node, replays: int = 60):
-    """Median host time of ``graph.replay()`` on the node's recorded graph, the GPU idle before each."""
-    graph = getattr(node, "graph", None)
-    if graph is None:
-        return None
-    times = []
-    for _ in range(replays):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        graph.replay()
-        times.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
@@ -122,7 +106,6 @@ def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
     node = _root_node()
     result["graph_inputs"] = None if node is None else len(node.static_input_data_ptrs)
     result["static_inputs"] = None if node is None else len(node.static_input_idxs)
-    result["replay_ms"] = _replay_ms(node)
     bm._rewind(cache, PROMPT)
     result["profile"] = text.getvalue()
     return result
@@ -159,20 +142,21 @@ def main(argv=None) -> int:
     model = bm.build_model(args.model, config, torch.device("cuda"))
     vocab = config.get_text_config().vocab_size
     results = {"bf16": variant(model, "inductor", args.batch)}
+    print("bf16", {k: v for k, v in results["bf16"].items() if k != "profile"}, flush=True)
     with torch.no_grad():
         convert(model, calibration=bm._inputs(vocab, 4, PROMPT, 3).cuda())
     results["nvfp4"] = variant(model, "moe_nvfp4", args.batch)
     for label, fields in args.nvfp4_options:
         with kernel_options.use(kernel_options.KernelOptions(**fields)):
             results[f"nvfp4[{label}]"] = variant(model, "moe_nvfp4", args.batch)
+        print(label, {k: v for k, v in results[f"nvfp4[{label}]"].items() if k != "profile"}, flush=True)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"step_host_{args.model}_b{args.batch}")
     for label, r in results.items():
-        with open(f"{stem}_{label.replace('[', '_').replace(']', '').replace(',', '_')}.txt", "w") as f:
+        with open(f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', label).strip('_')}.txt", "w") as f:
             f.write(r.pop("profile"))
-        replay = "-" if r["replay_ms"] is None else f"{r['replay_ms']:.3f} ms"
         print(f"{label:6s} issue {r['issue_ms']:.3f} ms  event {r['event_ms']:.3f} ms  wall {r['wall_ms']:.3f} ms  "
-              f"replay {replay}  graph inputs {r['graph_inputs']}")
+              f"graph inputs {r['graph_inputs']}")
     with open(f"{stem}.json", "w") as f:
         json.dump(dict(model=args.model, batch=args.batch, layers=args.layers, command=" ".join(sys.argv),
                        device=torch.cuda.get_device_name(), torch=torch.__version__, variants=results), f, indent=1)
