@@ -11,7 +11,8 @@ starts from them, as a user's second run of a script does.  Each process times b
 ``backend="inductor"``, the converted model under ``backend="moe_nvfp4"``, the bench's mode) with one decode
 batch and a short prefill, so a run is mostly compilation.  Reports each variant's first decode call (its
 compile) and first prefill call, cold and warm, and warm / cold (issue 26: at most 0.25 for ``moe_nvfp4``).
-Writes ``warm_compile.json`` to ``--out``.
+Also lists the kernels the warm process compiled instead of loading from the caches (Triton entries and NVRTC
+cubins written after the cold process ended).  Writes ``warm_compile.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,23 @@ def _run(args, cache: str, out: str, profile: str = "") -> dict:
                 prefill_s={v: f[f"prefill_{args.prefill}"][0] for v, f in firsts.items()})
 
 
+def _written_since(cache: str, since: float) -> dict:
+    """The kernels the warm process compiled rather than loaded: Triton cache entries (``<kernel>.json`` beside each
+    binary, group files left out) and NVRTC cubins written after ``since``, by name."""
+    found = {"triton": [], "moe_nvfp4_cubin": []}
+    for sub in found:
+        for root, _, files in os.walk(os.path.join(cache, sub)):
+            for name in files:
+                path = os.path.join(root, name)
+                if os.path.getmtime(path) < since:
+                    continue
+                if sub == "triton" and name.endswith(".json") and not name.startswith("__grp__"):
+                    found[sub].append(name[:-5])
+                elif sub != "triton":
+                    found[sub].append(name)
+    return {k: sorted(v) for k, v in found.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen3-30b-a3b")
@@ -61,11 +79,13 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     profile = os.path.abspath(os.path.join(args.out, "warm.prof")) if args.profile else ""
     with tempfile.TemporaryDirectory(prefix="moe_nvfp4_warm_") as cache:
-        runs = [_run(args, cache, os.path.join(cache, f"run{i}.json"), profile if i == 2 else "") for i in (1, 2)]
-    cold, warm = runs
+        cold = _run(args, cache, os.path.join(cache, "run1.json"))
+        between = time.time()
+        warm = _run(args, cache, os.path.join(cache, "run2.json"), profile)
+        missed = _written_since(cache, between)
     result = dict(model=args.model, layers=args.layers, tiny=args.tiny, device=cold["meta"]["device"],
                   date=cold["meta"].get("date"), torch=cold["meta"].get("torch"), command=" ".join(sys.argv),
-                  cold=cold, warm=warm, warm_over_cold={})
+                  cold=cold, warm=warm, warm_over_cold={}, compiled_in_warm_process=missed)
     print(f"# {result['device']}  {args.model}{' (tiny)' if args.tiny else ''}, {args.layers} layers")
     print(f"{'':16s}{'cold s':>9s}{'warm s':>9s}{'warm/cold':>11s}")
     for what in ("decode_s", "prefill_s"):
@@ -73,6 +93,8 @@ def main(argv=None) -> int:
             c, w = cold[what][variant], warm[what][variant]
             result["warm_over_cold"][f"{variant}_{what[:-2]}"] = w / c
             print(f"{variant + ' ' + what[:-2]:16s}{c:9.2f}{w:9.2f}{w / c:11.2f}")
+    for cache_name, names in missed.items():
+        print(f"compiled again by the warm process ({cache_name}): {', '.join(names) or 'none'}")
     with open(os.path.join(args.out, "warm_compile.json"), "w") as f:
         json.dump(result, f, indent=1)
     if profile:
