@@ -447,7 +447,8 @@ def fused_moe(
     spec, args, key = _checked_call(
         hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale, routing_bias, top_k,
         activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
-        global_num_experts, w13_bias, w2_bias, activation_params, routing_params, padded_input=False, hidden_size=hidden_size)
+        global_num_experts, w13_bias, w2_bias, activation_params, routing_params, padded_input=False,
+        hidden_size=hidden_size)
     if group_name and data_parallel:
         hidden_states = parallel.all_gather(hidden_states, group_name)
         router_logits = parallel.all_gather(router_logits, group_name)
