@@ -44,7 +44,9 @@ MAX_GRAPHS = 4096
 _WARMED = object()  # a key seen once: the next call with it captures
 
 
-def _tensor_key(t: Optional[torch.Tensor]):
+def tensor_key(t: Optional[torch.Tensor]):
+    """A tensor by address, shape and dtype (None stays None): under unified virtual addressing the address
+    names its device too, CPU memory included."""
     if t is None:
         return None
     return (t.data_ptr(), t.shape, t.dtype)
@@ -103,8 +105,8 @@ class CallGraphs:
         device = hidden_states.device.index
         if key is None:
             key = (name, device, hidden_states.shape, hidden_states.dtype, router_logits.shape, router_logits.dtype,
-                   tuple(_tensor_key(t) for t in weights), tuple(_tensor_key(t) for t in scales),
-                   tuple((k, _tensor_key(v)) for k, v in sorted(biases.items())), args)
+                   tuple(tensor_key(t) for t in weights), tuple(tensor_key(t) for t in scales),
+                   tuple((k, tensor_key(v)) for k, v in sorted(biases.items())), args)
         # the raw handle, not a Stream object: building one costs more than the rest of a hit
         key = (key, torch._C._cuda_getCurrentRawStream(device), options)
         with self._lock:

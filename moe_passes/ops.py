@@ -24,6 +24,7 @@ from moe_passes.contract import activation_params as _params_of
 from moe_passes.contract import routing_params as _routing_params_of
 from moe_passes.errors import MoEConfigError, MoEError, MoENonFiniteError, MoERangeWarning, MoEShapeError
 from moe_passes.kernels import graphed, registry
+from moe_passes.kernels.graphed import tensor_key
 from moe_passes.kernels.nvfp4 import E2M1_MAX, E4M3_MAX
 
 __all__ = ["fused_moe", "trtllm_nvfp4_moe", "check_moe_call", "check_layer_inputs", "FUSED_MOE", "KERNEL_OP",
@@ -262,11 +263,6 @@ def _meta(t: Optional[Tensor]):
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-def _held(t: Optional[Tensor]):
-    # Under unified virtual addressing an address names its device too (CPU memory included).
-    return None if t is None else (t.data_ptr(), t.shape, t.dtype)
-
-
 def _checked_call(hidden_states, router_logits, weights, input_global_scale, intermediate_global_scale,
                   routing_bias, top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel,
                   layer, local_expert_offset, global_num_experts, w13_bias, w2_bias, activation_params,
@@ -274,10 +270,10 @@ def _checked_call(hidden_states, router_logits, weights, input_global_scale, int
     """:func:`_check_and_args`, memoized: ``(spec, args, key)``, for real calls only (a fake call's sizes may
     be symbolic)."""
     # the spec's identity too: its capabilities are part of the check (the entry keeps it alive, so no id reuse)
-    key = (id(registry.get(kernel)), _meta(hidden_states), _meta(router_logits), *map(_held, weights),
-           _held(input_global_scale), _held(intermediate_global_scale), _held(routing_bias), _held(w13_bias),
-           _held(w2_bias), top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer,
-           local_expert_offset, global_num_experts, padded_input, hidden_size,
+    key = (id(registry.get(kernel)), _meta(hidden_states), _meta(router_logits), *map(tensor_key, weights),
+           *map(tensor_key, (input_global_scale, intermediate_global_scale, routing_bias, w13_bias, w2_bias)),
+           top_k, activation, routing, n_group, topk_group, routed_scaling_factor, kernel, layer, local_expert_offset,
+           global_num_experts, padded_input, hidden_size,
            None if activation_params is None else tuple(activation_params),
            None if routing_params is None else tuple(routing_params))
     hit = _CHECKED.get(key)
