@@ -106,7 +106,6 @@ def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
     node = _root_node()
     result["graph_inputs"] = None if node is None else len(node.static_input_data_ptrs)
     result["static_inputs"] = None if node is None else len(node.static_input_idxs)
-    bm._rewind(cache, PROMPT)
     result["profile"] = text.getvalue()
     return result
 
