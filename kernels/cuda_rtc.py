@@ -153,14 +153,11 @@ class CudaKernel:
                 _check_cu(drv.cuFuncSetAttribute(self._func, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                                  dynamic_smem), f"raising {name}'s shared memory to {dynamic_smem}")
 
-    def bind(self, grid: int, block: int, args: Sequence, *, pdl: bool = False, stream=None) -> "BoundLaunch":
-        """This kernel's launch with ``args`` marshalled once, on ``stream`` (a raw ``cudaStream_t``; None: the
-        device's current torch stream).  A ``None`` in ``args`` is a pointer given per launch
-        (:meth:`BoundLaunch.__call__`); every tensor's address (or ``ctypes.c_void_p``) is fixed in the launch,
-        which keeps no reference to the tensor."""
-        if stream is None:
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-        return BoundLaunch(self, grid, block, args, pdl, stream)
+    def bind(self, grid: int, block: int, args: Sequence, *, pdl: bool = False) -> "BoundLaunch":
+        """This kernel's launch with ``args`` marshalled once, on the device's current torch stream.  A ``None``
+        in ``args`` is a pointer given per launch (:meth:`BoundLaunch.__call__`); every tensor's address (or
+        ``ctypes.c_void_p``) is fixed in the launch, which keeps no reference to the tensor."""
+        return BoundLaunch(self, grid, block, args, pdl, torch.cuda.current_stream(self.device).cuda_stream)
 
 
 class BoundLaunch:
