@@ -12,7 +12,8 @@ starts from them, as a user's second run of a script does.  Each process times b
 batch and a short prefill, so a run is mostly compilation.  Reports each variant's first decode call (its
 compile) and first prefill call, cold and warm, and warm / cold (issue 26: at most 0.25 for ``moe_nvfp4``).
 Also lists the kernels the warm process compiled instead of loading from the caches (Triton entries and NVRTC
-cubins written after the cold process ended).  Writes ``warm_compile.json`` to ``--out``.
+cubins written after the cold process ended) and, for each Triton kernel, the compile options in which its new
+entry differs from the cold process's entries of the same kernel.  Writes ``warm_compile.json`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _run(args, cache: str, out: str, profile: str = "") -> dict:
         data = json.load(f)
     firsts = {v: data["variants"][v]["first_calls_s"] for v in ("bf16", "nvfp4")}
     return dict(wall_s=wall, command=" ".join(cmd[1:]), meta=data["meta"],
+                triton_ptxas_path={v: data["variants"][v].get("triton_ptxas_path") for v in ("bf16", "nvfp4")},
                 decode_s={v: f["decode_b1"][0] for v, f in firsts.items()},
                 prefill_s={v: f[f"prefill_{args.prefill}"][0] for v, f in firsts.items()})
 
@@ -61,6 +63,32 @@ def _written_since(cache: str, since: float) -> dict:
                 elif sub != "triton":
                     found[sub].append(name)
     return {k: sorted(v) for k, v in found.items()}
+
+
+def _metadata_diffs(cache: str, since: float) -> dict:
+    """Why the warm process missed Triton's cache: for each kernel it compiled, the fields of its metadata (the
+    compile options: warps, stages, libdevice, PDL, ...) that differ from the nearest entry of the same kernel
+    the cold process wrote.  No field differing means the cache keys differ outside the options: the kernel's
+    source or argument specialization, the ptxas version, or a cache-invalidating environment variable."""
+    entries: dict = {}
+    for root, _, files in os.walk(os.path.join(cache, "triton")):
+        for name in files:
+            if name.endswith(".json") and not name.startswith("__grp__"):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    meta = {k: v for k, v in json.load(f).items() if k != "hash"}
+                entries.setdefault(name[:-5], []).append((os.path.getmtime(path) >= since, meta))
+    diffs = {}
+    for kernel, found in sorted(entries.items()):
+        cold = [m for warm, m in found if not warm]
+        for warm_meta in (m for warm, m in found if warm):
+            if not cold:
+                diffs.setdefault(kernel, []).append("no entry of the cold process")
+                continue
+            nearest = min(cold, key=lambda m: sum(m.get(k) != v for k, v in warm_meta.items()))
+            diffs.setdefault(kernel, []).append(
+                {k: [nearest.get(k), v] for k, v in warm_meta.items() if nearest.get(k) != v})
+    return diffs
 
 
 def main(argv=None) -> int:
@@ -83,6 +111,7 @@ def main(argv=None) -> int:
         between = time.time()
         warm = _run(args, cache, os.path.join(cache, "run2.json"), profile)
         missed = _written_since(cache, between)
+        missed["triton_metadata_diffs"] = _metadata_diffs(cache, between)
     result = dict(model=args.model, layers=args.layers, tiny=args.tiny, device=cold["meta"]["device"],
                   date=cold["meta"].get("date"), torch=cold["meta"].get("torch"), command=" ".join(sys.argv),
                   cold=cold, warm=warm, warm_over_cold={}, compiled_in_warm_process=missed)
@@ -93,8 +122,10 @@ def main(argv=None) -> int:
             c, w = cold[what][variant], warm[what][variant]
             result["warm_over_cold"][f"{variant}_{what[:-2]}"] = w / c
             print(f"{variant + ' ' + what[:-2]:16s}{c:9.2f}{w:9.2f}{w / c:11.2f}")
-    for cache_name, names in missed.items():
-        print(f"compiled again by the warm process ({cache_name}): {', '.join(names) or 'none'}")
+    for cache_name in ("triton", "moe_nvfp4_cubin"):
+        print(f"compiled again by the warm process ({cache_name}): {', '.join(missed[cache_name]) or 'none'}")
+    for kernel, diffs in missed["triton_metadata_diffs"].items():
+        print(f"  {kernel}: " + "; ".join(str(d) if d else "same options as a cold entry" for d in diffs))
     with open(os.path.join(args.out, "warm_compile.json"), "w") as f:
         json.dump(result, f, indent=1)
     if profile:
