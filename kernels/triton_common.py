@@ -22,6 +22,25 @@ try:  # programmatic dependent launch (Triton >= 3.4); without it the kernels ju
 except ImportError:  # pragma: no cover
     gdc_launch_dependents = gdc_wait = None
 
+
+def _ptxas_as_inductor() -> None:
+    """Point Triton at the ptxas inductor picks (on torch 2.11 its bundled ``torch/bin/ptxas``, unless
+    ``TRITON_PTXAS_PATH`` is set), as inductor does before it compiles or loads a kernel in this process.
+
+    Triton's disk-cache key holds the version of its ptxas.  Inductor sets the path in-process only on some paths
+    (a warm process loading its cached graphs does, a cold one compiling in worker processes does not), so our
+    kernels' keys depended on inductor's history in the process and a warm second process compiled every one of
+    them again."""
+    try:
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+    except ImportError:  # pragma: no cover - a torch without it: Triton's own ptxas, as before
+        return
+    _set_triton_ptxas_path()
+
+
+if triton is not None:
+    _ptxas_as_inductor()
+
 # The activation codes of the Triton epilogues (``apply_act``) and of the CUDA decode's ``ACT`` define (which
 # has no branch for swiglu_oai: ``cuda_decode`` refuses it).
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu2": 3, "swiglu_oai": 4}
