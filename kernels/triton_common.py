@@ -27,10 +27,10 @@ def _ptxas_as_inductor() -> None:
     """Point Triton at the ptxas inductor picks (on torch 2.11 its bundled ``torch/bin/ptxas``, unless
     ``TRITON_PTXAS_PATH`` is set), as inductor does before it compiles or loads a kernel in this process.
 
-    Triton's disk-cache key holds the version of its ptxas.  Inductor sets the path in-process only on some paths
-    (a warm process loading its cached graphs does, a cold one compiling in worker processes does not), so our
-    kernels' keys depended on inductor's history in the process and a warm second process compiled every one of
-    them again."""
+    Triton's disk-cache key holds the version of its ptxas, and inductor sets the path in-process only on some
+    paths (on an H100 it was set in a warm process that loaded inductor's cached graphs, unset in the cold one
+    that compiled them in worker processes), so our kernels' keys depended on inductor's history in the process
+    and a warm second process compiled every one of them again."""
     try:
         from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
     except ImportError:  # pragma: no cover - a torch without it: Triton's own ptxas, as before

@@ -467,8 +467,8 @@ def run_variant(label: str, model, backend: str, settings: Settings, device: tor
                 result["prefill"]["profile"] = dict(error=f"{type(exc).__name__}: {exc}"[:500])
     result["compile_s"] = result["first_calls_s"][f"decode_b{settings.batches[0]}"][0]
     result["counters"] = {k: v - counters_before[k] for k, v in _compile_counters().items()}
-    # Triton's cache key holds the ptxas version, and inductor points Triton at torch's ptxas where it compiles in
-    # this process: what a later compile in the process will key on (warm_compile.py compares processes).
+    # The ptxas Triton keys this process's later compiles on (its cache key holds the version; warm_compile.py
+    # compares processes).
     result["triton_ptxas_path"] = os.environ.get("TRITON_PTXAS_PATH")
     log(f"  {label:6s} {result['counters']}")
     if device.type == "cuda":
