@@ -94,8 +94,9 @@ class CallGraphs:
         ``call_graphs`` off, or while the stream is capturing, ``fn`` runs directly.  ``direct`` (the kernel's
         ``KernelSpec.direct``, same arguments as ``fn``) may return, instead of a graph, a cheaper repeat of
         the call: ``repeat(hidden_states, router_logits)`` -> output, or None where it refuses (``fn`` runs).
-        ``key``: a hashable the caller already built that determines all of the above but the stream and
-        options (the op's memoized-check key, ``ops._checked_call``); None builds one here.
+        ``key``: a hashable the caller already built that determines all of the above but the inputs' shapes
+        and dtypes, the stream and the options (the op's memoized-check key, ``ops._checked_call``, taken before
+        ``fused_moe`` gathers and pads its inputs); None builds one here.
         """
         biases = biases or {}
         options = kernel_options.current(args.options)
@@ -104,11 +105,13 @@ class CallGraphs:
             return fn(hidden_states, router_logits, weights, *scales, args, **biases)
         device = hidden_states.device.index
         if key is None:
-            key = (name, device, hidden_states.shape, hidden_states.dtype, router_logits.shape, router_logits.dtype,
-                   tuple(tensor_key(t) for t in weights), tuple(tensor_key(t) for t in scales),
+            key = (name, device, tuple(tensor_key(t) for t in weights), tuple(tensor_key(t) for t in scales),
                    tuple((k, tensor_key(v)) for k, v in sorted(biases.items())), args)
-        # the raw handle, not a Stream object: building one costs more than the rest of a hit
-        key = (key, torch._C._cuda_getCurrentRawStream(device), options)
+        # The inputs as the graph sees them (a caller's key may predate a gather or pad that changes them; a
+        # replay copies them in, and copy_ would broadcast a smaller input).  The raw stream handle, not a Stream
+        # object: building one costs more than the rest of a hit.
+        key = (key, hidden_states.shape, hidden_states.dtype, router_logits.shape, router_logits.dtype,
+               torch._C._cuda_getCurrentRawStream(device), options)
         with self._lock:
             entry = self._graphs.get(key)
             if entry is None:
