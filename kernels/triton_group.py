@@ -8,6 +8,7 @@ import torch
 
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels.triton_common import next_pow2, tl, triton
+from moe_passes.kernels.triton_launch import launch
 
 __all__ = ["align"]
 
@@ -152,9 +153,9 @@ def align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, 
         if bm > 16 or tail:
             raise MoEConfigError(f"the one-program grouping takes blocks of at most 16 rows and no tails, got "
                                  f"bm={bm}, tail={tail}")
-        _group_kernel[(1,)](flat_ids, counts, starts, sorted_ids, bexp, n, max_rows, max_blocks, E=experts,
-                            EP=next_pow2(experts), P=next_pow2(n), MB=next_pow2(max_blocks),
-                            MR=next_pow2(max_rows), BM=bm, RB=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        launch(_group_kernel, (1,), flat_ids, counts, starts, sorted_ids, bexp, n, max_rows, max_blocks, E=experts,
+               EP=next_pow2(experts), P=next_pow2(n), MB=next_pow2(max_blocks),
+               MR=next_pow2(max_rows), BM=bm, RB=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
         return sorted_ids, bexp, None
     rank = torch.empty(n, dtype=torch.int32, device=device)
     texp = tidx = None
@@ -162,13 +163,12 @@ def align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, 
         texp = torch.empty(max_tails, dtype=torch.int32, device=device)
         tidx = torch.empty(experts, dtype=torch.int32, device=device)
     block = 1024
-    _rank_kernel[(triton.cdiv(max_rows, block),)](flat_ids, counts, rank, sorted_ids, n, max_rows, BLOCK=block,
-                                                  PDL=pdl, num_warps=4, launch_pdl=pdl)
-    _starts_kernel[(1,)](counts, starts, bexp, tidx if tail else starts, texp if tail else bexp, max_blocks,
-                         max_tails if tail else 0, E=experts, EP=next_pow2(experts), BM=bm, CF=64, BT=tail,
-                         PDL=pdl, num_warps=4, launch_pdl=pdl)
-    _scatter_kernel[(triton.cdiv(n, block),)](flat_ids, rank, starts, counts, tidx if tail else starts, sorted_ids,
-                                              n, max_blocks * bm, BLOCK=block, BM=bm, BT=tail, PDL=pdl,
-                                              num_warps=4, launch_pdl=pdl)
+    launch(_rank_kernel, (triton.cdiv(max_rows, block),), flat_ids, counts, rank, sorted_ids, n, max_rows,
+           BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    launch(_starts_kernel, (1,), counts, starts, bexp, tidx if tail else starts, texp if tail else bexp, max_blocks,
+           max_tails if tail else 0, E=experts, EP=next_pow2(experts), BM=bm, CF=64, BT=tail,
+           PDL=pdl, num_warps=4, launch_pdl=pdl)
+    launch(_scatter_kernel, (triton.cdiv(n, block),), flat_ids, rank, starts, counts, tidx if tail else starts,
+           sorted_ids, n, max_blocks * bm, BLOCK=block, BM=bm, BT=tail, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return sorted_ids, bexp, texp
 

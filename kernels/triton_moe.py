@@ -38,6 +38,7 @@ from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import cuda_decode, registry
 from moe_passes.kernels.options import KernelOptions, current
 from moe_passes.kernels.triton_common import ACT_CODES, gdc_wait, tl, triton
+from moe_passes.kernels.triton_launch import launch
 from moe_passes.kernels.triton_layout import to_band_layout, to_triton_layout
 from moe_passes.kernels.triton_plan import (Config, DecodeConfig, DeviceInfo, Plan, Problem, cached_plan, k_split,
                                             plan_config)
@@ -205,10 +206,9 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
             inter=inter, top_k=top_k, gated=gated, activation=activation, k_per_split=k_per_split, pdl=pdl,
             one_program=plan.one_program_grouping, activation_params=params, w13_bias=w13_bias, w2_bias=w2_bias)
     block = 1024
-    combine_kernel[(tokens, triton.cdiv(hidden, block))](y, out, pairs, hidden, out.stride(0),
-                                                         TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl,
-                                                         **(dict(ids_ptr=flat_ids, LOCAL=True) if local else {}),
-                                                         num_warps=4, launch_pdl=pdl)
+    launch(combine_kernel, (tokens, triton.cdiv(hidden, block)), y, out, pairs, hidden, out.stride(0),
+           TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl, **(dict(ids_ptr=flat_ids, LOCAL=True) if local else {}),
+           num_warps=4, launch_pdl=pdl)
     return out
 
 

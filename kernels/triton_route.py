@@ -13,6 +13,7 @@ from moe_passes.contract import routing_params as routing_params_of
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import reference, registry
 from moe_passes.kernels.triton_common import next_pow2, tl, triton
+from moe_passes.kernels.triton_launch import launch
 
 __all__ = ["METHOD_CODES", "FUSED_ROUTING", "RouteSpec", "route_spec", "route"]
 
@@ -189,10 +190,9 @@ def route(router_logits, top_k, routing, routing_bias, n_group, topk_group, rout
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=router_logits.device)
     if tokens:
-        _route_kernel[(tokens,)](spec.logits, spec.bias, weights, ids, ids if zero is None else zero,
-                                 0 if zero is None else zero.numel(), spec.logits.stride(0), experts, spec.param,
-                                 K=top_k, PDL=pdl, num_warps=1 if experts <= 256 else 4, launch_pdl=pdl,
-                                 **spec.consts)
+        launch(_route_kernel, (tokens,), spec.logits, spec.bias, weights, ids, ids if zero is None else zero,
+               0 if zero is None else zero.numel(), spec.logits.stride(0), experts, spec.param,
+               K=top_k, PDL=pdl, num_warps=1 if experts <= 256 else 4, launch_pdl=pdl, **spec.consts)
     elif zero is not None:
         zero.zero_()
     return weights, ids

@@ -57,6 +57,7 @@ import torch
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels.triton_common import epilogue_args, tl, triton
 from moe_passes.kernels.triton_group import align
+from moe_passes.kernels.triton_launch import launch
 from moe_passes.kernels.triton_plan import DECODE_CHUNK, DecodeConfig, k_split
 
 __all__ = ["decode_tc"]
@@ -587,23 +588,22 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeCo
     direct = split1 == 1
     part = inter_buf if direct else torch.empty(split1, pairs, w13.shape[1], dtype=torch.float32, device=device)
     act, bias1, bias2 = epilogue_args(activation, activation_params, w13_bias, w2_bias)
-    _tgemv1_kernel[(blocks, triton.cdiv(inter, 16 if cfg.ks1 > 1 else 16 * warps1), split1)](
-        hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
-        inter_buf, part, pairs, hidden_states.stride(0) // 4, per1 // 16,
-        H=hidden, I=inter, TOP_K=top_k, GATED=gated, GROUPED=cfg.grouped, WARPS=warps1,
-        SPLIT=split1, PF=cfg.prefetch, VEC=cfg.vec1 and _vec_ok(hidden, w13, w13_scale),
-        XVEC=cfg.vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=cfg.ks1, COLS=cfg.cols, **act,
-        **(bias1 if direct else {}), num_warps=warps1, num_stages=1, launch_pdl=pdl)
+    launch(_tgemv1_kernel, (blocks, triton.cdiv(inter, 16 if cfg.ks1 > 1 else 16 * warps1), split1),
+           hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, flat_ids, sorted_ids, bexp,
+           inter_buf, part, pairs, hidden_states.stride(0) // 4, per1 // 16,
+           H=hidden, I=inter, TOP_K=top_k, GATED=gated, GROUPED=cfg.grouped, WARPS=warps1,
+           SPLIT=split1, PF=cfg.prefetch, VEC=cfg.vec1 and _vec_ok(hidden, w13, w13_scale),
+           XVEC=cfg.vec1 and _rows_aligned(hidden_states), PDL=pdl, KS=cfg.ks1, COLS=cfg.cols, **act,
+           **(bias1 if direct else {}), num_warps=warps1, num_stages=1, launch_pdl=pdl)
     early = cfg.early2 if pdl else 0
     if not direct:
         if bias1:
             bias1 = dict(bias1, ids_ptr=flat_ids)
-        act_kernel[(pairs, triton.cdiv(inter, 1024))](part, inter_buf, pairs, inter, GATED=gated, SPLIT=split1,
-                                                      BLOCK=1024, PDL=pdl, LAUNCH_FIRST=early > 0, **act, **bias1,
-                                                      num_warps=4, launch_pdl=pdl)
-    _tgemv2_kernel[(blocks, triton.cdiv(hidden, 16 * cfg.warps2), y.shape[0])](
-        inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
-        k_per_split // 16,
-        H=hidden, I=inter, GROUPED=cfg.grouped, WARPS=cfg.warps2, PF=cfg.prefetch,
-        VEC=cfg.vec2 and _vec_ok(inter, w2, w2_scale), XVEC=cfg.vec2 and _rows_aligned(inter_buf), PDL=pdl,
-        EARLY=early, COLS=cfg.cols, **bias2, num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)
+        launch(act_kernel, (pairs, triton.cdiv(inter, 1024)), part, inter_buf, pairs, inter, GATED=gated,
+               SPLIT=split1, BLOCK=1024, PDL=pdl, LAUNCH_FIRST=early > 0, **act, **bias1, num_warps=4, launch_pdl=pdl)
+    launch(_tgemv2_kernel, (blocks, triton.cdiv(hidden, 16 * cfg.warps2), y.shape[0]),
+           inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, flat_ids, sorted_ids, bexp, topk_w, y, pairs,
+           k_per_split // 16,
+           H=hidden, I=inter, GROUPED=cfg.grouped, WARPS=cfg.warps2, PF=cfg.prefetch,
+           VEC=cfg.vec2 and _vec_ok(inter, w2, w2_scale), XVEC=cfg.vec2 and _rows_aligned(inter_buf), PDL=pdl,
+           EARLY=early, COLS=cfg.cols, **bias2, num_warps=cfg.warps2, num_stages=1, launch_pdl=pdl)

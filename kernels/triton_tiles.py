@@ -19,6 +19,7 @@ import torch
 from moe_passes.kernels.options import TRITON_INTERPRET
 from moe_passes.kernels.triton_common import epilogue_args, tl, triton
 from moe_passes.kernels.triton_group import align
+from moe_passes.kernels.triton_launch import launch
 from moe_passes.kernels.triton_plan import TileConfig
 
 __all__ = ["GRID_Y_MAX", "tile_grid", "gemm1_constexprs", "gemm2_constexprs", "run_tiles"]
@@ -309,14 +310,13 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     act, bias1, bias2 = epilogue_args(activation, activation_params, w13_bias, w2_bias)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
-        _gemm1_kernel[grid1](hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
-                             rows_inter, pairs, hidden, inter, hidden_states.stride(0),
-                             **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=nfirst,
-                                                act=act),
-                             **bias1, num_warps=c.warps1, num_stages=c.stages1, launch_pdl=pdl)
+        launch(_gemm1_kernel, grid1, hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
+               rows_inter, pairs, hidden, inter, hidden_states.stride(0),
+               **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=nfirst, act=act),
+               **bias1, num_warps=c.warps1, num_stages=c.stages1, launch_pdl=pdl)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2), y.shape[0])
-        _gemm2_kernel[grid2](rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
-                             pairs, hidden, inter, k_per_split,
-                             **gemm2_constexprs(c, inter=inter, pdl=pdl, nfirst=nfirst),
-                             **bias2, num_warps=c.warps2, num_stages=c.stages2, launch_pdl=pdl)
+        launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w,
+               y, pairs, hidden, inter, k_per_split,
+               **gemm2_constexprs(c, inter=inter, pdl=pdl, nfirst=nfirst),
+               **bias2, num_warps=c.warps2, num_stages=c.stages2, launch_pdl=pdl)
