@@ -10,8 +10,9 @@ default mode (no CUDA graphs) its host time is what the GPU waits on.
 ``launch`` keys the compiled kernel on what Triton specializes on, read with plain Python (each tensor's dtype
 and 16-byte alignment, each integer's width and whether it is 1 or a multiple of 16, the constexprs, the launch
 options, the current device, Triton's debug flag), and on a hit calls the kernel's launcher directly.  A miss, a
-callable grid, an argument it cannot key, an installed launch hook (profilers) or the interpreter take Triton's
-own path, which also compiles.
+callable grid, an argument it cannot key, an installed launch hook (profilers), the interpreter or a Triton
+release other than 3.6, the one it is tested on (the launcher's calling convention is private), take Triton's own
+path, which also compiles.
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ import torch
 __all__ = ["launch", "arg_key"]
 
 try:
+    import triton
     from triton import knobs
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 except ImportError:  # no Triton, one older than 3.4 or a stand-in: every launch takes ``fn[grid]``
     knobs = driver = JITFunction = None
+else:  # the compiled launcher's calling convention is Triton's private API: bind only on the release tested
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) != (3, 6):
+        knobs = driver = JITFunction = None
 
 _I32 = 1 << 31
 _I64 = 1 << 63

@@ -12,6 +12,8 @@ tl = pytest.importorskip("triton.language")
 from moe_passes.kernels import triton_launch  # noqa: E402
 from moe_passes.kernels.triton_launch import arg_key, launch  # noqa: E402
 
+binds = pytest.mark.skipif(triton_launch.JITFunction is None, reason="this Triton release launches through fn[grid]")
+
 
 @triton.jit
 def _axpy(x_ptr, y_ptr, n, a, out_ptr=None, SCALE: tl.constexpr = 1, BLOCK: tl.constexpr = 1024):
@@ -29,6 +31,7 @@ def _expect(x, y, n, a, scale=1):
     return scale * (a * x[:n].double() + y[:n].double()) + n
 
 
+@binds
 def test_rebinds_where_triton_specializes_and_reuses_with_this_calls_values():
     triton_launch._KERNELS.pop(_axpy, None)  # the other tests' bindings would be reused below
     g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
@@ -59,6 +62,7 @@ def test_rebinds_where_triton_specializes_and_reuses_with_this_calls_values():
     assert seen == [1, 1, 2, 3, 4, 5, 5, 6, 7, 7], seen
 
 
+@binds
 def test_a_bound_launch_skips_tritons_front_end(monkeypatch):
     x = torch.randn(2048, device="cuda")
     y = torch.zeros_like(x)
@@ -113,6 +117,7 @@ def test_launch_hooks_and_callable_grids_take_tritons_path():
     torch.testing.assert_close(y, x + 300)
 
 
+@binds
 def test_keys_agree_with_tritons_specialization():
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
