@@ -108,9 +108,9 @@ def launch(fn, grid, *args, **kwargs):
     device = driver.active.get_current_device()
     names = tuple(kwargs)
     params = site.runtime
-    try:  # keyword constexprs and launch options (num_warps, launch_pdl, ...) count by value
+    try:  # keyword constexprs and launch options count by type and value (True == 1 == 1.0 as dict keys)
         key = (device, runtime.debug, names, *map(arg_key, args),
-               *[arg_key(v) if k in params else v for k, v in kwargs.items()])
+               *[arg_key(v) if k in params else (v.__class__, v) for k, v in kwargs.items()])
         hit = site.bound.get(key)
     except (_Unkeyable, TypeError):  # TypeError: an unhashable constexpr
         return fn[grid](*args, **kwargs)
