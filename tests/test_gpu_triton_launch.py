@@ -38,11 +38,12 @@ def test_rebinds_where_triton_specializes_and_reuses_with_this_calls_values():
     base = torch.randn(4200, device="cuda", generator=g)
     other = torch.randn(4200, device="cuda", generator=g)
     seen = []
-    # aligned / misaligned pointers, n == 1, a multiple of 16 or not, a keyword output, a constexpr, fp16 data;
+    # aligned / misaligned pointers, n == 1, a multiple of 16 or not, a keyword output, a constexpr (int, then an
+    # equal float), fp16 data;
     # the repeats must reuse a binding with their own tensors and scalars
     cases = [dict(off=0, n=4096), dict(off=0, n=4096), dict(off=1, n=4096), dict(off=0, n=1), dict(off=0, n=17),
              dict(off=3, n=33, out=True), dict(off=3, n=49, out=True), dict(off=0, n=4096, scale=3),
-             dict(off=0, n=4096, half=True), dict(off=1, n=4000)]
+             dict(off=0, n=4096, scale=3.0), dict(off=0, n=4096, half=True), dict(off=1, n=4000)]
     for case in cases:
         off, n = case["off"], case["n"]
         x, y = base[off:off + n], other[off:off + n].clone()
@@ -59,7 +60,7 @@ def test_rebinds_where_triton_specializes_and_reuses_with_this_calls_values():
         got = out if case.get("out") else y
         torch.testing.assert_close(got.double(), want, rtol=2e-3 if case.get("half") else 1e-6, atol=1e-3)
         seen.append(len(triton_launch._KERNELS[_axpy].bound))
-    assert seen == [1, 1, 2, 3, 4, 5, 5, 6, 7, 7], seen
+    assert seen == [1, 1, 2, 3, 4, 5, 5, 6, 7, 8, 8], seen
 
 
 @binds
