@@ -97,8 +97,8 @@ def main(argv=None) -> int:
 
     paths = {"jit": jit, "bound": bound}
     os.makedirs(args.out, exist_ok=True)
-    cubins = tempfile.mkdtemp(prefix="launch_cost_")
-    static, why = _static_launcher(kernel, cubins)
+    with tempfile.TemporaryDirectory(prefix="launch_cost_") as cubins:  # the launcher reads it once, at load
+        static, why = _static_launcher(kernel, cubins)
     if static is not None:
         paths["inductor_static"] = lambda: static.run(*grid, stream_of(index), *tensors, *ints)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
