@@ -26,6 +26,11 @@ A kernel whose call is a single launch gains nothing from a graph: the copies in
 than the launch.  Its ``KernelSpec.direct`` returns, at the second call, a repeat of the call with its launch
 bound once (the one-token CUDA decode, ``cuda_decode.DecodeCall``), kept under the same key and the same rules
 in place of a graph.
+
+Calls above ``graph_tokens`` are never captured (a graph per token count would hold a memory pool per prefill
+length), but the same cache keeps their repeats: ``KernelSpec.replay`` returns, at the second call, the call's
+launches recorded once (``triton_launch.Replay``), repeated on each call's own inputs and freshly allocated
+output and workspace; where it refuses, the key remembers that and the kernel runs each call itself.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from moe_passes.kernels import options as kernel_options
 MAX_GRAPHS = 4096
 
 _WARMED = object()  # a key seen once: the next call with it captures
+_UNREPEATED = object()  # a key whose call has no repeat and must not be captured: the kernel runs it
 
 
 def tensor_key(t: Optional[torch.Tensor]):
@@ -76,7 +82,7 @@ class CallGraphs:
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return sum(1 for v in self._graphs.values() if v is not _WARMED)
+        return sum(1 for v in self._graphs.values() if v is not _WARMED and v is not _UNREPEATED)
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -84,7 +90,7 @@ class CallGraphs:
 
     def run(self, fn: Callable[..., torch.Tensor], name: str, hidden_states: torch.Tensor,
             router_logits: torch.Tensor, weights, scales: tuple, args, biases: Optional[dict] = None,
-            direct: Optional[Callable] = None, key=None) -> torch.Tensor:
+            direct: Optional[Callable] = None, key=None, capture: bool = True) -> torch.Tensor:
         """``fn(hidden_states, router_logits, weights, *scales, args, **biases)``, replayed from a graph when one
         exists.
 
@@ -96,7 +102,8 @@ class CallGraphs:
         the call: ``repeat(hidden_states, router_logits)`` -> output, or None where it refuses (``fn`` runs).
         ``key``: a hashable the caller already built that determines all of the above but the inputs' shapes
         and dtypes, the stream and the options (the op's memoized-check key, ``ops._checked_call``, taken before
-        ``fused_moe`` gathers and pads its inputs); None builds one here.
+        ``fused_moe`` gathers and pads its inputs); None builds one here.  ``capture=False``: a call that
+        ``direct`` does not repeat runs ``fn`` every time instead of being captured.
         """
         biases = biases or {}
         options = kernel_options.current(args.options)
@@ -119,11 +126,14 @@ class CallGraphs:
             elif entry is _WARMED:
                 entry = None if direct is None else direct(hidden_states, router_logits, weights, *scales, args,
                                                            **biases)
-                if entry is None:
+                if entry is None and capture:
                     entry = self._capture(key, torch.cuda.current_stream(hidden_states.device), fn, hidden_states,
                                           router_logits, weights, scales, args, biases)
                 else:
-                    self._remember(key, entry)
+                    self._remember(key, _UNREPEATED if entry is None else entry)
+            elif entry is _UNREPEATED:
+                entry = None
+                self._graphs.move_to_end(key)
             else:
                 self._graphs.move_to_end(key)
             if entry is not None:

@@ -53,7 +53,8 @@ class KernelOptions:
     # A/B experiments: the Triton variant (``triton_plan.VARIANTS``, not the CUDA decode) every call takes
     # instead of the table's; "" keeps the table.
     variant: str = ""
-    # Calls of at most their kernel's ``graph_tokens`` replay a CUDA graph the kernel captured (kernels.graphed).
+    # Calls of at most their kernel's ``graph_tokens`` replay a CUDA graph the kernel captured, larger ones their
+    # recorded launches (kernels.graphed); False: every call runs the kernel's Python entry.
     call_graphs: bool = True
     # TRTLLM: most tokens per launch (None: the kernel's limit, ``contract.trtllm_chunk_size``); tests lower it.
     trtllm_chunk_size: Optional[int] = None

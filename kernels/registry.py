@@ -96,6 +96,10 @@ class KernelSpec:
     # copies and replay (``repeat(hidden_states, router_logits) -> output or None``), or None (a graph is
     # captured).  Valid while the call's key in kernels.graphed holds.
     direct: Optional[Callable] = None
+    # For calls above ``graph_tokens``: ``replay(same arguments as run)`` may return a repeat of the call cheaper
+    # than running it (``triton_launch.Replay``: its launches recorded once), or None (it runs every time).
+    # Kept in kernels.graphed under the call's key, valid while that key holds; never captured in a graph.
+    replay: Optional[Callable] = None
     # Preference when several kernels are available on a device (higher wins).
     priority: int = 0
     # Activations this kernel lacks, mapped to the reason shown to the user.

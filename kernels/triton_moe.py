@@ -38,7 +38,7 @@ from moe_passes.errors import MoEConfigError
 from moe_passes.kernels import cuda_decode, registry
 from moe_passes.kernels.options import KernelOptions, current
 from moe_passes.kernels.triton_common import ACT_CODES, gdc_wait, tl, triton
-from moe_passes.kernels.triton_launch import launch
+from moe_passes.kernels.triton_launch import Refused, launch, record
 from moe_passes.kernels.triton_layout import to_band_layout, to_triton_layout
 from moe_passes.kernels.triton_plan import (Config, DecodeConfig, DeviceInfo, Plan, Problem, cached_plan, k_split,
                                             plan_config)
@@ -345,6 +345,19 @@ def _direct(hidden_states, router_logits, weights: registry.MoEWeights, input_gl
                                    routed_scaling_factor=args.routed_scaling_factor, options=options)
 
 
+def _replay(hidden_states, router_logits, weights: registry.MoEWeights, input_global_scale,
+            intermediate_global_scale, routing_bias, args: registry.RunArgs, *, w13_bias=None, w2_bias=None):
+    """The launches of :func:`_run`'s call recorded once (``KernelSpec.replay``), or None where the call computes
+    with torch between them (the torch routing, expert parallelism's localisation, a bias padded per call)."""
+    run = functools.partial(_run, hidden_states, router_logits, weights, input_global_scale,
+                            intermediate_global_scale, routing_bias, args, w13_bias=w13_bias, w2_bias=w2_bias)
+    try:
+        return record(run, (hidden_states, router_logits),
+                      (*weights, input_global_scale, intermediate_global_scale, routing_bias, w13_bias, w2_bias))
+    except Refused:
+        return None
+
+
 TRITON = registry.register(registry.KernelSpec(
     name="triton",
     description="Triton NVFP4-weight / bf16-activation fused MoE (CUDA, compute capability >= 8.0, tuned on "
@@ -357,6 +370,7 @@ TRITON = registry.register(registry.KernelSpec(
     prepare_state=_prepare_state,
     run=_run,
     direct=_direct,
+    replay=_replay,
     quantizes_activations=False,
     graph_tokens=64,  # an H100 host takes 150-550 us to set up a call that runs 20-200 us on the GPU
     priority=10,

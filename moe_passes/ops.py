@@ -317,9 +317,13 @@ def _run_kernel(spec: registry.KernelSpec, args: registry.RunArgs, key, hidden_s
     biases = {k: v for k, v in (("w13_bias", w13_bias), ("w2_bias", w2_bias)) if v is not None}
     scales = (input_global_scale, intermediate_global_scale, routing_bias)
     try:
-        if hidden_states.is_cuda and hidden_states.shape[0] <= spec.graph_tokens:
-            return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales, args,
-                                           biases, spec.direct, key=key)
+        if hidden_states.is_cuda:
+            if hidden_states.shape[0] <= spec.graph_tokens:
+                return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales,
+                                               args, biases, spec.direct, key=key)
+            if spec.replay is not None:
+                return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales,
+                                               args, biases, spec.replay, key=key, capture=False)
         return spec.run(hidden_states, router_logits, weights, *scales, args, **biases)
     except MoENonFiniteError as exc:
         raise MoENonFiniteError(f"{_where(layer)}: {exc}") from None
