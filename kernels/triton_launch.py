@@ -261,8 +261,14 @@ class Replay:
                     patches.append((i, span[2], span[3] + p - span[0]))
                 elif p and not any(s <= p < e for s, e in keyed_spans):
                     self.keep.append(v)  # kernel state: its address stays valid while referenced
-            self.launches.append((kernel.run, kernel.function, kernel.packed_metadata, grid, tuple(values),
-                                  tuple(patches)))
+            launcher = kernel.run
+            if getattr(launcher, "global_scratch_size", 1) or getattr(launcher, "profile_scratch_size", 1):
+                fn, head = launcher, (*grid, None, kernel.function)
+            else:  # no scratch to allocate per launch: the compiled launcher as CudaLauncher.__call__ calls it
+                fn, head = launcher.launch, (*grid, None, kernel.function, launcher.launch_cooperative_grid,
+                                             launcher.launch_pdl, None, None)
+            head += (kernel.packed_metadata, None, None, None)
+            self.launches.append((fn, (*head, *values), tuple((len(head) + i, s, o) for i, s, o in patches)))
 
     def __call__(self, *inputs):
         runtime = knobs.runtime
@@ -277,10 +283,10 @@ class Replay:
         workspace = torch.empty(self.workspace, dtype=torch.uint8, device=out.device) if self.workspace else None
         bases = (*(t.data_ptr() for t in inputs), out.data_ptr(), 0 if workspace is None else workspace.data_ptr())
         stream = driver.active.get_current_stream(device)
-        for run, function, metadata, grid, values, patches in self.launches:
-            if patches:
-                values = list(values)
-                for i, source, offset in patches:
-                    values[i] = bases[source] + offset
-            run(*grid, stream, function, metadata, None, None, None, *values)
+        for fn, template, patches in self.launches:
+            args = list(template)
+            args[3] = stream
+            for i, source, offset in patches:
+                args[i] = bases[source] + offset
+            fn(*args)
         return out

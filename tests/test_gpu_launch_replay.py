@@ -29,9 +29,9 @@ def _layer(seed: int, **kw) -> FusedMoE:
     gated = kw.get("activation", "silu") != "relu2"
     moe = FusedMoE.from_float(torch.randn(experts, (2 if gated else 1) * I, H, generator=g) / H ** 0.5,
                               torch.randn(experts, H, I, generator=g) / 16, top_k=4,
-                              calibration=torch.randn(32, H, generator=g), **kw)
+                              calibration=torch.randn(32, H, generator=g), **kw).cuda().requires_grad_(False)
     assert moe.kernel == "triton"
-    return moe.cuda().requires_grad_(False)
+    return moe
 
 
 def _run(moe: FusedMoE, graphs, x, logits):
