@@ -5,8 +5,8 @@
 Per token count: the wall time of issuing ``--calls`` calls back to back (the GPU queue stays shallow, so
 this is the host's time) against the GPU time per call from CUDA events, for the eager layer
 (``FusedMoE.__call__``: the custom op's dispatch, its checks and, up to the kernel's ``graph_tokens``, the
-replay of the call's own CUDA graph, else the kernel's launches), for the same layer with
-``KernelOptions(call_graphs=False)`` (``direct``: every launch from the host) and for the bare kernel entry
+replay of the call's own CUDA graph, above it the repeat of its recorded launches), for the same layer with
+``KernelOptions(call_graphs=False)`` (``direct``: the kernel's entry runs every call) and for the bare kernel entry
 (:func:`fused_moe_triton`: planning and launches, never graphed).  ``--profile`` prints cProfile's top
 functions of the eager calls.
 """
