@@ -28,9 +28,10 @@ bound once (the one-token CUDA decode, ``cuda_decode.DecodeCall``), kept under t
 in place of a graph.
 
 Calls above ``graph_tokens`` are never captured (a graph per token count would hold a memory pool per prefill
-length), but the same cache keeps their repeats: ``KernelSpec.replay`` returns, at the second call, the call's
-launches recorded once (``triton_launch.Replay``), repeated on each call's own inputs and freshly allocated
-output and workspace; where it refuses, the key remembers that and the kernel runs each call itself.
+length), but the same cache keeps their repeats, in a table of its own (many prefill lengths must not evict the
+small calls' graphs): ``KernelSpec.replay`` returns, at the second call, the call's launches recorded once
+(``triton_launch.Replay``), repeated on each call's own inputs and freshly allocated output and workspace;
+where it refuses, the key remembers that and the kernel runs each call itself.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ import torch
 
 from moe_passes.kernels import options as kernel_options
 
-# Graphs kept per process before the least recently used is dropped (each holds its static buffers).
+# Records kept per process and table (graphs, repeats) before the least recently used is dropped (a graph holds
+# its static buffers).
 MAX_GRAPHS = 4096
 
 _WARMED = object()  # a key seen once: the next call with it captures
@@ -76,16 +78,21 @@ class CallGraphs:
 
     def __init__(self, max_graphs: int = MAX_GRAPHS):
         self._graphs: collections.OrderedDict = collections.OrderedDict()
+        # Calls that are never captured (capture=False) in a table of their own, so that many prefill lengths
+        # cannot evict the small calls' graphs, each of which costs a capture to make again.
+        self._repeats: collections.OrderedDict = collections.OrderedDict()
         self._streams: dict = {}  # (device index, caller stream id) -> (capture stream, memory pool)
         self.max_graphs = max_graphs
         # Copy in, replay and copy out of one graph must not interleave with another thread's on the same stream.
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return sum(1 for v in self._graphs.values() if v is not _WARMED and v is not _UNREPEATED)
+        return sum(1 for table in (self._graphs, self._repeats) for v in table.values()
+                   if v is not _WARMED and v is not _UNREPEATED)
 
     def clear(self) -> None:
         self._graphs.clear()
+        self._repeats.clear()
         self._streams.clear()
 
     def run(self, fn: Callable[..., torch.Tensor], name: str, hidden_states: torch.Tensor,
@@ -119,10 +126,11 @@ class CallGraphs:
         # object: building one costs more than the rest of a hit.
         key = (key, hidden_states.shape, hidden_states.dtype, router_logits.shape, router_logits.dtype,
                torch._C._cuda_getCurrentRawStream(device), options)
+        table = self._graphs if capture else self._repeats
         with self._lock:
-            entry = self._graphs.get(key)
+            entry = table.get(key)
             if entry is None:
-                self._remember(key, _WARMED)
+                self._remember(table, key, _WARMED)
             elif entry is _WARMED:
                 entry = None if direct is None else direct(hidden_states, router_logits, weights, *scales, args,
                                                            **biases)
@@ -130,24 +138,23 @@ class CallGraphs:
                     entry = self._capture(key, torch.cuda.current_stream(hidden_states.device), fn, hidden_states,
                                           router_logits, weights, scales, args, biases)
                 else:
-                    self._remember(key, _UNREPEATED if entry is None else entry)
-            elif entry is _UNREPEATED:
-                entry = None
-                self._graphs.move_to_end(key)
+                    self._remember(table, key, _UNREPEATED if entry is None else entry)
             else:
-                self._graphs.move_to_end(key)
+                table.move_to_end(key)
+                if entry is _UNREPEATED:
+                    entry = None
             if entry is not None:
                 out = entry(hidden_states, router_logits)
                 if out is not None:
                     return out
-                self._graphs.pop(key, None)  # a repeat that refused; the next call warms the key again
+                table.pop(key, None)  # a repeat that refused; the next call warms the key again
         return fn(hidden_states, router_logits, weights, *scales, args, **biases)
 
-    def _remember(self, key, value) -> None:
-        self._graphs[key] = value
-        self._graphs.move_to_end(key)
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+    def _remember(self, table: collections.OrderedDict, key, value) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.max_graphs:
+            table.popitem(last=False)
 
     def _capture(self, key, stream, fn, hidden_states, router_logits, weights, scales, args, biases) -> _Captured:
         device = hidden_states.device
@@ -168,7 +175,7 @@ class CallGraphs:
                 graph.capture_end()
         stream.wait_stream(capture_stream)
         entry = _Captured(graph, static_x, static_logits, out)
-        self._remember(key, entry)
+        self._remember(self._graphs, key, entry)
         return entry
 
 

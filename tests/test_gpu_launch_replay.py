@@ -68,7 +68,7 @@ def test_replays_equal_direct_calls(layer):
                                                                                torch.float32)
             got = _run(moe, graphs, x, logits)
             assert torch.equal(got, _run(moe, None, x, logits)), tokens
-        entry = next(reversed(graphs._graphs.values()))
+        entry = next(reversed(graphs._repeats.values()))
         assert isinstance(entry, triton_launch.Replay), (tokens, entry)
     assert len(graphs) == 4
 
@@ -88,7 +88,7 @@ def test_calls_that_compute_between_launches_run_the_kernel():
         logits = torch.randn(128, 2 * E, device="cuda")
         got = graphs.run(spec.run, spec.name, x, logits, local, scales, args, None, spec.replay, capture=False)
         assert torch.equal(got, spec.run(x, logits, local, *scales, args))
-    assert len(graphs) == 0 and list(graphs._graphs.values()) == [graphed._UNREPEATED]
+    assert len(graphs) == 0 and list(graphs._repeats.values()) == [graphed._UNREPEATED]
 
 
 @replays
@@ -113,13 +113,13 @@ def test_other_alignments_and_launch_hooks_run_the_kernel():
         assert torch.equal(got, _run(moe, None, x, logits)), step
         if step == 6:
             assert len(seen) >= 3  # every launch went through Triton's path, hooks and all
-    assert isinstance(next(iter(graphs._graphs.values())), triton_launch.Replay)
+    assert isinstance(next(iter(graphs._repeats.values())), triton_launch.Replay)
 
 
 @replays
 def test_compiled_default_mode_replays():
     moe = _layer(10)
-    before = sum(isinstance(v, triton_launch.Replay) for v in graphed.CALL_GRAPHS._graphs.values())
+    before = sum(isinstance(v, triton_launch.Replay) for v in graphed.CALL_GRAPHS._repeats.values())
     compiled = torch.compile(moe, backend="moe_nvfp4")
     with torch.inference_mode():
         for _ in range(3):
@@ -128,4 +128,4 @@ def test_compiled_default_mode_replays():
             got = compiled(x, logits)
             assert torch.equal(got, moe(x, logits))
             assert torch.equal(got, _run(moe, None, x, logits))
-    assert sum(isinstance(v, triton_launch.Replay) for v in graphed.CALL_GRAPHS._graphs.values()) > before
+    assert sum(isinstance(v, triton_launch.Replay) for v in graphed.CALL_GRAPHS._repeats.values()) > before

@@ -17,7 +17,7 @@ import weakref
 import pytest
 import torch
 
-from moe_passes.kernels import triton_launch
+from moe_passes.kernels import graphed, registry, triton_launch
 from moe_passes.kernels.triton_launch import Refused, record
 
 
@@ -146,3 +146,38 @@ def test_a_launch_on_another_device_is_refused(stub_triton):
 
     with pytest.raises(Refused, match="two devices"):
         record(two_devices, (x,), ())
+
+
+def test_repeats_never_evict_captured_records(monkeypatch):
+    """Keys that are never captured (``capture=False``: every prefill length) have a table of their own: however
+    many there are, the small calls' records stay, and each table drops its own least recently used."""
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    graphs = graphed.CallGraphs(max_graphs=3)
+    args = registry.RunArgs(top_k=1, activation="silu", routing="renormalize")
+    weights = registry.MoEWeights(*(torch.zeros(1) for _ in range(6)))
+    ran = []
+
+    def fn(x, logits, *rest):
+        ran.append(("entry", x.shape[0]))
+        return 2 * x
+
+    def direct(x, logits, *rest):
+        def repeat(x, logits):
+            ran.append(("repeat", x.shape[0]))
+            return 2 * x
+        return repeat
+
+    def call(tokens: int, capture: bool):
+        x = torch.randn(tokens, 4)
+        got = graphs.run(fn, "k", x, torch.zeros(tokens, 2), weights, (None, None, None), args, None, direct,
+                         key=("layer",), capture=capture)
+        assert torch.equal(got, 2 * x)
+        return ran[-1]
+
+    assert [call(1, True) for _ in range(3)] == [("entry", 1), ("repeat", 1), ("repeat", 1)]
+    for tokens in range(100, 110):
+        assert [call(tokens, False) for _ in range(2)] == [("entry", tokens), ("repeat", tokens)]
+    assert call(1, True) == ("repeat", 1)  # ten repeat keys later, the small call's record is still there
+    assert call(109, False) == ("repeat", 109) and call(100, False) == ("entry", 100)  # 100 was dropped
+    assert len(graphs) == 1 + 2
