@@ -117,7 +117,7 @@ def check_layer_inputs(hidden_states: Tensor, router_logits: Tensor, *, hidden_s
     (carrying the message, which is all ``fullgraph=True`` shows): Dynamo compiles what it traced so far
     and runs the ``raise`` as plain Python, so the user gets this exception itself.  A ``raise`` met while
     tracing would instead make Dynamo give up on the frame, and on ``FusedMoE.forward`` for good.  The
-    price (docs/architecture.md, decision 17): later good calls may be served split at this layer.
+    price (docs/decisions.md, decision 17): later good calls may be served split at this layer.
     """
     where = _where(layer)
     error = _layer_input_error(hidden_states, router_logits, hidden_size, hidden_padded, experts, device, where,
