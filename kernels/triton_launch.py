@@ -71,6 +71,16 @@ def _hooked(hook) -> bool:
     return calls is None or len(calls) > 0
 
 
+def _hooks_installed(runtime) -> bool:
+    """Hooks see launches only through Triton's own path, so neither a bound launch nor a replay may bypass it."""
+    return _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
+
+
+def _grid3(grid: tuple) -> tuple:
+    n = len(grid)
+    return grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
+
+
 class _Kernel:
     """One jitted function's bound launches: its non-constexpr parameter names and, per key, the compiled kernel
     with the getter that orders a call's arguments as the kernel's signature does."""
@@ -114,7 +124,7 @@ def launch(fn, grid, *args, **kwargs):
             return _unbound(recorder, fn, grid, args, kwargs, "this Triton's launches are not bound")
         site = _KERNELS[fn] = _Kernel(fn)
     runtime = knobs.runtime
-    if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+    if _hooks_installed(runtime):
         return _unbound(recorder, fn, grid, args, kwargs, "a launch hook is installed")
     device = driver.active.get_current_device()
     names = tuple(kwargs)
@@ -136,9 +146,8 @@ def launch(fn, grid, *args, **kwargs):
     if recorder is not None:
         recorder.add(kernel, grid, values, device)
         return kernel
-    n = len(grid)
-    kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, driver.active.get_current_stream(device),
-               kernel.function, kernel.packed_metadata, None, None, None, *values)
+    kernel.run(*_grid3(grid), driver.active.get_current_stream(device), kernel.function, kernel.packed_metadata,
+               None, None, None, *values)
     return kernel
 
 
@@ -184,8 +193,7 @@ class _Recorder(TorchDispatchMode):
             self.device = device
         elif device != self.device:
             raise Refused("the call launches on two devices")
-        n = len(grid)
-        self.launches.append((kernel, (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1), values))
+        self.launches.append((kernel, _grid3(grid), values))
 
 
 def record(run, inputs: tuple, keyed: tuple) -> "Replay":
@@ -227,8 +235,10 @@ class Replay:
         if not recorder.launches:
             raise Refused("the call launched no kernel")
         owners = {a.untyped_storage().data_ptr(): a for a in recorder.allocations}
-        if (not isinstance(out, torch.Tensor) or not out.is_contiguous()
-                or owners.get(out.data_ptr()) is None or out.untyped_storage().data_ptr() != out.data_ptr()):
+        # the output is allocated alone at each replay: it must be a whole allocation of the call, not part of one
+        if (not isinstance(out, torch.Tensor) or not out.is_contiguous() or out.data_ptr() not in owners
+                or out.untyped_storage().data_ptr() != out.data_ptr()
+                or out.untyped_storage().nbytes() != out.numel() * out.element_size()):
             raise Refused("the call's output is not one of its allocations")
         self.device, self.out_shape, self.out_dtype = recorder.device, tuple(out.shape), out.dtype
         self.align = tuple(t.data_ptr() & 15 for t in inputs)
@@ -271,8 +281,7 @@ class Replay:
             self.launches.append((fn, (*head, *values), tuple((len(head) + i, s, o) for i, s, o in patches)))
 
     def __call__(self, *inputs):
-        runtime = knobs.runtime
-        if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+        if _hooks_installed(knobs.runtime):
             return None
         if tuple(t.data_ptr() & 15 for t in inputs) != self.align:
             return None

@@ -131,6 +131,14 @@ def test_a_dry_run_that_computes_is_refused(stub_triton):
 
     with pytest.raises(Refused, match="output"):
         record(returns_input, (x,), ())
+
+    def returns_part_of_an_allocation():  # a replay allocates the output alone: launches past it would overrun
+        buffer = torch.empty(16)
+        triton_launch._RECORDER.get().add(SCALE, (1,), (x, buffer, 16, 1.0), 0)
+        return buffer[:8]
+
+    with pytest.raises(Refused, match="output"):
+        record(returns_part_of_an_allocation, (x,), ())
     assert triton_launch._RECORDER.get() is None  # nothing left recording after a refusal
 
 
