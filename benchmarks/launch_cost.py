@@ -5,10 +5,10 @@
 A kernel with our kernels' argument mix (8 tensors, 8 integers, 8 constexprs; an empty body, so the GPU never
 holds the host back) launched ``--launches`` times per path:
 
-- ``jit``: ``fn[grid](...)``, as our kernels launch today (Triton's binder, cache key, launch metadata, hooks,
-  then its C launcher);
-- ``bound``: the ``CompiledKernel``'s launcher called directly with no launch hooks: what binding each launch
-  once per specialization could reach;
+- ``jit``: ``fn[grid](...)``, Triton's own path (its binder, cache key, launch metadata, hooks, then its C
+  launcher), which ``triton_launch.launch`` takes on a miss or with hooks installed;
+- ``bound``: the ``CompiledKernel``'s launcher called directly with no launch hooks, as ``triton_launch.launch``
+  does once a specialization is bound;
 - ``inductor_static``: inductor's C++ launcher for compiled Triton kernels (``StaticallyLaunchedCudaKernel``,
   a private torch API; skipped where this torch lacks it or refuses the kernel). It has no programmatic
   dependent launch.
