@@ -146,18 +146,34 @@ def test_inside_an_outer_capture_the_kernel_runs_directly():
     assert torch.equal(out, _call(moe, None, fresh, logits))
 
 
-def test_layer_and_compiled_default_mode_use_the_graphs():
+def _replays() -> bool:
+    from moe_passes.kernels import triton_launch
+    return triton_launch.JITFunction is not None
+
+
+@pytest.mark.parametrize("tokens", [3, pytest.param(200, marks=pytest.mark.skipif(
+    not _replays(), reason="this Triton release launches through fn[grid]: nothing to replay"))],
+    ids=["graph", "replay"])
+def test_layer_and_compiled_default_mode_use_the_graphs(tokens):
+    """Without a mode, a call of the layer or of the compiled layer up to ``graph_tokens`` replays a CUDA graph of
+    the kernel's; a larger one repeats its recorded launches.  Both equal direct kernel calls bit for bit."""
     moe = _layer(seed=13)
-    before = len(graphed.CALL_GRAPHS)
+    calls = graphed.CALL_GRAPHS
+    table = calls._graphs if tokens <= registry.get(moe.kernel).graph_tokens else calls._repeats
+
+    def made():
+        return sum(1 for v in table.values() if v is not graphed._WARMED and v is not graphed._UNREPEATED)
+
+    before = made()
     compiled = torch.compile(moe, backend="moe_nvfp4")
     with torch.inference_mode():
         for _ in range(3):
-            x = torch.randn(3, H, device="cuda").bfloat16()
-            logits = torch.randn(3, E, device="cuda")
+            x = torch.randn(tokens, H, device="cuda").bfloat16()
+            logits = torch.randn(tokens, E, device="cuda")
             got = compiled(x, logits)
             assert torch.equal(got, moe(x, logits))
             assert torch.equal(got, _call(moe, None, x, logits))
-    assert len(graphed.CALL_GRAPHS) > before
+    assert made() > before
 
 
 def test_expert_biases_are_keys_of_the_graph():

@@ -114,18 +114,3 @@ def test_other_alignments_and_launch_hooks_run_the_kernel():
         if step == 6:
             assert len(seen) >= 3  # every launch went through Triton's path, hooks and all
     assert isinstance(next(iter(graphs._repeats.values())), triton_launch.Replay)
-
-
-@replays
-def test_compiled_default_mode_replays():
-    moe = _layer(10)
-    before = sum(isinstance(v, triton_launch.Replay) for v in graphed.CALL_GRAPHS._repeats.values())
-    compiled = torch.compile(moe, backend="moe_nvfp4")
-    with torch.inference_mode():
-        for _ in range(3):
-            x = torch.randn(200, H, device="cuda").bfloat16()
-            logits = torch.randn(200, E, device="cuda")
-            got = compiled(x, logits)
-            assert torch.equal(got, moe(x, logits))
-            assert torch.equal(got, _run(moe, None, x, logits))
-    assert sum(isinstance(v, triton_launch.Replay) for v in graphed.CALL_GRAPHS._repeats.values()) > before
