@@ -1,6 +1,6 @@
 """Where the host's time goes in one synchronized decode step, bf16 against the converted model (CUDA graphs).
 
-    python benchmarks/step_host.py [--model qwen3-30b-a3b] [--batch 1] [--layers 8] [--out DIR]
+    python benchmarks/step_host.py [--model qwen3-30b-a3b] [--batch 1] [--layers 8] [--out DIR] [--skip-guards]
                                    [--nvfp4-options pdl=0,cuda_decode_pdl=0 --nvfp4-options cuda_decode=0 ...]
 
 Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`` with
@@ -13,7 +13,9 @@ Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`
   GPU waits for the host's issue, then runs the graph;
 * ``wall_ms``: the call until its end event completes.
 
-Each ``--nvfp4-options`` adds a converted variant compiled and captured under those ``KernelOptions`` fields
+``--skip-guards`` times each variant once more with Dynamo's guard evaluation skipped
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``; ``*_no_guards``): the difference is the guards'
+share of the issue time.  Each ``--nvfp4-options`` adds a converted variant compiled and captured under those ``KernelOptions`` fields
 (for instance without programmatic dependent launches, or without the cooperative CUDA decode), to tell which
 kernel nodes make a graph's launch cost host time.
 
@@ -56,7 +58,28 @@ def _root_node():
         return None
 
 
-def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
+def _timed_steps(step, out, cache, steps: int):
+    """``(out, issue, event, wall)``: ``steps`` synchronized decode steps from the prompt's end, per-step ms."""
+    bm._rewind(cache, PROMPT)
+    issue, event, wall = [], [], []
+    for _ in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        out = step(token)
+        t1 = time.perf_counter()
+        end.record()
+        end.synchronize()
+        t2 = time.perf_counter()
+        issue.append((t1 - t0) * 1e3)
+        event.append(start.elapsed_time(end))
+        wall.append((t2 - t0) * 1e3)
+    return out, statistics.median(issue), statistics.median(event), statistics.median(wall)
+
+
+def variant(model, backend: str, batch: int, steps: int = 60, skip_guards: bool = False) -> dict:
     torch._dynamo.reset()
     compiled = torch.compile(model.forward, backend=backend, mode="reduce-overhead", fullgraph=True, dynamic=False)
     kw = bm._cache_kwarg(model)
@@ -74,24 +97,14 @@ def variant(model, backend: str, batch: int, steps: int = 60) -> dict:
         for _ in range(8):
             out = step(out.logits[:, -1].argmax(-1, keepdim=True))
         for _ in range(2):  # the second round's medians are kept
-            bm._rewind(cache, PROMPT)
-            issue, event, wall = [], [], []
-            for _ in range(steps):
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0 = time.perf_counter()
-                start.record()
-                out = step(token)
-                t1 = time.perf_counter()
-                end.record()
-                end.synchronize()
-                t2 = time.perf_counter()
-                issue.append((t1 - t0) * 1e3)
-                event.append(start.elapsed_time(end))
-                wall.append((t2 - t0) * 1e3)
-            result.update(issue_ms=statistics.median(issue), event_ms=statistics.median(event),
-                          wall_ms=statistics.median(wall))
+            out, *times = _timed_steps(step, out, cache, steps)
+            result.update(zip(("issue_ms", "event_ms", "wall_ms"), times))
+        if skip_guards:
+            # Dynamo's guards skipped (one cache entry per frame: nothing to tell apart), the rest as above
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                for _ in range(2):
+                    out, *times = _timed_steps(step, out, cache, steps)
+            result.update(zip(("issue_ms_no_guards", "event_ms_no_guards", "wall_ms_no_guards"), times))
         bm._rewind(cache, PROMPT)
         profile = cProfile.Profile()
         profile.enable()
@@ -131,6 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--nvfp4-options", action="append", default=[], type=_options,
                         help="KernelOptions fields for one more converted variant, e.g. pdl=0,cuda_decode_pdl=0")
+    parser.add_argument("--skip-guards", action="store_true",
+                        help="also time each variant with Dynamo's guard evaluation skipped (*_no_guards)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("step_host.py times CUDA-graph replays: it needs a CUDA GPU", file=sys.stderr)
@@ -140,14 +155,14 @@ def main(argv=None) -> int:
     config = bm.build_config(args.model, args.layers)
     model = bm.build_model(args.model, config, torch.device("cuda"))
     vocab = config.get_text_config().vocab_size
-    results = {"bf16": variant(model, "inductor", args.batch)}
+    results = {"bf16": variant(model, "inductor", args.batch, skip_guards=args.skip_guards)}
     print("bf16", {k: v for k, v in results["bf16"].items() if k != "profile"}, flush=True)
     with torch.no_grad():
         convert(model, calibration=bm._inputs(vocab, 4, PROMPT, 3).cuda())
-    results["nvfp4"] = variant(model, "moe_nvfp4", args.batch)
+    results["nvfp4"] = variant(model, "moe_nvfp4", args.batch, skip_guards=args.skip_guards)
     for label, fields in args.nvfp4_options:
         with kernel_options.use(kernel_options.KernelOptions(**fields)):
-            results[f"nvfp4[{label}]"] = variant(model, "moe_nvfp4", args.batch)
+            results[f"nvfp4[{label}]"] = variant(model, "moe_nvfp4", args.batch, skip_guards=args.skip_guards)
         print(label, {k: v for k, v in results[f"nvfp4[{label}]"].items() if k != "profile"}, flush=True)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"step_host_{args.model}_b{args.batch}")
@@ -156,6 +171,9 @@ def main(argv=None) -> int:
             f.write(r.pop("profile"))
         print(f"{label:6s} issue {r['issue_ms']:.3f} ms  event {r['event_ms']:.3f} ms  wall {r['wall_ms']:.3f} ms  "
               f"graph inputs {r['graph_inputs']}")
+        if "issue_ms_no_guards" in r:
+            print(f"{label:6s} without guards: issue {r['issue_ms_no_guards']:.3f} ms  "
+                  f"event {r['event_ms_no_guards']:.3f} ms  wall {r['wall_ms_no_guards']:.3f} ms")
     with open(f"{stem}.json", "w") as f:
         json.dump(dict(model=args.model, batch=args.batch, layers=args.layers, command=" ".join(sys.argv),
                        device=torch.cuda.get_device_name(), torch=torch.__version__, variants=results), f, indent=1)
