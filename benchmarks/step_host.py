@@ -15,9 +15,9 @@ Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`
 
 ``--skip-guards`` times each variant once more with Dynamo's guard evaluation skipped
 (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``; ``*_no_guards``): the difference is the guards'
-share of the issue time.  Each ``--nvfp4-options`` adds a converted variant compiled and captured under those ``KernelOptions`` fields
-(for instance without programmatic dependent launches, or without the cooperative CUDA decode), to tell which
-kernel nodes make a graph's launch cost host time.
+share of the issue time.  Each ``--nvfp4-options`` adds a converted variant compiled and captured under those
+``KernelOptions`` fields (for instance without programmatic dependent launches, or without the cooperative CUDA
+decode), to tell which kernel nodes make a graph's launch cost host time.
 
 Then a cProfile of 40 synchronized steps (the top functions by own time and by cumulative time, one text file per
 variant), and the number of inputs of the CUDA-graph tree's node (parameters and buffers count: each is guarded
