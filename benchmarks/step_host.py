@@ -1,6 +1,7 @@
 """Where the host's time goes in one synchronized decode step, bf16 against the converted model (CUDA graphs).
 
     python benchmarks/step_host.py [--model qwen3-30b-a3b] [--batch 1] [--layers 8] [--out DIR] [--skip-guards]
+                                   [--share-tensors]
                                    [--nvfp4-options pdl=0,cuda_decode_pdl=0 --nvfp4-options cuda_decode=0 ...]
 
 Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`` with
@@ -13,11 +14,13 @@ Builds the preset as ``moe-nvfp4 bench --model`` does, compiles ``model.forward`
   GPU waits for the host's issue, then runs the graph;
 * ``wall_ms``: the call until its end event completes.
 
-``--skip-guards`` times each variant once more with Dynamo's guard evaluation skipped
-(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``; ``*_no_guards``): the difference is the guards'
-share of the issue time.  Each ``--nvfp4-options`` adds a converted variant compiled and captured under those
-``KernelOptions`` fields (for instance without programmatic dependent launches, or without the cooperative CUDA
-decode), to tell which kernel nodes make a graph's launch cost host time.
+``--share-tensors`` adds two converted variants: every FusedMoE layer reading layer 0's prepared tensors and
+activation scales (the same kernels and GPU time, wrong weights past layer 0, 56 fewer graph inputs on an 8-layer
+model), then the real model again, to tell what the graph inputs cost.  ``--skip-guards`` times each variant once
+more with Dynamo's guard evaluation skipped (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``;
+``*_no_guards``): the difference is the guards' share of the issue time.  Each ``--nvfp4-options`` adds a converted
+variant compiled and captured under those ``KernelOptions`` fields (for instance without programmatic dependent
+launches, or without the cooperative CUDA decode), to tell which kernel nodes make a graph's launch cost host time.
 
 Then a cProfile of 40 synchronized steps (the top functions by own time and by cumulative time, one text file per
 variant), and the number of inputs of the CUDA-graph tree's node (parameters and buffers count: each is guarded
@@ -144,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--nvfp4-options", action="append", default=[], type=_options,
                         help="KernelOptions fields for one more converted variant, e.g. pdl=0,cuda_decode_pdl=0")
+    parser.add_argument("--share-tensors", action="store_true",
+                        help="also time the converted model with every MoE layer reading layer 0's tensors")
     parser.add_argument("--skip-guards", action="store_true",
                         help="also time each variant with Dynamo's guard evaluation skipped (*_no_guards)")
     args = parser.parse_args(argv)
@@ -164,6 +169,19 @@ def main(argv=None) -> int:
         with kernel_options.use(kernel_options.KernelOptions(**fields)):
             results[f"nvfp4[{label}]"] = variant(model, "moe_nvfp4", args.batch, skip_guards=args.skip_guards)
         print(label, {k: v for k, v in results[f"nvfp4[{label}]"].items() if k != "profile"}, flush=True)
+    if args.share_tensors:
+        from moe_passes import FusedMoE
+        from moe_passes.layer import _KERNEL_BUFFERS
+
+        layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+        names = _KERNEL_BUFFERS + ("input_global_scale", "intermediate_global_scale")
+        kept = [{n: m._buffers[n] for n in names} for m in layers]
+        for m in layers[1:]:
+            m._buffers.update(kept[0])
+        results["nvfp4[shared tensors]"] = variant(model, "moe_nvfp4", args.batch, skip_guards=args.skip_guards)
+        for m, own in zip(layers, kept):
+            m._buffers.update(own)
+        results["nvfp4[again]"] = variant(model, "moe_nvfp4", args.batch, skip_guards=args.skip_guards)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"step_host_{args.model}_b{args.batch}")
     for label, r in results.items():
