@@ -62,7 +62,8 @@ def _root_node():
 
 
 def _timed_steps(step, out, cache, steps: int):
-    """``(out, issue, event, wall)``: ``steps`` synchronized decode steps from the prompt's end, per-step ms."""
+    """``steps`` synchronized decode steps from the prompt's end: ``(out, issue, event, wall)``, the last three
+    medians in ms."""
     bm._rewind(cache, PROMPT)
     issue, event, wall = [], [], []
     for _ in range(steps):
