@@ -109,6 +109,8 @@ class TileConfig:
     so the programs resident together share activation rows in L2.  ``tail`` (16, 32 or 64; 0 off): an
     expert's last rows, when at most ``tail`` remain past its whole blocks, go to a tail block run by a second
     launch of smaller tiles (:meth:`tail_tiles`): a program costs what its weight tiles cost, not its rows.
+    ``wgmma``: the Gluon kernels of :mod:`gluon_tiles` (weights as wgmma's register operand) instead of
+    ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8; ``swap`` and ``wprefetch`` do not apply.
     """
 
     bm: int
@@ -125,6 +127,7 @@ class TileConfig:
     wprefetch: bool = False
     nfirst: bool = False
     tail: int = 0
+    wgmma: bool = False
 
     def __post_init__(self):
         if self.bk1 % PIECE or self.bk2 % PIECE or self.bk1 <= 0 or self.bk2 <= 0:
@@ -135,6 +138,13 @@ class TileConfig:
             raise MoEConfigError(f"TileConfig tail={self.tail}: tail blocks of 16, 32 or 64 rows, fewer than bm, go "
                                  f"with tiles of 64 rows or more and no GEMM2 K split (got bm={self.bm}, "
                                  f"split2={self.split2})")
+        if self.wgmma and not (self.split2 == 1 and self.bm % 16 == 0 and 16 <= self.bm <= 256
+                               and all(bn in ((64, 128) if w == 4 else (128,)) and w in (4, 8)
+                                       for bn, w in ((self.bn1, self.warps1), (self.bn2, self.warps2)))
+                               and self.stages1 >= 2 and self.stages2 >= 2):
+            raise MoEConfigError(f"TileConfig wgmma: blocks of 16-256 rows (a multiple of 16), column tiles of 64 "
+                                 f"or 128 with 4 warps or 128 with 8, 2 stages or more and no GEMM2 K split "
+                                 f"(got {self})")
 
     @property
     def chains(self) -> bool:
@@ -149,6 +159,8 @@ class TileConfig:
     def tail_tiles(self) -> "TileConfig":
         """The tail blocks' tiles: the 16-row tiles' shapes for tails of 16 or 32 rows, the 64-row tiles' for
         64; warps, stages, prefetch and grid order as the main blocks'."""
+        if self.wgmma:  # any row count is one wgmma N: the same tiles, fewer rows
+            return dataclasses.replace(self, bm=self.tail, tail=0)
         shape = _SWAPPED_TILES if self.tail <= 32 else _TILES_64
         return dataclasses.replace(self, bm=self.tail if self.tail <= 32 else 64, tail=0, **shape)
 
@@ -302,19 +314,31 @@ def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
     return TileConfig(bm=16, split2=split2, **_PREFILL, **_SWAPPED_TILES)
 
 
+def _wgmma_fits(p: Problem, d: DeviceInfo) -> bool:
+    """Can the register-operand wgmma tiles (:mod:`gluon_tiles`) take this problem: an SM90 GPU, Gluon's
+    Hopper API, whole 64-element pieces in both GEMMs and no expert biases."""
+    from moe_passes.kernels import gluon_tiles
+
+    return (gluon_tiles.AVAILABLE and d.capability[0] == 9 and p.hidden % 64 == 0 and p.inter % 64 == 0
+            and not p.biases)
+
+
 def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
     cfg = TileConfig(bm=64, tail=16, **_PREFILL, **_TILES_64)
     if p.gated and p.hidden <= 4096 and p.rows <= 56:
         # half-filled blocks (384-768 tokens on 128 experts, top-8): GEMM1 programs of 8 warps dequantize each
         # weight tile in half the time; 1.05-1.14x the 4-warp ones on Qwen3-30B-A3B and Gemma-4, and slower
-        # from 64 rows, on the ungated Nemotron-3-Nano and on DeepSeek-V3's hidden of 7168 (H100)
-        cfg = dataclasses.replace(cfg, warps1=8)
-    return cfg
+        # from 64 rows, on the ungated Nemotron-3-Nano and on DeepSeek-V3's hidden of 7168 (H100).  The wgmma
+        # tiles were 2-4% slower than these at 512 tokens (same tiles, H100)
+        return dataclasses.replace(cfg, warps1=8)
+    # the wgmma tiles, 512 / 1024 tokens: Nemotron-3-Nano 1.18 / 1.16x, DeepSeek-V3 1.37 / 1.31x (H100)
+    return dataclasses.replace(cfg, wgmma=_wgmma_fits(p, d))
 
 
 def _tiles128(p: Problem, d: DeviceInfo) -> TileConfig:
+    # the wgmma tiles, 1024-4096 tokens: 1.08-1.31x on the four benchmark layers (H100)
     return TileConfig(bm=128, bn1=64 if p.gated else 128, bk1=64, bn2=128, bk2=64, **_PREFILL,
-                      tail=64 if p.hidden > 4096 else 32)
+                      tail=64 if p.hidden > 4096 else 32, wgmma=_wgmma_fits(p, d))
 
 
 _BUILD = {

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_passes.errors import MoEConfigError
+from moe_passes.kernels import gluon_tiles
 from moe_passes.kernels.options import TRITON_INTERPRET
 from moe_passes.kernels.triton_common import epilogue_args, tl, triton
 from moe_passes.kernels.triton_group import align
@@ -308,6 +310,13 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     if cfg.tail:
         launches.append((cfg.tail_tiles(), sorted_ids[main_rows:], inter_buf[main_rows:], texp, max_tails))
     act, bias1, bias2 = epilogue_args(activation, activation_params, w13_bias, w2_bias)
+    if cfg.wgmma:
+        if hidden % 64 or inter % 64 or y.shape[0] != 1 or bias1 or bias2 or not gluon_tiles.AVAILABLE:
+            raise MoEConfigError(f"TileConfig wgmma: hidden ({hidden}) and intermediate ({inter}) sizes must be "
+                                 f"multiples of 64, GEMM2 unsplit ({y.shape[0]} K splits), no expert biases "
+                                 f"({bool(bias1 or bias2)}) and Gluon importable ({gluon_tiles.AVAILABLE})")
+        return gluon_tiles.run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, pairs=pairs,
+                                           hidden=hidden, inter=inter, top_k=top_k, gated=gated, act=act)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,

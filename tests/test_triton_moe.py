@@ -355,6 +355,64 @@ def test_tile_variants(variant, activation):
         assert torch.equal(again, out)
 
 
+_WGMMA = dict(bk1=64, bk2=64, stages1=3, stages2=3, nfirst=True, wgmma=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("variant", ["wg128_tail32", "wg64_tail16", "wg128_w8", "wg64_bn64", "wg32"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu2"])
+def test_wgmma_tiles(variant, activation):
+    """The register-operand wgmma tiles (gluon_tiles) against the reference, against the tl.dot tiles of the
+    same blocks (the same exact products summed in another order), run to run, and replayed in a CUDA graph.
+    2880 = 22.5 column tiles of 128 and 960 = 7.5: partial column tiles in both GEMMs."""
+    from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
+
+    configs = {
+        "wg128_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, **_WGMMA),
+        "wg64_tail16": TileConfig(bm=64, bn1=128, warps1=4, bn2=128, warps2=4, tail=16, **_WGMMA),
+        "wg128_w8": TileConfig(bm=128, bn1=128, warps1=8, bn2=128, warps2=8, **_WGMMA),
+        "wg64_bn64": TileConfig(bm=64, bn1=64, warps1=4, bn2=64, warps2=4, **_WGMMA),
+        "wg32": TileConfig(bm=32, bn1=64, warps1=4, bn2=128, warps2=4, **_WGMMA),
+    }
+    cfg = configs[variant]
+    device = torch.device("cuda")
+    hidden, inter, experts, top_k = 2880, 960, 16, 4
+    tokens = (cfg.bm + cfg.tail // 2) * experts // top_k
+    weights = make_layer(hidden, inter, experts, activation, device, seed=13)
+    prepared = prepare_weights(weights)
+    x = (torch.randn(tokens, hidden, device=device) / 10).to(torch.bfloat16)
+    logits = torch.randn(tokens, experts, device=device)
+    ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation=activation, routing="default",
+                              quantize_activations=False)
+
+    def call(x, lg, out, config=cfg):
+        return fused_moe_triton(x, lg, prepared, top_k=top_k, activation=activation, routing="default", out=out,
+                                config=config)
+
+    out = call(x, logits, torch.full_like(ref, float("nan")))
+    dot = call(x, logits, None, dataclasses.replace(cfg, wgmma=False))
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < 1e-2, rel
+    assert ((out.float() - dot.float()).norm() / dot.float().norm()).item() < 2e-3
+    assert torch.equal(call(x, logits, None), out)
+    (graphed,) = _graph_of_calls([x], [logits], hidden, call)
+    assert torch.equal(graphed, out)
+
+
+@pytest.mark.parametrize("change", [dict(bn1=256), dict(warps1=8, bn1=64), dict(warps2=2), dict(split2=2),
+                                    dict(bm=8), dict(bm=24), dict(stages2=1)])
+def test_wgmma_tiles_refuse_what_their_kernels_do_not_do(change):
+    """The wgmma tiles take 16-256-row blocks (a multiple of 16), column tiles of 64 or 128 with 4 warps or
+    128 with 8, 2 stages or more and no GEMM2 K split; their tail blocks are the same tiles with fewer rows."""
+    good = TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, **_WGMMA)
+    assert good.tail_tiles() == dataclasses.replace(good, bm=32, tail=0)
+    with pytest.raises(MoEConfigError, match="wgmma"):
+        dataclasses.replace(good, tail=0, **change)
+
+
 def _graph_of_calls(xs, logits, hidden, call):
     """``call(x, logits, out)`` for every input, back to back in one CUDA graph (warmed up on a side stream
     first), replayed once into NaN-poisoned bf16 outputs ``[tokens, hidden]``; returns copies of them."""
@@ -741,7 +799,7 @@ def test_decode_matches_tensor_core_tiles():
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", ["tc_pair", "tc_group", "mma16", "mma128"])
+@pytest.mark.parametrize("variant", ["tc_pair", "tc_group", "mma16", "mma128", "wgmma128"])
 def test_subnormal_codes_are_not_flushed(variant):
     """Weights made only of +-0.5 (E2M1 code 1, an fp32/bf16 subnormal in the kernels' bit tricks): a flush
     to zero anywhere would zero the whole output."""
@@ -758,7 +816,7 @@ def test_subnormal_codes_are_not_flushed(variant):
         return packed, scales, torch.full((e,), 2.0, device=device)
 
     weights = registry.MoEWeights(*half_codes(experts, 2 * inter, hidden), *half_codes(experts, hidden, inter))
-    tokens = 200 if variant == "mma128" else 3
+    tokens = 200 if variant.endswith("128") else 3
     x = torch.randn(tokens, hidden, generator=g).to(device, torch.bfloat16)
     logits = torch.randn(tokens, experts, generator=g).to(device)
     configs = {
@@ -767,6 +825,7 @@ def test_subnormal_codes_are_not_flushed(variant):
         "mma16": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=128, warps2=4, stages2=4),
         "mma128": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3,
                              wprefetch=True),
+        "wgmma128": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, **_WGMMA),
     }
     ref = fused_moe_reference(x, logits, *weights, top_k=top_k, activation="silu", routing="renormalize",
                               quantize_activations=False)

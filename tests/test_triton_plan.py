@@ -257,3 +257,27 @@ def test_an_expert_parallel_rank_plans_for_its_share_of_the_pairs():
         assert rank.why.split(";")[0] == whole.why.split(";")[0]  # "N rows per expert"
     unsharded = dataclasses.replace(qwen3, tokens=1024, experts=16)  # 16 experts taking every pair
     assert plan(unsharded, H200).variant == "tiles128"
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_wgmma_tiles_where_they_fit(available, monkeypatch):
+    """The register-operand wgmma tiles take the prefill tiles' blocks on an SM90 GPU with Gluon, whole
+    64-element pieces and no expert biases; elsewhere, and for the 8-warp half-filled 64-row blocks of gated
+    layers with a hidden of at most 4096 (measured slower), the tl.dot tiles stay."""
+    from moe_passes.kernels import gluon_tiles
+
+    monkeypatch.setattr(gluon_tiles, "AVAILABLE", available)
+    qwen = Problem(4096, 8, 128, 2048, 768, True)
+    cases = [
+        (qwen, H200, available),
+        (Problem(512, 8, 256, 7168, 2048, True), H200, available),  # 64-row blocks, 4 GEMM1 warps
+        (Problem(512, 8, 128, 2048, 768, True), H200, False),  # 64-row blocks, 8 GEMM1 warps
+        (Problem(512, 6, 128, 2688, 1856, False), H200, available),
+        (qwen, DeviceInfo(capability=(10, 0)), False),
+        (dataclasses.replace(qwen, hidden=2880, inter=1040), H200, False),
+        (dataclasses.replace(qwen, biases=True), H200, False),
+    ]
+    for problem, device, wgmma in cases:
+        p = plan(problem, device)
+        assert p.variant in ("tiles64", "tiles128") and p.config.wgmma is wgmma, (problem, p)
+        assert ("wgmma" in p.knobs()) is wgmma

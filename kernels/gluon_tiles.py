@@ -1,0 +1,293 @@
+"""Register-operand wgmma tiles (Gluon): the prefill GEMMs with the dequantized weights as wgmma's A operand,
+straight from the registers the dequantization leaves them in.
+
+``tl.dot`` in :mod:`triton_tiles` gets its weight tile through shared memory whichever operand it is (Triton
+converts the dequantized registers to the MMA's layout by a store and ``ldmatrix``); Nsight Compute showed that
+path, not the tensor cores, bounding the 128-row GEMM1 at 4096 tokens (L1/shared memory 77-81% busy).  Gluon
+lets the kernel state its layouts, so the weight words are loaded where wgmma wants their values:
+
+- wgmma ``m64nNk16`` with A in registers: warp ``w`` of a warpgroup holds rows ``16w .. 16w+15``; lane
+  ``4g + t`` rows ``g`` and ``g + 8``, K slots ``2t, 2t+1, 2t+8, 2t+9`` of each 16-slot step (the
+  ``mma.m16n8k16`` A fragment, :mod:`triton_tc_decode`).  A 16-row warp is one band of the banded weights
+  (:mod:`triton_layout`), and lane ``4g + t`` loads words ``2t`` and ``2t + 1`` of each row's 64-element
+  piece (8 contiguous bytes, 256 contiguous bytes a warp): word ``2t + h`` is group ``t``'s elements
+  ``8h .. 8h + 7``, cut into 4 bf16 pairs (one scale) that fill this lane's slots.
+- A dot product may visit K in any order if both operands agree, so slot ``P`` of a 64-slot piece holds weight
+  element ``k = KMAP(P)`` and the token tile in shared memory is stored in the same order:
+  ``P = 32h + 16j + 8q + 2t + b`` holds ``k = 16t + 8h + 4j + 2q + b``.  One small launch writes the hidden states
+  in that order; GEMM1's epilogue writes the intermediate in it; both GEMMs then copy 16-byte runs.
+- The token tile (``BM`` pair rows, wgmma's N) goes to a ``STAGES``-slot shared-memory ring by ``cp.async``;
+  each K step dequantizes both weight tiles, waits for its token tile, runs the wgmmas and starts the copy of a
+  later step.  The next step's weight words are loaded before this step's math.
+
+Limits (the planner only picks these tiles where they hold): hidden and intermediate sizes multiples of 64,
+GEMM2 without a K split, no expert biases, an SM90 GPU and a Triton with Gluon's Hopper API.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_passes.kernels.triton_common import triton
+
+try:  # Gluon's Hopper API (Triton >= 3.5); without it the planner never picks these tiles
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+except (ImportError, AttributeError):  # pragma: no cover - exercised on CPU CI without Triton
+    gluon = gl = None
+
+__all__ = ["AVAILABLE", "KMAP", "run_wgmma_tiles"]
+
+AVAILABLE = gluon is not None and triton is not None
+
+
+def _kmap(p: int) -> int:
+    h, j, q, t, b = (p >> 5) & 1, (p >> 4) & 1, (p >> 3) & 1, (p >> 1) & 3, p & 1
+    return 16 * t + 8 * h + 4 * j + 2 * q + b
+
+
+# slot P of a 64-element piece holds element KMAP[P] (a permutation of 0..63)
+KMAP = tuple(_kmap(p) for p in range(64))
+
+if AVAILABLE:
+    from moe_passes.kernels.triton_common import apply_act, word_cut_asm
+
+    # One weight word ($8) and its group's E4M3 scale (low byte of $9) -> 8 bf16 ``e2m1 * scale * 2^-7``,
+    # exact: the cut's ``e2m1 * 2^-126`` pairs times ``bf16(scale * 2^119)`` (cvt from E4M3, times 2^119).
+    _WORD_ASM = gl.constexpr("{" + word_cut_asm("$8", "p") + """
+    .reg .b32 f2, s, z;
+    .reg .b16 lo, hi;
+    .reg .f32 fs;
+    cvt.rn.f16x2.e4m3x2 f2, $9;
+    mov.b32 {lo, hi}, f2;
+    cvt.f32.f16 fs, lo;
+    mul.f32 fs, fs, 0f7B000000;
+    cvt.rn.bf16x2.f32 s, fs, fs;
+    mov.b32 z, 0x80008000;
+    fma.rn.bf16x2 p0, p0, s, z;
+    fma.rn.bf16x2 p1, p1, s, z;
+    fma.rn.bf16x2 p2, p2, s, z;
+    fma.rn.bf16x2 p3, p3, s, z;
+    mov.b32 {$0, $1}, p0;
+    mov.b32 {$2, $3}, p1;
+    mov.b32 {$4, $5}, p2;
+    mov.b32 {$6, $7}, p3;
+    }""")
+
+    @gluon.constexpr_function
+    def _word_layout(BN, BK, NW):
+        """``[BN, BK/8]`` weight words, word ``c = 8 * piece + 2t + h``: lane ``4g + t`` of warp ``w`` holds
+        rows ``16w + g`` and ``+ 8`` (``BN`` beyond ``16 * NW``: more rows, in registers), words ``2t, 2t+1``."""
+        reg = [[0, 1], [8, 0]]
+        c = 8
+        while c < BK // 8:
+            reg.append([0, c])
+            c *= 2
+        r = 16 * NW
+        while r < BN:
+            reg.append([r, 0])
+            r *= 2
+        warps = [[16 << i, 0] for i in range(NW.bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=warps, block_bases=[], shape=[BN, BK // 8])
+
+    @gluon.jit
+    def _kmap_of(p):
+        """``KMAP`` of slot offsets ``p`` (any K offset: the piece is kept); pairs stay contiguous (the hint
+        sits on the last op, which inlining keeps)."""
+        s = p % 64
+        k = 16 * ((s >> 1) & 3) + 8 * ((s >> 5) & 1) + 4 * ((s >> 4) & 1) + 2 * ((s >> 3) & 1) + (s & 1)
+        return gl.max_contiguous(gl.multiple_of(p - s + k, 2), 2)
+
+    @gluon.jit
+    def _kinv_of(k):
+        """The slot of element offsets ``k``: the inverse of ``_kmap_of``."""
+        s = k % 64
+        p = 32 * ((s >> 3) & 1) + 16 * ((s >> 2) & 1) + 8 * ((s >> 1) & 1) + 2 * (s >> 4) + (s & 1)
+        return gl.max_contiguous(gl.multiple_of(k - s + p, 2), 2)
+
+    @gluon.jit
+    def _dequant(w, s, BN: gl.constexpr, BK: gl.constexpr, DOT: gl.constexpr):
+        """Words ``[BN, BK/8]`` and their scale bytes -> the bf16 A operand ``[BN, BK]`` in slot order, in
+        ``DOT`` without moving data between threads (``assert_trivial``)."""
+        e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
+            _WORD_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [w, s.to(gl.int16)], dtype=(gl.bfloat16,) * 8,
+            is_pure=True, pack=1)
+        # element n = 4j + 2q + b of word (t, h) goes to slot 32h + 16j + 8q + 2t + b
+        v = gl.join(gl.join(gl.join(e0, e4), gl.join(e2, e6)), gl.join(gl.join(e1, e5), gl.join(e3, e7)))
+        v = gl.reshape(v, [BN, BK // 64, 4, 2, 2, 2, 2])
+        v = gl.permute(v, [0, 1, 3, 4, 5, 2, 6])
+        return gl.convert_layout(gl.reshape(v, [BN, BK]), DOT, assert_trivial=True)
+
+    @gluon.jit
+    def _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, row, n_ok, K, ROWS2, BM: gl.constexpr, BN: gl.constexpr,
+                  BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr):
+        """``W[row] @ A^T`` over K for the weight rows ``row`` (and, with TWO, rows ``row + ROWS2``: gate and
+        up) against the ``[BM, BK]`` activation tiles at ``a_ptrs + step * BK`` (slot order): fp32
+        ``[BN, BM]`` accumulators in the wgmma layout."""
+        WL: gl.constexpr = _word_layout(BN, BK, NW)
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                      instr_shape=[16, BM, 16])
+        DOT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        XS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], XS)
+        KW = K // 8
+        KS = K // 16
+        rr = row % 16
+        band = row - rr
+        c = gl.arange(0, BK // 8, layout=gl.SliceLayout(0, WL))
+        w_off = (band * KW + rr * 8)[:, None] + ((c // 8) * 128 + c % 8)[None, :]
+        s_off = (band * KS + rr * 4)[:, None] + ((c // 8) * 64 + (c % 8) // 2)[None, :]
+        wmask = n_ok[:, None] & (c < BK)[None, :]
+        wp = w_ptr.to(gl.pointer_type(gl.int32))
+        w2_off = ROWS2 * KW
+        s2_off = ROWS2 * KS
+        steps = K // BK
+        for i in gl.static_range(STAGES - 1):
+            if i < steps:
+                async_copy.async_copy_global_to_shared(xs.index(i), a_ptrs + i * BK, mask=a_mask)
+            async_copy.commit_group()
+        acc = gl.zeros([BN, BM], gl.float32, MMA)
+        acc2 = gl.zeros([BN, BM], gl.float32, MMA)
+        w = gl.load(wp + w_off, mask=wmask, other=0)
+        s = gl.load(s_ptr + s_off, mask=wmask, other=0)
+        if TWO:
+            w2 = gl.load(wp + w_off + w2_off, mask=wmask, other=0)
+            s2 = gl.load(s_ptr + s_off + s2_off, mask=wmask, other=0)
+        for step in range(steps):
+            nxt = gl.minimum(step + 1, steps - 1)  # the last step reloads its own words, harmlessly
+            w_n = gl.load(wp + w_off + nxt * (2 * BK), mask=wmask, other=0)
+            s_n = gl.load(s_ptr + s_off + nxt * BK, mask=wmask, other=0)
+            a = _dequant(w, s, BN, BK, DOT)
+            if TWO:
+                w2_n = gl.load(wp + w_off + w2_off + nxt * (2 * BK), mask=wmask, other=0)
+                s2_n = gl.load(s_ptr + s_off + s2_off + nxt * BK, mask=wmask, other=0)
+                a2 = _dequant(w2, s2, BN, BK, DOT)
+            ld = step + STAGES - 1
+            if ld < steps:  # the slot the previous step's wgmmas read: they finished (synchronous)
+                async_copy.async_copy_global_to_shared(xs.index(ld % STAGES), a_ptrs + ld * BK, mask=a_mask)
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)
+            gl.thread_barrier()
+            fence_async_shared()
+            b = xs.index(step % STAGES).permute((1, 0))
+            acc = warpgroup_mma(a, b, acc)
+            if TWO:
+                acc2 = warpgroup_mma(a2, b, acc2)
+                w2 = w2_n
+                s2 = s2_n
+            gl.thread_barrier()
+            w = w_n
+            s = s_n
+        async_copy.wait_group(0)
+        return acc, acc2
+
+    @gluon.jit
+    def _rows(sorted_ptr, bexp_ptr, BM: gl.constexpr, NFIRST: gl.constexpr, L: gl.constexpr):
+        """This program's expert (or -1), its block's rows and pairs in layout ``L``'s rows, its column tile."""
+        pid_m = gl.program_id(1 if NFIRST else 0)
+        e = gl.load(bexp_ptr + pid_m)
+        rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, L))
+        return e, rows, gl.load(sorted_ptr + rows), gl.program_id(0 if NFIRST else 1)
+
+    @gluon.jit
+    def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr, num_pairs, H, I, stride_x,
+                      TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
+                      BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
+                      NFIRST: gl.constexpr, ALPHA: gl.constexpr = 1.702, BETA: gl.constexpr = 1.0,
+                      LIMIT: gl.constexpr = 7.0):
+        """GEMM1 + activation for one (row block of one expert, BN intermediate columns) of the hidden states in
+        slot order (``_slot_order_kernel``): the intermediate ``[rows, I]`` bf16, each 64-column piece in slot
+        order too (GEMM2's A operand)."""
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+        WL: gl.constexpr = _word_layout(BN, BK, NW)
+        e, rows, pair, pid_n = _rows(sorted_ptr, bexp_ptr, BM, NFIRST, XL)
+        if e < 0:
+            return
+        e64 = e.to(gl.int64)
+        tok = (pair // TOP_K).to(gl.int64)
+        x_ptrs = x_ptr + tok[:, None] * stride_x + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
+        x_mask = (pair < num_pairs)[:, None]
+        n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
+        row = e64 * (2 * I if GATED else I) + n_w
+        g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, row, n_w < I, H, I, BM, BN, BK, NW, STAGES, GATED)
+        inv = 128.0 / gl.load(gs_ptr + e)  # the dequantized tiles carry 2^-7
+        g = g * inv
+        u = u * inv
+        h = gl.permute(apply_act(g, u, ACT, ALPHA, BETA, LIMIT).to(gl.bfloat16), [1, 0])
+        OL: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [NW, 1], [1, 0])
+        h = gl.convert_layout(h, OL)
+        rows_o = gl.program_id(1 if NFIRST else 0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
+        n_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
+        cols = _kinv_of(n_o)
+        gl.store(out_ptr + rows_o.to(gl.int64)[:, None] * I + cols[None, :], h, mask=(n_o < I)[None, :])
+
+    @gluon.jit
+    def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I,
+                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
+                      STAGES: gl.constexpr, NFIRST: gl.constexpr):
+        """GEMM2 for one (row block, BN hidden columns): each pair's row times its routing weight into
+        ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies)."""
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+        WL: gl.constexpr = _word_layout(BN, BK, NW)
+        e, rows, pair, pid_n = _rows(sorted_ptr, bexp_ptr, BM, NFIRST, XL)
+        if e < 0:
+            return
+        e64 = e.to(gl.int64)
+        ka = gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
+        a_ptrs = a_ptr + rows.to(gl.int64)[:, None] * I + ka[None, :]
+        a_mask = (pair < num_pairs)[:, None]
+        n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
+        acc, unused = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + n_w, n_w < H, I, 0, BM, BN, BK, NW, STAGES,
+                                False)
+        OL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
+        acc = gl.convert_layout(gl.permute(acc, [1, 0]), OL)
+        rows_o = gl.program_id(1 if NFIRST else 0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
+        pair_o = gl.load(sorted_ptr + rows_o)
+        ok = pair_o < num_pairs
+        n_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
+        tw = gl.load(tw_ptr + pair_o, mask=ok, other=0.0)
+        y = acc * (tw * (128.0 / gl.load(gs_ptr + e)))[:, None]
+        gl.store(y_ptr + pair_o.to(gl.int64)[:, None] * H + n_o[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=ok[:, None] & (n_o < H)[None, :])
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _slot_order_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
+        """``out[t, p] = x[t, KMAP(p)]`` per 64-element piece: the hidden states in slot order."""
+        t = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        s = p % 64
+        k = p - s + 16 * ((s >> 1) & 3) + 8 * ((s >> 5) & 1) + 4 * ((s >> 4) & 1) + 2 * ((s >> 3) & 1) + (s & 1)
+        k = tl.max_contiguous(tl.multiple_of(k, 2), 2)
+        tl.store(out_ptr + t * H + p, tl.load(x_ptr + t * stride_x + k, mask=p < H), mask=p < H)
+
+
+def run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k, gated,
+                    act):
+    """GEMM1 then GEMM2 of each ``(tile config, sorted rows, intermediate rows, block map, blocks)`` in
+    ``launches`` (:func:`triton_tiles.run_tiles`' list) on these tiles; ``y [1, pairs, hidden]``."""
+    from moe_passes.kernels.triton_tiles import tile_grid
+
+    w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
+    tokens = hidden_states.shape[0]
+    x = torch.empty(tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
+    launch(_slot_order_kernel, (tokens, triton.cdiv(hidden, 1024)), hidden_states, x, hidden, hidden_states.stride(0),
+           BLOCK=1024, num_warps=4)
+    for c, rows_ids, rows_inter, block_map, nblocks in launches:
+        grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
+        launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
+               rows_inter, pairs, hidden, inter, x.stride(0), TOP_K=top_k, GATED=gated, BM=c.bm,
+               BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst, **act,
+               num_warps=c.warps1)
+    for c, rows_ids, rows_inter, block_map, nblocks in launches:
+        grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
+        launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map,
+               topk_w, y, pairs, hidden, inter, BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2,
+               NFIRST=nfirst, num_warps=c.warps2)
+
