@@ -402,6 +402,26 @@ def test_wgmma_tiles(variant, activation):
     assert torch.equal(graphed, out)
 
 
+def test_wgmma_slot_order_matches_the_register_fragment():
+    """gluon_tiles' slot order against wgmma's register A fragment (PTX ISA: lane 4g + t holds K slots 2t, 2t+1,
+    2t+8, 2t+9 of each 16): a slot's element must come from its own lane's words 2t, 2t+1 of the banded row
+    (elements 16t .. 16t + 15, word 2t + h holding 8h .. 8h + 7), slots 0-31 from word 2t and 32-63 from 2t + 1,
+    each of a word's bf16 pairs whole in one 32-bit register, and every element exactly once."""
+    from moe_passes.kernels.gluon_tiles import KMAP
+
+    assert sorted(KMAP) == list(range(64))
+    for slot, k in enumerate(KMAP):
+        lane_t, word_h = (slot % 8) // 2, slot // 32
+        assert k // 16 == lane_t and (k % 16) // 8 == word_h, (slot, k)
+        assert KMAP[slot ^ 1] == k ^ 1
+    # a word's element n = 4j + 2q + b sits in 16-slot step 2h + j, at slot 2t + b (q = 0) or 2t + 8 + b (q = 1)
+    for t in range(4):
+        for h in range(2):
+            for n in range(8):
+                j, q, b = n // 4, (n // 2) % 2, n % 2
+                assert KMAP[16 * (2 * h + j) + 8 * q + 2 * t + b] == 16 * t + 8 * h + n
+
+
 @pytest.mark.parametrize("change", [dict(bn1=256), dict(warps1=8, bn1=64), dict(warps2=2), dict(split2=2),
                                     dict(bm=8), dict(bm=24), dict(stages2=1)])
 def test_wgmma_tiles_refuse_what_their_kernels_do_not_do(change):
