@@ -123,8 +123,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, row, n_ok, K, ROWS2, BM: gl.constexpr, BN: gl.constexpr,
-                  BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr,
-                  WDIST: gl.constexpr):
+                  BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr):
         """``W[row] @ A^T`` over K for the weight rows ``row`` (and, with TWO, rows ``row + ROWS2``: gate and
         up) against the ``[BM, BK]`` activation tiles at ``a_ptrs + step * BK`` (slot order): fp32
         ``[BN, BM]`` accumulators in the wgmma layout."""
@@ -154,17 +153,11 @@ if AVAILABLE:
         acc2 = gl.zeros([BN, BM], gl.float32, MMA)
         w = gl.load(wp + w_off, mask=wmask, other=0)
         s = gl.load(s_ptr + s_off, mask=wmask, other=0)
-        n1 = gl.minimum(1, steps - 1)
-        w_1 = gl.load(wp + w_off + n1 * (2 * BK), mask=wmask, other=0)
-        s_1 = gl.load(s_ptr + s_off + n1 * BK, mask=wmask, other=0)
         if TWO:
             w2 = gl.load(wp + w_off + w2_off, mask=wmask, other=0)
             s2 = gl.load(s_ptr + s_off + s2_off, mask=wmask, other=0)
-            w2_1 = gl.load(wp + w_off + w2_off + n1 * (2 * BK), mask=wmask, other=0)
-            s2_1 = gl.load(s_ptr + s_off + s2_off + n1 * BK, mask=wmask, other=0)
         for step in range(steps):
-            # the words WDIST steps ahead (past the end: the last step's again, harmlessly)
-            nxt = gl.minimum(step + WDIST, steps - 1)
+            nxt = gl.minimum(step + 1, steps - 1)  # the last step reloads its own words, harmlessly
             w_n = gl.load(wp + w_off + nxt * (2 * BK), mask=wmask, other=0)
             s_n = gl.load(s_ptr + s_off + nxt * BK, mask=wmask, other=0)
             a = _dequant(w, s, BN, BK, DOT)
@@ -172,35 +165,22 @@ if AVAILABLE:
                 w2_n = gl.load(wp + w_off + w2_off + nxt * (2 * BK), mask=wmask, other=0)
                 s2_n = gl.load(s_ptr + s_off + s2_off + nxt * BK, mask=wmask, other=0)
                 a2 = _dequant(w2, s2, BN, BK, DOT)
-            # one barrier a step: this step's token tile has landed everywhere, and every warp's (synchronous)
-            # wgmmas of the previous step are done, so its slot takes the copy of step + STAGES - 1
-            async_copy.wait_group(STAGES - 2)
-            gl.thread_barrier()
-            fence_async_shared()
             ld = step + STAGES - 1
-            if ld < steps:
+            if ld < steps:  # the slot the previous step's wgmmas read: they finished (synchronous)
                 async_copy.async_copy_global_to_shared(xs.index(ld % STAGES), a_ptrs + ld * BK, mask=a_mask)
             async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)
+            gl.thread_barrier()
+            fence_async_shared()
             b = xs.index(step % STAGES).permute((1, 0))
             acc = warpgroup_mma(a, b, acc)
             if TWO:
                 acc2 = warpgroup_mma(a2, b, acc2)
-                if WDIST == 2:
-                    w2 = w2_1
-                    s2 = s2_1
-                    w2_1 = w2_n
-                    s2_1 = s2_n
-                else:
-                    w2 = w2_n
-                    s2 = s2_n
-            if WDIST == 2:
-                w = w_1
-                s = s_1
-                w_1 = w_n
-                s_1 = s_n
-            else:
-                w = w_n
-                s = s_n
+                w2 = w2_n
+                s2 = s2_n
+            gl.thread_barrier()
+            w = w_n
+            s = s_n
         async_copy.wait_group(0)
         return acc, acc2
 
@@ -216,8 +196,8 @@ if AVAILABLE:
     def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr, num_pairs, H, I, stride_x,
                       TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
                       BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
-                      NFIRST: gl.constexpr, WDIST: gl.constexpr = 1, ALPHA: gl.constexpr = 1.702,
-                      BETA: gl.constexpr = 1.0, LIMIT: gl.constexpr = 7.0):
+                      NFIRST: gl.constexpr, ALPHA: gl.constexpr = 1.702, BETA: gl.constexpr = 1.0,
+                      LIMIT: gl.constexpr = 7.0):
         """GEMM1 + activation for one (row block of one expert, BN intermediate columns) of the hidden states in
         slot order (``_slot_order_kernel``): the intermediate ``[rows, I]`` bf16, each 64-column piece in slot
         order too (GEMM2's A operand)."""
@@ -232,7 +212,7 @@ if AVAILABLE:
         x_mask = (pair < num_pairs)[:, None]
         n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
         row = e64 * (2 * I if GATED else I) + n_w
-        g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, row, n_w < I, H, I, BM, BN, BK, NW, STAGES, GATED, WDIST)
+        g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, row, n_w < I, H, I, BM, BN, BK, NW, STAGES, GATED)
         inv = 128.0 / gl.load(gs_ptr + e)  # the dequantized tiles carry 2^-7
         g = g * inv
         u = u * inv
@@ -247,7 +227,7 @@ if AVAILABLE:
     @gluon.jit
     def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I,
                       BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
-                      STAGES: gl.constexpr, NFIRST: gl.constexpr, WDIST: gl.constexpr = 1):
+                      STAGES: gl.constexpr, NFIRST: gl.constexpr):
         """GEMM2 for one (row block, BN hidden columns): each pair's row times its routing weight into
         ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies)."""
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
@@ -261,7 +241,7 @@ if AVAILABLE:
         a_mask = (pair < num_pairs)[:, None]
         n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
         acc, unused = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + n_w, n_w < H, I, 0, BM, BN, BK, NW, STAGES,
-                                False, WDIST)
+                                False)
         OL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
         acc = gl.convert_layout(gl.permute(acc, [1, 0]), OL)
         rows_o = gl.program_id(1 if NFIRST else 0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
@@ -303,12 +283,11 @@ def run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, *, pair
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
                rows_inter, pairs, hidden, inter, x.stride(0), TOP_K=top_k, GATED=gated, BM=c.bm,
-               BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst, WDIST=2 if c.wprefetch else 1,
-               **act,
+               BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst, **act,
                num_warps=c.warps1)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
         launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map,
                topk_w, y, pairs, hidden, inter, BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2,
-               NFIRST=nfirst, WDIST=2 if c.wprefetch else 1, num_warps=c.warps2)
+               NFIRST=nfirst, num_warps=c.warps2)
 
