@@ -52,29 +52,19 @@ def _kmap(p: int) -> int:
 KMAP = tuple(_kmap(p) for p in range(64))
 
 if AVAILABLE:
-    from moe_passes.kernels.triton_common import apply_act, word_cut_asm
+    from moe_passes.kernels.triton_common import apply_act, scale_pairs_asm, word_cut_asm
 
     # One weight word ($8) and its group's E4M3 scale (low byte of $9) -> 8 bf16 ``e2m1 * scale * 2^-7``,
     # exact: the cut's ``e2m1 * 2^-126`` pairs times ``bf16(scale * 2^119)`` (cvt from E4M3, times 2^119).
     _WORD_ASM = gl.constexpr("{" + word_cut_asm("$8", "p") + """
-    .reg .b32 f2, s, z;
+    .reg .b32 f2, s;
     .reg .b16 lo, hi;
     .reg .f32 fs;
     cvt.rn.f16x2.e4m3x2 f2, $9;
     mov.b32 {lo, hi}, f2;
     cvt.f32.f16 fs, lo;
     mul.f32 fs, fs, 0f7B000000;
-    cvt.rn.bf16x2.f32 s, fs, fs;
-    mov.b32 z, 0x80008000;
-    fma.rn.bf16x2 p0, p0, s, z;
-    fma.rn.bf16x2 p1, p1, s, z;
-    fma.rn.bf16x2 p2, p2, s, z;
-    fma.rn.bf16x2 p3, p3, s, z;
-    mov.b32 {$0, $1}, p0;
-    mov.b32 {$2, $3}, p1;
-    mov.b32 {$4, $5}, p2;
-    mov.b32 {$6, $7}, p3;
-    }""")
+    cvt.rn.bf16x2.f32 s, fs, fs;""" + scale_pairs_asm("s") + "}")
 
     @gluon.constexpr_function
     def _word_layout(BN, BK, NW):
@@ -202,7 +192,6 @@ if AVAILABLE:
         slot order (``_slot_order_kernel``): the intermediate ``[rows, I]`` bf16, each 64-column piece in slot
         order too (GEMM2's A operand)."""
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
-        WL: gl.constexpr = _word_layout(BN, BK, NW)
         e, rows, pair, pid_n = _rows(sorted_ptr, bexp_ptr, BM, NFIRST, XL)
         if e < 0:
             return
@@ -210,6 +199,7 @@ if AVAILABLE:
         tok = (pair // TOP_K).to(gl.int64)
         x_ptrs = x_ptr + tok[:, None] * stride_x + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
         x_mask = (pair < num_pairs)[:, None]
+        WL: gl.constexpr = _word_layout(BN, BK, NW)
         n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
         row = e64 * (2 * I if GATED else I) + n_w
         g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, row, n_w < I, H, I, BM, BN, BK, NW, STAGES, GATED)
@@ -231,7 +221,6 @@ if AVAILABLE:
         """GEMM2 for one (row block, BN hidden columns): each pair's row times its routing weight into
         ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies)."""
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
-        WL: gl.constexpr = _word_layout(BN, BK, NW)
         e, rows, pair, pid_n = _rows(sorted_ptr, bexp_ptr, BM, NFIRST, XL)
         if e < 0:
             return
@@ -239,6 +228,7 @@ if AVAILABLE:
         ka = gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
         a_ptrs = a_ptr + rows.to(gl.int64)[:, None] * I + ka[None, :]
         a_mask = (pair < num_pairs)[:, None]
+        WL: gl.constexpr = _word_layout(BN, BK, NW)
         n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
         acc, unused = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + n_w, n_w < H, I, 0, BM, BN, BK, NW, STAGES,
                                 False)

@@ -29,22 +29,11 @@ __all__ = ["GRID_Y_MAX", "tile_grid", "gemm1_constexprs", "gemm2_constexprs", "r
 GRID_Y_MAX = 65535  # CUDA's limit on grid axes 1 and 2
 
 if triton is not None:
-    from moe_passes.kernels.triton_common import apply_act, gdc, word_cut_asm
+    from moe_passes.kernels.triton_common import apply_act, gdc, scale_pairs_asm, word_cut_asm
 
     # Tensor-core tiles: each pair times ``$9`` = ``bf16(block_scale * 2^119)`` in both halves with one bf16x2
     # FMA (adding -0 leaves the product alone) -> 8 bf16 ``e2m1 * block_scale * 2^-7``, exact.
-    _WORD_TO_BF16_ASM = tl.constexpr("{" + word_cut_asm("$8", "p") + """
-    .reg .b32 z;
-    mov.b32 z, 0x80008000;
-    fma.rn.bf16x2 p0, p0, $9, z;
-    fma.rn.bf16x2 p1, p1, $9, z;
-    fma.rn.bf16x2 p2, p2, $9, z;
-    fma.rn.bf16x2 p3, p3, $9, z;
-    mov.b32 {$0, $1}, p0;
-    mov.b32 {$2, $3}, p1;
-    mov.b32 {$4, $5}, p2;
-    mov.b32 {$6, $7}, p3;
-    }""")
+    _WORD_TO_BF16_ASM = tl.constexpr("{" + word_cut_asm("$8", "p") + scale_pairs_asm("$9") + "}")
 
     @triton.jit
     def _scale_pair(s):
