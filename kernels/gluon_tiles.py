@@ -84,16 +84,9 @@ if AVAILABLE:
                                           warp_bases=warps, block_bases=[], shape=[BN, BK // 8])
 
     @gluon.jit
-    def _kmap_of(p):
-        """``KMAP`` of slot offsets ``p`` (any K offset: the piece is kept); pairs stay contiguous (the hint
-        sits on the last op, which inlining keeps)."""
-        s = p % 64
-        k = 16 * ((s >> 1) & 3) + 8 * ((s >> 5) & 1) + 4 * ((s >> 4) & 1) + 2 * ((s >> 3) & 1) + (s & 1)
-        return gl.max_contiguous(gl.multiple_of(p - s + k, 2), 2)
-
-    @gluon.jit
     def _kinv_of(k):
-        """The slot of element offsets ``k``: the inverse of ``_kmap_of``."""
+        """The slot of element offsets ``k`` (the inverse of ``KMAP``, the piece kept); pairs stay contiguous
+        (the hint sits on the last op, which inlining keeps)."""
         s = k % 64
         p = 32 * ((s >> 3) & 1) + 16 * ((s >> 2) & 1) + 8 * ((s >> 1) & 1) + 2 * (s >> 4) + (s & 1)
         return gl.max_contiguous(gl.multiple_of(k - s + p, 2), 2)

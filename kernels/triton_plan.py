@@ -110,7 +110,7 @@ class TileConfig:
     expert's last rows, when at most ``tail`` remain past its whole blocks, go to a tail block run by a second
     launch of smaller tiles (:meth:`tail_tiles`): a program costs what its weight tiles cost, not its rows.
     ``wgmma``: the Gluon kernels of :mod:`gluon_tiles` (weights as wgmma's register operand) instead of
-    ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8; ``swap`` and ``wprefetch`` do not apply.
+    ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8, ``bk*`` 64; ``swap`` and ``wprefetch`` do not apply.
     """
 
     bm: int
@@ -139,11 +139,13 @@ class TileConfig:
                                  f"with tiles of 64 rows or more and no GEMM2 K split (got bm={self.bm}, "
                                  f"split2={self.split2})")
         if self.wgmma and not (self.split2 == 1 and self.bm % 16 == 0 and 16 <= self.bm <= 256
+                               and self.bk1 == self.bk2 == 64
                                and all(bn in ((64, 128) if w == 4 else (128,)) and w in (4, 8)
                                        for bn, w in ((self.bn1, self.warps1), (self.bn2, self.warps2)))
                                and self.stages1 >= 2 and self.stages2 >= 2):
-            raise MoEConfigError(f"TileConfig wgmma: blocks of 16-256 rows (a multiple of 16), column tiles of 64 "
-                                 f"or 128 with 4 warps or 128 with 8, 2 stages or more and no GEMM2 K split "
+            raise MoEConfigError(f"TileConfig wgmma: blocks of 16-256 rows (a multiple of 16), K steps of 64, column "
+                                 f"tiles of 64 or 128 with 4 warps or 128 with 8, 2 stages or more and no GEMM2 K "
+                                 f"split "
                                  f"(got {self})")
 
     @property
