@@ -145,8 +145,7 @@ class TileConfig:
                                and self.stages1 >= 2 and self.stages2 >= 2):
             raise MoEConfigError(f"TileConfig wgmma: blocks of 16-256 rows (a multiple of 16), K steps of 64, column "
                                  f"tiles of 64 or 128 with 4 warps or 128 with 8, 2 stages or more and no GEMM2 K "
-                                 f"split "
-                                 f"(got {self})")
+                                 f"split (got {self})")
 
     @property
     def chains(self) -> bool:

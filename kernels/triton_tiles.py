@@ -285,6 +285,11 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     per block size; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's K split in steps of
     ``k_per_split`` elements.  ``counts``: int32 ``[experts]``, zeroed by the routing.  ``w13_bias [E, N1]`` /
     ``w2_bias [E, hidden]``: contiguous fp32 expert biases or None."""
+    if cfg.wgmma and (hidden % 64 or inter % 64 or y.shape[0] != 1 or w13_bias is not None or w2_bias is not None
+                      or not gluon_tiles.AVAILABLE):
+        raise MoEConfigError(f"TileConfig wgmma: hidden ({hidden}) and intermediate ({inter}) sizes must be multiples "
+                             f"of 64, GEMM2 unsplit ({y.shape[0]} K splits), no expert biases and Gluon importable "
+                             f"({gluon_tiles.AVAILABLE})")
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     bm = cfg.bm
     max_blocks = triton.cdiv(pairs, bm) + min(pairs, experts)
@@ -300,10 +305,6 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
         launches.append((cfg.tail_tiles(), sorted_ids[main_rows:], inter_buf[main_rows:], texp, max_tails))
     act, bias1, bias2 = epilogue_args(activation, activation_params, w13_bias, w2_bias)
     if cfg.wgmma:
-        if hidden % 64 or inter % 64 or y.shape[0] != 1 or bias1 or bias2 or not gluon_tiles.AVAILABLE:
-            raise MoEConfigError(f"TileConfig wgmma: hidden ({hidden}) and intermediate ({inter}) sizes must be "
-                                 f"multiples of 64, GEMM2 unsplit ({y.shape[0]} K splits), no expert biases "
-                                 f"({bool(bias1 or bias2)}) and Gluon importable ({gluon_tiles.AVAILABLE})")
         return gluon_tiles.run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, pairs=pairs,
                                            hidden=hidden, inter=inter, top_k=top_k, gated=gated, act=act)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:

@@ -402,6 +402,22 @@ def test_wgmma_tiles(variant, activation):
     assert torch.equal(graphed, out)
 
 
+@pytest.mark.parametrize("bad", [dict(hidden=2880 + 16), dict(inter=960 + 16), dict(splits=2),
+                                 dict(w13_bias=torch.zeros(1))])
+def test_wgmma_tiles_refuse_a_call_they_cannot_run(bad):
+    """A wgmma config that reaches a call it cannot run (sizes off the 64-element pieces, a GEMM2 K split, expert
+    biases) is a config error before anything launches."""
+    from moe_passes.kernels.triton_tiles import run_tiles
+
+    cfg = TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, **_WGMMA)
+    args = dict(hidden=2880, inter=960, splits=1, w13_bias=None)
+    args.update(bad)
+    y = torch.zeros(args.pop("splits"), 8, args["hidden"])
+    with pytest.raises(MoEConfigError, match="wgmma"):
+        run_tiles(None, None, None, None, None, y, cfg, pairs=8, experts=4, top_k=2, gated=True, activation="silu",
+                  k_per_split=args["inter"], **args)
+
+
 def test_wgmma_slot_order_matches_the_register_fragment():
     """gluon_tiles' slot order against wgmma's register A fragment (PTX ISA: lane 4g + t holds K slots 2t, 2t+1,
     2t+8, 2t+9 of each 16): a slot's element must come from its own lane's words 2t, 2t+1 of the banded row
