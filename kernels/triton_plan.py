@@ -330,7 +330,7 @@ def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
         # half-filled blocks (384-768 tokens on 128 experts, top-8): GEMM1 programs of 8 warps dequantize each
         # weight tile in half the time; 1.05-1.14x the 4-warp ones on Qwen3-30B-A3B and Gemma-4, and slower
         # from 64 rows, on the ungated Nemotron-3-Nano and on DeepSeek-V3's hidden of 7168 (H100).  The wgmma
-        # tiles were 2-4% slower than these at 512 tokens (same tiles, H100)
+        # tiles were 2-5% slower than these at 512 tokens (same tiles, H100)
         return dataclasses.replace(cfg, warps1=8)
     # the wgmma tiles, 512 / 1024 tokens: Nemotron-3-Nano 1.18 / 1.16x, DeepSeek-V3 1.37 / 1.31x (H100)
     return dataclasses.replace(cfg, wgmma=_wgmma_fits(p, d))
