@@ -275,9 +275,11 @@ REGIMES = (
     Regime("tiles64", _ANY, (56, 48),
            "64-row prefill tiles up to 56 rows per expert (48 ungated), column tiles first (4-10% at 1024-4096 "
            "tokens), 16-row tail blocks; past that an expert's rows fill one 128-row block better than a 64-row "
-           "block and a tail (1536 tokens: Qwen3-30B-A3B 436 against 582 us, Gemma-4 549 against 760, H100)"),
+           "block and a tail (1536 tokens: Qwen3-30B-A3B 436 against 582 us, Gemma-4 549 against 760, H100); on SM90 "
+           "the register-operand wgmma tiles unless GEMM1 takes 8 warps (1.13-1.37x at 384-1024 tokens, H100)"),
     Regime("tiles128", _ANY, (math.inf, math.inf),
-           "128-row prefill tiles, tails of 32 rows (64 on hidden > 4096, where swapped 32-row tails are slower)"),
+           "128-row prefill tiles, tails of 32 rows (64 on hidden > 4096, where swapped 32-row tails are slower); on "
+           "SM90 the register-operand wgmma tiles (1.08-1.19x at 1024-4096 tokens, H100)"),
 )
 CUDA_DECODE_WHY = ("one token on SM90: the whole layer in one persistent CUDA launch, at least as fast as the "
                    "Triton decode on the four benchmark layers (Qwen3 16.0 against 16.9 us)")
@@ -337,7 +339,7 @@ def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
 
 
 def _tiles128(p: Problem, d: DeviceInfo) -> TileConfig:
-    # the wgmma tiles, 1024-4096 tokens: 1.08-1.31x on the four benchmark layers (H100)
+    # the wgmma tiles, 1024-4096 tokens: 1.08-1.19x on the four benchmark layers (H100)
     return TileConfig(bm=128, bn1=64 if p.gated else 128, bk1=64, bn2=128, bk2=64, **_PREFILL,
                       tail=64 if p.hidden > 4096 else 32, wgmma=_wgmma_fits(p, d))
 
