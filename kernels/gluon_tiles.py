@@ -38,7 +38,7 @@ try:  # Gluon's Hopper API (Triton >= 3.5); without it the planner never picks t
 except (ImportError, AttributeError):  # pragma: no cover - exercised on CPU CI without Triton
     gluon = gl = None
 
-__all__ = ["AVAILABLE", "KMAP", "run_wgmma_tiles"]
+__all__ = ["AVAILABLE", "KMAP", "takes", "run_wgmma_tiles"]
 
 AVAILABLE = gluon is not None and triton is not None
 
@@ -50,6 +50,12 @@ def _kmap(p: int) -> int:
 
 # slot P of a 64-element piece holds element KMAP[P] (a permutation of 0..63)
 KMAP = tuple(_kmap(p) for p in range(64))
+
+
+def takes(hidden: int, inter: int, biases: bool) -> bool:
+    """Can these tiles run a layer of these sizes: Gluon's Hopper API importable, whole 64-element pieces in both
+    GEMMs, no expert biases (the planner adds the SM90 check; a call adds an unsplit GEMM2)."""
+    return AVAILABLE and hidden % 64 == 0 and inter % 64 == 0 and not biases
 
 if AVAILABLE:
     from moe_passes.kernels.triton_common import apply_act, scale_pairs_asm, word_cut_asm

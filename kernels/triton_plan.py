@@ -159,7 +159,8 @@ class TileConfig:
 
     def tail_tiles(self) -> "TileConfig":
         """The tail blocks' tiles: the 16-row tiles' shapes for tails of 16 or 32 rows, the 64-row tiles' for
-        64; warps, stages, prefetch and grid order as the main blocks'."""
+        64 (the wgmma tiles: the main tiles with ``tail`` rows); warps, stages, prefetch and grid order as the
+        main blocks'."""
         if self.wgmma:  # any row count is one wgmma N: the same tiles, fewer rows
             return dataclasses.replace(self, bm=self.tail, tail=0)
         shape = _SWAPPED_TILES if self.tail <= 32 else _TILES_64
@@ -322,8 +323,7 @@ def _wgmma_fits(p: Problem, d: DeviceInfo) -> bool:
     Hopper API, whole 64-element pieces in both GEMMs and no expert biases."""
     from moe_passes.kernels import gluon_tiles
 
-    return (gluon_tiles.AVAILABLE and d.capability[0] == 9 and p.hidden % 64 == 0 and p.inter % 64 == 0
-            and not p.biases)
+    return d.capability[0] == 9 and gluon_tiles.takes(p.hidden, p.inter, p.biases)
 
 
 def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:

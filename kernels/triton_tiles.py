@@ -285,8 +285,8 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     per block size; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's K split in steps of
     ``k_per_split`` elements.  ``counts``: int32 ``[experts]``, zeroed by the routing.  ``w13_bias [E, N1]`` /
     ``w2_bias [E, hidden]``: contiguous fp32 expert biases or None."""
-    if cfg.wgmma and (hidden % 64 or inter % 64 or y.shape[0] != 1 or w13_bias is not None or w2_bias is not None
-                      or not gluon_tiles.AVAILABLE):
+    if cfg.wgmma and (y.shape[0] != 1
+                      or not gluon_tiles.takes(hidden, inter, w13_bias is not None or w2_bias is not None)):
         raise MoEConfigError(f"TileConfig wgmma: hidden ({hidden}) and intermediate ({inter}) sizes must be multiples "
                              f"of 64, GEMM2 unsplit ({y.shape[0]} K splits), no expert biases and Gluon importable "
                              f"({gluon_tiles.AVAILABLE})")
