@@ -110,66 +110,103 @@ if AVAILABLE:
         v = gl.permute(v, [0, 1, 3, 4, 5, 2, 6])
         return gl.convert_layout(gl.reshape(v, [BN, BK]), DOT, assert_trivial=True)
 
+    @gluon.constexpr_function
+    def _scale_layout(BN, BK, NW):
+        """``[BN, BK/16]`` scale bytes: lane ``4g + t`` of warp ``w`` holds rows ``16w + g`` and ``+ 8``, group
+        ``t`` (the scale of its words ``2t, 2t+1`` in :func:`_word_layout`)."""
+        reg = [[8, 0]]
+        c = 4
+        while c < BK // 16:
+            reg.append([0, c])
+            c *= 2
+        r = 16 * NW
+        while r < BN:
+            reg.append([r, 0])
+            r *= 2
+        warps = [[16 << i, 0] for i in range(NW.bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=warps, block_bases=[], shape=[BN, BK // 16])
+
     @gluon.jit
-    def _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, row, n_ok, K, ROWS2, BM: gl.constexpr, BN: gl.constexpr,
+    def _copy_step(xs, ws, ss, a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok, step, BK: gl.constexpr):
+        """Start one K step's copies into one ring slot: the token tile, the weight words, the scale bytes."""
+        async_copy.async_copy_global_to_shared(xs, a_ptrs + step * BK, mask=a_mask)
+        async_copy.async_copy_global_to_shared(ws, wp + w_off + step * (2 * BK), mask=w_ok)
+        async_copy.async_copy_global_to_shared(ss, s_ptr + s_off + step * BK, mask=s_ok)
+
+    @gluon.jit
+    def _weight_tile(ws, ss, WL: gl.constexpr, SL: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                     DOT: gl.constexpr):
+        """One ``[BN, BK]`` weight tile of a ring slot, dequantized into wgmma's A operand."""
+        sb = ss.load(SL)
+        s = gl.convert_layout(gl.reshape(gl.join(sb, sb), [BN, BK // 8]), WL)  # word 2t + h takes group t's scale
+        return _dequant(ws.load(WL), s, BN, BK, DOT)
+
+    @gluon.jit
+    def _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, row0, nlim, K, ROWS2, BM: gl.constexpr, BN: gl.constexpr,
                   BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr):
-        """``W[row] @ A^T`` over K for the weight rows ``row`` (and, with TWO, rows ``row + ROWS2``: gate and
-        up) against the ``[BM, BK]`` activation tiles at ``a_ptrs + step * BK`` (slot order): fp32
-        ``[BN, BM]`` accumulators in the wgmma layout."""
+        """``W @ A^T`` over K for the ``BN`` weight rows from ``row0`` (and, with TWO, those ``ROWS2`` further:
+        gate and up; rows from ``nlim`` on are not loaded) against the ``[BM, BK]`` activation tiles at
+        ``a_ptrs + step * BK`` (slot order): fp32 ``[BN, BM]`` accumulators in the wgmma layout.  Each step's
+        token tile, weight words and scale bytes travel together by ``cp.async`` into one slot of a
+        ``STAGES``-slot ring (one commit group); the words and scales are read from there in the fragment's
+        layout (a band's piece is 512 contiguous bytes in memory and in the slot)."""
+        NT: gl.constexpr = 2 if TWO else 1
         WL: gl.constexpr = _word_layout(BN, BK, NW)
+        SL: gl.constexpr = _scale_layout(BN, BK, NW)
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BM, 16])
         DOT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         XS: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        PLAIN: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+        # copies: 16 bytes a lane for the words (a warp moves 16 rows' pieces), 4 for a row's scales
+        CW: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [NW, 1], [1, 0])
+        CS: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [NW, 1], [1, 0])
         xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], XS)
-        KW = K // 8
-        KS = K // 16
+        ws = gl.allocate_shared_memory(gl.int32, [STAGES, NT * BN, BK // 8], PLAIN)  # gate rows, then up rows
+        ss = gl.allocate_shared_memory(gl.uint8, [STAGES, NT * BN, BK // 16], PLAIN)
+        n = gl.arange(0, NT * BN, layout=gl.SliceLayout(1, CW))
+        row = row0 + n % BN + (n // BN) * ROWS2
         rr = row % 16
-        band = row - rr
-        c = gl.arange(0, BK // 8, layout=gl.SliceLayout(0, WL))
-        w_off = (band * KW + rr * 8)[:, None] + ((c // 8) * 128 + c % 8)[None, :]
-        s_off = (band * KS + rr * 4)[:, None] + ((c // 8) * 64 + (c % 8) // 2)[None, :]
-        wmask = n_ok[:, None] & (c < BK)[None, :]
+        c = gl.arange(0, BK // 8, layout=gl.SliceLayout(0, CW))
+        w_off = ((row - rr) * (K // 8) + rr * 8)[:, None] + ((c // 8) * 128 + c % 8)[None, :]
+        w_ok = (n % BN < nlim)[:, None] & (c < BK // 8)[None, :]
+        n = gl.arange(0, NT * BN, layout=gl.SliceLayout(1, CS))
+        row = row0 + n % BN + (n // BN) * ROWS2
+        rr = row % 16
+        g = gl.arange(0, BK // 16, layout=gl.SliceLayout(0, CS))
+        s_off = ((row - rr) * (K // 16) + rr * 4)[:, None] + ((g // 4) * 64 + g % 4)[None, :]
+        s_ok = (n % BN < nlim)[:, None] & (g < BK // 16)[None, :]
         wp = w_ptr.to(gl.pointer_type(gl.int32))
-        w2_off = ROWS2 * KW
-        s2_off = ROWS2 * KS
         steps = K // BK
         for i in gl.static_range(STAGES - 1):
             if i < steps:
-                async_copy.async_copy_global_to_shared(xs.index(i), a_ptrs + i * BK, mask=a_mask)
+                _copy_step(xs.index(i), ws.index(i), ss.index(i), a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok,
+                           i, BK)
             async_copy.commit_group()
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         acc2 = gl.zeros([BN, BM], gl.float32, MMA)
-        w = gl.load(wp + w_off, mask=wmask, other=0)
-        s = gl.load(s_ptr + s_off, mask=wmask, other=0)
-        if TWO:
-            w2 = gl.load(wp + w_off + w2_off, mask=wmask, other=0)
-            s2 = gl.load(s_ptr + s_off + s2_off, mask=wmask, other=0)
         for step in range(steps):
-            nxt = gl.minimum(step + 1, steps - 1)  # the last step reloads its own words, harmlessly
-            w_n = gl.load(wp + w_off + nxt * (2 * BK), mask=wmask, other=0)
-            s_n = gl.load(s_ptr + s_off + nxt * BK, mask=wmask, other=0)
-            a = _dequant(w, s, BN, BK, DOT)
-            if TWO:
-                w2_n = gl.load(wp + w_off + w2_off + nxt * (2 * BK), mask=wmask, other=0)
-                s2_n = gl.load(s_ptr + s_off + s2_off + nxt * BK, mask=wmask, other=0)
-                a2 = _dequant(w2, s2, BN, BK, DOT)
-            ld = step + STAGES - 1
-            if ld < steps:  # the slot the previous step's wgmmas read: they finished (synchronous)
-                async_copy.async_copy_global_to_shared(xs.index(ld % STAGES), a_ptrs + ld * BK, mask=a_mask)
-            async_copy.commit_group()
-            async_copy.wait_group(STAGES - 1)
+            # this step's slot has landed for every thread, and every warp is done with the previous step's slot
+            async_copy.wait_group(STAGES - 2)
             gl.thread_barrier()
             fence_async_shared()
-            b = xs.index(step % STAGES).permute((1, 0))
+            cur = step % STAGES
+            # read the weights before the next copies: Triton's barrier pass cannot tell the slots apart and
+            # puts a second barrier between the two, cheapest here
+            a = _weight_tile(ws.index(cur).slice(0, BN), ss.index(cur).slice(0, BN), WL, SL, BN, BK, DOT)
+            if TWO:
+                a2 = _weight_tile(ws.index(cur).slice(BN, BN), ss.index(cur).slice(BN, BN), WL, SL, BN, BK, DOT)
+            ld = step + STAGES - 1
+            if ld < steps:
+                sl = ld % STAGES
+                _copy_step(xs.index(sl), ws.index(sl), ss.index(sl), a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off,
+                           s_ok, ld, BK)
+            async_copy.commit_group()
+            b = xs.index(cur).permute((1, 0))
             acc = warpgroup_mma(a, b, acc)
             if TWO:
                 acc2 = warpgroup_mma(a2, b, acc2)
-                w2 = w2_n
-                s2 = s2_n
-            gl.thread_barrier()
-            w = w_n
-            s = s_n
         async_copy.wait_group(0)
         return acc, acc2
 
@@ -198,10 +235,8 @@ if AVAILABLE:
         tok = (pair // TOP_K).to(gl.int64)
         x_ptrs = x_ptr + tok[:, None] * stride_x + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
         x_mask = (pair < num_pairs)[:, None]
-        WL: gl.constexpr = _word_layout(BN, BK, NW)
-        n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
-        row = e64 * (2 * I if GATED else I) + n_w
-        g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, row, n_w < I, H, I, BM, BN, BK, NW, STAGES, GATED)
+        g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, e64 * (2 * I if GATED else I) + pid_n * BN, I - pid_n * BN,
+                         H, I, BM, BN, BK, NW, STAGES, GATED)
         inv = 128.0 / gl.load(gs_ptr + e)  # the dequantized tiles carry 2^-7
         g = g * inv
         u = u * inv
@@ -227,10 +262,8 @@ if AVAILABLE:
         ka = gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
         a_ptrs = a_ptr + rows.to(gl.int64)[:, None] * I + ka[None, :]
         a_mask = (pair < num_pairs)[:, None]
-        WL: gl.constexpr = _word_layout(BN, BK, NW)
-        n_w = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, WL))
-        acc, unused = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + n_w, n_w < H, I, 0, BM, BN, BK, NW, STAGES,
-                                False)
+        acc, unused = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + pid_n * BN, H - pid_n * BN, I, 0, BM, BN,
+                                BK, NW, STAGES, False)
         OL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
         acc = gl.convert_layout(gl.permute(acc, [1, 0]), OL)
         rows_o = gl.program_id(1 if NFIRST else 0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
@@ -272,8 +305,7 @@ def run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, *, pair
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
                rows_inter, pairs, hidden, inter, x.stride(0), TOP_K=top_k, GATED=gated, BM=c.bm,
-               BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst, **act,
-               num_warps=c.warps1)
+               BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst, **act, num_warps=c.warps1)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
         launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map,

@@ -110,7 +110,8 @@ class TileConfig:
     expert's last rows, when at most ``tail`` remain past its whole blocks, go to a tail block run by a second
     launch of smaller tiles (:meth:`tail_tiles`): a program costs what its weight tiles cost, not its rows.
     ``wgmma``: the Gluon kernels of :mod:`gluon_tiles` (weights as wgmma's register operand) instead of
-    ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8, ``bk*`` 64; ``swap`` and ``wprefetch`` do not apply.
+    ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8, ``bk*`` 64, ``stages*`` the slots of the shared-memory
+    ring that carries each K step's token tile and weight pieces; ``swap`` and ``wprefetch`` do not apply.
     """
 
     bm: int
@@ -229,18 +230,21 @@ H200 = DeviceInfo(sm_count=132, capability=(9, 0), smem_optin=232448)
 @dataclasses.dataclass(frozen=True)
 class Regime:
     """A row of the table: the variant a call takes when its tokens lie in ``tokens`` (inclusive), its rows
-    per expert are at most ``max_rows`` (gated, ungated) and its hidden size at most ``max_hidden``; ``why`` is
-    the measurement that chose it."""
+    per expert are at most ``max_rows`` (gated, ungated), its hidden size is at most ``max_hidden`` and, for a
+    ``wgmma`` row, the register-operand wgmma tiles can take it (:func:`_wgmma_fits`); ``why`` is the
+    measurement that chose it."""
 
     variant: str
     tokens: tuple
     max_rows: tuple
     why: str
     max_hidden: float = math.inf
+    wgmma: bool = False
 
-    def takes(self, tokens: int, rows: float, gated: bool, hidden: int) -> bool:
+    def takes(self, tokens: int, rows: float, gated: bool, hidden: int, wgmma: bool = False) -> bool:
         lo, hi = self.tokens
-        return lo <= tokens <= hi and rows <= self.max_rows[0 if gated else 1] and hidden <= self.max_hidden
+        return (lo <= tokens <= hi and rows <= self.max_rows[0 if gated else 1] and hidden <= self.max_hidden
+                and wgmma >= self.wgmma)
 
 
 _ANY = (1, math.inf)
@@ -255,6 +259,17 @@ REGIMES = (
     Regime("pair_decode", (1, 16), (2.0, 1.3),
            "few tokens: per-pair programs still beat the 16-row tiles up to 2 rows per expert (1.3 ungated, whose "
            "tiles win sooner)"),
+    Regime("tiles16", (65, math.inf), (8.5, 4),
+           "SM90: the 16-row wgmma tiles (weights through a cp.async ring), gated up to 8 rows per expert "
+           "(Qwen3-30B-A3B and Gemma-4, 128 tokens: 150 / 189 against 176 / 208 us for the 16-token decode "
+           "blocks, 155 / 196 for the 32-row tiles, H100)", max_hidden=4096, wgmma=True),
+    Regime("tiles16", (65, math.inf), (4, 4),
+           "SM90: the 16-row wgmma tiles up to 4 rows per expert (64 tokens: DeepSeek-V3 1117 against 1143 us for "
+           "the 32-row tiles, Nemotron-3-Nano 167 against 179, H100)", wgmma=True),
+    Regime("tiles32", (16, math.inf), (32.5, 32.5),
+           "SM90: the 32-row wgmma tiles up to 32 rows per expert, 1.2-1.6x the decode blocks and 64-row tiles they "
+           "replace (Qwen3-30B-A3B 256 / 384 / 512 tokens: 163 / 179 / 212 against 242 / 286 / 280 us; "
+           "Nemotron-3-Nano 128: 199 against 281; DeepSeek-V3 256: 1583 against 2048, H100)", wgmma=True),
     Regime("grouped_decode", (65, 128), (7, 7),
            "8-token blocks still at 65-128 tokens where experts average at most 7 rows (Qwen3-30B-A3B, 96 tokens: "
            "149 against 173 us with 16-token blocks, H100); from a hidden size of 4096 the 16-token blocks win "
@@ -277,10 +292,10 @@ REGIMES = (
            "64-row prefill tiles up to 56 rows per expert (48 ungated), column tiles first (4-10% at 1024-4096 "
            "tokens), 16-row tail blocks; past that an expert's rows fill one 128-row block better than a 64-row "
            "block and a tail (1536 tokens: Qwen3-30B-A3B 436 against 582 us, Gemma-4 549 against 760, H100); on SM90 "
-           "the register-operand wgmma tiles unless GEMM1 takes 8 warps (1.13-1.37x at 384-1024 tokens, H100)"),
+           "the register-operand wgmma tiles (1024 tokens: 1.10-1.19x the 64-row tl.dot tiles, H100)"),
     Regime("tiles128", _ANY, (math.inf, math.inf),
            "128-row prefill tiles, tails of 32 rows (64 on hidden > 4096, where swapped 32-row tails are slower); on "
-           "SM90 the register-operand wgmma tiles (1.08-1.19x at 1024-4096 tokens, H100)"),
+           "SM90 the register-operand wgmma tiles (4096 tokens: 1.13-1.26x the tl.dot tiles, H100)"),
 )
 CUDA_DECODE_WHY = ("one token on SM90: the whole layer in one persistent CUDA launch, at least as fast as the "
                    "Triton decode on the four benchmark layers (Qwen3 16.0 against 16.9 us)")
@@ -312,12 +327,6 @@ def _decode(p: Problem, d: DeviceInfo, grouped: bool, cols: int = 1) -> DecodeCo
     return cfg
 
 
-def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
-    # GEMM2's K split until two column tiles per SM (at most 4)
-    split2 = doubled_split(min(p.experts, p.local_pairs) * ((p.hidden + 63) // 64), 2 * d.sm_count, p.inter, 4)
-    return TileConfig(bm=16, split2=split2, **_PREFILL, **_SWAPPED_TILES)
-
-
 def _wgmma_fits(p: Problem, d: DeviceInfo) -> bool:
     """Can the register-operand wgmma tiles (:mod:`gluon_tiles`) take this problem: an SM90 GPU, Gluon's
     Hopper API, whole 64-element pieces in both GEMMs and no expert biases."""
@@ -326,22 +335,42 @@ def _wgmma_fits(p: Problem, d: DeviceInfo) -> bool:
     return d.capability[0] == 9 and gluon_tiles.takes(p.hidden, p.inter, p.biases)
 
 
+def _wgmma(cfg: TileConfig) -> TileConfig:
+    # a 4-slot ring: 1.01-1.03x the 3-slot one at 1024-4096 tokens on the four benchmark layers (H100)
+    return dataclasses.replace(cfg, wgmma=True, stages1=4, stages2=4, wprefetch=False, swap=False, split2=1)
+
+
+def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
+    if _wgmma_fits(p, d):
+        return _wgmma(TileConfig(bm=16, bn1=64, bk1=64, bn2=64, bk2=64, **_PREFILL))
+    # GEMM2's K split until two column tiles per SM (at most 4)
+    split2 = doubled_split(min(p.experts, p.local_pairs) * ((p.hidden + 63) // 64), 2 * d.sm_count, p.inter, 4)
+    return TileConfig(bm=16, split2=split2, **_PREFILL, **_SWAPPED_TILES)
+
+
+def _tiles32(p: Problem, d: DeviceInfo) -> TileConfig:
+    cfg = TileConfig(bm=32, **_PREFILL, **_TILES_64)  # tl.dot where the wgmma tiles do not fit (forced variant)
+    return _wgmma(cfg) if _wgmma_fits(p, d) else cfg
+
+
 def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
     cfg = TileConfig(bm=64, tail=16, **_PREFILL, **_TILES_64)
+    if _wgmma_fits(p, d):
+        # Nemotron-3-Nano 1024 tokens: 476 against 632 us for the tl.dot tiles (H100)
+        return _wgmma(cfg)
     if p.gated and p.hidden <= 4096 and p.rows <= 56:
         # half-filled blocks (384-768 tokens on 128 experts, top-8): GEMM1 programs of 8 warps dequantize each
         # weight tile in half the time; 1.05-1.14x the 4-warp ones on Qwen3-30B-A3B and Gemma-4, and slower
-        # from 64 rows, on the ungated Nemotron-3-Nano and on DeepSeek-V3's hidden of 7168 (H100).  The wgmma
-        # tiles were 2-5% slower than these at 512 tokens (same tiles, H100)
+        # from 64 rows, on the ungated Nemotron-3-Nano and on DeepSeek-V3's hidden of 7168 (H100)
         return dataclasses.replace(cfg, warps1=8)
-    # the wgmma tiles, 512 / 1024 tokens: Nemotron-3-Nano 1.18 / 1.16x, DeepSeek-V3 1.37 / 1.31x (H100)
-    return dataclasses.replace(cfg, wgmma=_wgmma_fits(p, d))
+    return cfg
 
 
 def _tiles128(p: Problem, d: DeviceInfo) -> TileConfig:
-    # the wgmma tiles, 1024-4096 tokens: 1.08-1.19x on the four benchmark layers (H100)
-    return TileConfig(bm=128, bn1=64 if p.gated else 128, bk1=64, bn2=128, bk2=64, **_PREFILL,
-                      tail=64 if p.hidden > 4096 else 32, wgmma=_wgmma_fits(p, d))
+    cfg = TileConfig(bm=128, bn1=64 if p.gated else 128, bk1=64, bn2=128, bk2=64, **_PREFILL,
+                     tail=64 if p.hidden > 4096 else 32)
+    # the wgmma tiles, 4096 tokens: 1.13-1.26x the tl.dot tiles on the four benchmark layers (H100)
+    return _wgmma(cfg) if _wgmma_fits(p, d) else cfg
 
 
 _BUILD = {
@@ -349,6 +378,7 @@ _BUILD = {
     "grouped_decode16": lambda p, d: _decode(p, d, grouped=True, cols=2),
     "pair_decode": lambda p, d: _decode(p, d, grouped=False),
     "tiles16": _tiles16,
+    "tiles32": _tiles32,
     "tiles64": _tiles64,
     "tiles128": _tiles128,
 }
@@ -424,7 +454,8 @@ def plan(problem: Problem, device: DeviceInfo, options: Optional[KernelOptions] 
                                  f"{', '.join(_BUILD)} ('' for the planner's table)")
         regime = Regime(options.variant, _ANY, (math.inf, math.inf), "KernelOptions.variant")
     else:
-        regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated, p.hidden))
+        wgmma = _wgmma_fits(p, device)
+        regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated, p.hidden, wgmma))
     cfg = _with_overrides(_BUILD[regime.variant](p, device), options)
     triton = Plan(regime.variant, cfg, f"{rows:.2f} rows per expert; {regime.why}",
                   one_program_grouping(p.pairs, cfg.bm, getattr(cfg, "tail", 0), options))

@@ -360,7 +360,8 @@ _WGMMA = dict(bk1=64, bk2=64, stages1=3, stages2=3, nfirst=True, wgmma=True)
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("variant", ["wg128_tail32", "wg64_tail16", "wg128_w8", "wg64_bn64", "wg32"])
+@pytest.mark.parametrize("variant", ["wg128_tail32", "wg64_tail16", "wg128_w8", "wg64_bn64", "wg32", "wg16_s4",
+                                     "wg32_s4", "wg128_s4_tail32", "wg128_s2"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu2"])
 def test_wgmma_tiles(variant, activation):
     """The register-operand wgmma tiles (gluon_tiles) against the reference, against the tl.dot tiles of the
@@ -374,6 +375,12 @@ def test_wgmma_tiles(variant, activation):
         "wg128_w8": TileConfig(bm=128, bn1=128, warps1=8, bn2=128, warps2=8, **_WGMMA),
         "wg64_bn64": TileConfig(bm=64, bn1=64, warps1=4, bn2=64, warps2=4, **_WGMMA),
         "wg32": TileConfig(bm=32, bn1=64, warps1=4, bn2=128, warps2=4, **_WGMMA),
+        # the planner's: 4-slot rings
+        "wg16_s4": TileConfig(bm=16, bn1=64, warps1=4, bn2=64, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
+        "wg32_s4": TileConfig(bm=32, bn1=128, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
+        "wg128_s4_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32,
+                                      **dict(_WGMMA, stages1=4, stages2=4)),
+        "wg128_s2": TileConfig(bm=128, bn1=128, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=2, stages2=2)),
     }
     cfg = configs[variant]
     device = torch.device("cuda")

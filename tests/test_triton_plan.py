@@ -37,21 +37,37 @@ def _random_shapes(n, seed=0):
 SHAPES_UNDER_TEST = BENCH + list(_random_shapes(24))
 
 
-def _first_regime(tokens, top_k, experts, gated, hidden):
+def _first_regime(tokens, top_k, experts, gated, hidden, wgmma=False):
     """The table read independently: the first row whose declared token range, row limit and hidden limit
-    hold."""
+    hold (its wgmma rows only where the wgmma tiles fit)."""
     touched = experts * (1.0 - (1.0 - top_k / experts) ** tokens)
     rows = tokens * top_k / max(1.0, touched)
     for regime in REGIMES:
         lo, hi = regime.tokens
-        if lo <= tokens <= hi and rows <= regime.max_rows[0 if gated else 1] and hidden <= regime.max_hidden:
+        if (lo <= tokens <= hi and rows <= regime.max_rows[0 if gated else 1] and hidden <= regime.max_hidden
+                and (wgmma or not regime.wgmma)):
             return regime
     raise AssertionError("the table has no catch-all row")
 
 
+def _fits(shape, device, available):
+    """Where the wgmma tiles fit, read independently of the planner."""
+    return available and device.capability[0] == 9 and shape.hidden % 64 == 0 and shape.inter % 64 == 0
+
+
+@pytest.fixture(params=[False, True], ids=["tl_dot", "gluon"])
+def gluon_available(request, monkeypatch):
+    """The planner as on a machine without Gluon's Hopper API (the CPU CI) and as on one with it."""
+    from moe_passes.kernels import gluon_tiles
+
+    monkeypatch.setattr(gluon_tiles, "AVAILABLE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=lambda d: f"{d.sm_count}sm-sm{d.capability[0]}0")
-def test_every_plan_follows_the_table_and_its_config_fits(device):
+def test_every_plan_follows_the_table_and_its_config_fits(device, gluon_available):
     for shape in SHAPES_UNDER_TEST:
+        fits = _fits(shape, device, gluon_available)
         for tokens in TOKENS:
             problem = dataclasses.replace(shape, tokens=tokens)
             p = plan(problem, device)
@@ -59,12 +75,15 @@ def test_every_plan_follows_the_table_and_its_config_fits(device):
             if p.variant == "cuda_decode":
                 assert tokens == 1 and device.capability[0] == 9 and p.config is None
                 p = p.fallback
-            assert p.variant == _first_regime(tokens, shape.top_k, shape.experts, shape.gated, shape.hidden).variant
+            assert p.variant == _first_regime(tokens, shape.top_k, shape.experts, shape.gated, shape.hidden,
+                                              fits).variant
             cfg = p.config
             assert isinstance(cfg, TileConfig if p.variant.startswith("tiles") else DecodeConfig)
             assert cfg == dataclasses.replace(cfg)  # re-validates (__post_init__)
             assert cfg.bm == {"pair_decode": 1, "grouped_decode": 8, "grouped_decode16": 16}.get(p.variant, cfg.bm)
-            assert p.variant not in ("tiles16", "tiles64", "tiles128") or cfg.bm == int(p.variant[5:])
+            assert not p.variant.startswith("tiles") or cfg.bm == int(p.variant[5:])
+            # every tile plan takes the wgmma tiles exactly where they fit
+            assert not p.variant.startswith("tiles") or cfg.wgmma == fits
             # K splits are powers of two, capped, and leave every part at least 256 elements
             for split, k, most in ((getattr(cfg, "split1", 1), problem.hidden, 8), (cfg.split2, problem.inter, 8)):
                 assert split & (split - 1) == 0 and split <= most and (split == 1 or k >= 256 * split)
@@ -79,14 +98,15 @@ def test_every_plan_follows_the_table_and_its_config_fits(device):
                                               getattr(cfg, "tail", 0))
 
 
-def test_the_variant_changes_only_at_the_declared_boundaries():
+def test_the_variant_changes_only_at_the_declared_boundaries(gluon_available):
     """Along the token counts of a shape the variant changes exactly where the first table row taking the call
     changes, rows per expert never fall, and the tiles never get smaller."""
     for shape in SHAPES_UNDER_TEST:
         previous = None
+        fits = _fits(shape, H200, gluon_available)
         for tokens in range(2, 5000):
             p = plan(dataclasses.replace(shape, tokens=tokens), H200)
-            regime = _first_regime(tokens, shape.top_k, shape.experts, shape.gated, shape.hidden)
+            regime = _first_regime(tokens, shape.top_k, shape.experts, shape.gated, shape.hidden, fits)
             rows = rows_per_expert(tokens, shape.top_k, shape.experts)
             if previous is not None:
                 prev_p, prev_regime, prev_rows = previous
@@ -97,28 +117,37 @@ def test_the_variant_changes_only_at_the_declared_boundaries():
             previous = p, regime, rows
 
 
-def test_benchmark_shapes_take_the_documented_variants():
-    """docs/architecture.md's dispatch table for the four benchmark layers on an H200."""
+def test_benchmark_shapes_take_the_documented_variants(gluon_available):
+    """docs/architecture.md's dispatch table for the four benchmark layers on an H200, with and without the
+    wgmma tiles."""
     common = {1: "cuda_decode", 2: "pair_decode", 8: "pair_decode", 16: "grouped_decode", 64: "grouped_decode",
               1024: "tiles64", 4096: "tiles128"}
-    # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above and
-    # for DeepSeek-V3's long hidden; at 384 tokens the 64-row tiles (8-warp GEMM1 on the gated short hiddens);
-    # the 128-row tiles from 57 rows per expert (49 ungated)
-    by_shape = {"nemotron-3-nano": {128: "grouped_decode", 256: "tiles64", 384: "tiles64", 1536: "tiles128"},
-                "qwen3-30b-a3b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64",
-                                  1024: "tiles128"},
-                "gemma-4-26b-a4b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64",
-                                    1024: "tiles128"},
-                "deepseek-v3": {96: "grouped_decode16", 128: "grouped_decode16", 256: "grouped_decode16",
-                                384: "tiles64", 2048: "tiles128"}}
+    if gluon_available:
+        # from 65 tokens: 16-row blocks to 8 rows per expert (gated, hidden <= 4096) or 4, 32-row blocks to 32
+        common.update({128: "tiles32", 256: "tiles32", 384: "tiles32", 768: "tiles64"})
+        by_shape = {"nemotron-3-nano": {96: "tiles32", 512: "tiles32", 1536: "tiles128"},
+                    "qwen3-30b-a3b": {96: "tiles16", 128: "tiles16", 512: "tiles32", 1024: "tiles128"},
+                    "gemma-4-26b-a4b": {96: "tiles16", 128: "tiles16", 512: "tiles32", 1024: "tiles128"},
+                    "deepseek-v3": {96: "tiles16", 512: "tiles32", 768: "tiles32", 1024: "tiles32", 2048: "tiles128"}}
+    else:
+        # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above and
+        # for DeepSeek-V3's long hidden; at 384 tokens the 64-row tiles (8-warp GEMM1 on the gated short
+        # hiddens); the 128-row tiles from 57 rows per expert (49 ungated)
+        by_shape = {"nemotron-3-nano": {128: "grouped_decode", 256: "tiles64", 384: "tiles64", 1536: "tiles128"},
+                    "qwen3-30b-a3b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64",
+                                      1024: "tiles128"},
+                    "gemma-4-26b-a4b": {128: "grouped_decode16", 256: "grouped_decode16", 384: "tiles64",
+                                        1024: "tiles128"},
+                    "deepseek-v3": {96: "grouped_decode16", 128: "grouped_decode16", 256: "grouped_decode16",
+                                    384: "tiles64", 2048: "tiles128"}}
     for name, shape in zip(SHAPES, BENCH):
         want = {**common, **by_shape[name]}
         got = {t: plan(dataclasses.replace(shape, tokens=t), H200).variant for t in want}
         assert got == want, name
-        # GEMM1's 8-warp programs: gated, hidden <= 4096, 24-56 rows per expert (384-768 tokens here)
+        # tl.dot GEMM1's 8-warp programs: gated, hidden <= 4096, 24-56 rows per expert (384-768 tokens here)
         for t in (384, 512, 768, 1024):
             cfg = plan(dataclasses.replace(shape, tokens=t), H200).config
-            want_warps = 8 if shape.gated and shape.hidden <= 4096 and t <= 768 else 4
+            want_warps = 8 if shape.gated and shape.hidden <= 4096 and t <= 768 and not gluon_available else 4
             assert cfg.warps1 == want_warps and cfg.warps2 == 4, (name, t)
 
 
@@ -259,25 +288,31 @@ def test_an_expert_parallel_rank_plans_for_its_share_of_the_pairs():
     assert plan(unsharded, H200).variant == "tiles128"
 
 
-@pytest.mark.parametrize("available", [True, False])
-def test_wgmma_tiles_where_they_fit(available, monkeypatch):
-    """The register-operand wgmma tiles take the prefill tiles' blocks on an SM90 GPU with Gluon, whole
-    64-element pieces and no expert biases; elsewhere, and for the 8-warp half-filled 64-row blocks of gated
-    layers with a hidden of at most 4096 (measured slower), the tl.dot tiles stay."""
-    from moe_passes.kernels import gluon_tiles
-
-    monkeypatch.setattr(gluon_tiles, "AVAILABLE", available)
+def test_wgmma_tiles_where_they_fit(gluon_available):
+    """On an SM90 GPU with Gluon, whole 64-element pieces and no expert biases, the wgmma tiles take the calls
+    from 65 tokens (16-row blocks up to 8 rows per expert gated on hiddens up to 4096 and up to 4 otherwise,
+    32-row blocks up to 32, then the 64- and 128-row blocks); elsewhere the table is the tl.dot one."""
     qwen = Problem(4096, 8, 128, 2048, 768, True)
-    cases = [
-        (qwen, H200, available),
-        (Problem(512, 8, 256, 7168, 2048, True), H200, available),  # 64-row blocks, 4 GEMM1 warps
-        (Problem(512, 8, 128, 2048, 768, True), H200, False),  # 64-row blocks, 8 GEMM1 warps
-        (Problem(512, 6, 128, 2688, 1856, False), H200, available),
-        (qwen, DeviceInfo(capability=(10, 0)), False),
-        (dataclasses.replace(qwen, hidden=2880, inter=1040), H200, False),
-        (dataclasses.replace(qwen, biases=True), H200, False),
+    sm100 = DeviceInfo(capability=(10, 0))
+    cases = [  # problem, device, variant with the wgmma tiles, variant without
+        (qwen, H200, "tiles128", "tiles128"),
+        (dataclasses.replace(qwen, tokens=96), H200, "tiles16", "grouped_decode"),  # 6 rows
+        (dataclasses.replace(qwen, tokens=256), H200, "tiles32", "grouped_decode16"),  # 16 rows
+        (dataclasses.replace(qwen, tokens=768), H200, "tiles64", "tiles64"),  # 48 rows
+        (Problem(96, 8, 256, 7168, 2048, True), H200, "tiles16", "grouped_decode16"),  # 3 rows, long hidden
+        (Problem(192, 8, 256, 7168, 2048, True), H200, "tiles32", "grouped_decode16"),  # 6 rows, long hidden
+        (Problem(128, 6, 128, 2688, 1856, False), H200, "tiles32", "grouped_decode"),  # 6 rows, ungated
+        (Problem(64, 6, 128, 2688, 1856, False), H200, "grouped_decode", "grouped_decode"),  # below 65 tokens
+        (qwen, sm100, "tiles128", "tiles128"),
+        (dataclasses.replace(qwen, tokens=256, hidden=2880, inter=1040), H200, "grouped_decode16", "grouped_decode16"),
+        (dataclasses.replace(qwen, tokens=256, biases=True), H200, "grouped_decode16", "grouped_decode16"),
     ]
-    for problem, device, wgmma in cases:
+    for problem, device, with_wgmma, without in cases:
         p = plan(problem, device)
-        assert p.variant in ("tiles64", "tiles128") and p.config.wgmma is wgmma, (problem, p)
-        assert ("wgmma" in p.knobs()) is wgmma
+        fits = _fits(problem, device, gluon_available) and not problem.biases
+        assert p.variant == (with_wgmma if fits else without), (problem, p)
+        if not p.variant.startswith("tiles"):
+            continue
+        assert p.config.wgmma is fits and ("wgmma" in p.knobs()) is fits
+        if fits:  # the ring's 4 slots, no GEMM2 K split, 4 warps
+            assert (p.config.stages1, p.config.stages2, p.config.split2, p.config.warps1) == (4, 4, 1, 4)
