@@ -269,7 +269,11 @@ REGIMES = (
     Regime("tiles32", (16, math.inf), (32.5, 32.5),
            "SM90: the 32-row wgmma tiles up to 32 rows per expert, 1.2-1.6x the decode blocks and 64-row tiles they "
            "replace (Qwen3-30B-A3B 256 / 384 / 512 tokens: 163 / 179 / 212 against 242 / 286 / 280 us; "
-           "Nemotron-3-Nano 128: 199 against 281; DeepSeek-V3 256: 1583 against 2048, H100)", wgmma=True),
+           "Nemotron-3-Nano 128: 199 against 281, H100)", max_hidden=4096, wgmma=True),
+    Regime("tiles32", (16, math.inf), (24.5, 24.5),
+           "SM90, a hidden over 4096: the 32-row wgmma tiles up to 24 rows per expert (DeepSeek-V3 256 / 512 tokens: "
+           "1583 / 2077 against 2048 / 2337 us); at 32 rows (1024 tokens) the 64-row ones were measured, 2835 us",
+           wgmma=True),
     Regime("grouped_decode", (65, 128), (7, 7),
            "8-token blocks still at 65-128 tokens where experts average at most 7 rows (Qwen3-30B-A3B, 96 tokens: "
            "149 against 173 us with 16-token blocks, H100); from a hidden size of 4096 the 16-token blocks win "

@@ -123,12 +123,13 @@ def test_benchmark_shapes_take_the_documented_variants(gluon_available):
     common = {1: "cuda_decode", 2: "pair_decode", 8: "pair_decode", 16: "grouped_decode", 64: "grouped_decode",
               1024: "tiles64", 4096: "tiles128"}
     if gluon_available:
-        # from 65 tokens: 16-row blocks to 8 rows per expert (gated, hidden <= 4096) or 4, 32-row blocks to 32
+        # from 65 tokens: 16-row blocks to 8 rows per expert (gated, hidden <= 4096) or 4, 32-row blocks to 32 (24
+        # over a hidden of 4096)
         common.update({128: "tiles32", 256: "tiles32", 384: "tiles32", 768: "tiles64"})
         by_shape = {"nemotron-3-nano": {96: "tiles32", 512: "tiles32", 1536: "tiles128"},
                     "qwen3-30b-a3b": {96: "tiles16", 128: "tiles16", 512: "tiles32", 1024: "tiles128"},
                     "gemma-4-26b-a4b": {96: "tiles16", 128: "tiles16", 512: "tiles32", 1024: "tiles128"},
-                    "deepseek-v3": {96: "tiles16", 512: "tiles32", 768: "tiles32", 1024: "tiles32", 2048: "tiles128"}}
+                    "deepseek-v3": {96: "tiles16", 512: "tiles32", 768: "tiles32", 1024: "tiles64", 2048: "tiles128"}}
     else:
         # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above and
         # for DeepSeek-V3's long hidden; at 384 tokens the 64-row tiles (8-warp GEMM1 on the gated short
