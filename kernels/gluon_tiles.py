@@ -73,12 +73,13 @@ if AVAILABLE:
     cvt.rn.bf16x2.f32 s, fs, fs;""" + scale_pairs_asm("s") + "}")
 
     @gluon.constexpr_function
-    def _word_layout(BN, BK, NW):
-        """``[BN, BK/8]`` weight words, word ``c = 8 * piece + 2t + h``: lane ``4g + t`` of warp ``w`` holds
-        rows ``16w + g`` and ``+ 8`` (``BN`` beyond ``16 * NW``: more rows, in registers), words ``2t, 2t+1``."""
-        reg = [[0, 1], [8, 0]]
-        c = 8
-        while c < BK // 8:
+    def _band_layout(BN, COLS, NW, PER):
+        """``[BN, COLS]`` weight words (``PER`` 2: word ``c = 8 * piece + 2t + h``) or scale bytes (``PER`` 1:
+        byte ``c = 4 * piece + t``): lane ``4g + t`` of warp ``w`` holds rows ``16w + g`` and ``+ 8`` (``BN``
+        beyond ``16 * NW``: more rows, in registers) and columns ``PER * t`` to ``PER * t + PER - 1``."""
+        reg = [[0, 1], [8, 0]] if PER == 2 else [[8, 0]]
+        c = 4 * PER
+        while c < COLS:
             reg.append([0, c])
             c *= 2
         r = 16 * NW
@@ -86,8 +87,8 @@ if AVAILABLE:
             reg.append([r, 0])
             r *= 2
         warps = [[16 << i, 0] for i in range(NW.bit_length() - 1)]
-        return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
-                                          warp_bases=warps, block_bases=[], shape=[BN, BK // 8])
+        return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, PER], [0, 2 * PER], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=warps, block_bases=[], shape=[BN, COLS])
 
     @gluon.jit
     def _kinv_of(k):
@@ -109,23 +110,6 @@ if AVAILABLE:
         v = gl.reshape(v, [BN, BK // 64, 4, 2, 2, 2, 2])
         v = gl.permute(v, [0, 1, 3, 4, 5, 2, 6])
         return gl.convert_layout(gl.reshape(v, [BN, BK]), DOT, assert_trivial=True)
-
-    @gluon.constexpr_function
-    def _scale_layout(BN, BK, NW):
-        """``[BN, BK/16]`` scale bytes: lane ``4g + t`` of warp ``w`` holds rows ``16w + g`` and ``+ 8``, group
-        ``t`` (the scale of its words ``2t, 2t+1`` in :func:`_word_layout`)."""
-        reg = [[8, 0]]
-        c = 4
-        while c < BK // 16:
-            reg.append([0, c])
-            c *= 2
-        r = 16 * NW
-        while r < BN:
-            reg.append([r, 0])
-            r *= 2
-        warps = [[16 << i, 0] for i in range(NW.bit_length() - 1)]
-        return gl.DistributedLinearLayout(reg_bases=reg, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
-                                          warp_bases=warps, block_bases=[], shape=[BN, BK // 16])
 
     @gluon.jit
     def _copy_step(xs, ws, ss, a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok, step, BK: gl.constexpr):
@@ -152,8 +136,8 @@ if AVAILABLE:
         ``STAGES``-slot ring (one commit group); the words and scales are read from there in the fragment's
         layout (a band's piece is 512 contiguous bytes in memory and in the slot)."""
         NT: gl.constexpr = 2 if TWO else 1
-        WL: gl.constexpr = _word_layout(BN, BK, NW)
-        SL: gl.constexpr = _scale_layout(BN, BK, NW)
+        WL: gl.constexpr = _band_layout(BN, BK // 8, NW, 2)
+        SL: gl.constexpr = _band_layout(BN, BK // 16, NW, 1)
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BM, 16])
         DOT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
