@@ -1,5 +1,5 @@
-"""Register-operand wgmma tiles (Gluon): the prefill GEMMs with the dequantized weights as wgmma's A operand,
-straight from the registers the dequantization leaves them in.
+"""Register-operand wgmma tiles (Gluon): the MoE GEMMs of 16-256-row expert blocks with the dequantized weights as
+wgmma's A operand, straight from the registers the dequantization leaves them in.
 
 ``tl.dot`` in :mod:`triton_tiles` gets its weight tile through shared memory whichever operand it is (Triton
 converts the dequantized registers to the MMA's layout by a store and ``ldmatrix``); Nsight Compute showed that
@@ -16,9 +16,11 @@ lets the kernel state its layouts, so the weight words are loaded where wgmma wa
   element ``k = KMAP(P)`` and the token tile in shared memory is stored in the same order:
   ``P = 32h + 16j + 8q + 2t + b`` holds ``k = 16t + 8h + 4j + 2q + b``.  One small launch writes the hidden states
   in that order; GEMM1's epilogue writes the intermediate in it; both GEMMs then copy 16-byte runs.
-- The token tile (``BM`` pair rows, wgmma's N) goes to a ``STAGES``-slot shared-memory ring by ``cp.async``;
-  each K step dequantizes both weight tiles, waits for its token tile, runs the wgmmas and starts the copy of a
-  later step.  The next step's weight words are loaded before this step's math.
+- Each K step's token tile (``BM`` pair rows, wgmma's N: 16-256), weight words (a band's 64-element piece is
+  512 contiguous bytes) and scale bytes go by ``cp.async`` into one slot of a ``STAGES``-slot shared-memory ring;
+  a step waits for its slot, reads the words and scales in the fragment's layout, starts the copies of the step
+  ``STAGES - 1`` ahead, dequantizes and runs the wgmmas.  The packed words are a quarter of a bf16 tile's bytes,
+  and ``STAGES - 1`` steps of them stay in flight (1.09-1.13x the words loaded one step ahead into registers).
 
 Limits (the planner only picks these tiles where they hold): hidden and intermediate sizes multiples of 64,
 GEMM2 without a K split, no expert biases, an SM90 GPU and a Triton with Gluon's Hopper API.
