@@ -20,7 +20,7 @@ lets the kernel state its layouts, so the weight words are loaded where wgmma wa
   512 contiguous bytes) and scale bytes go by ``cp.async`` into one slot of a ``STAGES``-slot shared-memory ring;
   a step waits for its slot, reads the words and scales in the fragment's layout, starts the copies of the step
   ``STAGES - 1`` ahead, dequantizes and runs the wgmmas.  The packed words are a quarter of a bf16 tile's bytes,
-  and ``STAGES - 1`` steps of them stay in flight (1.09-1.13x the words loaded one step ahead into registers).
+  and ``STAGES - 1`` steps of them stay in flight (1.03-1.11x the words loaded one or two steps ahead into registers).
 
 Limits (the planner only picks these tiles where they hold): hidden and intermediate sizes multiples of 64,
 GEMM2 without a K split, no expert biases, an SM90 GPU and a Triton with Gluon's Hopper API.

@@ -296,10 +296,10 @@ REGIMES = (
            "64-row prefill tiles up to 56 rows per expert (48 ungated), column tiles first (4-10% at 1024-4096 "
            "tokens), 16-row tail blocks; past that an expert's rows fill one 128-row block better than a 64-row "
            "block and a tail (1536 tokens: Qwen3-30B-A3B 436 against 582 us, Gemma-4 549 against 760, H100); on SM90 "
-           "the register-operand wgmma tiles (1024 tokens: 1.10-1.19x the 64-row tl.dot tiles, H100)"),
+           "the register-operand wgmma tiles (Nemotron-3-Nano 1024 tokens: 476 us, tl.dot 632 in another run, H100)"),
     Regime("tiles128", _ANY, (math.inf, math.inf),
            "128-row prefill tiles, tails of 32 rows (64 on hidden > 4096, where swapped 32-row tails are slower); on "
-           "SM90 the register-operand wgmma tiles (4096 tokens: 1.13-1.26x the tl.dot tiles, H100)"),
+           "SM90 the register-operand wgmma tiles (Qwen3-30B-A3B 4096 tokens: 772 us, tl.dot 952 in another run)"),
 )
 CUDA_DECODE_WHY = ("one token on SM90: the whole layer in one persistent CUDA launch, at least as fast as the "
                    "Triton decode on the four benchmark layers (Qwen3 16.0 against 16.9 us)")
@@ -360,7 +360,7 @@ def _tiles32(p: Problem, d: DeviceInfo) -> TileConfig:
 def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
     cfg = TileConfig(bm=64, tail=16, **_PREFILL, **_TILES_64)
     if _wgmma_fits(p, d):
-        # Nemotron-3-Nano 1024 tokens: 476 against 632 us for the tl.dot tiles (H100)
+        # Nemotron-3-Nano 1024 tokens: 476 us; the tl.dot tiles 632 (another run, H100)
         return _wgmma(cfg)
     if p.gated and p.hidden <= 4096 and p.rows <= 56:
         # half-filled blocks (384-768 tokens on 128 experts, top-8): GEMM1 programs of 8 warps dequantize each
@@ -373,7 +373,8 @@ def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
 def _tiles128(p: Problem, d: DeviceInfo) -> TileConfig:
     cfg = TileConfig(bm=128, bn1=64 if p.gated else 128, bk1=64, bn2=128, bk2=64, **_PREFILL,
                      tail=64 if p.hidden > 4096 else 32)
-    # the wgmma tiles, 4096 tokens: 1.13-1.26x the tl.dot tiles on the four benchmark layers (H100)
+    # the wgmma tiles, 4096 tokens: 772-7299 us against 952-9200 for the tl.dot tiles on the four benchmark layers
+    # (two runs, H100)
     return _wgmma(cfg) if _wgmma_fits(p, d) else cfg
 
 
