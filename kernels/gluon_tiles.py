@@ -114,6 +114,19 @@ if AVAILABLE:
         return gl.convert_layout(gl.reshape(v, [BN, BK]), DOT, assert_trivial=True)
 
     @gluon.jit
+    def _piece_offsets(row0, nlim, K, ROWS2, BN: gl.constexpr, NT: gl.constexpr, BK: gl.constexpr, P: gl.constexpr,
+                       L: gl.constexpr):
+        """Offsets, in units of ``P`` a row's 64-element piece (8 words or 4 scale bytes), of the ``[NT * BN,
+        BK / 64 * P]`` banded units a step starts at (gate rows from ``row0``, then with NT 2 up rows ``ROWS2``
+        further), and which rows to load (those before ``nlim``), in layout ``L``."""
+        n = gl.arange(0, NT * BN, layout=gl.SliceLayout(1, L))
+        row = row0 + n % BN + (n // BN) * ROWS2
+        rr = row % 16
+        c = gl.arange(0, BK // (64 // P), layout=gl.SliceLayout(0, L))
+        off = ((row - rr) * (K // (64 // P)) + rr * P)[:, None] + ((c // P) * (16 * P) + c % P)[None, :]
+        return off, (n % BN < nlim)[:, None] & (c < BK // (64 // P))[None, :]
+
+    @gluon.jit
     def _copy_step(xs, ws, ss, a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok, step, BK: gl.constexpr):
         """Start one K step's copies into one ring slot: the token tile, the weight words, the scale bytes."""
         async_copy.async_copy_global_to_shared(xs, a_ptrs + step * BK, mask=a_mask)
@@ -151,18 +164,8 @@ if AVAILABLE:
         xs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BM, BK], XS)
         ws = gl.allocate_shared_memory(gl.int32, [STAGES, NT * BN, BK // 8], PLAIN)  # gate rows, then up rows
         ss = gl.allocate_shared_memory(gl.uint8, [STAGES, NT * BN, BK // 16], PLAIN)
-        n = gl.arange(0, NT * BN, layout=gl.SliceLayout(1, CW))
-        row = row0 + n % BN + (n // BN) * ROWS2
-        rr = row % 16
-        c = gl.arange(0, BK // 8, layout=gl.SliceLayout(0, CW))
-        w_off = ((row - rr) * (K // 8) + rr * 8)[:, None] + ((c // 8) * 128 + c % 8)[None, :]
-        w_ok = (n % BN < nlim)[:, None] & (c < BK // 8)[None, :]
-        n = gl.arange(0, NT * BN, layout=gl.SliceLayout(1, CS))
-        row = row0 + n % BN + (n // BN) * ROWS2
-        rr = row % 16
-        g = gl.arange(0, BK // 16, layout=gl.SliceLayout(0, CS))
-        s_off = ((row - rr) * (K // 16) + rr * 4)[:, None] + ((g // 4) * 64 + g % 4)[None, :]
-        s_ok = (n % BN < nlim)[:, None] & (g < BK // 16)[None, :]
+        w_off, w_ok = _piece_offsets(row0, nlim, K, ROWS2, BN, NT, BK, 8, CW)
+        s_off, s_ok = _piece_offsets(row0, nlim, K, ROWS2, BN, NT, BK, 4, CS)
         wp = w_ptr.to(gl.pointer_type(gl.int32))
         steps = K // BK
         for i in gl.static_range(STAGES - 1):
