@@ -98,7 +98,8 @@ def check(modes, shapes, tokens) -> int:
 
 
 def time_modes(name, tokens, modes, rounds, seed=0):
-    """Yield ``(tokens, {mode: [us per round]})`` for one shape: one layer built as ``moe-nvfp4 bench`` builds
+    """Yield ``(tokens, experts touched, {mode: [us per round]})`` for one shape: one layer built as
+    ``moe-nvfp4 bench`` builds
     it (the same float weights, quantizer and seeded routing bias, so the same routing skew), the same inputs
     for every mode, the modes alternated inside each round."""
     seed = bench.shape_seed(name, seed)
@@ -109,14 +110,14 @@ def time_modes(name, tokens, modes, rounds, seed=0):
     for t in tokens:
         reps, replays = bench._reps_replays(t)
         xs, ls = bench.token_inputs(name, t, reps, "cuda", seed)
-        times = {}
+        times, touched = {}, bench.touched_experts(name, ls, bias)
         for _ in range(rounds):
             for mode, options in modes:
                 a = dataclasses.replace(args, options=options)
                 us = bench.time_graph(lambda r: spec.run(xs[r], ls[r], prepared, None, None, bias, a), reps,
                                       replays) * 1e6
                 times.setdefault(mode, []).append(us)
-        yield t, times
+        yield t, touched, times
     torch.cuda.empty_cache()
 
 
@@ -146,8 +147,8 @@ def main(argv=None) -> int:
     print(f"read bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     results = {}
     for name in shapes:
-        for t, times in time_modes(name, tokens, modes, args.rounds):
-            entry = results.setdefault((name, t), bench.row_floors(name, t, bandwidth, bandwidth))
+        for t, touched, times in time_modes(name, tokens, modes, args.rounds):
+            entry = results.setdefault((name, t), bench.row_floors(name, t, bandwidth, bandwidth, touched))
             entry.update(times)
             print(f"{name} {t}: " + " ".join(f"{m}={sum(v) / len(v):.1f}" for m, v in times.items()), flush=True)
     names = [m[0] for m in modes]

@@ -9,8 +9,10 @@ One run measures, per model layer shape and token count:
 * ``grouped_mm``: a bf16 MoE (route, sort by expert, two ``torch._grouped_mm`` GEMMs, activation,
   weighted ``index_add``), also captured;
 * ``floor``: the NVFP4 weight-bandwidth floor, ``touched * params_per_expert * 9/16 / bandwidth``
-  with ``touched = E * (1 - (1 - k/E)^M)`` and the *read-only* bandwidth measured at the start of the run
-  (the copy bandwidth, measured too, counts a write per byte read and understates a weight stream).
+  with ``touched`` the experts the timed inputs' routing selects (mean over the input sets; skewed routing,
+  DeepSeek-V3's biased group-limited top-k, touches far fewer than the uniform ``E * (1 - (1 - k/E)^M)``, kept
+  as ``experts_touched_uniform``) and the *read-only* bandwidth measured at the start of the run (the copy
+  bandwidth, measured too, counts a write per byte read and understates a weight stream).
 
 All layers get the same bf16 float weights (each quantized to its own format: NVFP4 with the project's
 quantizer, MXFP4 with ``triton_kernels``'), the same inputs and router logits.  Before timing, each 4-bit
@@ -116,22 +118,43 @@ def measure_read_bandwidth(nbytes: int = 4 << 30) -> float:
     return nbytes / statistics.median(times)
 
 
-def floor_seconds(h, i, e, k, activation, tokens, bandwidth, bytes_per_param=NVFP4_BYTES_PER_PARAM) -> float:
-    """Seconds to read the weights of the experts ``tokens`` tokens are expected to touch, once, at
-    ``bandwidth`` bytes/s: ``E (1 - (1 - k/E)^T)`` experts x params per expert x ``bytes_per_param``."""
+def uniform_touched(e, k, tokens) -> float:
+    """Experts ``tokens`` tokens are expected to touch under uniform top-``k`` routing: ``E (1 - (1 - k/E)^T)``."""
+    return e * (1 - (1 - k / e) ** tokens)
+
+
+def floor_seconds(h, i, e, k, activation, tokens, bandwidth, bytes_per_param=NVFP4_BYTES_PER_PARAM,
+                  touched=None) -> float:
+    """Seconds to read the weights of ``touched`` experts (default: :func:`uniform_touched`) once, at
+    ``bandwidth`` bytes/s: experts x params per expert x ``bytes_per_param``."""
     params = (3 if activation != "relu2" else 2) * h * i
-    touched = e * (1 - (1 - k / e) ** tokens)
+    if touched is None:
+        touched = uniform_touched(e, k, tokens)
     return touched * params * bytes_per_param / bandwidth
 
 
-def row_floors(name, tokens, read_bandwidth, copy_bandwidth) -> dict:
+def row_floors(name, tokens, read_bandwidth, copy_bandwidth, touched=None) -> dict:
     """A row's floors in us: NVFP4 at the read bandwidth (``floor_us``, the one ratios use), NVFP4 at the copy
-    bandwidth (``floor_copy_us``, the definition before issue 31) and MXFP4 at the read bandwidth (the peer's)."""
+    bandwidth (``floor_copy_us``, the definition before issue 31) and MXFP4 at the read bandwidth (the peer's),
+    for ``touched`` experts (measured; default the uniform expectation), both counts recorded."""
     h, i, e, k, activation, _, _ = SHAPES[name]
-    return dict(floor_us=floor_seconds(h, i, e, k, activation, tokens, read_bandwidth) * 1e6,
-                floor_copy_us=floor_seconds(h, i, e, k, activation, tokens, copy_bandwidth) * 1e6,
-                floor_mxfp4_us=floor_seconds(h, i, e, k, activation, tokens, read_bandwidth,
-                                             MXFP4_BYTES_PER_PARAM) * 1e6)
+    uniform = uniform_touched(e, k, tokens)
+    touched = uniform if touched is None else touched
+    per = dict(h=h, i=i, e=e, k=k, activation=activation, tokens=tokens, touched=touched)
+    return dict(experts_touched=touched, experts_touched_uniform=uniform,
+                floor_us=floor_seconds(bandwidth=read_bandwidth, **per) * 1e6,
+                floor_copy_us=floor_seconds(bandwidth=copy_bandwidth, **per) * 1e6,
+                floor_mxfp4_us=floor_seconds(bandwidth=read_bandwidth, bytes_per_param=MXFP4_BYTES_PER_PARAM,
+                                             **per) * 1e6)
+
+
+def touched_experts(name, logits_sets, bias) -> float:
+    """The mean number of distinct experts the shape's routing selects for each set of router logits."""
+    from moe_passes.kernels.reference import route
+
+    _, _, _, k, _, routing, extra = SHAPES[name]
+    return statistics.fmean(route(lg, k, routing, routing_bias=bias, **extra)[1].unique().numel()
+                            for lg in logits_sets)
 
 
 def random_nvfp4(e, n, k, device):
@@ -354,7 +377,8 @@ def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: S
         xs, ls = token_inputs(name, t, reps, device, seed)
         row = dict(shape=name, tokens=t, hidden=h, intermediate=i, experts=e, top_k=k, activation=activation,
                    routing=routing, reps=reps, replays=replays, read_bandwidth_TBps=read_bandwidth / 1e12,
-                   copy_bandwidth_TBps=copy_bandwidth / 1e12, **row_floors(name, t, read_bandwidth, copy_bandwidth))
+                   copy_bandwidth_TBps=copy_bandwidth / 1e12,
+                   **row_floors(name, t, read_bandwidth, copy_bandwidth, touched_experts(name, ls, bias)))
         failed = set()
         if t in check_at:
             failed = _check_row(row, xs[0], ls[0], ours, peer, ref_weights, route, bias, extra, settings.tol, note)

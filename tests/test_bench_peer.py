@@ -62,6 +62,32 @@ def test_floors_use_the_read_bandwidth(name, tokens):
     assert floors["floor_us"] < floors["floor_copy_us"]  # a faster stream, a lower floor
 
 
+@pytest.mark.parametrize("name", list(bench.SHAPES))
+def test_floor_counts_the_experts_the_inputs_touch(name):
+    h, i, e, k, activation, routing, extra = bench.SHAPES[name]
+    logits = [torch.randn(24, e) for _ in range(3)]
+    bias = torch.randn(e) / 10 if routing == "deepseek_v3" else None
+    touched = bench.touched_experts(name, logits, bias)
+    # independent count: the k best biased scores per token, the group limit applied by hand
+    counts = []
+    for lg in logits:
+        score = lg.double().sigmoid() + bias.double() if routing == "deepseek_v3" else lg.double()
+        groups = extra.get("n_group") or 1
+        if groups > 1:
+            per = score.view(24, groups, -1)
+            best = per.sort(-1, descending=True).values[..., :2].sum(-1)
+            keep = best.argsort(-1, descending=True)[:, :extra["topk_group"]]
+            allowed = torch.zeros(24, groups, dtype=torch.bool).scatter(1, keep, True)
+            score = score.masked_fill(~allowed.repeat_interleave(e // groups, 1), -math.inf)
+        counts.append(len({int(x) for row in score.argsort(-1, descending=True)[:, :k] for x in row}))
+    assert touched == pytest.approx(sum(counts) / 3)
+    floors = bench.row_floors(name, 24, 3e12, 2e12, touched)
+    uniform = bench.row_floors(name, 24, 3e12, 2e12)
+    assert floors["experts_touched"] == touched and floors["experts_touched_uniform"] == uniform["experts_touched"]
+    for key in ("floor_us", "floor_copy_us", "floor_mxfp4_us"):
+        assert floors[key] == pytest.approx(uniform[key] * touched / uniform["experts_touched"], rel=1e-12)
+
+
 def test_ratios_are_over_ours_and_over_the_read_floor():
     row = dict(floor_us=50.0, floor_copy_us=60.0, floor_mxfp4_us=47.0, triton_us=100.0, peer_us=130.0,
                peer_experts_us=120.0, grouped_mm_us=400.0)
