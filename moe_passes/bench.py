@@ -12,7 +12,9 @@ One run measures, per model layer shape and token count:
   with ``touched`` the experts the timed inputs' routing selects (mean over the input sets; skewed routing,
   DeepSeek-V3's biased group-limited top-k, touches far fewer than the uniform ``E * (1 - (1 - k/E)^M)``, kept
   as ``experts_touched_uniform``) and the *read-only* bandwidth measured at the start of the run (the copy
-  bandwidth, measured too, counts a write per byte read and understates a weight stream).
+  bandwidth, measured too, counts a write per byte read and understates a weight stream);
+* ``TFLOPs``: the useful expert-GEMM FLOP/s (``2 x tokens x top_k x H x I`` per weight matrix) and their
+  fraction of the dense bf16 matmul rate measured at the start of the run (``*_over_bf16_peak``).
 
 All layers get the same bf16 float weights (each quantized to its own format: NVFP4 with the project's
 quantizer, MXFP4 with ``triton_kernels``'), the same inputs and router logits.  Before timing, each 4-bit
@@ -116,6 +118,32 @@ def measure_read_bandwidth(nbytes: int = 4 << 30) -> float:
     del src
     torch.cuda.empty_cache()
     return nbytes / statistics.median(times)
+
+
+def measure_bf16_peak(n: int = 8192) -> float:
+    """The device's dense bf16 matrix rate in FLOP/s: the median of 10 ``n x n x n`` bf16 matmuls (cuBLAS, fp32
+    accumulation), the reference for a prefill layer's useful FLOP/s."""
+    a = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+    b = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def useful_flops(name, tokens) -> float:
+    """The layer's expert-GEMM FLOPs: ``2 x tokens x top_k x H x I`` per weight matrix (3 gated, 2 ungated)."""
+    h, i, _, k, activation, _, _ = SHAPES[name]
+    return 2.0 * tokens * k * h * i * (3 if activation != "relu2" else 2)
 
 
 def uniform_touched(e, k, tokens) -> float:
@@ -291,9 +319,10 @@ def _reps_replays(tokens):
 class Settings:
     """What one run measures (from the command line)."""
 
-    def __init__(self, grouped_mm=True, tk=None, peer_experts=True, check="all", tol=2e-2, deadline=None):
+    def __init__(self, grouped_mm=True, tk=None, peer_experts=True, check="all", tol=2e-2, deadline=None,
+                 bf16_peak=None):
         self.grouped_mm, self.tk, self.peer_experts = grouped_mm, tk, peer_experts
-        self.check, self.tol, self.deadline = check, tol, deadline
+        self.check, self.tol, self.deadline, self.bf16_peak = check, tol, deadline, bf16_peak
 
 
 def shape_seed(name, seed=0) -> int:
@@ -378,7 +407,10 @@ def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: S
         row = dict(shape=name, tokens=t, hidden=h, intermediate=i, experts=e, top_k=k, activation=activation,
                    routing=routing, reps=reps, replays=replays, read_bandwidth_TBps=read_bandwidth / 1e12,
                    copy_bandwidth_TBps=copy_bandwidth / 1e12,
-                   **row_floors(name, t, read_bandwidth, copy_bandwidth, touched_experts(name, ls, bias)))
+                   **row_floors(name, t, read_bandwidth, copy_bandwidth, touched_experts(name, ls, bias)),
+                   useful_tflop=useful_flops(name, t) / 1e12)
+        if settings.bf16_peak:
+            row["bf16_peak_TFLOPs"] = settings.bf16_peak / 1e12
         failed = set()
         if t in check_at:
             failed = _check_row(row, xs[0], ls[0], ours, peer, ref_weights, route, bias, extra, settings.tol, note)
@@ -460,6 +492,11 @@ def add_ratios(row):
             row["speedup_vs_grouped_mm"] = row["grouped_mm_us"] / ours  # the name before issue 31
     if "peer_us" in row:
         row["peer_over_mxfp4_floor"] = row["peer_us"] / row["floor_mxfp4_us"]
+    for key in ("triton", "peer"):
+        if row.get(key + "_us") and "useful_tflop" in row:
+            row[key + "_TFLOPs"] = row["useful_tflop"] / (row[key + "_us"] * 1e-6)
+            if row.get("bf16_peak_TFLOPs"):
+                row[key + "_over_bf16_peak"] = row[key + "_TFLOPs"] / row["bf16_peak_TFLOPs"]
     return row
 
 
@@ -650,6 +687,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     copy_bw = measure_copy_bandwidth()
     read_bw = measure_read_bandwidth(int(opts.read_gib * 2**30) // 8 * 8)
+    peak = measure_bf16_peak()
     props = torch.cuda.get_device_properties(0)
     try:
         import triton
@@ -658,13 +696,14 @@ def main(argv=None) -> int:
         triton_version = None
     meta = dict(date=datetime.date.today().isoformat(), device=props.name, sm_count=props.multi_processor_count,
                 torch=torch.__version__, triton=triton_version, copy_bandwidth_TBps=copy_bw / 1e12,
-                read_bandwidth_TBps=read_bw / 1e12, floor_bandwidth="read",
+                read_bandwidth_TBps=read_bw / 1e12, floor_bandwidth="read", bf16_peak_TFLOPs=peak / 1e12,
                 bytes_per_param=dict(nvfp4=NVFP4_BYTES_PER_PARAM, mxfp4=MXFP4_BYTES_PER_PARAM),
                 check=opts.check, tol=opts.tol, budget_s=opts.budget_s,
                 command="moe-nvfp4 bench " + " ".join(argv))
     doc = dict(meta=meta, peer=peer_info, results=[])
     print(f"# {meta['device']}  read bandwidth {read_bw / 1e12:.2f} TB/s (floor)  copy bandwidth "
-          f"{copy_bw / 1e12:.2f} TB/s  torch {torch.__version__}  triton {triton_version}", flush=True)
+          f"{copy_bw / 1e12:.2f} TB/s  bf16 matmul {peak / 1e12:.0f} TFLOP/s  torch {torch.__version__}  "
+          f"triton {triton_version}", flush=True)
     print(HEADER, flush=True)
 
     def emit(row):
@@ -673,7 +712,7 @@ def main(argv=None) -> int:
         write_outputs(doc, opts.out, plots=False)
 
     settings = Settings(grouped_mm=not opts.no_grouped_mm, tk=tk, peer_experts=not opts.no_peer_experts,
-                        check=opts.check, tol=opts.tol,
+                        check=opts.check, tol=opts.tol, bf16_peak=peak,
                         deadline=started + opts.budget_s if opts.budget_s is not None else None)
     with torch.no_grad():
         for name in opts.shapes:
@@ -696,7 +735,7 @@ def main(argv=None) -> int:
 
 
 HEADER = (f"{'shape':16s} {'T':>5s} {'floor':>8s} {'ours':>8s} {'peer':>8s} {'peerX':>8s} {'bf16gmm':>8s} "
-          f"{'peer/o':>6s} {'bf16/o':>6s} {'o/fl':>6s} {'p/flMX':>6s}  check")
+          f"{'peer/o':>6s} {'bf16/o':>6s} {'o/fl':>6s} {'p/flMX':>6s} {'o/pk':>5s}  check")
 
 
 def format_row(r) -> str:
@@ -715,7 +754,7 @@ def format_row(r) -> str:
     return (f"{r['shape']:16s} {r['tokens']:5d} {cell('floor_us', 8)} {cell('triton_us', 8)} {cell('peer_us', 8)} "
             f"{cell('peer_experts_us', 8)} {cell('grouped_mm_us', 8)} {cell('peer_over_triton', 6, 2)} "
             f"{cell('grouped_mm_over_triton', 6, 2)} {cell('triton_over_floor', 6, 2)} "
-            f"{cell('peer_over_mxfp4_floor', 6, 2)}  {check}" + (f"  errors: {', '.join(errors)}" if errors else ""))
+            f"{cell('peer_over_mxfp4_floor', 6, 2)} {cell('triton_over_bf16_peak', 5, 2)}  {check}" + (f"  errors: {', '.join(errors)}" if errors else ""))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,21 @@ def test_floor_counts_the_experts_the_inputs_touch(name):
         assert floors[key] == pytest.approx(uniform[key] * touched / uniform["experts_touched"], rel=1e-12)
 
 
+@pytest.mark.parametrize("name", list(bench.SHAPES))
+def test_useful_flops_and_their_share_of_the_bf16_peak(name):
+    h, i, e, k, activation, _, _ = bench.SHAPES[name]
+    tokens = int(torch.randint(1, 5000, ()).item())
+    # every token's k experts: a [1, H] x [H, N] product per weight matrix, 2 FLOPs a multiply-add
+    shapes = ([(h, 2 * i)] if activation != "relu2" else [(h, i)]) + [(i, h)]
+    flops = sum(2 * tokens * k * a * b for a, b in shapes)
+    assert bench.useful_flops(name, tokens) == pytest.approx(flops, rel=1e-12)
+    row = bench.add_ratios(dict(floor_us=1.0, floor_mxfp4_us=1.0, triton_us=250.0, peer_us=500.0,
+                                useful_tflop=flops / 1e12, bf16_peak_TFLOPs=800.0))
+    assert row["triton_TFLOPs"] == pytest.approx(flops / 250e-6 / 1e12)
+    assert row["triton_over_bf16_peak"] == pytest.approx(flops / 250e-6 / 800e12)
+    assert row["peer_over_bf16_peak"] == pytest.approx(row["triton_over_bf16_peak"] / 2)
+
+
 def test_ratios_are_over_ours_and_over_the_read_floor():
     row = dict(floor_us=50.0, floor_copy_us=60.0, floor_mxfp4_us=47.0, triton_us=100.0, peer_us=130.0,
                peer_experts_us=120.0, grouped_mm_us=400.0)
@@ -262,6 +277,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: _Props())
     monkeypatch.setattr(bench, "measure_copy_bandwidth", lambda: 2.0e12)
     monkeypatch.setattr(bench, "measure_read_bandwidth", lambda nbytes: 3.0e12)
+    monkeypatch.setattr(bench, "measure_bf16_peak", lambda: 700e12)
     calls = []
 
     def fake_measure(name, tokens, read_bw, copy_bw, settings, emit, note):
@@ -283,6 +299,7 @@ def test_json_says_why_the_peer_is_absent(fake_gpu, no_installed_peer, tmp_path)
     assert doc["peer"]["available"] is False and "nowhere" in doc["peer"]["reason"]
     assert fake_gpu[0][1].tk is None  # nothing tries to time an absent peer
     assert doc["meta"]["read_bandwidth_TBps"] == 3.0 and doc["meta"]["copy_bandwidth_TBps"] == 2.0
+    assert doc["meta"]["bf16_peak_TFLOPs"] == 700.0
     assert all("peer_us" not in r and "peer_over_triton" not in r for r in doc["results"])
     floor = bench.floor_seconds(2048, 768, 128, 8, "silu", 2, 3.0e12) * 1e6
     assert doc["results"][1]["floor_us"] == pytest.approx(floor)  # the read bandwidth's floor
