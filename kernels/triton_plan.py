@@ -232,7 +232,7 @@ class Regime:
     """A row of the table: the variant a call takes when its tokens lie in ``tokens`` (inclusive), its rows
     per expert are at most ``max_rows`` (gated, ungated), its hidden size is at most ``max_hidden`` and, for a
     ``wgmma`` row, the register-operand wgmma tiles can take it (:func:`_wgmma_fits`); ``why`` is the
-    measurement that chose it."""
+    measurement that chose it.  ``min_hidden``: the hidden size above which the row applies."""
 
     variant: str
     tokens: tuple
@@ -240,16 +240,24 @@ class Regime:
     why: str
     max_hidden: float = math.inf
     wgmma: bool = False
+    min_hidden: int = 0
 
     def takes(self, tokens: int, rows: float, gated: bool, hidden: int, wgmma: bool = False) -> bool:
         lo, hi = self.tokens
-        return (lo <= tokens <= hi and rows <= self.max_rows[0 if gated else 1] and hidden <= self.max_hidden
-                and wgmma >= self.wgmma)
+        return (lo <= tokens <= hi and rows <= self.max_rows[0 if gated else 1]
+                and self.min_hidden < hidden <= self.max_hidden and wgmma >= self.wgmma)
 
 
 _ANY = (1, math.inf)
 # First match wins.  Figures: H200, whole layer, CUDA-graph captured (docs/architecture.md, "Dispatch").
 REGIMES = (
+    Regime("tiles16", (64, 64), (0, 4),
+           "SM90, ungated, 64 tokens: the 16-row wgmma tiles (Nemotron-3-Nano 167 us against 193 for the decode "
+           "blocks; gated layers of hidden <= 4096 measured slower: Qwen3-30B-A3B 146 against 139, H100)",
+           wgmma=True),
+    Regime("tiles16", (64, 64), (4, 4),
+           "SM90, a hidden over 4096, 64 tokens: the 16-row wgmma tiles (DeepSeek-V3 1117 us against 1185 for the "
+           "decode blocks, H100)", wgmma=True, min_hidden=4096),
     Regime("grouped_decode", (16, 64), (8, 8),
            "pairs grouped into 8-token expert blocks, each expert's weights read once: 1.13-1.42x the 16-row tiles "
            "at 16-64 tokens, slower from 128 (two blocks per expert)"),
