@@ -446,11 +446,11 @@ def test_wgmma_slot_order_matches_the_register_fragment():
 
 
 @pytest.mark.parametrize("change", [dict(bn1=256), dict(warps1=8, bn1=64), dict(warps2=2), dict(split2=2),
-                                    dict(bm=8), dict(bm=24), dict(stages2=1), dict(bk1=128)])
+                                    dict(bm=8), dict(bm=24), dict(stages2=1), dict(stages1=5), dict(bk1=128)])
 def test_wgmma_tiles_refuse_what_their_kernels_do_not_do(change):
     """The wgmma tiles take 16-256-row blocks (a multiple of 16), K steps of 64, column tiles of 64 or 128 with 4
-    warps or 128 with 8, 2 stages or more and no GEMM2 K split; their tail blocks are the same tiles with fewer
-    rows."""
+    warps or 128 with 8, 2-4 stages (the ring's slots) and no GEMM2 K split; their tail blocks are the same tiles
+    with fewer rows."""
     good = TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, **_WGMMA)
     assert good.tail_tiles() == dataclasses.replace(good, bm=32, tail=0)
     with pytest.raises(MoEConfigError, match="wgmma"):

@@ -123,14 +123,14 @@ def test_benchmark_shapes_take_the_documented_variants(gluon_available):
     common = {1: "cuda_decode", 2: "pair_decode", 8: "pair_decode", 16: "grouped_decode", 64: "grouped_decode",
               1024: "tiles64", 4096: "tiles128"}
     if gluon_available:
-        # from 65 tokens: 16-row blocks to 8 rows per expert (gated, hidden <= 4096) or 4, 32-row blocks to 32 (24
-        # over a hidden of 4096); at 64, 16-row blocks on ungated layers and hiddens over 4096
+        # from 65 tokens: 16-row blocks to 8 rows per expert (gated, hidden <= 4096), 5 (gated) or 4, 32-row blocks
+        # to 32 (24 over a hidden of 4096); at 64, 16-row blocks on ungated layers and hiddens over 4096
         common.update({128: "tiles32", 256: "tiles32", 384: "tiles32", 768: "tiles64"})
         by_shape = {"nemotron-3-nano": {64: "tiles16", 96: "tiles32", 512: "tiles32", 1536: "tiles128"},
                     "qwen3-30b-a3b": {96: "tiles16", 128: "tiles16", 512: "tiles32", 1024: "tiles128"},
                     "gemma-4-26b-a4b": {96: "tiles16", 128: "tiles16", 512: "tiles32", 1024: "tiles128"},
-                    "deepseek-v3": {64: "tiles16", 96: "tiles16", 512: "tiles32", 768: "tiles32", 1024: "tiles64",
-                                    2048: "tiles128"}}
+                    "deepseek-v3": {64: "tiles16", 96: "tiles16", 128: "tiles16", 512: "tiles32", 768: "tiles32",
+                                    1024: "tiles64", 2048: "tiles128"}}
     else:
         # 128 and 256 tokens: 8-token blocks up to 7 rows per expert, 16-token blocks for gated layers above and
         # for DeepSeek-V3's long hidden; at 384 tokens the 64-row tiles (8-warp GEMM1 on the gated short
@@ -292,7 +292,7 @@ def test_an_expert_parallel_rank_plans_for_its_share_of_the_pairs():
 
 def test_wgmma_tiles_where_they_fit(gluon_available):
     """On an SM90 GPU with Gluon, whole 64-element pieces and no expert biases, the wgmma tiles take the calls
-    from 65 tokens (16-row blocks up to 8 rows per expert gated on hiddens up to 4096 and up to 4 otherwise,
+    from 65 tokens (16-row blocks up to 8 rows per expert gated on hiddens up to 4096, else 5 gated and 4 ungated,
     32-row blocks up to 32, then the 64- and 128-row blocks) and at 64 tokens on ungated layers and hiddens over
     4096; elsewhere the table is the tl.dot one."""
     qwen = Problem(4096, 8, 128, 2048, 768, True)
@@ -303,6 +303,7 @@ def test_wgmma_tiles_where_they_fit(gluon_available):
         (dataclasses.replace(qwen, tokens=256), H200, "tiles32", "grouped_decode16"),  # 16 rows
         (dataclasses.replace(qwen, tokens=768), H200, "tiles64", "tiles64"),  # 48 rows
         (Problem(96, 8, 256, 7168, 2048, True), H200, "tiles16", "grouped_decode16"),  # 3 rows, long hidden
+        (Problem(128, 8, 256, 7168, 2048, True), H200, "tiles16", "grouped_decode16"),  # 4.1 rows, long hidden
         (Problem(192, 8, 256, 7168, 2048, True), H200, "tiles32", "grouped_decode16"),  # 6 rows, long hidden
         (Problem(128, 6, 128, 2688, 1856, False), H200, "tiles32", "grouped_decode"),  # 6 rows, ungated
         (Problem(64, 6, 128, 2688, 1856, False), H200, "tiles16", "grouped_decode"),  # 64 tokens, ungated
