@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -78,22 +79,28 @@ def token_list(text: str) -> list:
     return tokens
 
 
+def _median_seconds(fn, warmup: int = 3, runs: int = 10) -> float:
+    """Median seconds of ``runs`` calls of ``fn`` on the current stream (CUDA events), after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = _median_seconds(functools.partial(dst.copy_, src))
     del src, dst
-    return 2 * nbytes / statistics.median(times)
+    return 2 * nbytes / seconds
 
 
 def measure_read_bandwidth(nbytes: int = 4 << 30) -> float:
@@ -104,20 +111,11 @@ def measure_read_bandwidth(nbytes: int = 4 << 30) -> float:
     bandwidth (a write per byte read) understates.  4 GiB is 80x an H100's L2, so the cache does not help.
     """
     src = torch.randint(-2**62, 2**62, (nbytes // 8,), dtype=torch.int64, device="cuda")
-    for _ in range(3):
-        src.sum()
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        src.sum()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = _median_seconds(src.sum)
     nbytes = src.numel() * 8
     del src
     torch.cuda.empty_cache()
-    return nbytes / statistics.median(times)
+    return nbytes / seconds
 
 
 def measure_bf16_peak(n: int = 8192) -> float:
@@ -125,25 +123,21 @@ def measure_bf16_peak(n: int = 8192) -> float:
     accumulation), the reference for a prefill layer's useful FLOP/s."""
     a = torch.randn(n, n, device="cuda").to(torch.bfloat16)
     b = torch.randn(n, n, device="cuda").to(torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = _median_seconds(functools.partial(torch.matmul, a, b))
     del a, b
     torch.cuda.empty_cache()
-    return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / seconds
+
+
+def params_per_expert(h, i, activation) -> int:
+    """An expert's weights: ``H x I`` per matrix, three gated (gate, up, down), two for relu2."""
+    return (3 if activation != "relu2" else 2) * h * i
 
 
 def useful_flops(name, tokens) -> float:
-    """The layer's expert-GEMM FLOPs: ``2 x tokens x top_k x H x I`` per weight matrix (3 gated, 2 ungated)."""
+    """The layer's expert-GEMM FLOPs: 2 per weight, per token and chosen expert."""
     h, i, _, k, activation, _, _ = SHAPES[name]
-    return 2.0 * tokens * k * h * i * (3 if activation != "relu2" else 2)
+    return 2.0 * tokens * k * params_per_expert(h, i, activation)
 
 
 def uniform_touched(e, k, tokens) -> float:
@@ -155,10 +149,9 @@ def floor_seconds(h, i, e, k, activation, tokens, bandwidth, bytes_per_param=NVF
                   touched=None) -> float:
     """Seconds to read the weights of ``touched`` experts (default: :func:`uniform_touched`) once, at
     ``bandwidth`` bytes/s: experts x params per expert x ``bytes_per_param``."""
-    params = (3 if activation != "relu2" else 2) * h * i
     if touched is None:
         touched = uniform_touched(e, k, tokens)
-    return touched * params * bytes_per_param / bandwidth
+    return touched * params_per_expert(h, i, activation) * bytes_per_param / bandwidth
 
 
 def row_floors(name, tokens, read_bandwidth, copy_bandwidth, touched=None) -> dict:
@@ -754,7 +747,8 @@ def format_row(r) -> str:
     return (f"{r['shape']:16s} {r['tokens']:5d} {cell('floor_us', 8)} {cell('triton_us', 8)} {cell('peer_us', 8)} "
             f"{cell('peer_experts_us', 8)} {cell('grouped_mm_us', 8)} {cell('peer_over_triton', 6, 2)} "
             f"{cell('grouped_mm_over_triton', 6, 2)} {cell('triton_over_floor', 6, 2)} "
-            f"{cell('peer_over_mxfp4_floor', 6, 2)} {cell('triton_over_bf16_peak', 5, 2)}  {check}" + (f"  errors: {', '.join(errors)}" if errors else ""))
+            f"{cell('peer_over_mxfp4_floor', 6, 2)} {cell('triton_over_bf16_peak', 5, 2)}  {check}"
+            + (f"  errors: {', '.join(errors)}" if errors else ""))
 
 
 if __name__ == "__main__":
