@@ -24,6 +24,13 @@ lets the kernel state its layouts, so the weight words are loaded where wgmma wa
   Each slot is its own allocation and the K loop is unrolled by the ring, so a step's slot is a constant and its
   one ``bar.sync`` is the only one: Triton's barrier pass cannot tell slots of one allocation apart and added a
   second (1.00-1.06x at 256-4096 tokens without it).
+- The wgmmas are asynchronous with one group in flight: a tile is dequantized while the previous one multiplies
+  (GEMM1's up rows while its gate rows run, the next step's gate rows while the up rows run; 128-row tiles of
+  GEMM2 and of ungated GEMM1 as two 64-row halves the same way), and a step refills the previous step's slot
+  once that step's last group is done (1.02-1.13x at 1024-4096 tokens).  ptxas serializes every wgmma of a
+  kernel (its C7513/C7515 notes) if a branch or a move touches a register of a group in flight, so whole turns
+  of the ring run unguarded, a single-tile ring drains once a turn, and the last ``steps % STAGES`` steps run
+  synchronously.
 
 Limits (the planner only picks these tiles where they hold): hidden and intermediate sizes multiples of 64,
 GEMM2 without a K split, no expert biases, an SM90 GPU and a Triton with Gluon's Hopper API.
@@ -39,7 +46,8 @@ try:  # Gluon's Hopper API (Triton >= 3.5); without it the planner never picks t
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
 except (ImportError, AttributeError):  # pragma: no cover - exercised on CPU CI without Triton
     gluon = gl = None
 
@@ -118,7 +126,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _piece_offsets(row0, nlim, K, ROWS2, BN: gl.constexpr, NT: gl.constexpr, BK: gl.constexpr, P: gl.constexpr,
-                       L: gl.constexpr):
+                       L: gl.constexpr, HALVES: gl.constexpr = False):
         """Offsets, in units of ``P`` a row's 64-element piece (8 words or 4 scale bytes), of the ``[NT * BN,
         BK / 64 * P]`` banded units a step starts at (gate rows from ``row0``, then with NT 2 up rows ``ROWS2``
         further), and which rows to load (those before ``nlim``), in layout ``L``."""
@@ -127,7 +135,8 @@ if AVAILABLE:
         rr = row % 16
         c = gl.arange(0, BK // (64 // P), layout=gl.SliceLayout(0, L))
         off = ((row - rr) * (K // (64 // P)) + rr * P)[:, None] + ((c // P) * (16 * P) + c % P)[None, :]
-        return off, (n % BN < nlim)[:, None] & (c < BK // (64 // P))[None, :]
+        lim = n if HALVES else n % BN  # halves: the second set is rows BN.. of one tile
+        return off, (lim < nlim)[:, None] & (c < BK // (64 // P))[None, :]
 
     @gluon.jit
     def _slot(BM: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, XS: gl.constexpr, PLAIN: gl.constexpr):
@@ -167,14 +176,47 @@ if AVAILABLE:
         return _dequant(ws.load(WL), s, BN, BK, DOT)
 
     @gluon.jit
+    def _pipe_step(xs, ws, ss, a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok, step, steps, acc, acc2, prev,
+                   j: gl.constexpr, WL: gl.constexpr, SL: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                   DOT: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr):
+        """One K step in ring slot ``j`` with asynchronous wgmma: one group stays in flight while the next tile is
+        dequantized (gate while the previous up runs, up while this gate runs)."""
+        async_copy.wait_group(STAGES - 2)
+        gl.thread_barrier()
+        fence_async_shared()
+        b = xs[j].permute((1, 0))
+        a = _weight_tile(ws[j].slice(0, BN), ss[j].slice(0, BN), WL, SL, BN, BK, DOT)
+        acc = warpgroup_mma(a, b, acc, is_async=True)
+        # the previous step's last group done: its slot and A registers are free
+        if TWO or j > 0:
+            acc, acc2, a, prev = warpgroup_mma_wait(1, deps=[acc, acc2, a, prev])
+        if NW > 4:  # the other warpgroup's group read the slot too
+            gl.thread_barrier()
+        if step + STAGES - 1 < steps:  # into the previous step's slot
+            _copy_step(xs[(j + STAGES - 1) % STAGES], ws[(j + STAGES - 1) % STAGES], ss[(j + STAGES - 1) % STAGES],
+                       a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok, step + STAGES - 1, BK)
+        async_copy.commit_group()
+        if TWO:
+            a2 = _weight_tile(ws[j].slice(BN, BN), ss[j].slice(BN, BN), WL, SL, BN, BK, DOT)
+            acc2 = warpgroup_mma(a2, b, acc2, is_async=True)
+            acc, acc2, a, a2 = warpgroup_mma_wait(1, deps=[acc, acc2, a, a2])
+            prev = a2
+        elif j == STAGES - 1:  # a loop-carried A tile in flight makes ptxas serialize: drain
+            acc, a = warpgroup_mma_wait(0, deps=[acc, a])
+        else:
+            prev = a
+        return acc, acc2, prev
+
+    @gluon.jit
     def _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, row0, nlim, K, ROWS2, BM: gl.constexpr, BN: gl.constexpr,
-                  BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr):
+                  BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr,
+                  HALVES: gl.constexpr = False):
         """``W @ A^T`` over K for the ``BN`` weight rows from ``row0`` (and, with TWO, those ``ROWS2`` further:
-        gate and up; rows from ``nlim`` on are not loaded) against the ``[BM, BK]`` activation tiles at
-        ``a_ptrs + step * BK`` (slot order): fp32 ``[BN, BM]`` accumulators in the wgmma layout.  Each step's
-        token tile, weight words and scale bytes travel together by ``cp.async`` into one slot of a
-        ``STAGES``-slot ring (one commit group); the words and scales are read from there in the fragment's
-        layout (a band's piece is 512 contiguous bytes in memory and in the slot)."""
+        gate and up, or with HALVES the next ``BN`` rows of one tile; rows from ``nlim`` on are not loaded)
+        against the ``[BM, BK]`` activation tiles at ``a_ptrs + step * BK`` (slot order): fp32 ``[BN, BM]``
+        accumulators in the wgmma layout.  Each step's token tile, weight words and scale bytes travel together by
+        ``cp.async`` into one slot of a ``STAGES``-slot ring (one commit group); the words and scales are read from
+        there in the fragment's layout (a band's piece is 512 contiguous bytes in memory and in the slot)."""
         NT: gl.constexpr = 2 if TWO else 1
         WL: gl.constexpr = _band_layout(BN, BK // 8, NW, 2)
         SL: gl.constexpr = _band_layout(BN, BK // 16, NW, 1)
@@ -189,8 +231,8 @@ if AVAILABLE:
         # one allocation a slot and the loop unrolled by the ring, so each step's slot is a constant: Triton's
         # barrier pass tells allocations apart (not slots of one), and the step's own barrier is the only one
         xs, ws, ss = _ring(BM, BK, NT * BN, XS, PLAIN, STAGES)  # weight rows: gate, then up
-        w_off, w_ok = _piece_offsets(row0, nlim, K, ROWS2, BN, NT, BK, 8, CW)
-        s_off, s_ok = _piece_offsets(row0, nlim, K, ROWS2, BN, NT, BK, 4, CS)
+        w_off, w_ok = _piece_offsets(row0, nlim, K, ROWS2, BN, NT, BK, 8, CW, HALVES)
+        s_off, s_ok = _piece_offsets(row0, nlim, K, ROWS2, BN, NT, BK, 4, CS, HALVES)
         wp = w_ptr.to(gl.pointer_type(gl.int32))
         steps = K // BK
         for i in gl.static_range(STAGES - 1):
@@ -199,26 +241,29 @@ if AVAILABLE:
             async_copy.commit_group()
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         acc2 = gl.zeros([BN, BM], gl.float32, MMA)
-        for first in range(0, steps, STAGES):
+        prev = gl.zeros([BN, BK], gl.bfloat16, DOT)  # the A tile of the group still in flight
+        full = steps - steps % STAGES
+        # whole turns of the ring unguarded: a branch around an asynchronous wgmma makes ptxas serialize them
+        for first in range(0, full, STAGES):
             for j in gl.static_range(STAGES):
-                step = first + j
-                if step < steps:
-                    # this step's slot has landed for every thread; every warp is done with the previous step's
-                    async_copy.wait_group(STAGES - 2)
-                    gl.thread_barrier()
-                    fence_async_shared()
-                    a = _weight_tile(ws[j].slice(0, BN), ss[j].slice(0, BN), WL, SL, BN, BK, DOT)
-                    if TWO:
-                        a2 = _weight_tile(ws[j].slice(BN, BN), ss[j].slice(BN, BN), WL, SL, BN, BK, DOT)
-                    nxt: gl.constexpr = (j + STAGES - 1) % STAGES  # the previous step's slot
-                    if step + STAGES - 1 < steps:
-                        _copy_step(xs[nxt], ws[nxt], ss[nxt], a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok,
-                                   step + STAGES - 1, BK)
-                    async_copy.commit_group()
-                    b = xs[j].permute((1, 0))
-                    acc = warpgroup_mma(a, b, acc)
-                    if TWO:
-                        acc2 = warpgroup_mma(a2, b, acc2)
+                acc, acc2, prev = _pipe_step(xs, ws, ss, a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok,
+                                             first + j, steps, acc, acc2, prev, j, WL, SL, BN, BK, DOT, NW,
+                                             STAGES, TWO)
+        acc, acc2 = warpgroup_mma_wait(0, deps=[acc, acc2])
+        for j in gl.static_range(STAGES - 1):  # the last steps, slots 0.. (full is whole turns)
+            step = full + j
+            if step < steps:
+                async_copy.wait_group(STAGES - 2)
+                gl.thread_barrier()
+                fence_async_shared()
+                a = _weight_tile(ws[j].slice(0, BN), ss[j].slice(0, BN), WL, SL, BN, BK, DOT)
+                if TWO:
+                    a2 = _weight_tile(ws[j].slice(BN, BN), ss[j].slice(BN, BN), WL, SL, BN, BK, DOT)
+                async_copy.commit_group()
+                b = xs[j].permute((1, 0))
+                acc = warpgroup_mma(a, b, acc)
+                if TWO:
+                    acc2 = warpgroup_mma(a2, b, acc2)
         async_copy.wait_group(0)
         return acc, acc2
 
@@ -247,16 +292,28 @@ if AVAILABLE:
         tok = (pair // TOP_K).to(gl.int64)
         x_ptrs = x_ptr + tok[:, None] * stride_x + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
         x_mask = (pair < num_pairs)[:, None]
+        # ungated 128-column tiles as two 64-row halves: the pipelined wgmma keeps one half in flight
+        HALVES: gl.constexpr = not GATED and BN == 128 and NW == 4
+        HB: gl.constexpr = BN // 2 if HALVES else BN
         g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, e64 * (2 * I if GATED else I) + pid_n * BN, I - pid_n * BN,
-                         H, I, BM, BN, BK, NW, STAGES, GATED)
+                         H, HB if HALVES else I, BM, HB, BK, NW, STAGES, GATED or HALVES, HALVES)
         inv = 128.0 / gl.load(gs_ptr + e)  # the dequantized tiles carry 2^-7
-        g = g * inv
-        u = u * inv
+        if HALVES:
+            _gemm1_store(g * inv, g, pid_n * BN, out_ptr, I, BM, HB, NW, NFIRST, ACT, ALPHA, BETA, LIMIT)
+            _gemm1_store(u * inv, u, pid_n * BN + HB, out_ptr, I, BM, HB, NW, NFIRST, ACT, ALPHA, BETA, LIMIT)
+        else:
+            _gemm1_store(g * inv, u * inv, pid_n * BN, out_ptr, I, BM, BN, NW, NFIRST, ACT, ALPHA, BETA, LIMIT)
+
+    @gluon.jit
+    def _gemm1_store(g, u, col0, out_ptr, I, BM: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr,
+                     NFIRST: gl.constexpr, ACT: gl.constexpr, ALPHA: gl.constexpr, BETA: gl.constexpr,
+                     LIMIT: gl.constexpr):
+        """The activation of ``[BN, BM]`` gate (and up) accumulators into intermediate columns ``col0..``."""
         h = gl.permute(apply_act(g, u, ACT, ALPHA, BETA, LIMIT).to(gl.bfloat16), [1, 0])
         OL: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [NW, 1], [1, 0])
         h = gl.convert_layout(h, OL)
         rows_o = gl.program_id(1 if NFIRST else 0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
-        n_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
+        n_o = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
         cols = _kinv_of(n_o)
         gl.store(out_ptr + rows_o.to(gl.int64)[:, None] * I + cols[None, :], h, mask=(n_o < I)[None, :])
 
@@ -274,16 +331,28 @@ if AVAILABLE:
         ka = gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
         a_ptrs = a_ptr + rows.to(gl.int64)[:, None] * I + ka[None, :]
         a_mask = (pair < num_pairs)[:, None]
-        acc, unused = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + pid_n * BN, H - pid_n * BN, I, 0, BM, BN,
-                                BK, NW, STAGES, False)
+        # 128-column tiles as two 64-row halves: the pipelined wgmma keeps one half in flight
+        HALVES: gl.constexpr = BN == 128 and NW == 4
+        HB: gl.constexpr = BN // 2 if HALVES else BN
+        acc, acc2 = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + pid_n * BN, H - pid_n * BN, I, HB, BM, HB,
+                              BK, NW, STAGES, HALVES, HALVES)
+        scale = 128.0 / gl.load(gs_ptr + e)
+        _gemm2_store(acc, pid_n * BN, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM, HB, NW, NFIRST)
+        if HALVES:
+            _gemm2_store(acc2, pid_n * BN + HB, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM, HB, NW, NFIRST)
+
+    @gluon.jit
+    def _gemm2_store(acc, col0, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM: gl.constexpr, BN: gl.constexpr,
+                     NW: gl.constexpr, NFIRST: gl.constexpr):
+        """``[BN, BM]`` accumulators times each pair's routing weight into ``y`` columns ``col0..``."""
         OL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
         acc = gl.convert_layout(gl.permute(acc, [1, 0]), OL)
         rows_o = gl.program_id(1 if NFIRST else 0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
         pair_o = gl.load(sorted_ptr + rows_o)
         ok = pair_o < num_pairs
-        n_o = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
+        n_o = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
         tw = gl.load(tw_ptr + pair_o, mask=ok, other=0.0)
-        y = acc * (tw * (128.0 / gl.load(gs_ptr + e)))[:, None]
+        y = acc * (tw * scale)[:, None]
         gl.store(y_ptr + pair_o.to(gl.int64)[:, None] * H + n_o[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=ok[:, None] & (n_o < H)[None, :])
 
