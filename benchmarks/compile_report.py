@@ -5,13 +5,16 @@
 
 For every shape and token count whose plan (``triton_plan.plan`` for a 132-SM SM90: H100, H200) takes the
 tensor-core tiles, GEMM1 and GEMM2 of the main blocks and of the tail blocks are compiled with Triton's own
-compiler for ``sm_90a`` (``triton.compile`` on the kernels' source, no driver needed) and their cubins read
-with the ``cuobjdump`` that ships with Triton.  The arguments are specialized as a launch specializes them:
-pointers 16-byte aligned, integers that are multiples of 16 marked so (without that, Triton sees unaligned
-rows and emits scalar loads and no async copies, a different kernel).  Per kernel it prints registers a
-thread, spill bytes, shared memory, the programs an SM holds by registers and by shared memory, and the main
-loop's wgmma ops and how many of their waits drain every MMA in flight (``pendings = 0``): a wait after each
-MMA means the next K step's dequantization does not overlap it.  ``--tile`` overrides fields of the planned
+compiler for ``sm_90a`` (``triton.compile`` on the kernels' source, no driver needed): the Gluon kernels of
+``gluon_tiles`` where the plan takes the wgmma tiles, else ``triton_tiles``' ``tl.dot`` kernels.  Their cubins
+are read with the ``cuobjdump`` that ships with Triton and their PTX is assembled again with its ``ptxas -v``
+for its notes.  The arguments are specialized as a launch specializes them: pointers 16-byte aligned, integers
+that are multiples of 16 marked so (without that, Triton sees unaligned rows and emits scalar loads and no
+async copies, a different kernel).  Per kernel it prints registers a thread, spill bytes, shared memory, the
+programs an SM holds by registers and by shared memory, the wgmma ops after the first loop and how many of
+their waits drain every MMA in flight (``pendings = 0``: the next dequantization does not overlap it), and
+``serial``: ptxas' note that it serialized the kernel's wgmmas (C7513 / C7515: a register of an MMA in flight
+touched by another instruction), which silently costs the overlap.  ``--tile`` overrides fields of the planned
 ``TileConfig`` (what ``KernelOptions.tile_overrides`` does at a call).  Needs ``triton`` (3.6 measured)
 importable, not a GPU.
 """
@@ -49,7 +52,8 @@ def _types(kernel_args: dict) -> tuple:
 
 
 def compile_kernel(fn, kernel_args: dict, constexprs: dict, warps: int, stages: int) -> dict:
-    """Compile ``fn`` for sm_90a; ``kernel_args``: runtime argument -> (Triton type, value)."""
+    """Compile ``fn`` (a Triton or Gluon kernel) for sm_90a; ``kernel_args``: runtime argument -> (Triton type,
+    value)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -60,16 +64,24 @@ def compile_kernel(fn, kernel_args: dict, constexprs: dict, warps: int, stages: 
     constexprs = dict({prm.name: prm.default for prm in fn.params
                        if prm.name not in kernel_args and prm.name not in constexprs}, **constexprs)
     signature.update({k: "constexpr" for k in constexprs})
-    src = ASTSource(fn=fn, signature={n: signature[n] for n in names},
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in divisible})
+    source = ASTSource
+    if getattr(fn, "is_gluon", lambda: False)():
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn, {n: signature[n] for n in names}, {(names.index(k),): v for k, v in constexprs.items()},
+                 {(names.index(k),): [["tt.divisibility", 16]] for k in divisible})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        notes = subprocess.run([os.path.join(tools, "ptxas"), "--gpu-name", "sm_90a", "-v", ptx, "-o", path],
+                               capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     spill = int(re.search(r"STACK:(\d+)", usage).group(1))
     shared = compiled.metadata.shared
@@ -79,12 +91,14 @@ def compile_kernel(fn, kernel_args: dict, constexprs: dict, warps: int, stages: 
     per_warp = -(-regs * 32 // 256) * 256
     return dict(regs=regs, spill=spill, shared=shared, by_regs=REGS_PER_SM // (per_warp * warps),
                 by_smem=SMEM_PER_SM // (shared + SMEM_PER_BLOCK_RESERVED),
-                wgmma=len(re.findall(r"ttng\.warp_group_dot ", loop)), drains=sum(w == "0" for w in waits))
+                wgmma=len(re.findall(r"ttng\.warp_group_dot ", loop)), drains=sum(w == "0" for w in waits),
+                serial=bool(re.search(r"C751[35]|serialized", notes)))
 
 
 def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     """``(plan, [(label, fn, kernel_args, constexprs, warps, stages)])`` of one shape and token count; the list is
     empty where the plan is not the tiles."""
+    from moe_passes.kernels import gluon_tiles
     from moe_passes.kernels import triton_tiles as tt
     from moe_passes.kernels.triton_common import epilogue_args
     from moe_passes.kernels.triton_moe import bf16_rows
@@ -109,6 +123,14 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     kernels = []
     for which, c in (("main", cfg), ("tail", cfg.tail_tiles() if cfg.tail else None)):
         if c is None:
+            continue
+        if c.wgmma:
+            wargs2 = {k: v for k, v in args2.items() if k != "k_per_split"}  # GEMM2 unsplit
+            kernels.append((f"{which} GEMM1 wgmma bm{c.bm} bn{c.bn1} w{c.warps1}", gluon_tiles._gemm1_kernel, args1,
+                            gluon_tiles.gemm1_constexprs(c, top_k=top_k, gated=gated, nfirst=c.nfirst, act=act),
+                            c.warps1, c.stages1))
+            kernels.append((f"{which} GEMM2 wgmma bm{c.bm} bn{c.bn2} w{c.warps2}", gluon_tiles._gemm2_kernel, wargs2,
+                            gluon_tiles.gemm2_constexprs(c, nfirst=c.nfirst), c.warps2, c.stages2))
             continue
         pdl = c.chains
         k1 = tt.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=c.nfirst, act=act)
@@ -137,7 +159,7 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("triton") is None:
         raise SystemExit("compile_report.py needs triton importable (pip install triton); no GPU is needed")
     print(f"{'shape':16s} {'T':>5s} {'kernel':34s} {'regs':>4s} {'spill':>5s} {'smem KiB':>8s} {'per SM':>9s} "
-          f"{'wgmma':>5s} {'drain':>5s}")
+          f"{'wgmma':>5s} {'drain':>5s} serial")
     for name in args.shapes:
         for tokens in args.tokens:
             p, kernels = tile_kernels(name, tokens, tuple(overrides))
@@ -147,7 +169,8 @@ def main(argv=None) -> int:
             for label, fn, kernel_args, constexprs, warps, stages in kernels:
                 r = compile_kernel(fn, kernel_args, constexprs, warps, stages)
                 print(f"{name:16s} {tokens:5d} {label:34s} {r['regs']:4d} {r['spill']:5d} {r['shared'] / 1024:8.0f} "
-                      f"{r['by_regs']:>4d}/{r['by_smem']:<4d} {r['wgmma']:5d} {r['drains']:5d}", flush=True)
+                      f"{r['by_regs']:>4d}/{r['by_smem']:<4d} {r['wgmma']:5d} {r['drains']:5d} "
+                      f"{'SERIALIZED' if r['serial'] else 'no'}", flush=True)
     return 0
 
 

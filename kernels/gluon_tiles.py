@@ -51,7 +51,7 @@ try:  # Gluon's Hopper API (Triton >= 3.5); without it the planner never picks t
 except (ImportError, AttributeError):  # pragma: no cover - exercised on CPU CI without Triton
     gluon = gl = None
 
-__all__ = ["AVAILABLE", "KMAP", "takes", "run_wgmma_tiles"]
+__all__ = ["AVAILABLE", "KMAP", "takes", "gemm1_constexprs", "gemm2_constexprs", "run_wgmma_tiles"]
 
 AVAILABLE = gluon is not None and triton is not None
 
@@ -371,6 +371,17 @@ if triton is not None:
         tl.store(out_ptr + t * H + p, tl.load(x_ptr + t * stride_x + k, mask=p < H), mask=p < H)
 
 
+def gemm1_constexprs(c, *, top_k: int, gated: bool, nfirst: bool, act: dict) -> dict:
+    """GEMM1's compile-time arguments for tile config ``c`` (``act``: the activation's, ``epilogue_args``)."""
+    return dict(TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst,
+                **act)
+
+
+def gemm2_constexprs(c, *, nfirst: bool) -> dict:
+    """GEMM2's compile-time arguments for tile config ``c``."""
+    return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst)
+
+
 def run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k, gated,
                     act):
     """GEMM1 then GEMM2 of each ``(tile config, sorted rows, intermediate rows, block map, blocks)`` in
@@ -385,11 +396,9 @@ def run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, *, pair
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
-               rows_inter, pairs, hidden, inter, x.stride(0), TOP_K=top_k, GATED=gated, BM=c.bm,
-               BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst, **act, num_warps=c.warps1)
+               rows_inter, pairs, hidden, inter, x.stride(0), num_warps=c.warps1,
+               **gemm1_constexprs(c, top_k=top_k, gated=gated, nfirst=nfirst, act=act))
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
         launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map,
-               topk_w, y, pairs, hidden, inter, BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2,
-               NFIRST=nfirst, num_warps=c.warps2)
-
+               topk_w, y, pairs, hidden, inter, num_warps=c.warps2, **gemm2_constexprs(c, nfirst=nfirst))
