@@ -129,7 +129,8 @@ if AVAILABLE:
                        L: gl.constexpr, HALVES: gl.constexpr = False):
         """Offsets, in units of ``P`` a row's 64-element piece (8 words or 4 scale bytes), of the ``[NT * BN,
         BK / 64 * P]`` banded units a step starts at (gate rows from ``row0``, then with NT 2 up rows ``ROWS2``
-        further), and which rows to load (those before ``nlim``), in layout ``L``."""
+        further), and which rows to load (those before ``nlim``; with ``HALVES`` the second set's rows count from
+        ``BN``), in layout ``L``."""
         n = gl.arange(0, NT * BN, layout=gl.SliceLayout(1, L))
         row = row0 + n % BN + (n // BN) * ROWS2
         rr = row % 16
@@ -181,6 +182,7 @@ if AVAILABLE:
                    DOT: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr):
         """One K step in ring slot ``j`` with asynchronous wgmma: one group stays in flight while the next tile is
         dequantized (gate while the previous up runs, up while this gate runs)."""
+        # this step's slot has landed for every thread; every warp is done reading the previous step's words
         async_copy.wait_group(STAGES - 2)
         gl.thread_barrier()
         fence_async_shared()
@@ -299,6 +301,7 @@ if AVAILABLE:
                          H, HB if HALVES else I, BM, HB, BK, NW, STAGES, GATED or HALVES, HALVES)
         inv = 128.0 / gl.load(gs_ptr + e)  # the dequantized tiles carry 2^-7
         if HALVES:
+            # ungated: the second argument (up) is not read
             _gemm1_store(g * inv, g, pid_n * BN, out_ptr, I, BM, HB, NW, NFIRST, ACT, ALPHA, BETA, LIMIT)
             _gemm1_store(u * inv, u, pid_n * BN + HB, out_ptr, I, BM, HB, NW, NFIRST, ACT, ALPHA, BETA, LIMIT)
         else:
