@@ -147,9 +147,7 @@ def main(argv=None) -> int:
     results = {}
     for name in shapes:
         for t, touched, times in time_modes(name, tokens, modes, args.rounds):
-            floors = bench.row_floors(name, t, bandwidth, bandwidth, touched)
-            floors.pop("floor_copy_us")  # only the read bandwidth is measured here
-            entry = results.setdefault((name, t), floors)
+            entry = results.setdefault((name, t), bench.row_floors(name, t, bandwidth, touched=touched))
             entry.update(times)
             print(f"{name} {t}: " + " ".join(f"{m}={sum(v) / len(v):.1f}" for m, v in times.items()), flush=True)
     names = [m[0] for m in modes]

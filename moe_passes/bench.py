@@ -154,19 +154,22 @@ def floor_seconds(h, i, e, k, activation, tokens, bandwidth, bytes_per_param=NVF
     return touched * params_per_expert(h, i, activation) * bytes_per_param / bandwidth
 
 
-def row_floors(name, tokens, read_bandwidth, copy_bandwidth, touched=None) -> dict:
+def row_floors(name, tokens, read_bandwidth, copy_bandwidth=None, touched=None) -> dict:
     """A row's floors in us: NVFP4 at the read bandwidth (``floor_us``, the one ratios use), NVFP4 at the copy
-    bandwidth (``floor_copy_us``, the definition before issue 31) and MXFP4 at the read bandwidth (the peer's),
-    for ``touched`` experts (measured; default the uniform expectation), both counts recorded."""
+    bandwidth (``floor_copy_us``, the definition before issue 31; left out without a measured copy bandwidth)
+    and MXFP4 at the read bandwidth (the peer's), for ``touched`` experts (measured; default the uniform
+    expectation), both counts recorded."""
     h, i, e, k, activation, _, _ = SHAPES[name]
     uniform = uniform_touched(e, k, tokens)
     touched = uniform if touched is None else touched
     per = dict(h=h, i=i, e=e, k=k, activation=activation, tokens=tokens, touched=touched)
-    return dict(experts_touched=touched, experts_touched_uniform=uniform,
-                floor_us=floor_seconds(bandwidth=read_bandwidth, **per) * 1e6,
-                floor_copy_us=floor_seconds(bandwidth=copy_bandwidth, **per) * 1e6,
-                floor_mxfp4_us=floor_seconds(bandwidth=read_bandwidth, bytes_per_param=MXFP4_BYTES_PER_PARAM,
-                                             **per) * 1e6)
+    floors = dict(experts_touched=touched, experts_touched_uniform=uniform,
+                  floor_us=floor_seconds(bandwidth=read_bandwidth, **per) * 1e6)
+    if copy_bandwidth is not None:
+        floors["floor_copy_us"] = floor_seconds(bandwidth=copy_bandwidth, **per) * 1e6
+    floors["floor_mxfp4_us"] = floor_seconds(bandwidth=read_bandwidth, bytes_per_param=MXFP4_BYTES_PER_PARAM,
+                                             **per) * 1e6
+    return floors
 
 
 def touched_experts(name, logits_sets, bias) -> float:
