@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_passes.errors import MoEConfigError
 from moe_passes.kernels.triton_common import triton
 
 try:  # Gluon's Hopper API (Triton >= 3.5); without it the planner never picks these tiles
@@ -270,26 +271,44 @@ if AVAILABLE:
         return acc, acc2
 
     @gluon.jit
-    def _rows(sorted_ptr, bexp_ptr, BM: gl.constexpr, NFIRST: gl.constexpr, L: gl.constexpr):
-        """This program's expert (or -1), its block's rows and pairs in layout ``L``'s rows, its column tile."""
+    def _block(bexp_ptr, NFIRST: gl.constexpr):
+        """This program's expert (or -1), its block and its column tile."""
         pid_m = gl.program_id(1 if NFIRST else 0)
-        e = gl.load(bexp_ptr + pid_m)
-        rows = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, L))
-        return e, rows, gl.load(sorted_ptr + rows), gl.program_id(0 if NFIRST else 1)
+        return gl.load(bexp_ptr + pid_m), pid_m, gl.program_id(0 if NFIRST else 1)
 
     @gluon.jit
-    def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr, num_pairs, H, I, stride_x,
-                      TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
+    def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr, num_pairs, H, I, stride_x, brow_ptr,
+                      tail0, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
                       BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
-                      NFIRST: gl.constexpr, ALPHA: gl.constexpr = 1.702, BETA: gl.constexpr = 1.0,
-                      LIMIT: gl.constexpr = 7.0):
+                      NFIRST: gl.constexpr, TAIL: gl.constexpr = 0, ALPHA: gl.constexpr = 1.702,
+                      BETA: gl.constexpr = 1.0, LIMIT: gl.constexpr = 7.0):
         """GEMM1 + activation for one (row block of one expert, BN intermediate columns) of the hidden states in
         slot order (``_slot_order_kernel``): the intermediate ``[rows, I]`` bf16, each 64-column piece in slot
-        order too (GEMM2's A operand)."""
-        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
-        e, rows, pair, pid_n = _rows(sorted_ptr, bexp_ptr, BM, NFIRST, XL)
+        order too (GEMM2's A operand).  With ``TAIL`` the blocks are ``align``'s schedule: each starts at grouped
+        row ``brow``, and those from ``tail0`` on are ``TAIL``-row tail blocks (one launch runs both)."""
+        e, pid_m, pid_n = _block(bexp_ptr, NFIRST)
         if e < 0:
             return
+        if TAIL > 0:
+            row0 = gl.load(brow_ptr + pid_m)
+            if row0 >= tail0:
+                _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0,
+                             pid_n, TOP_K, GATED, ACT, TAIL, BN, BK, NW, STAGES, ALPHA, BETA, LIMIT)
+            else:
+                _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0,
+                             pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, ALPHA, BETA, LIMIT)
+        else:
+            _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e,
+                         pid_m * BM, pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, ALPHA, BETA, LIMIT)
+
+    @gluon.jit
+    def _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0, pid_n,
+                     TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
+                     BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
+                     ALPHA: gl.constexpr, BETA: gl.constexpr, LIMIT: gl.constexpr):
+        """GEMM1 of the ``BM`` grouped rows from ``row0`` (all of expert ``e``) and column tile ``pid_n``."""
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+        pair = gl.load(sorted_ptr + row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XL)))
         e64 = e.to(gl.int64)
         tok = (pair // TOP_K).to(gl.int64)
         x_ptrs = x_ptr + tok[:, None] * stride_x + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))[None, :]
@@ -302,34 +321,53 @@ if AVAILABLE:
         inv = 128.0 / gl.load(gs_ptr + e)  # the dequantized tiles carry 2^-7
         if HALVES:
             # ungated: the second argument (up) is not read
-            _gemm1_store(g * inv, g, pid_n * BN, out_ptr, I, BM, HB, NW, NFIRST, ACT, ALPHA, BETA, LIMIT)
-            _gemm1_store(u * inv, u, pid_n * BN + HB, out_ptr, I, BM, HB, NW, NFIRST, ACT, ALPHA, BETA, LIMIT)
+            _gemm1_store(g * inv, g, row0, pid_n * BN, out_ptr, I, BM, HB, NW, ACT, ALPHA, BETA, LIMIT)
+            _gemm1_store(u * inv, u, row0, pid_n * BN + HB, out_ptr, I, BM, HB, NW, ACT, ALPHA, BETA, LIMIT)
         else:
-            _gemm1_store(g * inv, u * inv, pid_n * BN, out_ptr, I, BM, BN, NW, NFIRST, ACT, ALPHA, BETA, LIMIT)
+            _gemm1_store(g * inv, u * inv, row0, pid_n * BN, out_ptr, I, BM, BN, NW, ACT, ALPHA, BETA, LIMIT)
 
     @gluon.jit
-    def _gemm1_store(g, u, col0, out_ptr, I, BM: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr,
-                     NFIRST: gl.constexpr, ACT: gl.constexpr, ALPHA: gl.constexpr, BETA: gl.constexpr,
-                     LIMIT: gl.constexpr):
-        """The activation of ``[BN, BM]`` gate (and up) accumulators into intermediate columns ``col0..``."""
+    def _gemm1_store(g, u, row0, col0, out_ptr, I, BM: gl.constexpr, BN: gl.constexpr, NW: gl.constexpr,
+                     ACT: gl.constexpr, ALPHA: gl.constexpr, BETA: gl.constexpr, LIMIT: gl.constexpr):
+        """The activation of ``[BN, BM]`` gate (and up) accumulators into intermediate rows ``row0..``, columns
+        ``col0..``."""
         h = gl.permute(apply_act(g, u, ACT, ALPHA, BETA, LIMIT).to(gl.bfloat16), [1, 0])
         OL: gl.constexpr = gl.BlockedLayout([1, 2], [4, 8], [NW, 1], [1, 0])
         h = gl.convert_layout(h, OL)
-        rows_o = gl.program_id(1 if NFIRST else 0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
+        rows_o = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
         n_o = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
         cols = _kinv_of(n_o)
         gl.store(out_ptr + rows_o.to(gl.int64)[:, None] * I + cols[None, :], h, mask=(n_o < I)[None, :])
 
     @gluon.jit
-    def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I,
-                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
-                      STAGES: gl.constexpr, NFIRST: gl.constexpr):
+    def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I, brow_ptr,
+                      tail0, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
+                      STAGES: gl.constexpr, NFIRST: gl.constexpr, TAIL: gl.constexpr = 0):
         """GEMM2 for one (row block, BN hidden columns): each pair's row times its routing weight into
-        ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies)."""
-        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
-        e, rows, pair, pid_n = _rows(sorted_ptr, bexp_ptr, BM, NFIRST, XL)
+        ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies).  Tail
+        blocks as in ``_gemm1_kernel``."""
+        e, pid_m, pid_n = _block(bexp_ptr, NFIRST)
         if e < 0:
             return
+        if TAIL > 0:
+            row0 = gl.load(brow_ptr + pid_m)
+            if row0 >= tail0:
+                _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
+                             TAIL, BN, BK, NW, STAGES)
+            else:
+                _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
+                             BM, BN, BK, NW, STAGES)
+        else:
+            _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, pid_m * BM,
+                         pid_n, BM, BN, BK, NW, STAGES)
+
+    @gluon.jit
+    def _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
+                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr):
+        """GEMM2 of the ``BM`` grouped rows from ``row0`` (all of expert ``e``) and column tile ``pid_n``."""
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+        rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
+        pair = gl.load(sorted_ptr + rows)
         e64 = e.to(gl.int64)
         ka = gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
         a_ptrs = a_ptr + rows.to(gl.int64)[:, None] * I + ka[None, :]
@@ -340,17 +378,18 @@ if AVAILABLE:
         acc, acc2 = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + pid_n * BN, H - pid_n * BN, I, HB, BM, HB,
                               BK, NW, STAGES, HALVES, HALVES)
         scale = 128.0 / gl.load(gs_ptr + e)
-        _gemm2_store(acc, pid_n * BN, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM, HB, NW, NFIRST)
+        _gemm2_store(acc, row0, pid_n * BN, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM, HB, NW)
         if HALVES:
-            _gemm2_store(acc2, pid_n * BN + HB, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM, HB, NW, NFIRST)
+            _gemm2_store(acc2, row0, pid_n * BN + HB, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM, HB, NW)
 
     @gluon.jit
-    def _gemm2_store(acc, col0, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM: gl.constexpr, BN: gl.constexpr,
-                     NW: gl.constexpr, NFIRST: gl.constexpr):
-        """``[BN, BM]`` accumulators times each pair's routing weight into ``y`` columns ``col0..``."""
+    def _gemm2_store(acc, row0, col0, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM: gl.constexpr,
+                     BN: gl.constexpr, NW: gl.constexpr):
+        """``[BN, BM]`` accumulators of grouped rows ``row0..`` times each pair's routing weight into ``y`` columns
+        ``col0..``."""
         OL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
         acc = gl.convert_layout(gl.permute(acc, [1, 0]), OL)
-        rows_o = gl.program_id(1 if NFIRST else 0) * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
+        rows_o = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, OL))
         pair_o = gl.load(sorted_ptr + rows_o)
         ok = pair_o < num_pairs
         n_o = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, OL))
@@ -377,18 +416,19 @@ if triton is not None:
 def gemm1_constexprs(c, *, top_k: int, gated: bool, nfirst: bool, act: dict) -> dict:
     """GEMM1's compile-time arguments for tile config ``c`` (``act``: the activation's, ``epilogue_args``)."""
     return dict(TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst,
-                **act)
+                TAIL=c.tail, **act)
 
 
 def gemm2_constexprs(c, *, nfirst: bool) -> dict:
     """GEMM2's compile-time arguments for tile config ``c``."""
-    return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst)
+    return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst, TAIL=c.tail)
 
 
-def run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k, gated,
-                    act):
-    """GEMM1 then GEMM2 of each ``(tile config, sorted rows, intermediate rows, block map, blocks)`` in
-    ``launches`` (:func:`triton_tiles.run_tiles`' list) on these tiles; ``y [1, pairs, hidden]``."""
+def run_wgmma_tiles(launch, cfg, sorted_ids, inter_buf, bexp, brow, tail0, hidden_states, weights, topk_w, y, *,
+                    pairs, hidden, inter, top_k, gated, act):
+    """GEMM1 then GEMM2 on these tiles, each one launch over ``align``'s blocks (``sorted_ids``, ``bexp`` and, with
+    tails, its schedule's ``brow``; the tail blocks' grouped rows from ``tail0`` on); ``inter_buf``: the
+    intermediate rows; ``y [1, pairs, hidden]``."""
     from moe_passes.kernels.triton_tiles import tile_grid
 
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
@@ -396,12 +436,13 @@ def run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, *, pair
     x = torch.empty(tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
     launch(_slot_order_kernel, (tokens, triton.cdiv(hidden, 1024)), hidden_states, x, hidden, hidden_states.stride(0),
            BLOCK=1024, num_warps=4)
-    for c, rows_ids, rows_inter, block_map, nblocks in launches:
-        grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
-        launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
-               rows_inter, pairs, hidden, inter, x.stride(0), num_warps=c.warps1,
-               **gemm1_constexprs(c, top_k=top_k, gated=gated, nfirst=nfirst, act=act))
-    for c, rows_ids, rows_inter, block_map, nblocks in launches:
-        grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
-        launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map,
-               topk_w, y, pairs, hidden, inter, num_warps=c.warps2, **gemm2_constexprs(c, nfirst=nfirst))
+    if cfg.tail and brow is None:
+        raise MoEConfigError("the wgmma tiles with tail blocks run align's schedule (align(..., schedule=True))")
+    brow = brow if cfg.tail else bexp  # read only with tails
+    grid1, nfirst = tile_grid(cfg, bexp.numel(), triton.cdiv(inter, cfg.bn1))
+    launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf, pairs,
+           hidden, inter, x.stride(0), brow, tail0, num_warps=cfg.warps1,
+           **gemm1_constexprs(cfg, top_k=top_k, gated=gated, nfirst=nfirst, act=act))
+    grid2, nfirst = tile_grid(cfg, bexp.numel(), triton.cdiv(hidden, cfg.bn2))
+    launch(_gemm2_kernel, grid2, inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y, pairs,
+           hidden, inter, brow, tail0, num_warps=cfg.warps2, **gemm2_constexprs(cfg, nfirst=nfirst))

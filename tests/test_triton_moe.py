@@ -764,12 +764,14 @@ def test_gemm1_in_program_k_split_edges(activation, hidden, inter, ks1, vec):
 @pytest.mark.parametrize("pairs,experts,bm,spread,tail", [
     (40, 16, 8, "random", 0), (1024, 128, 8, "random", 0), (1024, 8, 16, "one", 0), (700, 256, 16, "three", 0),
     (1600, 128, 16, "random", 0), (3000, 60, 64, "three", 0), (4600, 32, 128, "random", 32),
-    (3000, 60, 64, "three", 16), (1100, 8, 128, "random", 64), (1100, 6, 64, "one", 32)])
+    (3000, 60, 64, "three", 16), (1100, 8, 128, "random", 64), (1100, 6, 64, "one", 32),
+    (32768, 128, 128, "random", 32), (32768, 256, 128, "random", 64)])
 def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
     """The grouping (one program up to 1024 pairs and 16-row blocks, three launches beyond): every pair in
     exactly one row of a block of its own expert, each expert in the fewest blocks (with tails: its last
     ``tail`` rows or fewer past whole blocks in a tail block of its own), padding rows and unused blocks
-    marked, and the counters left at the experts' pair counts."""
+    marked, and the counters left at the experts' pair counts.  With tails, the one-launch schedule lists
+    the same blocks, each expert's main blocks then its tail, by expert and first row."""
     from moe_passes.kernels.triton_group import align
     from moe_passes.kernels.triton_plan import one_program_grouping
 
@@ -785,10 +787,13 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
     max_tails = min(pairs, experts) if tail else 0
     main_rows = max_blocks * bm
     counts = torch.zeros(experts, dtype=torch.int32, device=device)
-    sorted_ids, bexp, texp = align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks,
+    sorted_ids, bexp, brow = align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks,
                                    tail=tail, max_tails=max_tails,
                                    one_program=one_program_grouping(pairs, bm, tail, KernelOptions()))
-    rows, blocks = sorted_ids.cpu()[:main_rows].view(max_blocks, bm), bexp.cpu()
+    assert brow is None
+    assert bexp.shape == (max_blocks + max_tails,)  # the main blocks' experts, then the tail blocks'
+    rows = sorted_ids.cpu()[:main_rows].view(max_blocks, bm)
+    blocks, texp = bexp.cpu()[:max_blocks], bexp.cpu()[max_blocks:]
     per_expert = torch.bincount(ids, minlength=experts)
     rest = per_expert % bm
     has_tail = (rest > 0) & (rest <= tail)  # never without tails
@@ -812,10 +817,19 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
         placed.append(t_rows[:n_tails][t_live])
         # experts with a tail fill their main blocks completely
         assert live[torch.repeat_interleave(has_tail, nblocks)].all()
-    else:
-        assert texp is None
     assert torch.equal(torch.sort(torch.cat(placed)).values, torch.arange(pairs))
     assert torch.equal(counts.cpu(), per_expert.to(torch.int32))
+    if tail:
+        counts.zero_()
+        _, s_exp, s_row = align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks, tail=tail,
+                                max_tails=max_tails, one_program=False, schedule=True)
+        want = []
+        for e in range(experts):
+            want += [(e, b * bm) for b in torch.nonzero(blocks == e).flatten().tolist()]
+            want += [(e, main_rows + t * tail) for t in torch.nonzero(texp == e).flatten().tolist()]
+        s_exp, s_row = s_exp.cpu(), s_row.cpu()
+        assert list(zip(s_exp[:len(want)].tolist(), s_row[:len(want)].tolist())) == want
+        assert (s_exp[len(want):] == -1).all()
 
 
 @pytest.mark.gpu
@@ -1240,12 +1254,12 @@ def test_grouping_leaves_other_ranks_pairs_out(bm, tail, one_program):
     max_blocks = -(-pairs // bm) + min(pairs, experts)
     max_tails = min(pairs, experts) if tail else 0
     main_rows = max_blocks * bm
-    sorted_ids, bexp, texp = align(ids.cuda(), counts, bm, main_rows + max_tails * tail, max_blocks, tail=tail,
-                                   max_tails=max_tails, one_program=one_program)
+    sorted_ids, bexp, _ = align(ids.cuda(), counts, bm, main_rows + max_tails * tail, max_blocks, tail=tail,
+                                max_tails=max_tails, one_program=one_program)
     rows = sorted_ids.cpu()
     placed = torch.nonzero(rows < pairs).flatten()
     assert sorted(rows[placed].tolist()) == torch.nonzero(ids >= 0).flatten().tolist()
-    bexp, texp = bexp.cpu(), (texp.cpu() if texp is not None else None)
+    bexp = bexp.cpu()
     for row in placed.tolist():
-        expert = bexp[row // bm] if row < main_rows else texp[(row - main_rows) // tail]
+        expert = bexp[row // bm] if row < main_rows else bexp[max_blocks + (row - main_rows) // tail]
         assert expert == ids[rows[row]], f"row {row} holds pair {rows[row]} of expert {ids[rows[row]]}"
