@@ -97,8 +97,8 @@ def compile_kernel(fn, kernel_args: dict, constexprs: dict, warps: int, stages: 
 
 def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     """``(plan, [(label, fn, kernel_args, constexprs, warps, stages)])`` of one shape and token count: GEMM1 and
-    GEMM2 (the ``tl.dot`` tiles: of the main blocks, then of the tail blocks); the list is empty where the plan is
-    not the tiles."""
+    GEMM2 of the main blocks, then of the tail blocks (with ``inline_tails`` one kernel each runs both); the list is
+    empty where the plan is not the tiles."""
     from moe_passes.kernels import gluon_tiles
     from moe_passes.kernels import triton_tiles as tt
     from moe_passes.kernels.triton_common import epilogue_args
@@ -121,11 +121,11 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
                   bexp_ptr=("*i32", 0), num_pairs=("i32", pairs), H=("i32", hidden), I=("i32", inter))
     args1 = dict(common, x_ptr=("*bf16", 0), out_ptr=("*bf16", 0), stride_x=("i32", hidden))
     args2 = dict(common, a_ptr=("*bf16", 0), tw_ptr=("*fp32", 0), y_ptr=(rows, 0), k_per_split=("i32", per_split))
-    if cfg.wgmma:  # one launch a GEMM runs the main and the tail blocks
+    if cfg.inline_tails:  # one launch a GEMM runs the main and the tail blocks
         sched = dict(brow_ptr=("*i32", 0), tail0=("i32", (-(-pairs // cfg.bm) + min(pairs, experts)) * cfg.bm))
         wargs1 = dict(args1, **sched)
         wargs2 = dict({k: v for k, v in args2.items() if k != "k_per_split"}, **sched)  # GEMM2 unsplit
-        tail = f" tail{cfg.tail}" if cfg.tail else ""
+        tail = f" +tail{cfg.tail}"
         return p, [(f"GEMM1 wgmma bm{cfg.bm}{tail} bn{cfg.bn1} w{cfg.warps1}", gluon_tiles._gemm1_kernel, wargs1,
                     gluon_tiles.gemm1_constexprs(cfg, top_k=top_k, gated=gated, nfirst=cfg.nfirst, act=act),
                     cfg.warps1, cfg.stages1),
@@ -134,6 +134,16 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     kernels = []
     for which, c in (("main", cfg), ("tail", cfg.tail_tiles() if cfg.tail else None)):
         if c is None:
+            continue
+        if c.wgmma:
+            sched = dict(brow_ptr=("*i32", 0), tail0=("i32", 0))  # read only with inline tails
+            wargs2 = dict({k: v for k, v in args2.items() if k != "k_per_split"}, **sched)  # GEMM2 unsplit
+            kernels.append((f"{which} GEMM1 wgmma bm{c.bm} bn{c.bn1} w{c.warps1}", gluon_tiles._gemm1_kernel,
+                            dict(args1, **sched),
+                            gluon_tiles.gemm1_constexprs(c, top_k=top_k, gated=gated, nfirst=c.nfirst, act=act),
+                            c.warps1, c.stages1))
+            kernels.append((f"{which} GEMM2 wgmma bm{c.bm} bn{c.bn2} w{c.warps2}", gluon_tiles._gemm2_kernel, wargs2,
+                            gluon_tiles.gemm2_constexprs(c, nfirst=c.nfirst), c.warps2, c.stages2))
             continue
         pdl = c.chains
         k1 = tt.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=c.nfirst, act=act)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import torch
 
-from moe_passes.errors import MoEConfigError
 from moe_passes.kernels.triton_common import triton
 
 try:  # Gluon's Hopper API (Triton >= 3.5); without it the planner never picks these tiles
@@ -416,19 +415,20 @@ if triton is not None:
 def gemm1_constexprs(c, *, top_k: int, gated: bool, nfirst: bool, act: dict) -> dict:
     """GEMM1's compile-time arguments for tile config ``c`` (``act``: the activation's, ``epilogue_args``)."""
     return dict(TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst,
-                TAIL=c.tail, **act)
+                TAIL=c.tail if c.inline_tails else 0, **act)
 
 
 def gemm2_constexprs(c, *, nfirst: bool) -> dict:
     """GEMM2's compile-time arguments for tile config ``c``."""
-    return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst, TAIL=c.tail)
+    return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst,
+                TAIL=c.tail if c.inline_tails else 0)
 
 
-def run_wgmma_tiles(launch, cfg, sorted_ids, inter_buf, bexp, brow, tail0, hidden_states, weights, topk_w, y, *,
-                    pairs, hidden, inter, top_k, gated, act):
-    """GEMM1 then GEMM2 on these tiles, each one launch over ``align``'s blocks (``sorted_ids``, ``bexp`` and, with
-    tails, its schedule's ``brow``; the tail blocks' grouped rows from ``tail0`` on); ``inter_buf``: the
-    intermediate rows; ``y [1, pairs, hidden]``."""
+def run_wgmma_tiles(launch, launches, brow, tail0, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k,
+                    gated, act):
+    """GEMM1 then GEMM2 of each ``(tile config, sorted rows, intermediate rows, block map, blocks)`` in
+    ``launches`` (:func:`triton_tiles.run_tiles`' list) on these tiles; with ``inline_tails`` one launch over
+    ``align``'s schedule (first rows ``brow``, tail rows from ``tail0``); ``y [1, pairs, hidden]``."""
     from moe_passes.kernels.triton_tiles import tile_grid
 
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
@@ -436,13 +436,14 @@ def run_wgmma_tiles(launch, cfg, sorted_ids, inter_buf, bexp, brow, tail0, hidde
     x = torch.empty(tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
     launch(_slot_order_kernel, (tokens, triton.cdiv(hidden, 1024)), hidden_states, x, hidden, hidden_states.stride(0),
            BLOCK=1024, num_warps=4)
-    if cfg.tail and brow is None:
-        raise MoEConfigError("the wgmma tiles with tail blocks run align's schedule (align(..., schedule=True))")
-    brow = brow if cfg.tail else bexp  # read only with tails
-    grid1, nfirst = tile_grid(cfg, bexp.numel(), triton.cdiv(inter, cfg.bn1))
-    launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, sorted_ids, bexp, inter_buf, pairs,
-           hidden, inter, x.stride(0), brow, tail0, num_warps=cfg.warps1,
-           **gemm1_constexprs(cfg, top_k=top_k, gated=gated, nfirst=nfirst, act=act))
-    grid2, nfirst = tile_grid(cfg, bexp.numel(), triton.cdiv(hidden, cfg.bn2))
-    launch(_gemm2_kernel, grid2, inter_buf, w2, w2_scale.view(torch.uint8), w2_gs, sorted_ids, bexp, topk_w, y, pairs,
-           hidden, inter, brow, tail0, num_warps=cfg.warps2, **gemm2_constexprs(cfg, nfirst=nfirst))
+    for c, rows_ids, rows_inter, block_map, nblocks in launches:
+        rows0 = brow if c.inline_tails else block_map  # read only with inline tails
+        grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
+        launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map, rows_inter,
+               pairs, hidden, inter, x.stride(0), rows0, tail0, num_warps=c.warps1,
+               **gemm1_constexprs(c, top_k=top_k, gated=gated, nfirst=nfirst, act=act))
+    for c, rows_ids, rows_inter, block_map, nblocks in launches:
+        rows0 = brow if c.inline_tails else block_map
+        grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
+        launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
+               pairs, hidden, inter, rows0, tail0, num_warps=c.warps2, **gemm2_constexprs(c, nfirst=nfirst))

@@ -112,7 +112,8 @@ class TileConfig:
     ``wgmma``: the Gluon kernels of :mod:`gluon_tiles` (weights as wgmma's register operand) instead of
     ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8, ``bk*`` 64, ``stages*`` the slots (2-4) of the
     shared-memory ring that carries each K step's token tile and weight pieces; ``swap`` and ``wprefetch`` do not
-    apply.
+    apply.  ``inline_tails`` (wgmma with tails): the tail blocks in the main blocks' launch, each expert's tail
+    right after its main blocks (the grouping's schedule), instead of a launch of their own.
     """
 
     bm: int
@@ -130,6 +131,7 @@ class TileConfig:
     nfirst: bool = False
     tail: int = 0
     wgmma: bool = False
+    inline_tails: bool = False
 
     def __post_init__(self):
         if self.bk1 % PIECE or self.bk2 % PIECE or self.bk1 <= 0 or self.bk2 <= 0:
@@ -148,6 +150,9 @@ class TileConfig:
             raise MoEConfigError(f"TileConfig wgmma: blocks of 16-256 rows (a multiple of 16), K steps of 64, column "
                                  f"tiles of 64 or 128 with 4 warps or 128 with 8, 2-4 stages and no GEMM2 K "
                                  f"split (got {self})")
+        if self.inline_tails and not (self.wgmma and self.tail):
+            raise MoEConfigError(f"TileConfig inline_tails: tail blocks in the main launch are a wgmma tiles' option "
+                                 f"and need tails (got wgmma={self.wgmma}, tail={self.tail})")
 
     @property
     def chains(self) -> bool:
@@ -164,7 +169,7 @@ class TileConfig:
         64 (the wgmma tiles: the main tiles with ``tail`` rows); warps, stages, prefetch and grid order as the
         main blocks'."""
         if self.wgmma:  # any row count is one wgmma N: the same tiles, fewer rows
-            return dataclasses.replace(self, bm=self.tail, tail=0)
+            return dataclasses.replace(self, bm=self.tail, tail=0, inline_tails=False)
         shape = _SWAPPED_TILES if self.tail <= 32 else _TILES_64
         return dataclasses.replace(self, bm=self.tail if self.tail <= 32 else 64, tail=0, **shape)
 
@@ -349,14 +354,18 @@ def _wgmma_fits(p: Problem, d: DeviceInfo) -> bool:
     return d.capability[0] == 9 and gluon_tiles.takes(p.hidden, p.inter, p.biases)
 
 
-def _wgmma(cfg: TileConfig) -> TileConfig:
-    # a 4-slot ring: 1.01-1.03x the 3-slot one at 1024-4096 tokens on the four benchmark layers (H100)
-    return dataclasses.replace(cfg, wgmma=True, stages1=4, stages2=4, wprefetch=False, swap=False, split2=1)
+def _wgmma(cfg: TileConfig, p: Problem) -> TileConfig:
+    # a 4-slot ring: 1.01-1.03x the 3-slot one at 1024-4096 tokens on the four benchmark layers (H100).
+    # Tails in the main launch where ungated (Nemotron-3-Nano 768-1024 tokens: 1.05x, 2048-4096: 1.01x); on gated
+    # layers 1.01-1.07x slower (Qwen3-30B-A3B 1024: 352 against 328 us): their GEMM1's 246-register programs
+    # hold two tail programs an SM where a tail launch of its own holds four (H100)
+    return dataclasses.replace(cfg, wgmma=True, stages1=4, stages2=4, wprefetch=False, swap=False, split2=1,
+                               inline_tails=bool(cfg.tail) and not p.gated)
 
 
 def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
     if _wgmma_fits(p, d):
-        return _wgmma(TileConfig(bm=16, bn1=64, bk1=64, bn2=64, bk2=64, **_PREFILL))
+        return _wgmma(TileConfig(bm=16, bn1=64, bk1=64, bn2=64, bk2=64, **_PREFILL), p)
     # GEMM2's K split until two column tiles per SM (at most 4)
     split2 = doubled_split(min(p.experts, p.local_pairs) * ((p.hidden + 63) // 64), 2 * d.sm_count, p.inter, 4)
     return TileConfig(bm=16, split2=split2, **_PREFILL, **_SWAPPED_TILES)
@@ -364,14 +373,19 @@ def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
 
 def _tiles32(p: Problem, d: DeviceInfo) -> TileConfig:
     cfg = TileConfig(bm=32, **_PREFILL, **_TILES_64)  # tl.dot where the wgmma tiles do not fit (forced variant)
-    return _wgmma(cfg) if _wgmma_fits(p, d) else cfg
+    if not _wgmma_fits(p, d):
+        return cfg
+    # gated: GEMM1 programs of 64 weight rows (115 registers, four programs an SM, against 187 and two for 128):
+    # 1.01-1.06x at 192-384 tokens on Qwen3-30B-A3B and Gemma-4, 1.00-1.03x on DeepSeek-V3; ungated 1.02-1.04x
+    # slower (H100)
+    return _wgmma(dataclasses.replace(cfg, bn1=64) if p.gated else cfg, p)
 
 
 def _tiles64(p: Problem, d: DeviceInfo) -> TileConfig:
     cfg = TileConfig(bm=64, tail=16, **_PREFILL, **_TILES_64)
     if _wgmma_fits(p, d):
         # Nemotron-3-Nano 1024 tokens: 476 us; the tl.dot tiles 632 (another run, H100)
-        return _wgmma(cfg)
+        return _wgmma(cfg, p)
     if p.gated and p.hidden <= 4096 and p.rows <= 56:
         # half-filled blocks (384-768 tokens on 128 experts, top-8): GEMM1 programs of 8 warps dequantize each
         # weight tile in half the time; 1.05-1.14x the 4-warp ones on Qwen3-30B-A3B and Gemma-4, and slower
@@ -385,7 +399,7 @@ def _tiles128(p: Problem, d: DeviceInfo) -> TileConfig:
                      tail=64 if p.hidden > 4096 else 32)
     # the wgmma tiles, 4096 tokens: 772-7299 us against 952-9200 for the tl.dot tiles on the four benchmark layers
     # (two runs, H100)
-    return _wgmma(cfg) if _wgmma_fits(p, d) else cfg
+    return _wgmma(cfg, p) if _wgmma_fits(p, d) else cfg
 
 
 _BUILD = {

@@ -298,18 +298,20 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     max_rows = main_rows + max_tails * cfg.tail
     # the wgmma tiles run main and tail blocks in one launch, in the grouping's schedule
     sorted_ids, bexp, brow = align(flat_ids, counts, bm, max_rows, max_blocks, pdl, cfg.tail, max_tails,
-                                   one_program=one_program, schedule=cfg.wgmma)
+                                   one_program=one_program, schedule=cfg.inline_tails)
     inter_buf = torch.empty(max_rows, inter, dtype=torch.bfloat16, device=hidden_states.device)
     act, bias1, bias2 = epilogue_args(activation, activation_params, w13_bias, w2_bias)
-    if cfg.wgmma:
-        return gluon_tiles.run_wgmma_tiles(launch, cfg, sorted_ids, inter_buf, bexp, brow, main_rows, hidden_states,
-                                           weights, topk_w, y, pairs=pairs, hidden=hidden, inter=inter, top_k=top_k,
-                                           gated=gated, act=act)
     # (tile config, its blocks' rows in sorted_ids / inter_buf, their expert map, block count)
-    launches = [(cfg, sorted_ids, inter_buf, bexp[:max_blocks], max_blocks)]
-    if cfg.tail:
-        launches.append((cfg.tail_tiles(), sorted_ids[main_rows:], inter_buf[main_rows:], bexp[max_blocks:],
-                         max_tails))
+    if cfg.inline_tails:  # one launch over align's schedule
+        launches = [(cfg, sorted_ids, inter_buf, bexp, max_blocks + max_tails)]
+    else:
+        launches = [(cfg, sorted_ids, inter_buf, bexp[:max_blocks], max_blocks)]
+        if cfg.tail:
+            launches.append((cfg.tail_tiles(), sorted_ids[main_rows:], inter_buf[main_rows:], bexp[max_blocks:],
+                             max_tails))
+    if cfg.wgmma:
+        return gluon_tiles.run_wgmma_tiles(launch, launches, brow, main_rows, hidden_states, weights, topk_w, y,
+                                           pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, act=act)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,

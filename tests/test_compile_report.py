@@ -22,18 +22,21 @@ def _report():
 
 
 def test_report_compiles_the_planned_tiles_and_reads_their_resources():
-    """Qwen3-30B-A3B at 4096 tokens plans the 128-row wgmma tiles with 32-row tails: two Gluon kernels (each runs
-    the main and the tail blocks) with registers within the hardware's 255 and no spills, a shared-memory
-    footprint, two programs an SM, asynchronous wgmma that ptxas did not serialize; the ``tl.dot`` tiles with
-    swapped operands (weights as the register operand) leave one drain per K step."""
+    """Qwen3-30B-A3B at 4096 tokens plans the 128-row wgmma tiles with 32-row tails: four Gluon kernels, the main
+    blocks' two with registers within the hardware's 255 and no spills, a shared-memory footprint, two programs an
+    SM, asynchronous wgmma that ptxas did not serialize; so do Nemotron-3-Nano's two, which run the tails in the main
+    launch; the ``tl.dot`` tiles with swapped operands (weights as the register operand) leave one drain per K
+    step."""
     from moe_passes.kernels import gluon_tiles
 
     if not gluon_tiles.AVAILABLE:
         pytest.skip("this Triton has no Gluon Hopper API")
     report = _report()
     plan, kernels = report.tile_kernels("qwen3-30b-a3b", 4096)
-    assert plan.variant == "tiles128" and plan.config.wgmma and plan.config.tail and len(kernels) == 2
-    for label, fn, args, constexprs, warps, stages in kernels:
+    assert plan.variant == "tiles128" and plan.config.wgmma and plan.config.tail and len(kernels) == 4
+    inline_plan, inline = report.tile_kernels("nemotron-3-nano", 4096)
+    assert inline_plan.config.inline_tails and len(inline) == 2 and inline[0][3]["TAIL"] == 32
+    for label, fn, args, constexprs, warps, stages in kernels[:2] + inline:
         assert fn in (gluon_tiles._gemm1_kernel, gluon_tiles._gemm2_kernel), label
         r = report.compile_kernel(fn, args, constexprs, warps, stages)
         assert 0 < r["regs"] <= 255 and r["spill"] == 0 and r["shared"] > 0 and r["wgmma"] >= 1, (label, r)

@@ -88,11 +88,12 @@ def test_decode_config_refuses_what_its_kernels_do_not_do(change):
 
 
 @pytest.mark.parametrize("change", [dict(tail=64), dict(tail=48), dict(tail=8), dict(tail=16, split2=2),
-                                    dict(tail=16, bm=16, swap=True)])
+                                    dict(tail=16, bm=16, swap=True), dict(inline_tails=True),
+                                    dict(tail=0, inline_tails=True, wgmma=True, stages1=4, stages2=4)])
 def test_tail_blocks_only_behind_the_prefill_tiles(change):
     """Tail blocks (an expert's last rows in smaller tiles) exist behind the 64- and 128-row tiles, in sizes
-    of 16, 32 or 64 rows below the block's and without a GEMM2 K split (the tails share its output rows):
-    anything else is a config error."""
+    of 16, 32 or 64 rows below the block's and without a GEMM2 K split (the tails share its output rows), and
+    run in the main launch only on the wgmma tiles: anything else is a config error."""
     good = TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3, tail=32)
     for tail in (16, 32, 64):
         tiles = dataclasses.replace(good, bm=128, tail=tail).tail_tiles()
@@ -361,7 +362,7 @@ _WGMMA = dict(bk1=64, bk2=64, stages1=3, stages2=3, nfirst=True, wgmma=True)
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("variant", ["wg128_tail32", "wg64_tail16", "wg128_w8", "wg64_bn64", "wg32", "wg16_s4",
-                                     "wg32_s4", "wg128_s4_tail32", "wg128_s2"])
+                                     "wg32_s4", "wg128_s4_tail32", "wg128_s2", "wg128_inline32", "wg64_inline16"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu2"])
 def test_wgmma_tiles(variant, activation):
     """The register-operand wgmma tiles (gluon_tiles) against the reference, against the tl.dot tiles of the
@@ -381,6 +382,10 @@ def test_wgmma_tiles(variant, activation):
         "wg128_s4_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32,
                                       **dict(_WGMMA, stages1=4, stages2=4)),
         "wg128_s2": TileConfig(bm=128, bn1=128, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=2, stages2=2)),
+        # tails in the main launch, after their expert's main blocks
+        "wg128_inline32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, inline_tails=True,
+                                     **dict(_WGMMA, stages1=4, stages2=4)),
+        "wg64_inline16": TileConfig(bm=64, bn1=128, warps1=4, bn2=128, warps2=4, tail=16, inline_tails=True, **_WGMMA),
     }
     cfg = configs[variant]
     device = torch.device("cuda")
@@ -398,7 +403,7 @@ def test_wgmma_tiles(variant, activation):
                                 config=config)
 
     out = call(x, logits, torch.full_like(ref, float("nan")))
-    dot = call(x, logits, None, dataclasses.replace(cfg, wgmma=False))
+    dot = call(x, logits, None, dataclasses.replace(cfg, wgmma=False, inline_tails=False))
     torch.cuda.synchronize()
     assert not out.isnan().any()
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
