@@ -121,36 +121,28 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
                   bexp_ptr=("*i32", 0), num_pairs=("i32", pairs), H=("i32", hidden), I=("i32", inter))
     args1 = dict(common, x_ptr=("*bf16", 0), out_ptr=("*bf16", 0), stride_x=("i32", hidden))
     args2 = dict(common, a_ptr=("*bf16", 0), tw_ptr=("*fp32", 0), y_ptr=(rows, 0), k_per_split=("i32", per_split))
-    if cfg.inline_tails:  # one launch a GEMM runs the main and the tail blocks
-        sched = dict(brow_ptr=("*i32", 0), tail0=("i32", (-(-pairs // cfg.bm) + min(pairs, experts)) * cfg.bm))
-        wargs1 = dict(args1, **sched)
-        wargs2 = dict({k: v for k, v in args2.items() if k != "k_per_split"}, **sched)  # GEMM2 unsplit
-        tail = f" +tail{cfg.tail}"
-        return p, [(f"GEMM1 wgmma bm{cfg.bm}{tail} bn{cfg.bn1} w{cfg.warps1}", gluon_tiles._gemm1_kernel, wargs1,
-                    gluon_tiles.gemm1_constexprs(cfg, top_k=top_k, gated=gated, nfirst=cfg.nfirst, act=act),
-                    cfg.warps1, cfg.stages1),
-                   (f"GEMM2 wgmma bm{cfg.bm}{tail} bn{cfg.bn2} w{cfg.warps2}", gluon_tiles._gemm2_kernel, wargs2,
-                    gluon_tiles.gemm2_constexprs(cfg, nfirst=cfg.nfirst), cfg.warps2, cfg.stages2)]
+    # the tail blocks' own launch, unless they run in the main one (inline_tails)
+    launches = (("main", cfg), ("tail", cfg.tail_tiles())) if cfg.tail and not cfg.inline_tails else (("", cfg),)
     kernels = []
-    for which, c in (("main", cfg), ("tail", cfg.tail_tiles() if cfg.tail else None)):
-        if c is None:
-            continue
+    for which, c in launches:
         if c.wgmma:
-            sched = dict(brow_ptr=("*i32", 0), tail0=("i32", 0))  # read only with inline tails
+            label = f"{which} GEMM%d wgmma bm{c.bm}" + (f" +tail{c.tail}" if c.inline_tails else "")
+            # the schedule's rows are read only with inline tails; tail0: run_tiles' main rows
+            sched = dict(brow_ptr=("*i32", 0), tail0=("i32", (-(-pairs // c.bm) + min(pairs, experts)) * c.bm))
             wargs2 = dict({k: v for k, v in args2.items() if k != "k_per_split"}, **sched)  # GEMM2 unsplit
-            kernels.append((f"{which} GEMM1 wgmma bm{c.bm} bn{c.bn1} w{c.warps1}", gluon_tiles._gemm1_kernel,
+            kernels.append((f"{label % 1} bn{c.bn1} w{c.warps1}".strip(), gluon_tiles._gemm1_kernel,
                             dict(args1, **sched),
                             gluon_tiles.gemm1_constexprs(c, top_k=top_k, gated=gated, nfirst=c.nfirst, act=act),
                             c.warps1, c.stages1))
-            kernels.append((f"{which} GEMM2 wgmma bm{c.bm} bn{c.bn2} w{c.warps2}", gluon_tiles._gemm2_kernel, wargs2,
+            kernels.append((f"{label % 2} bn{c.bn2} w{c.warps2}".strip(), gluon_tiles._gemm2_kernel, wargs2,
                             gluon_tiles.gemm2_constexprs(c, nfirst=c.nfirst), c.warps2, c.stages2))
             continue
         pdl = c.chains
         k1 = tt.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=c.nfirst, act=act)
         k2 = tt.gemm2_constexprs(c, inter=inter, pdl=pdl, nfirst=c.nfirst)
-        kernels.append((f"{which} GEMM1 bm{c.bm} bn{c.bn1} bk{c.bk1} w{c.warps1}", tt._gemm1_kernel, args1,
+        kernels.append((f"{which} GEMM1 bm{c.bm} bn{c.bn1} bk{c.bk1} w{c.warps1}".strip(), tt._gemm1_kernel, args1,
                         dict(k1, b13_ptr=None), c.warps1, c.stages1))
-        kernels.append((f"{which} GEMM2 bm{c.bm} bn{c.bn2} bk{c.bk2} w{c.warps2}", tt._gemm2_kernel, args2,
+        kernels.append((f"{which} GEMM2 bm{c.bm} bn{c.bn2} bk{c.bk2} w{c.warps2}".strip(), tt._gemm2_kernel, args2,
                         dict(k2, b2_ptr=None), c.warps2, c.stages2))
     return p, kernels
 
