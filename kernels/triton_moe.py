@@ -73,7 +73,11 @@ def pdl_supported(device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _cuda_device_info(index: int) -> DeviceInfo:
     sms, smem = cuda_decode.device_limits(index)
-    return DeviceInfo(sm_count=sms, capability=tuple(torch.cuda.get_device_capability(index)), smem_optin=smem)
+    props = torch.cuda.get_device_properties(index)
+    # kHz and bits; DDR: two transfers a clock
+    rate = 2e3 * getattr(props, "memory_clock_rate", 0) * getattr(props, "memory_bus_width", 0) / 8
+    return DeviceInfo(sm_count=sms, capability=tuple(torch.cuda.get_device_capability(index)), smem_optin=smem,
+                      bandwidth=rate or None)
 
 
 def device_info(device) -> DeviceInfo:

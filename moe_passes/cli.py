@@ -266,7 +266,7 @@ def _print_hopper_plan(args, shape) -> None:
     if torch.cuda.is_available():
         device, where = device_info("cuda"), torch.cuda.get_device_name()
     else:
-        device, where = H200, "an H200 (no GPU here: 132 SMs, SM90)"
+        device, where = H200, "an H200 (no GPU here: 132 SMs, SM90, 4.8 TB/s DRAM)"
     print(f"    plan          per token count on {where}: variant [config]: why")
     for tokens in sorted({*PLAN_TOKENS, args.tokens}):
         problem = Problem(tokens, args.top_k, args.experts, shape.hidden_padded, shape.intermediate_padded,

@@ -160,6 +160,20 @@ def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec
 
 @pytest.mark.gpu
 @needs_gpu
+def test_the_planner_reads_this_gpus_facts():
+    """The planner's device facts (some table rows hang on the DRAM rate): this GPU's SMs and capability, and a
+    rate from its memory clock and bus width between 0.5 and 20 TB/s."""
+    from moe_passes.kernels.triton_moe import device_info
+
+    info = device_info("cuda")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    assert info.sm_count == props.multi_processor_count
+    assert info.capability == (props.major, props.minor)
+    assert info.bandwidth is not None and 0.5e12 < info.bandwidth < 20e12
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("activation", TRITON_ACTIVATIONS)
 @pytest.mark.parametrize("routing", ROUTING_METHODS)
 def test_activations_and_routings(activation, routing):
@@ -377,7 +391,7 @@ def test_wgmma_tiles(variant, activation):
         "wg64_bn64": TileConfig(bm=64, bn1=64, warps1=4, bn2=64, warps2=4, **_WGMMA),
         "wg32": TileConfig(bm=32, bn1=64, warps1=4, bn2=128, warps2=4, **_WGMMA),
         # the planner's: 4-slot rings
-        "wg16_s4": TileConfig(bm=16, bn1=64, warps1=4, bn2=64, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
+        "wg16_s4": TileConfig(bm=16, bn1=64, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
         "wg32_s4": TileConfig(bm=32, bn1=128, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
         "wg128_s4_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32,
                                       **dict(_WGMMA, stages1=4, stages2=4)),
