@@ -35,7 +35,7 @@ from moe_passes.contract import ACTIVATIONS, PARAMETRIC_ACTIVATIONS, ROUTING_MET
 from moe_passes.contract import activation_params as _params_of
 from moe_passes.contract import routing_params as routing_params_of
 from moe_passes.errors import MoEConfigError
-from moe_passes.kernels import cuda_decode, registry
+from moe_passes.kernels import cuda_decode, cuda_rtc, registry
 from moe_passes.kernels.options import KernelOptions, current
 from moe_passes.kernels.triton_common import ACT_CODES, gdc_wait, tl, triton
 from moe_passes.kernels.triton_launch import Refused, launch, record
@@ -74,8 +74,13 @@ def pdl_supported(device) -> bool:
 def _cuda_device_info(index: int) -> DeviceInfo:
     sms, smem = cuda_decode.device_limits(index)
     props = torch.cuda.get_device_properties(index)
-    # kHz and bits; DDR: two transfers a clock
+    # kHz and bits, two transfers a clock; a torch built on CUDA 13 may report no memory clock: ask the driver
     rate = 2e3 * getattr(props, "memory_clock_rate", 0) * getattr(props, "memory_bus_width", 0) / 8
+    if not rate:
+        try:
+            rate = cuda_rtc.dram_rate(index)
+        except (cuda_rtc.RtcError, AttributeError):  # no libcuda, or one without these entry points
+            rate = None
     return DeviceInfo(sm_count=sms, capability=tuple(torch.cuda.get_device_capability(index)), smem_optin=smem,
                       bandwidth=rate or None)
 

@@ -22,8 +22,7 @@ from moe_passes.errors import MoEConfigError
 from moe_passes.kernels.options import KernelOptions
 
 __all__ = ["DecodeConfig", "TileConfig", "Problem", "DeviceInfo", "H100", "H200", "Plan", "Regime", "REGIMES",
-           "VARIANTS", "plan",
-           "cached_plan", "k_split", "doubled_split", "one_program_grouping", "rows_per_expert"]
+           "VARIANTS", "plan", "cached_plan", "k_split", "doubled_split", "one_program_grouping", "rows_per_expert"]
 
 # The tensor-core decode steps K in 128-element chunks (8 NVFP4 groups): its splits start on chunks.
 DECODE_CHUNK = 128

@@ -4,6 +4,7 @@ counting stand-in, so what is checked is the cache's keying, its directory and i
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 
@@ -66,3 +67,47 @@ def test_a_cache_that_cannot_be_written_only_costs_the_compile(nvrtc, tmp_path, 
         cubin, from_disk = cuda_rtc.cached_cubin("src", "k", "sm_90")
         assert not from_disk and cubin == repr(("src", "k", "sm_90", ())).encode()
     assert len(nvrtc) == 2
+
+
+class _FakeDriver:
+    """The driver entry points ``dram_rate`` calls, answering with ``attrs`` (attribute -> value) for device 0."""
+
+    def __init__(self, attrs, fail=None):
+        self.attrs, self.fail, self.asked = attrs, fail, []
+
+    def cuInit(self, flags):
+        return 3 if self.fail == "init" else 0  # CUDA_ERROR_NOT_INITIALIZED
+
+    def cuDeviceGet(self, dev, index):
+        if index != 0:
+            return 101  # CUDA_ERROR_INVALID_DEVICE
+        dev._obj.value = 0
+        return 0
+
+    def cuDeviceGetAttribute(self, out, attr, dev):
+        self.asked.append(attr)
+        if attr not in self.attrs:
+            return 1
+        out._obj.value = self.attrs[attr]
+        return 0
+
+
+@pytest.mark.parametrize("clock_khz, bus_bits", [(2619000, 5120), (3201000, 6144), (1215000, 5120)])
+def test_the_dram_rate_is_twice_the_memory_clock_times_the_bus(monkeypatch, clock_khz, bus_bits):
+    rng = random.Random(clock_khz)
+    clock_khz += rng.randrange(1000)  # off the round figures
+    fake = _FakeDriver({36: clock_khz, 37: bus_bits})
+    monkeypatch.setattr(cuda_rtc, "_driver", lambda: fake)
+    want = 2 * (clock_khz * 1000) * (bus_bits // 8)
+    assert cuda_rtc.dram_rate(0) == pytest.approx(want, rel=1e-12)
+    assert sorted(fake.asked) == [36, 37]
+
+
+@pytest.mark.parametrize("case", ["no device", "init", "no clock", "zero clock"])
+def test_a_driver_that_refuses_gives_no_rate(monkeypatch, case):
+    attrs = {36: 0 if case == "zero clock" else 2619000, 37: 5120}
+    if case == "no clock":
+        del attrs[36]
+    fake = _FakeDriver(attrs, fail="init" if case == "init" else None)
+    monkeypatch.setattr(cuda_rtc, "_driver", lambda: fake)
+    assert cuda_rtc.dram_rate(1 if case == "no device" else 0) is None

@@ -162,14 +162,18 @@ def _check(hidden, inter, experts, tokens, activation, routing, seed=0, use_spec
 @needs_gpu
 def test_the_planner_reads_this_gpus_facts():
     """The planner's device facts (some table rows hang on the DRAM rate): this GPU's SMs and capability, and a
-    rate from its memory clock and bus width between 0.5 and 20 TB/s."""
+    rate from its memory clock and bus width between 0.5 and 20 TB/s, the driver's figure where it answers."""
+    from moe_passes.kernels import cuda_rtc
     from moe_passes.kernels.triton_moe import device_info
 
+    index = torch.cuda.current_device()
     info = device_info("cuda")
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(index)
     assert info.sm_count == props.multi_processor_count
     assert info.capability == (props.major, props.minor)
     assert info.bandwidth is not None and 0.5e12 < info.bandwidth < 20e12
+    if cuda_rtc.rtc_available():
+        assert cuda_rtc.dram_rate(index) == pytest.approx(info.bandwidth, rel=1e-6)
 
 
 @pytest.mark.gpu
