@@ -83,17 +83,17 @@ def _driver() -> ctypes.CDLL:
     return lib
 
 
-def dram_rate(index: int) -> Optional[float]:
-    """Peak DRAM bytes a second of CUDA device ``index``, 2 x memory clock x bus width, from the driver's device
-    attributes (CUDA 13's runtime device properties no longer carry the memory clock); None if it refuses."""
+def memory_clock_and_bus(index: int) -> Optional[tuple]:
+    """``(memory clock in kHz, bus width in bits)`` of CUDA device ``index`` from the driver's device attributes
+    (CUDA 13's runtime device properties no longer carry the memory clock); None if it refuses."""
     drv = _driver()
     dev, clock, width = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    # CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE (kHz) and _GLOBAL_MEMORY_BUS_WIDTH (bits) of cuda.h
+    # CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE and _GLOBAL_MEMORY_BUS_WIDTH of cuda.h
     if (drv.cuInit(0) or drv.cuDeviceGet(ctypes.byref(dev), index)
             or drv.cuDeviceGetAttribute(ctypes.byref(clock), 36, dev)
             or drv.cuDeviceGetAttribute(ctypes.byref(width), 37, dev)):
         return None
-    return 2e3 * clock.value * width.value / 8 or None
+    return clock.value, width.value
 
 
 def rtc_available() -> bool:

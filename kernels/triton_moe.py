@@ -73,16 +73,22 @@ def pdl_supported(device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _cuda_device_info(index: int) -> DeviceInfo:
     sms, smem = cuda_decode.device_limits(index)
-    props = torch.cuda.get_device_properties(index)
-    # kHz and bits, two transfers a clock; a torch built on CUDA 13 may report no memory clock: ask the driver
-    rate = 2e3 * getattr(props, "memory_clock_rate", 0) * getattr(props, "memory_bus_width", 0) / 8
-    if not rate:
-        try:
-            rate = cuda_rtc.dram_rate(index)
-        except (cuda_rtc.RtcError, AttributeError):  # no libcuda, or one without these entry points
-            rate = None
     return DeviceInfo(sm_count=sms, capability=tuple(torch.cuda.get_device_capability(index)), smem_optin=smem,
-                      bandwidth=rate or None)
+                      bandwidth=dram_rate(index))
+
+
+def dram_rate(index: int) -> Optional[float]:
+    """Peak DRAM bytes a second of CUDA device ``index``: two transfers a memory clock over the bus width, from
+    torch's device properties, or the driver's where a torch built on CUDA 13 reports no memory clock; None if
+    neither knows."""
+    props = torch.cuda.get_device_properties(index)
+    clock_bus = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if not all(clock_bus):
+        try:
+            clock_bus = cuda_rtc.memory_clock_and_bus(index) or (0, 0)
+        except (cuda_rtc.RtcError, AttributeError):  # no libcuda, or one without these entry points
+            return None
+    return 2e3 * clock_bus[0] * clock_bus[1] / 8 or None
 
 
 def device_info(device) -> DeviceInfo:

@@ -70,7 +70,8 @@ def test_a_cache_that_cannot_be_written_only_costs_the_compile(nvrtc, tmp_path, 
 
 
 class _FakeDriver:
-    """The driver entry points ``dram_rate`` calls, answering with ``attrs`` (attribute -> value) for device 0."""
+    """The driver entry points ``memory_clock_and_bus`` calls, answering with ``attrs`` (attribute -> value) for
+    device 0."""
 
     def __init__(self, attrs, fail=None):
         self.attrs, self.fail, self.asked = attrs, fail, []
@@ -93,21 +94,41 @@ class _FakeDriver:
 
 
 @pytest.mark.parametrize("clock_khz, bus_bits", [(2619000, 5120), (3201000, 6144), (1215000, 5120)])
-def test_the_dram_rate_is_twice_the_memory_clock_times_the_bus(monkeypatch, clock_khz, bus_bits):
-    rng = random.Random(clock_khz)
-    clock_khz += rng.randrange(1000)  # off the round figures
+def test_the_driver_reports_the_memory_clock_and_bus(monkeypatch, clock_khz, bus_bits):
+    clock_khz += random.Random(clock_khz).randrange(1000)  # off the round figures
     fake = _FakeDriver({36: clock_khz, 37: bus_bits})
     monkeypatch.setattr(cuda_rtc, "_driver", lambda: fake)
-    want = 2 * (clock_khz * 1000) * (bus_bits // 8)
-    assert cuda_rtc.dram_rate(0) == pytest.approx(want, rel=1e-12)
+    assert cuda_rtc.memory_clock_and_bus(0) == (clock_khz, bus_bits)
     assert sorted(fake.asked) == [36, 37]
 
 
-@pytest.mark.parametrize("case", ["no device", "init", "no clock", "zero clock"])
-def test_a_driver_that_refuses_gives_no_rate(monkeypatch, case):
-    attrs = {36: 0 if case == "zero clock" else 2619000, 37: 5120}
+@pytest.mark.parametrize("case", ["no device", "init", "no clock"])
+def test_a_driver_that_refuses_reports_nothing(monkeypatch, case):
+    attrs = {36: 2619000, 37: 5120}
     if case == "no clock":
         del attrs[36]
     fake = _FakeDriver(attrs, fail="init" if case == "init" else None)
     monkeypatch.setattr(cuda_rtc, "_driver", lambda: fake)
-    assert cuda_rtc.dram_rate(1 if case == "no device" else 0) is None
+    assert cuda_rtc.memory_clock_and_bus(1 if case == "no device" else 0) is None
+
+
+@pytest.mark.parametrize("source", ["torch", "driver", "neither"])
+def test_the_planners_dram_rate_is_two_transfers_a_clock_over_the_bus(monkeypatch, source):
+    """``triton_moe.dram_rate``: torch's memory clock and bus width where it reports them, else the driver's."""
+    import types
+
+    import torch
+
+    from moe_passes.kernels import triton_moe
+
+    rng = random.Random(source)
+    clock_khz, bus_bits = rng.randrange(1_000_000, 4_000_000), rng.choice([4096, 5120, 6144])
+    props = types.SimpleNamespace(memory_clock_rate=clock_khz if source == "torch" else 0, memory_bus_width=bus_bits)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    driver = {"driver": (clock_khz, bus_bits), "torch": None, "neither": None}[source]
+    monkeypatch.setattr(cuda_rtc, "memory_clock_and_bus", lambda index: driver)
+    rate = triton_moe.dram_rate(0)
+    if source == "neither":
+        assert rate is None
+    else:
+        assert rate == pytest.approx(2 * clock_khz * 1e3 * bus_bits / 8, rel=1e-12)
