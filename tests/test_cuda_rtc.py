@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import random
+import types
 
 import pytest
+import torch
 
-from moe_passes.kernels import cuda_rtc
+from moe_passes.kernels import cuda_rtc, triton_moe
 
 
 @pytest.fixture
@@ -115,12 +117,6 @@ def test_a_driver_that_refuses_reports_nothing(monkeypatch, case):
 @pytest.mark.parametrize("source", ["torch", "driver", "neither"])
 def test_the_planners_dram_rate_is_two_transfers_a_clock_over_the_bus(monkeypatch, source):
     """``triton_moe.dram_rate``: torch's memory clock and bus width where it reports them, else the driver's."""
-    import types
-
-    import torch
-
-    from moe_passes.kernels import triton_moe
-
     rng = random.Random(source)
     clock_khz, bus_bits = rng.randrange(1_000_000, 4_000_000), rng.choice([4096, 5120, 6144])
     props = types.SimpleNamespace(memory_clock_rate=clock_khz if source == "torch" else 0, memory_bus_width=bus_bits)
