@@ -1,5 +1,6 @@
 """The disk cache of NVRTC cubins (``cuda_rtc.cached_cubin``), on the CPU: NVRTC itself is replaced by a
-counting stand-in, so what is checked is the cache's keying, its directory and its failure paths."""
+counting stand-in, so what is checked is the cache's keying, its directory and its failure paths.  Then the
+driver's memory clock and bus width query and the planner's DRAM rate from it, through a stand-in driver."""
 
 from __future__ import annotations
 
