@@ -2,8 +2,9 @@
 
     moe-nvfp4 demo [--tokens 64] [--inner inductor|eager] [--device cpu]
     moe-nvfp4 plan --hidden 2688 --intermediate 1856 --experts 128 --top-k 6 --tokens 4096 [--activation relu2]
+                   [--gpu h100|h200]
                                  (per kernel: padded sizes, chunking, weight bytes; for the Hopper kernel the
-                                 variant each token count takes and why)
+                                 variant each token count takes and why, on this GPU or the one named)
     moe-nvfp4 bench [--shapes a,b] [--tokens sweep|1,16,...] [--peer-path DIR] [--budget-s S] [--out DIR]
                                  (GPU: the layer against triton_kernels' MXFP4 MoE, bf16 and the floor)
     moe-nvfp4 bench --merge a.json b.json --out DIR   (no GPU: join split runs, plot)
@@ -261,9 +262,13 @@ def _print_hopper_plan(args, shape) -> None:
     from moe_passes.contract import PARAMETRIC_ACTIVATIONS, is_gated
     from moe_passes.kernels.options import current
     from moe_passes.kernels.triton_moe import device_info
-    from moe_passes.kernels.triton_plan import H200, Problem, plan
+    from moe_passes.kernels.triton_plan import H100, H200, Problem, plan
 
-    if torch.cuda.is_available():
+    named = {"h100": (H100, "an H100 (132 SMs, SM90, 3.35 TB/s DRAM)"),
+             "h200": (H200, "an H200 (132 SMs, SM90, 4.8 TB/s DRAM)")}
+    if args.gpu:
+        device, where = named[args.gpu]
+    elif torch.cuda.is_available():
         device, where = device_info("cuda"), torch.cuda.get_device_name()
     else:
         device, where = H200, "an H200 (no GPU here: 132 SMs, SM90, 4.8 TB/s DRAM)"
@@ -335,6 +340,9 @@ def _main(argv=None) -> int:
     p_plan.add_argument("--tokens", type=int, default=1)
     p_plan.add_argument("--activation", default="silu", choices=ACTIVATIONS)
     p_plan.add_argument("--routing", default="renormalize", choices=ROUTING_METHODS)
+    p_plan.add_argument("--gpu", choices=("h100", "h200"), default=None,
+                        help="plan the Hopper kernel for this GPU (default: the one here, else an H200); the two "
+                             "differ where a planner row hangs on the DRAM rate")
     sub.add_parser("bench", help="GPU benchmarks (see benchmarks/)", add_help=False)
     if argv and argv[0] == "bench":
         return bench(argv[1:])

@@ -257,6 +257,27 @@ def test_cli_plan_names_each_token_counts_variant(capsys):
     assert math.isclose(rows_per_expert(1, k, e), 1.0)
 
 
+@pytest.mark.parametrize("gpu", ["h100", "h200"])
+def test_cli_plan_for_a_named_gpu_follows_that_gpus_table(capsys, gpu, gluon_available):
+    """``--gpu``: the rows are the plans for that device (DeepSeek-V3's 16-63 tokens differ between the two where
+    the wgmma tiles fit), whatever GPU the machine has."""
+    from moe_passes.cli import main
+
+    h, i, e, k, activation, routing, extra = SHAPES["deepseek-v3"]
+    device = {"h100": H100, "h200": H200}[gpu]
+    assert main(["plan", "--hidden", str(h), "--intermediate", str(i), "--experts", str(e), "--top-k", str(k),
+                 "--activation", activation, "--routing", routing, "--tokens", "48", "--gpu", gpu]) == 0
+    out = capsys.readouterr().out
+    assert f"on an {gpu.upper()} (132 SMs" in out
+    rows = dict(re.findall(r"^\s+(\d+)  (\w+)", out, flags=re.M))
+    assert "48" in rows
+    for tokens, variant in rows.items():
+        want = plan(Problem(int(tokens), k, e, h, i, True, routing, extra.get("n_group"), extra.get("topk_group")),
+                    device).variant
+        assert variant == want
+    assert rows["48"] == ("tiles16" if gluon_available and gpu == "h200" else "grouped_decode")
+
+
 def test_cli_plan_of_gpt_oss_takes_the_triton_decode_at_one_token(capsys):
     from moe_passes.cli import main
 
