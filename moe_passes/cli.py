@@ -264,14 +264,16 @@ def _print_hopper_plan(args, shape) -> None:
     from moe_passes.kernels.triton_moe import device_info
     from moe_passes.kernels.triton_plan import H100, H200, Problem, plan
 
-    named = {"h100": (H100, "an H100 (132 SMs, SM90, 3.35 TB/s DRAM)"),
-             "h200": (H200, "an H200 (132 SMs, SM90, 4.8 TB/s DRAM)")}
+    def facts(d):
+        return f"{d.sm_count} SMs, SM{d.capability[0]}{d.capability[1]}, {d.bandwidth / 1e12:g} TB/s DRAM"
+
     if args.gpu:
-        device, where = named[args.gpu]
+        device = {"h100": H100, "h200": H200}[args.gpu]
+        where = f"an {args.gpu.upper()} ({facts(device)})"
     elif torch.cuda.is_available():
         device, where = device_info("cuda"), torch.cuda.get_device_name()
     else:
-        device, where = H200, "an H200 (no GPU here: 132 SMs, SM90, 4.8 TB/s DRAM)"
+        device, where = H200, f"an H200 (no GPU here: {facts(H200)})"
     print(f"    plan          per token count on {where}: variant [config]: why")
     for tokens in sorted({*PLAN_TOKENS, args.tokens}):
         problem = Problem(tokens, args.top_k, args.experts, shape.hidden_padded, shape.intermediate_padded,
