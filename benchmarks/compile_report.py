@@ -3,7 +3,7 @@
     python benchmarks/compile_report.py [--shapes qwen3-30b-a3b,deepseek-v3] [--tokens 384,1024,4096] \
         [--tile swap=1,warps1=8]
 
-For every shape and token count whose plan (``triton_plan.plan`` for ``triton_plan.H200``: 132 SMs, SM90) takes the
+For every shape and token count whose plan (``triton_plan.plan`` for a 132-SM SM90: H100, H200) takes the
 tensor-core tiles, GEMM1 and GEMM2 of the main blocks and of the tail blocks are compiled with Triton's own
 compiler for ``sm_90a`` (``triton.compile`` on the kernels' source, no driver needed): the Gluon kernels of
 ``gluon_tiles`` where the plan takes the wgmma tiles, else ``triton_tiles``' ``tl.dot`` kernels.  Their cubins

@@ -83,19 +83,6 @@ def _driver() -> ctypes.CDLL:
     return lib
 
 
-def memory_clock_and_bus(index: int) -> Optional[tuple]:
-    """``(memory clock in kHz, bus width in bits)`` of CUDA device ``index`` from the driver's device attributes
-    (CUDA 13's runtime device properties no longer carry the memory clock); None if it refuses."""
-    drv = _driver()
-    dev, clock, width = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    # CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE and _GLOBAL_MEMORY_BUS_WIDTH of cuda.h
-    if (drv.cuInit(0) or drv.cuDeviceGet(ctypes.byref(dev), index)
-            or drv.cuDeviceGetAttribute(ctypes.byref(clock), 36, dev)
-            or drv.cuDeviceGetAttribute(ctypes.byref(width), 37, dev)):
-        return None
-    return clock.value, width.value
-
-
 def rtc_available() -> bool:
     """NVRTC and the driver library load (says nothing about a GPU being present)."""
     try:

@@ -35,7 +35,7 @@ from moe_passes.contract import ACTIVATIONS, PARAMETRIC_ACTIVATIONS, ROUTING_MET
 from moe_passes.contract import activation_params as _params_of
 from moe_passes.contract import routing_params as routing_params_of
 from moe_passes.errors import MoEConfigError
-from moe_passes.kernels import cuda_decode, cuda_rtc, registry
+from moe_passes.kernels import cuda_decode, registry
 from moe_passes.kernels.options import KernelOptions, current
 from moe_passes.kernels.triton_common import ACT_CODES, gdc_wait, tl, triton
 from moe_passes.kernels.triton_launch import Refused, launch, record
@@ -73,22 +73,7 @@ def pdl_supported(device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _cuda_device_info(index: int) -> DeviceInfo:
     sms, smem = cuda_decode.device_limits(index)
-    return DeviceInfo(sm_count=sms, capability=tuple(torch.cuda.get_device_capability(index)), smem_optin=smem,
-                      bandwidth=dram_rate(index))
-
-
-def dram_rate(index: int) -> Optional[float]:
-    """Peak DRAM bytes a second of CUDA device ``index``: two transfers a memory clock over the bus width, from
-    torch's device properties, or the driver's where a torch built on CUDA 13 reports no memory clock; None if
-    neither knows."""
-    props = torch.cuda.get_device_properties(index)
-    clock_bus = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
-    if not all(clock_bus):
-        try:
-            clock_bus = cuda_rtc.memory_clock_and_bus(index) or (0, 0)
-        except (cuda_rtc.RtcError, AttributeError):  # no libcuda, or one without these entry points
-            return None
-    return 2e3 * clock_bus[0] * clock_bus[1] / 8 or None
+    return DeviceInfo(sm_count=sms, capability=tuple(torch.cuda.get_device_capability(index)), smem_optin=smem)
 
 
 def device_info(device) -> DeviceInfo:

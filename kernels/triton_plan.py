@@ -21,8 +21,8 @@ from typing import Optional, Union
 from moe_passes.errors import MoEConfigError
 from moe_passes.kernels.options import KernelOptions
 
-__all__ = ["DecodeConfig", "TileConfig", "Problem", "DeviceInfo", "H100", "H200", "Plan", "Regime", "REGIMES",
-           "VARIANTS", "plan", "cached_plan", "k_split", "doubled_split", "one_program_grouping", "rows_per_expert"]
+__all__ = ["DecodeConfig", "TileConfig", "Problem", "DeviceInfo", "H200", "Plan", "Regime", "REGIMES", "VARIANTS",
+           "plan", "cached_plan", "k_split", "doubled_split", "one_program_grouping", "rows_per_expert"]
 
 # The tensor-core decode steps K in 128-element chunks (8 NVFP4 groups): its splits start on chunks.
 DECODE_CHUNK = 128
@@ -223,18 +223,14 @@ class Problem:
 @dataclasses.dataclass(frozen=True)
 class DeviceInfo:
     """What the planner needs of the GPU: SM count, compute capability, per-block opt-in shared memory (None:
-    unknown, so the CUDA decode's shared-memory fit is left to the call) and the DRAM's peak rate in bytes a
-    second from its clock and bus width (None: unknown, taken as below every row's ``min_bandwidth``)."""
+    unknown, so the CUDA decode's shared-memory fit is left to the call)."""
 
     sm_count: int = 132
     capability: tuple = (9, 0)
     smem_optin: Optional[int] = None
-    bandwidth: Optional[float] = None
 
 
-# peak DRAM rates from the device properties: 2 x memory clock x bus width
-H100 = DeviceInfo(sm_count=132, capability=(9, 0), smem_optin=232448, bandwidth=3.35e12)
-H200 = DeviceInfo(sm_count=132, capability=(9, 0), smem_optin=232448, bandwidth=4.8e12)
+H200 = DeviceInfo(sm_count=132, capability=(9, 0), smem_optin=232448)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +238,7 @@ class Regime:
     """A row of the table: the variant a call takes when its tokens lie in ``tokens`` (inclusive), its rows
     per expert are at most ``max_rows`` (gated, ungated), its hidden size is at most ``max_hidden`` and, for a
     ``wgmma`` row, the register-operand wgmma tiles can take it (:func:`_wgmma_fits`); ``why`` is the
-    measurement that chose it.  ``min_hidden``: the hidden size above which the row applies; ``min_bandwidth``:
-    the device DRAM rate (bytes a second) from which it applies, for a crossover that moves with it."""
+    measurement that chose it.  ``min_hidden``: the hidden size above which the row applies."""
 
     variant: str
     tokens: tuple
@@ -252,14 +247,11 @@ class Regime:
     max_hidden: float = math.inf
     wgmma: bool = False
     min_hidden: int = 0
-    min_bandwidth: float = 0.0
 
-    def takes(self, tokens: int, rows: float, gated: bool, hidden: int, wgmma: bool = False,
-              bandwidth: Optional[float] = None) -> bool:
+    def takes(self, tokens: int, rows: float, gated: bool, hidden: int, wgmma: bool = False) -> bool:
         lo, hi = self.tokens
         return (lo <= tokens <= hi and rows <= self.max_rows[0 if gated else 1]
-                and self.min_hidden < hidden <= self.max_hidden and wgmma >= self.wgmma
-                and (bandwidth or 0.0) >= self.min_bandwidth)
+                and self.min_hidden < hidden <= self.max_hidden and wgmma >= self.wgmma)
 
 
 _ANY = (1, math.inf)
@@ -270,10 +262,9 @@ REGIMES = (
            "blocks; gated layers of hidden <= 4096 measured slower: Qwen3-30B-A3B 146 against 139, H100)",
            wgmma=True),
     Regime("tiles16", (16, 63), (4, 4),
-           "SM90 with an H200's DRAM rate, a hidden over 4096, 16-63 tokens: the 16-row wgmma tiles (DeepSeek-V3 "
-           "16 / 32 / 48 tokens: 541 / 752 / 881 us against 624 / 839 / 1001 for the 8-token decode blocks, H200; "
-           "on an H100 those run at 1.12-1.16x the weight floor, the tiles there not measured at these counts)",
-           wgmma=True, min_hidden=4096, min_bandwidth=4.0e12),
+           "SM90, a hidden over 4096, 16-63 tokens: the 16-row wgmma tiles (DeepSeek-V3 16 / 32 / 48 tokens: 541 / "
+           "752 / 881 us against 624 / 839 / 1001 for the 8-token decode blocks on an H200, 648 / 857 / 997 against "
+           "657 / 897 / 1058 on an H100)", wgmma=True, min_hidden=4096),
     Regime("tiles16", (64, 64), (4, 4),
            "SM90, a hidden over 4096, 64 tokens: the 16-row wgmma tiles (DeepSeek-V3 1117 us against 1185 for the "
            "decode blocks, H100)", wgmma=True, min_hidden=4096),
@@ -380,7 +371,7 @@ def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
     if _wgmma_fits(p, d):
         # GEMM2 programs of 128 columns (two 64-row halves): half the token-tile copies a weight byte, 1.03-1.05x
         # where they were measured apart (DeepSeek-V3 64-128 tokens, Nemotron-3-Nano 64, Qwen3-30B-A3B and
-        # Gemma-4 128), never slower (H200)
+        # Gemma-4 128), never slower (H200); 0.98-1.03x at 64-128 tokens on the four layers (H100)
         return _wgmma(TileConfig(bm=16, bn1=64, bk1=64, bn2=128, bk2=64, **_PREFILL), p)
     # GEMM2's K split until two column tiles per SM (at most 4)
     split2 = doubled_split(min(p.experts, p.local_pairs) * ((p.hidden + 63) // 64), 2 * d.sm_count, p.inter, 4)
@@ -500,7 +491,7 @@ def plan(problem: Problem, device: DeviceInfo, options: Optional[KernelOptions] 
         regime = Regime(options.variant, _ANY, (math.inf, math.inf), "KernelOptions.variant")
     else:
         wgmma = _wgmma_fits(p, device)
-        regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated, p.hidden, wgmma, device.bandwidth))
+        regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated, p.hidden, wgmma))
     cfg = _with_overrides(_BUILD[regime.variant](p, device), options)
     triton = Plan(regime.variant, cfg, f"{rows:.2f} rows per expert; {regime.why}",
                   one_program_grouping(p.pairs, cfg.bm, getattr(cfg, "tail", 0), options))

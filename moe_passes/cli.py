@@ -2,9 +2,8 @@
 
     moe-nvfp4 demo [--tokens 64] [--inner inductor|eager] [--device cpu]
     moe-nvfp4 plan --hidden 2688 --intermediate 1856 --experts 128 --top-k 6 --tokens 4096 [--activation relu2]
-                   [--gpu h100|h200]
                                  (per kernel: padded sizes, chunking, weight bytes; for the Hopper kernel the
-                                 variant each token count takes and why, on this GPU or the one named)
+                                 variant each token count takes and why)
     moe-nvfp4 bench [--shapes a,b] [--tokens sweep|1,16,...] [--peer-path DIR] [--budget-s S] [--out DIR]
                                  (GPU: the layer against triton_kernels' MXFP4 MoE, bf16 and the floor)
     moe-nvfp4 bench --merge a.json b.json --out DIR   (no GPU: join split runs, plot)
@@ -262,18 +261,12 @@ def _print_hopper_plan(args, shape) -> None:
     from moe_passes.contract import PARAMETRIC_ACTIVATIONS, is_gated
     from moe_passes.kernels.options import current
     from moe_passes.kernels.triton_moe import device_info
-    from moe_passes.kernels.triton_plan import H100, H200, Problem, plan
+    from moe_passes.kernels.triton_plan import H200, Problem, plan
 
-    def facts(d):
-        return f"{d.sm_count} SMs, SM{d.capability[0]}{d.capability[1]}, {d.bandwidth / 1e12:g} TB/s DRAM"
-
-    if args.gpu:
-        device = {"h100": H100, "h200": H200}[args.gpu]
-        where = f"an {args.gpu.upper()} ({facts(device)})"
-    elif torch.cuda.is_available():
+    if torch.cuda.is_available():
         device, where = device_info("cuda"), torch.cuda.get_device_name()
     else:
-        device, where = H200, f"an H200 (no GPU here: {facts(H200)})"
+        device, where = H200, "an H200 (no GPU here: 132 SMs, SM90)"
     print(f"    plan          per token count on {where}: variant [config]: why")
     for tokens in sorted({*PLAN_TOKENS, args.tokens}):
         problem = Problem(tokens, args.top_k, args.experts, shape.hidden_padded, shape.intermediate_padded,
@@ -342,9 +335,6 @@ def _main(argv=None) -> int:
     p_plan.add_argument("--tokens", type=int, default=1)
     p_plan.add_argument("--activation", default="silu", choices=ACTIVATIONS)
     p_plan.add_argument("--routing", default="renormalize", choices=ROUTING_METHODS)
-    p_plan.add_argument("--gpu", choices=("h100", "h200"), default=None,
-                        help="plan the Hopper kernel for this GPU (default: the one here, else an H200); the two "
-                             "differ where a planner row hangs on the DRAM rate")
     sub.add_parser("bench", help="GPU benchmarks (see benchmarks/)", add_help=False)
     if argv and argv[0] == "bench":
         return bench(argv[1:])
