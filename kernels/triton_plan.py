@@ -261,13 +261,10 @@ REGIMES = (
            "SM90, ungated, 64 tokens: the 16-row wgmma tiles (Nemotron-3-Nano 167 us against 193 for the decode "
            "blocks; gated layers of hidden <= 4096 measured slower: Qwen3-30B-A3B 146 against 139, H100)",
            wgmma=True),
-    Regime("tiles16", (16, 63), (4, 4),
-           "SM90, a hidden over 4096, 16-63 tokens: the 16-row wgmma tiles (DeepSeek-V3 16 / 32 / 48 tokens: 541 / "
+    Regime("tiles16", (16, 64), (4, 4),
+           "SM90, a hidden over 4096, 16-64 tokens: the 16-row wgmma tiles (DeepSeek-V3 16 / 32 / 48 tokens: 541 / "
            "752 / 881 us against 624 / 839 / 1001 for the 8-token decode blocks on an H200, 648 / 857 / 997 against "
-           "657 / 897 / 1058 on an H100)", wgmma=True, min_hidden=4096),
-    Regime("tiles16", (64, 64), (4, 4),
-           "SM90, a hidden over 4096, 64 tokens: the 16-row wgmma tiles (DeepSeek-V3 1117 us against 1185 for the "
-           "decode blocks, H100)", wgmma=True, min_hidden=4096),
+           "657 / 897 / 1058 on an H100; 64 tokens: 1117 against 1185, H100)", wgmma=True, min_hidden=4096),
     Regime("grouped_decode", (16, 64), (8, 8),
            "pairs grouped into 8-token expert blocks, each expert's weights read once: 1.13-1.42x the 16-row tiles "
            "at 16-64 tokens, slower from 128 (two blocks per expert)"),
