@@ -32,16 +32,6 @@ import ab_decode  # noqa: E402
 from moe_passes.kernels import gluon_tiles  # noqa: E402
 from moe_passes.kernels.triton_common import scale_pairs_asm  # noqa: E402
 
-# the kernel's own scale conversion: E4M3 -> f16 -> f32, times 2^119, -> bf16x2
-_SCALE = """
-    .reg .b32 f2, s;
-    .reg .b16 lo, hi;
-    .reg .f32 fs;
-    cvt.rn.f16x2.e4m3x2 f2, $9;
-    mov.b32 {lo, hi}, f2;
-    cvt.f32.f16 fs, lo;
-    mul.f32 fs, fs, 0f7B000000;
-    cvt.rn.bf16x2.f32 s, fs, fs;"""
 # two operations in its place (wrong values, the same registers)
 _CHEAP_SCALE = """
     .reg .b32 s, s9;
@@ -55,12 +45,17 @@ _CUT2 = """
     shl.b32 p1, $8, 3; and.b32 p1, p1, 0x81C081C0;
     shl.b32 p2, $8, 6; and.b32 p2, p2, 0x81C081C0;
     shr.b32 p3, $8, 2; and.b32 p3, p3, 0x81C081C0;"""
-VARIANTS = {
-    "base": None,
-    "nodq": "{ mov.b32 {$0, $1}, $8; mov.b32 {$2, $3}, $8; mov.b32 {$4, $5}, $8; mov.b32 {$6, $7}, $8; }",
-    "cut2": "{" + _CUT2 + _SCALE + scale_pairs_asm("s") + "}",
-    "cut2s": "{" + _CUT2 + _CHEAP_SCALE + scale_pairs_asm("s") + "}",
-}
+VARIANTS = ("base", "nodq", "cut2", "cut2s")
+
+
+def variant_asm(name: str):
+    """The PTX block that replaces ``gluon_tiles._WORD_ASM`` for variant ``name`` (None: the kernel's own)."""
+    if name == "nodq":
+        return "{ mov.b32 {$0, $1}, $8; mov.b32 {$2, $3}, $8; mov.b32 {$4, $5}, $8; mov.b32 {$6, $7}, $8; }"
+    if name in ("cut2", "cut2s"):  # the kernel's own scale conversion in cut2
+        scale = _CHEAP_SCALE if name == "cut2s" else gluon_tiles._SCALE_ASM
+        return "{" + _CUT2 + scale + scale_pairs_asm("s") + "}"
+    return None
 
 
 def main(argv=None) -> int:
@@ -69,7 +64,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"usage: dequant_probe.py {{{','.join(VARIANTS)}}} [ab_decode.py arguments]")
     if not gluon_tiles.AVAILABLE:
         raise SystemExit("dequant_probe.py needs Gluon's Hopper API (the wgmma tiles)")
-    asm = VARIANTS[argv[0]]
+    asm = variant_asm(argv[0])
     if asm is not None:
         gluon_tiles._WORD_ASM = gluon_tiles.gl.constexpr(asm)
     print(f"dequant_probe: {argv[0]}", flush=True)

@@ -73,9 +73,8 @@ def takes(hidden: int, inter: int, biases: bool) -> bool:
 if AVAILABLE:
     from moe_passes.kernels.triton_common import apply_act, scale_pairs_asm, word_cut_asm
 
-    # One weight word ($8) and its group's E4M3 scale (low byte of $9) -> 8 bf16 ``e2m1 * scale * 2^-7``,
-    # exact: the cut's ``e2m1 * 2^-126`` pairs times ``bf16(scale * 2^119)`` (cvt from E4M3, times 2^119).
-    _WORD_ASM = gl.constexpr("{" + word_cut_asm("$8", "p") + """
+    # The group's E4M3 scale (low byte of $9) -> ``s``, the bf16x2 ``scale * 2^119`` (cvt from E4M3, times 2^119)
+    _SCALE_ASM = """
     .reg .b32 f2, s;
     .reg .b16 lo, hi;
     .reg .f32 fs;
@@ -83,7 +82,10 @@ if AVAILABLE:
     mov.b32 {lo, hi}, f2;
     cvt.f32.f16 fs, lo;
     mul.f32 fs, fs, 0f7B000000;
-    cvt.rn.bf16x2.f32 s, fs, fs;""" + scale_pairs_asm("s") + "}")
+    cvt.rn.bf16x2.f32 s, fs, fs;"""
+    # One weight word ($8) and its scale -> 8 bf16 ``e2m1 * scale * 2^-7``, exact: the cut's ``e2m1 * 2^-126``
+    # pairs times ``s``.
+    _WORD_ASM = gl.constexpr("{" + word_cut_asm("$8", "p") + _SCALE_ASM + scale_pairs_asm("s") + "}")
 
     @gluon.constexpr_function
     def _band_layout(BN, COLS, NW, PER):
