@@ -477,7 +477,8 @@ def _check_row(row, x, logits, ours, peer, ref_weights, route, bias, extra, tol,
 
 def add_ratios(row):
     """The row's ratios from its times: above 1, ours (``triton``) is faster; ``*_over_floor`` is a layer's time
-    over its own format's floor at the read bandwidth."""
+    over its own format's floor at the read bandwidth; ``peer_over_floor`` is the peer's over the NVFP4 floor, the
+    most ``peer_over_triton`` an NVFP4 layer could read (one at its floor)."""
     ours = row.get("triton_us")
     if ours:
         row["triton_over_floor"] = ours / row["floor_us"]
@@ -488,6 +489,7 @@ def add_ratios(row):
             row["speedup_vs_grouped_mm"] = row["grouped_mm_us"] / ours  # the name before issue 31
     if "peer_us" in row:
         row["peer_over_mxfp4_floor"] = row["peer_us"] / row["floor_mxfp4_us"]
+        row["peer_over_floor"] = row["peer_us"] / row["floor_us"]
     for key in ("triton", "peer"):
         if row.get(key + "_us") and "useful_tflop" in row:
             row[key + "_TFLOPs"] = row["useful_tflop"] / (row[key + "_us"] * 1e-6)
@@ -731,7 +733,7 @@ def main(argv=None) -> int:
 
 
 HEADER = (f"{'shape':16s} {'T':>5s} {'floor':>8s} {'ours':>8s} {'peer':>8s} {'peerX':>8s} {'bf16gmm':>8s} "
-          f"{'peer/o':>6s} {'bf16/o':>6s} {'o/fl':>6s} {'p/flMX':>6s} {'o/pk':>5s}  check")
+          f"{'peer/o':>6s} {'bf16/o':>6s} {'o/fl':>6s} {'p/fl':>6s} {'p/flMX':>6s} {'o/pk':>5s}  check")
 
 
 def format_row(r) -> str:
@@ -749,7 +751,7 @@ def format_row(r) -> str:
         check += f" ({r['err_triton_vs_nvfp4_ref']:.1e}/{r.get('err_peer_vs_mxfp4_ref', float('nan')):.1e})"
     return (f"{r['shape']:16s} {r['tokens']:5d} {cell('floor_us', 8)} {cell('triton_us', 8)} {cell('peer_us', 8)} "
             f"{cell('peer_experts_us', 8)} {cell('grouped_mm_us', 8)} {cell('peer_over_triton', 6, 2)} "
-            f"{cell('grouped_mm_over_triton', 6, 2)} {cell('triton_over_floor', 6, 2)} "
+            f"{cell('grouped_mm_over_triton', 6, 2)} {cell('triton_over_floor', 6, 2)} {cell('peer_over_floor', 6, 2)} "
             f"{cell('peer_over_mxfp4_floor', 6, 2)} {cell('triton_over_bf16_peak', 5, 2)}  {check}"
             + (f"  errors: {', '.join(errors)}" if errors else ""))
 

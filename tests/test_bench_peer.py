@@ -115,6 +115,7 @@ def test_ratios_are_over_ours_and_over_the_read_floor():
     assert row["peer_over_triton"] == pytest.approx(1.3) and row["peer_experts_over_triton"] == pytest.approx(1.2)
     assert row["grouped_mm_over_triton"] == pytest.approx(4.0) == row["speedup_vs_grouped_mm"]
     assert row["peer_over_mxfp4_floor"] == pytest.approx(130 / 47)
+    assert row["peer_over_floor"] == pytest.approx(130 / 50)  # what a layer at the NVFP4 floor would read
     lone = bench.add_ratios(dict(floor_us=1.0, floor_mxfp4_us=1.0, triton_us=3.0))
     assert "peer_over_triton" not in lone  # no peer: no column
 
@@ -334,6 +335,8 @@ def test_format_row_prints_missing_columns_as_dashes():
     line = bench.format_row(bench.add_ratios(dict(shape="qwen3-30b-a3b", tokens=16, floor_us=50.0,
                                                   floor_mxfp4_us=47.0, triton_us=90.0, peer_us=99.0)))
     assert "90.0" in line and "99.0" in line and "1.10" in line and line.count(" -") >= 2
+    assert " 1.98 " in line  # p/fl: the peer over the NVFP4 floor
+    assert len(line.split()) == len(bench.HEADER.split())  # a value or a dash under every column
     assert "skipped: budget" in bench.format_row(dict(shape="deepseek-v3", tokens=4, skipped="budget"))
 
 
