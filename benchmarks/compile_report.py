@@ -132,10 +132,11 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
             wargs2 = dict({k: v for k, v in args2.items() if k != "k_per_split"}, **sched)  # GEMM2 unsplit
             kernels.append((f"{label % 1} bn{c.bn1} w{c.warps1}".strip(), gluon_tiles._gemm1_kernel,
                             dict(args1, **sched),
-                            gluon_tiles.gemm1_constexprs(c, top_k=top_k, gated=gated, nfirst=c.nfirst, act=act),
+                            gluon_tiles.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=c.nfirst,
+                                                           act=act),
                             c.warps1, c.stages1))
             kernels.append((f"{label % 2} bn{c.bn2} w{c.warps2}".strip(), gluon_tiles._gemm2_kernel, wargs2,
-                            gluon_tiles.gemm2_constexprs(c, nfirst=c.nfirst), c.warps2, c.stages2))
+                            gluon_tiles.gemm2_constexprs(c, inter=inter, nfirst=c.nfirst), c.warps2, c.stages2))
             continue
         pdl = c.chains
         k1 = tt.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=c.nfirst, act=act)

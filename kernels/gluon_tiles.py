@@ -29,8 +29,9 @@ lets the kernel state its layouts, so the weight words are loaded where wgmma wa
   GEMM2 and of ungated GEMM1 as two 64-row halves the same way), and a step refills the previous step's slot
   once that step's last group is done (1.02-1.13x at 1024-4096 tokens).  ptxas serializes every wgmma of a
   kernel (its C7513/C7515 notes) if a branch or a move touches a register of a group in flight, so whole turns
-  of the ring run unguarded, a single-tile ring drains once a turn, and the last ``steps % STAGES`` steps run
-  synchronously.
+  of the ring run unguarded, and a single-tile ring drains once a turn.  Where the K steps are not whole turns
+  (``REM = steps % STAGES``, a compile-time argument), the first ``REM`` steps run in the ring's last slots, so
+  every step is pipelined and unguarded (a remainder run synchronously was 3 of Gemma-4's 11 GEMM2 steps).
 
 Limits (the planner only picks these tiles where they hold): hidden and intermediate sizes multiples of 64,
 GEMM2 without a K split, no expert biases, an SM90 GPU and a Triton with Gluon's Hopper API.
@@ -213,7 +214,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, row0, nlim, K, ROWS2, BM: gl.constexpr, BN: gl.constexpr,
-                  BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr,
+                  BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr, REM: gl.constexpr,
                   HALVES: gl.constexpr = False):
         """``W @ A^T`` over K for the ``BN`` weight rows from ``row0`` (and, with TWO, those ``ROWS2`` further:
         gate and up, or with HALVES the next ``BN`` rows of one tile; rows from ``nlim`` on are not loaded)
@@ -238,36 +239,39 @@ if AVAILABLE:
         w_off, w_ok = _piece_offsets(row0, nlim, K, ROWS2, BN, NT, BK, 8, CW, HALVES)
         s_off, s_ok = _piece_offsets(row0, nlim, K, ROWS2, BN, NT, BK, 4, CS, HALVES)
         wp = w_ptr.to(gl.pointer_type(gl.int32))
-        steps = K // BK
+        steps = K // BK  # REM: steps % STAGES
+        J0: gl.constexpr = STAGES - REM  # step 0's slot: with REM, the steps past whole turns run first
         for i in gl.static_range(STAGES - 1):
             if i < steps:
-                _copy_step(xs[i], ws[i], ss[i], a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok, i, BK)
+                _copy_step(xs[(J0 + i) % STAGES], ws[(J0 + i) % STAGES], ss[(J0 + i) % STAGES], a_ptrs, a_mask, wp,
+                           w_off, w_ok, s_ptr, s_off, s_ok, i, BK)
             async_copy.commit_group()
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         acc2 = gl.zeros([BN, BM], gl.float32, MMA)
         prev = gl.zeros([BN, BK], gl.bfloat16, DOT)  # the A tile of the group still in flight
-        full = steps - steps % STAGES
-        # whole turns of the ring unguarded: a branch around an asynchronous wgmma makes ptxas serialize them
-        for first in range(0, full, STAGES):
+        # every step pipelined and unguarded: a branch around an asynchronous wgmma makes ptxas serialize them
+        if REM > 0:  # the REM steps in the ring's last slots, then whole turns entered with nothing in flight
+            for j in gl.static_range(J0, STAGES):
+                acc, acc2, prev = _pipe_step(xs, ws, ss, a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok, j - J0,
+                                             steps, acc, acc2, prev, j, WL, SL, BN, BK, DOT, NW, STAGES, TWO)
+            acc, acc2 = warpgroup_mma_wait(0, deps=[acc, acc2])
+            prev = gl.zeros([BN, BK], gl.bfloat16, DOT)
+        for first in range(REM, steps - steps % STAGES + REM, STAGES):
             for j in gl.static_range(STAGES):
                 acc, acc2, prev = _pipe_step(xs, ws, ss, a_ptrs, a_mask, wp, w_off, w_ok, s_ptr, s_off, s_ok,
                                              first + j, steps, acc, acc2, prev, j, WL, SL, BN, BK, DOT, NW,
                                              STAGES, TWO)
         acc, acc2 = warpgroup_mma_wait(0, deps=[acc, acc2])
-        for j in gl.static_range(STAGES - 1):  # the last steps, slots 0.. (full is whole turns)
-            step = full + j
-            if step < steps:
-                async_copy.wait_group(STAGES - 2)
-                gl.thread_barrier()
-                fence_async_shared()
-                a = _weight_tile(ws[j].slice(0, BN), ss[j].slice(0, BN), WL, SL, BN, BK, DOT)
-                if TWO:
-                    a2 = _weight_tile(ws[j].slice(BN, BN), ss[j].slice(BN, BN), WL, SL, BN, BK, DOT)
-                async_copy.commit_group()
-                b = xs[j].permute((1, 0))
-                acc = warpgroup_mma(a, b, acc)
-                if TWO:
-                    acc2 = warpgroup_mma(a2, b, acc2)
+        if REM == 0:
+            # Never runs (steps % STAGES is REM), but without a use of the accumulators after the loop Triton's
+            # accumulator-init rewrite leaves a zero-trip path that makes ptxas serialize the wgmmas (C7515).
+            for j in gl.static_range(STAGES - 1):
+                if steps - steps % STAGES + j < steps:
+                    a = _weight_tile(ws[j].slice(0, BN), ss[j].slice(0, BN), WL, SL, BN, BK, DOT)
+                    acc = warpgroup_mma(a, xs[j].permute((1, 0)), acc)
+                    if TWO:
+                        a2 = _weight_tile(ws[j].slice(BN, BN), ss[j].slice(BN, BN), WL, SL, BN, BK, DOT)
+                        acc2 = warpgroup_mma(a2, xs[j].permute((1, 0)), acc2)
         async_copy.wait_group(0)
         return acc, acc2
 
@@ -281,7 +285,7 @@ if AVAILABLE:
     def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr, num_pairs, H, I, stride_x, brow_ptr,
                       tail0, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
                       BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
-                      NFIRST: gl.constexpr, TAIL: gl.constexpr = 0, ALPHA: gl.constexpr = 1.702,
+                      NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0, ALPHA: gl.constexpr = 1.702,
                       BETA: gl.constexpr = 1.0, LIMIT: gl.constexpr = 7.0):
         """GEMM1 + activation for one (row block of one expert, BN intermediate columns) of the hidden states in
         slot order (``_slot_order_kernel``): the intermediate ``[rows, I]`` bf16, each 64-column piece in slot
@@ -294,18 +298,18 @@ if AVAILABLE:
             row0 = gl.load(brow_ptr + pid_m)
             if row0 >= tail0:
                 _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0,
-                             pid_n, TOP_K, GATED, ACT, TAIL, BN, BK, NW, STAGES, ALPHA, BETA, LIMIT)
+                             pid_n, TOP_K, GATED, ACT, TAIL, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT)
             else:
                 _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0,
-                             pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, ALPHA, BETA, LIMIT)
+                             pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT)
         else:
             _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e,
-                         pid_m * BM, pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, ALPHA, BETA, LIMIT)
+                         pid_m * BM, pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT)
 
     @gluon.jit
     def _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0, pid_n,
                      TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
-                     BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
+                     BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, REM: gl.constexpr,
                      ALPHA: gl.constexpr, BETA: gl.constexpr, LIMIT: gl.constexpr):
         """GEMM1 of the ``BM`` grouped rows from ``row0`` (all of expert ``e``) and column tile ``pid_n``."""
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
@@ -318,7 +322,7 @@ if AVAILABLE:
         HALVES: gl.constexpr = not GATED and BN == 128 and NW == 4
         HB: gl.constexpr = BN // 2 if HALVES else BN
         g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, e64 * (2 * I if GATED else I) + pid_n * BN, I - pid_n * BN,
-                         H, HB if HALVES else I, BM, HB, BK, NW, STAGES, GATED or HALVES, HALVES)
+                         H, HB if HALVES else I, BM, HB, BK, NW, STAGES, GATED or HALVES, REM, HALVES)
         inv = 128.0 / gl.load(gs_ptr + e)  # the dequantized tiles carry 2^-7
         if HALVES:
             # ungated: the second argument (up) is not read
@@ -343,7 +347,7 @@ if AVAILABLE:
     @gluon.jit
     def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I, brow_ptr,
                       tail0, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
-                      STAGES: gl.constexpr, NFIRST: gl.constexpr, TAIL: gl.constexpr = 0):
+                      STAGES: gl.constexpr, NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0):
         """GEMM2 for one (row block, BN hidden columns): each pair's row times its routing weight into
         ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies).  Tail
         blocks as in ``_gemm1_kernel``."""
@@ -354,17 +358,18 @@ if AVAILABLE:
             row0 = gl.load(brow_ptr + pid_m)
             if row0 >= tail0:
                 _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
-                             TAIL, BN, BK, NW, STAGES)
+                             TAIL, BN, BK, NW, STAGES, REM)
             else:
                 _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
-                             BM, BN, BK, NW, STAGES)
+                             BM, BN, BK, NW, STAGES, REM)
         else:
             _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, pid_m * BM,
-                         pid_n, BM, BN, BK, NW, STAGES)
+                         pid_n, BM, BN, BK, NW, STAGES, REM)
 
     @gluon.jit
     def _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
-                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr):
+                     BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
+                     REM: gl.constexpr):
         """GEMM2 of the ``BM`` grouped rows from ``row0`` (all of expert ``e``) and column tile ``pid_n``."""
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
         rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
@@ -377,7 +382,7 @@ if AVAILABLE:
         HALVES: gl.constexpr = BN == 128 and NW == 4
         HB: gl.constexpr = BN // 2 if HALVES else BN
         acc, acc2 = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + pid_n * BN, H - pid_n * BN, I, HB, BM, HB,
-                              BK, NW, STAGES, HALVES, HALVES)
+                              BK, NW, STAGES, HALVES, REM, HALVES)
         scale = 128.0 / gl.load(gs_ptr + e)
         _gemm2_store(acc, row0, pid_n * BN, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM, HB, NW)
         if HALVES:
@@ -414,16 +419,16 @@ if triton is not None:
         tl.store(out_ptr + t * H + p, tl.load(x_ptr + t * stride_x + k, mask=p < H), mask=p < H)
 
 
-def gemm1_constexprs(c, *, top_k: int, gated: bool, nfirst: bool, act: dict) -> dict:
+def gemm1_constexprs(c, *, top_k: int, gated: bool, hidden: int, nfirst: bool, act: dict) -> dict:
     """GEMM1's compile-time arguments for tile config ``c`` (``act``: the activation's, ``epilogue_args``)."""
     return dict(TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst,
-                TAIL=c.tail if c.inline_tails else 0, **act)
+                REM=hidden // c.bk1 % c.stages1, TAIL=c.tail if c.inline_tails else 0, **act)
 
 
-def gemm2_constexprs(c, *, nfirst: bool) -> dict:
+def gemm2_constexprs(c, *, inter: int, nfirst: bool) -> dict:
     """GEMM2's compile-time arguments for tile config ``c``."""
     return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst,
-                TAIL=c.tail if c.inline_tails else 0)
+                REM=inter // c.bk2 % c.stages2, TAIL=c.tail if c.inline_tails else 0)
 
 
 def run_wgmma_tiles(launch, launches, brow, tail0, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k,
@@ -443,9 +448,10 @@ def run_wgmma_tiles(launch, launches, brow, tail0, hidden_states, weights, topk_
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map, rows_inter,
                pairs, hidden, inter, x.stride(0), rows0, tail0, num_warps=c.warps1,
-               **gemm1_constexprs(c, top_k=top_k, gated=gated, nfirst=nfirst, act=act))
+               **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=nfirst, act=act))
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         rows0 = brow if c.inline_tails else block_map
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
         launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
-               pairs, hidden, inter, rows0, tail0, num_warps=c.warps2, **gemm2_constexprs(c, nfirst=nfirst))
+               pairs, hidden, inter, rows0, tail0, num_warps=c.warps2,
+               **gemm2_constexprs(c, inter=inter, nfirst=nfirst))

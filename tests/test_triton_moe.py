@@ -362,12 +362,14 @@ _WGMMA = dict(bk1=64, bk2=64, stages1=3, stages2=3, nfirst=True, wgmma=True)
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("variant", ["wg128_tail32", "wg64_tail16", "wg128_w8", "wg64_bn64", "wg32", "wg16_s4",
-                                     "wg32_s4", "wg128_s4_tail32", "wg128_s2", "wg128_inline32", "wg64_inline16"])
+                                     "wg32_s4", "wg128_s4_tail32", "wg128_s2", "wg128_inline32", "wg64_inline16",
+                                     "wg32_s4_k3"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu2"])
 def test_wgmma_tiles(variant, activation):
     """The register-operand wgmma tiles (gluon_tiles) against the reference, against the tl.dot tiles of the
     same blocks (the same exact products summed in another order), run to run, and replayed in a CUDA graph.
-    2880 = 22.5 column tiles of 128 and 960 = 7.5: partial column tiles in both GEMMs."""
+    2880 = 22.5 column tiles of 128 and 960 = 7.5: partial column tiles in both GEMMs; 45 and 15 K steps: rings
+    of 2 and 4 slots start with the steps past whole turns (3: none)."""
     from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     configs = {
@@ -386,10 +388,12 @@ def test_wgmma_tiles(variant, activation):
         "wg128_inline32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, inline_tails=True,
                                      **dict(_WGMMA, stages1=4, stages2=4)),
         "wg64_inline16": TileConfig(bm=64, bn1=128, warps1=4, bn2=128, warps2=4, tail=16, inline_tails=True, **_WGMMA),
+        # GEMM2's 3 K steps, fewer than the 4-slot ring's turn: only the steps past whole turns run
+        "wg32_s4_k3": TileConfig(bm=32, bn1=64, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
     }
     cfg = configs[variant]
     device = torch.device("cuda")
-    hidden, inter, experts, top_k = 2880, 960, 16, 4
+    hidden, inter, experts, top_k = 2880, 192 if variant == "wg32_s4_k3" else 960, 16, 4
     tokens = (cfg.bm + cfg.tail // 2) * experts // top_k
     weights = make_layer(hidden, inter, experts, activation, device, seed=13)
     prepared = prepare_weights(weights)
