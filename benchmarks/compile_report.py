@@ -133,10 +133,11 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
             kernels.append((f"{label % 1} bn{c.bn1} w{c.warps1}".strip(), gluon_tiles._gemm1_kernel,
                             dict(args1, **sched),
                             gluon_tiles.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=c.nfirst,
-                                                           act=act),
+                                                           act=act, pdl=c.chains),
                             c.warps1, c.stages1))
             kernels.append((f"{label % 2} bn{c.bn2} w{c.warps2}".strip(), gluon_tiles._gemm2_kernel, wargs2,
-                            gluon_tiles.gemm2_constexprs(c, inter=inter, nfirst=c.nfirst), c.warps2, c.stages2))
+                            gluon_tiles.gemm2_constexprs(c, inter=inter, nfirst=c.nfirst, pdl=c.chains),
+                            c.warps2, c.stages2))
             continue
         pdl = c.chains
         k1 = tt.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=c.nfirst, act=act)

@@ -33,6 +33,12 @@ lets the kernel state its layouts, so the weight words are loaded where wgmma wa
   (``REM = steps % STAGES``, a compile-time argument), the first ``REM`` steps run in the ring's last slots, so
   every step is pipelined and unguarded (a remainder run synchronously was 3 of Gemma-4's 11 GEMM2 steps).
 
+- Calls on 16-row blocks chain the launches by programmatic dependent launch (``TileConfig.chains``): each
+  kernel lets the next one launch once its programs have waited for the previous kernel, so the next kernel's
+  programs fill the SMs the last ones leave. GEMM2 (and GEMM1) copy the first steps' weight words and scales
+  before that wait (weights are final; the expert map and sorted rows come from the grouping, done before the
+  kernel ahead started) and the token tiles after it.
+
 Limits (the planner only picks these tiles where they hold): hidden and intermediate sizes multiples of 64,
 GEMM2 without a K split, no expert biases, an SM90 GPU and a Triton with Gluon's Hopper API.
 """
@@ -113,6 +119,15 @@ if AVAILABLE:
         s = k % 64
         p = 32 * ((s >> 3) & 1) + 16 * ((s >> 2) & 1) + 8 * ((s >> 1) & 1) + 2 * (s >> 4) + (s & 1)
         return gl.max_contiguous(gl.multiple_of(k - s + p, 2), 2)
+
+    @gluon.jit
+    def _gdc(PDL: gl.constexpr):
+        """With PDL: wait until the previous kernel has finished and its writes are visible, then let the next
+        kernel's programs launch (they fill the SMs this launch's last programs leave, and wait in turn)."""
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
 
     @gluon.jit
     def _dequant(w, s, BN: gl.constexpr, BK: gl.constexpr, DOT: gl.constexpr):
@@ -215,13 +230,16 @@ if AVAILABLE:
     @gluon.jit
     def _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, row0, nlim, K, ROWS2, BM: gl.constexpr, BN: gl.constexpr,
                   BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr, REM: gl.constexpr,
-                  HALVES: gl.constexpr = False):
+                  HALVES: gl.constexpr = False, PDL: gl.constexpr = False):
         """``W @ A^T`` over K for the ``BN`` weight rows from ``row0`` (and, with TWO, those ``ROWS2`` further:
         gate and up, or with HALVES the next ``BN`` rows of one tile; rows from ``nlim`` on are not loaded)
         against the ``[BM, BK]`` activation tiles at ``a_ptrs + step * BK`` (slot order): fp32 ``[BN, BM]``
         accumulators in the wgmma layout.  Each step's token tile, weight words and scale bytes travel together by
         ``cp.async`` into one slot of a ``STAGES``-slot ring (one commit group); the words and scales are read from
-        there in the fragment's layout (a band's piece is 512 contiguous bytes in memory and in the slot)."""
+        there in the fragment's layout (a band's piece is 512 contiguous bytes in memory and in the slot).  With
+        ``PDL`` the first steps' weight copies start before the wait for the previous kernel (the weights are
+        final; the token tiles are its output): one group of them, then one group a step of the token tiles, so
+        a step's wait still finds its copies done (one group more at the front only completes earlier)."""
         NT: gl.constexpr = 2 if TWO else 1
         WL: gl.constexpr = _band_layout(BN, BK // 8, NW, 2)
         SL: gl.constexpr = _band_layout(BN, BK // 16, NW, 1)
@@ -241,11 +259,24 @@ if AVAILABLE:
         wp = w_ptr.to(gl.pointer_type(gl.int32))
         steps = K // BK  # REM: steps % STAGES
         J0: gl.constexpr = STAGES - REM  # step 0's slot: with REM, the steps past whole turns run first
-        for i in gl.static_range(STAGES - 1):
-            if i < steps:
-                _copy_step(xs[(J0 + i) % STAGES], ws[(J0 + i) % STAGES], ss[(J0 + i) % STAGES], a_ptrs, a_mask, wp,
-                           w_off, w_ok, s_ptr, s_off, s_ok, i, BK)
+        if PDL:
+            for i in gl.static_range(STAGES - 1):
+                if i < steps:
+                    async_copy.async_copy_global_to_shared(ws[(J0 + i) % STAGES], wp + w_off + i * (2 * BK),
+                                                           mask=w_ok)
+                    async_copy.async_copy_global_to_shared(ss[(J0 + i) % STAGES], s_ptr + s_off + i * BK, mask=s_ok)
             async_copy.commit_group()
+            _gdc(PDL)
+            for i in gl.static_range(STAGES - 1):
+                if i < steps:
+                    async_copy.async_copy_global_to_shared(xs[(J0 + i) % STAGES], a_ptrs + i * BK, mask=a_mask)
+                async_copy.commit_group()
+        else:
+            for i in gl.static_range(STAGES - 1):
+                if i < steps:
+                    _copy_step(xs[(J0 + i) % STAGES], ws[(J0 + i) % STAGES], ss[(J0 + i) % STAGES], a_ptrs, a_mask,
+                               wp, w_off, w_ok, s_ptr, s_off, s_ok, i, BK)
+                async_copy.commit_group()
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         acc2 = gl.zeros([BN, BM], gl.float32, MMA)
         prev = gl.zeros([BN, BK], gl.bfloat16, DOT)  # the A tile of the group still in flight
@@ -286,7 +317,7 @@ if AVAILABLE:
                       tail0, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
                       BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
                       NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0, ALPHA: gl.constexpr = 1.702,
-                      BETA: gl.constexpr = 1.0, LIMIT: gl.constexpr = 7.0):
+                      BETA: gl.constexpr = 1.0, LIMIT: gl.constexpr = 7.0, PDL: gl.constexpr = False):
         """GEMM1 + activation for one (row block of one expert, BN intermediate columns) of the hidden states in
         slot order (``_slot_order_kernel``): the intermediate ``[rows, I]`` bf16, each 64-column piece in slot
         order too (GEMM2's A operand).  With ``TAIL`` the blocks are ``align``'s schedule: each starts at grouped
@@ -298,19 +329,19 @@ if AVAILABLE:
             row0 = gl.load(brow_ptr + pid_m)
             if row0 >= tail0:
                 _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0,
-                             pid_n, TOP_K, GATED, ACT, TAIL, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT)
+                             pid_n, TOP_K, GATED, ACT, TAIL, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT, PDL)
             else:
                 _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0,
-                             pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT)
+                             pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT, PDL)
         else:
             _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e,
-                         pid_m * BM, pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT)
+                         pid_m * BM, pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT, PDL)
 
     @gluon.jit
     def _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0, pid_n,
                      TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
                      BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, REM: gl.constexpr,
-                     ALPHA: gl.constexpr, BETA: gl.constexpr, LIMIT: gl.constexpr):
+                     ALPHA: gl.constexpr, BETA: gl.constexpr, LIMIT: gl.constexpr, PDL: gl.constexpr):
         """GEMM1 of the ``BM`` grouped rows from ``row0`` (all of expert ``e``) and column tile ``pid_n``."""
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
         pair = gl.load(sorted_ptr + row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XL)))
@@ -322,7 +353,7 @@ if AVAILABLE:
         HALVES: gl.constexpr = not GATED and BN == 128 and NW == 4
         HB: gl.constexpr = BN // 2 if HALVES else BN
         g, u = _mainloop(x_ptrs, x_mask, w_ptr, s_ptr, e64 * (2 * I if GATED else I) + pid_n * BN, I - pid_n * BN,
-                         H, HB if HALVES else I, BM, HB, BK, NW, STAGES, GATED or HALVES, REM, HALVES)
+                         H, HB if HALVES else I, BM, HB, BK, NW, STAGES, GATED or HALVES, REM, HALVES, PDL)
         inv = 128.0 / gl.load(gs_ptr + e)  # the dequantized tiles carry 2^-7
         if HALVES:
             # ungated: the second argument (up) is not read
@@ -347,7 +378,8 @@ if AVAILABLE:
     @gluon.jit
     def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I, brow_ptr,
                       tail0, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
-                      STAGES: gl.constexpr, NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0):
+                      STAGES: gl.constexpr, NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0,
+                      PDL: gl.constexpr = False):
         """GEMM2 for one (row block, BN hidden columns): each pair's row times its routing weight into
         ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies).  Tail
         blocks as in ``_gemm1_kernel``."""
@@ -358,18 +390,18 @@ if AVAILABLE:
             row0 = gl.load(brow_ptr + pid_m)
             if row0 >= tail0:
                 _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
-                             TAIL, BN, BK, NW, STAGES, REM)
+                             TAIL, BN, BK, NW, STAGES, REM, PDL)
             else:
                 _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
-                             BM, BN, BK, NW, STAGES, REM)
+                             BM, BN, BK, NW, STAGES, REM, PDL)
         else:
             _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, pid_m * BM,
-                         pid_n, BM, BN, BK, NW, STAGES, REM)
+                         pid_n, BM, BN, BK, NW, STAGES, REM, PDL)
 
     @gluon.jit
     def _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
-                     REM: gl.constexpr):
+                     REM: gl.constexpr, PDL: gl.constexpr):
         """GEMM2 of the ``BM`` grouped rows from ``row0`` (all of expert ``e``) and column tile ``pid_n``."""
         XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
         rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
@@ -382,7 +414,7 @@ if AVAILABLE:
         HALVES: gl.constexpr = BN == 128 and NW == 4
         HB: gl.constexpr = BN // 2 if HALVES else BN
         acc, acc2 = _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, e64 * H + pid_n * BN, H - pid_n * BN, I, HB, BM, HB,
-                              BK, NW, STAGES, HALVES, REM, HALVES)
+                              BK, NW, STAGES, HALVES, REM, HALVES, PDL)
         scale = 128.0 / gl.load(gs_ptr + e)
         _gemm2_store(acc, row0, pid_n * BN, scale, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, BM, HB, NW)
         if HALVES:
@@ -408,9 +440,12 @@ if AVAILABLE:
 if triton is not None:
     import triton.language as tl
 
+    from moe_passes.kernels.triton_common import gdc
+
     @triton.jit
-    def _slot_order_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr):
+    def _slot_order_kernel(x_ptr, out_ptr, H, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """``out[t, p] = x[t, KMAP(p)]`` per 64-element piece: the hidden states in slot order."""
+        gdc(PDL)  # out may be memory the previous kernel still used
         t = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         s = p % 64
@@ -419,39 +454,40 @@ if triton is not None:
         tl.store(out_ptr + t * H + p, tl.load(x_ptr + t * stride_x + k, mask=p < H), mask=p < H)
 
 
-def gemm1_constexprs(c, *, top_k: int, gated: bool, hidden: int, nfirst: bool, act: dict) -> dict:
+def gemm1_constexprs(c, *, top_k: int, gated: bool, hidden: int, nfirst: bool, act: dict, pdl: bool = False) -> dict:
     """GEMM1's compile-time arguments for tile config ``c`` (``act``: the activation's, ``epilogue_args``)."""
     return dict(TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst,
-                REM=hidden // c.bk1 % c.stages1, TAIL=c.tail if c.inline_tails else 0, **act)
+                REM=hidden // c.bk1 % c.stages1, TAIL=c.tail if c.inline_tails else 0, PDL=pdl, **act)
 
 
-def gemm2_constexprs(c, *, inter: int, nfirst: bool) -> dict:
+def gemm2_constexprs(c, *, inter: int, nfirst: bool, pdl: bool = False) -> dict:
     """GEMM2's compile-time arguments for tile config ``c``."""
     return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst,
-                REM=inter // c.bk2 % c.stages2, TAIL=c.tail if c.inline_tails else 0)
+                REM=inter // c.bk2 % c.stages2, TAIL=c.tail if c.inline_tails else 0, PDL=pdl)
 
 
 def run_wgmma_tiles(launch, launches, brow, tail0, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k,
-                    gated, act):
+                    gated, act, pdl=False):
     """GEMM1 then GEMM2 of each ``(tile config, sorted rows, intermediate rows, block map, blocks)`` in
     ``launches`` (:func:`triton_tiles.run_tiles`' list) on these tiles; with ``inline_tails`` one launch over
-    ``align``'s schedule (first rows ``brow``, tail rows from ``tail0``); ``y [1, pairs, hidden]``."""
+    ``align``'s schedule (first rows ``brow``, tail rows from ``tail0``); ``y [1, pairs, hidden]``.  ``pdl``:
+    the launches chained by programmatic dependent launch (the grouping's before them, the combine after)."""
     from moe_passes.kernels.triton_tiles import tile_grid
 
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
     tokens = hidden_states.shape[0]
     x = torch.empty(tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
     launch(_slot_order_kernel, (tokens, triton.cdiv(hidden, 1024)), hidden_states, x, hidden, hidden_states.stride(0),
-           BLOCK=1024, num_warps=4)
+           BLOCK=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         rows0 = brow if c.inline_tails else block_map  # read only with inline tails
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map, rows_inter,
-               pairs, hidden, inter, x.stride(0), rows0, tail0, num_warps=c.warps1,
-               **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=nfirst, act=act))
+               pairs, hidden, inter, x.stride(0), rows0, tail0, num_warps=c.warps1, launch_pdl=pdl,
+               **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=nfirst, act=act, pdl=pdl))
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         rows0 = brow if c.inline_tails else block_map
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
         launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
-               pairs, hidden, inter, rows0, tail0, num_warps=c.warps2,
-               **gemm2_constexprs(c, inter=inter, nfirst=nfirst))
+               pairs, hidden, inter, rows0, tail0, num_warps=c.warps2, launch_pdl=pdl,
+               **gemm2_constexprs(c, inter=inter, nfirst=nfirst, pdl=pdl))

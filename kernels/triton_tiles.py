@@ -311,7 +311,8 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
                              max_tails))
     if cfg.wgmma:
         return gluon_tiles.run_wgmma_tiles(launch, launches, brow, main_rows, hidden_states, weights, topk_w, y,
-                                           pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, act=act)
+                                           pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, act=act,
+                                           pdl=pdl)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,
