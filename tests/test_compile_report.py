@@ -50,3 +50,22 @@ def test_report_compiles_the_planned_tiles_and_reads_their_resources():
 def test_a_token_count_the_tiles_do_not_take_compiles_nothing():
     plan, kernels = _report().tile_kernels("qwen3-30b-a3b", 16)
     assert kernels == [] and plan.variant != "tiles128"
+
+
+@pytest.mark.parametrize("tokens", [128, 4096])
+def test_steps_past_whole_ring_turns_stay_asynchronous(tokens):
+    """Gemma-4's GEMM2 has 11 K steps, 3 past the 4-slot ring's whole turns: they run first and pipelined, so its
+    kernels hold the same wgmmas a turn as the whole-turn kernels (none synchronous after the loop), unserialized
+    and without spills."""
+    from moe_passes.kernels import gluon_tiles
+
+    if not gluon_tiles.AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    report = _report()
+    plan, kernels = report.tile_kernels("gemma-4-26b-a4b", tokens)
+    gemm2 = [k for k in kernels if k[1] is gluon_tiles._gemm2_kernel]
+    assert plan.config.wgmma and gemm2 and all(k[3]["REM"] == 3 for k in gemm2)
+    for label, fn, args, constexprs, warps, stages in gemm2:
+        r = report.compile_kernel(fn, args, constexprs, warps, stages)
+        assert r["spill"] == 0 and not r["serial"], (label, r)
+        assert r["wgmma"] == 2 * stages, (label, r)  # each step of the loop's turn: two halves
