@@ -294,15 +294,22 @@ if AVAILABLE:
                                              STAGES, TWO)
         acc, acc2 = warpgroup_mma_wait(0, deps=[acc, acc2])
         if REM == 0:
-            # Never runs (steps % STAGES is REM), but without a use of the accumulators after the loop Triton's
-            # accumulator-init rewrite leaves a zero-trip path that makes ptxas serialize the wgmmas (C7515).
+            # Never runs (steps % STAGES is REM), but ptxas serializes the loop's wgmmas (C7515) without a use of
+            # the accumulators after it: this is the synchronous remainder the loop had before REM, kept as it was
             for j in gl.static_range(STAGES - 1):
-                if steps - steps % STAGES + j < steps:
+                step = steps - steps % STAGES + j
+                if step < steps:
+                    async_copy.wait_group(STAGES - 2)
+                    gl.thread_barrier()
+                    fence_async_shared()
                     a = _weight_tile(ws[j].slice(0, BN), ss[j].slice(0, BN), WL, SL, BN, BK, DOT)
-                    acc = warpgroup_mma(a, xs[j].permute((1, 0)), acc)
                     if TWO:
                         a2 = _weight_tile(ws[j].slice(BN, BN), ss[j].slice(BN, BN), WL, SL, BN, BK, DOT)
-                        acc2 = warpgroup_mma(a2, xs[j].permute((1, 0)), acc2)
+                    async_copy.commit_group()
+                    b = xs[j].permute((1, 0))
+                    acc = warpgroup_mma(a, b, acc)
+                    if TWO:
+                        acc2 = warpgroup_mma(a2, b, acc2)
         async_copy.wait_group(0)
         return acc, acc2
 
