@@ -31,13 +31,13 @@ lets the kernel state its layouts, so the weight words are loaded where wgmma wa
   kernel (its C7513/C7515 notes) if a branch or a move touches a register of a group in flight, so whole turns
   of the ring run unguarded, and a single-tile ring drains once a turn.  Where the K steps are not whole turns
   (``REM = steps % STAGES``, a compile-time argument), the first ``REM`` steps run in the ring's last slots, so
-  every step is pipelined and unguarded (a remainder run synchronously was 3 of Gemma-4's 11 GEMM2 steps).
-
+  every step is pipelined and unguarded (Gemma-4's GEMM2, 3 of 11 steps: 1.019x at 4096 tokens against running
+  them synchronously after the loop, H100).
 - Calls on 16-row blocks chain the launches by programmatic dependent launch (``TileConfig.chains``): each
   kernel lets the next one launch once its programs have waited for the previous kernel, so the next kernel's
-  programs fill the SMs the last ones leave. GEMM2 (and GEMM1) copy the first steps' weight words and scales
+  programs fill the SMs the last ones leave.  GEMM2 (and GEMM1) copy the first steps' weight words and scales
   before that wait (weights are final; the expert map and sorted rows come from the grouping, done before the
-  kernel ahead started) and the token tiles after it.
+  kernel ahead started) and the token tiles after it (1.02-1.03x at 128 tokens on Qwen3-30B-A3B and Gemma-4).
 
 Limits (the planner only picks these tiles where they hold): hidden and intermediate sizes multiples of 64,
 GEMM2 without a K split, no expert biases, an SM90 GPU and a Triton with Gluon's Hopper API.
