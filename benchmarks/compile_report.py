@@ -92,7 +92,9 @@ def compile_kernel(fn, kernel_args: dict, constexprs: dict, warps: int, stages: 
     return dict(regs=regs, spill=spill, shared=shared, by_regs=REGS_PER_SM // (per_warp * warps),
                 by_smem=SMEM_PER_SM // (shared + SMEM_PER_BLOCK_RESERVED),
                 wgmma=len(re.findall(r"ttng\.warp_group_dot ", loop)), drains=sum(w == "0" for w in waits),
-                serial=bool(re.search(r"C751[35]|serialized", notes)))
+                serial=bool(re.search(r"C751[35]|serialized", notes)),
+                gdc_wait=compiled.asm["ptx"].count("griddepcontrol.wait"),
+                gdc_launch=compiled.asm["ptx"].count("griddepcontrol.launch_dependents"))
 
 
 def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
@@ -124,7 +126,8 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     # the tail blocks' own launch, unless they run in the main one (inline_tails)
     launches = (("main", cfg), ("tail", cfg.tail_tiles())) if cfg.tail and not cfg.inline_tails else (("", cfg),)
     kernels = []
-    for which, c in launches:
+    roles1, roles2 = gluon_tiles.launch_roles(len(launches), cfg.chains, cfg.overlap)
+    for i, (which, c) in enumerate(launches):
         if c.wgmma:
             label = f"{which} GEMM%d wgmma bm{c.bm}" + (f" +tail{c.tail}" if c.inline_tails else "")
             # the schedule's rows are read only with inline tails; tail0: run_tiles' main rows
@@ -133,10 +136,10 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
             kernels.append((f"{label % 1} bn{c.bn1} w{c.warps1}".strip(), gluon_tiles._gemm1_kernel,
                             dict(args1, **sched),
                             gluon_tiles.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=c.nfirst,
-                                                           act=act, pdl=c.chains),
+                                                           act=act, pdl=roles1[i][0]),
                             c.warps1, c.stages1))
             kernels.append((f"{label % 2} bn{c.bn2} w{c.warps2}".strip(), gluon_tiles._gemm2_kernel, wargs2,
-                            gluon_tiles.gemm2_constexprs(c, inter=inter, nfirst=c.nfirst, pdl=c.chains),
+                            gluon_tiles.gemm2_constexprs(c, inter=inter, nfirst=c.nfirst, pdl=roles2[i][0]),
                             c.warps2, c.stages2))
             continue
         pdl = c.chains

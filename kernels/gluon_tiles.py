@@ -58,7 +58,7 @@ try:  # Gluon's Hopper API (Triton >= 3.5); without it the planner never picks t
 except (ImportError, AttributeError):  # pragma: no cover - exercised on CPU CI without Triton
     gluon = gl = None
 
-__all__ = ["AVAILABLE", "KMAP", "takes", "gemm1_constexprs", "gemm2_constexprs", "run_wgmma_tiles"]
+__all__ = ["AVAILABLE", "KMAP", "takes", "gemm1_constexprs", "gemm2_constexprs", "launch_roles", "run_wgmma_tiles"]
 
 AVAILABLE = gluon is not None and triton is not None
 
@@ -121,13 +121,16 @@ if AVAILABLE:
         return gl.max_contiguous(gl.multiple_of(k - s + p, 2), 2)
 
     @gluon.jit
-    def _gdc(PDL: gl.constexpr):
+    def _gdc(PDL: gl.constexpr, WAIT: gl.constexpr = True, LAUNCH: gl.constexpr = True):
         """With PDL: wait until the previous kernel has finished and its writes are visible, then let the next
         kernel's programs launch (they fill the SMs this launch's last programs leave, and wait in turn)."""
         if PDL:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+            if WAIT:
+                gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                          pack=1)
+            if LAUNCH:
+                gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                          is_pure=False, pack=1)
 
     @gluon.jit
     def _dequant(w, s, BN: gl.constexpr, BK: gl.constexpr, DOT: gl.constexpr):
@@ -230,14 +233,14 @@ if AVAILABLE:
     @gluon.jit
     def _mainloop(a_ptrs, a_mask, w_ptr, s_ptr, row0, nlim, K, ROWS2, BM: gl.constexpr, BN: gl.constexpr,
                   BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr, TWO: gl.constexpr, REM: gl.constexpr,
-                  HALVES: gl.constexpr = False, PDL: gl.constexpr = False):
+                  HALVES: gl.constexpr = False, PDL: gl.constexpr = 0):
         """``W @ A^T`` over K for the ``BN`` weight rows from ``row0`` (and, with TWO, those ``ROWS2`` further:
         gate and up, or with HALVES the next ``BN`` rows of one tile; rows from ``nlim`` on are not loaded)
         against the ``[BM, BK]`` activation tiles at ``a_ptrs + step * BK`` (slot order): fp32 ``[BN, BM]``
         accumulators in the wgmma layout.  Each step's token tile, weight words and scale bytes travel together by
         ``cp.async`` into one slot of a ``STAGES``-slot ring (one commit group); the words and scales are read from
         there in the fragment's layout (a band's piece is 512 contiguous bytes in memory and in the slot).  With
-        ``PDL`` the first steps' weight copies start before the wait for the previous kernel (the weights are
+        ``PDL`` 1 the first steps' weight copies start before the wait for the previous kernel (the weights are
         final; the token tiles are its output): one group of them, then one group a step of the token tiles, so
         a step's wait still finds its copies done (one group more at the front only completes earlier)."""
         NT: gl.constexpr = 2 if TWO else 1
@@ -259,14 +262,14 @@ if AVAILABLE:
         wp = w_ptr.to(gl.pointer_type(gl.int32))
         steps = K // BK  # REM: steps % STAGES
         J0: gl.constexpr = STAGES - REM  # step 0's slot: with REM, the steps past whole turns run first
-        if PDL:
+        if PDL == 1:
             for i in gl.static_range(STAGES - 1):
                 if i < steps:
                     async_copy.async_copy_global_to_shared(ws[(J0 + i) % STAGES], wp + w_off + i * (2 * BK),
                                                            mask=w_ok)
                     async_copy.async_copy_global_to_shared(ss[(J0 + i) % STAGES], s_ptr + s_off + i * BK, mask=s_ok)
             async_copy.commit_group()
-            _gdc(PDL)
+            _gdc(True)
             for i in gl.static_range(STAGES - 1):
                 if i < steps:
                     async_copy.async_copy_global_to_shared(xs[(J0 + i) % STAGES], a_ptrs + i * BK, mask=a_mask)
@@ -320,16 +323,28 @@ if AVAILABLE:
         return gl.load(bexp_ptr + pid_m), pid_m, gl.program_id(0 if NFIRST else 1)
 
     @gluon.jit
+    def _start(e, pid_m, pid_n, PDL: gl.constexpr):
+        """``PDL`` 2 (a launch that overlaps the one before it): let the next kernel launch at once.  Chained or
+        overlapping, a program without a block returns at once, but block 0's waits first: a launch with no
+        blocks still ends only after the one before it, which the next one's wait relies on."""
+        if PDL == 2:
+            _gdc(True, WAIT=False)
+        if PDL > 0:
+            if (e < 0) & (pid_m + pid_n == 0):
+                _gdc(True, LAUNCH=False)
+
+    @gluon.jit
     def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr, num_pairs, H, I, stride_x, brow_ptr,
                       tail0, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
                       BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
                       NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0, ALPHA: gl.constexpr = 1.702,
-                      BETA: gl.constexpr = 1.0, LIMIT: gl.constexpr = 7.0, PDL: gl.constexpr = False):
+                      BETA: gl.constexpr = 1.0, LIMIT: gl.constexpr = 7.0, PDL: gl.constexpr = 0):
         """GEMM1 + activation for one (row block of one expert, BN intermediate columns) of the hidden states in
         slot order (``_slot_order_kernel``): the intermediate ``[rows, I]`` bf16, each 64-column piece in slot
         order too (GEMM2's A operand).  With ``TAIL`` the blocks are ``align``'s schedule: each starts at grouped
         row ``brow``, and those from ``tail0`` on are ``TAIL``-row tail blocks (one launch runs both)."""
         e, pid_m, pid_n = _block(bexp_ptr, NFIRST)
+        _start(e, pid_m, pid_n, PDL)
         if e < 0:
             return
         if TAIL > 0:
@@ -343,6 +358,7 @@ if AVAILABLE:
         else:
             _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e,
                          pid_m * BM, pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT, PDL)
+        _gdc(PDL == 2, LAUNCH=False)  # overlapping the launch before: end only after it
 
     @gluon.jit
     def _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0, pid_n,
@@ -386,11 +402,12 @@ if AVAILABLE:
     def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I, brow_ptr,
                       tail0, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
                       STAGES: gl.constexpr, NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0,
-                      PDL: gl.constexpr = False):
+                      PDL: gl.constexpr = 0):
         """GEMM2 for one (row block, BN hidden columns): each pair's row times its routing weight into
         ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies).  Tail
         blocks as in ``_gemm1_kernel``."""
         e, pid_m, pid_n = _block(bexp_ptr, NFIRST)
+        _start(e, pid_m, pid_n, PDL)
         if e < 0:
             return
         if TAIL > 0:
@@ -404,6 +421,7 @@ if AVAILABLE:
         else:
             _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, pid_m * BM,
                          pid_n, BM, BN, BK, NW, STAGES, REM, PDL)
+        _gdc(PDL == 2, LAUNCH=False)
 
     @gluon.jit
     def _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
@@ -461,24 +479,40 @@ if triton is not None:
         tl.store(out_ptr + t * H + p, tl.load(x_ptr + t * stride_x + k, mask=p < H), mask=p < H)
 
 
-def gemm1_constexprs(c, *, top_k: int, gated: bool, hidden: int, nfirst: bool, act: dict, pdl: bool = False) -> dict:
+# a launch's place in a chain of launches (the kernels' PDL): none, chained (waits for the launch before it,
+# then lets the next one start), overlapping (lets the next one start at once, ends after the launch before it)
+ALONE, CHAINED, OVERLAPS = 0, 1, 2
+
+
+def gemm1_constexprs(c, *, top_k: int, gated: bool, hidden: int, nfirst: bool, act: dict, pdl: int = ALONE) -> dict:
     """GEMM1's compile-time arguments for tile config ``c`` (``act``: the activation's, ``epilogue_args``)."""
     return dict(TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst,
-                REM=hidden // c.bk1 % c.stages1, TAIL=c.tail if c.inline_tails else 0, PDL=pdl, **act)
+                REM=hidden // c.bk1 % c.stages1, TAIL=c.tail if c.inline_tails else 0, PDL=int(pdl), **act)
 
 
-def gemm2_constexprs(c, *, inter: int, nfirst: bool, pdl: bool = False) -> dict:
+def gemm2_constexprs(c, *, inter: int, nfirst: bool, pdl: int = ALONE) -> dict:
     """GEMM2's compile-time arguments for tile config ``c``."""
     return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst,
-                REM=inter // c.bk2 % c.stages2, TAIL=c.tail if c.inline_tails else 0, PDL=pdl)
+                REM=inter // c.bk2 % c.stages2, TAIL=c.tail if c.inline_tails else 0, PDL=int(pdl))
+
+
+def launch_roles(launches: int, pdl: bool, overlap: bool):
+    """``(GEMM1's, GEMM2's)`` ``(kernel PDL, launched as dependent)`` for each of ``launches`` launches (main,
+    then tail): all chained with ``pdl``; with ``overlap`` and a tail launch, each tail launch overlaps its main
+    launch, and GEMM2's main launch waits for GEMM1's tail launch, which ends after GEMM1's main launch."""
+    if overlap and launches == 2:
+        return [(CHAINED if pdl else OVERLAPS, pdl), (OVERLAPS, True)], [(CHAINED, True), (OVERLAPS, True)]
+    return ([(CHAINED if pdl else ALONE, pdl)] * launches,) * 2
 
 
 def run_wgmma_tiles(launch, launches, brow, tail0, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k,
-                    gated, act, pdl=False):
+                    gated, act, pdl=False, overlap=False):
     """GEMM1 then GEMM2 of each ``(tile config, sorted rows, intermediate rows, block map, blocks)`` in
     ``launches`` (:func:`triton_tiles.run_tiles`' list) on these tiles; with ``inline_tails`` one launch over
     ``align``'s schedule (first rows ``brow``, tail rows from ``tail0``); ``y [1, pairs, hidden]``.  ``pdl``:
-    the launches chained by programmatic dependent launch (the grouping's before them, the combine after)."""
+    the launches chained by programmatic dependent launch (the grouping's before them, the combine after).
+    ``overlap`` (a main and a tail launch): each tail launch starts while its main launch runs and ends after it;
+    GEMM2's main launch waits for GEMM1's tail launch, and so for both GEMM1 launches."""
     from moe_passes.kernels.triton_tiles import tile_grid
 
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
@@ -486,15 +520,18 @@ def run_wgmma_tiles(launch, launches, brow, tail0, hidden_states, weights, topk_
     x = torch.empty(tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
     launch(_slot_order_kernel, (tokens, triton.cdiv(hidden, 1024)), hidden_states, x, hidden, hidden_states.stride(0),
            BLOCK=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
-    for c, rows_ids, rows_inter, block_map, nblocks in launches:
+    roles = launch_roles(len(launches), pdl, overlap)
+    for i, (c, rows_ids, rows_inter, block_map, nblocks) in enumerate(launches):
         rows0 = brow if c.inline_tails else block_map  # read only with inline tails
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
+        role, dependent = roles[0][i]
         launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map, rows_inter,
-               pairs, hidden, inter, x.stride(0), rows0, tail0, num_warps=c.warps1, launch_pdl=pdl,
-               **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=nfirst, act=act, pdl=pdl))
-    for c, rows_ids, rows_inter, block_map, nblocks in launches:
+               pairs, hidden, inter, x.stride(0), rows0, tail0, num_warps=c.warps1, launch_pdl=dependent,
+               **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=nfirst, act=act, pdl=role))
+    for i, (c, rows_ids, rows_inter, block_map, nblocks) in enumerate(launches):
         rows0 = brow if c.inline_tails else block_map
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
+        role, dependent = roles[1][i]
         launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
-               pairs, hidden, inter, rows0, tail0, num_warps=c.warps2, launch_pdl=pdl,
-               **gemm2_constexprs(c, inter=inter, nfirst=nfirst, pdl=pdl))
+               pairs, hidden, inter, rows0, tail0, num_warps=c.warps2, launch_pdl=dependent,
+               **gemm2_constexprs(c, inter=inter, nfirst=nfirst, pdl=role))

@@ -190,7 +190,8 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
             return done
         plan = plan.fallback
     cfg = plan.config
-    pdl = cfg.chains and options.pdl and pdl_supported(device)
+    pdl_ok = options.pdl and pdl_supported(device)
+    pdl = cfg.chains and pdl_ok
     counts = None if cfg.bm == 1 else torch.empty(experts, dtype=torch.int32, device=device)  # zeroed by route
     topk_w, topk_ids = route(router_logits, top_k, routing, routing_bias, n_group, topk_group, routed_scaling_factor,
                              zero=counts, pdl=pdl, routing_params=routing_params)
@@ -203,7 +204,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     y = torch.empty(split, pairs, hidden, dtype=rows_dtype, device=device)
     variant = decode_tc if isinstance(cfg, DecodeConfig) else run_tiles
     variant(hidden_states, weights, flat_ids, topk_w, counts, y, cfg, pairs=pairs, experts=experts, hidden=hidden,
-            inter=inter, top_k=top_k, gated=gated, activation=activation, k_per_split=k_per_split, pdl=pdl,
+            inter=inter, top_k=top_k, gated=gated, activation=activation, k_per_split=k_per_split, pdl=pdl_ok,
             one_program=plan.one_program_grouping, activation_params=params, w13_bias=w13_bias, w2_bias=w2_bias)
     block = 1024
     launch(combine_kernel, (tokens, triton.cdiv(hidden, block)), y, out, pairs, hidden, out.stride(0),

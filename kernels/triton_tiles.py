@@ -284,7 +284,10 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     """Group the pairs into ``cfg.bm``-row blocks (and tail blocks), then GEMM1 and GEMM2 over them, each once
     per block size; ``y [splits, pairs, hidden]`` fp32 gets the weighted rows, GEMM2's K split in steps of
     ``k_per_split`` elements.  ``counts``: int32 ``[experts]``, zeroed by the routing.  ``w13_bias [E, N1]`` /
-    ``w2_bias [E, hidden]``: contiguous fp32 expert biases or None."""
+    ``w2_bias [E, hidden]``: contiguous fp32 expert biases or None.  ``pdl``: programmatic dependent launch may
+    be used (the launches chained where ``cfg.chains``; ``cfg.overlap`` needs it too)."""
+    overlap = pdl and cfg.overlap and not cfg.inline_tails
+    pdl = pdl and cfg.chains
     if cfg.wgmma and (y.shape[0] != 1
                       or not gluon_tiles.takes(hidden, inter, w13_bias is not None or w2_bias is not None)):
         raise MoEConfigError(f"TileConfig wgmma: hidden ({hidden}) and intermediate ({inter}) sizes must be multiples "
@@ -312,7 +315,7 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     if cfg.wgmma:
         return gluon_tiles.run_wgmma_tiles(launch, launches, brow, main_rows, hidden_states, weights, topk_w, y,
                                            pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, act=act,
-                                           pdl=pdl)
+                                           pdl=pdl, overlap=overlap)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         launch(_gemm1_kernel, grid1, hidden_states, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map,

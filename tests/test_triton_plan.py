@@ -82,10 +82,10 @@ def test_every_plan_follows_the_table_and_its_config_fits(device, gluon_availabl
             assert cfg == dataclasses.replace(cfg)  # re-validates (__post_init__)
             assert cfg.bm == {"pair_decode": 1, "grouped_decode": 8, "grouped_decode16": 16}.get(p.variant, cfg.bm)
             assert not p.variant.startswith("tiles") or cfg.bm == int(p.variant[5:])
-            # every tile plan takes the wgmma tiles exactly where they fit; their tails run in the main launch
-            # exactly where the layer is ungated
+            # every tile plan takes the wgmma tiles exactly where they fit; their tail launches overlap the main
+            # ones exactly there
             assert not p.variant.startswith("tiles") or cfg.wgmma == fits
-            assert getattr(cfg, "inline_tails", False) == (fits and bool(getattr(cfg, "tail", 0)) and not shape.gated)
+            assert getattr(cfg, "overlap", False) == (fits and bool(getattr(cfg, "tail", 0)))
             # K splits are powers of two, capped, and leave every part at least 256 elements
             for split, k, most in ((getattr(cfg, "split1", 1), problem.hidden, 8), (cfg.split2, problem.inter, 8)):
                 assert split & (split - 1) == 0 and split <= most and (split == 1 or k >= 256 * split)
