@@ -99,8 +99,7 @@ def compile_kernel(fn, kernel_args: dict, constexprs: dict, warps: int, stages: 
 
 def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     """``(plan, [(label, fn, kernel_args, constexprs, warps, stages)])`` of one shape and token count: GEMM1 and
-    GEMM2 of the main blocks, then of the tail blocks (with ``inline_tails`` one kernel each runs both); the list is
-    empty where the plan is not the tiles."""
+    GEMM2 of the main blocks, then of the tail blocks; the list is empty where the plan is not the tiles."""
     from moe_passes.kernels import gluon_tiles
     from moe_passes.kernels import triton_tiles as tt
     from moe_passes.kernels.triton_common import epilogue_args
@@ -123,18 +122,14 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
                   bexp_ptr=("*i32", 0), num_pairs=("i32", pairs), H=("i32", hidden), I=("i32", inter))
     args1 = dict(common, x_ptr=("*bf16", 0), out_ptr=("*bf16", 0), stride_x=("i32", hidden))
     args2 = dict(common, a_ptr=("*bf16", 0), tw_ptr=("*fp32", 0), y_ptr=(rows, 0), k_per_split=("i32", per_split))
-    # the tail blocks' own launch, unless they run in the main one (inline_tails)
-    launches = (("main", cfg), ("tail", cfg.tail_tiles())) if cfg.tail and not cfg.inline_tails else (("", cfg),)
+    launches = (("main", cfg), ("tail", cfg.tail_tiles())) if cfg.tail else (("", cfg),)
     kernels = []
     roles1, roles2 = gluon_tiles.launch_roles(len(launches), cfg.chains, cfg.overlap)
     for i, (which, c) in enumerate(launches):
         if c.wgmma:
-            label = f"{which} GEMM%d wgmma bm{c.bm}" + (f" +tail{c.tail}" if c.inline_tails else "")
-            # the schedule's rows are read only with inline tails; tail0: run_tiles' main rows
-            sched = dict(brow_ptr=("*i32", 0), tail0=("i32", (-(-pairs // c.bm) + min(pairs, experts)) * c.bm))
-            wargs2 = dict({k: v for k, v in args2.items() if k != "k_per_split"}, **sched)  # GEMM2 unsplit
-            kernels.append((f"{label % 1} bn{c.bn1} w{c.warps1}".strip(), gluon_tiles._gemm1_kernel,
-                            dict(args1, **sched),
+            label = f"{which} GEMM%d wgmma bm{c.bm}"
+            wargs2 = {k: v for k, v in args2.items() if k != "k_per_split"}  # GEMM2 unsplit
+            kernels.append((f"{label % 1} bn{c.bn1} w{c.warps1}".strip(), gluon_tiles._gemm1_kernel, args1,
                             gluon_tiles.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=c.nfirst,
                                                            act=act, pdl=roles1[i][0]),
                             c.warps1, c.stages1))

@@ -334,30 +334,20 @@ if AVAILABLE:
                 _gdc(True, LAUNCH=False)
 
     @gluon.jit
-    def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr, num_pairs, H, I, stride_x, brow_ptr,
-                      tail0, TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
+    def _gemm1_kernel(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, out_ptr, num_pairs, H, I, stride_x,
+                      TOP_K: gl.constexpr, GATED: gl.constexpr, ACT: gl.constexpr, BM: gl.constexpr,
                       BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr, STAGES: gl.constexpr,
-                      NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0, ALPHA: gl.constexpr = 1.702,
+                      NFIRST: gl.constexpr, REM: gl.constexpr, ALPHA: gl.constexpr = 1.702,
                       BETA: gl.constexpr = 1.0, LIMIT: gl.constexpr = 7.0, PDL: gl.constexpr = 0):
         """GEMM1 + activation for one (row block of one expert, BN intermediate columns) of the hidden states in
         slot order (``_slot_order_kernel``): the intermediate ``[rows, I]`` bf16, each 64-column piece in slot
-        order too (GEMM2's A operand).  With ``TAIL`` the blocks are ``align``'s schedule: each starts at grouped
-        row ``brow``, and those from ``tail0`` on are ``TAIL``-row tail blocks (one launch runs both)."""
+        order too (GEMM2's A operand)."""
         e, pid_m, pid_n = _block(bexp_ptr, NFIRST)
         _start(e, pid_m, pid_n, PDL)
         if e < 0:
             return
-        if TAIL > 0:
-            row0 = gl.load(brow_ptr + pid_m)
-            if row0 >= tail0:
-                _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0,
-                             pid_n, TOP_K, GATED, ACT, TAIL, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT, PDL)
-            else:
-                _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e, row0,
-                             pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT, PDL)
-        else:
-            _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e,
-                         pid_m * BM, pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT, PDL)
+        _gemm1_block(x_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, out_ptr, num_pairs, H, I, stride_x, e,
+                     pid_m * BM, pid_n, TOP_K, GATED, ACT, BM, BN, BK, NW, STAGES, REM, ALPHA, BETA, LIMIT, PDL)
         _gdc(PDL == 2, LAUNCH=False)  # overlapping the launch before: end only after it
 
     @gluon.jit
@@ -399,28 +389,17 @@ if AVAILABLE:
         gl.store(out_ptr + rows_o.to(gl.int64)[:, None] * I + cols[None, :], h, mask=(n_o < I)[None, :])
 
     @gluon.jit
-    def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I, brow_ptr,
-                      tail0, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
-                      STAGES: gl.constexpr, NFIRST: gl.constexpr, REM: gl.constexpr, TAIL: gl.constexpr = 0,
-                      PDL: gl.constexpr = 0):
+    def _gemm2_kernel(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, bexp_ptr, tw_ptr, y_ptr, num_pairs, H, I,
+                      BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr,
+                      STAGES: gl.constexpr, NFIRST: gl.constexpr, REM: gl.constexpr, PDL: gl.constexpr = 0):
         """GEMM2 for one (row block, BN hidden columns): each pair's row times its routing weight into
-        ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies).  Tail
-        blocks as in ``_gemm1_kernel``."""
+        ``y [pairs, H]`` (y's dtype); the intermediate rows are in slot order already (16-byte copies)."""
         e, pid_m, pid_n = _block(bexp_ptr, NFIRST)
         _start(e, pid_m, pid_n, PDL)
         if e < 0:
             return
-        if TAIL > 0:
-            row0 = gl.load(brow_ptr + pid_m)
-            if row0 >= tail0:
-                _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
-                             TAIL, BN, BK, NW, STAGES, REM, PDL)
-            else:
-                _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, row0, pid_n,
-                             BM, BN, BK, NW, STAGES, REM, PDL)
-        else:
-            _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, pid_m * BM,
-                         pid_n, BM, BN, BK, NW, STAGES, REM, PDL)
+        _gemm2_block(a_ptr, w_ptr, s_ptr, gs_ptr, sorted_ptr, tw_ptr, y_ptr, num_pairs, H, I, e, pid_m * BM,
+                     pid_n, BM, BN, BK, NW, STAGES, REM, PDL)
         _gdc(PDL == 2, LAUNCH=False)
 
     @gluon.jit
@@ -487,13 +466,13 @@ ALONE, CHAINED, OVERLAPS = 0, 1, 2
 def gemm1_constexprs(c, *, top_k: int, gated: bool, hidden: int, nfirst: bool, act: dict, pdl: int = ALONE) -> dict:
     """GEMM1's compile-time arguments for tile config ``c`` (``act``: the activation's, ``epilogue_args``)."""
     return dict(TOP_K=top_k, GATED=gated, BM=c.bm, BN=c.bn1, BK=c.bk1, NW=c.warps1, STAGES=c.stages1, NFIRST=nfirst,
-                REM=hidden // c.bk1 % c.stages1, TAIL=c.tail if c.inline_tails else 0, PDL=int(pdl), **act)
+                REM=hidden // c.bk1 % c.stages1, PDL=int(pdl), **act)
 
 
 def gemm2_constexprs(c, *, inter: int, nfirst: bool, pdl: int = ALONE) -> dict:
     """GEMM2's compile-time arguments for tile config ``c``."""
     return dict(BM=c.bm, BN=c.bn2, BK=c.bk2, NW=c.warps2, STAGES=c.stages2, NFIRST=nfirst,
-                REM=inter // c.bk2 % c.stages2, TAIL=c.tail if c.inline_tails else 0, PDL=int(pdl))
+                REM=inter // c.bk2 % c.stages2, PDL=int(pdl))
 
 
 def launch_roles(launches: int, pdl: bool, overlap: bool):
@@ -505,14 +484,14 @@ def launch_roles(launches: int, pdl: bool, overlap: bool):
     return ([(CHAINED if pdl else ALONE, pdl)] * launches,) * 2
 
 
-def run_wgmma_tiles(launch, launches, brow, tail0, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k,
-                    gated, act, pdl=False, overlap=False):
+def run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y, *, pairs, hidden, inter, top_k, gated, act,
+                    pdl=False, overlap=False):
     """GEMM1 then GEMM2 of each ``(tile config, sorted rows, intermediate rows, block map, blocks)`` in
-    ``launches`` (:func:`triton_tiles.run_tiles`' list) on these tiles; with ``inline_tails`` one launch over
-    ``align``'s schedule (first rows ``brow``, tail rows from ``tail0``); ``y [1, pairs, hidden]``.  ``pdl``:
-    the launches chained by programmatic dependent launch (the grouping's before them, the combine after).
-    ``overlap`` (a main and a tail launch): each tail launch starts while its main launch runs and ends after it;
-    GEMM2's main launch waits for GEMM1's tail launch, and so for both GEMM1 launches."""
+    ``launches`` (:func:`triton_tiles.run_tiles`' list: the main blocks', then the tail blocks') on these tiles;
+    ``y [1, pairs, hidden]``.  ``pdl``: the launches chained by programmatic dependent launch (the grouping's
+    before them, the combine after).  ``overlap`` (a main and a tail launch): each tail launch starts while its
+    main launch runs and ends after it; GEMM2's main launch waits for GEMM1's tail launch, and so for both GEMM1
+    launches."""
     from moe_passes.kernels.triton_tiles import tile_grid
 
     w13, w13_scale, w13_gs, w2, w2_scale, w2_gs = weights
@@ -522,16 +501,14 @@ def run_wgmma_tiles(launch, launches, brow, tail0, hidden_states, weights, topk_
            BLOCK=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
     roles = launch_roles(len(launches), pdl, overlap)
     for i, (c, rows_ids, rows_inter, block_map, nblocks) in enumerate(launches):
-        rows0 = brow if c.inline_tails else block_map  # read only with inline tails
         grid1, nfirst = tile_grid(c, nblocks, triton.cdiv(inter, c.bn1))
         role, dependent = roles[0][i]
         launch(_gemm1_kernel, grid1, x, w13, w13_scale.view(torch.uint8), w13_gs, rows_ids, block_map, rows_inter,
-               pairs, hidden, inter, x.stride(0), rows0, tail0, num_warps=c.warps1, launch_pdl=dependent,
+               pairs, hidden, inter, x.stride(0), num_warps=c.warps1, launch_pdl=dependent,
                **gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, nfirst=nfirst, act=act, pdl=role))
     for i, (c, rows_ids, rows_inter, block_map, nblocks) in enumerate(launches):
-        rows0 = brow if c.inline_tails else block_map
         grid2, nfirst = tile_grid(c, nblocks, triton.cdiv(hidden, c.bn2))
         role, dependent = roles[1][i]
         launch(_gemm2_kernel, grid2, rows_inter, w2, w2_scale.view(torch.uint8), w2_gs, rows_ids, block_map, topk_w, y,
-               pairs, hidden, inter, rows0, tail0, num_warps=c.warps2, launch_pdl=dependent,
+               pairs, hidden, inter, num_warps=c.warps2, launch_pdl=dependent,
                **gemm2_constexprs(c, inter=inter, nfirst=nfirst, pdl=role))

@@ -32,54 +32,23 @@ if triton is not None:
     @triton.jit
     def _starts_kernel(counts_ptr, starts_ptr, bexp_ptr, tidx_ptr, texp_ptr, max_blocks, max_tails,
                        E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, CF: tl.constexpr, BT: tl.constexpr = 0,
-                       SCHED: tl.constexpr = False, brow_ptr=None, PDL: tl.constexpr = False):
+                       PDL: tl.constexpr = False):
         """Grouping, step 2 (one program): each expert's first row (its rows padded to whole BM-row blocks)
         and the expert of every block (-1 past the last used one).  With tail blocks (``BT`` > 0) an expert's
         last rows, when at most ``BT`` remain past its whole blocks, get a tail block instead: its index among
-        the tails and the expert of every tail block likewise.  With ``SCHED`` the main and tail blocks are
-        instead listed in one order, each expert's main blocks then its tail: the expert (``bexp``) and first
-        grouped row (``brow``) of each."""
+        the tails and the expert of every tail block likewise."""
         gdc(PDL)
         e_idx = tl.arange(0, EP)
         counts = tl.load(counts_ptr + e_idx, mask=e_idx < E, other=0)
         padded = _main_rows(counts, BM, BT)
         ends = tl.cumsum(padded, axis=0)
         tl.store(starts_ptr + e_idx, ends - padded, mask=e_idx < E)
-        if not SCHED:
-            _block_experts(ends, bexp_ptr, max_blocks, BM, E, CF)
+        _block_experts(ends, bexp_ptr, max_blocks, BM, E, CF)
         if BT > 0:
             tails = (counts > padded).to(tl.int32)
             tends = tl.cumsum(tails, axis=0)
             tl.store(tidx_ptr + e_idx, tends - tails, mask=e_idx < E)
-            if SCHED:
-                _schedule(padded, tails, bexp_ptr, brow_ptr, max_blocks + max_tails, max_blocks * BM, BM, BT, E,
-                          EP, CF)
-            else:
-                _block_experts(tends, texp_ptr, max_tails, 1, E, CF)
-
-    @triton.jit
-    def _schedule(padded, tails, bexp_ptr, brow_ptr, n_slots, tail0, BM: tl.constexpr, BT: tl.constexpr,
-                  E: tl.constexpr, EP: tl.constexpr, CF: tl.constexpr):
-        """Slot ``s`` of ``n_slots``: the expert and first grouped row of the ``s``-th block when each expert's
-        ``padded / BM`` main blocks are followed by its tail block (if ``tails``), experts in order; -1 past the
-        last.  Per-expert sums over the experts wholly before a slot give its expert's first slot, main row and
-        tail index."""
-        blocks = padded // BM
-        cnt = blocks + tails
-        send = tl.cumsum(cnt, axis=0)
-        e_idx = tl.arange(0, EP)
-        for s0 in range(0, n_slots, CF):
-            s = s0 + tl.arange(0, CF)
-            before = send[None, :] <= s[:, None]
-            ex = tl.sum(before.to(tl.int32), axis=1)
-            first = tl.sum(tl.where(before, cnt[None, :], 0), axis=1)
-            row = tl.sum(tl.where(before, padded[None, :], 0), axis=1)
-            tidx = tl.sum(tl.where(before, tails[None, :], 0), axis=1)
-            own = tl.sum(tl.where(e_idx[None, :] == ex[:, None], blocks[None, :], 0), axis=1)
-            k = s - first
-            row = tl.where(k < own, row + k * BM, tail0 + tidx * BT)
-            tl.store(bexp_ptr + s, tl.where(ex >= E, -1, ex), mask=s < n_slots)
-            tl.store(brow_ptr + s, row, mask=s < n_slots)
+            _block_experts(tends, texp_ptr, max_tails, 1, E, CF)
 
     @triton.jit
     def _block_experts(ends, bexp_ptr, n_blocks, UNIT: tl.constexpr, E: tl.constexpr, CF: tl.constexpr):
@@ -161,8 +130,8 @@ if triton is not None:
 
 
 def align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, max_blocks: int, pdl: bool = False,
-          tail: int = 0, max_tails: int = 0, *, one_program: bool, schedule: bool = False):
-    """``(sorted_ids, bexp, brow)``: the pairs grouped by expert into BM-row blocks, in one program
+          tail: int = 0, max_tails: int = 0, *, one_program: bool):
+    """``(sorted_ids, bexp)``: the pairs grouped by expert into BM-row blocks, in one program
     (``one_program``: the planner's ``one_program_grouping``) or in three short launches (atomic ranks,
     block map, scatter); no sort.
 
@@ -170,9 +139,7 @@ def align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, 
     rank's expert, expert parallel) are left out: no row holds them.  With ``tail`` > 0 an
     expert's last ``tail`` rows or fewer go to a tail block instead: the tail blocks' rows follow the
     ``max_blocks * bm`` main rows, and ``bexp`` (``[max_blocks + max_tails]``) maps the main blocks, then the tail
-    blocks, to experts (-1: unused); ``brow`` is None.  With ``schedule`` (and tails) the blocks are listed for one
-    launch over both, each expert's tail right after its main blocks (the programs that share an expert's weights
-    run together, while they are in L2): ``bexp`` the expert and ``brow`` the first grouped row of each.
+    blocks, to experts (-1: unused).
 
     Measured on the H200 (whole layer, captured): 120-130 us a call faster than torch's stable sort at
     1024-4096 tokens, and never slower than an earlier one-program design (Gemma-4 256 tokens 477 -> 381 us).
@@ -190,22 +157,19 @@ def align(flat_ids: torch.Tensor, counts: torch.Tensor, bm: int, max_rows: int, 
         launch(_group_kernel, (1,), flat_ids, counts, starts, sorted_ids, bexp, n, max_rows, max_blocks, E=experts,
                EP=next_pow2(experts), P=next_pow2(n), MB=next_pow2(max_blocks),
                MR=next_pow2(max_rows), BM=bm, RB=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
-        return sorted_ids, bexp, None
+        return sorted_ids, bexp
     rank = torch.empty(n, dtype=torch.int32, device=device)
-    texp = tidx = brow = None
-    schedule = schedule and tail > 0
+    texp = tidx = None
     if tail:
         texp = bexp[max_blocks:]
         tidx = torch.empty(experts, dtype=torch.int32, device=device)
-    if schedule:
-        brow = torch.empty_like(bexp)
     block = 1024
     launch(_rank_kernel, (triton.cdiv(max_rows, block),), flat_ids, counts, rank, sorted_ids, n, max_rows,
            BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
     launch(_starts_kernel, (1,), counts, starts, bexp, tidx if tail else starts, texp if tail else bexp, max_blocks,
-           max_tails if tail else 0, E=experts, EP=next_pow2(experts), BM=bm, CF=64, BT=tail, SCHED=schedule,
-           brow_ptr=brow, PDL=pdl, num_warps=4, launch_pdl=pdl)
+           max_tails if tail else 0, E=experts, EP=next_pow2(experts), BM=bm, CF=64, BT=tail, PDL=pdl, num_warps=4,
+           launch_pdl=pdl)
     launch(_scatter_kernel, (triton.cdiv(n, block),), flat_ids, rank, starts, counts, tidx if tail else starts,
            sorted_ids, n, max_blocks * bm, BLOCK=block, BM=bm, BT=tail, PDL=pdl, num_warps=4, launch_pdl=pdl)
-    return sorted_ids, bexp, brow
+    return sorted_ids, bexp
 

@@ -112,9 +112,7 @@ class TileConfig:
     ``wgmma``: the Gluon kernels of :mod:`gluon_tiles` (weights as wgmma's register operand) instead of
     ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8, ``bk*`` 64, ``stages*`` the slots (2-4) of the
     shared-memory ring that carries each K step's token tile and weight pieces; ``swap`` and ``wprefetch`` do not
-    apply.  ``inline_tails`` (wgmma with tails): the tail blocks in the main blocks' launch, each expert's tail
-    right after its main blocks (the grouping's schedule), instead of a launch of their own.  ``overlap`` (wgmma
-    with a tail launch, where programmatic dependent launch is on): each tail launch starts while its main launch
+    apply.  ``overlap`` (wgmma with tails, where programmatic dependent launch is on): each tail launch starts while its main launch
     still runs (it reads nothing that launch writes) and ends after it.
     """
 
@@ -133,7 +131,6 @@ class TileConfig:
     nfirst: bool = False
     tail: int = 0
     wgmma: bool = False
-    inline_tails: bool = False
     overlap: bool = False
 
     def __post_init__(self):
@@ -153,9 +150,6 @@ class TileConfig:
             raise MoEConfigError(f"TileConfig wgmma: blocks of 16-256 rows (a multiple of 16), K steps of 64, column "
                                  f"tiles of 64 or 128 with 4 warps or 128 with 8, 2-4 stages and no GEMM2 K "
                                  f"split (got {self})")
-        if self.inline_tails and not (self.wgmma and self.tail):
-            raise MoEConfigError(f"TileConfig inline_tails: tail blocks in the main launch are a wgmma tiles' option "
-                                 f"and need tails (got wgmma={self.wgmma}, tail={self.tail})")
 
     @property
     def chains(self) -> bool:
@@ -172,7 +166,7 @@ class TileConfig:
         64 (the wgmma tiles: the main tiles with ``tail`` rows); warps, stages, prefetch and grid order as the
         main blocks'."""
         if self.wgmma:  # any row count is one wgmma N: the same tiles, fewer rows
-            return dataclasses.replace(self, bm=self.tail, tail=0, inline_tails=False)
+            return dataclasses.replace(self, bm=self.tail, tail=0)
         shape = _SWAPPED_TILES if self.tail <= 32 else _TILES_64
         return dataclasses.replace(self, bm=self.tail if self.tail <= 32 else 64, tail=0, **shape)
 

@@ -578,7 +578,7 @@ def decode_tc(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: DecodeCo
     inter_buf = torch.empty(pairs, inter, dtype=torch.bfloat16, device=device)
     if cfg.grouped:
         blocks = triton.cdiv(pairs, cfg.bm) + min(pairs, experts)
-        sorted_ids, bexp, _ = align(flat_ids, counts, cfg.bm, blocks * cfg.bm, blocks, pdl, one_program=one_program)
+        sorted_ids, bexp = align(flat_ids, counts, cfg.bm, blocks * cfg.bm, blocks, pdl, one_program=one_program)
     else:  # the kernels take them as unused pointers
         blocks = pairs
         sorted_ids = bexp = flat_ids

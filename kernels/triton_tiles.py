@@ -286,7 +286,7 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     ``k_per_split`` elements.  ``counts``: int32 ``[experts]``, zeroed by the routing.  ``w13_bias [E, N1]`` /
     ``w2_bias [E, hidden]``: contiguous fp32 expert biases or None.  ``pdl``: programmatic dependent launch may
     be used (the launches chained where ``cfg.chains``; ``cfg.overlap`` needs it too)."""
-    overlap = pdl and cfg.overlap and not cfg.inline_tails
+    overlap = pdl and cfg.overlap
     pdl = pdl and cfg.chains
     if cfg.wgmma and (y.shape[0] != 1
                       or not gluon_tiles.takes(hidden, inter, w13_bias is not None or w2_bias is not None)):
@@ -299,21 +299,17 @@ def run_tiles(hidden_states, weights, flat_ids, topk_w, counts, y, cfg: TileConf
     main_rows = max_blocks * bm
     max_tails = min(pairs, experts) if cfg.tail else 0
     max_rows = main_rows + max_tails * cfg.tail
-    # the wgmma tiles run main and tail blocks in one launch, in the grouping's schedule
-    sorted_ids, bexp, brow = align(flat_ids, counts, bm, max_rows, max_blocks, pdl, cfg.tail, max_tails,
-                                   one_program=one_program, schedule=cfg.inline_tails)
+    sorted_ids, bexp = align(flat_ids, counts, bm, max_rows, max_blocks, pdl, cfg.tail, max_tails,
+                             one_program=one_program)
     inter_buf = torch.empty(max_rows, inter, dtype=torch.bfloat16, device=hidden_states.device)
     act, bias1, bias2 = epilogue_args(activation, activation_params, w13_bias, w2_bias)
     # (tile config, its blocks' rows in sorted_ids / inter_buf, their expert map, block count)
-    if cfg.inline_tails:  # one launch over align's schedule
-        launches = [(cfg, sorted_ids, inter_buf, bexp, max_blocks + max_tails)]
-    else:
-        launches = [(cfg, sorted_ids, inter_buf, bexp[:max_blocks], max_blocks)]
-        if cfg.tail:
-            launches.append((cfg.tail_tiles(), sorted_ids[main_rows:], inter_buf[main_rows:], bexp[max_blocks:],
-                             max_tails))
+    launches = [(cfg, sorted_ids, inter_buf, bexp[:max_blocks], max_blocks)]
+    if cfg.tail:
+        launches.append((cfg.tail_tiles(), sorted_ids[main_rows:], inter_buf[main_rows:], bexp[max_blocks:],
+                         max_tails))
     if cfg.wgmma:
-        return gluon_tiles.run_wgmma_tiles(launch, launches, brow, main_rows, hidden_states, weights, topk_w, y,
+        return gluon_tiles.run_wgmma_tiles(launch, launches, hidden_states, weights, topk_w, y,
                                            pairs=pairs, hidden=hidden, inter=inter, top_k=top_k, gated=gated, act=act,
                                            pdl=pdl, overlap=overlap)
     for c, rows_ids, rows_inter, block_map, nblocks in launches:

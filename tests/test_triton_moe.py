@@ -88,12 +88,11 @@ def test_decode_config_refuses_what_its_kernels_do_not_do(change):
 
 
 @pytest.mark.parametrize("change", [dict(tail=64), dict(tail=48), dict(tail=8), dict(tail=16, split2=2),
-                                    dict(tail=16, bm=16, swap=True), dict(inline_tails=True),
-                                    dict(tail=0, inline_tails=True, wgmma=True, stages1=4, stages2=4)])
+                                    dict(tail=16, bm=16, swap=True)])
 def test_tail_blocks_only_behind_the_prefill_tiles(change):
     """Tail blocks (an expert's last rows in smaller tiles) exist behind the 64- and 128-row tiles, in sizes
-    of 16, 32 or 64 rows below the block's and without a GEMM2 K split (the tails share its output rows), and
-    run in the main launch only on the wgmma tiles: anything else is a config error."""
+    of 16, 32 or 64 rows below the block's and without a GEMM2 K split (the tails share its output rows):
+    anything else is a config error."""
     good = TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3, tail=32)
     for tail in (16, 32, 64):
         tiles = dataclasses.replace(good, bm=128, tail=tail).tail_tiles()
@@ -362,8 +361,8 @@ _WGMMA = dict(bk1=64, bk2=64, stages1=3, stages2=3, nfirst=True, wgmma=True)
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("variant", ["wg128_tail32", "wg64_tail16", "wg128_w8", "wg64_bn64", "wg32", "wg16_s4",
-                                     "wg32_s4", "wg128_s4_tail32", "wg128_s2", "wg128_inline32", "wg64_inline16",
-                                     "wg32_s4_k3", "wg128_overlap32", "wg64_overlap16"])
+                                     "wg32_s4", "wg128_s4_tail32", "wg128_s2", "wg32_s4_k3", "wg128_overlap32",
+                                     "wg64_overlap16"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu2"])
 def test_wgmma_tiles(variant, activation):
     """The register-operand wgmma tiles (gluon_tiles) against the reference, against the tl.dot tiles of the
@@ -384,10 +383,6 @@ def test_wgmma_tiles(variant, activation):
         "wg128_s4_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32,
                                       **dict(_WGMMA, stages1=4, stages2=4)),
         "wg128_s2": TileConfig(bm=128, bn1=128, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=2, stages2=2)),
-        # tails in the main launch, after their expert's main blocks
-        "wg128_inline32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, inline_tails=True,
-                                     **dict(_WGMMA, stages1=4, stages2=4)),
-        "wg64_inline16": TileConfig(bm=64, bn1=128, warps1=4, bn2=128, warps2=4, tail=16, inline_tails=True, **_WGMMA),
         # GEMM2's 3 K steps, fewer than the 4-slot ring's turn: only the steps past whole turns run
         "wg32_s4_k3": TileConfig(bm=32, bn1=64, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
         # the tail launches overlapping their main launches
@@ -411,7 +406,7 @@ def test_wgmma_tiles(variant, activation):
                                 config=config)
 
     out = call(x, logits, torch.full_like(ref, float("nan")))
-    dot = call(x, logits, None, dataclasses.replace(cfg, wgmma=False, inline_tails=False))
+    dot = call(x, logits, None, dataclasses.replace(cfg, wgmma=False))
     torch.cuda.synchronize()
     assert not out.isnan().any()
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -785,8 +780,7 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
     """The grouping (one program up to 1024 pairs and 16-row blocks, three launches beyond): every pair in
     exactly one row of a block of its own expert, each expert in the fewest blocks (with tails: its last
     ``tail`` rows or fewer past whole blocks in a tail block of its own), padding rows and unused blocks
-    marked, and the counters left at the experts' pair counts.  With tails, the one-launch schedule lists
-    the same blocks, each expert's main blocks then its tail, by expert and first row."""
+    marked, and the counters left at the experts' pair counts."""
     from moe_passes.kernels.triton_group import align
     from moe_passes.kernels.triton_plan import one_program_grouping
 
@@ -802,10 +796,9 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
     max_tails = min(pairs, experts) if tail else 0
     main_rows = max_blocks * bm
     counts = torch.zeros(experts, dtype=torch.int32, device=device)
-    sorted_ids, bexp, brow = align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks,
-                                   tail=tail, max_tails=max_tails,
-                                   one_program=one_program_grouping(pairs, bm, tail, KernelOptions()))
-    assert brow is None
+    sorted_ids, bexp = align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks,
+                             tail=tail, max_tails=max_tails,
+                             one_program=one_program_grouping(pairs, bm, tail, KernelOptions()))
     assert bexp.shape == (max_blocks + max_tails,)  # the main blocks' experts, then the tail blocks'
     rows = sorted_ids.cpu()[:main_rows].view(max_blocks, bm)
     blocks, texp = bexp.cpu()[:max_blocks], bexp.cpu()[max_blocks:]
@@ -834,17 +827,6 @@ def test_grouping_places_every_pair_once(pairs, experts, bm, spread, tail):
         assert live[torch.repeat_interleave(has_tail, nblocks)].all()
     assert torch.equal(torch.sort(torch.cat(placed)).values, torch.arange(pairs))
     assert torch.equal(counts.cpu(), per_expert.to(torch.int32))
-    if tail:
-        counts.zero_()
-        _, s_exp, s_row = align(ids.to(device), counts, bm, main_rows + max_tails * tail, max_blocks, tail=tail,
-                                max_tails=max_tails, one_program=False, schedule=True)
-        want = []
-        for e in range(experts):
-            want += [(e, b * bm) for b in torch.nonzero(blocks == e).flatten().tolist()]
-            want += [(e, main_rows + t * tail) for t in torch.nonzero(texp == e).flatten().tolist()]
-        s_exp, s_row = s_exp.cpu(), s_row.cpu()
-        assert list(zip(s_exp[:len(want)].tolist(), s_row[:len(want)].tolist())) == want
-        assert (s_exp[len(want):] == -1).all()
 
 
 @pytest.mark.gpu
@@ -1269,8 +1251,8 @@ def test_grouping_leaves_other_ranks_pairs_out(bm, tail, one_program):
     max_blocks = -(-pairs // bm) + min(pairs, experts)
     max_tails = min(pairs, experts) if tail else 0
     main_rows = max_blocks * bm
-    sorted_ids, bexp, _ = align(ids.cuda(), counts, bm, main_rows + max_tails * tail, max_blocks, tail=tail,
-                                max_tails=max_tails, one_program=one_program)
+    sorted_ids, bexp = align(ids.cuda(), counts, bm, main_rows + max_tails * tail, max_blocks, tail=tail,
+                             max_tails=max_tails, one_program=one_program)
     rows = sorted_ids.cpu()
     placed = torch.nonzero(rows < pairs).flatten()
     assert sorted(rows[placed].tolist()) == torch.nonzero(ids >= 0).flatten().tolist()
