@@ -38,6 +38,9 @@ lets the kernel state its layouts, so the weight words are loaded where wgmma wa
   programs fill the SMs the last ones leave.  GEMM2 (and GEMM1) copy the first steps' weight words and scales
   before that wait (weights are final; the expert map and sorted rows come from the grouping, done before the
   kernel ahead started) and the token tiles after it (1.02-1.03x at 128 tokens on Qwen3-30B-A3B and Gemma-4).
+- Elsewhere a tail launch overlaps its main launch (``TileConfig.overlap``): it reads nothing the main launch
+  writes, so the main launch lets it start at once and it waits for the main launch only before it ends; GEMM2's
+  main launch waits for it, and so for both (1.02-1.08x at 1024-4096 tokens, H100).
 
 Limits (the planner only picks these tiles where they hold): hidden and intermediate sizes multiples of 64,
 GEMM2 without a K split, no expert biases, an SM90 GPU and a Triton with Gluon's Hopper API.
