@@ -125,8 +125,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _gdc(PDL: gl.constexpr, WAIT: gl.constexpr = True, LAUNCH: gl.constexpr = True):
-        """With PDL: wait until the previous kernel has finished and its writes are visible, then let the next
-        kernel's programs launch (they fill the SMs this launch's last programs leave, and wait in turn)."""
+        """With PDL: (``WAIT``) wait until the previous kernel has finished and its writes are visible, then
+        (``LAUNCH``) let the next kernel's programs launch (they fill the SMs this launch's last programs leave)."""
         if PDL:
             if WAIT:
                 gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False,

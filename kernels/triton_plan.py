@@ -112,8 +112,8 @@ class TileConfig:
     ``wgmma``: the Gluon kernels of :mod:`gluon_tiles` (weights as wgmma's register operand) instead of
     ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8, ``bk*`` 64, ``stages*`` the slots (2-4) of the
     shared-memory ring that carries each K step's token tile and weight pieces; ``swap`` and ``wprefetch`` do not
-    apply.  ``overlap`` (wgmma with tails, where programmatic dependent launch is on): each tail launch starts while its main launch
-    still runs (it reads nothing that launch writes) and ends after it.
+    apply.  ``overlap`` (wgmma with tails, where programmatic dependent launch is on): each tail launch starts
+    while its main launch still runs (it reads nothing that launch writes) and ends after it.
     """
 
     bm: int
@@ -355,8 +355,8 @@ def _wgmma_fits(p: Problem, d: DeviceInfo) -> bool:
 def _wgmma(cfg: TileConfig, p: Problem) -> TileConfig:
     # a 4-slot ring: 1.01-1.03x the 3-slot one at 1024-4096 tokens on the four benchmark layers (H100).
     # Tail launches overlapping their main launches: 1.02-1.05x at 1024-4096 tokens on the gated layers, and on
-    # Nemotron-3-Nano 1.02-1.08x the tails in the main launch, whose 250-register programs hold two tail programs
-    # an SM where a launch of their own holds four (H100)
+    # Nemotron-3-Nano 1.02-1.08x the tails in the main launch, whose 249-253-register programs hold two tail
+    # programs an SM where a launch of their own holds four (H100)
     return dataclasses.replace(cfg, wgmma=True, stages1=4, stages2=4, wprefetch=False, swap=False, split2=1,
                                overlap=bool(cfg.tail))
 
