@@ -90,7 +90,7 @@ def check(modes, shapes, tokens) -> int:
             for mode, out in zip(modes[1:], outs[1:]):
                 rel = ((out.float() - ref).norm() / ref.norm()).item()
                 # 2e-3: the same products summed in another order; 4e-3 where one mode writes the pair rows in
-                # bf16 (the prefill tiles above triton_moe.bf16_rows' size) and the other in fp32
+                # bf16 (``TileConfig.bf16_rows``) and the other in fp32
                 if not rel < 4e-3:  # also catches NaN
                     bad += 1
                     print(f"MISMATCH {name} {t} tokens: {mode[0]} vs {modes[0][0]}: relative {rel:.2e}", flush=True)

@@ -103,7 +103,6 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     from moe_passes.kernels import gluon_tiles
     from moe_passes.kernels import triton_tiles as tt
     from moe_passes.kernels.triton_common import epilogue_args
-    from moe_passes.kernels.triton_moe import bf16_rows
     from moe_passes.kernels.triton_plan import k_split
 
     hidden, inter, experts, top_k, activation, routing, extra = bench.SHAPES[name]
@@ -116,7 +115,7 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
         return p, []
     pairs = tokens * top_k
     per_split, split = k_split(inter, cfg.split2, cfg.k_step2)
-    rows = "*bf16" if bf16_rows(cfg, split, pairs, hidden) else "*fp32"
+    rows = "*bf16" if cfg.bf16_rows else "*fp32"
     act, _, _ = epilogue_args(activation, None, None, None)
     common = dict(w_ptr=("*u8", 0), s_ptr=("*u8", 0), gs_ptr=("*fp32", 0), sorted_ptr=("*i32", 0),
                   bexp_ptr=("*i32", 0), num_pairs=("i32", pairs), H=("i32", hidden), I=("i32", inter))
@@ -137,7 +136,7 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
                             gluon_tiles.gemm2_constexprs(c, inter=inter, nfirst=c.nfirst, pdl=roles2[i][0]),
                             c.warps2, c.stages2))
             continue
-        pdl = c.chains
+        pdl = cfg.chains  # the call's launches, tails included (run_tiles)
         k1 = tt.gemm1_constexprs(c, top_k=top_k, gated=gated, hidden=hidden, pdl=pdl, nfirst=c.nfirst, act=act)
         k2 = tt.gemm2_constexprs(c, inter=inter, pdl=pdl, nfirst=c.nfirst)
         kernels.append((f"{which} GEMM1 bm{c.bm} bn{c.bn1} bk{c.bk1} w{c.warps1}".strip(), tt._gemm1_kernel, args1,

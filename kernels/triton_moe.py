@@ -200,7 +200,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     flat_ids = topk_ids.reshape(-1)
     pairs = flat_ids.numel()
     k_per_split, split = k_split(inter, cfg.split2, cfg.k_step2)
-    rows_dtype = torch.bfloat16 if bf16_rows(cfg, split, pairs, hidden) else torch.float32
+    rows_dtype = torch.bfloat16 if cfg.bf16_rows else torch.float32
     y = torch.empty(split, pairs, hidden, dtype=rows_dtype, device=device)
     variant = decode_tc if isinstance(cfg, DecodeConfig) else run_tiles
     variant(hidden_states, weights, flat_ids, topk_w, counts, y, cfg, pairs=pairs, experts=experts, hidden=hidden,
@@ -211,19 +211,6 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
            TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl, **(dict(ids_ptr=flat_ids, LOCAL=True) if local else {}),
            num_warps=4, launch_pdl=pdl)
     return out
-
-
-# Pair rows are written in bf16 only where their fp32 buffer would reach this many elements (16 MB): there the
-# traffic is 5-10% of a call; below it bf16 rows save nothing measurable and still cost a rounding per pair.
-BF16_ROWS_MIN_ELEMENTS = 1 << 22
-
-
-def bf16_rows(cfg, split: int, pairs: int, hidden: int) -> bool:
-    """Does GEMM2 write each pair's weighted row in bf16 (one rounding; the combine still sums in fp32)?  Only
-    the prefill tiles (64- and 128-row blocks) without a K split (partial sums stay fp32), on a buffer of at
-    least :data:`BF16_ROWS_MIN_ELEMENTS` (at 2048 tokens it is 100-200 MB, written once and read once)."""
-    return (not isinstance(cfg, DecodeConfig) and cfg.bm >= 64 and split == 1
-            and pairs * hidden >= BF16_ROWS_MIN_ELEMENTS)
 
 
 def _check_biases(w13_bias, w2_bias, experts: int, n1: int, hidden: int, device):

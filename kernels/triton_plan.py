@@ -96,6 +96,7 @@ class DecodeConfig:
         return 8 * self.cols if self.grouped else 1
 
     chains = True  # its launches are chained by programmatic dependent launch
+    bf16_rows = False  # GEMM2 writes fp32 rows (its K splits and the per-pair programs sum into them)
     k_step2 = DECODE_CHUNK  # GEMM2's K split starts on whole chunks
 
 
@@ -113,7 +114,10 @@ class TileConfig:
     ``tl.dot``'s; ``bn*`` 64 or 128 with 4 warps, 128 with 8, ``bk*`` 64, ``stages*`` the slots (2-4) of the
     shared-memory ring that carries each K step's token tile and weight pieces; ``swap`` and ``wprefetch`` do not
     apply.  ``overlap`` (wgmma with tails, where programmatic dependent launch is on): each tail launch starts
-    while its main launch still runs (it reads nothing that launch writes) and ends after it.
+    while its main launch still runs (it reads nothing that launch writes) and ends after it.  ``chains``: the
+    call's launches chained by programmatic dependent launch (where it is on): each kernel's programs start as
+    the one before drains.  ``bf16_rows``: GEMM2 writes each pair's weighted row in bf16 (one rounding before the
+    combine's fp32 sum, numerics.md) instead of fp32; needs an unsplit GEMM2.
     """
 
     bm: int
@@ -132,8 +136,13 @@ class TileConfig:
     tail: int = 0
     wgmma: bool = False
     overlap: bool = False
+    chains: bool = False
+    bf16_rows: bool = False
 
     def __post_init__(self):
+        if self.bf16_rows and self.split2 != 1:
+            raise MoEConfigError(f"TileConfig bf16_rows: GEMM2's K split sums fp32 partial rows, so bf16 rows need "
+                                 f"split2=1 (got {self.split2})")
         if self.bk1 % PIECE or self.bk2 % PIECE or self.bk1 <= 0 or self.bk2 <= 0:
             raise MoEConfigError(f"TileConfig bk1={self.bk1}, bk2={self.bk2}: the tensor-core tiles need K steps that "
                                  "are positive multiples of 64 (one piece of the banded weight layout)")
@@ -150,12 +159,6 @@ class TileConfig:
             raise MoEConfigError(f"TileConfig wgmma: blocks of 16-256 rows (a multiple of 16), K steps of 64, column "
                                  f"tiles of 64 or 128 with 4 warps or 128 with 8, 2-4 stages and no GEMM2 K "
                                  f"split (got {self})")
-
-    @property
-    def chains(self) -> bool:
-        """Launches chained by programmatic dependent launch: the 16-row tiles; prefill calls (0.5-12 ms)
-        launch serially, where chaining gave no consistent gain."""
-        return self.bm <= 16
 
     @property
     def k_step2(self) -> int:
@@ -366,10 +369,10 @@ def _tiles16(p: Problem, d: DeviceInfo) -> TileConfig:
         # GEMM2 programs of 128 columns (two 64-row halves): half the token-tile copies a weight byte, 1.03-1.05x
         # where they were measured apart (DeepSeek-V3 64-128 tokens, Nemotron-3-Nano 64, Qwen3-30B-A3B and
         # Gemma-4 128), never slower (H200); 0.98-1.03x at 64-128 tokens on the four layers (H100)
-        return _wgmma(TileConfig(bm=16, bn1=64, bk1=64, bn2=128, bk2=64, **_PREFILL), p)
+        return _wgmma(TileConfig(bm=16, bn1=64, bk1=64, bn2=128, bk2=64, chains=True, **_PREFILL), p)
     # GEMM2's K split until two column tiles per SM (at most 4)
     split2 = doubled_split(min(p.experts, p.local_pairs) * ((p.hidden + 63) // 64), 2 * d.sm_count, p.inter, 4)
-    return TileConfig(bm=16, split2=split2, **_PREFILL, **_SWAPPED_TILES)
+    return TileConfig(bm=16, split2=split2, chains=True, **_PREFILL, **_SWAPPED_TILES)
 
 
 def _tiles32(p: Problem, d: DeviceInfo) -> TileConfig:
@@ -415,6 +418,21 @@ _BUILD = {
 # Every variant a plan can name: the CUDA decode, then the Triton ones (the table's, and any a caller forces
 # through ``KernelOptions.variant``).
 VARIANTS = ("cuda_decode",) + tuple(_BUILD)
+
+
+# GEMM2 writes bf16 pair rows only where their fp32 buffer would reach this many elements (16 MB): there the
+# traffic is 5-10% of a call; below it bf16 rows save nothing measurable and still cost a rounding per pair.
+BF16_ROWS_MIN_ELEMENTS = 1 << 22
+
+
+def _pair_rows(cfg: Config, p: Problem) -> Config:
+    """bf16 pair rows (``TileConfig.bf16_rows``) for the prefill tiles (64- and 128-row blocks) without a GEMM2
+    K split, on a pair buffer of at least :data:`BF16_ROWS_MIN_ELEMENTS` (at 2048 tokens it is 100-200 MB,
+    written once and read once)."""
+    big = p.pairs * p.hidden >= BF16_ROWS_MIN_ELEMENTS
+    if isinstance(cfg, TileConfig) and cfg.bm >= 64 and cfg.split2 == 1 and big:
+        return dataclasses.replace(cfg, bf16_rows=True)
+    return cfg
 
 
 def one_program_grouping(pairs: int, bm: int, tail: int, options: KernelOptions) -> bool:
@@ -486,7 +504,7 @@ def plan(problem: Problem, device: DeviceInfo, options: Optional[KernelOptions] 
     else:
         wgmma = _wgmma_fits(p, device)
         regime = next(r for r in REGIMES if r.takes(p.tokens, rows, p.gated, p.hidden, wgmma))
-    cfg = _with_overrides(_BUILD[regime.variant](p, device), options)
+    cfg = _with_overrides(_pair_rows(_BUILD[regime.variant](p, device), p), options)
     triton = Plan(regime.variant, cfg, f"{rows:.2f} rows per expert; {regime.why}",
                   one_program_grouping(p.pairs, cfg.bm, getattr(cfg, "tail", 0), options))
     if not options.variant and _cuda_decode_refusal(p, device, options) is None:

@@ -36,7 +36,7 @@ configs = [None, DecodeConfig(grouped=False, ks1=4), DecodeConfig(grouped=False,
            DecodeConfig(grouped=True, cols=2, prefetch=True, early2=1), DecodeConfig(grouped=True, cols=2, split1=2),
            TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3, tail=32),
            TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=3, bn2=64, bk2=128, warps2=4, stages2=3, split2=3,
-                      swap=True)]
+                      swap=True, chains=True)]
 EPILOGUE = {"_tgemv1_kernel", "act_kernel", "_gemm1_kernel", "_tgemv2_kernel", "_gemm2_kernel"}
 
 

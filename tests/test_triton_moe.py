@@ -292,23 +292,23 @@ def test_tile_variants(variant, activation):
         # weight words loaded one K step ahead, also with a K split that starts mid-row (split2=3)
         "mma16_split_pf": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=4, bn2=64, bk2=64, warps2=4,
                                      stages2=4, split2=3, wprefetch=True),
-        # the 16-row default: swap and prefetch (here with a K split of GEMM2 as well)
+        # the 16-row default: swap and prefetch, launches chained (here with a K split of GEMM2 as well)
         "mma16_swap_pf_split": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=3, bn2=64, bk2=128, warps2=4,
-                                          stages2=3, split2=3, swap=True, wprefetch=True),
+                                          stages2=3, split2=3, swap=True, wprefetch=True, chains=True),
         "mma64_pf_swap": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                     stages2=3, swap=True, wprefetch=True),
         "mma128_pf": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
-                                stages2=3, wprefetch=True),
+                                stages2=3, wprefetch=True, bf16_rows=True),
         # an expert's last rows in tail blocks of a second launch: 32-row and 16-row swapped tiles, 64-row tiles
         "mma128_pf_tail32": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
-                                       stages2=3, wprefetch=True, nfirst=True, tail=32),
+                                       stages2=3, wprefetch=True, nfirst=True, tail=32, bf16_rows=True),
         "mma64_pf_tail16": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                       stages2=3, wprefetch=True, tail=16),
         # the half-filled 64-row default of gated layers: 8-warp GEMM1 programs, 4-warp GEMM2
         "mma64_w8g1_pf_tail16": TileConfig(bm=64, bn1=128, bk1=64, warps1=8, stages1=3, bn2=128, bk2=64,
                                            warps2=4, stages2=3, wprefetch=True, nfirst=True, tail=16),
         "mma128_tail64": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
-                                    stages2=3, nfirst=True, tail=64),
+                                    stages2=3, nfirst=True, tail=64, bf16_rows=True),
         "tc_pair": DecodeConfig(grouped=False),
         "tc_pair_split_pf": DecodeConfig(grouped=False, split1=3, split2=2, prefetch=True),
         "tc_group": DecodeConfig(grouped=True),
@@ -372,22 +372,23 @@ def test_wgmma_tiles(variant, activation):
     from moe_passes.kernels.triton_moe import fused_moe_triton, prepare_weights
 
     configs = {
-        "wg128_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, **_WGMMA),
+        "wg128_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, bf16_rows=True, **_WGMMA),
         "wg64_tail16": TileConfig(bm=64, bn1=128, warps1=4, bn2=128, warps2=4, tail=16, **_WGMMA),
-        "wg128_w8": TileConfig(bm=128, bn1=128, warps1=8, bn2=128, warps2=8, **_WGMMA),
+        "wg128_w8": TileConfig(bm=128, bn1=128, warps1=8, bn2=128, warps2=8, bf16_rows=True, **_WGMMA),
         "wg64_bn64": TileConfig(bm=64, bn1=64, warps1=4, bn2=64, warps2=4, **_WGMMA),
         "wg32": TileConfig(bm=32, bn1=64, warps1=4, bn2=128, warps2=4, **_WGMMA),
-        # the planner's: 4-slot rings
-        "wg16_s4": TileConfig(bm=16, bn1=64, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
+        # the planner's: 4-slot rings, the 16-row launches chained
+        "wg16_s4": TileConfig(bm=16, bn1=64, warps1=4, bn2=128, warps2=4, chains=True,
+                              **dict(_WGMMA, stages1=4, stages2=4)),
         "wg32_s4": TileConfig(bm=32, bn1=128, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
-        "wg128_s4_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32,
+        "wg128_s4_tail32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, bf16_rows=True,
                                       **dict(_WGMMA, stages1=4, stages2=4)),
         "wg128_s2": TileConfig(bm=128, bn1=128, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=2, stages2=2)),
         # GEMM2's 3 K steps, fewer than the 4-slot ring's turn: only the steps past whole turns run
         "wg32_s4_k3": TileConfig(bm=32, bn1=64, warps1=4, bn2=128, warps2=4, **dict(_WGMMA, stages1=4, stages2=4)),
         # the tail launches overlapping their main launches
         "wg128_overlap32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, overlap=True,
-                                      **dict(_WGMMA, stages1=4, stages2=4)),
+                                      bf16_rows=True, **dict(_WGMMA, stages1=4, stages2=4)),
         "wg64_overlap16": TileConfig(bm=64, bn1=128, warps1=4, bn2=128, warps2=4, tail=16, overlap=True, **_WGMMA),
     }
     cfg = configs[variant]
@@ -1035,10 +1036,8 @@ def _gpt_oss_check(weights, b13, b2, activation, x, logits, top_k, **call):
     assert not out.isnan().any(), "unwritten (poisoned) or NaN output elements"
     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert rel < 1e-2, f"relative error {rel:.2e}"
-    from moe_passes.kernels.triton_moe import bf16_rows
-
     cfg = call.get("config")
-    if isinstance(cfg, TileConfig) and bf16_rows(cfg, cfg.split2, x.shape[0] * top_k, weights.w2.shape[1]):
+    if cfg is not None and cfg.bf16_rows:
         # The prefill tiles round each pair's weighted row to bf16 before the fp32 sum, so an element's error
         # grows with the sum of its pairs' magnitudes, not with the (possibly cancelling) output: each expert's
         # contribution from the reference alone (its one-expert slice) gives that sum.
@@ -1073,14 +1072,14 @@ _OAI_CONFIGS = {
     "tc_group16": DecodeConfig(grouped=True, cols=2, vec1=True, vec2=True, early2=2),
     "tc_group16_split": DecodeConfig(grouped=True, cols=2, split1=2, split2=3),
     "mma16_swap_pf_split": TileConfig(bm=16, bn1=64, bk1=128, warps1=4, stages1=3, bn2=64, bk2=128, warps2=4,
-                                      stages2=3, split2=3, swap=True, wprefetch=True, nfirst=True),
+                                      stages2=3, split2=3, swap=True, wprefetch=True, nfirst=True, chains=True),
     "mma64": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3),
     "mma64_pf_tail16": TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
                                   stages2=3, wprefetch=True, nfirst=True, tail=16),
     "mma128_pf_tail32": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
-                                   stages2=3, wprefetch=True, nfirst=True, tail=32),
+                                   stages2=3, wprefetch=True, nfirst=True, tail=32, bf16_rows=True),
     "mma128_tail64": TileConfig(bm=128, bn1=64, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4,
-                                stages2=3, nfirst=True, tail=64),
+                                stages2=3, nfirst=True, tail=64, bf16_rows=True),
 }
 
 

@@ -86,6 +86,10 @@ def test_every_plan_follows_the_table_and_its_config_fits(device, gluon_availabl
             # ones exactly there
             assert not p.variant.startswith("tiles") or cfg.wgmma == fits
             assert getattr(cfg, "overlap", False) == (fits and bool(getattr(cfg, "tail", 0)))
+            if isinstance(cfg, TileConfig):  # 16-row calls chain their launches; big prefill calls write bf16 rows
+                assert cfg.chains == (cfg.bm == 16)
+                assert cfg.bf16_rows == (cfg.bm >= 64 and cfg.split2 == 1
+                                         and problem.pairs * problem.hidden >= 1 << 22)
             # K splits are powers of two, capped, and leave every part at least 256 elements
             for split, k, most in ((getattr(cfg, "split1", 1), problem.hidden, 8), (cfg.split2, problem.inter, 8)):
                 assert split & (split - 1) == 0 and split <= most and (split == 1 or k >= 256 * split)
