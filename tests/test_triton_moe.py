@@ -468,6 +468,14 @@ def test_wgmma_tiles_refuse_what_their_kernels_do_not_do(change):
         dataclasses.replace(good, tail=0, **change)
 
 
+def test_bf16_pair_rows_refuse_a_split_gemm2():
+    """GEMM2's K splits add fp32 partial rows, so a config with bf16 pair rows and a K split is refused by name."""
+    cfg = TileConfig(bm=64, bn1=128, bk1=64, warps1=4, stages1=3, bn2=128, bk2=64, warps2=4, stages2=3, bf16_rows=True)
+    assert cfg.bf16_rows and not cfg.chains
+    with pytest.raises(MoEConfigError, match="bf16_rows.*split2=1"):
+        dataclasses.replace(cfg, split2=2)
+
+
 def _graph_of_calls(xs, logits, hidden, call):
     """``call(x, logits, out)`` for every input, back to back in one CUDA graph (warmed up on a side stream
     first), replayed once into NaN-poisoned bf16 outputs ``[tokens, hidden]``; returns copies of them."""
