@@ -46,8 +46,8 @@ from moe_passes.kernels.triton_route import route
 from moe_passes.kernels.triton_tc_decode import decode_tc
 from moe_passes.kernels.triton_tiles import run_tiles
 
-__all__ = ["TRITON_ALIGNMENT", "fused_moe_triton", "plan_call", "prepare_weights", "triton_available",
-           "pdl_supported", "device_info"]
+__all__ = ["TRITON_ALIGNMENT", "fused_moe_triton", "plan_call", "call_problem", "prepare_weights",
+           "triton_available", "pdl_supported", "device_info"]
 
 TRITON_ALIGNMENT = Alignment(hidden=16, intermediate_gated=16, intermediate_plain=16)
 
@@ -181,7 +181,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     if tokens == 0:
         return out
     biases = w13_bias is not None or w2_bias is not None
-    problem = _problem(tokens, weights, top_k, activation, routing, n_group, topk_group, global_num_experts, biases)
+    problem = call_problem(tokens, weights, top_k, activation, routing, n_group, topk_group, global_num_experts, biases)
     plan = plan_call(problem, device, options) if config is None else plan_config(config, problem, options)
     if plan.variant == "cuda_decode":
         done = _cuda_decode(hidden_states, router_logits, weights, top_k, activation, routing, routing_bias,
@@ -242,8 +242,9 @@ def _localize(topk_w: torch.Tensor, topk_ids: torch.Tensor, offset: int, experts
     return torch.where(mine, topk_w, 0.0).contiguous(), torch.where(mine, local, -1).contiguous()
 
 
-def _problem(tokens: int, weights: registry.MoEWeights, top_k: int, activation: str, routing: str, n_group,
-             topk_group, global_num_experts: Optional[int], biases: bool) -> Problem:
+def call_problem(tokens: int, weights: registry.MoEWeights, top_k: int, activation: str, routing: str, n_group,
+                 topk_group, global_num_experts: Optional[int], biases: bool) -> Problem:
+    """The planner's view of a call on these (prepared) weights: sizes as they hold them."""
     experts, hidden, inter = weights.w13.shape[0], weights.w13.shape[2] * 2, weights.w2.shape[2] * 2
     return Problem(tokens, top_k, experts, hidden, inter, is_gated(activation), routing, n_group, topk_group,
                    global_num_experts, biases=biases, activation_params=activation in PARAMETRIC_ACTIVATIONS)
@@ -319,8 +320,8 @@ def _direct(hidden_states, router_logits, weights: registry.MoEWeights, input_gl
     if routing_bias is not None and not routing_bias.is_contiguous():  # a bound copy would miss later writes
         return None
     options = current(args.options)
-    problem = _problem(1, weights, args.top_k, args.activation, args.routing, args.n_group, args.topk_group, None,
-                       False)
+    problem = call_problem(1, weights, args.top_k, args.activation, args.routing, args.n_group, args.topk_group, None,
+                           False)
     if plan_call(problem, hidden_states.device, options).variant != "cuda_decode":
         return None
     decode_args = (hidden_states, router_logits, weights, args.top_k, args.activation, args.routing, routing_bias,

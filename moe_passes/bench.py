@@ -2,7 +2,8 @@
 
 One run measures, per model layer shape and token count:
 
-* ``triton``: the registered Triton kernel, whole layer (routing to output), CUDA-graph captured;
+* ``triton``: the registered Triton kernel, whole layer (routing to output), CUDA-graph captured; what it ran
+  in ``triton_plan`` (the plan's variant and config knobs, as ``moe-nvfp4 plan`` prints them);
 * ``peer``: OpenAI ``triton_kernels``' MXFP4 ``matmul_ogs`` MoE with bf16 activations (vLLM's MoE path for
   gpt-oss on Hopper; ``moe_passes.bench_peer``), routing to output, when ``triton_kernels`` can be imported
   (installed, vLLM's copy, or ``--peer-path``); ``peer_experts``: the same from precomputed top-k ids;
@@ -255,6 +256,17 @@ def triton_layer(name, device):
     return spec, weights, args, bias, hp
 
 
+def plan_label(tokens, weights, args, device) -> str:
+    """What the Triton layer on ``weights`` runs at ``tokens`` (``RunArgs`` ``args``): its plan's variant and the
+    config fields off their defaults, as ``moe-nvfp4 plan`` names them."""
+    from moe_passes.kernels.triton_moe import call_problem, plan_call
+
+    problem = call_problem(tokens, weights, args.top_k, args.activation, args.routing, args.n_group, args.topk_group,
+                           None, False)
+    p = plan_call(problem, device, args.options)
+    return p.variant if p.config is None else f"{p.variant} [{p.knobs()}]"
+
+
 def float_weights(name, device, seed=0):
     """A shape's bf16 expert weights, ``w13 [E, N1, H]`` (``[gate; up]`` when gated) and ``w2 [E, H, I]``, Gaussian
     with unit gain (1/sqrt(fan-in)): the one set every layer of a row is built from."""
@@ -404,7 +416,7 @@ def measure_shape(name, tokens_list, read_bandwidth, copy_bandwidth, settings: S
                    routing=routing, reps=reps, replays=replays, read_bandwidth_TBps=read_bandwidth / 1e12,
                    copy_bandwidth_TBps=copy_bandwidth / 1e12,
                    **row_floors(name, t, read_bandwidth, copy_bandwidth, touched_experts(name, ls, bias)),
-                   useful_tflop=useful_flops(name, t) / 1e12)
+                   useful_tflop=useful_flops(name, t) / 1e12, triton_plan=plan_label(t, prepared, args, device))
         if settings.bf16_peak:
             row["bf16_peak_TFLOPs"] = settings.bf16_peak / 1e12
         failed = set()

@@ -55,3 +55,25 @@ def test_bench_inputs_are_seeded_per_shape_and_token_count():
     assert all(torch.equal(a, b) for a, b in zip(xs, again))
     other, _ = bench.token_inputs("deepseek-v3", 4, 1, "cpu", seed)
     assert not torch.equal(other[0][:3], xs[0])
+
+
+def test_each_row_names_the_plan_the_triton_layer_ran():
+    """A row's ``triton_plan`` is the planner's variant and knobs for the layer's own (prepared) sizes: here
+    Qwen3-30B-A3B's on a device without SM90 (the CPU plans as one), where the 4096-token call takes the 128-row
+    tiles with 32-row tails and bf16 pair rows, and 64 tokens the 8-token decode blocks."""
+    from moe_passes.kernels.registry import MoEWeights, RunArgs
+
+    h, i, e, k, activation, routing, extra = bench.SHAPES["qwen3-30b-a3b"]
+    u8 = torch.uint8
+    weights = MoEWeights(torch.empty(e, 2 * i, h // 2, dtype=u8), torch.empty(e, 2 * i, h // 16, dtype=u8),
+                         torch.empty(e), torch.empty(e, h, i // 2, dtype=u8), torch.empty(e, h, i // 16, dtype=u8),
+                         torch.empty(e))
+    args = RunArgs(top_k=k, activation=activation, routing=routing, **extra)
+    prefill = bench.plan_label(4096, weights, args, "cpu")
+    assert prefill.startswith("tiles128 [") and "tail=32" in prefill and "bf16_rows" in prefill, prefill
+    assert "wgmma" not in prefill and "chains" not in prefill
+    assert bench.plan_label(64, weights, args, "cpu").startswith("grouped_decode [")
+    # the sizes come from the weights: with a hidden over 4096 the 256-token call leaves the 16-token blocks
+    assert bench.plan_label(256, weights, args, "cpu").startswith("grouped_decode16 [")
+    wide = weights._replace(w13=torch.empty(e, 2 * i, 4 * h // 2, dtype=u8))
+    assert bench.plan_label(256, wide, args, "cpu").startswith("tiles64 [")
