@@ -11,7 +11,8 @@ config has the field), of the grouping's one-program limit, or of the one-token 
 the one-launch CUDA decode of one token off, ``cwarps:N`` gives it N consumer warps, ``cunits:N`` at most
 N intermediate bands per segment, ``cstages:N`` at most N stages, ``ctma:0`` w2 by one bulk copy per piece
 block, ``cpdl:0`` no programmatic dependent launch; ``pdl:0`` unchains the Triton launches.  Prints one row
-per shape and token count with every mode's per-round times in us, and writes ``ab.json`` to ``--out``.
+per shape and token count with every mode's per-round times in us, and writes ``ab.json`` to ``--out`` (with
+each mode's plan, ``MODE_plan``: ``bench.plan_label``).
 Before timing, every mode's output is checked against the first mode's: the same exact products, summed in
 another order where a mode changes K splits or which groups a thread takes, so they must agree to ``2e-3``
 in relative norm (the GPU tests' bound between the kernel paths), ``4e-3`` where one of them writes its pair rows
@@ -98,8 +99,8 @@ def check(modes, shapes, tokens) -> int:
 
 
 def time_modes(name, tokens, modes, rounds, seed=0):
-    """Yield ``(tokens, experts touched, {mode: [us per round]})`` for one shape: one layer built as
-    ``moe-nvfp4 bench`` builds it (the same float weights, quantizer and seeded routing bias, so the same routing
+    """Yield ``(tokens, experts touched, {mode: [us per round]}, {mode: its plan})`` for one shape: one layer
+    built as ``moe-nvfp4 bench`` builds it (the same float weights, quantizer and seeded routing bias, so the same routing
     skew), the same inputs for every mode, the modes alternated inside each round."""
     seed = bench.shape_seed(name, seed)
     w13, w2 = bench.float_weights(name, "cuda", seed)
@@ -110,13 +111,15 @@ def time_modes(name, tokens, modes, rounds, seed=0):
         reps, replays = bench._reps_replays(t)
         xs, ls = bench.token_inputs(name, t, reps, "cuda", seed)
         times, touched = {}, bench.touched_experts(name, ls, bias)
+        plans = {mode: bench.plan_label(t, prepared, dataclasses.replace(args, options=options), "cuda")
+                 for mode, options in modes}
         for _ in range(rounds):
             for mode, options in modes:
                 a = dataclasses.replace(args, options=options)
                 us = bench.time_graph(lambda r: spec.run(xs[r], ls[r], prepared, None, None, bias, a), reps,
                                       replays) * 1e6
                 times.setdefault(mode, []).append(us)
-        yield t, touched, times
+        yield t, touched, times, plans
     torch.cuda.empty_cache()
 
 
@@ -146,9 +149,10 @@ def main(argv=None) -> int:
     print(f"read bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     results = {}
     for name in shapes:
-        for t, touched, times in time_modes(name, tokens, modes, args.rounds):
+        for t, touched, times, plans in time_modes(name, tokens, modes, args.rounds):
             entry = results.setdefault((name, t), bench.row_floors(name, t, bandwidth, touched=touched))
             entry.update(times)
+            entry.update({f"{m}_plan": p for m, p in plans.items()})
             print(f"{name} {t}: " + " ".join(f"{m}={sum(v) / len(v):.1f}" for m, v in times.items()), flush=True)
     names = [m[0] for m in modes]
     print(f"{'shape':18s} {'T':>5s} {'floor':>7s} " + " ".join(f"{n:>16s}" for n in names))
