@@ -362,7 +362,7 @@ _WGMMA = dict(bk1=64, bk2=64, stages1=3, stages2=3, nfirst=True, wgmma=True)
 @needs_gpu
 @pytest.mark.parametrize("variant", ["wg128_tail32", "wg64_tail16", "wg128_w8", "wg64_bn64", "wg32", "wg16_s4",
                                      "wg32_s4", "wg128_s4_tail32", "wg128_s2", "wg32_s4_k3", "wg128_overlap32",
-                                     "wg64_overlap16"])
+                                     "wg64_overlap16", "wg32_chained_bf16", "wg64_chained_overlap16"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu2"])
 def test_wgmma_tiles(variant, activation):
     """The register-operand wgmma tiles (gluon_tiles) against the reference, against the tl.dot tiles of the
@@ -390,6 +390,11 @@ def test_wgmma_tiles(variant, activation):
         "wg128_overlap32": TileConfig(bm=128, bn1=64, warps1=4, bn2=128, warps2=4, tail=32, overlap=True,
                                       bf16_rows=True, **dict(_WGMMA, stages1=4, stages2=4)),
         "wg64_overlap16": TileConfig(bm=64, bn1=128, warps1=4, bn2=128, warps2=4, tail=16, overlap=True, **_WGMMA),
+        # a caller's config may chain any tiles, write bf16 pair rows from small blocks, chain and overlap at once
+        "wg32_chained_bf16": TileConfig(bm=32, bn1=64, warps1=4, bn2=128, warps2=4, chains=True, bf16_rows=True,
+                                        **dict(_WGMMA, stages1=4, stages2=4)),
+        "wg64_chained_overlap16": TileConfig(bm=64, bn1=128, warps1=4, bn2=128, warps2=4, tail=16, overlap=True,
+                                             chains=True, **_WGMMA),
     }
     cfg = configs[variant]
     device = torch.device("cuda")
@@ -416,8 +421,9 @@ def test_wgmma_tiles(variant, activation):
     assert torch.equal(call(x, logits, None), out)
     (graphed,) = _graph_of_calls([x], [logits], hidden, call)
     assert torch.equal(graphed, out)
-    if cfg.overlap:  # the same kernels on the same blocks, only launched otherwise
-        assert torch.equal(call(x, logits, None, dataclasses.replace(cfg, overlap=False)), out)
+    for launched in ("overlap", "chains"):  # the same kernels on the same blocks, only launched otherwise
+        if getattr(cfg, launched):
+            assert torch.equal(call(x, logits, None, dataclasses.replace(cfg, **{launched: False})), out)
 
 
 @pytest.mark.parametrize("bad", [dict(hidden=2880 + 16), dict(inter=960 + 16), dict(splits=2),
