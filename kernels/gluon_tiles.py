@@ -33,12 +33,13 @@ lets the kernel state its layouts, so the weight words are loaded where wgmma wa
   (``REM = steps % STAGES``, a compile-time argument), the first ``REM`` steps run in the ring's last slots, so
   every step is pipelined and unguarded (Gemma-4's GEMM2, 3 of 11 steps: 1.019x at 4096 tokens against running
   them synchronously after the loop, H100).
-- Calls on 16-row blocks chain the launches by programmatic dependent launch (``TileConfig.chains``): each
-  kernel lets the next one launch once its programs have waited for the previous kernel, so the next kernel's
-  programs fill the SMs the last ones leave.  GEMM2 (and GEMM1) copy the first steps' weight words and scales
-  before that wait (weights are final; the expert map and sorted rows come from the grouping, done before the
-  kernel ahead started) and the token tiles after it (1.02-1.03x at 128 tokens on Qwen3-30B-A3B and Gemma-4).
-- Elsewhere a tail launch overlaps its main launch (``TileConfig.overlap``): it reads nothing the main launch
+- Calls whose plan says so (``TileConfig.chains``: 16-row blocks) chain the launches by programmatic dependent
+  launch: each kernel lets the next one launch once its programs have waited for the previous kernel, so the
+  next kernel's programs fill the SMs the last ones leave.  GEMM2 (and GEMM1) copy the first steps' weight words
+  and scales before that wait (weights are final; the expert map and sorted rows come from the grouping, done
+  before the kernel ahead started) and the token tiles after it (1.02-1.03x at 128 tokens on Qwen3-30B-A3B and
+  Gemma-4).
+- A tail launch overlaps its main launch (``TileConfig.overlap``): it reads nothing the main launch
   writes, so the main launch lets it start at once and it waits for the main launch only before it ends; GEMM2's
   main launch waits for it, and so for both (1.02-1.08x at 1024-4096 tokens, H100).
 

@@ -30,8 +30,8 @@ class KernelOptions:
     The defaults are what the benchmarks measured best; the others exist for A/B runs and escape hatches.
     """
 
-    # Programmatic dependent launch (SM90+) for the Triton kernels: a decode / 16-row call's launches chained, a
-    # prefill call's tail launches overlapping their main launches.
+    # Programmatic dependent launch (SM90+) for the Triton kernels: a decode call's launches chained, and a tile
+    # call's where its plan says so (TileConfig.chains, .overlap).
     pdl: bool = True
     # One token on SM90 takes the one-launch CUDA decode (cuda_decode) instead of the Triton path.
     cuda_decode: bool = True
