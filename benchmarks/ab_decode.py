@@ -100,8 +100,8 @@ def check(modes, shapes, tokens) -> int:
 
 def time_modes(name, tokens, modes, rounds, seed=0):
     """Yield ``(tokens, experts touched, {mode: [us per round]}, {mode: its plan})`` for one shape: one layer
-    built as ``moe-nvfp4 bench`` builds it (the same float weights, quantizer and seeded routing bias, so the same routing
-    skew), the same inputs for every mode, the modes alternated inside each round."""
+    built as ``moe-nvfp4 bench`` builds it (the same float weights, quantizer and seeded routing bias, so the
+    same routing skew), the same inputs for every mode, the modes alternated inside each round."""
     seed = bench.shape_seed(name, seed)
     w13, w2 = bench.float_weights(name, "cuda", seed)
     spec, prepared, args, _ = bench.triton_layer_from_float(name, w13, w2)

@@ -96,7 +96,7 @@ class DecodeConfig:
         return 8 * self.cols if self.grouped else 1
 
     chains = True  # its launches are chained by programmatic dependent launch
-    bf16_rows = False  # GEMM2 writes fp32 rows (its K splits and the per-pair programs sum into them)
+    bf16_rows = False  # fp32 pair rows: the decode's GEMM2 K splits are partial sums that the combine adds
     k_step2 = DECODE_CHUNK  # GEMM2's K split starts on whole chunks
 
 
