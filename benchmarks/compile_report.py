@@ -114,7 +114,7 @@ def tile_kernels(name: str, tokens: int, overrides: tuple = ()):
     if not isinstance(cfg, TileConfig):
         return p, []
     pairs = tokens * top_k
-    per_split, split = k_split(inter, cfg.split2, cfg.k_step2)
+    per_split = k_split(inter, cfg.split2, cfg.k_step2)[0]
     rows = "*bf16" if cfg.bf16_rows else "*fp32"
     act, _, _ = epilogue_args(activation, None, None, None)
     common = dict(w_ptr=("*u8", 0), s_ptr=("*u8", 0), gs_ptr=("*fp32", 0), sorted_ptr=("*i32", 0),
