@@ -265,12 +265,25 @@ def chunk_size(num_experts: int, top_k: int, options: Optional[KernelOptions] = 
     return override if override is not None else trtllm_chunk_size(num_experts, top_k)
 
 
+def routing_limits(routing: str, top_k: int, n_group: Optional[int], topk_group: Optional[int]) -> Optional[str]:
+    """What FlashInfer's grouped DeepSeekV3 routing refuses at launch (``topK <= 22``, ``topkGroup <= 4``)."""
+    if routing != "deepseek_v3" or (n_group or 1) <= 1:
+        return None
+    keep = topk_group or n_group
+    if top_k > 22 or keep > 4:
+        return f"deepseek_v3 routing with top_k={top_k} and topk_group={keep} (its grouped routing takes at most 22 and 4)"
+    return None
+
+
 def _check_args(args: registry.RunArgs, num_experts: int) -> None:
     if args.activation not in ACTIVATION_NAMES:
         registry.check_supported(TRTLLM, activation=args.activation, routing=args.routing)
     if args.routing not in ROUTING_NAMES:
         raise MoEConfigError(f"kernel 'trtllm' does not support routing {args.routing!r}; it supports {sorted(ROUTING_NAMES)}")
     registry.check_routing(args.routing, args.top_k, num_experts, args.n_group, args.topk_group)
+    limit = routing_limits(args.routing, args.top_k, args.n_group, args.topk_group)
+    if limit is not None:
+        raise MoEConfigError(f"kernel 'trtllm' does not support {limit}")
 
 
 def _enum_member(enum_cls, name: str, what: str):
@@ -423,7 +436,8 @@ def fused_moe(hidden_states: torch.Tensor, weights: registry.MoEWeights, input_g
     else:
         # DeepSeekV3 routing takes float32 logits; every release takes bfloat16 for the others.
         logits = router_logits.to(torch.float32 if deepseek else torch.bfloat16).contiguous()
-    bias = routing_bias.to(torch.bfloat16).contiguous() if (deepseek and routing_bias is not None) else None
+    # fp32 as the reference and the Triton route keep it: a bf16 bias picks other experts for ~4% of tokens.
+    bias = routing_bias.to(torch.float32).contiguous() if (deepseek and routing_bias is not None) else None
     params, var_kw = _parameters(fn)
     writes_output = var_kw or "output" in params
 
@@ -494,4 +508,5 @@ TRTLLM = registry.register(registry.KernelSpec(
     expert_bias=True,
     activation_params=True,
     prepare_biases=prepare_biases,
+    routing_limits=routing_limits,
 ))

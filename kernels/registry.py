@@ -11,6 +11,7 @@ This module knows nothing of torch.compile.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from typing import Callable, NamedTuple, Optional
 
@@ -113,6 +114,9 @@ class KernelSpec:
     # Lays the padded canonical biases out for the kernel (the row order its prepared weights got), once per
     # device: (w13_bias or None, w2_bias or None, shape) -> the same.  None: used as they are.
     prepare_biases: Optional[Callable] = None
+    # Limits of the kernel's own routing beyond the methods' rules: ``(routing, top_k, n_group, topk_group) ->``
+    # why it cannot route that, or None.  A layer outside them takes another kernel, as for an activation.
+    routing_limits: Optional[Callable[[str, int, Optional[int], Optional[int]], Optional[str]]] = None
 
     def __post_init__(self):
         bad = (set(self.activations) - set(ACTIVATIONS)) | (set(self.routings) - set(ROUTING_METHODS))
@@ -122,8 +126,10 @@ class KernelSpec:
     def supports_activation(self, activation: str) -> bool:
         return activation in self.activations and (activation not in PARAMETRIC_ACTIVATIONS or self.activation_params)
 
-    def lacks(self, *, activation: str, routing: str, biases: bool = False) -> Optional[str]:
-        """Why this kernel cannot run a layer with these features, or None when it can."""
+    def lacks(self, *, activation: str, routing: str, biases: bool = False,
+              routing_args: Optional[tuple] = None) -> Optional[str]:
+        """Why this kernel cannot run a layer with these features, or None when it can; ``routing_args``
+        ``(top_k, n_group, topk_group)``, when given, are checked against :attr:`routing_limits`."""
         if not self.supports_activation(activation):
             reason = self.unsupported_reasons.get(activation, "")
             if not reason and activation in self.activations:  # declared, but not its parameters
@@ -133,6 +139,8 @@ class KernelSpec:
             return f"routing {routing!r}"
         if biases and not self.expert_bias:
             return "expert biases (w13_bias / w2_bias)"
+        if routing_args is not None and self.routing_limits is not None:
+            return self.routing_limits(routing, *routing_args)
         return None
 
 
@@ -168,7 +176,8 @@ def get(name: str) -> KernelSpec:
         raise MoEConfigError(f"unknown kernel {name!r}; registered kernels: {', '.join(sorted(_REGISTRY))}") from None
 
 
-def check_supported(spec: KernelSpec, *, activation: str, routing: str, biases: bool = False) -> None:
+def check_supported(spec: KernelSpec, *, activation: str, routing: str, biases: bool = False,
+                    routing_args: Optional[tuple] = None) -> None:
     """Raise :class:`MoEConfigError` naming the kernel, what it lacks and the kernels that have it."""
     if not spec.supports_activation(activation):
         others = [n for n in names() if _REGISTRY[n].supports_activation(activation)]
@@ -181,6 +190,9 @@ def check_supported(spec: KernelSpec, *, activation: str, routing: str, biases: 
         others = [n for n in names() if _REGISTRY[n].expert_bias]
         raise MoEConfigError(f"kernel {spec.name!r} does not support expert biases (w13_bias / w2_bias); kernels "
                              f"that do: {others or 'none'}")
+    limit = spec.lacks(activation=activation, routing=routing, biases=biases, routing_args=routing_args)
+    if limit is not None:
+        raise MoEConfigError(f"kernel {spec.name!r} does not support {limit}")
 
 
 # (device type, kernel chosen, kernels passed over) already warned about: once per combination.
@@ -192,22 +204,23 @@ class KernelFallbackWarning(UserWarning):
 
 
 def select(device: torch.device, *, activation: str, routing: str, name: Optional[str] = None,
-           biases: bool = False) -> KernelSpec:
+           biases: bool = False, routing_args: Optional[tuple] = None) -> KernelSpec:
     """The kernel to use on ``device``: ``name`` if given (checked), else the best available one that
-    supports the activation, the routing and (``biases``) expert biases.  When a higher-priority kernel
+    supports the activation, the routing (and its ``routing_args``, see :meth:`KernelSpec.lacks`) and
+    (``biases``) expert biases.  When a higher-priority kernel
     available there lacks one of them, warn once naming it and what it lacks."""
     device = torch.device(device)
     if name is not None:
         spec = get(name)
         if not spec.available(device):
             raise KernelUnavailableError(f"kernel {name!r} cannot run on {device}: {spec.description}")
-        check_supported(spec, activation=activation, routing=routing, biases=biases)
+        check_supported(spec, activation=activation, routing=routing, biases=biases, routing_args=routing_args)
         return spec
     available = [_REGISTRY[n] for n in names() if _REGISTRY[n].available(device)]
-    candidates = [s for s in available if s.lacks(activation=activation, routing=routing, biases=biases) is None]
+    features = dict(activation=activation, routing=routing, biases=biases, routing_args=routing_args)
+    candidates = [s for s in available if s.lacks(**features) is None]
     if not candidates:
-        why = "; ".join(f"{s.name!r} lacks {s.lacks(activation=activation, routing=routing, biases=biases)}"
-                        for s in available)
+        why = "; ".join(f"{s.name!r} lacks {s.lacks(**features)}" for s in available)
         raise MoEConfigError(f"no registered kernel runs activation {activation!r} with routing {routing!r}"
                              f"{' and expert biases' if biases else ''} on {device}" + (f" ({why})" if why else ""))
     best = max(candidates, key=lambda s: s.priority)
@@ -217,10 +230,8 @@ def select(device: torch.device, *, activation: str, routing: str, name: Optiona
     # Only a real loss is worth a warning: on the CPU the reference is the only kernel anyway.
     if passed_over and device.type != "cpu" and key not in _FALLBACK_WARNED:
         _FALLBACK_WARNED.add(key)
-        warnings.warn("moe_nvfp4: " + "; ".join(
-            f"kernel {s.name!r} lacks {s.lacks(activation=activation, routing=routing, biases=biases)}"
-            for s in passed_over) + f", so this layer runs on {best.name!r} ({best.description})",
-            KernelFallbackWarning, stacklevel=3)
+        warnings.warn("moe_nvfp4: " + "; ".join(f"kernel {s.name!r} lacks {s.lacks(**features)}" for s in passed_over)
+                      + f", so this layer runs on {best.name!r} ({best.description})", KernelFallbackWarning, stacklevel=3)
     return best
 
 
@@ -239,6 +250,9 @@ def routing_error(routing: str, top_k: int, experts: int, n_group: Optional[int]
     if top_k != fixed:
         count = "one expert" if fixed == 1 else f"{fixed} experts"
         return f"{routing} routing picks {count} per token, got top_k={top_k}"
+    for name, value in (("n_group", n_group), ("topk_group", topk_group)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            return f"{name} must be a positive int or None, got {value!r}"
     if routing == "deepseek_v3":
         groups = n_group or 1
         if experts % groups:
@@ -246,6 +260,9 @@ def routing_error(routing: str, top_k: int, experts: int, n_group: Optional[int]
         keep = topk_group or groups
         if not 0 < keep <= groups:
             return f"topk_group={keep} must be between 1 and n_group={groups}"
+        if top_k > keep * (experts // groups):
+            return (f"top_k={top_k} is more than the {keep * (experts // groups)} experts in the "
+                    f"topk_group={keep} kept groups of {experts // groups}")
     return None
 
 

@@ -254,7 +254,7 @@ class RecordingKernel:
             assert isinstance(kw["routed_scaling_factor"], float)
         bias = kw["routing_bias"]
         if bias is not None:
-            assert routing == "DeepSeekV3" and bias.dtype == torch.bfloat16 and tuple(bias.shape) == (e,)
+            assert routing == "DeepSeekV3" and bias.dtype == torch.float32 and tuple(bias.shape) == (e,)
         if self.routed:
             ids = kw["topk_ids"]
             assert ids.dtype == torch.int32 and tuple(ids.shape) == (tokens, k) and ids.is_contiguous()
@@ -432,6 +432,45 @@ def test_run_matches_reference_through_double(hidden, inter, activation, routing
     assert_close_moe(out[:, :hidden], ref[:, :hidden])
     assert torch.count_nonzero(out[:, hidden:]) == 0
 
+
+
+def test_routing_bias_reaches_the_kernel_in_fp32():
+    """A bias gap below bf16's resolution must still decide DeepSeek-V3's experts as the reference does."""
+    layer = Layer(2048, 192, experts=4, top_k=1, activation="silu", tokens=5, seed=3)
+    layer.logits = torch.zeros_like(layer.logits)
+    # 1 + 2^-10 rounds to 1.0 in bf16: rounded, experts 2 and 3 tie and the kernel's tie-break would decide.
+    bias = torch.tensor([0.5, 0.25, 1.0, 1.0 + 2.0 ** -10], dtype=torch.float32)
+    extra = dict(n_group=1, topk_group=1, routed_scaling_factor=1.0)
+    api, fused, _ = make_api("emulate")
+    with ft.use_api(api):
+        out = ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, bias,
+                     layer.args("deepseek_v3", **extra))
+    assert torch.equal(fused.calls[0]["routing_bias"], bias)
+    ref = layer.reference("deepseek_v3", routing_bias=bias, **extra)
+    other = layer.reference("deepseek_v3", routing_bias=torch.tensor([0.5, 0.25, 1.0 + 2.0 ** -9, 1.0]), **extra)
+    assert (ref - other).abs().max() > 0, "experts 2 and 3 must give different outputs for the test to mean anything"
+    assert_close_moe(out[:, :2048], ref[:, :2048])
+
+
+def test_grouped_deepseek_routing_past_flashinfer_limits_takes_another_kernel():
+    """FlashInfer's grouped DeepSeekV3 routing refuses top_k > 22 and topk_group > 4 at launch: the spec says so,
+    selection passes such a layer to another kernel and a direct call is a MoEConfigError, not a launch check."""
+    assert ft.routing_limits("deepseek_v3", 8, 8, 4) is None
+    assert ft.routing_limits("deepseek_v3", 24, 1, None) is None  # one group: FlashInfer's ungrouped routing
+    assert "topk_group=8" in ft.routing_limits("deepseek_v3", 8, 8, None)  # topk_group defaults to n_group
+    assert "top_k=23" in ft.routing_limits("deepseek_v3", 23, 2, 1)
+    api, _, _ = make_api("emulate")
+    cpu = torch.device("cpu")
+    with ft.use_api(api):
+        pick = dict(activation="silu", routing="deepseek_v3")
+        assert registry.select(cpu, **pick, routing_args=(8, 8, 4)).name == "trtllm"
+        assert registry.select(cpu, **pick, routing_args=(8, 8, None)).name != "trtllm"
+        with pytest.raises(MoEConfigError, match="topk_group=8"):
+            registry.select(cpu, **pick, name="trtllm", routing_args=(8, 8, None))
+        layer = Layer(2048, 192, experts=8, top_k=2, activation="silu", tokens=3, seed=5)
+        with pytest.raises(MoEConfigError, match="topk_group=8"):
+            ft.run(layer.xp, layer.logits, layer.prepared, layer.gs_a, layer.gs_c, None,
+                   layer.args("deepseek_v3", n_group=8))
 
 def test_output_scale_vectors():
     g13, g2 = torch.tensor([2.0, 4.0]), torch.tensor([8.0, 16.0])
