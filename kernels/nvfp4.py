@@ -57,9 +57,14 @@ def _check_float(x: torch.Tensor, name: str) -> None:
 
 
 def default_global_scale(amax: torch.Tensor) -> torch.Tensor:
-    """``448 * 6 / amax`` as float32; 1.0 where amax is zero so that all-zero tensors stay finite."""
+    """``448 * 6 / amax`` as float32; 1.0 where amax is zero so that all-zero tensors stay finite, and at most
+    float32's largest value where amax is so small (under ~8e-36) that the quotient would overflow."""
     amax = amax.float()
-    return torch.where(amax > 0, (E4M3_MAX * E2M1_MAX) / amax.clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+    if not bool(torch.isfinite(amax).all()):
+        raise MoENonFiniteError(f"amax {amax.tolist() if amax.numel() <= 8 else 'of some rows'} is not finite: "
+                                "NaN or infinite values set no NVFP4 global scale")
+    scale = (E4M3_MAX * E2M1_MAX) / amax.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(amax > 0, scale.clamp(max=torch.finfo(torch.float32).max), 1.0)
 
 
 def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
@@ -98,7 +103,12 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | float | None = 
     # Clamp before the cast: torch's float8 conversion does not saturate.
     sf = (gs_b * block_amax / E2M1_MAX).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     sf_f = sf.float()
-    scaled = torch.where(sf_f > 0, blocks * (gs_b / sf_f.clamp_min(torch.finfo(torch.float32).tiny)), 0.0)
+    ratio = gs_b / sf_f.clamp_min(torch.finfo(torch.float32).tiny)
+    scaled = blocks * ratio
+    if bool(torch.isinf(ratio).any()):  # gs/SF ~ 6/amax(block) overflows under ~2e-38; x*gs stays <= 2688
+        scaled = torch.where(torch.isinf(ratio), blocks * gs_b / sf_f, scaled)
+    # A block whose scale underflows to 0 quantizes to signed zeros (blocks * 0 keeps the sign bit).
+    scaled = torch.where(sf_f > 0, scaled, blocks * 0.0)
     codes = _e2m1_codes(scaled).reshape(*x.shape[:-1], k)
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return packed.contiguous(), sf.reshape(*x.shape[:-1], k // BLOCK_SIZE), gs

@@ -43,6 +43,10 @@ def route(router_logits: torch.Tensor, top_k: int, routing: str = "renormalize",
     num_experts = router_logits.shape[1]
     registry.check_routing(routing, top_k, num_experts, n_group, topk_group)
     params = _routing_params_of(routing, routing_params)
+    if routing_bias is not None and (not isinstance(routing_bias, torch.Tensor)
+                                     or tuple(routing_bias.shape) != (num_experts,)):
+        raise MoEConfigError(f"routing_bias must be a tensor of shape ({num_experts},), got "
+                             f"{tuple(getattr(routing_bias, 'shape', ())) or type(routing_bias).__name__}")
     logits = router_logits.float()
     if routing == "sparsemixer":  # top_k == 2 (check_routing)
         return sparsemixer(logits, params[0])
@@ -180,6 +184,16 @@ def fused_moe_reference(
     if router_logits.shape != (tokens, num_experts):
         raise MoEConfigError(f"router_logits shape {tuple(router_logits.shape)} != (tokens={tokens}, experts={num_experts})")
     inter = w2.shape[-1] * 2
+    if w2.ndim != 3 or tuple(w2.shape[:2]) != (local_experts, hidden_padded):
+        raise MoEConfigError(f"w2 must be [{local_experts}, {hidden_padded}, I/2] packed (w13's experts and hidden), "
+                             f"got {tuple(w2.shape)}")
+    for name, t, want in (("w13_scale", w13_scale, (local_experts, n1, hidden_padded // 16)),
+                          ("w2_scale", w2_scale, (local_experts, hidden_padded, inter // 16)),
+                          ("w13_global_scale", w13_global_scale, (local_experts,)),
+                          ("w2_global_scale", w2_global_scale, (local_experts,))):
+        if tuple(torch.as_tensor(t).shape) != want:
+            raise MoEConfigError(f"{name} must be {list(want)} for w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} "
+                                 f"(registry.MoEWeights), got {tuple(torch.as_tensor(t).shape)}")
     if n1 != (2 * inter if is_gated(activation) else inter):
         raise MoEConfigError(f"w13 has {n1} rows, inconsistent with intermediate {inter} and activation {activation!r}")
     if w13_bias is not None and (w13_bias.ndim != 2 or tuple(w13_bias.shape) != (local_experts, n1)):

@@ -9,6 +9,8 @@ needed, the prepared tensors *are* the canonical ones.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -70,6 +72,20 @@ def _check_biases(w13_bias, w2_bias, weights: registry.MoEWeights, hidden_size: 
     return None if w13_bias is None else w13_bias.detach().float(), w2_bias
 
 
+def _checked_global_scale(name: str, value):
+    """A static activation scale as given (None: the default), refused unless one finite positive number."""
+    if value is None:
+        return None
+    try:
+        t = torch.as_tensor(value, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise MoEConfigError(f"{name} must be one finite positive number, got {value!r}") from exc
+    if t.numel() != 1 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        raise MoEConfigError(f"{name} must be one finite positive number (a scalar tensor or float), got "
+                             f"{t.tolist() if t.numel() <= 4 else tuple(t.shape)}")
+    return t
+
+
 class FusedMoE(nn.Module):
     """An NVFP4 Mixture-of-Experts layer: ``forward(hidden_states [T, H], router_logits [T, E]) -> [T, H]``.
 
@@ -102,7 +118,7 @@ class FusedMoE(nn.Module):
         if parallel is not None and (w13_bias is not None or w2_bias is not None):
             raise MoEConfigError("expert biases are not supported with parallel= yet: a tensor-parallel w2_bias "
                                  "must be added once, not once per rank; shard a layer without biases")
-        registry.check_routing(routing, top_k, self.shape.experts)
+        registry.check_routing(routing, top_k, self.shape.experts, n_group, topk_group)
         self.hidden_size, self.intermediate_size, self.top_k = hidden_size, intermediate_size, top_k
         self.activation, self.routing, self.name = activation, routing, name
         self.n_group, self.topk_group, self.routed_scaling_factor = n_group, topk_group, routed_scaling_factor
@@ -123,8 +139,18 @@ class FusedMoE(nn.Module):
             self.register_buffer(field, tensor.cpu())
         for field, tensor in zip(_BIAS_BUFFERS, (w13_bias, w2_bias)):
             self.register_buffer(field, None if tensor is None else tensor.cpu())
-        if routing_bias is not None and tuple(routing_bias.shape) != (self.shape.experts,):
-            raise MoEConfigError(f"routing_bias must have shape ({self.shape.experts},), got {tuple(routing_bias.shape)}")
+        if routing_bias is not None:
+            if not isinstance(routing_bias, torch.Tensor) or tuple(routing_bias.shape) != (self.shape.experts,):
+                raise MoEConfigError(f"routing_bias must be a tensor of shape ({self.shape.experts},), got "
+                                     f"{tuple(getattr(routing_bias, 'shape', ())) or type(routing_bias).__name__}")
+            if not bool(torch.isfinite(routing_bias).all()):
+                raise MoEConfigError("routing_bias contains NaN or infinite values")
+        if routed_scaling_factor is not None and not (isinstance(routed_scaling_factor, numbers.Real)
+                                                      and math.isfinite(routed_scaling_factor)
+                                                      and routed_scaling_factor > 0):
+            raise MoEConfigError(f"routed_scaling_factor must be a finite positive number, got {routed_scaling_factor!r}")
+        input_global_scale = _checked_global_scale("input_global_scale", input_global_scale)
+        intermediate_global_scale = _checked_global_scale("intermediate_global_scale", intermediate_global_scale)
         # The small fp32 state lives with the kernel's weights: every tensor argument of the op is on one device.
         self.register_buffer("routing_bias", None if routing_bias is None else routing_bias.float().to(device))
         global _warned_uncalibrated
@@ -170,8 +196,9 @@ class FusedMoE(nn.Module):
         ``[jitter_eps]``) for ``sparsemixer``.
         """
         for name_, t in (("w13", w13), ("w2", w2)):
-            if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.dtype.is_floating_point:
-                raise MoEConfigError(f"{name_} must be a 3-D float tensor, got "
+            if not isinstance(t, torch.Tensor) or t.ndim != 3 or not t.dtype.is_floating_point or t.dtype.itemsize < 2:
+                # float8 weights carry scales of their own (block or per-tensor): dequantize them first.
+                raise MoEConfigError(f"{name_} must be a 3-D float16/bfloat16/float32 tensor, got "
                                      f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
         experts, rows, hidden = w13.shape
         gated = is_gated(activation)
@@ -216,8 +243,14 @@ class FusedMoE(nn.Module):
     @staticmethod
     def _calibrate(calibration: torch.Tensor, w13: torch.Tensor, activation: str, hidden: int,
                    w13_bias: Optional[torch.Tensor] = None, params=None):
-        if calibration.ndim != 2 or calibration.shape[1] != hidden:
-            raise MoEConfigError(f"calibration must be hidden states [N, {hidden}], got {tuple(calibration.shape)}")
+        if (not isinstance(calibration, torch.Tensor) or not calibration.dtype.is_floating_point
+                or calibration.ndim != 2 or calibration.shape[1] != hidden):
+            raise MoEConfigError(f"calibration must be float hidden states [N, {hidden}], got "
+                                 f"{getattr(calibration, 'dtype', type(calibration).__name__)} "
+                                 f"{tuple(getattr(calibration, 'shape', ()))}")
+        if not bool(torch.isfinite(calibration).all()):
+            raise MoEConfigError("calibration contains NaN or infinite values: its amax would set no usable "
+                                 "activation scale (an fp16 model that overflowed while calibrating?)")
         x = _pad_to_block(calibration.detach().float().to(w13.device), 1)
         amax_mid = torch.zeros((), device=w13.device)
         for e in range(w13.shape[0]):
@@ -234,7 +267,7 @@ class FusedMoE(nn.Module):
 
     def _prepare(self, device: torch.device) -> None:
         spec = registry.select(device, activation=self.activation, routing=self.routing, name=self.requested_kernel,
-                               biases=self.has_bias)
+                               biases=self.has_bias, routing_args=(self.top_k, self.n_group, self.topk_group))
         canonical = registry.MoEWeights(*(getattr(self, f).to(device) for f in registry.MoEWeights._fields))
         w13, s13, w2, s2, hidden_padded = align_hidden_dim(canonical.w13, canonical.w13_scale, canonical.w2,
                                                           canonical.w2_scale, alignment=spec.alignment.hidden)

@@ -6,8 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from moe_passes.kernels.nvfp4 import (dequantize_nvfp4, dequantize_nvfp4_experts, quantize_nvfp4,
-                                      quantize_nvfp4_experts, swizzle_scales, unpack_e2m1, unswizzle_scales)
+from moe_passes.errors import MoENonFiniteError
+from moe_passes.kernels.nvfp4 import (default_global_scale, dequantize_nvfp4, dequantize_nvfp4_experts,
+                                      quantize_nvfp4, quantize_nvfp4_experts, swizzle_scales, unpack_e2m1,
+                                      unswizzle_scales)
 
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # magnitude per 3-bit code, written out independently
 
@@ -69,8 +71,35 @@ def test_matches_float64_model(shape):
     assert scales.float().reshape(-1).tolist() == want_scales
     got = codes_of(packed).reshape(-1).tolist()
     mismatches = sum(g != w for g, w in zip(got, want_codes))
-    # fp32 vs fp64 evaluation of x*gs/sf can only differ exactly at a tie; random data has none.
+    # The quantizer's fp32 x * (gs/sf) can differ from this fp64 x*gs/sf only within an fp32 rounding of a tie;
+    # with the default gs random data lands on none (a static gs can: numerics.md).
     assert mismatches == 0
+
+
+def test_a_block_whose_scale_underflows_keeps_its_signs():
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.zeros(2, 32)
+    x[:, 0] = 1000.0  # sets gs so that the second block's scale rounds to 0 in e4m3
+    x[:, 16:] = torch.randn(2, 16, generator=g) * 1e-4
+    packed, scales, _ = quantize_nvfp4(x)
+    assert not scales[:, 1].float().any()
+    assert codes_of(packed)[:, 16:].tolist() == [[8 if v < 0 else 0 for v in row] for row in x[:, 16:].tolist()]
+
+
+@pytest.mark.parametrize("amax", [1e-36, 1e-38])
+def test_values_too_small_for_the_default_scale_still_quantize(amax):
+    x = torch.randn(4, 32)
+    x = x / x.abs().max() * amax
+    packed, scales, gs = quantize_nvfp4(x)
+    assert torch.isfinite(gs) and gs.item() == torch.finfo(torch.float32).max
+    back = dequantize_nvfp4(packed, scales, gs, dtype=torch.float64)
+    assert (back - x.double()).abs().max() <= x.abs().max().double() / 4  # half the widest E2M1 step
+
+
+def test_non_finite_amax_sets_no_scale():
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(MoENonFiniteError, match="not finite"):
+            default_global_scale(torch.tensor([1.0, bad]))
 
 
 def test_all_zero_tensor():

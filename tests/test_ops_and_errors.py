@@ -198,8 +198,29 @@ def test_top_k_larger_than_experts_and_bad_configs():
         FusedMoE.from_float(*g, top_k=2, routing="llama4")
     with pytest.raises(MoEConfigError, match="unknown kernel 'cutlass'"):
         FusedMoE.from_float(*g, top_k=2, kernel="cutlass")
-    with pytest.raises(MoEConfigError, match=r"calibration must be hidden states \[N, 272\]"):
+    with pytest.raises(MoEConfigError, match=r"calibration must be float hidden states \[N, 272\]"):
         FusedMoE.from_float(*g, top_k=2, calibration=torch.randn(4, 100))
+    bad_calibration = torch.randn(4, H)
+    bad_calibration[1, 3] = float(torch.tensor(float("inf") if torch.rand(()) < 0.5 else float("nan")))
+    with pytest.raises(MoEConfigError, match="calibration contains NaN or infinite"):
+        FusedMoE.from_float(*g, top_k=2, calibration=bad_calibration)
+    with pytest.raises(MoEConfigError, match="float16/bfloat16/float32"):
+        FusedMoE.from_float(g[0].to(torch.float8_e4m3fn), g[1], top_k=2)
+    # deepseek_v3's groups: checked when the layer is built, not at its first call
+    with pytest.raises(MoEConfigError, match="top_k=3 is more than the 2 experts"):
+        FusedMoE.from_float(*g, top_k=3, routing="deepseek_v3", n_group=2, topk_group=1)
+    with pytest.raises(MoEConfigError, match="n_group must be a positive int"):
+        FusedMoE.from_float(*g, top_k=2, routing="deepseek_v3", n_group=0)
+    with pytest.raises(MoEConfigError, match="topk_group=3 must be between 1 and n_group=2"):
+        FusedMoE.from_float(*g, top_k=2, routing="deepseek_v3", n_group=2, topk_group=3)
+    with pytest.raises(MoEConfigError, match="routed_scaling_factor must be a finite positive"):
+        FusedMoE.from_float(*g, top_k=2, routing="deepseek_v3", routed_scaling_factor=float("nan"))
+    with pytest.raises(MoEConfigError, match="routing_bias contains NaN"):
+        FusedMoE.from_float(*g, top_k=2, routing="deepseek_v3", routing_bias=torch.tensor([0.0, float("nan"), 0, 0]))
+    for scale in (0.0, -1.0, float("inf"), torch.ones(2)):
+        with pytest.raises(MoEConfigError, match="input_global_scale must be one finite positive number"):
+            FusedMoE(FusedMoE.from_float(*g, top_k=2).canonical_weights(), hidden_size=H, intermediate_size=I,
+                     top_k=2, input_global_scale=scale)
 
 
 def test_unknown_backend_option():
