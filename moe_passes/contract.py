@@ -281,7 +281,10 @@ def trtllm_chunk_size(num_experts: int, top_k: int) -> int:
     """
     if num_experts <= 0 or top_k <= 0 or top_k > num_experts:
         raise MoEConfigError(f"need 0 < top_k <= num_experts, got num_experts={num_experts}, top_k={top_k}")
-    grid_bound = (num_experts + (_GRID_Y_LIMIT - num_experts + 1) * _TRTLLM_TILE - 1) // top_k
+    if num_experts > _GRID_Y_LIMIT:  # then T*K <= 65535 < E: one CTA per routed pair
+        grid_bound = _GRID_Y_LIMIT // top_k
+    else:
+        grid_bound = (num_experts + (_GRID_Y_LIMIT - num_experts + 1) * _TRTLLM_TILE - 1) // top_k
     return min(_TRTLLM_TOKEN_CAP, grid_bound)
 
 

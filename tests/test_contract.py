@@ -62,10 +62,14 @@ def test_chunk_sizes(experts, top_k, expected):
 
 
 def test_chunk_size_bounds_grid():
-    for experts, top_k in [(8, 2), (40, 40), (256, 8), (512, 22)]:
+    def ctas(experts, top_k, tokens):
+        return min(experts, tokens * top_k) + max(0, tokens * top_k - experts) // 128
+
+    # The largest token count within grid.Y (or the cap), also for more experts than grid.Y has rows.
+    for experts, top_k in [(8, 2), (40, 40), (256, 8), (512, 22), (65534, 8), (65535, 8), (70000, 8), (70000, 1)]:
         t = trtllm_chunk_size(experts, top_k)
-        ctas = min(experts, t * top_k) + max(0, t * top_k - experts) // 128
-        assert ctas <= 65535 and t <= 300_000
+        assert 0 < t <= 300_000 and ctas(experts, top_k, t) <= 65535
+        assert t == 300_000 or ctas(experts, top_k, t + 1) > 65535
     with pytest.raises(MoEConfigError):
         trtllm_chunk_size(4, 5)
 
