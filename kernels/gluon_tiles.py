@@ -76,10 +76,15 @@ def _kmap(p: int) -> int:
 KMAP = tuple(_kmap(p) for p in range(64))
 
 
+def fits(hidden: int, inter: int, biases: bool) -> bool:
+    """Do these tiles take a layer of these sizes: whole 64-element pieces in both GEMMs, no expert biases."""
+    return hidden % 64 == 0 and inter % 64 == 0 and not biases
+
+
 def takes(hidden: int, inter: int, biases: bool) -> bool:
-    """Can these tiles run a layer of these sizes: Gluon's Hopper API importable, whole 64-element pieces in both
-    GEMMs, no expert biases (the planner adds the SM90 check; a call adds an unsplit GEMM2)."""
-    return AVAILABLE and hidden % 64 == 0 and inter % 64 == 0 and not biases
+    """Can these tiles run a layer of these sizes here: Gluon's Hopper API importable and :func:`fits` (the
+    planner adds the SM90 check; a call adds an unsplit GEMM2)."""
+    return AVAILABLE and fits(hidden, inter, biases)
 
 if AVAILABLE:
     from moe_passes.kernels.triton_common import apply_act, scale_pairs_asm, word_cut_asm

@@ -61,6 +61,11 @@ class KernelOptions:
     trtllm_chunk_size: Optional[int] = None
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            want = {"bool": bool, "int": int, "Optional[int]": (int, type(None))}.get(field.type)
+            if want is not None and (not isinstance(value, want) or (want is not bool and isinstance(value, bool))):
+                raise MoEConfigError(f"KernelOptions.{field.name} must be {field.type}, got {value!r}")
         if not 1 <= self.cuda_decode_warps <= 31:
             raise MoEConfigError(f"cuda_decode_warps must be 1..31, got {self.cuda_decode_warps}")
         if self.cuda_decode_max_units < 1:
@@ -75,15 +80,20 @@ class KernelOptions:
             raise MoEConfigError(f"variant must be a variant name or '', got {self.variant!r}")
         for name in ("decode_overrides", "tile_overrides"):
             pairs = getattr(self, name)
-            if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+            if not isinstance(pairs, tuple) or not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                                       for p in pairs):
                 raise MoEConfigError(f"{name} must be a tuple of (field, value) pairs, got {pairs!r}")
+            try:
+                hash(pairs)  # options key the plan cache
+            except TypeError:
+                raise MoEConfigError(f"{name} values must be hashable (ints, bools), got {pairs!r}") from None
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "KernelOptions":
         """The defaults with the environment's switches: ``MOE_NVFP4_PDL=0`` (no chained Triton launches) and
         ``MOE_NVFP4_CUDA_DECODE=0`` (one token takes the Triton path)."""
         env = os.environ if environ is None else environ
-        return cls(pdl=env.get("MOE_NVFP4_PDL", "1") != "0",
+        return cls(pdl=env.get("MOE_NVFP4_PDL", "1").strip() != "0",
                    cuda_decode=env.get("MOE_NVFP4_CUDA_DECODE", "1").strip() != "0")
 
 

@@ -140,6 +140,10 @@ class TileConfig:
     bf16_rows: bool = False
 
     def __post_init__(self):
+        if min(self.bm, self.bn1, self.bn2, self.warps1, self.warps2, self.split2) < 1 or min(self.stages1,
+                                                                                          self.stages2) < 2:
+            raise MoEConfigError(f"TileConfig block sizes, warps and splits must be positive and stages at least 2: "
+                                 f"{self}")
         if self.bf16_rows and self.split2 != 1:
             raise MoEConfigError(f"TileConfig bf16_rows: GEMM2's K split sums fp32 partial rows, so bf16 rows need "
                                  f"split2=1 (got {self.split2})")
@@ -223,11 +227,13 @@ class Problem:
 @dataclasses.dataclass(frozen=True)
 class DeviceInfo:
     """What the planner needs of the GPU: SM count, compute capability, per-block opt-in shared memory (None:
-    unknown, so the CUDA decode's shared-memory fit is left to the call)."""
+    unknown, so the CUDA decode's shared-memory fit is left to the call), and whether Gluon's Hopper API is there
+    (None: as in this process; planning for another machine, e.g. ``moe-nvfp4 plan`` without a GPU, says so)."""
 
     sm_count: int = 132
     capability: tuple = (9, 0)
     smem_optin: Optional[int] = None
+    gluon: Optional[bool] = None
 
 
 H200 = DeviceInfo(sm_count=132, capability=(9, 0), smem_optin=232448)
@@ -352,7 +358,8 @@ def _wgmma_fits(p: Problem, d: DeviceInfo) -> bool:
     Hopper API, whole 64-element pieces in both GEMMs and no expert biases."""
     from moe_passes.kernels import gluon_tiles
 
-    return d.capability[0] == 9 and gluon_tiles.takes(p.hidden, p.inter, p.biases)
+    gluon = gluon_tiles.AVAILABLE if d.gluon is None else d.gluon
+    return gluon and d.capability[0] == 9 and gluon_tiles.fits(p.hidden, p.inter, p.biases)
 
 
 def _wgmma(cfg: TileConfig, p: Problem) -> TileConfig:
@@ -495,6 +502,8 @@ def plan(problem: Problem, device: DeviceInfo, options: Optional[KernelOptions] 
     """The variant, config and reason for ``problem`` on ``device`` (see the module docstring)."""
     options = options if options is not None else KernelOptions()
     p = problem
+    if min(p.tokens, p.top_k, p.experts, p.hidden, p.inter) < 1 or p.top_k > (p.routed_experts or p.experts):
+        raise MoEConfigError(f"no plan for an empty or impossible problem (positive sizes, top_k <= experts): {p}")
     rows = p.rows
     if options.variant:
         if options.variant not in _BUILD:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import math
 import os
@@ -265,8 +266,8 @@ def _print_hopper_plan(args, shape) -> None:
 
     if torch.cuda.is_available():
         device, where = device_info("cuda"), torch.cuda.get_device_name()
-    else:
-        device, where = H200, "an H200 (no GPU here: 132 SMs, SM90)"
+    else:  # the plan an H200 with the project's Triton (3.6, Gluon's Hopper API) runs, whatever Triton is here
+        device, where = dataclasses.replace(H200, gluon=True), "an H200 (no GPU here: 132 SMs, SM90, Triton with Gluon)"
     print(f"    plan          per token count on {where}: variant [config]: why")
     for tokens in sorted({*PLAN_TOKENS, args.tokens}):
         problem = Problem(tokens, args.top_k, args.experts, shape.hidden_padded, shape.intermediate_padded,

@@ -11,6 +11,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from moe_passes.bench import SHAPES
 from moe_passes.errors import MoEConfigError
@@ -213,6 +214,21 @@ def test_plans_are_cached_per_problem_device_and_options():
     assert len({KernelOptions(), KernelOptions(), KernelOptions(pdl=False)}) == 2  # hashable, by value
 
 
+@pytest.mark.parametrize("bad", [dict(pdl="0"), dict(cuda_decode_warps=2.5), dict(cuda_decode_warps="12"),
+                                 dict(one_program_pairs=None), dict(trtllm_chunk_size=True),
+                                 dict(tile_overrides=[("bm", 16)]), dict(tile_overrides=(("bm", [16]),)),
+                                 dict(tile_overrides=(("warps1", 0),)), dict(tile_overrides=(("stages1", 1),))])
+def test_bad_options_are_refused_when_made_or_planned(bad):
+    with pytest.raises(MoEConfigError):
+        plan(dataclasses.replace(BENCH[1], tokens=4096), H200, KernelOptions(**bad))
+
+
+@pytest.mark.parametrize("field, value", [("tokens", 0), ("tokens", -1), ("hidden", 0), ("top_k", 129)])
+def test_no_plan_for_an_empty_or_impossible_problem(field, value):
+    with pytest.raises(MoEConfigError, match="no plan"):
+        plan(dataclasses.replace(BENCH[1], **{field: value}), H200)
+
+
 def test_options_come_from_the_environment_once_and_can_be_scoped():
     assert KernelOptions.from_env({}) == KernelOptions()
     assert not KernelOptions.from_env({"MOE_NVFP4_PDL": "0"}).pdl
@@ -251,9 +267,13 @@ def test_cli_plan_names_each_token_counts_variant(capsys):
     out = capsys.readouterr().out
     rows = dict(re.findall(r"^\s+(\d+)  (\w+)", out, flags=re.M))
     assert sorted(int(t) for t in rows) == sorted({*PLAN_TOKENS, 300})
+    # Without a GPU it plans for an H200 with Gluon, whether or not this machine's Triton has it.
+    h200 = dataclasses.replace(H200, gluon=True)
     for tokens, variant in rows.items():
-        want = plan(Problem(int(tokens), k, e, h, i, False, routing), H200).variant  # the CPU plans for an H200
+        want = plan(Problem(int(tokens), k, e, h, i, False, routing), h200).variant
         assert variant == want and variant in VARIANTS
+    if not torch.cuda.is_available():
+        assert rows["128"] == "tiles32" and "wgmma" in out
     assert math.isclose(rows_per_expert(1, k, e), 1.0)
 
 
