@@ -162,6 +162,32 @@ def test_malformed_checkpoints_are_rejected_with_the_key():
     missing = {k: v for k, v in tensors.items() if k != "experts.2.down_proj.input_scale"}
     with pytest.raises(MoEConfigError, match=r"no tensor 'experts\.2\.down_proj\.input_scale'"):
         load_modelopt_moe(missing, "experts", top_k=2)
+    gap = {k: v for k, v in tensors.items() if not k.startswith("experts.1.")}  # would load expert 0 alone
+    with pytest.raises(MoEConfigError, match=r"experts\.1\.down_proj\.weight is missing but expert 3"):
+        load_modelopt_moe(gap, "experts", top_k=1)
+    for bad, why in ((torch.tensor([1e-3, 1e-3]), "one value each"), (torch.tensor(float("inf")), "finite"),
+                     (torch.tensor(float("nan")), "finite"), (torch.tensor(0.0), "positive")):
+        broken = dict(tensors, **{"experts.2.gate_proj.weight_scale_2": bad})
+        with pytest.raises(MoEConfigError, match=rf"experts\.2\.gate_proj: .*{why}"):
+            load_modelopt_moe(broken, "experts", top_k=2)
+    other = modelopt_expert_tensors("experts", w13[:, :, :H - 16], w2[:, :H - 16])
+    uneven = dict(tensors, **{k: v for k, v in other.items() if k.startswith("experts.3.")})
+    with pytest.raises(MoEConfigError, match="expert 3 under 'experts'"):
+        load_modelopt_moe(uneven, "experts", top_k=2)
+    # A gated checkpoint read as ungated would silently drop its gate projection.
+    with pytest.raises(MoEConfigError, match="gate projection .* not gated"):
+        load_modelopt_moe(tensors, "experts", top_k=2, activation="relu2")
+
+
+def test_separate_gate_and_up_scales_are_refused_where_up_is_not_linear():
+    """swiglu_oai clamps up and adds 1: the gate/up scale ratio cannot be folded into w2 there, so split scales
+    are refused; one shared scale loads."""
+    w13, w2, _ = _weights(4)
+    split = modelopt_expert_tensors("experts", w13, w2, fused_gate_up_scale=False)
+    with pytest.raises(MoEConfigError, match="'swiglu_oai' is not linear in up"):
+        load_modelopt_moe(split, "experts", top_k=2, activation="swiglu_oai")
+    shared = modelopt_expert_tensors("experts", w13, w2)
+    assert load_modelopt_moe(shared, "experts", top_k=2, activation="swiglu_oai").activation == "swiglu_oai"
 
 
 def test_sparsemixer_layer_loads_with_its_jitter_eps():

@@ -24,7 +24,9 @@ w2's dequantized values by ``c``) cancels it: ``w2_global_scale = c / ws_down``.
 product through the expert are then exact up to one fp32 rounding of that scalar.  What ``c`` does
 change is the input of the intermediate activation quantization (per-expert scaled by ``c``), whose
 block scales therefore round differently; the static intermediate scale is derived from
-``max_e(c_e * input_scale(down)_e)`` so that no expert saturates.  Only gated activations need this.
+``max_e(c_e * input_scale(down)_e)`` so that no expert saturates.  Only gated activations need this, and
+only those linear in ``up`` take it: ``swiglu_oai`` clamps ``up`` and adds 1 to it, so its layers need gate
+and up to share one ``weight_scale_2`` (what ModelOpt exports for gpt-oss's fused ``gate_up_proj``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ __all__ = ["load_modelopt_experts", "load_modelopt_moe", "modelopt_expert_tensor
 
 # (gate, up, down) projection names, in the order tried.
 PROJECTION_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+# Gated activations of the form act(gate) * up: a factor on up passes through them unchanged.
+_LINEAR_IN_UP = frozenset({"silu", "gelu", "gelu_tanh"})
 
 Tensors = Mapping[str, torch.Tensor]
 Source = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Tensors]
@@ -71,6 +75,9 @@ class _Reader:
     def __contains__(self, key: str) -> bool:
         return key in (self._dict if self._dict is not None else self._files)
 
+    def keys(self):
+        return (self._dict if self._dict is not None else self._files).keys()
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self:
             raise MoEConfigError(f"checkpoint has no tensor {key!r}")
@@ -92,6 +99,13 @@ def _count_experts(reader: _Reader, prefix: str, down: str) -> int:
     n = 0
     while f"{prefix}.{n}.{down}.weight" in reader:
         n += 1
+    # A gap would silently drop every expert after it: name the first missing one instead.
+    start, tail = f"{prefix}.", f".{down}.weight"
+    later = [int(k[len(start):-len(tail)]) for k in reader.keys()
+             if k.startswith(start) and k.endswith(tail) and k[len(start):-len(tail)].isdigit()]
+    if later and max(later) >= n:
+        raise MoEConfigError(f"experts under {prefix!r}: {prefix}.{n}.{down}.weight is missing but expert "
+                             f"{max(later)} is present (pass num_experts= to load fewer)")
     return n
 
 
@@ -103,9 +117,12 @@ def _projection(reader: _Reader, key: str):
     if scale.dtype != torch.float8_e4m3fn or tuple(scale.shape) != (weight.shape[0], weight.shape[1] // 8):
         raise MoEConfigError(f"{key}.weight_scale must be float8_e4m3fn {(weight.shape[0], weight.shape[1] // 8)} "
                              f"(one per 16 elements), got {scale.dtype} {tuple(scale.shape)}")
+    if ws2.numel() != 1 or in_scale.numel() != 1:
+        raise MoEConfigError(f"{key}: weight_scale_2 and input_scale must hold one value each, got shapes "
+                             f"{tuple(ws2.shape)} and {tuple(in_scale.shape)}")
     ws2, in_scale = ws2.float().reshape(()), in_scale.float().reshape(())
-    if not (bool(ws2 > 0) and bool(in_scale > 0)):
-        raise MoEConfigError(f"{key}: weight_scale_2 and input_scale must be positive, got {float(ws2)}, "
+    if not all(bool(torch.isfinite(v)) and bool(v > 0) for v in (ws2, in_scale)):
+        raise MoEConfigError(f"{key}: weight_scale_2 and input_scale must be finite and positive, got {float(ws2)}, "
                              f"{float(in_scale)}")
     return weight, scale, ws2, in_scale
 
@@ -120,15 +137,28 @@ def load_modelopt_experts(source: Source, prefix: str, *, activation: str = "sil
     experts = num_experts if num_experts is not None else _count_experts(reader, prefix, down_n)
     if experts <= 0:
         raise MoEConfigError(f"no experts found under {prefix!r}")
+    if not gated and f"{prefix}.0.{gate_n}.weight" in reader:
+        raise MoEConfigError(f"experts under {prefix!r} have a gate projection ({gate_n}) but activation "
+                             f"{activation!r} is not gated: loading would drop it; pass the model's gated activation")
     w13, s13, g13, w2, s2, g2, in_scales, mid_scales = [], [], [], [], [], [], [], []
     for e in range(experts):
         up = _projection(reader, f"{prefix}.{e}.{up_n}")
         down = _projection(reader, f"{prefix}.{e}.{down_n}")
+        if e and (up[0].shape != w2_up_shape[0] or down[0].shape != w2_up_shape[1]):
+            raise MoEConfigError(f"expert {e} under {prefix!r}: {up_n} {tuple(up[0].shape)} and {down_n} "
+                                 f"{tuple(down[0].shape)} packed, expert 0's {tuple(w2_up_shape[0])} and "
+                                 f"{tuple(w2_up_shape[1])}")
+        w2_up_shape = up[0].shape, down[0].shape
         if gated:
             gate = _projection(reader, f"{prefix}.{e}.{gate_n}")
             if gate[0].shape != up[0].shape:
                 raise MoEConfigError(f"expert {e} under {prefix!r}: gate {tuple(gate[0].shape)} and up "
                                      f"{tuple(up[0].shape)} differ")
+            if activation not in _LINEAR_IN_UP and not torch.equal(gate[2], up[2]):
+                raise MoEConfigError(
+                    f"expert {e} under {prefix!r}: gate and up have different weight_scale_2 ({float(gate[2])}, "
+                    f"{float(up[2])}); {activation!r} is not linear in up, so the difference cannot be folded "
+                    f"into w2 (module docstring): export gate and up with one shared scale")
             w13.append(torch.cat([gate[0], up[0]]))
             s13.append(torch.cat([gate[1].view(torch.uint8), up[1].view(torch.uint8)]).view(torch.float8_e4m3fn))
             first, c = gate, gate[2] / up[2]   # up computes c * true up: fold 1/c into w2
