@@ -838,6 +838,32 @@ def test_unsupported_blocks_are_left_alone_with_a_logged_reason(caplog):
                for r in caplog.records) == 2
 
 
+
+def test_a_bad_kernel_is_refused_and_quantized_or_failing_blocks_are_left_alone(caplog):
+    from moe_passes.errors import KernelUnavailableError, MoEConfigError
+
+    model = _tiny_model("qwen3_moe", 4)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(MoEConfigError, match="unknown kernel 'refrence'"):
+        convert(model, kernel="refrence")
+    with pytest.raises(KernelUnavailableError, match="trtllm"):  # Blackwell only: no block could convert here
+        convert(model, kernel="trtllm")
+    (_, first), (_, second) = _moe_blocks(model)[:2]
+    # FP8 checkpoints load their experts with block scales beside float8 weights: never read as floats
+    first.experts.register_buffer("down_proj_scale_inv", torch.ones(1))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the block's own code failed")
+
+    second.experts.forward = broken
+    with caplog.at_level(logging.WARNING, logger="moe_passes.integrations.transformers"):
+        report = convert(model)
+    reasons = sorted(s.reason for s in report.skipped)
+    assert not report.converted and len(reasons) == 2
+    assert "quantized weights (down_proj_scale_inv)" in reasons[1]
+    assert reasons[0].startswith("reading the block failed: RuntimeError: the block's own code failed")
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
 # Families left alone, each with the piece the kernels or convert lack (the reason must name it), and the
 # number of MoE blocks the tiny model has.
 LEFT_ALONE = {

@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_passes.contract import SwigluOAI
-from moe_passes.errors import MoEError
+from moe_passes.errors import KernelUnavailableError, MoEError
+from moe_passes.kernels import registry
 from moe_passes.kernels.reference import apply_activation, route
 from moe_passes.layer import FusedMoE
 
@@ -295,6 +296,11 @@ def expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]
     if not _takes_routing(experts):
         raise _Unsupported("the experts' forward takes no top-k ids and weights, and the block is not an "
                            "input-scaled top-1 block")
+    quantized = [n for n, t in [*experts.named_parameters(), *experts.named_buffers()]
+                 if (t.dtype.is_floating_point and t.dtype.itemsize == 1) or n.endswith(("_scale_inv", "weight_scale"))]
+    if quantized:
+        raise _Unsupported(f"the experts hold quantized weights ({', '.join(quantized[:3])}): convert reads float "
+                           "weights; load an NVFP4 checkpoint (integrations.checkpoint) or dequantize first")
     split = _split_glu_weights(experts)
     if split is not None:
         return split
@@ -890,6 +896,8 @@ def _build_input_scaled(name: str, block: nn.Module, router_attr: str, router: n
     try:
         moe = FusedMoE.from_float(w13, w2, activation=activation, calibration=calibration, kernel=kernel, name=name,
                                   top_k=1, parallel=parallel, **routing)
+    except KernelUnavailableError:
+        raise  # kernel= names a kernel this machine cannot run: no block could convert
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
     info = ConvertedBlock(name=name, block=type(block).__name__, family=family, experts=num_experts, top_k=1,
@@ -945,6 +953,8 @@ def _build(name: str, block: nn.Module, *, family: str, calibration: Optional[to
                                   top_k=routing.top_k, parallel=parallel, w13_bias=extras.w13_bias,
                                   w2_bias=extras.w2_bias, activation_params=extras.activation_params,
                                   **routing.kwargs)
+    except KernelUnavailableError:
+        raise  # kernel= names a kernel this machine cannot run: no block could convert
     except MoEError as exc:
         raise _Unsupported(f"FusedMoE rejected the layer: {exc}") from exc
     shared = any(n.startswith(("shared_expert", "shared_mlp")) for n, _ in block.named_children())
@@ -973,6 +983,8 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
 
     Returns a :class:`ConversionReport`; it is also logged (INFO), each skipped block with its reason (WARNING).
     """
+    if kernel is not None:
+        registry.get(kernel)  # an unknown name is the caller's error, not a reason to skip every block
     report = ConversionReport()
     family = str(getattr(getattr(model, "config", None), "model_type", "") or "")
     blocks = _find_blocks(model)
@@ -991,9 +1003,17 @@ def convert(model: nn.Module, *, calibration: Union[None, torch.Tensor, dict, Ca
         try:
             b = _build(name, block, family=family, calibration=calib.get(name), kernel=kernel,
                        check_layout=check_layout, parallel=parallel)
-        except _Unsupported as exc:
+        except KernelUnavailableError:
+            raise
+        except (_Unsupported, MoEError) as exc:
             report.skipped.append(SkippedBlock(name, type(block).__name__, str(exc)))
             logger.warning("moe_nvfp4: left %s (%s) unconverted: %s", name, type(block).__name__, exc)
+            continue
+        except Exception as exc:  # a block's own code failing on our probes: leave it alone, say why
+            reason = f"reading the block failed: {type(exc).__name__}: {exc}"
+            report.skipped.append(SkippedBlock(name, type(block).__name__, reason))
+            logger.warning("moe_nvfp4: left %s (%s) unconverted: %s", name, type(block).__name__, reason,
+                           exc_info=True)
             continue
         built.append(b)
         report.converted.append(b.info)
