@@ -137,7 +137,8 @@ class MoEPostGradPass(CustomGraphPass):
             previous = self.previous.uuid() if hasattr(self.previous, "uuid") else None
             if previous is None:  # inductor cannot key an uncacheable pass: neither can we
                 return None
-        return (self.manager.uuid(), previous)
+        ours = self.manager.uuid()
+        return None if ours is None else (ours, previous)
 
 
 def _dumper(dump_dir: Optional[str]):

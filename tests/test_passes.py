@@ -23,6 +23,7 @@ from torch import nn
 from moe_passes import MoEShapeError
 from moe_passes.ops import KERNEL_OP
 from moe_passes.passes import GraphPass, LowerFusedMoE, PassResult, VerifyMoEShapes, default_pipeline
+from moe_passes.passes.manager import pass_uuid
 from moe_passes.testing import (MoEProblem, RecordingBackend, assert_no_ops, assert_pattern, check_numerics,
                                 count_kernel_calls, expect_shape_error, moe_reference, no_silent_fallback,
                                 raises_compile_error, run_passes, run_pipeline, trace, verify)
@@ -242,6 +243,42 @@ def test_pass_uuid_tracks_code_and_order():
     assert default_pipeline([One(), Two()]).uuid() != default_pipeline([Two(), One()]).uuid()
     assert default_pipeline([_drop_slice]).uuid() != default_pipeline([One()]).uuid()
     assert [type(p).__name__ for p in default_pipeline([One()]).passes] == ["LowerFusedMoE", "One", "VerifyMoEShapes"]
+
+
+def test_pass_uuid_covers_parameters_helpers_and_refuses_what_it_cannot_key(tmp_path, monkeypatch):
+    """Passes differing only in parameters (a GraphPass's attributes, a factory's closure) get different keys;
+    a helper beside the class counts; a pass with no readable source or an address in its state gets None, and
+    the pipeline with it None (inductor then bypasses its FX graph cache instead of serving a stale graph)."""
+    import importlib
+
+    class Scale(GraphPass):
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def run(self, gm):
+            return PassResult(changed=False)
+
+    def factory(k):
+        def scale(gm):
+            return PassResult(changed=k > 0)
+        return scale
+
+    assert Scale(5).uuid() == Scale(5).uuid() != Scale(7).uuid()
+    assert pass_uuid(factory(2)) == pass_uuid(factory(2)) != pass_uuid(factory(3))
+    assert Scale(object()).uuid() is None and default_pipeline([Scale(object())]).uuid() is None
+    exec_ns = {}
+    exec("def nowhere(gm):\n    return None", exec_ns)  # no source file: cannot be keyed
+    assert pass_uuid(exec_ns["nowhere"]) is None
+    module = tmp_path / "user_pass_mod.py"
+    body = ("from moe_passes.passes import GraphPass\n\ndef helper():\n    return {}\n\n"
+            "class UsesHelper(GraphPass):\n    def run(self, gm):\n        return helper()\n")
+    module.write_text(body.format(1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mod = importlib.import_module("user_pass_mod")
+    before = mod.UsesHelper().uuid()
+    module.write_text(body.format(22))  # only the helper beside the class changes (and the file's size: linecache)
+    assert importlib.reload(mod).UsesHelper().uuid() != before
 
 
 # -- observability -------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def bind_args(node: torch.fx.Node) -> dict:
 
 class LowerFusedMoE(GraphPass):
     name = "lower_fused_moe"
+    depends_on = ("moe_passes.ops", "moe_passes.contract")  # the ops it emits and the padded sizes
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         graph, count = gm.graph, 0

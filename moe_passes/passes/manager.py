@@ -43,9 +43,14 @@ class PassRecord:
 
 
 class GraphPass:
-    """Base class for passes: subclasses implement :meth:`run`; ``name`` defaults to the class name."""
+    """Base class for passes: subclasses implement :meth:`run`; ``name`` defaults to the class name.
+
+    ``depends_on``: modules (by name) whose code the pass's result depends on beyond its own module, e.g. the
+    op fakes it relies on; their source enters :meth:`uuid` with the pass's own module.
+    """
 
     name: str = ""
+    depends_on: tuple = ()
 
     def __init__(self):
         if not self.name:
@@ -57,9 +62,21 @@ class GraphPass:
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         return self.run(gm)
 
-    def uuid(self) -> str:
-        """Changes when the pass's code changes (part of the compile cache key)."""
-        return hashlib.sha256(inspect.getsource(type(self)).encode()).hexdigest()
+    def uuid(self) -> Optional[str]:
+        """The compile cache key's part for this pass: the source of its module and of ``depends_on`` (helpers
+        beside the class count) and :meth:`cache_state`.  None, which makes inductor bypass its FX graph
+        cache, where the source cannot be read (a class defined in a REPL or notebook) or the state's ``repr``
+        names an address."""
+        import importlib
+
+        sources = [_module_source(type(self))]
+        sources += [_module_source(importlib.import_module(m)) for m in self.depends_on]
+        return _digest(sources, (type(self).__qualname__, self.cache_state()))
+
+    def cache_state(self):
+        """What else the pass's result depends on: its attributes (compared by ``repr``).  A pass holding values
+        whose ``repr`` does not show them whole (a large tensor) should return something that does."""
+        return sorted(vars(self).items())
 
 
 PassLike = Union[GraphPass, Callable[[torch.fx.GraphModule], Optional[PassResult]]]
@@ -69,14 +86,38 @@ def pass_name(p: PassLike) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__
 
 
-def pass_uuid(p: PassLike) -> str:
+def _module_source(obj) -> Optional[str]:
+    """The whole source file of ``obj``'s module (``obj`` a class or a module), or None where there is none."""
+    try:
+        module = obj if inspect.ismodule(obj) else inspect.getmodule(obj)
+        return inspect.getsource(module) if module is not None else None
+    except (OSError, TypeError):
+        return None
+
+
+def _digest(sources: Sequence[Optional[str]], state) -> Optional[str]:
+    """A key over ``sources`` and the ``repr`` of ``state``; None where a source is missing or the repr
+    names an object's address (it would differ from run to run, or hide what changed)."""
+    text = repr(state)
+    if any(s is None for s in sources) or " at 0x" in text:
+        return None
+    return hashlib.sha256("\0".join([*sources, text]).encode()).hexdigest()
+
+
+def pass_uuid(p: PassLike) -> Optional[str]:
+    """The cache key's part for ``p`` (see :meth:`GraphPass.uuid`).  A plain function counts with its source,
+    its defaults and the values its closure captured (a pass built by a factory differs per argument)."""
     if hasattr(p, "uuid"):
         return p.uuid()
+    fn = p.func if hasattr(p, "func") and hasattr(p, "args") else p  # functools.partial: its bound arguments below
     try:
-        source = inspect.getsource(p)
+        source = inspect.getsource(fn)
     except (OSError, TypeError):
-        source = repr(p)
-    return hashlib.sha256(source.encode()).hexdigest()
+        return None
+    captured = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+    state = (captured, getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None),
+             getattr(p, "args", None), getattr(p, "keywords", None))
+    return _digest([source], state)
 
 
 def _log_graph(label: str, gm: torch.fx.GraphModule) -> None:
@@ -106,8 +147,12 @@ class PassManager:
         self.observers: list[Callable[[str, str, torch.fx.GraphModule], None]] = []
         self.dump_fn = dump_fn
 
-    def uuid(self) -> str:
-        return hashlib.sha256("|".join(pass_uuid(p) for p in self.passes).encode()).hexdigest()
+    def uuid(self) -> Optional[str]:
+        """One key over every pass's; None (no FX graph cache) when any pass has none."""
+        keys = [pass_uuid(p) for p in self.passes]
+        if any(k is None for k in keys):
+            return None
+        return hashlib.sha256("|".join(keys).encode()).hexdigest()
 
     def _emit(self, stage: str, name: str, gm: torch.fx.GraphModule) -> None:
         label = f"moe_nvfp4 {stage} {name}"

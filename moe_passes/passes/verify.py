@@ -406,6 +406,9 @@ def verify_graph(gm: torch.fx.GraphModule) -> None:
 
 class VerifyMoEShapes(GraphPass):
     name = "verify_moe_shapes"
+    # the op fakes and the contract decide what propagation accepts; the parallel invariants live there
+    depends_on = ("moe_passes.ops", "moe_passes.contract", "moe_passes.passes.lower_fused_moe",
+                  "moe_passes.passes.combine_parallel")
 
     def run(self, gm: torch.fx.GraphModule) -> PassResult:
         verify_graph(gm)
