@@ -168,6 +168,26 @@ class DropPad(Mutant):
         return True
 
 
+class PadActivationsOnTheLeft(Mutant):
+    """Pads the activations on the left: the right width, but every column meets another column's weights."""
+
+    def mutate(self, gm, kernel, pad, slice_):
+        pad.args = (pad.args[0], [pad.args[1][1], 0], *pad.args[2:])
+        return True
+
+
+class ShiftActivationsOneColumn(Mutant):
+    """Drops the first activation column and pads one more on the right: shapes agree, columns do not."""
+
+    def mutate(self, gm, kernel, pad, slice_):
+        x = pad.args[0]
+        with gm.graph.inserting_before(pad):
+            shifted = gm.graph.call_function(aten.slice.Tensor, (x, 1, 1, _width(x)))
+        _copy_meta(shifted, x)
+        pad.args = (shifted, [0, pad.args[1][1] + 1], *pad.args[2:])
+        return True
+
+
 class ActivationsPaddedToOtherAlignment(Mutant):
     """Pads activations to a multiple of 128 while the weights were padded to the kernel's 256."""
 
@@ -270,7 +290,7 @@ class RouterLogitsLoseAnExpert(Mutant):
 
 
 MUTANTS = [DropSlice, AddBeforeSlice, PadSharedOnTheLeft, NormOverPaddedColumns, WrongPadWidth, PadTooNarrow,
-           PadOnTokenDim, DropPad, ActivationsPaddedToOtherAlignment, WeightsPaddedToOtherAlignment, SliceTooNarrow,
+           PadOnTokenDim, DropPad, PadActivationsOnTheLeft, ShiftActivationsOneColumn, ActivationsPaddedToOtherAlignment, WeightsPaddedToOtherAlignment, SliceTooNarrow,
            SliceWrongOffset, SliceTokenDim, PaddedOutputEscapes, BroadcastAgainstColumn, RouterLogitsLoseAnExpert]
 
 

@@ -10,9 +10,11 @@ Runs last and always.  Two checks:
    padded kernel output are followed column by column through elementwise ops, views, transposes, pads,
    slices and concatenations.  Any route is accepted (e.g. pad the shared output, add in the padded
    domain, slice later), but the padding must be sliced away before it reaches anything else (the graph
-   output, a reduction, a matmul, another kernel), and a padded tensor's columns must never meet shifted
-   ones (a shared output padded on the left).  Shapes alone would accept a padded output returned from
-   the graph, broadcast against a ``[T, 1]`` tensor, or sliced from the wrong offset.
+   output, a reduction, a matmul, another kernel), a kernel output's columns must never meet shifted ones
+   or land a real column on its padding (a shared output padded on the left), and the kernel's input must
+   hold the layer's columns in order, then pad zeros.  Shapes alone would accept a padded output returned
+   from the graph, broadcast against a ``[T, 1]`` tensor, sliced from the wrong offset, or activations
+   padded on the left.
 
 Example of a caught bug (an extra pass dropped the slice)::
 
@@ -23,6 +25,7 @@ Example of a caught bug (an extra pass dropped the slice)::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from typing import Optional
@@ -110,14 +113,18 @@ def _describe_failure(node: torch.fx.Node, exc: Exception) -> MoEShapeError:
     shapes = [(a.name, _shape(a.meta.get("val"))) for a in node.all_input_nodes]
     kernels = [node] if node.target is KERNEL_OP else _kernel_ancestors(node)
     layer, sizes = None, None
+    routed = None  # the width of the input that carries the kernel's output, where it meets another width
     if kernels:
         info = _sizes(kernels[0])
         layer = info["layer"]
         sizes = (info["hidden_padded"], info["hidden"])
-        widths = {s[-1] for _, s in shapes if s}
-        other = sorted(w for w in widths if w != info["hidden_padded"])
-        if node.target is not KERNEL_OP and info["hidden_padded"] in widths and other:
-            sizes = (info["hidden_padded"], other[0])
+        if node.target is not KERNEL_OP:
+            derived = [a is kernels[0] or kernels[0] in _kernel_ancestors(a) for a in node.all_input_nodes]
+            mine = [s[-1] for (_, s), d in zip(shapes, derived) if s and d]
+            others = [s[-1] for (_, s), d in zip(shapes, derived) if s and not d and mine and s[-1] != mine[0]]
+            if mine and others:  # prefer the layer's hidden size among the other widths (a matmul has more)
+                routed = mine[0]
+                sizes = (routed, info["hidden"] if info["hidden"] in others else others[0])
     if isinstance(exc, MoEShapeError):
         message = f"graph node {node.name} ({node.target}): {exc.args[0].splitlines()[0]}"
         sizes = exc.sizes or sizes
@@ -125,9 +132,13 @@ def _describe_failure(node: torch.fx.Node, exc: Exception) -> MoEShapeError:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = (f"graph node {node.name} ({node.target}) cannot combine its inputs "
                    + ", ".join(f"{n} {s}" for n, s in shapes) + f": {detail}")
-        if sizes and sizes[0] != sizes[1]:
+        if routed is not None and routed == info["hidden_padded"]:
             message += (f"\n  a routed-expert output padded to {sizes[0]} meets a tensor of width {sizes[1]}: "
                         f"slice the kernel output back to the layer's hidden size before combining it")
+        elif routed is not None:
+            message += (f"\n  a routed-expert output {routed} wide meets a tensor of width {sizes[1]}: slice the "
+                        f"kernel output to the layer's hidden size {info['hidden']} (it is {info['hidden_padded']} "
+                        f"wide)")
     return MoEShapeError(message, layer=layer or (exc.layer if isinstance(exc, MoEShapeError) else None),
                          sizes=sizes, source=user_source_line(node))
 
@@ -166,8 +177,15 @@ def _propagate(gm: torch.fx.GraphModule) -> None:
 
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         inputs = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-    with enable_python_dispatcher():
-        _Prop(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
+    # A shape error is reported as a MoEShapeError; the fake mode would also log its traceback at ERROR.
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with enable_python_dispatcher():
+            _Prop(gm, mode=fake_mode).propagate_dont_convert_inputs(*inputs)
+    finally:
+        fake_log.setLevel(level)
 
 
 # Column tracking: for a value derived from a padded kernel output, what each position along one dimension
@@ -180,7 +198,7 @@ _PAD, _ZERO = -1, -2
 class _Cols:
     dim: int  # counted from the right (-1: the last dimension), so broadcasting keeps it
     cols: tuple
-    kernel: Optional[torch.fx.Node]  # the kernel whose padding this holds (None: only pad zeros)
+    kernel: Optional[torch.fx.Node]  # the kernel whose output this derives from (None: another value)
 
     @property
     def padded(self) -> bool:
@@ -222,6 +240,7 @@ def _combine(node: torch.fx.Node, inputs: list, states: dict, dim: int) -> Optio
     if not tracked:
         return None
     padded = next((s for s in tracked if s.padded), None)
+    owned = padded or next((s for s in tracked if s.kernel is not None), None)
     if not isinstance(out_width, int):
         if padded is not None:
             raise _Escape(node, padded, "gives it a width that is not a number")
@@ -239,19 +258,21 @@ def _combine(node: torch.fx.Node, inputs: list, states: dict, dim: int) -> Optio
         parts.append((arg, state))
     cols = []
     for p in range(out_width):
-        data = {s.cols[p] for _, s in parts if s.cols[p] >= 0}
+        data = [(a, s.cols[p]) for a, s in parts if s.cols[p] >= 0]
         if any(s.cols[p] == _PAD for _, s in parts):
-            cols.append(_PAD)
-        elif len(data) > 1:
-            if padded is not None:
-                (a, sa), (b, sb) = [(a, s) for a, s in parts if s.cols[p] >= 0][:2]
-                raise _Escape(node, padded, f"column {sa.cols[p]} of {a.name} meets column {sb.cols[p]} of {b.name} "
+            if data:  # a real column would vanish into padding that is sliced away
+                raise _Escape(node, padded, f"column {data[0][1]} of {data[0][0].name} lands on the kernel's padding "
                                             f"(at position {p})", shifted=True)
+            cols.append(_PAD)
+        elif len({c for _, c in data}) > 1:
+            if owned is not None:  # a kernel's output meets columns that do not line up with its own
+                (a, ca), (b, cb) = data[:2]
+                raise _Escape(node, owned, f"column {ca} of {a.name} meets column {cb} of {b.name} (at position {p})",
+                              shifted=True)
             return None  # the model's own arithmetic on shifted columns: not ours to judge
         else:
-            cols.append(data.pop() if data else _ZERO)
-    kernel = padded.kernel if padded is not None else None
-    return _Cols(dim, tuple(cols), kernel)
+            cols.append(data[0][1] if data else _ZERO)
+    return _Cols(dim, tuple(cols), owned.kernel if owned is not None else None)
 
 
 def _transfer(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
@@ -264,6 +285,13 @@ def _transfer(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
         return _pad(node, states)
     ins = [a for a in node.all_input_nodes if a in states]
     if not ins:
+        if target is aten.slice.Tensor and isinstance(args[0], torch.fx.Node):  # columns a shift would move
+            ndim = args[0].meta["val"].ndim if isinstance(args[0].meta.get("val"), torch.Tensor) else 0
+            dim = args[1] if len(args) > 1 else 0
+            plain = _state_of(args[0], states, dim - ndim if dim >= 0 else dim) if ndim else None
+            start, end, step = (list(args[2:5]) + [None, None, 1][len(args[2:5]):])
+            if plain is not None and all(isinstance(v, int) or v is None for v in (start, end, step)):
+                return _tracked(dataclasses.replace(plain, cols=plain.cols[slice(start, end, step)]))
         return None
     src = states[ins[0]]
     padded = next((states[a] for a in ins if states[a].padded), None)
@@ -339,11 +367,10 @@ def _pad(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
 
 
 def _tracked(state: Optional[_Cols]) -> Optional[_Cols]:
-    """Stop tracking a value whose columns are all data: from there on it is an ordinary tensor."""
-    if state is None or all(c >= 0 for c in state.cols):
+    """Stop tracking a value whose columns are its own, in order: from there on it is an ordinary tensor.  A
+    value holding pad zeros or shifted columns stays tracked (and keeps the kernel it derives from)."""
+    if state is None or state.cols == tuple(range(len(state.cols))):
         return None
-    if _PAD not in state.cols:
-        return dataclasses.replace(state, kernel=None)
     return state
 
 
@@ -365,6 +392,7 @@ def _check_padding(gm: torch.fx.GraphModule) -> None:
                     if arg in states and states[arg].padded:
                         raise _Escape(node, states[arg], f"feeds it to a kernel as {arg.name}")
                 info = _sizes(node)
+                _check_kernel_input(node, states, info)
                 if info["hidden"] != info["hidden_padded"]:
                     cols = tuple(range(info["hidden"])) + (_PAD,) * (info["hidden_padded"] - info["hidden"])
                     states[node] = _Cols(-1, cols, node)
@@ -384,6 +412,26 @@ def _check_padding(gm: torch.fx.GraphModule) -> None:
                 f"{where}: {esc.why}" + (f" (the layer's hidden size is {info['hidden']})" if esc.shifted else ""),
                 layer=info["layer"], sizes=(info["hidden_padded"], info["hidden"]),
                 source=user_source_line(user) or user_source_line(kernel)) from None
+
+
+def _check_kernel_input(node: torch.fx.Node, states: dict, info: dict) -> None:
+    """The kernel's hidden states must hold the layer's columns in order, then pad zeros: the weights' columns
+    are those (a left pad or a shifted slice would multiply every column by another column's weights)."""
+    x = node.args[0] if node.args else None
+    state = states.get(x) if isinstance(x, torch.fx.Node) else None
+    if state is None or state.dim != -1:
+        return
+    hidden, cols = info["hidden"], state.cols
+    want = tuple(range(hidden))
+    if cols[:hidden] != want or any(c != _ZERO for c in cols[hidden:]):
+        p = next((i for i, c in enumerate(cols) if (c != i if i < hidden else c != _ZERO)), 0)
+        got = "a pad zero" if cols[p] == _ZERO else f"column {cols[p]}"
+        raise MoEShapeError(
+            f"kernel graph node {node.name} takes hidden states {x.name} whose position {p} holds {got}, not "
+            + (f"column {p}" if p < hidden else "a pad zero") + f": the kernel's input must be the layer's "
+            f"{hidden} columns in order, padded with zeros on the right to {info['hidden_padded']}",
+            layer=info["layer"], sizes=(info["hidden_padded"], hidden),
+            source=user_source_line(x) or user_source_line(node))
 
 
 def _check_invariants(gm: torch.fx.GraphModule) -> None:
