@@ -6,6 +6,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from moe_passes.errors import MoEConfigError
+
 __all__ = ["compile"]
 
 
@@ -36,5 +38,8 @@ def compile(model: Callable, *, inner: str = "inductor", extra_passes: Iterable[
     compile_kwargs.setdefault("dynamic", True)
     if options and compile_kwargs.get("mode") is not None:
         # torch.compile refuses mode= together with options=; the backend reads the mode from its options too
-        options["mode"] = compile_kwargs.pop("mode")
+        mode = compile_kwargs.pop("mode")
+        if options.get("mode", mode) != mode:
+            raise MoEConfigError(f"mode={mode!r} and options['mode']={options['mode']!r} disagree; give one")
+        options["mode"] = mode
     return torch.compile(model, backend="moe_nvfp4", options=options or None, **compile_kwargs)

@@ -75,18 +75,25 @@ def _device_error(name: str, on: torch.device, device: torch.device, where: str)
                           f"of the op must be on one device (move the layer with .to(device))")
 
 
+def _shape_text(t: Tensor) -> str:
+    # Dynamo cannot trace str() of a symbolic size (a dynamic token count): traced, the rank says it.
+    if torch.compiler.is_compiling():
+        return f"of {t.ndim} dimensions"
+    return str(tuple(t.shape))
+
+
 def _activation_error(hidden_states: Tensor, router_logits: Tensor, where: str, layer: str) -> Optional[MoEError]:
     # Rank, dtype and device of the two per-call inputs; also traced by Dynamo (check_layer_inputs), so
     # plain comparisons of static properties only.
     if hidden_states.ndim != 2:
         return MoEShapeError(f"{where}: hidden_states must be [tokens, hidden], got shape "
-                             f"{tuple(hidden_states.shape)}", layer=layer)
+                             f"{_shape_text(hidden_states)}", layer=layer)
     if hidden_states.dtype != torch.bfloat16:
         return MoEConfigError(f"{where}: hidden_states must be bfloat16 (the kernels' activation dtype), "
                               f"got {hidden_states.dtype}; cast the input or the model to bfloat16")
     if router_logits.ndim != 2 or router_logits.dtype not in _LOGIT_DTYPES:
         return MoEConfigError(f"{where}: router_logits must be a 2-D float32/bfloat16/float16 tensor "
-                              f"[tokens, experts], got {router_logits.dtype} with shape {tuple(router_logits.shape)}")
+                              f"[tokens, experts], got {router_logits.dtype} with shape {_shape_text(router_logits)}")
     if router_logits.device != hidden_states.device:
         return MoEConfigError(f"{where}: router_logits are on {router_logits.device} but hidden_states on "
                               f"{hidden_states.device}; every input of the layer must be on one device")

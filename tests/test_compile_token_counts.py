@@ -22,6 +22,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 import moe_passes
 from moe_passes import FusedMoE
+from moe_passes.errors import MoEConfigError
 from moe_passes.ops import KERNEL_OP
 
 VOCAB = 128
@@ -83,6 +84,8 @@ def test_compile_takes_mode_with_backend_options():
                               activation="silu", calibration=torch.randn(16, 256, generator=g))
     graphs, count = _graph_counter()
     compiled = moe_passes.compile(moe, inner="eager", extra_passes=[count], mode="default", fullgraph=True)
+    with pytest.raises(MoEConfigError, match="disagree"):  # mode= and options' mode: one of them, not both
+        moe_passes.compile(moe, mode="reduce-overhead", options={"mode": "max-autotune"})
     x, logits = torch.randn(6, 256, generator=g).bfloat16(), torch.randn(6, 8, generator=g)
     with torch.no_grad():
         assert torch.equal(compiled(x, logits), moe(x, logits))

@@ -94,6 +94,21 @@ def test_bad_input_under_fullgraph_shows_the_message_not_fake_tensors():
     assert "FakeTensor" not in text
 
 
+@pytest.mark.parametrize("rank", ["hidden states", "router logits"])
+def test_wrong_rank_under_dynamic_fullgraph_shows_the_message(rank):
+    """The rank errors describe the shape, whose token count is symbolic under dynamic=True: the message
+    must not need str() of a symbolic size, which Dynamo cannot trace (fullgraph then showed only that)."""
+    moe = _layer(seed=10)
+    g = torch.Generator().manual_seed(10)
+    x, logits = torch.randn(5, H, generator=g).bfloat16(), torch.randn(5, E, generator=g)
+    args = (x[None], logits) if rank == "hidden states" else (x, logits[:, 0])
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception) as info:
+        torch.compile(moe, backend="moe_nvfp4", dynamic=True, fullgraph=True)(*args)
+    want = "hidden_states must be [tokens, hidden]" if rank == "hidden states" else "router_logits must be a 2-D"
+    assert want in str(info.value) and moe.name in str(info.value)
+
+
 def test_a_good_call_after_a_bad_one_still_compiles():
     from moe_passes.testing import RecordingBackend
 

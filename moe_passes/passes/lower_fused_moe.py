@@ -37,6 +37,7 @@ __all__ = ["LowerFusedMoE", "layer_name", "MOE_META", "bind_args", "set_fake_val
 aten = torch.ops.aten
 MOE_META = "moe_nvfp4"
 _DYNAMO_PREFIX = re.compile(r"^L\['[^']*'\]\.?|^L__self___?")
+_DYNAMO_GLOBAL = re.compile(r"^G\['([^']*)'\]")  # a module-level model: its variable's name leads the path
 
 
 def _module_path(node: torch.fx.Node) -> str:
@@ -44,7 +45,7 @@ def _module_path(node: torch.fx.Node) -> str:
     if not stack:
         return ""
     path, _cls = list(stack.values())[-1]
-    return _DYNAMO_PREFIX.sub("", str(path)) or "<root>"
+    return _DYNAMO_PREFIX.sub("", _DYNAMO_GLOBAL.sub(r"\1", str(path))) or "<root>"
 
 
 def layer_name(node: torch.fx.Node) -> str:
