@@ -149,6 +149,8 @@ def test_layer_pads_biases_like_weights_and_compiles_to_one_kernel_node():
                               intermediate_global_scale=moe.intermediate_global_scale, w13_bias=moe.w13_bias,
                               w2_bias=moe.w2_bias, activation_params=moe.activation_params)
     assert torch.equal(eager, ref)
+    from moe_passes.testing import moe_reference  # the test kit's reference: biases and parameters included
+    assert torch.equal(moe_reference(moe, x, logits), ref)
     seen = []
     compiled = torch.compile(moe, backend="moe_nvfp4", fullgraph=True,
                              options={"inner": "eager", "extra_passes": [lambda gm: seen.append(gm.graph)]})

@@ -364,6 +364,46 @@ class _Residual(nn.Module):
         return h + self.moe(h, logits)
 
 
+@pytest.mark.parametrize("path, name", [("L['self'].blocks.0.moe", "blocks.0.moe"), ("L['model'].moe", "moe"),
+                                        ("L__self___blocks_0_moe", "blocks_0_moe"),
+                                        ("G['glob_model'].blocks.0.moe", "glob_model.blocks.0.moe")])
+def test_unnamed_layers_are_named_by_their_module_path(path, name):
+    """Dynamo's module paths lose its scope prefixes; a module-level model keeps its variable's name."""
+    from moe_passes.passes.lower_fused_moe import layer_name
+
+    node = torch.fx.Graph().placeholder("x")
+    node.meta["nn_module_stack"] = {"outer": ("L['self']", nn.Module), "inner": (path, nn.Module)}
+    assert layer_name(node) == name
+
+
+def test_trace_with_inductor_gives_the_graph_after_its_post_grad_rewrites():
+    """inner="inductor": the graph a default compile's passes get, where the shared expert's last mm and the
+    add after it are already one addmm; the kit's default (eager) graph still has the add."""
+    problem = MoEProblem(hidden=272, intermediate=64, experts=4, top_k=2, shared=32)
+    block, (x, logits) = problem.build(), problem.inputs(5)
+    counts = {}
+    for inner in ("eager", "inductor"):
+        torch._dynamo.reset()
+        targets = [n.target for n in trace(block, x, logits, inner=inner).graph.nodes]
+        counts[inner] = (targets.count(torch.ops.aten.addmm.default), targets.count(torch.ops.aten.add.Tensor))
+    assert counts == {"eager": (0, 1), "inductor": (1, 0)}
+
+
+def test_assert_close_never_passes_non_finite_values():
+    """NaN compares as no error (NaN > tol is False): a NaN or inf on either side must fail, not pass."""
+    from moe_passes.testing import assert_close
+
+    good = torch.randn(3, 8).bfloat16()
+    assert_close(good, good.clone())
+    for bad_value in (float("nan"), float("inf")):
+        bad = good.clone()
+        bad[1, 2] = bad_value
+        with pytest.raises(AssertionError, match="non-finite values in the expected value"):
+            assert_close(good, bad)
+        with pytest.raises(AssertionError, match="non-finite values in the result"):
+            assert_close(bad, good)
+
+
 def test_exact_pattern_is_about_the_chain_not_the_whole_graph():
     """The documented ``pad -> trtllm_nvfp4_moe -> slice -> add`` with ``exact=True`` holds on a model
     that has other pads, slices and adds of its own."""

@@ -2,8 +2,11 @@
 
 Everything here goes through the real ``moe_nvfp4`` backend (Dynamo -> AOT autograd with inductor's
 decompositions -> pass manager), attaching an observer to its pass manager: the graphs a test inspects
-are exactly the graphs a user's compile produces, with ``meta["val"]`` fake tensors and symbolic
-token counts.  Nothing about tracing is re-implemented here.
+are the graphs a user's compile with the same ``inner`` produces, with ``meta["val"]`` fake tensors and
+symbolic token counts.  Nothing about tracing is re-implemented here.  The kit's default ``inner="eager"``
+is fast but skips inductor's own post-grad rewrites, which the default compile runs before the passes (a
+shared expert's last ``mm`` and the ``add`` after it become one ``addmm``): test a pass that matches such
+ops with ``inner="inductor"`` too.
 """
 
 from __future__ import annotations
@@ -225,8 +228,11 @@ def mark_token_dims(*inputs: Any, dim: int = 0):
 
 
 def trace(fn: Union[torch.nn.Module, Callable], *example_inputs: Any, token_dim: Optional[int] = 0,
-          **kwargs: Any) -> torch.fx.GraphModule:
+          inner: str = "eager", **kwargs: Any) -> torch.fx.GraphModule:
     """The ATen graph the backend's passes receive for ``fn(*example_inputs)``, before any pass ran.
+
+    ``inner="inductor"``: the graph a default compile's passes get, after inductor's own post-grad rewrites
+    (the module docstring says what differs).
 
     ``fn`` (a module or function) is compiled with the real backend (fullgraph); the compile stops as
     soon as the pass manager is handed the graph, so nothing executes.  Dimension ``token_dim`` of every
@@ -234,7 +240,7 @@ def trace(fn: Union[torch.nn.Module, Callable], *example_inputs: Any, token_dim:
     token count (``token_dim=None``: static shapes).  Placeholders carry ``meta["val"]`` fake tensors of
     the compile's own fake mode, so :func:`run_passes` / :func:`verify` can propagate shapes.
     """
-    recorder = RecordingBackend(snapshot_every_pass=False, _stop_before_passes=True)
+    recorder = RecordingBackend(inner=inner, snapshot_every_pass=False, _stop_before_passes=True)
     compiled = torch.compile(fn, backend=recorder, fullgraph=True, dynamic=None if token_dim is not None else False)
     if token_dim is not None:
         mark_token_dims(*example_inputs, dim=token_dim)

@@ -57,8 +57,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: Tolerance = 
     if tuple(actual.shape) != tuple(expected.shape) or actual.dtype != expected.dtype:
         raise AssertionError(f"{what}: got {actual.dtype}{list(actual.shape)}, expected "
                              f"{expected.dtype}{list(expected.shape)}")
-    if not torch.isfinite(actual.float()).all():
-        raise AssertionError(f"{what}: non-finite values in the result")
+    for name, t in (("result", actual), ("expected value", expected)):
+        if not torch.isfinite(t.float()).all():  # NaN compares as no error: never let it pass
+            raise AssertionError(f"{what}: non-finite values in the {name}")
     max_rel, mean_rel = compare(actual, expected)
     if max_rel > tol.max_rel or mean_rel > tol.mean_rel:
         diff = (actual.float() - expected.float()).abs()

@@ -118,7 +118,8 @@ def moe_reference(module: nn.Module, hidden_states: torch.Tensor, router_logits:
     """The reference semantics of ``module`` (a :class:`FusedMoE` or a module with one at ``.moe``).
 
     Runs ``kernels.reference.fused_moe_reference`` on the layer's canonical NVFP4 weights (not the
-    kernel-prepared, padded copy) with its static activation scales, then adds the shared expert.
+    kernel-prepared, padded copy) with its static activation scales, expert biases, activation parameters and
+    expert-parallel share, then adds the shared expert.  A sharded layer's result is its rank's part only.
     """
     layer = module if isinstance(module, FusedMoE) else module.moe
     canonical = [getattr(layer, n).to(hidden_states.device) for n in
@@ -127,7 +128,11 @@ def moe_reference(module: nn.Module, hidden_states: torch.Tensor, router_logits:
         hidden_states, router_logits, *canonical, top_k=layer.top_k, activation=layer.activation, routing=layer.routing,
         input_global_scale=layer.input_global_scale, intermediate_global_scale=layer.intermediate_global_scale,
         routing_bias=layer.routing_bias, n_group=layer.n_group, topk_group=layer.topk_group,
-        routed_scaling_factor=layer.routed_scaling_factor, routing_params=layer.routing_params)
+        routed_scaling_factor=layer.routed_scaling_factor, routing_params=layer.routing_params,
+        activation_params=layer.activation_params, local_expert_offset=layer.local_expert_offset,
+        global_num_experts=layer.global_num_experts,
+        w13_bias=None if layer.w13_bias is None else layer.w13_bias.to(hidden_states.device),
+        w2_bias=None if layer.w2_bias is None else layer.w2_bias.to(hidden_states.device))
     if layer.shared_expert is not None:
         out = out + layer.shared_expert(hidden_states)
     return out
