@@ -659,20 +659,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--parallel" in argv:  # an EP / TP layer per rank: its own module
+
+    def given(flag):
+        return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+    if given("--model"):  # a transformers model end to end: its own module
+        from moe_passes import bench_model
+
+        return bench_model.main(argv)
+    if given("--parallel"):  # an EP / TP layer per rank: its own module
         from moe_passes import bench_parallel
 
         return bench_parallel.main(argv)
     parser = build_parser()
     opts = parser.parse_args(argv)
+    if os.path.exists(opts.out) and not os.path.isdir(opts.out):
+        parser.error(f"--out {opts.out!r} is a file; it names the folder the results go to")
     if opts.merge:
         try:
             docs = []
             for path in opts.merge:
                 with open(path) as f:
                     docs.append(json.load(f))
+                if not isinstance(docs[-1], dict) or not isinstance(docs[-1].get("results", []), list):
+                    raise ValueError(f"{path} is not a bench_moe.json document (an object with a results list)")
             doc = merge_runs(docs)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             print(f"moe-nvfp4 bench --merge: {exc}", file=sys.stderr)
             return 2
         for path in write_outputs(doc, opts.out):

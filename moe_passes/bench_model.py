@@ -180,6 +180,10 @@ def build_model(name: str, config, device: torch.device, dtype: torch.dtype = to
     return model.eval().requires_grad_(False)
 
 
+class BenchSettingsError(ValueError):
+    """Settings the model cannot run with (found once it is built): reported as one line, exit code 2."""
+
+
 def make_static_cache(config, max_cache_len: int, batch: int, device: torch.device, dtype: torch.dtype):
     """A transformers ``StaticCache`` for ``batch`` sequences.  transformers 5.x allocates it lazily at the first
     update (run that eagerly, before compiling); older releases took the batch, device and dtype up front."""
@@ -194,7 +198,7 @@ def make_static_cache(config, max_cache_len: int, batch: int, device: torch.devi
     window = getattr(config.get_text_config(), "sliding_window", None)
     if window is not None and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
         if window < max_cache_len:
-            raise ValueError(f"a static cache of {max_cache_len} tokens outgrows the sliding window ({window}): "
+            raise BenchSettingsError(f"a static cache of {max_cache_len} tokens outgrows the sliding window ({window}): "
                              "transformers' sliding static layers would recompile the model every decode step; "
                              "lower --cache-len or --prompt/--steps")
         _unslide(cache, max_cache_len)
@@ -697,7 +701,18 @@ def main(argv=None) -> int:
     for flag in ("layers", "prompt", "prefill", "steps", "rounds", "prefill_repeats"):
         if getattr(opts, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
-    device = torch.device(opts.device)
+    for flag in ("warmup", "profile_steps"):
+        if getattr(opts, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must not be negative")
+    try:
+        device = torch.device(opts.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {opts.device!r} is not a device: {exc}")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("moe-nvfp4 bench --model needs transformers: pip install -e '.[transformers]'", file=sys.stderr)
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print("moe-nvfp4 bench --model needs a CUDA GPU (the benchmark times CUDA graphs); for a smoke run of the "
               "same code on the CPU use --device cpu --tiny --inner eager", file=sys.stderr)
@@ -750,7 +765,11 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     log(f"  built the bf16 model in {time.perf_counter() - start:.1f} s ({_model_bytes(model) / 2**30:.2f} GiB)")
     data["model"]["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
-    bf16 = run_variant("bf16", model, "inductor", settings, device, log)
+    try:
+        bf16 = run_variant("bf16", model, "inductor", settings, device, log)
+    except BenchSettingsError as exc:  # raised before the first timed step
+        print(f"moe-nvfp4 bench --model {opts.model}: {exc}", file=sys.stderr)
+        return 2
     data["variants"]["bf16"] = _public(bf16)
     write()
 

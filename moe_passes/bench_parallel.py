@@ -155,12 +155,14 @@ def _rank_main(rank, opts, init_file, out_dir):
 
 
 def main(argv=None) -> int:
+    from moe_passes.bench import token_list
+
     shapes = _shapes()
     parser = argparse.ArgumentParser(prog="moe-nvfp4 bench --parallel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--parallel", choices=("ep", "tp"), required=True)
     parser.add_argument("--world", type=int, default=None, help="ranks (default: every GPU, or 2 on the CPU)")
     parser.add_argument("--shapes", default="qwen3-30b-a3b", help=f"comma list of {', '.join(shapes)}")
-    parser.add_argument("--tokens", default="1,16,128,1024", help="comma list of token counts")
+    parser.add_argument("--tokens", type=token_list, default=[1, 16, 128, 1024], help="comma list of token counts")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--inner", choices=("inductor", "eager"), default="inductor")
     parser.add_argument("--repeats", type=int, default=20)
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
     unknown = [s for s in opts.shapes if s not in shapes]
     if unknown or not opts.shapes:
         parser.error(f"unknown shapes {unknown}; choose from {', '.join(shapes)}")
-    opts.tokens = [int(t) for t in opts.tokens.split(",") if t]
+    if opts.repeats < 1 or (opts.world is not None and opts.world < 1):
+        parser.error("--repeats and --world must be at least 1")
     if opts.device == "cuda" and not torch.cuda.is_available():
         print("moe-nvfp4 bench --parallel needs CUDA GPUs (or --device cpu)", file=sys.stderr)
         return 2

@@ -129,8 +129,9 @@ def demo(args) -> int:
     device = torch.device(args.device)
     print("moe-nvfp4 demo: a Nemotron-3-Nano-shaped MoE block (hidden 2688, ReLU^2 experts, sigmoid routing with "
           "correction bias, shared expert) with experts and intermediate size scaled down for a CPU.\n")
-    block, parts = build_demo_block()
+    block, parts = build_demo_block(seed=args.seed)
     block = block.to(device)
+    parts = {k: v.to(device) for k, v in parts.items()}  # the fp32 comparison runs beside the block
     moe = block.experts
     s = moe.kernel_shape
     print(f"layer: {moe}\n")
@@ -141,13 +142,14 @@ def demo(args) -> int:
     graphs = {}
 
     def observer(stage, name, gm):
+        # the first compile's: the graph that serves --tokens (later calls compile a one-token graph)
         if (stage, name) in (("before", "lower_fused_moe"), ("after", "verify_moe_shapes")):
-            graphs[stage] = _graph_listing(gm)
+            graphs.setdefault(stage, _graph_listing(gm))
 
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="moe_nvfp4", dynamic=True,
                              options={"inner": args.inner, "observers": [observer]})
-    # Inputs from their own stream: the weights' generator also starts at args.seed.
+    # Inputs from their own stream: the weights' generator starts at args.seed.
     data = torch.Generator().manual_seed(args.seed + 1_000_003)
     x = torch.randn(args.tokens, s.hidden, generator=data).to(device=device, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -277,9 +279,6 @@ def _print_hopper_plan(args, shape) -> None:
 
 
 def bench(argv) -> int:
-    if any(a == "--model" or a.startswith("--model=") for a in argv):
-        from moe_passes import bench_model
-        return bench_model.main(argv)
     try:
         from moe_passes import bench as bench_module
     except ImportError:
@@ -294,6 +293,8 @@ def _device_problem(name: str):
         device = torch.device(name)
     except RuntimeError as exc:
         return f"--device {name!r} is not a device: {exc}"
+    if device.type == "meta":
+        return "--device meta holds no data: the demo compares real outputs; use cpu or cuda"
     if device.type == "cuda" and not torch.cuda.is_available():
         why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
         return f"--device {name}: {why} (torch {torch.__version__}); run with --device cpu"
@@ -346,6 +347,8 @@ def _main(argv=None) -> int:
         problem = _device_problem(args.device)
         if problem:
             p_demo.error(problem)
+        if args.repeats < 1:
+            p_demo.error("--repeats must be at least 1")
     return demo(args) if args.command == "demo" else plan(args)
 
 

@@ -77,3 +77,28 @@ def test_each_row_names_the_plan_the_triton_layer_ran():
     assert bench.plan_label(256, weights, args, "cpu").startswith("grouped_decode16 [")
     wide = weights._replace(w13=torch.empty(e, 2 * i, 4 * h // 2, dtype=u8))
     assert bench.plan_label(256, wide, args, "cpu").startswith("tiles64 [")
+
+
+@pytest.mark.parametrize("argv, why", [
+    (["--parallel", "ep", "--device", "cpu", "--tokens", "abc"], "expected comma-separated positive token counts"),
+    (["--parallel=ep", "--device", "cpu", "--repeats", "0"], "--repeats and --world must be at least 1"),
+    (["--parallel", "ep", "--device", "cpu", "--world", "0"], "--repeats and --world must be at least 1"),
+    (["--model", "qwen3-30b-a3b", "--device", "foo"], "--device 'foo' is not a device"),
+    (["--model=qwen3-30b-a3b", "--warmup", "-2"], "--warmup must not be negative"),
+])
+def test_bench_arguments_are_refused_with_one_line(argv, why, capsys):
+    """Every bench entry (the layer, --parallel, --model; also given as --flag=value) refuses bad arguments with
+    argparse's exit code 2 and a message, before building anything."""
+    with pytest.raises(SystemExit) as info:
+        bench.main(argv)
+    assert info.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_merge_refuses_a_document_that_is_not_a_run_and_an_out_that_is_a_file(tmp_path, capsys):
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    assert bench.main(["--merge", str(listed), "--out", str(tmp_path / "merged")]) == 2
+    assert "is not a bench_moe.json document" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--merge", str(listed), "--out", str(listed)])
+    assert info.value.code == 2 and "is a file" in capsys.readouterr().err
