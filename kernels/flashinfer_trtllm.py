@@ -271,7 +271,8 @@ def routing_limits(routing: str, top_k: int, n_group: Optional[int], topk_group:
         return None
     keep = topk_group or n_group
     if top_k > 22 or keep > 4:
-        return f"deepseek_v3 routing with top_k={top_k} and topk_group={keep} (its grouped routing takes at most 22 and 4)"
+        return (f"deepseek_v3 routing with top_k={top_k} and topk_group={keep} (its grouped routing takes at most "
+                f"22 and 4)")
     return None
 
 

@@ -230,8 +230,9 @@ def select(device: torch.device, *, activation: str, routing: str, name: Optiona
     # Only a real loss is worth a warning: on the CPU the reference is the only kernel anyway.
     if passed_over and device.type != "cpu" and key not in _FALLBACK_WARNED:
         _FALLBACK_WARNED.add(key)
-        warnings.warn("moe_nvfp4: " + "; ".join(f"kernel {s.name!r} lacks {s.lacks(**features)}" for s in passed_over)
-                      + f", so this layer runs on {best.name!r} ({best.description})", KernelFallbackWarning, stacklevel=3)
+        lacking = "; ".join(f"kernel {s.name!r} lacks {s.lacks(**features)}" for s in passed_over)
+        warnings.warn(f"moe_nvfp4: {lacking}, so this layer runs on {best.name!r} ({best.description})",
+                      KernelFallbackWarning, stacklevel=3)
     return best
 
 

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import importlib.util
 import inspect
 import json
 import math
@@ -198,9 +199,9 @@ def make_static_cache(config, max_cache_len: int, batch: int, device: torch.devi
     window = getattr(config.get_text_config(), "sliding_window", None)
     if window is not None and any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
         if window < max_cache_len:
-            raise BenchSettingsError(f"a static cache of {max_cache_len} tokens outgrows the sliding window ({window}): "
-                             "transformers' sliding static layers would recompile the model every decode step; "
-                             "lower --cache-len or --prompt/--steps")
+            raise BenchSettingsError(f"a static cache of {max_cache_len} tokens outgrows the sliding window "
+                                     f"({window}): transformers' sliding static layers would recompile the model "
+                                     "every decode step; lower --cache-len or --prompt/--steps")
         _unslide(cache, max_cache_len)
     return cache
 
@@ -708,9 +709,7 @@ def main(argv=None) -> int:
         device = torch.device(opts.device)
     except RuntimeError as exc:
         parser.error(f"--device {opts.device!r} is not a device: {exc}")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         print("moe-nvfp4 bench --model needs transformers: pip install -e '.[transformers]'", file=sys.stderr)
         return 2
     if device.type == "cuda" and not torch.cuda.is_available():

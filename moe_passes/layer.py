@@ -148,7 +148,8 @@ class FusedMoE(nn.Module):
         if routed_scaling_factor is not None and not (isinstance(routed_scaling_factor, numbers.Real)
                                                       and math.isfinite(routed_scaling_factor)
                                                       and routed_scaling_factor > 0):
-            raise MoEConfigError(f"routed_scaling_factor must be a finite positive number, got {routed_scaling_factor!r}")
+            raise MoEConfigError(f"routed_scaling_factor must be a finite positive number, got "
+                                 f"{routed_scaling_factor!r}")
         input_global_scale = _checked_global_scale("input_global_scale", input_global_scale)
         intermediate_global_scale = _checked_global_scale("intermediate_global_scale", intermediate_global_scale)
         # The small fp32 state lives with the kernel's weights: every tensor argument of the op is on one device.

@@ -290,8 +290,9 @@ class RouterLogitsLoseAnExpert(Mutant):
 
 
 MUTANTS = [DropSlice, AddBeforeSlice, PadSharedOnTheLeft, NormOverPaddedColumns, WrongPadWidth, PadTooNarrow,
-           PadOnTokenDim, DropPad, PadActivationsOnTheLeft, ShiftActivationsOneColumn, ActivationsPaddedToOtherAlignment, WeightsPaddedToOtherAlignment, SliceTooNarrow,
-           SliceWrongOffset, SliceTokenDim, PaddedOutputEscapes, BroadcastAgainstColumn, RouterLogitsLoseAnExpert]
+           PadOnTokenDim, DropPad, PadActivationsOnTheLeft, ShiftActivationsOneColumn,
+           ActivationsPaddedToOtherAlignment, WeightsPaddedToOtherAlignment, SliceTooNarrow, SliceWrongOffset,
+           SliceTokenDim, PaddedOutputEscapes, BroadcastAgainstColumn, RouterLogitsLoseAnExpert]
 
 
 # -- the suite -----------------------------------------------------------------------------------------
