@@ -105,8 +105,9 @@ def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | float | None = 
     sf_f = sf.float()
     ratio = gs_b / sf_f.clamp_min(torch.finfo(torch.float32).tiny)
     scaled = blocks * ratio
-    if bool(torch.isinf(ratio).any()):  # gs/SF ~ 6/amax(block) overflows under ~2e-38; x*gs stays <= 2688
-        scaled = torch.where(torch.isinf(ratio), blocks * gs_b / sf_f, scaled)
+    overflow = torch.isinf(ratio) & (sf_f > 0)  # gs/SF ~ 6/amax(block) overflows under ~2e-38; x*gs stays <= 2688
+    if bool(overflow.any()):
+        scaled = torch.where(overflow, blocks * gs_b / sf_f, scaled)
     # A block whose scale underflows to 0 quantizes to signed zeros (blocks * 0 keeps the sign bit).
     scaled = torch.where(sf_f > 0, scaled, blocks * 0.0)
     codes = _e2m1_codes(scaled).reshape(*x.shape[:-1], k)
