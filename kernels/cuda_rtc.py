@@ -8,8 +8,9 @@ module needs nothing but ``libnvrtc`` and the driver's ``libcuda``.  Compiling o
 second, so callers keep what :func:`compile_kernel` returns, and its cubin is kept on disk beside inductor's
 caches for the next process.
 
-Launches go to the current torch stream with ``cuLaunchKernelEx`` (cooperative and programmatic-dependent
-launches are its attributes), so they are captured by CUDA graphs like any other kernel.
+Launches use ``cuLaunchKernelEx`` (cooperative and programmatic-dependent launches are its attributes) on the
+torch stream current when the launch is bound (``CudaKernel.bind``; a bound launch keeps that stream, so callers
+key what they bind by stream), so they are captured by CUDA graphs like any other kernel.
 """
 
 from __future__ import annotations

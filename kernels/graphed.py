@@ -53,11 +53,11 @@ _UNREPEATED = object()  # a key whose call has no repeat and must not be capture
 
 
 def tensor_key(t: Optional[torch.Tensor]):
-    """A tensor by address, shape and dtype (None stays None): under unified virtual addressing the address
-    names its device too, CPU memory included."""
+    """A tensor by address, shape, strides and dtype (None stays None): under unified virtual addressing the
+    address names its device too, CPU memory included."""
     if t is None:
         return None
-    return (t.data_ptr(), t.shape, t.dtype)
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
 class _Captured:

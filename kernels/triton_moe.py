@@ -159,6 +159,7 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
     misaligned = registry.alignment_error(TRITON_ALIGNMENT, hidden, inter, activation)
     if misaligned is not None:
         raise MoEConfigError(misaligned)
+    _check_weights(weights, experts, n1, hidden, inter, hidden_states.device)
     w13_bias, w2_bias = _check_biases(w13_bias, w2_bias, experts, n1, hidden, hidden_states.device)
     local = global_num_experts is not None
     routed_experts = global_num_experts if local else experts
@@ -169,6 +170,10 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
             or router_logits.device != hidden_states.device):
         raise MoEConfigError(f"router_logits must be a float [{tokens}, {routed_experts}] tensor on {hidden_states.device}, "
                              f"got {router_logits.dtype} {tuple(router_logits.shape)} on {router_logits.device}")
+    if routing_bias is not None and (not routing_bias.is_floating_point() or routing_bias.device != hidden_states.device
+                                     or tuple(routing_bias.shape) != (routed_experts,)):
+        raise MoEConfigError(f"routing_bias must be a float [{routed_experts}] tensor on {hidden_states.device}, got "
+                             f"{routing_bias.dtype} {tuple(routing_bias.shape)} on {routing_bias.device}")
     if hidden_states.stride(1) != 1:
         hidden_states = hidden_states.contiguous()
     device = hidden_states.device
@@ -211,6 +216,20 @@ def fused_moe_triton(hidden_states: torch.Tensor, router_logits: torch.Tensor, w
            TOP_K=top_k, SPLIT=split, BLOCK=block, PDL=pdl, **(dict(ids_ptr=flat_ids, LOCAL=True) if local else {}),
            num_warps=4, launch_pdl=pdl)
     return out
+
+
+def _check_weights(weights: registry.MoEWeights, experts: int, n1: int, hidden: int, inter: int, device) -> None:
+    """The prepared weights as the kernels index them (no strides taken: contiguous, by expert), on ``device``."""
+    fp8 = torch.float8_e4m3fn
+    want = dict(w13=(torch.uint8, (experts, n1, hidden // 2)), w13_scale=(fp8, (experts, n1, hidden // 16)),
+                w13_global_scale=(torch.float32, (experts,)), w2=(torch.uint8, (experts, hidden, inter // 2)),
+                w2_scale=(fp8, (experts, hidden, inter // 16)), w2_global_scale=(torch.float32, (experts,)))
+    for name, t in zip(registry.MoEWeights._fields, weights):
+        dtype, shape = want[name]
+        if t.dtype != dtype or tuple(t.shape) != shape or t.device != device or not t.is_contiguous():
+            raise MoEConfigError(f"{name} must be a contiguous {dtype} {list(shape)} tensor on {device} "
+                                 f"(prepare_weights' layout), got {'' if t.is_contiguous() else 'a non-contiguous '}"
+                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
 def _check_biases(w13_bias, w2_bias, experts: int, n1: int, hidden: int, device):

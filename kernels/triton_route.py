@@ -162,6 +162,8 @@ def route_spec(router_logits, top_k, routing, routing_bias, n_group, topk_group,
     if router_logits.stride(1) != 1:
         router_logits = router_logits.contiguous()
     has_bias = routing == "deepseek_v3" and routing_bias is not None
+    if has_bias and routing_bias.stride(0) != 1:  # the kernel reads bias_ptr + expert
+        routing_bias = routing_bias.contiguous()
     param = routed_scaling_factor if (routing == "deepseek_v3" and routed_scaling_factor is not None) else 1.0
     if routing == "sparsemixer":  # the mask threshold, rounded to fp32 as torch compares with it
         param = 2 * params[0]

@@ -325,6 +325,10 @@ def _run_kernel(spec: registry.KernelSpec, args: registry.RunArgs, key, hidden_s
     scales = (input_global_scale, intermediate_global_scale, routing_bias)
     try:
         if hidden_states.is_cuda:
+            if hidden_states.device.index != torch.cuda.current_device():  # Triton launches on the current device
+                with torch.cuda.device(hidden_states.device):
+                    return _run_kernel(spec, args, key, hidden_states, router_logits, weights, input_global_scale,
+                                       intermediate_global_scale, routing_bias, layer, w13_bias, w2_bias)
             if hidden_states.shape[0] <= spec.graph_tokens:
                 return graphed.CALL_GRAPHS.run(spec.run, spec.name, hidden_states, router_logits, weights, scales,
                                                args, biases, spec.direct, key=key)

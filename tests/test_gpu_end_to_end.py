@@ -91,6 +91,18 @@ def test_layer_on_gpu_compiles_and_matches(inner):
     assert padded == (block.moe.kernel_shape.hidden_padded != H)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_layer_on_another_gpu_than_the_current_one_runs_there():
+    """A model split over GPUs (device_map) calls layers on cuda:1 while cuda:0 is current: Triton launches on
+    the current device, so the op must switch to the tensors' device."""
+    block = Block(seed=3).to("cuda:1")
+    with torch.no_grad(), torch.cuda.device(0):
+        for tokens in (1, 7, 300):
+            x = torch.randn(tokens, H, device="cuda:1").bfloat16()
+            got, want = block(x).float(), _expected(block, x)
+            torch.testing.assert_close(got, want, atol=2 ** -5 * want.abs().max().item(), rtol=2 ** -5)
+
+
 def test_moving_between_devices_reprepares_for_each_kernel():
     block = Block(seed=1)
     assert block.moe.kernel == "reference" and block.moe.kernel_shape.hidden_padded == 2816

@@ -74,9 +74,10 @@ ROUTINGS = ([("sparsemixer", dict(routing_params=[0.01]))] if CASE == "phimoe" e
              ("deepseek_v3", dict(n_group=3, topk_group=1))])
 
 
-def check_route(calls, routing, kw, experts, top_k):
-    """The routing launch gets the method's code and scalar: sparsemixer's mask threshold 2 * jitter_eps.  No
-    launch where the fused routing refuses the call (3 groups: the torch routing)."""
+def check_route(calls, routing, kw, experts, top_k, bias=None):
+    """The routing launch gets the method's code and scalar: sparsemixer's mask threshold 2 * jitter_eps, and
+    deepseek_v3's bias with unit stride (the kernel reads bias_ptr + expert; the layer's may be a strided view).
+    No launch where the fused routing refuses the call (3 groups: the torch routing)."""
     from moe_passes.kernels.triton_route import FUSED_ROUTING
     launches = [a for name, _, a, _ in calls if name == "_route_kernel"]
     refused = FUSED_ROUTING.refusal(routing, top_k, experts, kw.get("n_group"), kw.get("topk_group"))
@@ -87,6 +88,8 @@ def check_route(calls, routing, kw, experts, top_k):
     assert a["METHOD"] == {"renormalize": 1, "deepseek_v3": 2, "sparsemixer": 4}[routing], a["METHOD"]
     if routing == "sparsemixer":
         assert a["param"] == 2 * kw["routing_params"][0] and a["K"] == 2 and a["NG"] == 1, a
+    if bias is not None:
+        assert a["HAS_BIAS"] and a["bias_ptr"].stride(0) == 1 and torch.equal(a["bias_ptr"], bias), a
 seen = set()
 for hidden, inter, experts, top_k, act, biased in LAYERS:
     weights = tm.prepare_weights(make_layer(hidden, inter, experts, act, torch.device("cpu"), 0))
@@ -97,7 +100,7 @@ for hidden, inter, experts, top_k, act, biased in LAYERS:
     for routing, kw in ROUTINGS:
         if experts % kw.get("n_group", 1):
             continue
-        bias = torch.randn(experts) if routing == "deepseek_v3" else None
+        bias = torch.randn(experts, 2)[:, 0] if routing == "deepseek_v3" else None  # a strided view
         for tokens in (1, 3, 16, 100, 700):
             x, logits = torch.randn(tokens, hidden).bfloat16(), torch.randn(tokens, experts)
             for cfg in configs:
@@ -109,7 +112,7 @@ for hidden, inter, experts, top_k, act, biased in LAYERS:
                     names = [c[0] for c in fake_triton.CALLS]
                     assert names[-1] == "combine_kernel", names
                     check_epilogues(fake_triton.CALLS, act, b13, b2, params)
-                    check_route(fake_triton.CALLS, routing, kw, experts, top_k)
+                    check_route(fake_triton.CALLS, routing, kw, experts, top_k, bias)
                     seen.update(names)
             half = tm.prepare_weights(make_layer(hidden, inter, experts // 2, act, torch.device("cpu"), 1))
             tm.fused_moe_triton(x, logits, half, top_k=top_k, activation=act, routing=routing, routing_bias=bias,
@@ -133,6 +136,23 @@ if CASE == "gpt-oss":  # what the entry point refuses before any launch
             assert match in str(exc), (match, str(exc))
         else:
             raise AssertionError(f"accepted {bad}")
+    # weights the kernels would index out of bounds or read strided (they take no strides): refused up front
+    for field, bad in (("w13_scale", weights.w13_scale[:, :, :-1]), ("w2_global_scale", weights.w2_global_scale.half()),
+                       ("w13", weights.w13.transpose(1, 2).contiguous().transpose(1, 2)), ("w2", weights.w2[:-1])):
+        try:
+            tm.fused_moe_triton(x, logits, weights._replace(**{field: bad}), top_k=top_k, activation=act, **good)
+        except MoEConfigError as exc:
+            assert f"{field} must be a contiguous" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"accepted a bad {field}")
+    for bad in (torch.zeros(experts - 3), torch.zeros(experts, 2)):
+        try:
+            tm.fused_moe_triton(x, logits, weights, top_k=top_k, activation=act, routing="deepseek_v3",
+                                routing_bias=bad, **good)
+        except MoEConfigError as exc:
+            assert "routing_bias must be a float" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"accepted a routing_bias of shape {tuple(bad.shape)}")
     try:
         tm.fused_moe_triton(x, logits, weights, top_k=top_k, activation="silu", activation_params=[1.0, 1.0, 1.0])
     except MoEConfigError as exc:
