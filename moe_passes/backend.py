@@ -17,11 +17,12 @@ with parameters and buffers as static inputs, max-autotune and the FX graph cach
 ``dump_dir``      write every graph (Dynamo's, each pass's before/after) there, also through depyf
 ``observers``     ``observer(stage, pass_name, gm)`` callbacks (the testing kit's recorder)
 ``parallel``      the ``ExpertParallel`` / ``TensorParallel`` the model's layers were sharded with: its rank,
-                  world size and group go into the cache key, and a layer sharded otherwise is an error
+                  world size and group go into the cache key, and a layer sharded over another process group is
+                  an error (the combine follows each layer's own mode: expert or tensor parallel, data parallel)
 any other key     an inductor config option, as ``torch.compile(..., backend="inductor", options=...)`` takes
 
 Nothing process-wide is left installed: the inductor config is patched around the one compile call.  On an FX
-graph cache hit the passes do not run again (their uuid, each pass's source, is part of the key); a pass that
+graph cache hit the passes do not run again (their uuid, each pass's module source, is part of the key); a pass that
 records something each time it runs wants ``options={"fx_graph_cache": False}``.
 """
 
@@ -102,12 +103,19 @@ class BackendOptions:
         for p in passes:
             if not callable(p):
                 raise MoEConfigError(f"extra_passes entries must be callables taking a GraphModule, got {p!r}")
+        parallel = options.get("parallel")
+        if parallel is not None:
+            from moe_passes.parallel import ExpertParallel, TensorParallel
+
+            if not isinstance(parallel, (ExpertParallel, TensorParallel)):
+                raise MoEConfigError(f"options['parallel'] must be the ExpertParallel or TensorParallel the model's "
+                                     f"layers were sharded with, got {parallel!r}")
         dump_dir = options.get("dump_dir")
         return cls(mode=mode, inner=inner, extra_passes=tuple(passes),
                    dump_dir=None if dump_dir is None else os.fspath(dump_dir),
                    observers=tuple(options.get("observers") or ()),
                    inductor=tuple(sorted((k.replace("-", "_"), v) for k, v in inductor.items())),
-                   parallel=options.get("parallel"))
+                   parallel=parallel)
 
     @property
     def cudagraphs(self) -> bool:

@@ -26,7 +26,7 @@ from moe_passes.kernels import registry
 from moe_passes.kernels.nvfp4 import default_global_scale, quantize_nvfp4_experts
 from moe_passes.kernels.reference import apply_activation
 from moe_passes import ops  # also registers the custom ops
-from moe_passes.parallel import ExpertParallel, ParallelConfig, shard_weights
+from moe_passes.parallel import ExpertParallel, ParallelConfig, TensorParallel, shard_weights
 
 __all__ = ["FusedMoE", "DEFAULT_ACTIVATION_AMAX"]
 
@@ -115,6 +115,8 @@ class FusedMoE(nn.Module):
         # [jitter_eps] for sparsemixer (required); None for the others
         self.routing_params = _routing_params_of(routing, routing_params)
         w13_bias, w2_bias = _check_biases(w13_bias, w2_bias, weights, hidden_size)
+        if parallel is not None and not isinstance(parallel, (ExpertParallel, TensorParallel)):
+            raise MoEConfigError(f"parallel must be an ExpertParallel or TensorParallel, got {parallel!r}")
         if parallel is not None and (w13_bias is not None or w2_bias is not None):
             raise MoEConfigError("expert biases are not supported with parallel= yet: a tensor-parallel w2_bias "
                                  "must be added once, not once per rank; shard a layer without biases")
@@ -129,8 +131,12 @@ class FusedMoE(nn.Module):
         self.local_expert_offset, self.global_num_experts, self._local_intermediate = 0, None, intermediate_size
         self.group_name = ""
         if parallel is not None:
+            rank = parallel.rank
+            if rank < 0:  # torch.distributed's rank of a process outside the group
+                raise MoEConfigError(f"this process is not a member of the process group of {parallel!r}: only its "
+                                     "members can hold a shard of the layer")
             weights, info = shard_weights(weights, parallel, activation=activation, intermediate=intermediate_size,
-                                          rank=parallel.rank, world_size=parallel.world_size)
+                                          rank=rank, world_size=parallel.world_size)
             self.local_expert_offset, self.global_num_experts = info["local_expert_offset"], info["global_num_experts"]
             self._local_intermediate = info["intermediate"]
             self.group_name = parallel.group_name

@@ -96,6 +96,9 @@ ParallelConfig = Union[ExpertParallel, TensorParallel]
 
 def _split(n: int, parts: int, index: int) -> tuple[int, int]:
     # Balanced contiguous split: the first n % parts pieces get one more.
+    if not 0 <= index < parts:  # get_rank gives -1 to a process outside the group
+        raise MoEConfigError(f"rank {index} is not one of the {parts} ranks of the process group (is this process "
+                             f"a member of the group the layer is sharded over?)")
     base, extra = divmod(n, parts)
     return index * base + min(index, extra), base + (index < extra)
 
@@ -126,6 +129,8 @@ def shard_weights(weights, parallel: ParallelConfig, *, activation: str, interme
     and ``intermediate`` (the rank's intermediate size before kernel padding)."""
     from moe_passes.kernels import registry
 
+    if not isinstance(parallel, (ExpertParallel, TensorParallel)):
+        raise MoEConfigError(f"parallel must be ExpertParallel or TensorParallel, got {parallel!r}")
     w13, s13, g13, w2, s2, g2 = weights
     experts = w13.shape[0]
     if isinstance(parallel, ExpertParallel):
@@ -133,8 +138,6 @@ def shard_weights(weights, parallel: ParallelConfig, *, activation: str, interme
         local = [t[offset:offset + count].contiguous() for t in weights]
         return registry.MoEWeights(*local), dict(local_expert_offset=offset, global_num_experts=experts,
                                                   intermediate=intermediate)
-    if not isinstance(parallel, TensorParallel):
-        raise MoEConfigError(f"parallel must be ExpertParallel or TensorParallel, got {parallel!r}")
     # Canonical rows are the gate half then the up half, each padded to the NVFP4 block on its own.
     half = w2.shape[2] * 2
     start, size = intermediate_block(half, world_size, rank)

@@ -249,6 +249,54 @@ def ep_data_parallel(ctx):
 
 
 @case
+def user_slices_of_an_unpadded_sharded_layer(ctx):
+    """Hidden 256 needs no pad, so the lowering makes no slice: the combine must not take the model's own slice of
+    the layer's output (its rows, its columns) for the lowering's, and must reduce before it."""
+    class Sliced(torch.nn.Module):  # a model that slices the layer's output, compiled whole
+        def __init__(self, layer, index):
+            super().__init__()
+            self.layer, self.index = layer, index
+
+        def forward(self, x, logits):
+            return self.layer(x, logits)[self.index]
+
+    errs = []
+    for parallel, index in ((_ep(data_parallel=True), slice(0, 2)), (_ep(), (slice(None), slice(0, 128)))):
+        full = build(ctx, seed=6, hidden=256)
+        part = build(ctx, seed=6, hidden=256, parallel=parallel)
+        torch._dynamo.reset()
+        run = torch.compile(Sliced(part, index), backend="moe_nvfp4", options={"inner": "eager", "parallel": parallel})
+        tokens = 5
+        x, logits = inputs(ctx, tokens * ctx.world, 6, hidden=256)
+        mine = slice(ctx.rank * tokens, (ctx.rank + 1) * tokens) if parallel.data_parallel else slice(None)
+        with torch.no_grad():
+            expected = full(x, logits)[mine][index]
+            got = run(x[mine], logits[mine])
+        assert got.shape == expected.shape, (got.shape, expected.shape)
+        errs.append(assert_sum_close(got, expected, f"user slice {index} with {parallel.describe()}"))
+    return f"max rel err {max(errs):.2e}"
+
+
+@case
+def a_process_outside_the_group_is_refused(ctx):
+    """A layer sharded over a group this process is not in (torch.distributed gives it rank -1) is refused when
+    built, with the reason, instead of an empty shard and an AttributeError."""
+    import torch.distributed as dist
+
+    from moe_passes.errors import MoEConfigError
+
+    only_rank0 = dist.new_group([0])  # every rank must take part in creating it
+    if ctx.rank == 0:
+        return "member"
+    try:
+        build(ctx, seed=7, parallel=_ep(group=only_rank0))
+    except MoEConfigError as exc:
+        assert "not a member of the process group" in str(exc), str(exc)
+        return "refused"
+    raise AssertionError("a non-member built a shard")
+
+
+@case
 def uneven_shards(ctx):
     """6 experts over 2 / 4 ranks (3+3 / 2+2+1+1) and I = 56 (four 16-wide blocks per half, the last one
     holding 8 real columns) give the unsharded layer's output, eager and compiled."""

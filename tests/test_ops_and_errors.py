@@ -274,3 +274,23 @@ def test_sparsemixer_layer_errors_and_op_parameter():
         with pytest.raises(MoEConfigError, match="needs its parameter"):
             torch.ops.moe_nvfp4.fused_moe(*args)
     torch.testing.assert_close(torch.ops.moe_nvfp4.fused_moe(*args, routing_params=[0.2]), want, **close)
+
+
+def test_bad_parallel_settings_are_config_errors():
+    """A parallel= that is no ExpertParallel / TensorParallel (a string, a flag), on the layer or the backend, and a
+    rank outside its group (get_rank's -1 for a non-member) are MoEConfigErrors, not AttributeErrors later."""
+    from moe_passes.parallel import expert_block, intermediate_block
+
+    g = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    with pytest.raises(MoEConfigError, match="parallel must be an ExpertParallel or TensorParallel"):
+        FusedMoE.from_float(*g, top_k=2, parallel="ep")
+    for rank in (-1, 2, 5):
+        with pytest.raises(MoEConfigError, match=f"rank {rank} is not one of the 2 ranks"):
+            expert_block(E, 2, rank)
+        with pytest.raises(MoEConfigError, match=f"rank {rank} is not one of the 2 ranks"):
+            intermediate_block(64, 2, rank)
+    torch._dynamo.reset()
+    compiled = torch.compile(Block(_layer()), backend="moe_nvfp4", options={"inner": "eager", "parallel": "ep"})
+    with pytest.raises(Exception) as info:
+        compiled(*_inputs())
+    assert isinstance(unwrap_moe_error(info.value), MoEConfigError) and "options['parallel']" in str(info.value)

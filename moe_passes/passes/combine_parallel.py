@@ -42,7 +42,8 @@ import torch.fx
 
 from moe_passes.errors import MoEConfigError
 from moe_passes.ops import KERNEL_OP
-from moe_passes.passes.lower_fused_moe import MOE_META, bind_args, inherited_meta, set_fake_value, layer_name
+from moe_passes.passes.lower_fused_moe import (LOWERED, MOE_META, bind_args, inherited_meta, layer_name,
+                                               set_fake_value)
 from moe_passes.passes.manager import GraphPass, PassResult
 
 __all__ = ["CombineParallelMoE", "PARALLEL_META", "check_parallel_invariants"]
@@ -58,11 +59,17 @@ def _partial_group(node: torch.fx.Node) -> tuple[str, bool]:
 
 
 def _routed_output(kernel: torch.fx.Node) -> torch.fx.Node:
-    """The slice back to ``H`` when the lowering made one, else the kernel node itself."""
+    """The slice back to ``H`` when the lowering made one (by its tag: a user's own slice of the output is not it),
+    else the kernel node itself."""
     users = list(kernel.users)
-    if len(users) == 1 and users[0].target is aten.slice.Tensor:
+    if len(users) == 1 and users[0].meta.get(LOWERED) == "slice":
         return users[0]
     return kernel
+
+
+def _lowered_pad(value) -> Optional[torch.fx.Node]:
+    """``value`` when it is the lowering's pad of the activations (not a user's pad), else None."""
+    return value if isinstance(value, torch.fx.Node) and value.meta.get(LOWERED) == "pad" else None
 
 
 class CombineParallelMoE(GraphPass):
@@ -109,7 +116,7 @@ class CombineParallelMoE(GraphPass):
                 bound = bind_args(kernel)
                 x, logits = bound["hidden_states"], bound["router_logits"]
                 # Gather the unpadded activations (fewer bytes), i.e. before the lowering's pad.
-                pad = x if x.target is aten.constant_pad_nd.default else None
+                pad = _lowered_pad(x)
                 src = pad.args[0] if pad is not None else x
                 anchor = pad if pad is not None else kernel
                 for value, consumer in ((src, pad if pad is not None else kernel), (logits, kernel)):
@@ -159,7 +166,7 @@ def _val_shape(node) -> Optional[tuple]:
 
 def _gathered_input(kernel: torch.fx.Node, value, world: int, group: str) -> bool:
     # data_parallel: the input must come (through the pad, for the activations) from an all-gather of `group`.
-    if isinstance(value, torch.fx.Node) and value.target is aten.constant_pad_nd.default:
+    if _lowered_pad(value) is not None:
         value = value.args[0]
     if not (isinstance(value, torch.fx.Node) and value.target is c10d.wait_tensor.default):
         return False

@@ -32,10 +32,13 @@ from moe_passes.errors import MoEConfigError
 from moe_passes.ops import FUSED_MOE, KERNEL_OP
 from moe_passes.passes.manager import GraphPass, PassResult
 
-__all__ = ["LowerFusedMoE", "layer_name", "MOE_META", "bind_args", "set_fake_value", "inherited_meta"]
+__all__ = ["LowerFusedMoE", "layer_name", "MOE_META", "LOWERED", "bind_args", "set_fake_value", "inherited_meta"]
 
 aten = torch.ops.aten
 MOE_META = "moe_nvfp4"
+# The pad and the slice this pass makes say so ("pad" / "slice"): later passes must not take a user's own pad or
+# slice of the same op for them.
+LOWERED = "moe_nvfp4_lowered"
 _DYNAMO_PREFIX = re.compile(r"^L\['[^']*'\]\.?|^L__self___?")
 _DYNAMO_GLOBAL = re.compile(r"^G\['([^']*)'\]")  # a module-level model: its variable's name leads the path
 
@@ -92,6 +95,7 @@ class LowerFusedMoE(GraphPass):
                 if hidden_padded != hidden:
                     x = graph.call_function(aten.constant_pad_nd.default, (x, [0, hidden_padded - hidden], 0.0))
                     x.meta.update(inherited_meta(node))
+                    x.meta[LOWERED] = "pad"
                 bound["hidden_states"] = x
                 kernel = graph.call_function(KERNEL_OP, tuple(bound[a] for a in kernel_args))
                 kernel.meta.update(inherited_meta(node))
@@ -100,6 +104,7 @@ class LowerFusedMoE(GraphPass):
                 if hidden_padded != hidden:
                     out = graph.call_function(aten.slice.Tensor, (kernel, 1, 0, hidden))
                     out.meta.update(inherited_meta(node))
+                    out.meta[LOWERED] = "slice"
             for new in (x, kernel, out) if hidden_padded != hidden else (kernel,):
                 set_fake_value(new)
             node.replace_all_uses_with(out)
