@@ -445,6 +445,42 @@ def test_exact_pattern_rejects_a_chain_that_starts_and_stops():
         assert_pattern(partial, "mm -> add -> aten.relu", exact=True)
 
 
+def test_exact_pattern_rejects_fan_out_and_count_zero_means_none(nano):
+    """Two full chains through one kernel (its padded output feeding a second slice and add) are a value used off
+    its chain, whatever the count; count=0 asserts that a chain is absent; a plain linear chain whose first op
+    repeats inside it is exact."""
+    _, _, gm = nano
+    after = run_passes(gm, LowerFusedMoE()).after
+    (kernel,) = [n for n in after.graph.nodes if n.target is KERNEL_OP]
+    (slice_,) = [u for u in kernel.users if u.target is aten.slice.Tensor]
+    with after.graph.inserting_after(slice_):
+        other = after.graph.call_function(aten.slice.Tensor, (kernel, 1, 0, slice_.args[3]))
+        extra = after.graph.call_function(aten.add.Tensor, (other, other))
+    assert len(assert_pattern(after, "pad -> kernel -> slice -> add")) == 2
+    with pytest.raises(AssertionError, match=f"%{kernel.name} is on the chain, but its output is also used off"):
+        assert_pattern(after, "pad -> kernel -> slice -> add", exact=True)
+    assert_pattern(after, "kernel -> mm", count=0)  # absent, as asserted
+    with pytest.raises(AssertionError, match="found 2 chains, expected 0"):
+        assert_pattern(after, "slice -> add", count=0)
+    assert extra in after.graph.nodes
+
+    def adds(x):
+        return aten.add.Tensor(aten.add.Tensor(aten.add.Tensor(aten.add.Tensor(x, x), x), x), x)
+
+    assert len(assert_pattern(torch.fx.symbolic_trace(adds), "add -> add -> add", exact=True)) == 2
+
+
+def test_building_a_problem_leaves_the_global_generator_alone():
+    problem = MoEProblem(hidden=64, intermediate=32, experts=4, top_k=2, shared=32)
+    draws = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        problem.build()
+        draws.append(torch.rand(3))
+    assert not torch.equal(draws[0], draws[1])  # the caller's seed still decides what it draws next
+    assert torch.equal(problem.build().moe.shared_expert.up.weight, problem.build().moe.shared_expert.up.weight)
+
+
 # -- the kit on a real model ---------------------------------------------------------------------------
 
 def _tiny_converted_qwen3_moe():

@@ -209,18 +209,16 @@ def _describe_partial(best: list[torch.fx.Node], matchers: list[OpMatcher]) -> s
 
 def _exact_violations(graph: torch.fx.Graph, matchers: list[OpMatcher], chains, starts):
     """What ``exact=True`` rejects: a chain value used off the chain, or a chain that starts and stops."""
-    problems, focus = [], []
-    successors = {}
-    for chain in chains:
+    problems, focus, seen = [], [], set()
+    for chain in chains:  # each value goes to its own chain's next node only: two chains may not share one
         for node, nxt in zip(chain, chain[1:]):
-            successors.setdefault(node, set()).add(nxt)
-    for node, nexts in successors.items():
-        off = [u for u in node.users if u not in nexts]
-        if off:
-            problems.append(f"%{node.name} is on the chain, but its output is also used off the chain by "
-                            + ", ".join(f"%{u.name} ({_target_str(u)})" for u in off))
-            focus += [node, *off]
-    on_chains = {c[0] for c in chains}
+            off = [u for u in node.users if u is not nxt]
+            if off and node not in seen:
+                seen.add(node)
+                problems.append(f"%{node.name} is on the chain, but its output is also used off the chain by "
+                                + ", ".join(f"%{u.name} ({_target_str(u)})" for u in off))
+                focus += [node, *off]
+    on_chains = {n for c in chains for n in c}  # a match starting inside a full chain is that chain's tail
     for node, best in starts:
         if node not in on_chains and len(best) >= 2:
             problems.append(f"a partial match {_describe_partial(best, matchers)}")
@@ -232,7 +230,7 @@ def assert_pattern(gm: Union[torch.fx.GraphModule, torch.fx.Graph], pattern: Uni
                    exact: bool = False, count: Optional[int] = None) -> list[list[torch.fx.Node]]:
     """Assert a data-flow chain ``a -> b -> c``: a node calling ``a`` whose output feeds a node calling ``b``...
 
-    ``count``: how many distinct chains must exist (default: at least one).  ``exact=True`` is about the
+    ``count``: how many distinct chains must exist (default: at least one; 0: none).  ``exact=True`` is about the
     chains' own nodes, not the rest of the graph (a real model has many other adds and slices): the value of
     every node on a chain but the last goes only to the next node (e.g. a padded kernel output feeds nothing
     but its slice), and every match of the pattern's first two ops goes on to a full chain (no
@@ -249,7 +247,7 @@ def assert_pattern(gm: Union[torch.fx.GraphModule, torch.fx.Graph], pattern: Uni
             starts.append((node, partial))
             if len(partial) > len(best):
                 best = partial
-    if not chains or (count is not None and len(chains) != count):
+    if (count is None and not chains) or (count is not None and len(chains) != count):
         if not chains and best:
             why = f"longest partial match: {_describe_partial(best, matchers)}"
         elif not chains:

@@ -92,9 +92,10 @@ class MoEProblem:
               / self.intermediate ** 0.5).to(self.weight_dtype)
         bias = torch.randn(self.experts, generator=g) * 0.1 if self.routing_bias else None
         shared = None
-        if self.shared:
-            torch.manual_seed(self.seed)
-            shared = SharedMLP(self.hidden, self.shared)
+        if self.shared:  # nn.Linear draws from the global generator: seed it here, leave the caller's as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                shared = SharedMLP(self.hidden, self.shared)
         calibration = torch.randn(64, self.hidden, generator=g) if calibrate else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # padding / calibration notices are expected here

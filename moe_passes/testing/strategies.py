@@ -67,7 +67,10 @@ def full_sizes() -> bool:
 def fuzz_settings(base_examples: int, **overrides) -> settings:
     """Hypothesis settings for compile-heavy fuzzing: scaled example count, no deadline, no too_slow check."""
     phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
-    if os.environ.get("MOE_NVFP4_FUZZ_SHRINK", "0") not in ("", "0"):
+    shrink = os.environ.get("MOE_NVFP4_FUZZ_SHRINK", "0").strip().lower()
+    if shrink not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
+        raise ValueError(f"MOE_NVFP4_FUZZ_SHRINK={shrink!r}: use 1 (shrink failing examples) or 0")
+    if shrink in ("1", "true", "yes", "on"):
         phases.append(Phase.shrink)
     kwargs = dict(max_examples=fuzz_examples(base_examples), deadline=None, phases=phases,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
