@@ -8,6 +8,7 @@ graph logging (TORCH_LOGS-style artifact logging and dump_dir).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -266,6 +267,20 @@ def test_pass_uuid_covers_parameters_helpers_and_refuses_what_it_cannot_key(tmp_
 
     assert Scale(5).uuid() == Scale(5).uuid() != Scale(7).uuid()
     assert pass_uuid(factory(2)) == pass_uuid(factory(2)) != pass_uuid(factory(3))
+
+    class Callable:  # no GraphPass, no uuid: keyed like one, by its module and attributes
+        def __init__(self, k):
+            self.k = k
+
+        def __call__(self, gm):
+            return None
+
+    assert pass_uuid(Callable(1)) == pass_uuid(Callable(1)) != pass_uuid(Callable(2))
+    def scaled(gm, k):
+        return None
+
+    assert pass_uuid(functools.partial(scaled, k=2)) == pass_uuid(functools.partial(scaled, k=2))
+    assert pass_uuid(functools.partial(scaled, k=2)) != pass_uuid(functools.partial(scaled, k=3))
     assert Scale(object()).uuid() is None and default_pipeline([Scale(object())]).uuid() is None
     exec_ns = {}
     exec("def nowhere(gm):\n    return None", exec_ns)  # no source file: cannot be keyed

@@ -10,6 +10,7 @@ and depyf's dump directory all see them).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import logging
@@ -109,7 +110,9 @@ def pass_uuid(p: PassLike) -> Optional[str]:
     its defaults and the values its closure captured (a pass built by a factory differs per argument)."""
     if hasattr(p, "uuid"):
         return p.uuid()
-    fn = p.func if hasattr(p, "func") and hasattr(p, "args") else p  # functools.partial: its bound arguments below
+    if not inspect.isroutine(p) and not isinstance(p, functools.partial):  # a callable object: as a GraphPass
+        return _digest([_module_source(type(p))], (type(p).__qualname__, sorted(getattr(p, "__dict__", {}).items())))
+    fn = p.func if isinstance(p, functools.partial) else p  # a partial's bound arguments count below
     try:
         source = inspect.getsource(fn)
     except (OSError, TypeError):
