@@ -67,9 +67,10 @@ def _check_biases(w13_bias, w2_bias, weights: registry.MoEWeights, hidden_size: 
                                  f"got {tuple(t.shape)}")
         if not bool(torch.isfinite(t).all()):
             raise MoEConfigError(f"{name} contains NaN or infinite values")
+    # copies (pad_dim and float() return their input where nothing changes): the layer owns its state
     if w2_bias is not None:
-        w2_bias = pad_dim(w2_bias.detach().float(), 1, canonical_hidden - w2_bias.shape[1])
-    return None if w13_bias is None else w13_bias.detach().float(), w2_bias
+        w2_bias = pad_dim(w2_bias.detach().float(), 1, canonical_hidden - w2_bias.shape[1]).clone()
+    return None if w13_bias is None else w13_bias.detach().float().clone(), w2_bias
 
 
 def _checked_global_scale(name: str, value):
@@ -77,7 +78,7 @@ def _checked_global_scale(name: str, value):
     if value is None:
         return None
     try:
-        t = torch.as_tensor(value, dtype=torch.float32)
+        t = torch.as_tensor(value, dtype=torch.float32).detach()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise MoEConfigError(f"{name} must be one finite positive number, got {value!r}") from exc
     if t.numel() != 1 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
@@ -151,7 +152,10 @@ class FusedMoE(nn.Module):
                                      f"{tuple(getattr(routing_bias, 'shape', ())) or type(routing_bias).__name__}")
             if not bool(torch.isfinite(routing_bias).all()):
                 raise MoEConfigError("routing_bias contains NaN or infinite values")
+        if not isinstance(name, str):
+            raise MoEConfigError(f"name must be a str (the layer's name in errors), got {name!r}")
         if routed_scaling_factor is not None and not (isinstance(routed_scaling_factor, numbers.Real)
+                                                      and not isinstance(routed_scaling_factor, bool)
                                                       and math.isfinite(routed_scaling_factor)
                                                       and routed_scaling_factor > 0):
             raise MoEConfigError(f"routed_scaling_factor must be a finite positive number, got "
@@ -159,7 +163,9 @@ class FusedMoE(nn.Module):
         input_global_scale = _checked_global_scale("input_global_scale", input_global_scale)
         intermediate_global_scale = _checked_global_scale("intermediate_global_scale", intermediate_global_scale)
         # The small fp32 state lives with the kernel's weights: every tensor argument of the op is on one device.
-        self.register_buffer("routing_bias", None if routing_bias is None else routing_bias.float().to(device))
+        # a copy: the caller's tensor (a parameter of the float model, say) may change later, or require grad
+        self.register_buffer("routing_bias", None if routing_bias is None
+                             else routing_bias.detach().float().clone().to(device))
         global _warned_uncalibrated
         if input_global_scale is None or intermediate_global_scale is None:
             if not _warned_uncalibrated:
@@ -311,6 +317,15 @@ class FusedMoE(nn.Module):
                                 activation_params=None if self.activation_params is None
                                 else tuple(self.activation_params),
                                 routing_params=None if self.routing_params is None else tuple(self.routing_params))
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # Unpickled elsewhere (torch.load(map_location=...)): the kernel copy was prepared for the device it was
+        # saved from; prepare it again where the kernel chosen for this device is another.
+        if "_kernel_w13" in self._buffers and registry.select(
+                self.device, activation=self.activation, routing=self.routing, name=self.requested_kernel,
+                biases=self.has_bias, routing_args=(self.top_k, self.n_group, self.topk_group)).name != self.kernel:
+            self._prepare(self.device)
 
     @property
     def device(self) -> torch.device:

@@ -294,3 +294,32 @@ def test_bad_parallel_settings_are_config_errors():
     with pytest.raises(Exception) as info:
         compiled(*_inputs())
     assert isinstance(unwrap_moe_error(info.value), MoEConfigError) and "options['parallel']" in str(info.value)
+
+
+def test_the_layer_owns_copies_of_its_state_and_reprepares_where_it_is_loaded(tmp_path):
+    """Biases and scales are copies (a caller's later in-place change, a Parameter or a graph-attached scale must
+    not reach the layer); a layer unpickled where another kernel is chosen (torch.load(map_location=...)) prepares
+    its kernel copy again; a name that is no str is refused when the layer is built."""
+    import copy
+
+    g = torch.Generator().manual_seed(7)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g) / 8, torch.randn(E, H, I, generator=g) / 8
+    bias = torch.nn.Parameter(torch.randn(E, generator=g))
+    b2 = torch.randn(E, H, generator=g)
+    moe = FusedMoE.from_float(w13, w2, top_k=2, routing="deepseek_v3", routing_bias=bias, w2_bias=b2)
+    x, logits = torch.randn(5, H, generator=g).bfloat16(), torch.randn(5, E, generator=g)
+    before = moe(x, logits)
+    with torch.no_grad():
+        bias.mul_(-100)
+        b2.zero_()
+    assert torch.equal(moe(x, logits), before)
+    assert not moe.routing_bias.requires_grad and type(moe.routing_bias) is torch.Tensor
+    scale = torch.tensor(300.0, requires_grad=True) * 1.0
+    layer = FusedMoE(moe.canonical_weights(), hidden_size=H, intermediate_size=I, top_k=2, input_global_scale=scale)
+    assert copy.deepcopy(layer).input_global_scale.grad_fn is None
+    moe.kernel = "trtllm"  # as if saved where another kernel ran: its copy is prepared again on load
+    torch.save(moe, tmp_path / "moe.pt")
+    loaded = torch.load(tmp_path / "moe.pt", weights_only=False)
+    assert loaded.kernel == "reference" and torch.equal(loaded(x, logits), before)
+    with pytest.raises(MoEConfigError, match="name must be a str"):
+        FusedMoE.from_float(w13, w2, top_k=2, name=3)
