@@ -22,7 +22,7 @@ with parameters and buffers as static inputs, max-autotune and the FX graph cach
 any other key     an inductor config option, as ``torch.compile(..., backend="inductor", options=...)`` takes
 
 Nothing process-wide is left installed: the inductor config is patched around the one compile call.  On an FX
-graph cache hit the passes do not run again (their uuid, each pass's module source, is part of the key); a pass that
+graph cache hit the passes do not run again (their uuid, docs/passes.md, is part of the key); a pass that
 records something each time it runs wants ``options={"fx_graph_cache": False}``.
 """
 
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
+import itertools
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -83,10 +85,10 @@ class BackendOptions:
         inner = options.get("inner", "inductor")
         if inner not in _INNER:
             raise MoEConfigError(f"option inner={inner!r} must be one of {_INNER}")
-        inductor = {k: v for k, v in options.items() if k not in _OWN_KEYS}
+        inductor = {k.replace("-", "_"): v for k, v in options.items() if k not in _OWN_KEYS}
         if inductor:
             known = _inductor_config_keys()
-            unknown = sorted(k for k in inductor if k.replace("-", "_") not in known)
+            unknown = sorted(k for k in inductor if k not in known)
             if unknown:
                 raise MoEConfigError(
                     f"unknown moe_nvfp4 backend option(s) {unknown}: the backend takes {list(_OWN_KEYS)} and "
@@ -94,12 +96,15 @@ class BackendOptions:
             if "post_grad_custom_post_pass" in inductor:
                 raise MoEConfigError("post_grad_custom_post_pass is where moe_nvfp4 runs its passes: give your "
                                      "pass as options={'extra_passes': [...]}")
+            try:  # a value of the wrong type is the caller's error: inductor's own option check, run now
+                torch._TorchCompileInductorWrapper(None, dict(inductor), dynamic=None)
+            except (TypeError, RuntimeError, AssertionError) as exc:
+                raise MoEConfigError(f"inductor options {inductor}: {exc}") from None
         if inner == "eager" and (mode is not None or inductor):
             raise MoEConfigError(f"inner='eager' runs the ATen graph without inductor: mode={mode!r} and inductor "
                                  f"options {sorted(inductor)} need inner='inductor'")
         passes = options.get("extra_passes") or ()
-        if callable(passes):
-            passes = (passes,)
+        passes = (passes,) if callable(passes) else tuple(passes)  # a generator is read once, here
         for p in passes:
             if not callable(p):
                 raise MoEConfigError(f"extra_passes entries must be callables taking a GraphModule, got {p!r}")
@@ -111,10 +116,16 @@ class BackendOptions:
                 raise MoEConfigError(f"options['parallel'] must be the ExpertParallel or TensorParallel the model's "
                                      f"layers were sharded with, got {parallel!r}")
         dump_dir = options.get("dump_dir")
-        return cls(mode=mode, inner=inner, extra_passes=tuple(passes),
+        if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
+            raise MoEConfigError(f"option dump_dir must be a path, got {dump_dir!r}")
+        observers = options.get("observers") or ()
+        observers = (observers,) if callable(observers) else tuple(observers)
+        if not all(callable(o) for o in observers):
+            raise MoEConfigError(f"observers must be callables observer(stage, pass_name, gm), got {observers!r}")
+        return cls(mode=mode, inner=inner, extra_passes=passes,
                    dump_dir=None if dump_dir is None else os.fspath(dump_dir),
-                   observers=tuple(options.get("observers") or ()),
-                   inductor=tuple(sorted((k.replace("-", "_"), v) for k, v in inductor.items())),
+                   observers=observers,
+                   inductor=tuple(sorted(inductor.items())),
                    parallel=parallel)
 
     @property
@@ -135,25 +146,32 @@ class MoEPostGradPass(CustomGraphPass):
         self.previous = previous
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        if self.previous is not None:
-            self.previous(graph)
+        for previous in self._previous():
+            previous(graph)
         self.manager.run(graph.owning_module)
 
+    def _previous(self) -> tuple:
+        # inductor also takes a list of passes there
+        return tuple(self.previous) if isinstance(self.previous, (list, tuple)) else (
+            () if self.previous is None else (self.previous,))
+
     def uuid(self) -> Any:
-        previous = None
-        if self.previous is not None:
-            previous = self.previous.uuid() if hasattr(self.previous, "uuid") else None
-            if previous is None:  # inductor cannot key an uncacheable pass: neither can we
+        previous = []
+        for p in self._previous():
+            key = p.uuid() if hasattr(p, "uuid") else None
+            if key is None:  # inductor cannot key an uncacheable pass: neither can we
                 return None
+            previous.append(key)
         ours = self.manager.uuid()
-        return None if ours is None else (ours, previous)
+        return None if ours is None else (ours, tuple(previous))
 
 
 def _dumper(dump_dir: Optional[str]):
     if dump_dir is None:
         return None
     os.makedirs(dump_dir, exist_ok=True)
-    counter = iter(range(1_000_000))
+    # numbered on from what the directory holds: a second graph (a graph break, a recompile) adds, not overwrites
+    counter = itertools.count(sum(n.startswith("moe_nvfp4_") for n in os.listdir(dump_dir)))
 
     def dump(label: str, gm: torch.fx.GraphModule) -> None:
         path = os.path.join(dump_dir, f"moe_nvfp4_{next(counter):03d}_{label}.py")
@@ -209,7 +227,12 @@ def _compile_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], m
     # What torch.compile(backend="inductor", mode=..., options=...) builds: mode presets, option checks, and
     # its CUDA-graph-with-profiler workarounds.
     inductor = torch._TorchCompileInductorWrapper(opts.mode, dict(opts.inductor), dynamic=None)
-    patches = {"post_grad_custom_post_pass": MoEPostGradPass(manager, config.post_grad_custom_post_pass)}
+    previous = config.post_grad_custom_post_pass
+    for p in previous if isinstance(previous, (list, tuple)) else [previous]:
+        if p is not None and "is_inference" in inspect.signature(p.__call__).parameters:
+            raise MoEConfigError(f"the configured post_grad_custom_post_pass {p!r} takes is_inference, which "
+                                 "moe_nvfp4 cannot pass on: give it as options={'extra_passes': [...]}")
+    patches = {"post_grad_custom_post_pass": MoEPostGradPass(manager, previous)}
     if manager.observers or manager.dump_fn is not None:
         # A cache hit would skip the passes, and with them what the observers and the dump directory record.
         patches["fx_graph_cache"] = False

@@ -102,7 +102,53 @@ def test_previous_post_grad_pass_still_runs_and_keys_the_cache():
         assert torch._inductor.config.post_grad_custom_post_pass is user_pass
     assert Counting.calls == 1
     manager = default_pipeline()
-    assert MoEPostGradPass(manager, user_pass).uuid() == (manager.uuid(), "counting-v1")
+    assert MoEPostGradPass(manager, user_pass).uuid() == (manager.uuid(), ("counting-v1",))
+    # inductor also takes a list there: each runs first, and each enters the key
+    Counting.calls = 0
+    with torch._inductor.config.patch(post_grad_custom_post_pass=[user_pass, user_pass], fx_graph_cache=False), \
+            torch.no_grad():
+        _compile(Block(2))(torch.randn(3, H).bfloat16())
+    assert Counting.calls == 2
+    assert MoEPostGradPass(manager, [user_pass]).uuid() == (manager.uuid(), ("counting-v1",))
+
+    class Aware(Counting):
+        def __call__(self, graph, is_inference):
+            pass
+
+    with torch._inductor.config.patch(post_grad_custom_post_pass=Aware(), fx_graph_cache=False), torch.no_grad(), \
+            pytest.raises(Exception) as info:
+        _compile(Block(2))(torch.randn(3, H).bfloat16())
+    assert "takes is_inference" in str(info.value)
+
+
+def test_extra_passes_from_a_generator_and_one_observer_are_taken():
+    seen = []
+    compiled = _compile(Block(3), options={"inner": "eager", "extra_passes": (p for p in [lambda gm: seen.append(1)]),
+                                           "observers": lambda stage, name, gm: seen.append(stage)})
+    with torch.no_grad():
+        compiled(torch.randn(4, H).bfloat16())
+    assert seen.count(1) == 1 and "before" in seen and "after" in seen
+
+
+def test_dump_dir_keeps_every_graph_of_a_graph_break(tmp_path):
+    """Each compile (here two graphs around a graph break) numbers its dumps on from the directory's."""
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Block(3), Block(4)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(Broken(), backend="moe_nvfp4", options={"inner": "eager", "dump_dir": tmp_path})(
+            torch.randn(4, H).bfloat16())
+    dumps = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("moe_nvfp4_"))
+    per_graph = len(dumps) // 2
+    assert per_graph >= 2 and len(dumps) == 2 * per_graph and len(set(d[:13] for d in dumps)) == len(dumps), dumps
 
 
 @pytest.mark.parametrize("kwargs, words", [
@@ -110,6 +156,10 @@ def test_previous_post_grad_pass_still_runs_and_keys_the_cache():
     ({"options": {"cudagraph": True}}, ["unknown moe_nvfp4 backend option", "'cudagraph'", "triton.cudagraphs"]),
     ({"options": {"inner": "eager", "mode": "reduce-overhead"}}, ["inner='eager'", "need inner='inductor'"]),
     ({"options": {"post_grad_custom_post_pass": None}}, ["extra_passes"]),
+    ({"options": {"post-grad-custom-post-pass": None}}, ["extra_passes"]),  # hyphens name the same option
+    ({"options": {"epilogue_fusion": "no"}}, ["inductor options", "epilogue_fusion"]),
+    ({"options": {"observers": [1]}}, ["observers must be callables"]),
+    ({"options": {"dump_dir": 5}}, ["dump_dir must be a path"]),
 ])
 def test_bad_modes_and_options_are_clear_errors(kwargs, words):
     compiled = _compile(Block(3), **kwargs)

@@ -279,6 +279,19 @@ def test_pass_uuid_covers_parameters_helpers_and_refuses_what_it_cannot_key(tmp_
     def scaled(gm, k):
         return None
 
+    class Holder:  # a bound method's object holds its parameters
+        def __init__(self, k):
+            self.k = k
+
+        def run(self, gm):
+            return None
+
+    assert pass_uuid(Holder(2).run) == pass_uuid(Holder(2).run) != pass_uuid(Holder(3).run)
+    big = torch.zeros(5000)
+    other = big.clone()
+    other[2500] = 1.0  # the same repr (elided middle), other bytes
+    assert pass_uuid(factory(big)) != pass_uuid(factory(other))
+
     assert pass_uuid(functools.partial(scaled, k=2)) == pass_uuid(functools.partial(scaled, k=2))
     assert pass_uuid(functools.partial(scaled, k=2)) != pass_uuid(functools.partial(scaled, k=3))
     assert Scale(object()).uuid() is None and default_pipeline([Scale(object())]).uuid() is None

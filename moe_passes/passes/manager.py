@@ -96,10 +96,23 @@ def _module_source(obj) -> Optional[str]:
         return None
 
 
+def _state_text(value) -> str:
+    """``repr`` of a pass's state, with tensors by their bytes (a tensor's repr elides its middle)."""
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        digest = hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+        return f"Tensor({tuple(data.shape)}, {data.dtype}, {digest})"
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__ + "(" + ", ".join(_state_text(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_state_text(k)}: {_state_text(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
 def _digest(sources: Sequence[Optional[str]], state) -> Optional[str]:
-    """A key over ``sources`` and the ``repr`` of ``state``; None where a source is missing or the repr
+    """A key over ``sources`` and ``state`` (:func:`_state_text`); None where a source is missing or the text
     names an object's address (it would differ from run to run, or hide what changed)."""
-    text = repr(state)
+    text = _state_text(state)
     if any(s is None for s in sources) or " at 0x" in text:
         return None
     return hashlib.sha256("\0".join([*sources, text]).encode()).hexdigest()
@@ -113,14 +126,17 @@ def pass_uuid(p: PassLike) -> Optional[str]:
     if not inspect.isroutine(p) and not isinstance(p, functools.partial):  # a callable object: as a GraphPass
         return _digest([_module_source(type(p))], (type(p).__qualname__, sorted(getattr(p, "__dict__", {}).items())))
     fn = p.func if isinstance(p, functools.partial) else p  # a partial's bound arguments count below
+    owner = getattr(fn, "__self__", None)  # a bound method: its object's attributes are its parameters
     try:
         source = inspect.getsource(fn)
     except (OSError, TypeError):
         return None
     captured = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
-    state = (captured, getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None),
-             getattr(p, "args", None), getattr(p, "keywords", None))
-    return _digest([source], state)
+    state = (fn.__qualname__ if hasattr(fn, "__qualname__") else None, captured, getattr(fn, "__defaults__", None),
+             getattr(fn, "__kwdefaults__", None), getattr(p, "args", None), getattr(p, "keywords", None),
+             None if owner is None or inspect.ismodule(owner) else sorted(getattr(owner, "__dict__", {}).items()))
+    # the whole module beside the function's own source: helpers and constants it uses count
+    return _digest([source, _module_source(fn)], state)
 
 
 def _log_graph(label: str, gm: torch.fx.GraphModule) -> None:
