@@ -515,19 +515,22 @@ def add_ratios(row):
 # ------------------------------------------------------------------------------------------------------------
 def merge_runs(docs: list) -> dict:
     """One document from the JSON of several runs (one shape or token range each, as the 10-minute device calls
-    allow): rows keyed by (shape, tokens), a later run's measured row replacing an earlier one, a skipped row
-    never replacing a measured one.  Runs on different devices are refused: their ratios do not compare."""
+    allow): rows keyed by (shape, tokens), a later run's measured row replacing an earlier one, a skipped row or
+    one whose check failed never replacing a measured one that passed.  Runs on different devices are refused: their ratios do not compare."""
     if not docs:
         raise ValueError("nothing to merge")
     devices = sorted({d.get("meta", {}).get("device") for d in docs}, key=str)
     if len(devices) > 1:
         raise ValueError(f"runs from different devices {devices}: rerun on one device instead of merging")
+    def good(row):
+        return "skipped" not in row and row.get("check", "ok") == "ok"
+
     rows = {}
     for doc in docs:
         for row in doc.get("results", []):
             key = (row["shape"], row["tokens"])
-            if "skipped" in row and key in rows and "skipped" not in rows[key]:
-                continue
+            if key in rows and good(rows[key]) and not good(row):
+                continue  # a skipped row, or one whose check failed (a layer untimed), keeps the good one
             rows[key] = row
     order = {name: n for n, name in enumerate(SHAPES)}
     merged = sorted(rows.values(), key=lambda r: (order.get(r["shape"], len(order)), r["shape"], r["tokens"]))

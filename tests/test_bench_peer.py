@@ -249,6 +249,9 @@ def test_merge_joins_split_runs_in_shape_order():
     assert [m["run"] for m in merged["meta"]["merged_from"]] == ["a", "b"]
     c = _doc("H100", [_row("deepseek-v3", 1, triton_us=0.5)])
     assert {(r["tokens"], r.get("triton_us")) for r in bench.merge_runs([a, c])["results"]} == {(1, 0.5), (2, None)}
+    failed = _doc("H100", [_row("deepseek-v3", 1, check="FAIL triton", peer_us=9.0)])  # its layer untimed
+    assert bench.merge_runs([a, failed])["results"][0]["triton_us"] == 1.0  # keeps the row that passed
+    assert bench.merge_runs([failed, a])["results"][0]["triton_us"] == 1.0
 
 
 def test_merge_refuses_mixed_devices_and_nothing():
