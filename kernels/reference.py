@@ -212,7 +212,7 @@ def fused_moe_reference(
     x = F.pad(hidden_states.float(), (0, hidden_padded - hidden))
     if quantize_activations:
         if input_global_scale is None:
-            input_global_scale = default_global_scale(x.abs().amax())
+            input_global_scale = default_global_scale(x.abs().amax() if x.numel() else torch.zeros(()))
         x = _qdq_activation(x, input_global_scale, "the hidden states")
     else:
         x = x.to(torch.bfloat16).float()

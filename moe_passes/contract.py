@@ -359,7 +359,12 @@ def align_intermediate_dim(w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch
     ``[gate (Ip rows); up (Ip rows)]``.  Padded gate/up rows are zero, the activation of zero times
     zero is zero for every supported activation, and padded w2 columns are zero: the result is exact.
     """
+    if alignment <= 0 or alignment % NVFP4_BLOCK:
+        raise MoEConfigError(f"intermediate alignment {alignment} must be a positive multiple of {NVFP4_BLOCK}")
     inter = w2.shape[-1] * 2
+    if w13.shape[1] != (2 * inter if gated else inter):
+        raise MoEConfigError(f"w13 has {w13.shape[1]} rows, w2 an intermediate of {inter}: expected "
+                             f"{2 * inter if gated else inter} rows ({'gated' if gated else 'not gated'})")
     padded = round_up(inter, alignment)
     if padded == inter:
         return w13, w13_scale, w2, w2_scale
@@ -383,6 +388,8 @@ def align_biases(w13_bias, w2_bias, *, gated: bool, intermediate_padded: int, hi
     """
     if w13_bias is not None:
         rows = w13_bias.shape[1]
+        if gated and rows % 2:
+            raise MoEConfigError(f"a gated w13_bias has a gate half and an up half, got {rows} rows")
         inter = rows // 2 if gated else rows
         if inter > intermediate_padded:
             raise MoEConfigError(f"w13_bias has {rows} rows, more than the padded intermediate allows")

@@ -94,3 +94,16 @@ def test_shape_errors(kwargs, match):
     base.update(kwargs)
     with pytest.raises(MoEConfigError, match=match):
         MoEShape(**base)
+
+
+def test_intermediate_alignment_and_gated_bias_halves_are_checked():
+    """A direct call with an alignment that is not whole NVFP4 blocks (its scales would not cover the padded
+    columns), w13 rows that do not fit the activation, or a gated bias of odd width is a MoEConfigError."""
+    q13, s13, _ = quantize_nvfp4_experts(torch.randn(1, 64, 64))
+    q2, s2, _ = quantize_nvfp4_experts(torch.randn(1, 64, 32))
+    with pytest.raises(MoEConfigError, match="positive multiple of 16"):
+        contract.align_intermediate_dim(q13, s13, q2, s2, gated=True, alignment=24)
+    with pytest.raises(MoEConfigError, match="expected 32 rows"):
+        contract.align_intermediate_dim(q13, s13, q2, s2, gated=False, alignment=64)
+    with pytest.raises(MoEConfigError, match="gate half and an up half"):
+        contract.align_biases(torch.zeros(1, 33), None, gated=True, intermediate_padded=64, hidden_padded=64)

@@ -282,3 +282,11 @@ def test_reference_input_errors():
         fused_moe_reference(x, logits[:, :3], *q13, *q2, top_k=2)
     with pytest.raises(MoEConfigError, match="rows"):
         fused_moe_reference(x, logits, *q13, *q2, top_k=2, activation="relu2")
+
+
+def test_zero_tokens_with_dynamic_scales_give_an_empty_output():
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    w13 = quantize_nvfp4_experts(torch.randn(4, 64, 256, generator=g))
+    w2 = quantize_nvfp4_experts(torch.randn(4, 256, 32, generator=g))
+    out = fused_moe_reference(torch.zeros(0, 256).bfloat16(), torch.zeros(0, 4), *w13, *w2, top_k=2)
+    assert out.shape == (0, 256) and out.dtype == torch.bfloat16
