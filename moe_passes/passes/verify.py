@@ -283,15 +283,10 @@ def _transfer(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
     val = node.meta.get("val")
     if target is aten.constant_pad_nd.default:
         return _pad(node, states)
+    if target is aten.slice.Tensor and isinstance(args[0], torch.fx.Node):
+        return _slice(node, states)
     ins = [a for a in node.all_input_nodes if a in states]
     if not ins:
-        if target is aten.slice.Tensor and isinstance(args[0], torch.fx.Node):  # columns a shift would move
-            ndim = args[0].meta["val"].ndim if isinstance(args[0].meta.get("val"), torch.Tensor) else 0
-            dim = args[1] if len(args) > 1 else 0
-            plain = _state_of(args[0], states, dim - ndim if dim >= 0 else dim) if ndim else None
-            start, end, step = (list(args[2:5]) + [None, None, 1][len(args[2:5]):])
-            if plain is not None and all(isinstance(v, int) or v is None for v in (start, end, step)):
-                return _tracked(dataclasses.replace(plain, cols=plain.cols[slice(start, end, step)]))
         return None
     src = states[ins[0]]
     padded = next((states[a] for a in ins if states[a].padded), None)
@@ -301,15 +296,6 @@ def _transfer(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
             raise _Escape(node, padded, why)
         return None
 
-    if target is aten.slice.Tensor and args[0] in states:
-        ndim = args[0].meta["val"].ndim
-        dim = args[1] if len(args) > 1 else 0
-        if (dim - ndim if dim >= 0 else dim) != src.dim:
-            return src
-        start, end, step = (list(args[2:5]) + [None, None, 1][len(args[2:5]):])
-        if not all(isinstance(v, int) or v is None for v in (start, end, step)):
-            return lose("slices it by a symbolic range")
-        return _tracked(dataclasses.replace(src, cols=src.cols[slice(start, end, step)]))
     if target is aten.cat.default:
         tensors = list(args[0])
         dim = args[1] if len(args) > 1 else 0
@@ -345,6 +331,26 @@ def _transfer(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
             order[a], order[b] = order[b], order[a]
         return dataclasses.replace(src, dim=order.index(ndim + src.dim) - ndim)
     return lose("uses it, and the padding columns would take part")
+
+
+def _slice(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
+    """``slice``: the kept columns of a tracked value, or of a plain one (a shift of it would move them)."""
+    x, args = node.args[0], node.args
+    val = x.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not val.ndim:
+        return None
+    dim = args[1] if len(args) > 1 else 0
+    dim = dim - val.ndim if dim >= 0 else dim
+    state = states.get(x)
+    if state is not None and state.dim != dim:
+        return state  # another dimension: the tracked columns stay as they are
+    start, end, step = (list(args[2:5]) + [None, None, 1][len(args[2:5]):])
+    if not all(isinstance(v, int) or v is None for v in (start, end, step)):
+        if state is not None and state.padded:
+            raise _Escape(node, state, "slices it by a symbolic range")
+        return None
+    state = state if state is not None else _state_of(x, states, dim)
+    return None if state is None else _tracked(dataclasses.replace(state, cols=state.cols[slice(start, end, step)]))
 
 
 def _pad(node: torch.fx.Node, states: dict) -> Optional[_Cols]:
